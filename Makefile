@@ -1,0 +1,58 @@
+# Sedge: the two commands are `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ORT_VERSION := 1.32.0
+ORT_DIR := target/onnxruntime
+ORT_LIB := $(ORT_DIR)/libonnxruntime.so
+FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+CARGO ?= cargo
+export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
+
+.PHONY: help demo test lint fmt build bench ort data apt-deps
+
+help:
+	@echo "make demo   - joint-inference demo on Fashion-MNIST (edge-only vs cloud-only vs joint)"
+	@echo "make test   - everything CI runs: fmt check, clippy, the whole test suite (ORT included)"
+	@echo "make bench  - inference pipeline benchmark table"
+
+# Debian's Fashion-MNIST (the demo's data; tests use the sample committed in datasets/).
+data: $(FASHION)
+$(FASHION):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi
+
+# ONNX Runtime's shared library, unpacked from the onnxruntime wheel on PyPI (nothing is installed
+# into Python). The version is pinned with the `ort` crate (rc.15 wants ONNX Runtime >= 1.31).
+ort: $(ORT_LIB)
+$(ORT_LIB):
+	@mkdir -p $(ORT_DIR)/wheel
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	    -d $(ORT_DIR)/wheel onnxruntime==$(ORT_VERSION)
+	python3 -c 'import glob, os, shutil, sys, zipfile; \
+	    whl = glob.glob("$(ORT_DIR)/wheel/onnxruntime-$(ORT_VERSION)-*.whl")[0]; z = zipfile.ZipFile(whl); \
+	    name = next(n for n in z.namelist() if os.path.basename(n).startswith("libonnxruntime.so.")); \
+	    dst = os.path.join("$(ORT_DIR)", os.path.basename(name)); \
+	    shutil.copyfileobj(z.open(name), open(dst, "wb")); os.chmod(dst, 0o755); \
+	    link = "$(ORT_LIB)"; os.path.lexists(link) and os.remove(link); os.symlink(os.path.basename(dst), link); print("unpacked", dst)'
+	rm -rf $(ORT_DIR)/wheel
+
+build:
+	$(CARGO) build --release -p sedge
+
+demo: data ort build
+	target/release/sedge demo
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: ort lint
+	$(CARGO) test --workspace
+
+bench: data ort
+	$(CARGO) run --release -p sedge-benchmarks --bin pipeline

@@ -1,0 +1,440 @@
+//! The edge worker: runs the edge model over a source of samples, offloads hard examples to the
+//! cloud, and writes one JSON line per sample.
+//!
+//! The pipeline runs on its own thread and hands decisions to the async side through a bounded
+//! channel (256 decisions; when full, the pipeline thread waits, so memory stays bounded). Hard
+//! examples are offloaded with at most `offload.concurrency` in flight, and results are written in
+//! input order. A cloud that is down, slow or returns garbage costs each hard example at most
+//! `offload.budget_ms`, and nothing once the circuit breaker opens: the edge result is used.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::backend::{self, BackendError, BackendOptions};
+use crate::client::{CloudClient, OffloadConfig, OffloadError, OffloadOutcome};
+use crate::hard_examples::HardExampleStore;
+use crate::metrics::EdgeMetrics;
+use crate::mining::{HardExampleMining, MiningError};
+use crate::model::{Model, ModelError};
+use crate::pipeline::{Decision, EdgePipeline, MiningMode, Prediction};
+use crate::preprocess::{activate, argmax};
+use crate::source::{Sample, Source};
+
+/// Decisions buffered between the pipeline thread and the async side.
+const DECISION_QUEUE: usize = 256;
+
+/// Edge worker settings. Sedna's environment variables map onto these (see [`crate::config`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// The edge model (`MODEL_URL`).
+    pub model: PathBuf,
+    /// Inference engine.
+    pub backend: BackendOptions,
+    /// Mining rule (`HEM_NAME`).
+    pub hem_name: String,
+    /// Mining parameters as Sedna's JSON list (`HEM_PARAMETERS`).
+    pub hem_parameters: String,
+    /// `MINING_MODE`.
+    pub mining_mode: MiningMode,
+    /// Samples per edge inference call.
+    pub batch: usize,
+    /// The cloud.
+    pub offload: OffloadConfig,
+    /// Where to write JSON lines (`-` for stdout); none to skip.
+    pub output: Option<PathBuf>,
+    /// Where to save hard examples with the cloud's pseudo-labels.
+    pub hard_examples_dir: Option<PathBuf>,
+    /// Address for `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Stop after this many samples.
+    pub limit: Option<usize>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            model: PathBuf::from("models/fashion-mnist/edge-cnn.onnx"),
+            backend: BackendOptions::default(),
+            hem_name: "MaxProbability".into(),
+            hem_parameters: r#"[{"key":"threshold","value":"0.8"}]"#.into(),
+            mining_mode: MiningMode::default(),
+            batch: 1,
+            offload: OffloadConfig::default(),
+            output: None,
+            hard_examples_dir: None,
+            metrics_listen: None,
+            limit: None,
+        }
+    }
+}
+
+/// Why the edge worker could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The model or its config.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The engine.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The mining rule.
+    #[error(transparent)]
+    Mining(#[from] MiningError),
+    /// Settings that do not fit together.
+    #[error("{0}")]
+    Config(String),
+    /// The sample source or the hard-example directory.
+    #[error(transparent)]
+    Data(#[from] sedge_datasets::DatasetError),
+    /// The output file or the metrics port.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+/// What a run did, with Sedna's counters under their Sedna names.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EdgeSummary {
+    /// Samples read.
+    pub samples: u64,
+    /// Sedna `inferenceNumber`: samples inferred, each counted once.
+    #[serde(rename = "inferenceNumber")]
+    pub inference_number: u64,
+    /// Sedna `hardExampleNumber`.
+    #[serde(rename = "hardExampleNumber")]
+    pub hard_example_number: u64,
+    /// Sedna `uploadCloudRatio` = hardExampleNumber / inferenceNumber.
+    #[serde(rename = "uploadCloudRatio")]
+    pub upload_cloud_ratio: f64,
+    /// Hard examples the cloud answered.
+    pub cloud_answered: u64,
+    /// Hard examples that kept the edge result because the cloud gave no usable answer.
+    pub cloud_fallbacks: u64,
+    /// Samples that could not be processed at all (unreadable, undecodable, no answer anywhere).
+    pub errors: u64,
+    /// Samples with ground truth.
+    pub labelled: u64,
+    /// Final answers that matched the ground truth.
+    pub correct: u64,
+    /// Edge answers that matched the ground truth.
+    pub edge_correct: u64,
+    /// Request bytes sent to the cloud.
+    pub bytes_sent: u64,
+    /// Median time per sample (edge time plus cloud round trip), milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile of the same, milliseconds.
+    pub p99_ms: f64,
+    /// Wall-clock time of the run, seconds.
+    pub wall_seconds: f64,
+    /// Samples per second over the run.
+    pub throughput: f64,
+    /// Hard examples saved (including earlier runs into the same directory).
+    pub hard_examples_saved: u64,
+}
+
+impl EdgeSummary {
+    /// Final accuracy, when the source had labels.
+    pub fn accuracy(&self) -> Option<f64> {
+        (self.labelled > 0).then(|| self.correct as f64 / self.labelled as f64)
+    }
+
+    /// Share of samples offloaded.
+    pub fn offload_share(&self) -> f64 {
+        if self.samples == 0 {
+            0.0
+        } else {
+            self.hard_example_number as f64 / self.samples as f64
+        }
+    }
+}
+
+/// A started edge worker: its model, rule and cloud client, ready to process sources.
+pub struct EdgeWorker {
+    pipeline: Arc<EdgePipeline>,
+    client: Option<Arc<CloudClient>>,
+    config: EdgeConfig,
+    /// Counters, also served on `/metrics`.
+    pub metrics: Arc<EdgeMetrics>,
+}
+
+impl EdgeWorker {
+    /// Loads the model and checks every setting; all configuration errors surface here.
+    pub fn start(config: EdgeConfig) -> Result<Self, WorkerError> {
+        let mining = HardExampleMining::from_env_strings(&config.hem_name, &config.hem_parameters)?;
+        let model = Model::load(&config.model)?;
+        let backend = backend::load(&model, &config.backend)?;
+        let client = match &config.offload.address {
+            Some(_) => Some(Arc::new(
+                CloudClient::new(
+                    config.offload.clone(),
+                    &model.config.input.name,
+                    &model.config.input.shape,
+                    model.config.labels.len(),
+                )
+                .map_err(|e| WorkerError::Config(e.to_string()))?,
+            )),
+            None => None,
+        };
+        let pipeline = EdgePipeline::new(backend, model.config, mining, config.mining_mode)
+            .map_err(WorkerError::Config)?;
+        Ok(EdgeWorker {
+            pipeline: Arc::new(pipeline),
+            client,
+            config,
+            metrics: Arc::new(EdgeMetrics::default()),
+        })
+    }
+
+    /// The cloud client, when a cloud is configured.
+    pub fn client(&self) -> Option<&Arc<CloudClient>> {
+        self.client.as_ref()
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the returned task is aborted.
+    pub fn serve_metrics(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+        let metrics = self.metrics.clone();
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(move || async move { metrics.encode() }),
+            )
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route("/readyz", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        })
+    }
+
+    /// Processes every sample of `source` (or until `shutdown` resolves), then returns the summary.
+    pub async fn run(
+        &self,
+        source: &Source,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<EdgeSummary, WorkerError> {
+        let samples = source.open(self.config.limit)?;
+        self.run_samples(samples, shutdown).await
+    }
+
+    /// Like [`EdgeWorker::run`], over any iterator of samples.
+    pub async fn run_samples(
+        &self,
+        samples: Box<dyn Iterator<Item = Sample> + Send>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<EdgeSummary, WorkerError> {
+        let mut out: Option<Box<dyn Write + Send>> = match &self.config.output {
+            None => None,
+            Some(p) if p.as_os_str() == "-" => {
+                Some(Box::new(std::io::BufWriter::new(std::io::stdout())))
+            }
+            Some(p) => Some(Box::new(std::io::BufWriter::new(
+                std::fs::File::create(p).map_err(|e| WorkerError::Io {
+                    what: format!("cannot create {}", p.display()),
+                    source: e,
+                })?,
+            ))),
+        };
+        let (rows, cols) = match self.pipeline.config().input.shape.as_slice() {
+            [.., r, c] => (*r, *c),
+            other => (1, other.iter().product()),
+        };
+        let mut store = match &self.config.hard_examples_dir {
+            Some(dir) => Some(HardExampleStore::open(dir, rows, cols)?),
+            None => None,
+        };
+
+        let (tx, rx) = tokio::sync::mpsc::channel::<Decision>(DECISION_QUEUE);
+        let pipeline = self.pipeline.clone();
+        let batch = self.config.batch.max(1);
+        let producer = std::thread::Builder::new()
+            .name("edge-pipeline".into())
+            .spawn(move || {
+                let mut samples = samples;
+                loop {
+                    let chunk: Vec<Sample> = samples.by_ref().take(batch).collect();
+                    if chunk.is_empty() {
+                        return;
+                    }
+                    for d in pipeline.process(chunk) {
+                        if tx.blocking_send(d).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| WorkerError::Io {
+                what: "cannot start the pipeline thread".into(),
+                source: e,
+            })?;
+
+        let client = self.client.clone();
+        let concurrency = self.config.offload.concurrency.max(1);
+        let mut results = ReceiverStream::new(rx)
+            .map(|d| {
+                let client = client.clone();
+                async move {
+                    let outcome = match (&client, d.hard && !d.pixels.is_empty()) {
+                        (Some(c), true) => Some(c.offload(&d.pixels).await),
+                        (None, true) => Some(OffloadOutcome {
+                            result: Err(OffloadError::BadAddress("no cloud configured".into())),
+                            attempts: 0,
+                            bytes: 0,
+                            elapsed: Duration::ZERO,
+                        }),
+                        _ => None,
+                    };
+                    (d, outcome)
+                }
+            })
+            .buffered(concurrency);
+
+        let start = Instant::now();
+        let mut summary = EdgeSummary::default();
+        let mut latencies = Vec::new();
+        let activation = self.pipeline.config().output.activation;
+        let m = &self.metrics;
+        tokio::pin!(shutdown);
+        loop {
+            let next = tokio::select! {
+                next = results.next() => next,
+                _ = &mut shutdown => { tracing::info!("shutdown requested; stopping after the samples in flight"); None }
+            };
+            let Some((d, outcome)) = next else { break };
+            summary.samples += 1;
+            let edge_ok = d.edge.is_some();
+            if edge_ok || d.hard {
+                summary.inference_number += 1;
+                m.inference_number.inc();
+            }
+            m.edge_seconds.observe(d.edge_time.as_secs_f64());
+            let mut cloud: Option<Prediction> = None;
+            let mut cloud_error = None;
+            let mut cloud_time = Duration::ZERO;
+            if d.hard {
+                summary.hard_example_number += 1;
+                m.hard_example_number.inc();
+            }
+            if let Some(o) = outcome {
+                summary.bytes_sent += o.bytes;
+                m.offload_bytes.inc_by(o.bytes);
+                cloud_time = o.elapsed;
+                m.cloud_seconds.observe(o.elapsed.as_secs_f64());
+                match o.result {
+                    Ok(mut row) => {
+                        activate(&mut row, activation);
+                        cloud = argmax(&row)
+                            .map(|(label, confidence)| Prediction { label, confidence });
+                        summary.cloud_answered += 1;
+                        m.cloud_answered.inc();
+                    }
+                    Err(e) => {
+                        if e == OffloadError::BreakerOpen {
+                            m.breaker_skipped.inc();
+                        }
+                        summary.cloud_fallbacks += 1;
+                        m.cloud_fallbacks.inc();
+                        cloud_error = Some(e.to_string());
+                    }
+                }
+            }
+            let final_pred = cloud.or(d.edge);
+            if final_pred.is_none() {
+                summary.errors += 1;
+            }
+            if let Some(truth) = d.truth {
+                summary.labelled += 1;
+                summary.correct += u64::from(final_pred.is_some_and(|p| p.label as u32 == truth));
+                summary.edge_correct += u64::from(d.edge.is_some_and(|p| p.label as u32 == truth));
+            }
+            if let (Some(store), Some(c)) = (store.as_mut(), cloud)
+                && let Err(e) = store.save(&d.pixels, c.label)
+            {
+                tracing::warn!(error = %e, "cannot save hard example");
+            }
+            let total = d.edge_time + cloud_time;
+            latencies.push(total.as_secs_f64() * 1e3);
+            if let Some(w) = out.as_mut() {
+                let line = json!({
+                    "sample": d.id,
+                    "truth": d.truth,
+                    "edge": d.edge,
+                    "hard": d.hard,
+                    "cloud": cloud,
+                    "cloud_error": cloud_error,
+                    "final": final_pred.map(|p| p.label),
+                    "error": d.error,
+                    "edge_ms": d.edge_time.as_secs_f64() * 1e3,
+                    "cloud_ms": cloud_time.as_secs_f64() * 1e3,
+                });
+                writeln!(w, "{line}").map_err(|e| WorkerError::Io {
+                    what: "cannot write results".into(),
+                    source: e,
+                })?;
+            }
+        }
+        m.update_ratio();
+        drop(results);
+        let _ = producer.join();
+        if let Some(w) = out.as_mut() {
+            w.flush().map_err(|e| WorkerError::Io {
+                what: "cannot write results".into(),
+                source: e,
+            })?;
+        }
+        summary.wall_seconds = start.elapsed().as_secs_f64();
+        summary.throughput = if summary.wall_seconds > 0.0 {
+            summary.samples as f64 / summary.wall_seconds
+        } else {
+            0.0
+        };
+        summary.upload_cloud_ratio = if summary.inference_number == 0 {
+            0.0
+        } else {
+            summary.hard_example_number as f64 / summary.inference_number as f64
+        };
+        (summary.p50_ms, summary.p99_ms) = (
+            percentile(&mut latencies, 0.50),
+            percentile(&mut latencies, 0.99),
+        );
+        summary.hard_examples_saved = store.map_or(0, |s| s.len());
+        Ok(summary)
+    }
+}
+
+/// The `q` quantile (nearest rank) of `values`; 0 for none.
+pub fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&mut v, 0.5), 50.0);
+        assert_eq!(percentile(&mut v, 0.99), 99.0);
+        assert_eq!(percentile(&mut [], 0.5), 0.0);
+        assert_eq!(percentile(&mut [3.0], 0.99), 3.0);
+    }
+}

@@ -1,0 +1,35 @@
+//! Sedge's inference workers.
+//!
+//! * The **edge worker** ([`edge`]) runs a small ONNX model next to the data, decides with a
+//!   hard-example mining rule ([`mining`]) which results it cannot trust, and offloads only those
+//!   samples to the cloud ([`client`]), falling back to its own answer when the cloud is down
+//!   ([`breaker`]).
+//! * The **cloud worker** ([`server`]) serves a bigger model over the Open Inference Protocol
+//!   (REST and gRPC, [`oip`]) and Sedna's `/sedna/predict`, batching concurrent requests
+//!   ([`batcher`]).
+//!
+//! Both run ONNX models through one [`backend::Backend`] trait, with tract (pure Rust) and ONNX
+//! Runtime implementations.
+
+pub mod backend;
+pub mod batcher;
+pub mod breaker;
+pub mod client;
+pub mod config;
+pub mod edge;
+pub mod hard_examples;
+pub mod metrics;
+pub mod mining;
+pub mod model;
+pub mod oip;
+pub mod pipeline;
+pub mod preprocess;
+pub mod report;
+pub mod server;
+pub mod source;
+
+/// Code generated from `proto/grpc_predict_v2.proto` (package `inference`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("inference");
+}

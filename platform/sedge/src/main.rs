@@ -1,0 +1,444 @@
+//! `sedge`: one command for every Sedge role. Each subcommand parses its flags, layers them over
+//! the config file and the environment, and calls a library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sedge_datasets::{IndexFormat, Split, fashion};
+use sedge_inference_worker::backend::{self, BackendKind};
+use sedge_inference_worker::config::{self, CloudConfig};
+use sedge_inference_worker::edge::{EdgeConfig, EdgeSummary, EdgeWorker};
+use sedge_inference_worker::model::Model;
+use sedge_inference_worker::pipeline::MiningMode;
+use sedge_inference_worker::report::{self, ReportOptions};
+use sedge_inference_worker::server::{self, CloudModel};
+use sedge_inference_worker::source::Source;
+
+#[derive(Parser)]
+#[command(
+    name = "sedge",
+    version,
+    about = "Sedge: Kubernetes to the edge, with edge-cloud collaborative AI",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an inference worker (the edge or the cloud half of joint inference).
+    #[command(subcommand)]
+    Worker(Worker),
+    /// Run a model over an image, an IDX file, an index file or a directory; print predictions and accuracy.
+    Infer(InferArgs),
+    /// Compare edge-only, cloud-only and joint inference on Fashion-MNIST and print one table.
+    Demo(DemoArgs),
+    /// Work with data sets.
+    #[command(subcommand)]
+    Dataset(DatasetCmd),
+}
+
+#[derive(Subcommand)]
+enum Worker {
+    /// Edge worker: infer locally, offload hard examples to the cloud worker over gRPC.
+    ///
+    /// Reads Sedna's worker environment: MODEL_URL, HEM_NAME, HEM_PARAMETERS, MINING_MODE,
+    /// BIG_MODEL_IP, BIG_MODEL_PORT (and BIG_MODEL_NAME, BACKEND).
+    Edge(EdgeArgs),
+    /// Cloud worker: serve a model over the Open Inference Protocol (REST + gRPC on one port) and /sedna/predict.
+    ///
+    /// Reads MODEL_URL, BIG_MODEL_BIND_IP, BIG_MODEL_BIND_PORT and BACKEND.
+    Cloud(CloudArgs),
+}
+
+#[derive(Args)]
+struct ConfigFlags {
+    /// Config file (YAML or JSON); layered as defaults < file < environment < flags.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Print the default config and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+#[derive(Args)]
+struct EdgeArgs {
+    #[command(flatten)]
+    cfg: ConfigFlags,
+    /// Samples: an IDX file, a .txt/.csv index, a directory of images, or one image.
+    input: Option<PathBuf>,
+    /// Edge model (.onnx with its .json beside it).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Inference engine.
+    #[arg(long)]
+    backend: Option<BackendKind>,
+    /// Hard-example mining rule: CrossEntropy, Threshold, IBT, Random, EdgeOnly, CloudOnly, MaxProbability, Margin.
+    #[arg(long)]
+    hem_name: Option<String>,
+    /// Its parameters as Sedna's JSON list, e.g. '[{"key":"threshold","value":"0.8"}]'.
+    #[arg(long)]
+    hem_parameters: Option<String>,
+    /// inference-then-mining or mining-then-inference.
+    #[arg(long)]
+    mining_mode: Option<MiningMode>,
+    /// Cloud worker address host:port (omit for edge-only).
+    #[arg(long)]
+    cloud: Option<String>,
+    /// Model name the cloud serves.
+    #[arg(long)]
+    cloud_model: Option<String>,
+    /// Samples per edge inference call.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Write one JSON line per sample here ('-' for stdout).
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Save hard examples (PNG + index.txt with the cloud's label) here.
+    #[arg(long)]
+    hard_examples_dir: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Stop after this many samples.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Args)]
+struct CloudArgs {
+    #[command(flatten)]
+    cfg: ConfigFlags,
+    /// Cloud model (.onnx with its .json beside it).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Inference engine.
+    #[arg(long)]
+    backend: Option<BackendKind>,
+    /// Address for REST and gRPC (default 0.0.0.0:5000, Sedna's port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Most samples per backend call.
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Longest a request waits for a batch to fill, in microseconds.
+    #[arg(long)]
+    max_delay_us: Option<u64>,
+    /// Requests that may wait; more get 503 / RESOURCE_EXHAUSTED.
+    #[arg(long)]
+    queue: Option<usize>,
+}
+
+#[derive(Args)]
+struct InferArgs {
+    /// An image, an IDX file, a .txt/.csv index, or a directory of images.
+    input: PathBuf,
+    /// Model (.onnx with its .json beside it).
+    #[arg(long, default_value = "models/fashion-mnist/edge-cnn.onnx")]
+    model: PathBuf,
+    /// Inference engine.
+    #[arg(long, default_value = "tract")]
+    backend: BackendKind,
+    /// Samples per inference call.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Stop after this many samples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Print only the summary, not one line per sample.
+    #[arg(long)]
+    summary_only: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Directory with Fashion-MNIST's IDX files.
+    #[arg(long, default_value = fashion::FASHION_MNIST_DIR)]
+    data: PathBuf,
+    /// Inference engine (default: ort when the ONNX Runtime library is found, else tract).
+    #[arg(long)]
+    backend: Option<BackendKind>,
+    /// Mining rule of the joint run.
+    #[arg(long, default_value = "MaxProbability")]
+    hem_name: String,
+    /// Its parameters.
+    #[arg(long, default_value = r#"[{"key":"threshold","value":"0.8"}]"#)]
+    hem_parameters: String,
+    /// Stop after this many samples (default: all 10,000 test images).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Offloads in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Directory holding edge-cnn.onnx and cloud-cnn.onnx.
+    #[arg(long, default_value = "models/fashion-mnist")]
+    models: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum DatasetCmd {
+    /// Export a Fashion-MNIST split as PNG files plus a Sedna index file.
+    Export(ExportArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    Train,
+    Test,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Txt,
+    Csv,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Output directory (gets images/ and index.txt or index.csv).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+    /// Which split.
+    #[arg(long, value_enum, default_value = "test")]
+    split: SplitArg,
+    /// Index format.
+    #[arg(long, value_enum, default_value = "txt")]
+    format: FormatArg,
+    /// Export only the first N images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Directory with Fashion-MNIST's IDX files.
+    #[arg(long, default_value = fashion::FASHION_MNIST_DIR)]
+    data: PathBuf,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Worker(Worker::Edge(a)) => worker_edge(a).await,
+            Command::Worker(Worker::Cloud(a)) => worker_cloud(a).await,
+            Command::Infer(a) => infer(a).await,
+            Command::Demo(a) => demo(a).await,
+            Command::Dataset(DatasetCmd::Export(a)) => export(a),
+        }
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn print_summary(s: &EdgeSummary) -> Result<()> {
+    eprintln!("{}", serde_json::to_string_pretty(s)?);
+    if let Some(acc) = s.accuracy() {
+        eprintln!(
+            "{} samples, accuracy {:.2}% (edge alone {:.2}%), {:.1}% offloaded, p50 {:.3} ms, p99 {:.3} ms, {:.0} samples/s",
+            s.samples,
+            acc * 100.0,
+            s.edge_correct as f64 / s.labelled as f64 * 100.0,
+            s.offload_share() * 100.0,
+            s.p50_ms,
+            s.p99_ms,
+            s.throughput
+        );
+    }
+    Ok(())
+}
+
+async fn worker_edge(a: EdgeArgs) -> Result<()> {
+    if a.cfg.print_default_config {
+        print!("{}", serde_yaml::to_string(&EdgeConfig::default())?);
+        return Ok(());
+    }
+    let mut c: EdgeConfig = config::load(a.cfg.config.as_deref())?;
+    config::apply_edge_env(&mut c)?;
+    if let Some(v) = a.model {
+        c.model = v;
+    }
+    if let Some(v) = a.backend {
+        c.backend.kind = v;
+    }
+    if let Some(v) = a.hem_name {
+        c.hem_name = v;
+    }
+    if let Some(v) = a.hem_parameters {
+        c.hem_parameters = v;
+    }
+    if let Some(v) = a.mining_mode {
+        c.mining_mode = v;
+    }
+    if let Some(v) = a.cloud {
+        c.offload.address = Some(v);
+    }
+    if let Some(v) = a.cloud_model {
+        c.offload.model = v;
+    }
+    if let Some(v) = a.batch {
+        c.batch = v;
+    }
+    if let Some(v) = a.output {
+        c.output = Some(v);
+    }
+    if let Some(v) = a.hard_examples_dir {
+        c.hard_examples_dir = Some(v);
+    }
+    if let Some(v) = a.metrics_listen {
+        c.metrics_listen = Some(v);
+    }
+    if let Some(v) = a.limit {
+        c.limit = Some(v);
+    }
+    let Some(input) = a
+        .input
+        .or_else(|| config::env("SEDGE_INPUT").map(PathBuf::from))
+    else {
+        bail!(
+            "no input: give an IDX file, an index file, a directory or an image (or set SEDGE_INPUT)"
+        );
+    };
+    let listen = c.metrics_listen;
+    let worker = EdgeWorker::start(c)?;
+    let _metrics = match listen {
+        Some(addr) => {
+            let (l, bound) = server::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!(%bound, "serving /metrics");
+            Some(worker.serve_metrics(l))
+        }
+        None => None,
+    };
+    let summary = worker
+        .run(&Source::from_path(&input), shutdown_signal())
+        .await?;
+    print_summary(&summary)
+}
+
+async fn worker_cloud(a: CloudArgs) -> Result<()> {
+    if a.cfg.print_default_config {
+        print!("{}", serde_yaml::to_string(&CloudConfig::default())?);
+        return Ok(());
+    }
+    let mut c: CloudConfig = config::load(a.cfg.config.as_deref())?;
+    config::apply_cloud_env(&mut c)?;
+    if let Some(v) = a.model {
+        c.model = v;
+    }
+    if let Some(v) = a.backend {
+        c.backend.kind = v;
+    }
+    if let Some(v) = a.listen {
+        c.listen = v;
+    }
+    if let Some(v) = a.max_batch {
+        c.server.batch.max_batch = v;
+    }
+    if let Some(v) = a.max_delay_us {
+        c.server.batch.max_delay_us = v;
+    }
+    if let Some(v) = a.queue {
+        c.server.batch.queue = v;
+    }
+    let model = Model::load(&c.model)?;
+    let backend = backend::load(&model, &c.backend)?;
+    let (listener, bound) = server::bind(c.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", c.listen))?;
+    tracing::info!(model = %model.config.name, backend = %c.backend.kind, %bound, "cloud worker serving OIP REST + gRPC and /sedna/predict");
+    let served = CloudModel::new(model.config, backend, c.server.batch.clone());
+    server::serve(listener, served, c.server, shutdown_signal()).await?;
+    tracing::info!("cloud worker stopped");
+    Ok(())
+}
+
+async fn infer(a: InferArgs) -> Result<()> {
+    let c = EdgeConfig {
+        model: a.model,
+        backend: sedge_inference_worker::backend::BackendOptions {
+            kind: a.backend,
+            ..Default::default()
+        },
+        hem_name: "EdgeOnly".into(),
+        hem_parameters: String::new(),
+        batch: a.batch,
+        output: (!a.summary_only).then(|| PathBuf::from("-")),
+        limit: a.limit,
+        ..Default::default()
+    };
+    let summary = EdgeWorker::start(c)?
+        .run(&Source::from_path(&a.input), shutdown_signal())
+        .await?;
+    print_summary(&summary)
+}
+
+async fn demo(a: DemoArgs) -> Result<()> {
+    let images = Split::Test.images_path(&a.data);
+    if !images.exists() {
+        bail!(
+            "{} not found: install Debian's dataset-fashion-mnist package (`make data`) or pass --data DIR",
+            images.display()
+        );
+    }
+    let kind = a.backend.unwrap_or_else(|| {
+        if backend::ort_library_path(None).is_ok() {
+            BackendKind::Ort
+        } else {
+            BackendKind::Tract
+        }
+    });
+    let opts = ReportOptions {
+        edge_model: a.models.join("edge-cnn.onnx"),
+        cloud_model: a.models.join("cloud-cnn.onnx"),
+        data: Source::Idx(images),
+        backend: sedge_inference_worker::backend::BackendOptions {
+            kind,
+            ..Default::default()
+        },
+        hem_name: a.hem_name,
+        hem_parameters: a.hem_parameters,
+        limit: a.limit,
+        concurrency: a.concurrency,
+    };
+    eprintln!(
+        "Joint inference on Fashion-MNIST ({kind} backend; cloud worker on a loopback port, offload over OIP gRPC)..."
+    );
+    let rows = report::joint_report(&opts).await?;
+    print!("{}", report::render(&rows));
+    Ok(())
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let split = match a.split {
+        SplitArg::Train => Split::Train,
+        SplitArg::Test => Split::Test,
+    };
+    let format = match a.format {
+        FormatArg::Txt => IndexFormat::Txt,
+        FormatArg::Csv => IndexFormat::Csv,
+    };
+    let data = fashion::load(&a.data, split)?;
+    let index = sedge_datasets::export::export(&data, &a.out, format, a.limit)?;
+    println!("{}", index.display());
+    Ok(())
+}
