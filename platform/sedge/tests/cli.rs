@@ -1,0 +1,294 @@
+//! The `sedge` binary as users run it: flags, Sedna's environment variables, real processes.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn sedge() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sedge"));
+    c.current_dir(repo()).env_remove("RUST_LOG");
+    for var in [
+        "MODEL_URL",
+        "HEM_NAME",
+        "HEM_PARAMETERS",
+        "MINING_MODE",
+        "BIG_MODEL_IP",
+        "BIG_MODEL_PORT",
+        "BIG_MODEL_NAME",
+        "BIG_MODEL_BIND_IP",
+        "BIG_MODEL_BIND_PORT",
+        "BACKEND",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn sample() -> String {
+    repo()
+        .join("datasets/fashion-mnist-sample/t10k-images-idx3-ubyte.gz")
+        .display()
+        .to_string()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_names_the_commands_and_the_sedna_environment() {
+    let (out, _) = text(&sedge().arg("--help").output().unwrap());
+    for cmd in ["worker", "infer", "demo", "dataset"] {
+        assert!(out.contains(cmd), "{out}");
+    }
+    let (out, _) = text(&sedge().args(["worker", "edge", "--help"]).output().unwrap());
+    assert!(
+        out.contains("HEM_PARAMETERS") && out.contains("BIG_MODEL_IP"),
+        "{out}"
+    );
+}
+
+#[test]
+fn infer_prints_predictions_and_accuracy() {
+    let o = sedge()
+        .args(["infer", "--summary-only", &sample()])
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("500 samples, accuracy"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let o = sedge()
+        .args([
+            "dataset",
+            "export",
+            "--data",
+            &repo()
+                .join("datasets/fashion-mnist-sample")
+                .display()
+                .to_string(),
+            "--limit",
+            "3",
+            "-o",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    let png = dir.path().join("images/00000.png");
+    let o = sedge()
+        .args(["infer", "--backend", "ort"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(line["edge"]["label"].is_u64(), "{line}");
+}
+
+#[test]
+fn bad_settings_fail_fast_with_the_reason() {
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: [Case; 5] = [
+        (
+            &[("HEM_NAME", "Entropy")],
+            &[],
+            "unknown hard-example mining rule \"Entropy\"",
+        ),
+        (
+            &[
+                ("HEM_NAME", "IBT"),
+                ("HEM_PARAMETERS", r#"[{"key":"threshold_img","value":"2"}]"#),
+            ],
+            &[],
+            "threshold_img = \"2\" is not a number between 0 and 1",
+        ),
+        (
+            &[("BIG_MODEL_PORT", "5000")],
+            &[],
+            "BIG_MODEL_IP is not set",
+        ),
+        (
+            &[("BIG_MODEL_IP", "10.0.0.1"), ("BIG_MODEL_PORT", "http")],
+            &[],
+            "BIG_MODEL_PORT=\"http\"",
+        ),
+        (&[], &["--backend", "cuda"], "unknown backend \"cuda\""),
+    ];
+    for (env, flags, expect) in cases {
+        let o = sedge()
+            .args(["worker", "edge"])
+            .args(flags)
+            .arg(sample())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let (_, err) = text(&o);
+        assert!(!o.status.success(), "{env:?} {flags:?} should fail");
+        assert!(err.contains(expect), "{env:?}: got {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("edge.yaml");
+    std::fs::write(&cfg, "hem_nmae: IBT\n").unwrap();
+    let (_, err) = text(
+        &sedge()
+            .args(["worker", "edge", "-c"])
+            .arg(&cfg)
+            .arg(sample())
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("unknown field `hem_nmae`"), "{err}");
+}
+
+#[test]
+fn default_configs_print_and_load_back() {
+    let dir = tempfile::tempdir().unwrap();
+    for role in ["edge", "cloud"] {
+        let o = sedge()
+            .args(["worker", role, "--print-default-config"])
+            .output()
+            .unwrap();
+        let (out, _) = text(&o);
+        assert!(o.status.success());
+        let path = dir.path().join(format!("{role}.yaml"));
+        std::fs::write(&path, &out).unwrap();
+        // A file written from the defaults loads: the run gets past the config and fails later,
+        // on the missing input or model.
+        let (args, expect): (&[&str], &str) = if role == "edge" {
+            (&["/nonexistent-input"], "/nonexistent-input")
+        } else {
+            (
+                &["--model", "/nonexistent.onnx"],
+                "/nonexistent.onnx does not exist",
+            )
+        };
+        let o = sedge()
+            .args(["worker", role, "-c"])
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        let (_, err) = text(&o);
+        assert!(!o.status.success());
+        assert!(err.contains(expect), "{role}: {err}");
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the cloud worker on a free port and returns it with the port it bound.
+fn cloud_worker() -> (Killed, u16, mpsc::Receiver<String>) {
+    let mut child = sedge()
+        .args([
+            "worker",
+            "cloud",
+            "--backend",
+            "ort",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "models/fashion-mnist/cloud-cnn.onnx",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let child = Killed(child);
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("cloud worker did not report its address");
+        if let Some(rest) = line.split("bound=").nth(1) {
+            let port = rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            return (child, port, rx);
+        }
+    }
+}
+
+#[test]
+fn sedna_env_contract_end_to_end_and_clean_sigterm() {
+    let (mut cloud, port, logs) = cloud_worker();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results.jsonl");
+    let o = sedge()
+        .args(["worker", "edge", "--limit", "200", "-o"])
+        .arg(&out)
+        .arg(sample())
+        .env("MODEL_URL", "file://models/fashion-mnist/edge-cnn.onnx")
+        .env("HEM_NAME", "CrossEntropy")
+        .env(
+            "HEM_PARAMETERS",
+            r#"[{"key":"threshold_cross_entropy","value":"0.7"}]"#,
+        )
+        .env("BIG_MODEL_IP", "127.0.0.1")
+        .env("BIG_MODEL_PORT", port.to_string())
+        .env("BIG_MODEL_NAME", "cloud-cnn")
+        .env("BACKEND", "ort")
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let json_end = err.find("\n}").expect("summary JSON") + 2;
+    let summary: serde_json::Value =
+        serde_json::from_str(&err[err.find('{').unwrap()..json_end]).unwrap();
+    let hard = summary["hardExampleNumber"].as_u64().unwrap();
+    assert!(hard > 0, "{summary}");
+    assert_eq!(
+        summary["cloud_answered"].as_u64().unwrap(),
+        hard,
+        "{summary}"
+    );
+    assert_eq!(summary["inferenceNumber"], 200);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 200);
+
+    let pid = cloud.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = cloud.0.wait().unwrap();
+    assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    let rest: Vec<String> = logs.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("cloud worker stopped")),
+        "{rest:?}"
+    );
+}
