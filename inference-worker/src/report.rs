@@ -48,16 +48,15 @@ pub async fn joint_report(opts: &ReportOptions) -> Result<Vec<ReportRow>, Worker
     let backend = backend::load(&cloud, &opts.backend)?;
     let server_config = ServerConfig::default();
     let model = CloudModel::new(cloud.config.clone(), backend, server_config.batch.clone());
-    let (listener, addr) = server::bind(([127, 0, 0, 1], 0).into())
-        .await
-        .map_err(|e| WorkerError::Io {
-            what: "cannot bind the cloud worker".into(),
-            source: e,
-        })?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(listener, model, server_config, async {
+    let (addr, server) = server::start(([127, 0, 0, 1], 0).into(), model, server_config, async {
         let _ = stopped.await;
-    }));
+    })
+    .await
+    .map_err(|e| WorkerError::Io {
+        what: "cannot bind the cloud worker".into(),
+        source: e,
+    })?;
 
     let base = EdgeConfig {
         model: opts.edge_model.clone(),

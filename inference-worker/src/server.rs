@@ -154,6 +154,33 @@ impl CloudModel {
         }
     }
 
+    /// Checks that a request has exactly this model's one input with a supported datatype; `fields`
+    /// reads (name, datatype) from the protocol's input type.
+    fn check_input<'a, T>(
+        &self,
+        inputs: &'a [T],
+        fields: impl Fn(&'a T) -> (&'a String, &'a String),
+    ) -> Result<(&'a T, DataType), ServeError> {
+        let [input] = inputs else {
+            return Err(invalid!(
+                "expected exactly 1 input ({:?}), got {}",
+                self.config.input.name,
+                inputs.len()
+            )
+            .into());
+        };
+        let (name, datatype) = fields(input);
+        if *name != self.config.input.name {
+            return Err(invalid!(
+                "unknown input {name:?}; model {:?} has input {:?}",
+                self.config.name,
+                self.config.input.name
+            )
+            .into());
+        }
+        Ok((input, DataType::parse(datatype)?))
+    }
+
     /// Runs a decoded tensor; returns the raw outputs and the batch size.
     pub async fn infer(
         &self,
@@ -257,6 +284,21 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener,
     let l = tokio::net::TcpListener::bind(addr).await?;
     let a = l.local_addr()?;
     Ok((l, a))
+}
+
+/// Binds `addr` and serves `model` on a spawned task until `shutdown` resolves; returns the bound
+/// address (port 0 picks a free one) and the task.
+pub async fn start(
+    addr: SocketAddr,
+    model: Arc<CloudModel>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let (listener, bound) = bind(addr).await?;
+    Ok((
+        bound,
+        tokio::spawn(serve(listener, model, config, shutdown)),
+    ))
 }
 
 async fn server_metadata() -> axum::Json<Value> {
@@ -363,24 +405,7 @@ async fn infer_rest_inner(
     let (json_part, mut binary) = split_binary(headers, body)?;
     let req: InferenceRequest = serde_json::from_slice(json_part)
         .map_err(|e| invalid!("request body is not a valid inference request: {e}"))?;
-    let [input] = req.inputs.as_slice() else {
-        return Err(invalid!(
-            "expected exactly 1 input ({:?}), got {}",
-            m.config.input.name,
-            req.inputs.len()
-        )
-        .into());
-    };
-    if input.name != m.config.input.name {
-        return Err(invalid!(
-            "unknown input {:?}; model {:?} has input {:?}",
-            input.name,
-            m.config.name,
-            m.config.input.name
-        )
-        .into());
-    }
-    let datatype = DataType::parse(&input.datatype)?;
+    let (input, datatype) = m.check_input(&req.inputs, |i| (&i.name, &i.datatype))?;
     let data = match (input.parameters.get("binary_data_size"), &input.data) {
         (Some(size), _) => {
             let size = size
@@ -591,24 +616,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for GrpcService {
         let m = &self.model;
         let resp = m.timed("grpc", async {
             m.check_name(&req.model_name)?;
-            let [input] = req.inputs.as_slice() else {
-                return Err(invalid!(
-                    "expected exactly 1 input ({:?}), got {}",
-                    m.config.input.name,
-                    req.inputs.len()
-                )
-                .into());
-            };
-            if input.name != m.config.input.name {
-                return Err(invalid!(
-                    "unknown input {:?}; model {:?} has input {:?}",
-                    input.name,
-                    m.config.name,
-                    m.config.input.name
-                )
-                .into());
-            }
-            let datatype = DataType::parse(&input.datatype)?;
+            let (input, datatype) = m.check_input(&req.inputs, |i| (&i.name, &i.datatype))?;
             let data = match (req.raw_input_contents.as_slice(), &input.contents) {
                 ([raw], None) => TensorData::from_raw(datatype, raw)?,
                 ([], Some(c)) => match datatype {

@@ -29,13 +29,14 @@ async fn start_with(
     server_config: ServerConfig,
 ) -> SocketAddr {
     let model = CloudModel::new(config, backend, server_config.batch.clone());
-    let (listener, addr) = server::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
-    tokio::spawn(server::serve(
-        listener,
+    let (addr, _server) = server::start(
+        ([127, 0, 0, 1], 0).into(),
         model,
         server_config,
         std::future::pending(),
-    ));
+    )
+    .await
+    .unwrap();
     addr
 }
 

@@ -55,13 +55,14 @@ async fn real_cloud() -> SocketAddr {
     )
     .unwrap();
     let served = CloudModel::new(model.config, backend, Default::default());
-    let (listener, addr) = server::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
-    tokio::spawn(server::serve(
-        listener,
+    let (addr, _server) = server::start(
+        ([127, 0, 0, 1], 0).into(),
         served,
         ServerConfig::default(),
         std::future::pending(),
-    ));
+    )
+    .await
+    .unwrap();
     addr
 }
 
@@ -329,13 +330,14 @@ async fn a_cloud_that_starts_after_the_edge_is_used_once_up() {
     let model = Model::load(models_dir().join("fashion-mnist/cloud-cnn.onnx")).unwrap();
     let backend = backend::load(&model, &BackendOptions::default()).unwrap();
     let served = CloudModel::new(model.config, backend, Default::default());
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(server::serve(
-        listener,
+    server::start(
+        addr,
         served,
         ServerConfig::default(),
         std::future::pending(),
-    ));
+    )
+    .await
+    .unwrap();
     let later = worker
         .run(&Source::Idx(sample_idx()), std::future::pending())
         .await

@@ -172,13 +172,13 @@ async fn offload_table(args: &Args, images: &sedge_datasets::IdxImages) -> Resul
         },
     )?;
     let model = CloudModel::new(cloud.config.clone(), backend, Default::default());
-    let (listener, addr) = server::bind(([127, 0, 0, 1], 0).into()).await?;
-    tokio::spawn(server::serve(
-        listener,
+    let (addr, _server) = server::start(
+        ([127, 0, 0, 1], 0).into(),
         model,
         ServerConfig::default(),
         std::future::pending(),
-    ));
+    )
+    .await?;
     let http = reqwest::Client::new();
     let n = images.len();
 
@@ -214,63 +214,22 @@ async fn offload_table(args: &Args, images: &sedge_datasets::IdxImages) -> Resul
     // OIP REST JSON, FP32 normalised values (what a generic KServe client sends).
     let url = format!("http://{addr}/v2/models/{}/infer", cloud.config.name);
     let norm = Normalizer::new(&cloud.config.input);
-    let mut lat = Vec::new();
-    let mut bytes = 0u64;
-    for i in 0..args.requests + 50 {
+    let (bytes, lat) = http_round_trips(&http, &url, args.requests, |i| {
         let mut x = Vec::new();
         norm.extend(images.image(i % n), &mut x);
-        let body = serde_json::to_vec(
-            &serde_json::json!({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x}]}),
-        )?;
-        let len = body.len();
-        let t = Instant::now();
-        let r = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "REST status {}", r.status());
-        r.bytes().await?;
-        if i >= 50 {
-            lat.push(t.elapsed().as_secs_f64() * 1e3);
-            bytes += len as u64;
-        }
-    }
-    rows.push((
-        "OIP REST JSON, FP32",
-        bytes as f64 / args.requests as f64,
-        lat,
-    ));
+        serde_json::json!({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x}]})
+    })
+    .await?;
+    rows.push(("OIP REST JSON, FP32", bytes, lat));
 
     // Sedna's /sedna/predict with the image as a nested JSON list (ndarray.tolist()).
     let url = format!("http://{addr}/sedna/predict");
-    let mut lat = Vec::new();
-    let mut bytes = 0u64;
-    for i in 0..args.requests + 50 {
-        let img = images.image(i % n);
-        let nested: Vec<Vec<u8>> = img.chunks(28).map(<[u8]>::to_vec).collect();
-        let body = serde_json::to_vec(&serde_json::json!({ "data": [nested] }))?;
-        let len = body.len();
-        let t = Instant::now();
-        let r = http
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "Sedna status {}", r.status());
-        r.bytes().await?;
-        if i >= 50 {
-            lat.push(t.elapsed().as_secs_f64() * 1e3);
-            bytes += len as u64;
-        }
-    }
-    rows.push((
-        "Sedna /sedna/predict, JSON list",
-        bytes as f64 / args.requests as f64,
-        lat,
-    ));
+    let (bytes, lat) = http_round_trips(&http, &url, args.requests, |i| {
+        let nested: Vec<Vec<u8>> = images.image(i % n).chunks(28).map(<[u8]>::to_vec).collect();
+        serde_json::json!({ "data": [nested] })
+    })
+    .await?;
+    rows.push(("Sedna /sedna/predict, JSON list", bytes, lat));
 
     println!();
     println!(
@@ -293,4 +252,34 @@ async fn offload_table(args: &Args, images: &sedge_datasets::IdxImages) -> Resul
         );
     }
     Ok(())
+}
+
+/// Sends `requests` JSON bodies one after another (after 50 warm-up requests); returns the mean
+/// body size and the round-trip times in milliseconds.
+async fn http_round_trips(
+    http: &reqwest::Client,
+    url: &str,
+    requests: usize,
+    body: impl Fn(usize) -> serde_json::Value,
+) -> Result<(f64, Vec<f64>)> {
+    let mut lat = Vec::with_capacity(requests);
+    let mut bytes = 0u64;
+    for i in 0..requests + 50 {
+        let body = serde_json::to_vec(&body(i))?;
+        let len = body.len() as u64;
+        let t = Instant::now();
+        let r = http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "{url}: status {}", r.status());
+        r.bytes().await?;
+        if i >= 50 {
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            bytes += len;
+        }
+    }
+    Ok((bytes as f64 / requests as f64, lat))
 }
