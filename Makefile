@@ -9,18 +9,26 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build bench ort data apt-deps
+.PHONY: help demo test lint fmt build bench bench-example ort data fonts
 
 help:
 	@echo "make demo   - joint-inference demo on Fashion-MNIST (edge-only vs cloud-only vs joint)"
 	@echo "make test   - everything CI runs: fmt check, clippy, the whole test suite (ORT included)"
 	@echo "make bench  - inference pipeline benchmark table"
+	@echo "make bench-example - the Ianvs-style Fashion-MNIST job on all 10,000 test images"
 
 # Debian's Fashion-MNIST (the demo's data; tests use the sample committed in datasets/).
 data: $(FASHION)
 $(FASHION):
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi
+
+# DejaVu Sans: plotters lays out the benchmark plots' text with it.
+FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+fonts: $(FONT)
+$(FONT):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq fonts-dejavu-core; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq fonts-dejavu-core; fi
 
 # ONNX Runtime's shared library, unpacked from the onnxruntime wheel on PyPI (nothing is installed
 # into Python). The version is pinned with the `ort` crate (rc.15 wants ONNX Runtime >= 1.31).
@@ -51,8 +59,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: ort lint
+test: ort fonts lint
 	$(CARGO) test --workspace
 
-bench: data ort
+bench: ort
 	$(CARGO) run --release -p sedge-benchmarks --bin pipeline
+
+bench-example: data ort fonts build
+	target/release/sedge bench -f benchmarks/examples/fashion-mnist/benchmarkingjob.yaml

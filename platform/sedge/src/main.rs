@@ -37,9 +37,27 @@ enum Command {
     Infer(InferArgs),
     /// Compare edge-only, cloud-only and joint inference on Fashion-MNIST and print one table.
     Demo(DemoArgs),
+    /// Run an Ianvs-style benchmarking job (benchmarkingjob.yaml) and print its leaderboard.
+    Bench(BenchArgs),
     /// Work with data sets.
     #[command(subcommand)]
     Dataset(DatasetCmd),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The benchmarkingjob YAML file (paths inside it are relative to it).
+    #[arg(long, short = 'f')]
+    file: PathBuf,
+    /// Test cases to run at once.
+    #[arg(long, short = 'j', default_value_t = 1)]
+    jobs: usize,
+    /// Use only the first N test samples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Subcommand)]
@@ -232,6 +250,7 @@ fn main() -> Result<()> {
             Command::Worker(Worker::Cloud(a)) => worker_cloud(a).await,
             Command::Infer(a) => infer(a).await,
             Command::Demo(a) => demo(a).await,
+            Command::Bench(a) => bench(a).await,
             Command::Dataset(DatasetCmd::Export(a)) => export(a),
         }
     })
@@ -426,6 +445,42 @@ async fn demo(a: DemoArgs) -> Result<()> {
     );
     let rows = report::joint_report(&opts).await?;
     print!("{}", report::render(&rows));
+    Ok(())
+}
+
+async fn bench(a: BenchArgs) -> Result<()> {
+    let job = sedge_benchmarks::job::load(&a.file)?;
+    let opts = sedge_benchmarks::runner::RunOptions {
+        jobs: a.jobs,
+        limit: a.limit,
+        progress: !a.no_progress,
+    };
+    let report = sedge_benchmarks::runner::run(&job, &opts).await?;
+    print!("{}", report.table);
+    std::io::Write::flush(&mut std::io::stdout())?;
+    eprintln!("results in {}", report.run_dir.display());
+    for f in &report.files {
+        eprintln!("  {}", f.display());
+    }
+    let failed: Vec<_> = report.failures().collect();
+    if !failed.is_empty() {
+        for r in &failed {
+            eprintln!(
+                "test case {} failed: {}",
+                r.case.id,
+                r.metrics
+                    .as_ref()
+                    .err()
+                    .map(String::as_str)
+                    .unwrap_or_default()
+            );
+        }
+        bail!(
+            "{} of {} test cases failed (the others are saved above)",
+            failed.len(),
+            report.results.len()
+        );
+    }
     Ok(())
 }
 

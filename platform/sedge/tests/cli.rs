@@ -292,3 +292,64 @@ fn sedna_env_contract_end_to_end_and_clean_sigterm() {
         "{rest:?}"
     );
 }
+
+#[test]
+fn bench_runs_a_job_and_reports_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = repo().join("benchmarks/examples/fashion-mnist");
+    // Copy the example so that its workspace lands in the temp dir.
+    for sub in ["testenv", "algorithms"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        for f in std::fs::read_dir(example.join(sub)).unwrap() {
+            let f = f.unwrap().path();
+            let text = std::fs::read_to_string(&f)
+                .unwrap()
+                .replace("../../../../", &format!("{}/", repo().display()));
+            std::fs::write(dir.path().join(sub).join(f.file_name().unwrap()), text).unwrap();
+        }
+    }
+    let job = dir.path().join("job.yaml");
+    std::fs::copy(example.join("benchmarkingjob-sample.yaml"), &job).unwrap();
+    let o = sedge()
+        .args([
+            "bench",
+            "--no-progress",
+            "--jobs",
+            "2",
+            "--limit",
+            "50",
+            "-f",
+        ])
+        .arg(&job)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.starts_with("rank  algorithm"), "{out}");
+    assert_eq!(out.lines().count(), 2 + 14, "{out}");
+    assert!(
+        err.contains("selected_rank.csv") && err.contains("accuracy_vs_transfer.png"),
+        "{err}"
+    );
+    assert!(
+        dir.path()
+            .join("workspace/fashion-mnist-sample/latest/rank/all_rank.csv")
+            .exists()
+    );
+
+    std::fs::write(
+        &job,
+        std::fs::read_to_string(&job).unwrap().replace(
+            "workspace: ./workspace",
+            "workspace: ./workspace\n  jobs: 4",
+        ),
+    )
+    .unwrap();
+    let o = sedge().args(["bench", "-f"]).arg(&job).output().unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("job.yaml: benchmarkingjob: unknown field `jobs`"),
+        "{err}"
+    );
+}

@@ -1,0 +1,53 @@
+//! Sedge's benchmarks: the Ianvs-style benchmark runner (`sedge bench -f benchmarkingjob.yaml`)
+//! and the performance benchmarks that print tables (`src/bin/`).
+//!
+//! The runner reads Ianvs's three YAML layers ([`job`]), expands hyperparameters into test cases
+//! ([`expand`]), runs each case with a [`paradigm`], computes [`metrics`], and writes the
+//! leaderboard ([`rank`]) and a plot ([`plot`]); [`runner`] ties them together.
+
+pub mod expand;
+pub mod job;
+pub mod metrics;
+pub mod paradigm;
+pub mod plot;
+pub mod rank;
+pub mod runner;
+
+use std::path::PathBuf;
+
+/// Why a benchmark job could not be read or its results written.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A YAML file does not parse or has unknown keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong, with the key and location.
+        message: String,
+    },
+    /// A file parses but says something that cannot be run.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+    /// An output could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,361 @@
+//! The Ianvs-style runner end to end: the shipped example job on the committed sample, bad job
+//! files, and a failing test case that must not lose the others.
+
+use std::path::{Path, PathBuf};
+
+use sedge_benchmarks::job::{self, LoadedJob};
+use sedge_benchmarks::runner::{self, RunOptions};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn example() -> PathBuf {
+    repo().join("benchmarks/examples/fashion-mnist/benchmarkingjob-sample.yaml")
+}
+
+fn into_temp(mut job: LoadedJob, dir: &Path) -> LoadedJob {
+    job.workspace = dir.join(&job.job.name);
+    job
+}
+
+fn opts(jobs: usize, limit: Option<usize>) -> RunOptions {
+    RunOptions {
+        jobs,
+        limit,
+        progress: false,
+    }
+}
+
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut r = csv::Reader::from_path(path).unwrap();
+    let header = r.headers().unwrap().iter().map(String::from).collect();
+    let rows = r
+        .records()
+        .map(|rec| rec.unwrap().iter().map(String::from).collect())
+        .collect();
+    (header, rows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_job_runs_and_ranks_on_the_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = into_temp(job::load(&example()).unwrap(), dir.path());
+    let report = runner::run(&job, &opts(2, None)).await.unwrap();
+    assert_eq!(
+        report.results.len(),
+        14,
+        "2 single-task + 2 rules x 6 thresholds"
+    );
+    assert_eq!(report.failures().count(), 0);
+
+    let rank = report.run_dir.join("rank");
+    let (header, rows) = read_csv(&rank.join("all_rank.csv"));
+    assert_eq!(
+        &header[..12],
+        [
+            "rank",
+            "algorithm",
+            "accuracy",
+            "f1_score",
+            "precision",
+            "recall",
+            "samples_transfer_ratio",
+            "cloud_only_accuracy_gap",
+            "latency_p50",
+            "latency_p99",
+            "throughput",
+            "bytes_offloaded"
+        ]
+    );
+    assert!(header.ends_with(&["time".to_string(), "url".into(), "run".into()]));
+    assert!(header.contains(&"hard_example_mining-threshold".to_string()));
+    assert_eq!(rows.len(), 14);
+    let run_id = report.run_dir.file_name().unwrap().to_str().unwrap();
+    assert!(
+        rows.iter().all(|r| r.last().unwrap() == run_id),
+        "every row names this run"
+    );
+    // Sorted by accuracy, descending, then transfer ratio ascending.
+    let acc: Vec<f64> = rows.iter().map(|r| r[2].parse().unwrap()).collect();
+    assert!(acc.windows(2).all(|w| w[0] >= w[1]), "{acc:?}");
+    let by_alg = |name: &str| rows.iter().find(|r| r[1] == name).unwrap().clone();
+    let edge = by_alg("single-task-edge");
+    let cloud = by_alg("single-task-cloud");
+    assert_eq!(edge[6], "0.0000");
+    assert!(cloud[2].parse::<f64>().unwrap() > edge[2].parse::<f64>().unwrap());
+    // A joint case with a high threshold offloads more than one with a low threshold, and every
+    // joint case is within reach of the cloud model.
+    let joint: Vec<&Vec<String>> = rows.iter().filter(|r| r[1] == "joint-inference").collect();
+    assert_eq!(joint.len(), 12);
+    let ratio_at = |t: &str| {
+        joint
+            .iter()
+            .find(|r| r.contains(&t.to_string()) && r.contains(&"MaxProbability".to_string()))
+            .unwrap()[6]
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert!(ratio_at("0.95") > ratio_at("0.5"));
+    assert!(
+        joint.iter().all(|r| !r[7].is_empty()),
+        "joint rows have a cloud gap"
+    );
+    assert!(edge[7].is_empty(), "single-task rows have none");
+
+    let (sel_header, sel_rows) = read_csv(&rank.join("selected_rank.csv"));
+    assert_eq!(
+        &sel_header[..4],
+        ["rank", "algorithm", "accuracy", "f1_score"]
+    );
+    assert!(!sel_header.contains(&"precision".to_string()));
+    assert_eq!(sel_rows.len(), 14);
+    assert!(rank.join("accuracy_vs_transfer.svg").exists());
+    assert!(
+        std::fs::read(rank.join("accuracy_vs_transfer.png"))
+            .unwrap()
+            .starts_with(b"\x89PNG")
+    );
+    assert!(report.table.contains("single-task-edge"));
+    // Each case saved its own result and per-sample output.
+    let case_dir = report.run_dir.join("joint-inference/joint-inference-01");
+    assert!(case_dir.join("result.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(case_dir.join("inference.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        500
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_never_mix_and_concurrency_changes_no_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = into_temp(job::load(&example()).unwrap(), dir.path());
+    let a = runner::run(&job, &opts(1, Some(100))).await.unwrap();
+    let b = runner::run(&job, &opts(4, Some(100))).await.unwrap();
+    assert_ne!(a.run_dir, b.run_dir);
+    let (_, rows_b) = read_csv(&b.run_dir.join("rank/all_rank.csv"));
+    assert_eq!(
+        rows_b.len(),
+        14,
+        "the second run's file holds only its own rows"
+    );
+    let acc = |r: &runner::RunReport| {
+        r.results
+            .iter()
+            .map(|c| c.metrics.as_ref().unwrap()[0])
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(acc(&a), acc(&b));
+    assert_eq!(
+        std::fs::read_link(job.workspace.join("latest")).unwrap(),
+        PathBuf::from(b.run_dir.file_name().unwrap())
+    );
+}
+
+/// Writes a small job in `dir` whose files can be edited per test.
+fn write_job(dir: &Path, job_extra: &str, testenv_extra: &str, algorithm: &str) -> PathBuf {
+    let models = repo().join("models/fashion-mnist");
+    let sample = repo().join("datasets/fashion-mnist-sample/t10k-images-idx3-ubyte.gz");
+    std::fs::write(
+        dir.join("job.yaml"),
+        format!(
+            "benchmarkingjob:\n  name: t\n  workspace: ./ws\n  testenv: ./testenv.yaml\n  test_object:\n    type: algorithms\n    algorithms:\n      - {{name: a, url: ./algo.yaml}}\n      - {{name: edge, url: ./edge.yaml}}\n  rank:\n    sort_by: [{{accuracy: descend}}]\n    selected_dataitem: {{paradigms: [all], modules: [all], hyperparameters: [all], metrics: [all]}}\n{job_extra}"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("testenv.yaml"), format!("testenv:\n  dataset:\n    test_index: {}\n  metrics:\n    - name: accuracy\n    - name: samples_transfer_ratio\n{testenv_extra}", sample.display())).unwrap();
+    std::fs::write(
+        dir.join("algo.yaml"),
+        algorithm.replace("MODELS", &models.display().to_string()),
+    )
+    .unwrap();
+    std::fs::write(dir.join("edge.yaml"), format!("algorithm:\n  paradigm_type: singletasklearning\n  modules:\n    - {{type: basemodel, name: edge, url: {}/edge-cnn.onnx}}\n", models.display())).unwrap();
+    dir.join("job.yaml")
+}
+
+const JOINT: &str = "algorithm:\n  paradigm_type: jointinference\n  modules:\n    - {type: edgemodel, name: e, url: MODELS/edge-cnn.onnx}\n    - {type: cloudmodel, name: c, url: MODELS/cloud-cnn.onnx}\n    - {type: hard_example_mining, name: MaxProbability, hyperparameters: [{threshold: {values: [0.8]}}]}\n";
+
+#[test]
+fn bad_job_files_name_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases: Vec<(String, String, String, &str, &str)> = vec![
+        (
+            "  worksapce: x\n".into(),
+            String::new(),
+            JOINT.into(),
+            "job.yaml",
+            "unknown field `worksapce`",
+        ),
+        (
+            String::new(),
+            "  incremental_round: 3\n".into(),
+            JOINT.into(),
+            "testenv.yaml",
+            "unknown field `incremental_round`",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace("paradigm_type", "paradigm"),
+            "algo.yaml",
+            "unknown field `paradigm`",
+        ),
+        (
+            String::new(),
+            "    - name: mAP\n".into(),
+            JOINT.into(),
+            "testenv.yaml",
+            "unknown metric \"mAP\"",
+        ),
+        (
+            String::new(),
+            "    - {name: f1, url: ./f1.py}\n".into(),
+            JOINT.into(),
+            "testenv.yaml",
+            "Python metric files are not supported",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace("jointinference", "lifelonglearning"),
+            "algo.yaml",
+            "paradigm_type \"lifelonglearning\" is not supported; supported: singletasklearning, jointinference",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace("values: [0.8]", "values: [0.8, 1.5]"),
+            "algo.yaml",
+            "threshold = \"1.5\" is not a number between 0 and 1",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace("name: MaxProbability", "name: Entropy"),
+            "algo.yaml",
+            "unknown hard-example mining rule \"Entropy\"",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace("edge-cnn.onnx", "nope.onnx"),
+            "algo.yaml",
+            "nope.onnx does not exist",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace("type: cloudmodel", "type: basemodel"),
+            "algo.yaml",
+            "module type \"basemodel\" does not belong to jointinference",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace(
+                "    - {type: cloudmodel, name: c, url: MODELS/cloud-cnn.onnx}\n",
+                "",
+            ),
+            "algo.yaml",
+            "jointinference needs a cloudmodel module",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace(
+                "name: e, url",
+                "name: e, hyperparameters: [{backend: {values: [cuda]}}], url",
+            ),
+            "algo.yaml",
+            "unknown backend \"cuda\"",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace("values: [0.8]", "values: 0.8"),
+            "algo.yaml",
+            "invalid type",
+        ),
+        (
+            "    save_mode: everything\n".into(),
+            String::new(),
+            JOINT.into(),
+            "job.yaml",
+            "rank.save_mode \"everything\" is not supported",
+        ),
+        (
+            String::new(),
+            String::new(),
+            "algorithm: [1, 2]\n".into(),
+            "algo.yaml",
+            "invalid type",
+        ),
+        (
+            String::new(),
+            String::new(),
+            "algorithm:\n  paradigm_type: jointinference\nextra: 1\n".into(),
+            "algo.yaml",
+            "unknown top-level key extra",
+        ),
+    ];
+    for (job_extra, testenv_extra, algo, file, expect) in cases {
+        let path = write_job(d, &job_extra, &testenv_extra, &algo);
+        let err = job::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(file) && err.contains(expect),
+            "want {expect:?} in {file}, got {err}"
+        );
+    }
+    let err = job::load(&d.join("missing.yaml")).unwrap_err().to_string();
+    assert!(err.contains("missing.yaml"), "{err}");
+}
+
+#[test]
+fn paths_resolve_relative_to_each_file_whatever_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_job(dir.path(), "", "", JOINT);
+    let job = job::load(&path).unwrap();
+    assert_eq!(job.workspace, dir.path().join("ws/t"));
+    assert!(
+        job.algorithms
+            .iter()
+            .all(|(_, p, _)| p.starts_with(dir.path()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_case_is_reported_and_the_others_are_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    // A model file that exists but is not a model: the case fails when it runs, not at load.
+    let broken = dir.path().join("broken.onnx");
+    std::fs::write(&broken, b"garbage").unwrap();
+    std::fs::copy(
+        repo().join("models/fashion-mnist/edge-cnn.json"),
+        dir.path().join("broken.json"),
+    )
+    .unwrap();
+    let algo = JOINT
+        .replace("values: [0.8]", "values: [0.7, 0.9]")
+        .replace("MODELS/cloud-cnn.onnx", &broken.display().to_string());
+    let path = write_job(dir.path(), "", "", &algo);
+    let job = job::load(&path).unwrap();
+    let report = runner::run(&job, &opts(2, Some(50))).await.unwrap();
+    assert_eq!(report.results.len(), 3);
+    assert_eq!(report.failures().count(), 2);
+    let rank = report.run_dir.join("rank");
+    let (_, ok) = read_csv(&rank.join("all_rank.csv"));
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0][1], "edge");
+    let (header, failed) = read_csv(&rank.join("failed.csv"));
+    assert_eq!(header, ["case", "algorithm", "error", "time", "url"]);
+    assert_eq!(failed.len(), 2);
+    assert!(failed[0][2].contains("broken.onnx"), "{:?}", failed[0]);
+    for case in &report.results {
+        let saved = std::fs::read_to_string(case.dir.join("result.json")).unwrap();
+        assert!(saved.contains(&case.case.id));
+    }
+}
