@@ -375,6 +375,9 @@ pub fn load(path: &Path) -> Result<LoadedJob, BenchError> {
                     .display()
                     .to_string(),
                 );
+            } else if m.kind == "basemodel" {
+                // Ianvs's initial_model_url is the base model when the module names none.
+                m.url.clone_from(&algo.initial_model_url);
             }
         }
         crate::paradigm::check(&algo).map_err(|message| BenchError::Invalid {

@@ -15,7 +15,7 @@ use sedge_inference_worker::model::Model;
 use sedge_inference_worker::pipeline::MiningMode;
 use sedge_inference_worker::server::{self, CloudModel, ServerConfig};
 
-use super::{CaseContext, Paradigm, backend_options, batch_size, hem_parameters, run_edge};
+use super::{CaseContext, Paradigm, backend_options, hem_parameters, model_config, run_edge};
 use crate::expand::TestCase;
 use crate::metrics::Outcome;
 
@@ -65,18 +65,15 @@ impl Paradigm for JointInference {
                 },
             );
             let config = EdgeConfig {
-                model: edge.url.clone().ok_or("edgemodel has no url")?,
-                backend: backend_options(edge)?,
                 hem_name: hem.name.clone(),
                 hem_parameters: hem_parameters(hem),
                 mining_mode: mode,
-                batch: batch_size(edge),
                 offload: OffloadConfig {
                     address: Some(addr.to_string()),
                     model: name,
                     ..Default::default()
                 },
-                ..Default::default()
+                ..model_config(edge)?
             };
             let result = run_edge(config, ctx, "inference.jsonl").await;
             let _ = stop.send(());

@@ -177,6 +177,22 @@ pub fn backend_options(module: &Module) -> Result<BackendOptions, String> {
     Ok(opts)
 }
 
+/// An edge-worker config that runs `module`'s model with its engine and batch size and keeps every
+/// answer on the edge; callers set a mining rule and a cloud where they need them.
+fn model_config(module: &Module) -> Result<EdgeConfig, String> {
+    Ok(EdgeConfig {
+        model: module
+            .url
+            .clone()
+            .ok_or_else(|| format!("{} {:?} has no url", module.kind, module.name))?,
+        backend: backend_options(module)?,
+        batch: batch_size(module),
+        hem_name: "EdgeOnly".into(),
+        hem_parameters: String::new(),
+        ..Default::default()
+    })
+}
+
 fn batch_size(module: &Module) -> usize {
     module
         .param("batch_size")
@@ -247,12 +263,8 @@ impl CloudOnlyCache {
             return Ok(*a);
         }
         let config = EdgeConfig {
-            model: model.clone(),
-            backend: backend.clone(),
-            hem_name: "EdgeOnly".into(),
-            hem_parameters: String::new(),
             batch: 32,
-            ..Default::default()
+            ..model_config(module)?
         };
         let outcome = run_edge(config, ctx, "cloud-only.jsonl").await?;
         let acc = crate::metrics::accuracy(&outcome.truth, &outcome.predicted)

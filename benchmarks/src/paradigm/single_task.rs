@@ -2,9 +2,8 @@
 //! train, so Ianvs's train step is skipped and `train_index` is not read).
 
 use futures::future::BoxFuture;
-use sedge_inference_worker::edge::EdgeConfig;
 
-use super::{CaseContext, Paradigm, backend_options, batch_size, run_edge};
+use super::{CaseContext, Paradigm, model_config, run_edge};
 use crate::expand::TestCase;
 use crate::metrics::Outcome;
 
@@ -26,16 +25,7 @@ impl Paradigm for SingleTaskLearning {
         ctx: &'a CaseContext,
     ) -> BoxFuture<'a, Result<Outcome, String>> {
         Box::pin(async move {
-            let base = &case.modules["basemodel"];
-            let model = base.url.clone().ok_or("basemodel has no url")?;
-            let config = EdgeConfig {
-                model,
-                backend: backend_options(base)?,
-                hem_name: "EdgeOnly".into(),
-                hem_parameters: String::new(),
-                batch: batch_size(base),
-                ..Default::default()
-            };
+            let config = model_config(&case.modules["basemodel"])?;
             run_edge(config, ctx, "inference.jsonl").await
         })
     }
