@@ -133,10 +133,18 @@ pub fn accuracy_vs_transfer(
         title,
     )?;
     let png = stem.with_extension("png");
+    let (w, h) = (900u32, 600u32);
+    // Drawn into a buffer and encoded with the workspace's `image`, so plotters needs no encoder
+    // (and the build no second `image` version).
+    let mut rgb = vec![0u8; (w * h * 3) as usize];
     draw(
-        BitMapBackend::new(&png, (900, 600)).into_drawing_area(),
+        BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area(),
         points,
         title,
     )?;
+    image::RgbImage::from_raw(w, h, rgb)
+        .ok_or("plot buffer has the wrong size")?
+        .save(&png)
+        .map_err(|e| format!("{}: {e}", png.display()))?;
     Ok(vec![svg, png])
 }

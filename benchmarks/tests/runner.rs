@@ -367,8 +367,24 @@ async fn initial_model_url_is_the_base_model_when_the_module_names_none() {
     let job = job::load(&write_job(dir.path(), "", "", algo)).unwrap();
     let report = runner::run(&job, &opts(1, Some(100))).await.unwrap();
     assert_eq!(report.failures().count(), 0);
-    let acc = |name: &str| report.results.iter().find(|r| r.case.algorithm == name).unwrap().metrics.as_ref().unwrap()[0].unwrap();
+    let acc = |name: &str| {
+        report
+            .results
+            .iter()
+            .find(|r| r.case.algorithm == name)
+            .unwrap()
+            .metrics
+            .as_ref()
+            .unwrap()[0]
+            .unwrap()
+    };
     // The cloud model, not the edge model, ran under algorithm "a".
     assert_ne!(acc("a"), acc("edge"));
-    assert_eq!(std::fs::read_to_string(report.run_dir.join("a/a-01/inference.jsonl")).unwrap().lines().count(), 100);
+    assert_eq!(
+        std::fs::read_to_string(report.run_dir.join("a/a-01/inference.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        100
+    );
 }
