@@ -72,7 +72,6 @@ where
         .draw()
         .map_err(err)?;
     let mut series: Vec<&str> = points.iter().map(|p| p.series.as_str()).collect();
-    series.dedup();
     series.sort();
     series.dedup();
     for (i, name) in series.iter().enumerate() {

@@ -248,10 +248,7 @@ impl EdgeWorker {
                 })?,
             ))),
         };
-        let (rows, cols) = match self.pipeline.config().input.shape.as_slice() {
-            [.., r, c] => (*r, *c),
-            other => (1, other.iter().product()),
-        };
+        let (rows, cols) = self.pipeline.config().input.image_dims();
         let mut store = match &self.config.hard_examples_dir {
             Some(dir) => Some(HardExampleStore::open(dir, rows, cols)?),
             None => None,

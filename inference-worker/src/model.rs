@@ -45,6 +45,18 @@ pub struct InputSpec {
     pub std: f32,
 }
 
+impl InputSpec {
+    /// One sample seen as a greyscale image: (rows, cols) from the last two dimensions, or one row
+    /// for a flat input.
+    pub fn image_dims(&self) -> (usize, usize) {
+        match self.shape.as_slice() {
+            [.., r, c] => (*r, *c),
+            [n] => (1, *n),
+            [] => (0, 0),
+        }
+    }
+}
+
 fn one() -> f32 {
     1.0
 }

@@ -64,11 +64,17 @@ pub enum TensorData {
 }
 
 impl TensorData {
-    fn len(&self) -> usize {
+    /// Number of values.
+    pub fn len(&self) -> usize {
         match self {
             TensorData::U8(v) => v.len(),
             TensorData::F32(v) => v.len(),
         }
+    }
+
+    /// True when there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Decodes little-endian raw bytes (gRPC `raw_input_contents`, the REST binary extension).

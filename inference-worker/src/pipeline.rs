@@ -117,11 +117,7 @@ impl EdgePipeline {
     }
 
     fn decode(&self, sample: Sample) -> (Decision, bool) {
-        let (rows, cols) = match self.config.input.shape.as_slice() {
-            [.., r, c] => (*r, *c),
-            [n] => (1, *n),
-            [] => (0, 0),
-        };
+        let (rows, cols) = self.config.input.image_dims();
         let mut d = Decision {
             id: sample.id,
             truth: sample.label,

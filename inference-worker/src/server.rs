@@ -503,10 +503,7 @@ async fn sedna_predict(State(m): State<Arc<CloudModel>>, body: Bytes) -> Respons
             })?;
             let tensor = TensorData::from_json(DataType::Uint8, data)?;
             let per_sample = m.config.sample_len() as i64;
-            let total = match &tensor {
-                TensorData::U8(v) => v.len() as i64,
-                TensorData::F32(v) => v.len() as i64,
-            };
+            let total = tensor.len() as i64;
             if total == 0 || total % per_sample != 0 {
                 return Err(invalid!(
                     "`data` holds {total} values, not a whole number of {per_sample}-pixel samples"
