@@ -16,6 +16,8 @@ use sedge_inference_worker::report::{self, ReportOptions};
 use sedge_inference_worker::server::{self, CloudModel};
 use sedge_inference_worker::source::Source;
 
+mod apiserver;
+
 #[derive(Parser)]
 #[command(
     name = "sedge",
@@ -42,6 +44,8 @@ enum Command {
     /// Work with data sets.
     #[command(subcommand)]
     Dataset(DatasetCmd),
+    /// Run the embedded Kubernetes-compatible API server (SQLite) and write an admin kubeconfig.
+    Apiserver(apiserver::ApiserverArgs),
 }
 
 #[derive(Args)]
@@ -252,6 +256,7 @@ fn main() -> Result<()> {
             Command::Demo(a) => demo(a).await,
             Command::Bench(a) => bench(a).await,
             Command::Dataset(DatasetCmd::Export(a)) => export(a),
+            Command::Apiserver(a) => apiserver::run(a, shutdown_signal()).await,
         }
     })
 }

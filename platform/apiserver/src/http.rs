@@ -1,0 +1,787 @@
+//! The HTTP surface: URL routing in Kubernetes' shape, content negotiation (JSON, YAML, Table,
+//! PartialObjectMetadata), authentication, and the mapping from verbs to [`crate::ops`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::auth::{Authenticator, Identity, PeerIdentity, is_public};
+use crate::discovery;
+use crate::error::{ApiError, ApiResult};
+use crate::metrics::Metrics;
+use crate::openapi;
+use crate::ops::{self, Core, DeleteOpts, ListOpts, PatchType, WriteCtx};
+use crate::registry::ResourceType;
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::table::{self, IncludeObject};
+use crate::watch::{self, WatchRequest};
+
+/// Shared state of the HTTP layer.
+#[derive(Debug)]
+pub struct App {
+    /// Verbs and storage.
+    pub core: Arc<Core>,
+    /// Bearer tokens.
+    pub auth: Authenticator,
+    /// Body size limit.
+    pub max_body: usize,
+    /// Watch bookmark interval.
+    pub bookmark_interval: Duration,
+    /// Default watch duration.
+    pub watch_timeout: Duration,
+    /// `host:port` reported by `/api`.
+    pub server_address: String,
+    /// Flips to true on shutdown; watches end.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+}
+
+/// The router: every path goes through [`dispatch`].
+pub fn router(app: Arc<App>) -> axum::Router {
+    axum::Router::new().fallback(dispatch).with_state(app)
+}
+
+type Params = HashMap<String, String>;
+
+fn json_response(code: StatusCode, v: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("worker thread failed: {e}")))?
+}
+
+/// Entry point for every request.
+pub async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let params: Params = Query::<Params>::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let peer = parts
+        .extensions
+        .get::<PeerIdentity>()
+        .cloned()
+        .unwrap_or_default();
+    let identity = if is_public(&path) {
+        None
+    } else {
+        match app.auth.authenticate(&parts.headers, &peer) {
+            Ok(Some(id)) => Some(id),
+            Ok(None) | Err(()) => {
+                app.metrics.request(parts.method.as_str(), "", 401);
+                return ApiError::Unauthorized.into_response();
+            }
+        }
+    };
+    let method = parts.method.clone();
+    let started = std::time::Instant::now();
+    let (resource, resp) = match route(
+        &app,
+        &parts.method,
+        &path,
+        &parts.headers,
+        &params,
+        body,
+        identity,
+    )
+    .await
+    {
+        Ok((r, resp)) => (r, resp),
+        Err(e) => (String::new(), e.into_response()),
+    };
+    let code = resp.status().as_u16();
+    app.metrics.request(method.as_str(), &resource, code);
+    tracing::debug!(%method, %path, code, ms = started.elapsed().as_millis() as u64, "request");
+    resp
+}
+
+fn only_get(method: &Method) -> ApiResult<()> {
+    if method == Method::GET || method == Method::HEAD {
+        Ok(())
+    } else {
+        Err(ApiError::MethodNotAllowed(format!(
+            "the server does not allow this method ({method}) on this path"
+        )))
+    }
+}
+
+async fn route(
+    app: &Arc<App>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    params: &Params,
+    body: Body,
+    identity: Option<Identity>,
+) -> ApiResult<(String, Response)> {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let snap = app.core.registry.snapshot();
+    let ok = |v: Value| Ok((String::new(), json_response(StatusCode::OK, &v)));
+    match segs.as_slice() {
+        [] => {
+            only_get(method)?;
+            let mut paths = vec![
+                "/api".to_string(),
+                "/api/v1".into(),
+                "/apis".into(),
+                "/healthz".into(),
+                "/livez".into(),
+                "/metrics".into(),
+                "/openapi/v3".into(),
+                "/readyz".into(),
+                "/version".into(),
+            ];
+            for (g, vs) in snap.groups() {
+                paths.push(format!("/apis/{g}"));
+                paths.extend(vs.iter().map(|v| format!("/apis/{g}/{v}")));
+            }
+            paths.sort();
+            ok(json!({"paths": paths}))
+        }
+        ["version"] => {
+            only_get(method)?;
+            ok(discovery::version())
+        }
+        ["healthz"] | ["livez"] | ["readyz"] => {
+            only_get(method)?;
+            if *app.shutdown.borrow() && segs[0] == "readyz" {
+                return Err(ApiError::Unavailable("shutting down".into()));
+            }
+            Ok((String::new(), (StatusCode::OK, "ok").into_response()))
+        }
+        ["metrics"] => {
+            only_get(method)?;
+            let text = app.metrics.render(app.core.store.current_rev());
+            Ok((
+                String::new(),
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+                    .into_response(),
+            ))
+        }
+        ["openapi", "v2"] => {
+            only_get(method)?;
+            if accept(headers).contains("protobuf") {
+                let body = openapi::v2_protobuf();
+                return Ok((
+                    String::new(),
+                    ([(header::CONTENT_TYPE, openapi::V2_PROTOBUF)], body).into_response(),
+                ));
+            }
+            ok(openapi::v2_json())
+        }
+        ["openapi", "v3"] => {
+            only_get(method)?;
+            ok(openapi::root(&snap))
+        }
+        ["openapi", "v3", rest @ ..] => {
+            only_get(method)?;
+            let gv = rest.join("/");
+            openapi::group_version(&snap, &gv)
+                .map(|d| (String::new(), json_response(StatusCode::OK, &d)))
+                .ok_or(ApiError::NoRoute)
+        }
+        ["api"] => {
+            only_get(method)?;
+            ok(discovery::core_versions(&app.server_address))
+        }
+        ["api", "v1"] => {
+            only_get(method)?;
+            ok(discovery::resources(&snap, "", "v1").ok_or(ApiError::NoRoute)?)
+        }
+        ["api", "v1", rest @ ..] => {
+            resource(app, method, headers, params, body, "", "v1", rest, identity).await
+        }
+        ["apis"] => {
+            only_get(method)?;
+            ok(discovery::groups(&snap))
+        }
+        ["apis", g] => {
+            only_get(method)?;
+            ok(discovery::group(&snap, g).ok_or(ApiError::NoRoute)?)
+        }
+        ["apis", g, v] => {
+            only_get(method)?;
+            ok(discovery::resources(&snap, g, v).ok_or(ApiError::NoRoute)?)
+        }
+        ["apis", g, v, rest @ ..] => {
+            resource(app, method, headers, params, body, g, v, rest, identity).await
+        }
+        _ => Err(ApiError::NoRoute),
+    }
+}
+
+/// A parsed resource URL.
+struct Target {
+    rt: Arc<ResourceType>,
+    version: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+    watch_path: bool,
+}
+
+fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResult<Target> {
+    let snap = app.core.registry.snapshot();
+    let mut segs = rest;
+    let mut watch_path = false;
+    if segs.first() == Some(&"watch") {
+        watch_path = true;
+        segs = &segs[1..];
+    }
+    let lookup = |plural: &str| snap.get(group, version, plural);
+    let (rt, namespace, name, sub) = match segs {
+        ["namespaces", ns, plural, tail @ ..] if lookup(plural).is_some_and(|t| t.namespaced) => {
+            let rt = lookup(plural).expect("checked");
+            match tail {
+                [] => (rt, Some(ns.to_string()), None, None),
+                [name] => (rt, Some(ns.to_string()), Some(name.to_string()), None),
+                [name, sub] => (
+                    rt,
+                    Some(ns.to_string()),
+                    Some(name.to_string()),
+                    Some(sub.to_string()),
+                ),
+                _ => return Err(ApiError::NoRoute),
+            }
+        }
+        [plural, tail @ ..] => {
+            let rt = lookup(plural).ok_or(ApiError::NoRoute)?;
+            match tail {
+                [] => (rt, None, None, None),
+                [name] if !rt.namespaced => (rt, None, Some(name.to_string()), None),
+                [name, sub] if !rt.namespaced => {
+                    (rt, None, Some(name.to_string()), Some(sub.to_string()))
+                }
+                _ => return Err(ApiError::NoRoute),
+            }
+        }
+        [] => return Err(ApiError::NoRoute),
+    };
+    if let Some(s) = &sub
+        && !(s == "status" && rt.status_subresource)
+    {
+        return Err(ApiError::NoRoute);
+    }
+    if let Some(n) = &name
+        && n.is_empty()
+    {
+        return Err(ApiError::NoRoute);
+    }
+    Ok(Target {
+        rt,
+        version: version.to_string(),
+        namespace,
+        name,
+        sub,
+        watch_path,
+    })
+}
+
+async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> ApiResult<Bytes> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && len > max
+    {
+        return Err(ApiError::TooLarge {
+            size: len,
+            limit: max,
+        });
+    }
+    axum::body::to_bytes(body, max)
+        .await
+        .map_err(|_| ApiError::TooLarge {
+            size: max + 1,
+            limit: max,
+        })
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_ascii_lowercase()
+}
+
+fn parse_body(headers: &HeaderMap, bytes: &[u8]) -> ApiResult<Value> {
+    let ct = content_type(headers);
+    if ct.contains("protobuf") {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "the body of the request was in an unknown format ({ct}) - accepted media types include: application/json, application/yaml"
+        )));
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    if ct.contains("yaml") {
+        serde_yaml::from_slice::<Value>(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}")))
+    } else {
+        serde_json::from_slice::<Value>(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+    }
+}
+
+fn accept(headers: &HeaderMap) -> String {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// `Some(include)` when the client asked for a Table.
+fn table_requested(headers: &HeaderMap, params: &Params) -> ApiResult<Option<IncludeObject>> {
+    let a = accept(headers);
+    let wants = a
+        .split(',')
+        .any(|part| part.contains("as=Table") && part.contains("g=meta.k8s.io"));
+    if !wants {
+        return Ok(None);
+    }
+    IncludeObject::parse(params.get("includeObject").map(String::as_str))
+        .map(Some)
+        .map_err(ApiError::BadRequest)
+}
+
+fn partial_requested(headers: &HeaderMap) -> bool {
+    accept(headers)
+        .split(',')
+        .any(|p| p.contains("as=PartialObjectMetadata"))
+}
+
+fn partial(obj: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
+}
+
+fn check_acceptable(headers: &HeaderMap) -> ApiResult<()> {
+    let a = accept(headers);
+    if a.is_empty() {
+        return Ok(());
+    }
+    let ok = a.split(',').any(|p| {
+        let p = p.trim();
+        p.starts_with("application/json")
+            || p.starts_with("*/*")
+            || p.starts_with("application/*")
+            || p.starts_with("application/yaml")
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::NotAcceptable(format!(
+            "only the following media types are accepted: application/json, application/yaml (asked for {a})"
+        )))
+    }
+}
+
+fn flag(params: &Params, k: &str) -> bool {
+    matches!(params.get(k).map(String::as_str), Some("true") | Some("1"))
+}
+
+fn list_opts(rt: &ResourceType, params: &Params) -> ApiResult<ListOpts> {
+    let labels = match params.get("labelSelector").filter(|s| !s.is_empty()) {
+        Some(s) => Some(LabelSelector::parse(s).map_err(ApiError::BadRequest)?),
+        None => None,
+    };
+    let fields = match params.get("fieldSelector").filter(|s| !s.is_empty()) {
+        Some(s) => {
+            Some(FieldSelector::parse(s, |f| rt.selectable(f)).map_err(ApiError::BadRequest)?)
+        }
+        None => None,
+    };
+    let limit = match params.get("limit").filter(|s| !s.is_empty()) {
+        Some(l) => Some(l.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("limit: {l:?} is not a non-negative integer"))
+        })?),
+        None => None,
+    };
+    Ok(ListOpts {
+        labels,
+        fields,
+        limit,
+        continue_token: params.get("continue").cloned(),
+        resource_version: params.get("resourceVersion").cloned(),
+        resource_version_match: params.get("resourceVersionMatch").cloned(),
+    })
+}
+
+fn write_ctx(
+    headers: &HeaderMap,
+    params: &Params,
+    identity: &Option<Identity>,
+) -> ApiResult<WriteCtx> {
+    let dry_run = match params.get("dryRun").map(String::as_str) {
+        None | Some("") => false,
+        Some("All") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "dryRun: unsupported value {other:?}; use All"
+            )));
+        }
+    };
+    let manager = match params.get("fieldManager").filter(|m| !m.is_empty()) {
+        Some(m) => {
+            if m.len() > 128 {
+                return Err(ApiError::bad_request(
+                    "fieldManager: must be at most 128 characters",
+                ));
+            }
+            m.clone()
+        }
+        None => headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ua| ua.split('/').next())
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .or_else(|| identity.as_ref().map(|i| i.user.clone()))
+            .unwrap_or_else(|| "unknown".into()),
+    };
+    let strict = match params.get("fieldValidation").map(String::as_str) {
+        None | Some("") | Some("Ignore") | Some("Warn") => false,
+        Some("Strict") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "fieldValidation: unsupported value {other:?}; use Ignore, Warn or Strict"
+            )));
+        }
+    };
+    Ok(WriteCtx {
+        manager,
+        dry_run,
+        strict,
+    })
+}
+
+fn present_one(
+    rt: &ResourceType,
+    obj: Value,
+    headers: &HeaderMap,
+    params: &Params,
+) -> ApiResult<Value> {
+    if let Some(include) = table_requested(headers, params)? {
+        let rv = obj["metadata"]["resourceVersion"].clone();
+        return Ok(table::render(
+            rt,
+            &[obj],
+            json!({"resourceVersion": rv}),
+            include,
+            true,
+        ));
+    }
+    if partial_requested(headers) {
+        return Ok(partial(&obj));
+    }
+    Ok(obj)
+}
+
+fn delete_opts(params: &Params, body: Option<&Value>) -> ApiResult<DeleteOpts> {
+    let mut o = DeleteOpts::default();
+    if let Some(b) = body {
+        if !b.is_object() {
+            return Err(ApiError::bad_request("DeleteOptions must be a JSON object"));
+        }
+        o.propagation = b["propagationPolicy"].as_str().map(String::from);
+        o.grace_seconds = b["gracePeriodSeconds"].as_i64();
+        o.uid = b["preconditions"]["uid"].as_str().map(String::from);
+        o.resource_version = b["preconditions"]["resourceVersion"]
+            .as_str()
+            .map(String::from);
+        o.dry_run = b["dryRun"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "All"));
+        if b["orphanDependents"] == true && o.propagation.is_none() {
+            o.propagation = Some("Orphan".into());
+        }
+    }
+    if let Some(p) = params.get("propagationPolicy").filter(|p| !p.is_empty()) {
+        o.propagation = Some(p.clone());
+    }
+    if let Some(g) = params.get("gracePeriodSeconds").filter(|g| !g.is_empty()) {
+        o.grace_seconds = Some(g.parse().map_err(|_| {
+            ApiError::bad_request(format!("gracePeriodSeconds: {g:?} is not an integer"))
+        })?);
+    }
+    if params.get("dryRun").is_some_and(|d| d == "All") {
+        o.dry_run = true;
+    }
+    if flag(params, "orphanDependents") && o.propagation.is_none() {
+        o.propagation = Some("Orphan".into());
+    }
+    Ok(o)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn resource(
+    app: &Arc<App>,
+    method: &Method,
+    headers: &HeaderMap,
+    params: &Params,
+    body: Body,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+    identity: Option<Identity>,
+) -> ApiResult<(String, Response)> {
+    let t = parse_target(app, group, version, rest)?;
+    let label = t.rt.qualified();
+    check_acceptable(headers)?;
+    let core = app.core.clone();
+    let rt = t.rt.clone();
+    let version = t.version.clone();
+    let ns = t.namespace.clone();
+    let sub = t.sub.clone();
+    let is_watch = t.watch_path || flag(params, "watch");
+    let resp = match (method.clone(), t.name.clone()) {
+        (Method::GET, _) if is_watch => {
+            let mut opts = list_opts(&rt, params)?;
+            if let Some(n) = &t.name {
+                let by_name = FieldSelector::parse(&format!("metadata.name={n}"), |_| true)
+                    .map_err(ApiError::BadRequest)?;
+                let mut f = opts.fields.take().unwrap_or_default();
+                f.0.extend(by_name.0);
+                opts.fields = Some(f);
+            }
+            let resource_version = match params.get("resourceVersion").filter(|s| !s.is_empty()) {
+                Some(rv) => Some(ops::parse_rv(rv)?),
+                None => None,
+            };
+            let timeout = match params.get("timeoutSeconds").filter(|s| !s.is_empty()) {
+                Some(s) => Duration::from_secs(s.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "timeoutSeconds: {s:?} is not a non-negative integer"
+                    ))
+                })?),
+                None => app.watch_timeout,
+            };
+            let req = WatchRequest {
+                rt: rt.clone(),
+                version: version.clone(),
+                namespace: ns.clone(),
+                opts,
+                resource_version,
+                send_initial_events: flag(params, "sendInitialEvents"),
+                bookmarks: flag(params, "allowWatchBookmarks"),
+                bookmark_interval: app.bookmark_interval,
+                timeout,
+                table: table_requested(headers, params)?,
+            };
+            app.metrics.watchers.inc();
+            let metrics = app.metrics.clone();
+            watch::start(core, req, app.shutdown.clone(), move || {
+                metrics.watchers.dec();
+            })?
+        }
+        (Method::GET, Some(name)) => {
+            let obj =
+                blocking(move || ops::get(&core, &rt, &version, ns.as_deref(), &name)).await?;
+            json_response(StatusCode::OK, &present_one(&t.rt, obj, headers, params)?)
+        }
+        (Method::GET, None) => {
+            let opts = list_opts(&rt, params)?;
+            let (rt2, v2) = (rt.clone(), version.clone());
+            let listed =
+                blocking(move || ops::list(&core, &rt2, &v2, ns.as_deref(), &opts)).await?;
+            if let Some(include) = table_requested(headers, params)? {
+                let mut meta = json!({"resourceVersion": listed.rev.to_string()});
+                if let Some(c) = &listed.continue_token {
+                    meta["continue"] = json!(c);
+                }
+                json_response(
+                    StatusCode::OK,
+                    &table::render(&rt, &listed.items, meta, include, true),
+                )
+            } else if partial_requested(headers) {
+                let items: Vec<Value> = listed.items.iter().map(partial).collect();
+                let mut meta = json!({"resourceVersion": listed.rev.to_string()});
+                if let Some(c) = &listed.continue_token {
+                    meta["continue"] = json!(c);
+                }
+                json_response(
+                    StatusCode::OK,
+                    &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "items": items}),
+                )
+            } else {
+                json_response(StatusCode::OK, &ops::list_body(&rt, &version, listed))
+            }
+        }
+        (Method::POST, None) => {
+            let bytes = read_body(headers, body, app.max_body).await?;
+            let obj = parse_body(headers, &bytes)?;
+            let ctx = write_ctx(headers, params, &identity)?;
+            let created =
+                blocking(move || ops::create(&core, &rt, &version, ns.as_deref(), obj, &ctx))
+                    .await?;
+            json_response(StatusCode::CREATED, &created)
+        }
+        (Method::PUT, Some(name)) => {
+            let bytes = read_body(headers, body, app.max_body).await?;
+            let obj = parse_body(headers, &bytes)?;
+            let ctx = write_ctx(headers, params, &identity)?;
+            let updated = blocking(move || {
+                ops::update(
+                    &core,
+                    &rt,
+                    &version,
+                    ns.as_deref(),
+                    &name,
+                    obj,
+                    sub.as_deref(),
+                    &ctx,
+                )
+            })
+            .await?;
+            json_response(StatusCode::OK, &updated)
+        }
+        (Method::PATCH, Some(name)) => {
+            let ct = content_type(headers);
+            let kind = if ct.starts_with("application/merge-patch+json") {
+                PatchType::Merge
+            } else if ct.starts_with("application/json-patch+json") {
+                PatchType::Json
+            } else if ct.starts_with("application/strategic-merge-patch+json") {
+                PatchType::Strategic
+            } else if ct.starts_with("application/apply-patch") {
+                PatchType::Apply {
+                    force: flag(params, "force"),
+                }
+            } else {
+                return Err(ApiError::UnsupportedMediaType(format!(
+                    "the body of the request was in an unknown format ({ct}) - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json"
+                )));
+            };
+            if matches!(kind, PatchType::Apply { .. })
+                && params.get("fieldManager").is_none_or(|m| m.is_empty())
+            {
+                return Err(ApiError::bad_request(
+                    "PATCH: fieldManager is required for apply requests",
+                ));
+            }
+            let bytes = read_body(headers, body, app.max_body).await?;
+            let patch = if matches!(kind, PatchType::Apply { .. }) {
+                serde_yaml::from_slice::<Value>(&bytes).map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "the apply configuration is not valid YAML or JSON: {e}"
+                    ))
+                })?
+            } else {
+                serde_json::from_slice::<Value>(&bytes).map_err(|e| {
+                    ApiError::bad_request(format!("the patch is not valid JSON: {e}"))
+                })?
+            };
+            let ctx = write_ctx(headers, params, &identity)?;
+            let (obj, created) = blocking(move || {
+                ops::patch(
+                    &core,
+                    &rt,
+                    &version,
+                    ns.as_deref(),
+                    &name,
+                    kind,
+                    patch,
+                    sub.as_deref(),
+                    &ctx,
+                )
+            })
+            .await?;
+            json_response(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &obj,
+            )
+        }
+        (Method::DELETE, Some(name)) => {
+            if sub.is_some() {
+                return Err(ApiError::MethodNotAllowed(
+                    "the status subresource cannot be deleted".into(),
+                ));
+            }
+            let bytes = read_body(headers, body, app.max_body).await?;
+            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                Some(parse_body(headers, &bytes)?)
+            };
+            let opts = delete_opts(params, body.as_ref())?;
+            let (obj, gone) =
+                blocking(move || ops::delete(&core, &rt, &version, ns.as_deref(), &name, &opts))
+                    .await?;
+            json_response(
+                if gone {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                },
+                &obj,
+            )
+        }
+        (Method::DELETE, None) => {
+            let bytes = read_body(headers, body, app.max_body).await?;
+            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                Some(parse_body(headers, &bytes)?)
+            };
+            let opts = delete_opts(params, body.as_ref())?;
+            let lopts = list_opts(&rt, params)?;
+            let (rt2, v2) = (rt.clone(), version.clone());
+            let deleted = blocking(move || {
+                let listed = ops::list(&core, &rt2, &v2, ns.as_deref(), &lopts)?;
+                let mut out = Vec::new();
+                for obj in listed.items {
+                    let ons = obj["metadata"]["namespace"].as_str().map(String::from);
+                    let name = obj["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    match ops::delete(&core, &rt2, &v2, ons.as_deref(), &name, &opts) {
+                        Ok((o, _)) => out.push(o),
+                        Err(ApiError::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+            json_response(
+                StatusCode::OK,
+                &json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(&version), "metadata": {}, "items": deleted}),
+            )
+        }
+        (m, _) => {
+            return Err(ApiError::MethodNotAllowed(format!(
+                "the server does not allow this method ({m}) on the requested resource"
+            )));
+        }
+    };
+    Ok((label, resp))
+}

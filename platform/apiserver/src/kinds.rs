@@ -1,0 +1,441 @@
+//! Defaults and validation for the built-in kinds the platform relies on (the subset of
+//! kube-apiserver's strategies that clients notice), and the CRD status the server maintains.
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+use crate::error::Cause;
+use crate::registry::{ResourceType, crd_to_type};
+use crate::selector::LabelSelector;
+use crate::validate;
+
+fn set_default(obj: &mut Value, key: &str, v: Value) {
+    if let Some(m) = obj.as_object_mut()
+        && m.get(key).is_none_or(Value::is_null)
+    {
+        m.insert(key.to_string(), v);
+    }
+}
+
+/// Fills defaults the way kube-apiserver does on create and update.
+pub fn apply_defaults(rt: &ResourceType, obj: &mut Value, rev: i64) {
+    match (rt.group.as_str(), rt.kind.as_str()) {
+        ("", "Pod") => default_pod_spec(&mut obj["spec"]),
+        ("apps", "Deployment") => {
+            let spec = &mut obj["spec"];
+            set_default(spec, "replicas", json!(1));
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(spec, "progressDeadlineSeconds", json!(600));
+            set_default(
+                spec,
+                "strategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}),
+            );
+            if spec["template"]["spec"].is_object() {
+                default_pod_spec(&mut spec["template"]["spec"]);
+            }
+        }
+        ("", "Service") => {
+            let spec = &mut obj["spec"];
+            if !spec.is_object() {
+                *spec = json!({});
+            }
+            set_default(spec, "type", json!("ClusterIP"));
+            set_default(spec, "sessionAffinity", json!("None"));
+            if spec["type"] != "ExternalName" {
+                // Derived from the revision of the create: unique for the first million services.
+                let n = rev.rem_euclid(1 << 20);
+                let ip = format!("10.{}.{}.{}", 96 + (n >> 16), (n >> 8) & 255, n & 255);
+                set_default(spec, "clusterIP", json!(ip));
+                let ip = spec["clusterIP"].clone();
+                set_default(spec, "clusterIPs", json!([ip]));
+            }
+            if let Some(ports) = spec["ports"].as_array_mut() {
+                for p in ports {
+                    set_default(p, "protocol", json!("TCP"));
+                    let port = p["port"].clone();
+                    set_default(p, "targetPort", port);
+                }
+            }
+        }
+        ("", "Secret") => {
+            set_default(obj, "type", json!("Opaque"));
+            if let Some(Value::Object(string_data)) =
+                obj.as_object_mut().and_then(|m| m.remove("stringData"))
+            {
+                set_default(obj, "data", json!({}));
+                for (k, v) in string_data {
+                    let enc = base64::engine::general_purpose::STANDARD
+                        .encode(v.as_str().unwrap_or_default());
+                    obj["data"][k] = json!(enc);
+                }
+            }
+        }
+        ("", "Namespace") => {
+            set_default(obj, "spec", json!({"finalizers": ["kubernetes"]}));
+            if obj["status"]["phase"].is_null() {
+                obj["status"] = json!({"phase": "Active"});
+            }
+        }
+        _ => {}
+    }
+}
+
+fn default_pod_spec(spec: &mut Value) {
+    if !spec.is_object() {
+        return;
+    }
+    set_default(spec, "restartPolicy", json!("Always"));
+    set_default(spec, "dnsPolicy", json!("ClusterFirst"));
+    set_default(spec, "schedulerName", json!("default-scheduler"));
+    set_default(spec, "terminationGracePeriodSeconds", json!(30));
+    set_default(spec, "securityContext", json!({}));
+    for list in ["initContainers", "containers"] {
+        if let Some(cs) = spec[list].as_array_mut() {
+            for c in cs {
+                let latest = c["image"]
+                    .as_str()
+                    .is_some_and(|i| !i.contains(':') || i.ends_with(":latest"));
+                set_default(
+                    c,
+                    "imagePullPolicy",
+                    json!(if latest { "Always" } else { "IfNotPresent" }),
+                );
+                set_default(c, "terminationMessagePath", json!("/dev/termination-log"));
+                set_default(c, "terminationMessagePolicy", json!("File"));
+                set_default(c, "resources", json!({}));
+                if let Some(ports) = c["ports"].as_array_mut() {
+                    for p in ports {
+                        set_default(p, "protocol", json!("TCP"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
+    if !spec.is_object() {
+        causes.push(Cause::required(path));
+        return;
+    }
+    match spec["containers"].as_array() {
+        Some(cs) if !cs.is_empty() => {
+            let mut seen = Vec::new();
+            for (i, c) in cs.iter().enumerate() {
+                let p = format!("{path}.containers[{i}]");
+                match c["name"].as_str() {
+                    None | Some("") => causes.push(Cause::required(format!("{p}.name"))),
+                    Some(n) => {
+                        if let Err(e) = validate::dns_label(n) {
+                            causes.push(Cause::invalid(format!("{p}.name"), &c["name"], e));
+                        }
+                        if seen.contains(&n) {
+                            causes.push(Cause {
+                                reason: "FieldValueDuplicate",
+                                field: format!("{p}.name"),
+                                message: format!("Duplicate value: {n:?}"),
+                            });
+                        }
+                        seen.push(n);
+                    }
+                }
+                if c["image"].as_str().is_none_or(str::is_empty) {
+                    causes.push(Cause::required(format!("{p}.image")));
+                }
+            }
+        }
+        _ => causes.push(Cause::required(format!("{path}.containers"))),
+    }
+    let rp = &spec["restartPolicy"];
+    let allowed = [json!("Always"), json!("OnFailure"), json!("Never")];
+    if !rp.is_null() && !allowed.contains(rp) {
+        causes.push(Cause::not_supported(
+            format!("{path}.restartPolicy"),
+            rp,
+            &allowed,
+        ));
+    }
+}
+
+/// Kind-specific validation of an object about to be stored; `old` is the stored object on update.
+pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    match (rt.group.as_str(), rt.kind.as_str()) {
+        ("", "Pod") => {
+            pod_spec(&obj["spec"], "spec", &mut causes);
+            if let Some(old) = old {
+                // Like Kubernetes: a pod's containers and node binding are immutable once set,
+                // except for images.
+                let strip = |s: &Value| {
+                    let mut s = s.clone();
+                    if let Some(cs) = s["containers"].as_array_mut() {
+                        for c in cs {
+                            if let Some(m) = c.as_object_mut() {
+                                m.remove("image");
+                            }
+                        }
+                    }
+                    for k in [
+                        "activeDeadlineSeconds",
+                        "tolerations",
+                        "terminationGracePeriodSeconds",
+                    ] {
+                        if let Some(m) = s.as_object_mut() {
+                            m.remove(k);
+                        }
+                    }
+                    s
+                };
+                let old_node = old["spec"]["nodeName"].as_str().unwrap_or_default();
+                let mut a = strip(&old["spec"]);
+                let mut b = strip(&obj["spec"]);
+                if old_node.is_empty() {
+                    // Binding a pending pod to a node is allowed.
+                    if let Some(m) = a.as_object_mut() {
+                        m.remove("nodeName");
+                    }
+                    if let Some(m) = b.as_object_mut() {
+                        m.remove("nodeName");
+                    }
+                }
+                if a != b {
+                    causes.push(Cause::forbidden(
+                        "spec",
+                        "pod updates may not change fields other than `spec.containers[*].image`, `spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, `spec.tolerations` (only additions to existing tolerations) or `spec.terminationGracePeriodSeconds`",
+                    ));
+                }
+            }
+        }
+        ("apps", "Deployment") => {
+            let spec = &obj["spec"];
+            match LabelSelector::from_object(&spec["selector"]) {
+                Ok(sel) if !sel.0.is_empty() => {
+                    let tmpl =
+                        json!({"metadata": {"labels": spec["template"]["metadata"]["labels"]}});
+                    if !sel.matches(&tmpl) {
+                        causes.push(Cause::invalid(
+                            "spec.template.metadata.labels",
+                            &spec["template"]["metadata"]["labels"],
+                            "`selector` does not match template `labels`",
+                        ));
+                    }
+                }
+                Ok(_) => causes.push(Cause::required("spec.selector")),
+                Err(e) => causes.push(Cause::invalid("spec.selector", &spec["selector"], e)),
+            }
+            if let Some(r) = spec["replicas"].as_i64()
+                && r < 0
+            {
+                causes.push(Cause::invalid(
+                    "spec.replicas",
+                    &spec["replicas"],
+                    "must be greater than or equal to 0",
+                ));
+            }
+            pod_spec(&spec["template"]["spec"], "spec.template.spec", &mut causes);
+            if let Some(old) = old
+                && old["spec"]["selector"] != spec["selector"]
+            {
+                causes.push(Cause::invalid(
+                    "spec.selector",
+                    &spec["selector"],
+                    "field is immutable",
+                ));
+            }
+        }
+        ("", "Service") => {
+            if let Some(ports) = obj["spec"]["ports"].as_array() {
+                for (i, p) in ports.iter().enumerate() {
+                    match p["port"].as_i64() {
+                        Some(1..=65535) => {}
+                        Some(_) => causes.push(Cause::invalid(
+                            format!("spec.ports[{i}].port"),
+                            &p["port"],
+                            "must be between 1 and 65535, inclusive",
+                        )),
+                        None => causes.push(Cause::required(format!("spec.ports[{i}].port"))),
+                    }
+                }
+            }
+        }
+        ("", "Secret") => {
+            if let Some(data) = obj["data"].as_object() {
+                for (k, v) in data {
+                    let ok = v.as_str().is_some_and(|s| {
+                        base64::engine::general_purpose::STANDARD.decode(s).is_ok()
+                    });
+                    if !ok {
+                        causes.push(Cause::invalid(
+                            format!("data[{k}]"),
+                            v,
+                            "must be base64-encoded",
+                        ));
+                    }
+                }
+            }
+        }
+        ("", "ConfigMap") => {
+            for field in ["data", "binaryData"] {
+                if let Some(data) = obj[field].as_object() {
+                    for k in data.keys() {
+                        let ok = !k.is_empty()
+                            && k.len() <= 253
+                            && k.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                        if !ok {
+                            causes.push(Cause::invalid(
+                                format!("{field}[{k}]"),
+                                &json!(k),
+                                "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            if let Err(mut c) = crd_to_type(obj) {
+                causes.append(&mut c);
+            }
+            if let Some(old) = old {
+                for f in ["group", "scope"] {
+                    if old["spec"][f] != obj["spec"][f] {
+                        causes.push(Cause::invalid(
+                            format!("spec.{f}"),
+                            &obj["spec"][f],
+                            "field is immutable",
+                        ));
+                    }
+                }
+                if old["spec"]["names"]["plural"] != obj["spec"]["names"]["plural"] {
+                    causes.push(Cause::invalid(
+                        "spec.names.plural",
+                        &obj["spec"]["names"]["plural"],
+                        "field is immutable",
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    causes
+}
+
+/// The status the server keeps on a CRD: accepted names, Established, stored versions.
+pub fn crd_status(crd: &mut Value, now: &str) {
+    let names = &crd["spec"]["names"];
+    let kind = names["kind"].as_str().unwrap_or_default();
+    let mut accepted = names.clone();
+    set_default(&mut accepted, "listKind", json!(format!("{kind}List")));
+    set_default(&mut accepted, "singular", json!(kind.to_lowercase()));
+    let storage: Vec<Value> = crd["spec"]["versions"]
+        .as_array()
+        .map(|vs| {
+            vs.iter()
+                .filter(|v| v["storage"] == true)
+                .map(|v| v["name"].clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut stored = crd["status"]["storedVersions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for s in storage {
+        if !stored.contains(&s) {
+            stored.push(s);
+        }
+    }
+    let cond = |t: &str, reason: &str, msg: &str| json!({"type": t, "status": "True", "lastTransitionTime": now, "reason": reason, "message": msg});
+    let existing_time = |t: &str| {
+        crd["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == t))
+            .map(|c| c["lastTransitionTime"].clone())
+    };
+    let mut names_accepted = cond("NamesAccepted", "NoConflicts", "no conflicts found");
+    let mut established = cond(
+        "Established",
+        "InitialNamesAccepted",
+        "the initial names have been accepted",
+    );
+    if let Some(t) = existing_time("NamesAccepted") {
+        names_accepted["lastTransitionTime"] = t;
+    }
+    if let Some(t) = existing_time("Established") {
+        established["lastTransitionTime"] = t;
+    }
+    crd["status"] = json!({
+        "acceptedNames": accepted,
+        "conditions": [names_accepted, established],
+        "storedVersions": stored,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+
+    fn rt(group: &str, plural: &str) -> std::sync::Arc<ResourceType> {
+        Registry::default()
+            .snapshot()
+            .get(group, "v1", plural)
+            .unwrap()
+    }
+
+    #[test]
+    fn pod_defaults_and_validation() {
+        let pods = rt("", "pods");
+        let mut p = json!({"spec": {"containers": [{"name": "c", "image": "sedge/worker"}]}});
+        apply_defaults(&pods, &mut p, 1);
+        assert_eq!(p["spec"]["restartPolicy"], "Always");
+        assert_eq!(p["spec"]["containers"][0]["imagePullPolicy"], "Always");
+        assert!(validate(&pods, &p, None).is_empty());
+        let bad = json!({"spec": {"containers": [{"name": "C_1"}, {"name": "C_1", "image": "x"}], "restartPolicy": "Sometimes"}});
+        let fields: Vec<String> = validate(&pods, &bad, None)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.containers[0].name",
+                "spec.containers[0].image",
+                "spec.containers[1].name",
+                "spec.containers[1].name",
+                "spec.restartPolicy"
+            ]
+        );
+        let mut moved = p.clone();
+        moved["spec"]["nodeName"] = json!("edge-1");
+        assert!(
+            validate(&pods, &moved, Some(&p)).is_empty(),
+            "binding is allowed"
+        );
+        let mut moved_again = moved.clone();
+        moved_again["spec"]["nodeName"] = json!("edge-2");
+        assert_eq!(validate(&pods, &moved_again, Some(&moved)).len(), 1);
+    }
+
+    #[test]
+    fn deployment_selector_must_match_template() {
+        let d = rt("apps", "deployments");
+        let dep = json!({"spec": {"selector": {"matchLabels": {"app": "a"}},
+            "template": {"metadata": {"labels": {"app": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+        let causes = validate(&d, &dep, None);
+        assert_eq!(causes[0].field, "spec.template.metadata.labels");
+    }
+
+    #[test]
+    fn secret_string_data_is_encoded() {
+        let s = rt("", "secrets");
+        let mut sec = json!({"stringData": {"token": "abc"}});
+        apply_defaults(&s, &mut sec, 1);
+        assert_eq!(sec["data"]["token"], "YWJj");
+        assert_eq!(sec["type"], "Opaque");
+        assert!(sec.get("stringData").is_none());
+        assert!(validate(&s, &json!({"data": {"k": "not base64!"}}), None)[0].field == "data[k]");
+    }
+}

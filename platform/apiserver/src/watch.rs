@@ -1,0 +1,300 @@
+//! Watch streams: newline-delimited JSON events from a resourceVersion, with no gaps and no
+//! duplicates.
+//!
+//! A watcher subscribes to the store's broadcast *before* reading anything, then replays from the
+//! history table, then follows the broadcast, skipping revisions it has already sent. A watcher
+//! that falls behind the broadcast buffer re-reads the history; one whose position has been
+//! compacted away gets an `ERROR` event carrying `410 Expired`, as kube-apiserver sends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::error::{ApiError, ApiResult};
+use crate::ops::{self, Core, ListOpts};
+use crate::registry::ResourceType;
+use crate::store::{Event, EventType, StoreError};
+use crate::table::{self, IncludeObject};
+
+/// Everything a watch request asked for.
+#[derive(Debug, Clone)]
+pub struct WatchRequest {
+    /// The resource.
+    pub rt: Arc<ResourceType>,
+    /// Version to present objects in.
+    pub version: String,
+    /// Namespace, or all.
+    pub namespace: Option<String>,
+    /// Selectors.
+    pub opts: ListOpts,
+    /// Start after this revision; `None` (or "0") starts with the current state as ADDED events.
+    pub resource_version: Option<i64>,
+    /// `sendInitialEvents=true`: initial state, then a BOOKMARK marking its end.
+    pub send_initial_events: bool,
+    /// Send BOOKMARK events.
+    pub bookmarks: bool,
+    /// Interval between bookmarks.
+    pub bookmark_interval: Duration,
+    /// End the stream after this long.
+    pub timeout: Duration,
+    /// Render objects as Table rows (`kubectl get -w`).
+    pub table: Option<IncludeObject>,
+}
+
+const REPLAY_BATCH: usize = 1000;
+const CHANNEL_BOUND: usize = 256;
+
+/// Starts a watch; the response streams until timeout, shutdown or client disconnect.
+pub fn start(
+    core: Arc<Core>,
+    req: WatchRequest,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    on_end: impl FnOnce() + Send + 'static,
+) -> ApiResult<Response> {
+    if let Some(rv) = req.resource_version
+        && rv < core.store.compacted_rev()
+        && !req.send_initial_events
+    {
+        // Still a 200 with an ERROR event, as clients expect from a watch.
+        let status = ApiError::Expired(format!(
+            "too old resource version: {rv} ({})",
+            core.store.compacted_rev()
+        ))
+        .status();
+        let line =
+            serde_json::to_vec(&json!({"type": "ERROR", "object": status})).unwrap_or_default();
+        on_end();
+        return Ok(stream_response(Body::from([line, b"\n".to_vec()].concat())));
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL_BOUND);
+    let broadcast = core.store.subscribe();
+    tokio::spawn(async move {
+        let mut w = Watcher {
+            core,
+            req,
+            tx,
+            sent_header: false,
+        };
+        let result = tokio::select! {
+            r = w.run(broadcast) => r,
+            _ = shutdown.changed() => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "watch ended with an error");
+        }
+        on_end();
+    });
+    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
+    Ok(stream_response(body))
+}
+
+fn stream_response(body: Body) -> Response {
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("cache-control", "no-cache, private")
+        .body(body)
+        .expect("static headers")
+}
+
+struct Watcher {
+    core: Arc<Core>,
+    req: WatchRequest,
+    tx: mpsc::Sender<Bytes>,
+    sent_header: bool,
+}
+
+#[derive(Debug)]
+enum Stop {
+    ClientGone,
+    Store(StoreError),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::ClientGone => write!(f, "client went away"),
+            Stop::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl Watcher {
+    fn present(&mut self, obj: &Value) -> Value {
+        let obj = ops::present(&self.req.rt, &self.req.version, obj.clone());
+        match self.req.table {
+            None => obj,
+            Some(include) => {
+                let rv = obj["metadata"]["resourceVersion"].clone();
+                let headers = !self.sent_header;
+                self.sent_header = true;
+                table::render(
+                    &self.req.rt,
+                    &[obj],
+                    json!({"resourceVersion": rv}),
+                    include,
+                    headers,
+                )
+            }
+        }
+    }
+
+    async fn send(&self, v: Value) -> Result<(), Stop> {
+        let mut line = serde_json::to_vec(&v).unwrap_or_default();
+        line.push(b'\n');
+        self.tx
+            .send(Bytes::from(line))
+            .await
+            .map_err(|_| Stop::ClientGone)
+    }
+
+    async fn send_event(&mut self, kind: &str, obj: &Value) -> Result<(), Stop> {
+        let object = self.present(obj);
+        self.send(json!({"type": kind, "object": object})).await
+    }
+
+    async fn bookmark(&self, rev: i64, initial_end: bool) -> Result<(), Stop> {
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if initial_end {
+            meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        let obj = json!({"kind": self.req.rt.kind, "apiVersion": self.req.rt.api_version(&self.req.version), "metadata": meta});
+        self.send(json!({"type": "BOOKMARK", "object": obj})).await
+    }
+
+    async fn expired(&self, e: StoreError) -> Result<(), Stop> {
+        let status = ApiError::from(e).status();
+        self.send(json!({"type": "ERROR", "object": status})).await
+    }
+
+    fn in_scope(&self, ev: &Event) -> bool {
+        ev.resource == self.req.rt.storage_key()
+            && self
+                .req
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| ns == ev.namespace)
+    }
+
+    /// Sends what a change means for this watcher's selectors.
+    async fn deliver(&mut self, ev: &Event) -> Result<(), Stop> {
+        if !self.in_scope(ev) {
+            return Ok(());
+        }
+        let now = self.req.opts.matches(&ev.object);
+        let before = ev.prev.as_ref().is_some_and(|p| self.req.opts.matches(p));
+        let kind = match ev.kind {
+            EventType::Added if now => "ADDED",
+            EventType::Modified if now && before => "MODIFIED",
+            EventType::Modified if now => "ADDED",
+            EventType::Modified if before => "DELETED",
+            EventType::Deleted if before || now => "DELETED",
+            _ => return Ok(()),
+        };
+        self.send_event(kind, &ev.object.clone()).await
+    }
+
+    async fn replay(&mut self, after: i64) -> Result<i64, Stop> {
+        let mut last = after;
+        loop {
+            let core = self.core.clone();
+            let key = self.req.rt.storage_key();
+            let events = tokio::task::spawn_blocking(move || {
+                core.store.events_since(Some(&key), last, REPLAY_BATCH)
+            })
+            .await
+            .map_err(|e| {
+                Stop::Store(StoreError::Corrupt {
+                    key: "replay".into(),
+                    source: serde_json::Error::io(std::io::Error::other(e.to_string())),
+                })
+            })?
+            .map_err(Stop::Store)?;
+            let n = events.len();
+            for ev in events {
+                last = ev.rev;
+                self.deliver(&ev).await?;
+            }
+            if n < REPLAY_BATCH {
+                return Ok(last);
+            }
+        }
+    }
+
+    async fn run(&mut self, mut rx: broadcast::Receiver<Arc<Event>>) -> Result<(), Stop> {
+        let initial =
+            self.req.send_initial_events || self.req.resource_version.is_none_or(|rv| rv == 0);
+        let mut last = if initial {
+            let core = self.core.clone();
+            let rt = self.req.rt.clone();
+            let version = self.req.version.clone();
+            let ns = self.req.namespace.clone();
+            let mut opts = self.req.opts.clone();
+            opts.limit = None;
+            opts.continue_token = None;
+            opts.resource_version = None;
+            let listed = tokio::task::spawn_blocking(move || {
+                ops::list(&core, &rt, &version, ns.as_deref(), &opts)
+            })
+            .await
+            .map_err(|_| Stop::ClientGone)?;
+            let listed = match listed {
+                Ok(l) => l,
+                Err(e) => {
+                    self.send(json!({"type": "ERROR", "object": e.status()}))
+                        .await?;
+                    return Ok(());
+                }
+            };
+            for obj in &listed.items {
+                self.send_event("ADDED", obj).await?;
+            }
+            if self.req.send_initial_events {
+                self.bookmark(listed.rev, true).await?;
+            }
+            listed.rev
+        } else {
+            self.req.resource_version.unwrap_or(0)
+        };
+        last = match self.replay(last).await {
+            Ok(l) => l,
+            Err(Stop::Store(e @ StoreError::Compacted { .. })) => return self.expired(e).await,
+            Err(e) => return Err(e),
+        };
+        let deadline = tokio::time::sleep(self.req.timeout);
+        tokio::pin!(deadline);
+        let mut ticker =
+            tokio::time::interval(self.req.bookmark_interval.max(Duration::from_millis(100)));
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(ev) => {
+                        if ev.rev <= last {
+                            continue;
+                        }
+                        last = ev.rev;
+                        self.deliver(&ev).await?;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        last = match self.replay(last).await {
+                            Ok(l) => l,
+                            Err(Stop::Store(e @ StoreError::Compacted { .. })) => return self.expired(e).await,
+                            Err(e) => return Err(e),
+                        };
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                _ = ticker.tick(), if self.req.bookmarks => self.bookmark(last, false).await?,
+                _ = &mut deadline => return Ok(()),
+                _ = self.tx.closed() => return Err(Stop::ClientGone),
+            }
+        }
+    }
+}
