@@ -97,11 +97,10 @@ pub async fn kubectl_with(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .expect("kubectl finishes")
-        .expect("kubectl runs");
-    out
+        .expect("kubectl runs")
 }
 
 pub async fn kubectl(kubeconfig: &Path, args: &[&str]) -> Output {
