@@ -64,6 +64,7 @@ test: ort fonts lint
 
 bench: ort
 	$(CARGO) run --release -p sedge-benchmarks --bin pipeline
+	$(CARGO) run --release -p sedge-benchmarks --bin apiserver
 
 bench-example: data ort fonts build
 	target/release/sedge bench -f benchmarks/examples/fashion-mnist/benchmarkingjob.yaml

@@ -1,0 +1,368 @@
+//! API server benchmark: creates/s, gets/s, list latency over 10k objects, and watch fan-out to
+//! 100 watchers, through HTTPS with the `kube` client (what controllers see), each next to the
+//! same operation on the store directly in this process (the baseline the ratio is against).
+//!
+//! `cargo run --release -p sedge-benchmarks --bin apiserver [-- --objects 10000 --watchers 100]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use sedge_apiserver::store::{Change, Durability, Store, StoreConfig, StoreError};
+use sedge_apiserver::{ApiServer, ApiServerConfig};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    /// Objects created (and then listed).
+    #[arg(long, default_value_t = 10_000)]
+    objects: usize,
+    /// Concurrent clients for creates and gets.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Watchers for the fan-out test.
+    #[arg(long, default_value_t = 100)]
+    watchers: usize,
+    /// Updates pushed to the watchers.
+    #[arg(long, default_value_t = 500)]
+    updates: usize,
+}
+
+struct Row {
+    what: String,
+    n: usize,
+    secs: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    baseline: Option<f64>,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn row(what: &str, mut lat: Vec<f64>, secs: f64, baseline: Option<f64>) -> Row {
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Row {
+        what: what.into(),
+        n: lat.len(),
+        secs,
+        p50_ms: pct(&lat, 0.5),
+        p99_ms: pct(&lat, 0.99),
+        baseline,
+    }
+}
+
+fn cm(name: &str) -> ConfigMap {
+    let mut c = ConfigMap::default();
+    c.metadata.name = Some(name.into());
+    c.data = Some([("payload".to_string(), "x".repeat(256))].into());
+    c
+}
+
+async fn client(server: &ApiServer) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(&server.kubeconfig)?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+async fn start(dir: &std::path::Path, durability: Durability) -> Result<ApiServer> {
+    let cfg = ApiServerConfig {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".into(),
+        durability,
+        history_events: 100_000,
+        ..ApiServerConfig::default()
+    };
+    Ok(ApiServer::start(cfg).await?)
+}
+
+/// Runs `n` operations over `conc` tasks; returns per-op latencies (ms) and wall seconds.
+async fn drive<F, Fut>(n: usize, conc: usize, op: F) -> Result<(Vec<f64>, f64)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (op, next) = (op.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(lat);
+                }
+                let t = Instant::now();
+                op(i).await?;
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok((all, t0.elapsed().as_secs_f64()))
+}
+
+fn store_creates(
+    dir: &std::path::Path,
+    n: usize,
+    durability: Durability,
+) -> Result<(Vec<f64>, f64)> {
+    let store = Store::open(&StoreConfig {
+        path: dir.join("direct.db"),
+        history: 100_000,
+        durability,
+    })?;
+    let t0 = Instant::now();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let name = format!("cm-{i:06}");
+        store.modify::<StoreError>("/configmaps", "default", &name, |_, _| {
+            Ok(Change::Put(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "default", "uid": name}, "data": {"payload": "x".repeat(256)}})))
+        })?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((lat, t0.elapsed().as_secs_f64()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    let n = a.objects;
+    let mut rows = Vec::new();
+    let tmp = std::env::temp_dir().join(format!("sedge-apiserver-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+
+    // Creates: the store alone, then through HTTPS, for both durabilities.
+    for (label, d) in [
+        ("fsync each commit", Durability::Full),
+        ("no fsync per commit", Durability::Normal),
+    ] {
+        let dir = tmp.join(format!("{d:?}"));
+        std::fs::create_dir_all(&dir)?;
+        let (lat, secs) = store_creates(&dir, n, d)?;
+        let base = n as f64 / secs;
+        rows.push(row(
+            &format!("create, store only, {label}"),
+            lat,
+            secs,
+            None,
+        ));
+        let server = start(&dir, d).await?;
+        let api: Api<ConfigMap> = Api::namespaced(client(&server).await?, "default");
+        let api2 = api.clone();
+        let (lat, secs) = drive(n, a.concurrency, move |i| {
+            let api = api2.clone();
+            async move {
+                api.create(&PostParams::default(), &cm(&format!("cm-{i:06}")))
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        rows.push(row(
+            &format!("create, HTTPS+kube x{}, {label}", a.concurrency),
+            lat,
+            secs,
+            Some(base),
+        ));
+
+        if d == Durability::Normal {
+            // Gets.
+            let store = server.core.store.clone();
+            let t0 = Instant::now();
+            let mut lat = Vec::new();
+            for i in 0..n {
+                let t = Instant::now();
+                store.get("/configmaps", "default", &format!("cm-{i:06}"))?;
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let base = n as f64 / secs;
+            rows.push(row("get, store only", lat, secs, None));
+            let api2 = api.clone();
+            let (lat, secs) = drive(n, a.concurrency, move |i| {
+                let api = api2.clone();
+                async move {
+                    api.get(&format!("cm-{i:06}")).await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            rows.push(row(
+                &format!("get, HTTPS+kube x{}", a.concurrency),
+                lat,
+                secs,
+                Some(base),
+            ));
+
+            // Lists of all n objects.
+            let mut lat = Vec::new();
+            let t0 = Instant::now();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let page = store.list("/configmaps", Some("default"), None, None, None)?;
+                assert_eq!(page.items.len(), n);
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let base = 5.0 / secs;
+            rows.push(row(&format!("list {n}, store only"), lat, secs, None));
+            let mut lat = Vec::new();
+            let t0 = Instant::now();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let l = api.list(&ListParams::default()).await?;
+                assert_eq!(l.items.len(), n);
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            rows.push(row(
+                &format!("list {n}, HTTPS+kube, one page"),
+                lat,
+                t0.elapsed().as_secs_f64(),
+                Some(base),
+            ));
+            let mut lat = Vec::new();
+            let t0 = Instant::now();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let mut total = 0;
+                let mut token: Option<String> = None;
+                loop {
+                    let mut lp = ListParams::default().limit(500);
+                    if let Some(t) = &token {
+                        lp = lp.continue_token(t);
+                    }
+                    let page = api.list(&lp).await?;
+                    total += page.items.len();
+                    token = page.metadata.continue_.filter(|c| !c.is_empty());
+                    if token.is_none() {
+                        break;
+                    }
+                }
+                assert_eq!(total, n);
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            rows.push(row(
+                &format!("list {n}, HTTPS+kube, pages of 500"),
+                lat,
+                t0.elapsed().as_secs_f64(),
+                Some(base),
+            ));
+
+            // Watch fan-out: every watcher must see every update; latency from the write's start.
+            api.create(&PostParams::default(), &cm("hot")).await?;
+            let rv = api
+                .get("hot")
+                .await?
+                .metadata
+                .resource_version
+                .unwrap_or_default();
+            let epoch = Instant::now();
+            let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Vec<f64>>(a.watchers);
+            for _ in 0..a.watchers {
+                let api = api.clone();
+                let rv = rv.clone();
+                let done = done_tx.clone();
+                let updates = a.updates;
+                let mut stream = api
+                    .watch(
+                        &WatchParams::default()
+                            .fields("metadata.name=hot")
+                            .timeout(290),
+                        &rv,
+                    )
+                    .await?
+                    .boxed();
+                tokio::spawn(async move {
+                    let mut lat = Vec::with_capacity(updates);
+                    while let Ok(Some(ev)) = stream.try_next().await {
+                        if let WatchEvent::Modified(c) = ev {
+                            let sent: f64 = c
+                                .data
+                                .unwrap_or_default()
+                                .get("t")
+                                .and_then(|t| t.parse().ok())
+                                .unwrap_or(0.0);
+                            lat.push(epoch.elapsed().as_secs_f64() * 1e3 - sent);
+                            if lat.len() == updates {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = done.send(lat).await;
+                });
+            }
+            drop(done_tx);
+            let t0 = Instant::now();
+            for i in 0..a.updates {
+                let t = epoch.elapsed().as_secs_f64() * 1e3;
+                let patch = json!({"data": {"t": format!("{t:.3}"), "i": i.to_string()}});
+                api.patch("hot", &Default::default(), &kube::api::Patch::Merge(patch))
+                    .await?;
+            }
+            let mut lat = Vec::new();
+            let mut complete = 0;
+            while let Some(l) =
+                tokio::time::timeout(Duration::from_secs(120), done_rx.recv()).await?
+            {
+                if l.len() == a.updates {
+                    complete += 1;
+                }
+                lat.extend(l);
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            anyhow::ensure!(
+                complete == a.watchers,
+                "only {complete} of {} watchers saw every update",
+                a.watchers
+            );
+            rows.push(row(
+                &format!(
+                    "watch fan-out: {} updates x {} watchers (events delivered)",
+                    a.updates, a.watchers
+                ),
+                lat,
+                secs,
+                None,
+            ));
+        }
+        server.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    println!("| operation | n | seconds | per second | p50 ms | p99 ms | vs store alone |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let rate = r.n as f64 / r.secs;
+        let ratio = r
+            .baseline
+            .map(|b| format!("{:.2}x", rate / b))
+            .unwrap_or_else(|| "baseline".into());
+        let ratio = if r.what.starts_with("watch") {
+            "-".to_string()
+        } else {
+            ratio
+        };
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.3} | {:.3} | {} |",
+            r.what, r.n, r.secs, rate, r.p50_ms, r.p99_ms, ratio
+        );
+    }
+    Ok(())
+}
