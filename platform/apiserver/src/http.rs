@@ -300,24 +300,52 @@ fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResu
     })
 }
 
+/// Most bytes of an over-size body read and thrown away, so that the client gets to read the 413
+/// instead of a reset connection; past this the connection is dropped.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+async fn drain(mut body: Body) {
+    use http_body_util::BodyExt;
+    let mut seen = 0usize;
+    while seen < DRAIN_LIMIT {
+        match body.frame().await {
+            Some(Ok(f)) => seen += f.data_ref().map_or(0, |d| d.len()),
+            Some(Err(_)) | None => break,
+        }
+    }
+}
+
+/// Reads a body of at most `max` bytes without buffering more than that.
 async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> ApiResult<Bytes> {
-    if let Some(len) = headers
+    use http_body_util::BodyExt;
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(len) = declared
         && len > max
     {
+        drain(body).await;
         return Err(ApiError::TooLarge {
             size: len,
             limit: max,
         });
     }
-    axum::body::to_bytes(body, max)
-        .await
-        .map_err(|_| ApiError::TooLarge {
-            size: max + 1,
-            limit: max,
-        })
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        if let Some(d) = frame.data_ref() {
+            if buf.len() + d.len() > max {
+                let size = buf.len() + d.len();
+                drain(body).await;
+                return Err(ApiError::TooLarge { size, limit: max });
+            }
+            buf.extend_from_slice(d);
+        }
+    }
+    Ok(buf.freeze())
 }
 
 fn content_type(headers: &HeaderMap) -> String {
@@ -331,9 +359,10 @@ fn content_type(headers: &HeaderMap) -> String {
 fn parse_body(headers: &HeaderMap, bytes: &[u8]) -> ApiResult<Value> {
     let ct = content_type(headers);
     if ct.contains("protobuf") {
-        return Err(ApiError::UnsupportedMediaType(format!(
-            "the body of the request was in an unknown format ({ct}) - accepted media types include: application/json, application/yaml"
-        )));
+        return crate::protobuf::to_json(bytes).map_err(|e| match e {
+            crate::protobuf::ProtoError::Malformed(_) => ApiError::BadRequest(e.to_string()),
+            crate::protobuf::ProtoError::Unsupported(m) => ApiError::UnsupportedMediaType(m),
+        });
     }
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("the request body is empty"));

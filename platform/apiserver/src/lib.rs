@@ -8,7 +8,8 @@
 //!
 //! What is not implemented (requests for it get a clear error, or the behaviour is documented):
 //! RBAC (every authenticated identity is an administrator), admission webhooks, CRD version
-//! conversion (versions share one schema), protobuf, the `scale` subresource, `pattern`/`format`
+//! conversion (versions share one schema), protobuf bodies beyond ConfigMap/Secret/Namespace/
+//! ServiceAccount (what kubectl's typed `create` commands send), the `scale` subresource, `pattern`/`format`
 //! and CEL rules in CRD schemas, event TTLs, and aggregated discovery (clients fall back to the
 //! unaggregated documents).
 //!
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod ops;
 pub mod patch;
+pub mod protobuf;
 pub mod registry;
 pub mod selector;
 pub mod server;

@@ -710,11 +710,18 @@ async fn raw(
         .header("content-type", ct)
         .body(body)
         .unwrap();
-    client.request_text(req).await.map_err(api_err)
+    client.request_text(req).await.map_err(|e| match e {
+        kube::Error::Api(s) => s,
+        other => panic!("{method} {uri} ({ct}): expected an API error, got {other:?}"),
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_status_and_changes_nothing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let s = start_with(|c| c.max_request_bytes = 64 * 1024).await;
     let client = s.client().await;
     let uri = "/api/v1/namespaces/default/configmaps";
@@ -841,7 +848,8 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     )
     .await
     .unwrap_err();
-    assert_eq!(e.code, 415);
+    assert_eq!(e.code, 400);
+    assert!(e.message.contains("protobuf"), "{}", e.message);
 
     assert_eq!(
         s.server.core.store.current_rev(),

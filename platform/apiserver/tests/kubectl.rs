@@ -330,6 +330,73 @@ async fn everyday_kubectl_commands() {
         "careful"
     );
 
+    // Typed create commands send protobuf.
+    kubectl_ok(&kc, &["create", "namespace", "typed"]).await;
+    kubectl_ok(
+        &kc,
+        &[
+            "-n",
+            "typed",
+            "create",
+            "configmap",
+            "lit",
+            "--from-literal=a=1",
+        ],
+    )
+    .await;
+    kubectl_ok(
+        &kc,
+        &[
+            "-n",
+            "typed",
+            "create",
+            "secret",
+            "generic",
+            "pw",
+            "--from-literal=password=s3cret",
+        ],
+    )
+    .await;
+    kubectl_ok(&kc, &["-n", "typed", "create", "serviceaccount", "robot"]).await;
+    assert_eq!(
+        kubectl_ok(
+            &kc,
+            &[
+                "-n",
+                "typed",
+                "get",
+                "cm",
+                "lit",
+                "-o",
+                "jsonpath={.data.a}"
+            ]
+        )
+        .await,
+        "1"
+    );
+    assert_eq!(
+        kubectl_ok(
+            &kc,
+            &[
+                "-n",
+                "typed",
+                "get",
+                "secret",
+                "pw",
+                "-o",
+                "jsonpath={.data.password}"
+            ]
+        )
+        .await,
+        "czNjcmV0"
+    );
+    let err = kubectl_err(
+        &kc,
+        &["-n", "typed", "create", "deployment", "d", "--image=x"],
+    )
+    .await;
+    assert!(err.contains("JSON or YAML"), "{err}");
+
     kubectl_ok(&kc, &["-n", "shop", "delete", "pod", "cashier"]).await;
     let err = kubectl_err(&kc, &["-n", "shop", "get", "pod", "cashier"]).await;
     assert!(err.contains("pods \"cashier\" not found"), "{err}");
