@@ -322,6 +322,44 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Caus
     causes
 }
 
+fn typed<T: serde::de::DeserializeOwned>(obj: &Value) -> Result<(), String> {
+    serde_path_to_error::deserialize::<_, T>(obj)
+        .map(|_| ())
+        .map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                e.inner().to_string()
+            } else {
+                format!("{path}: {}", e.inner())
+            }
+        })
+}
+
+/// Checks the field types of a built-in object against the Kubernetes API types (`k8s-openapi`),
+/// so that `replicas: "three"` is a 400 naming `spec.replicas` instead of being stored.
+pub fn check_types(rt: &ResourceType, obj: &Value) -> Result<(), String> {
+    use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coordination, core::v1 as core};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as ext;
+    if !rt.builtin {
+        return Ok(());
+    }
+    match rt.kind.as_str() {
+        "Namespace" => typed::<core::Namespace>(obj),
+        "Node" => typed::<core::Node>(obj),
+        "Pod" => typed::<core::Pod>(obj),
+        "ConfigMap" => typed::<core::ConfigMap>(obj),
+        "Secret" => typed::<core::Secret>(obj),
+        "Service" => typed::<core::Service>(obj),
+        "Endpoints" => typed::<core::Endpoints>(obj),
+        "Event" => typed::<core::Event>(obj),
+        "ServiceAccount" => typed::<core::ServiceAccount>(obj),
+        "Lease" => typed::<coordination::Lease>(obj),
+        "Deployment" => typed::<apps::Deployment>(obj),
+        "CustomResourceDefinition" => typed::<ext::CustomResourceDefinition>(obj),
+        _ => Ok(()),
+    }
+}
+
 /// The status the server keeps on a CRD: accepted names, Established, stored versions.
 pub fn crd_status(crd: &mut Value, now: &str) {
     let names = &crd["spec"]["names"];
@@ -426,6 +464,16 @@ mod tests {
             "template": {"metadata": {"labels": {"app": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
         let causes = validate(&d, &dep, None);
         assert_eq!(causes[0].field, "spec.template.metadata.labels");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let d = rt("apps", "deployments");
+        let bad = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"replicas": "three"}});
+        let e = check_types(&d, &bad).unwrap_err();
+        assert!(e.starts_with("spec.replicas: invalid type: string"), "{e}");
+        let ok = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"replicas": 3, "selector": {}, "template": {}}});
+        check_types(&d, &ok).unwrap();
     }
 
     #[test]

@@ -53,6 +53,13 @@ pub struct WriteCtx {
     pub strict: bool,
 }
 
+fn type_error(rt: &ResourceType, version: &str, e: String) -> ApiError {
+    ApiError::bad_request(format!(
+        "{kind} in version \"{version}\" cannot be handled as a {kind}: {e}",
+        kind = rt.kind
+    ))
+}
+
 fn check_pruned(
     rt: &ResourceType,
     version: &str,
@@ -363,6 +370,7 @@ fn prepare_create(
         ));
         check_pruned(rt, version, &pruned, strict)?;
     }
+    kinds::check_types(rt, &obj).map_err(|e| type_error(rt, version, e))?;
     kinds::apply_defaults(rt, &mut obj, rev);
     causes.extend(kinds::validate(rt, &obj, None));
     if !causes.is_empty() {
@@ -741,6 +749,7 @@ fn finish_update(
         ));
         check_pruned(rt, version, &pruned, ctx.strict)?;
     }
+    kinds::check_types(rt, &new).map_err(|e| type_error(rt, version, e))?;
     kinds::apply_defaults(rt, &mut new, rev);
     validate::labels_and_annotations(&new["metadata"], &mut causes);
     causes.extend(kinds::validate(rt, &new, Some(cur)));

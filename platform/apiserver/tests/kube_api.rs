@@ -327,6 +327,26 @@ async fn pagination_is_consistent_and_selectors_filter() {
         "{}",
         e.message
     );
+    // A list at an exact past revision sees the deleted object again.
+    let exact = api
+        .list(
+            &ListParams::default()
+                .at(first.metadata.resource_version.as_deref().unwrap())
+                .matching(kube::api::VersionMatch::Exact),
+        )
+        .await
+        .unwrap();
+    assert!(exact.items.iter().any(|c| c.name_any() == "cm-15"));
+    assert!(!exact.items.iter().any(|c| c.name_any() == "cm-99"));
+    // deletecollection honours the selector.
+    api.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("tier=back"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(count("tier=back").await, 0);
+    assert_eq!(count("tier=front").await, 13);
     let e = api_err(
         api.list(&ListParams::default().labels("tier in front"))
             .await
@@ -800,6 +820,23 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
     assert!(
         e.message.contains("metadata.name") && e.message.contains("Not_A_DNS_Name"),
+        "{}",
+        e.message
+    );
+
+    let dep = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"replicas": "three"}});
+    let e = raw(
+        &client,
+        "POST",
+        "/apis/apps/v1/namespaces/default/deployments",
+        "application/json",
+        dep.to_string().into_bytes(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code, 400);
+    assert!(
+        e.message.contains("spec.replicas: invalid type: string"),
         "{}",
         e.message
     );
