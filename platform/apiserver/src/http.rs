@@ -348,6 +348,16 @@ async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> ApiResult<Byt
     Ok(buf.freeze())
 }
 
+/// A body that may be absent (DELETE's `DeleteOptions`).
+async fn optional_body(headers: &HeaderMap, body: Body, max: usize) -> ApiResult<Option<Value>> {
+    let bytes = read_body(headers, body, max).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        Ok(None)
+    } else {
+        parse_body(headers, &bytes).map(Some)
+    }
+}
+
 fn content_type(headers: &HeaderMap) -> String {
     headers
         .get(header::CONTENT_TYPE)
@@ -638,20 +648,14 @@ async fn resource(
             let listed =
                 blocking(move || ops::list(&core, &rt2, &v2, ns.as_deref(), &opts)).await?;
             if let Some(include) = table_requested(headers, params)? {
-                let mut meta = json!({"resourceVersion": listed.rev.to_string()});
-                if let Some(c) = &listed.continue_token {
-                    meta["continue"] = json!(c);
-                }
+                let meta = ops::list_meta(&listed);
                 json_response(
                     StatusCode::OK,
                     &table::render(&rt, &listed.items, meta, include, true),
                 )
             } else if partial_requested(headers) {
                 let items: Vec<Value> = listed.items.iter().map(partial).collect();
-                let mut meta = json!({"resourceVersion": listed.rev.to_string()});
-                if let Some(c) = &listed.continue_token {
-                    meta["continue"] = json!(c);
-                }
+                let meta = ops::list_meta(&listed);
                 json_response(
                     StatusCode::OK,
                     &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "items": items}),
@@ -754,13 +758,8 @@ async fn resource(
                     "the status subresource cannot be deleted".into(),
                 ));
             }
-            let bytes = read_body(headers, body, app.max_body).await?;
-            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
-                None
-            } else {
-                Some(parse_body(headers, &bytes)?)
-            };
-            let opts = delete_opts(params, body.as_ref())?;
+            let options = optional_body(headers, body, app.max_body).await?;
+            let opts = delete_opts(params, options.as_ref())?;
             let (obj, gone) =
                 blocking(move || ops::delete(&core, &rt, &version, ns.as_deref(), &name, &opts))
                     .await?;
@@ -774,13 +773,8 @@ async fn resource(
             )
         }
         (Method::DELETE, None) => {
-            let bytes = read_body(headers, body, app.max_body).await?;
-            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
-                None
-            } else {
-                Some(parse_body(headers, &bytes)?)
-            };
-            let opts = delete_opts(params, body.as_ref())?;
+            let options = optional_body(headers, body, app.max_body).await?;
+            let opts = delete_opts(params, options.as_ref())?;
             let lopts = list_opts(&rt, params)?;
             let (rt2, v2) = (rt.clone(), version.clone());
             let deleted = blocking(move || {

@@ -629,16 +629,21 @@ pub fn list(
     })
 }
 
-/// Renders a list response body.
-pub fn list_body(rt: &ResourceType, version: &str, listed: Listed) -> Value {
+/// `metadata` of a list: its resourceVersion and, if there is more, the continue token.
+pub fn list_meta(listed: &Listed) -> Value {
     let mut meta = json!({"resourceVersion": listed.rev.to_string()});
-    if let Some(c) = listed.continue_token {
+    if let Some(c) = &listed.continue_token {
         meta["continue"] = json!(c);
     }
+    meta
+}
+
+/// Renders a list response body.
+pub fn list_body(rt: &ResourceType, version: &str, listed: Listed) -> Value {
     json!({
         "kind": format!("{}List", rt.kind),
         "apiVersion": rt.api_version(version),
-        "metadata": meta,
+        "metadata": list_meta(&listed),
         "items": listed.items,
     })
 }
