@@ -221,11 +221,10 @@ fn remove_finalizer(
         let Some(mut obj) = cur else {
             return Ok(Change::Unchanged);
         };
-        let fs: Vec<String> = finalizers(&obj)
-            .into_iter()
-            .filter(|f| f != finalizer)
-            .collect();
-        if fs.len() == finalizers(&obj).len() {
+        let mut fs = finalizers(&obj);
+        let before = fs.len();
+        fs.retain(|f| f != finalizer);
+        if fs.len() == before {
             return Ok(Change::Unchanged);
         }
         obj["metadata"]["finalizers"] = json!(fs);

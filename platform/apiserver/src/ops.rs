@@ -310,23 +310,16 @@ fn prepare_create(
             .unwrap_or_default()
             .to_string();
         if name.is_empty() {
-            match meta.get("generateName").and_then(Value::as_str) {
-                Some(prefix) if !prefix.is_empty() => {
-                    let generated = format!("{prefix}{}", generate_suffix());
-                    meta.insert("name".into(), json!(generated));
-                }
-                _ => {
-                    return Err(invalid(
-                        rt,
-                        "",
-                        vec![Cause {
-                            reason: "FieldValueRequired",
-                            field: "metadata.name".into(),
-                            message: "Required value: name or generateName is required".into(),
-                        }],
-                    ));
-                }
-            }
+            // `create` has already turned a generateName into a name.
+            return Err(invalid(
+                rt,
+                "",
+                vec![Cause {
+                    reason: "FieldValueRequired",
+                    field: "metadata.name".into(),
+                    message: "Required value: name or generateName is required".into(),
+                }],
+            ));
         }
         for k in [
             "uid",
@@ -395,18 +388,6 @@ pub fn create(
 ) -> ApiResult<Value> {
     let ns = ns_key(rt, ns);
     check_namespace(core, rt, &ns)?;
-    if ctx.dry_run {
-        let obj = prepare_create(
-            rt,
-            version,
-            Some(&ns),
-            obj,
-            core.store.current_rev() + 1,
-            &ctx.manager,
-            ctx.strict,
-        )?;
-        return Ok(present(rt, version, obj));
-    }
     // The name may be generated, so it is decided before the keyed write.
     let mut obj = obj;
     if obj["metadata"]["name"].as_str().is_none_or(str::is_empty)
@@ -420,12 +401,18 @@ pub fn create(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    if name.is_empty() {
-        // prepare_create produces the proper 422.
-        prepare_create(rt, version, Some(&ns), obj, 0, &ctx.manager, ctx.strict)?;
-        return Err(ApiError::internal(
-            "unreachable: nameless object passed validation",
-        ));
+    if ctx.dry_run || name.is_empty() {
+        // Nothing to store: validate and answer. A nameless object gets its 422 here.
+        let obj = prepare_create(
+            rt,
+            version,
+            Some(&ns),
+            obj,
+            core.store.current_rev() + 1,
+            &ctx.manager,
+            ctx.strict,
+        )?;
+        return Ok(present(rt, version, obj));
     }
     let event = core
         .store
@@ -458,23 +445,27 @@ fn after_write(core: &Core, rt: &ResourceType) {
     }
 }
 
-/// Loads every stored CRD into the registry.
-pub fn refresh_crds(core: &Core) {
-    match core.store.list(
+/// The stored CRDs that should be served: not being deleted, and not `except`.
+fn served_crds(core: &Core, except: Option<&str>) -> Result<Vec<Value>, StoreError> {
+    let page = core.store.list(
         "apiextensions.k8s.io/customresourcedefinitions",
         None,
         None,
         None,
         None,
-    ) {
-        Ok(page) => {
-            let live: Vec<Value> = page
-                .items
-                .into_iter()
-                .filter(|c| c["metadata"]["deletionTimestamp"].is_null())
-                .collect();
-            core.registry.set_crds(&live)
-        }
+    )?;
+    Ok(page
+        .items
+        .into_iter()
+        .filter(|c| c["metadata"]["deletionTimestamp"].is_null())
+        .filter(|c| except.is_none_or(|n| c["metadata"]["name"] != n))
+        .collect())
+}
+
+/// Loads every stored CRD into the registry.
+pub fn refresh_crds(core: &Core) {
+    match served_crds(core, None) {
+        Ok(crds) => core.registry.set_crds(&crds),
         Err(e) => tracing::error!(error = %e, "cannot read CRDs"),
     }
 }
@@ -788,17 +779,17 @@ fn finish_update(
     }
     new["apiVersion"] = json!(rt.api_version(rt.preferred_version()));
     new["kind"] = json!(rt.kind);
-    if !apply && strip_for_compare(cur) == strip_for_compare(&new) {
-        return Ok(Change::Unchanged);
-    }
-    if !apply {
+    // No-op writes keep the resourceVersion; for apply, a change of ownership alone is a write.
+    let same = strip_for_compare(cur) == strip_for_compare(&new);
+    if apply {
+        if same && cur["metadata"]["managedFields"] == new["metadata"]["managedFields"] {
+            return Ok(Change::Unchanged);
+        }
+    } else {
+        if same {
+            return Ok(Change::Unchanged);
+        }
         patch::record_update(Some(cur), &mut new, manager, &now, sub);
-    }
-    if apply
-        && strip_for_compare(cur) == strip_for_compare(&new)
-        && cur["metadata"]["managedFields"] == new["metadata"]["managedFields"]
-    {
-        return Ok(Change::Unchanged);
     }
     let finalizers_empty = new["metadata"]["finalizers"]
         .as_array()
@@ -1085,15 +1076,7 @@ pub fn delete(
             crd["spec"]["names"]["plural"].as_str().unwrap_or_default()
         );
         // Stop serving first, then remove the instances, like the CRD cleanup finalizer does.
-        core.registry.set_crds(
-            &core
-                .store
-                .list(&rt.storage_key(), None, None, None, None)?
-                .items
-                .into_iter()
-                .filter(|c| c["metadata"]["name"] != name)
-                .collect::<Vec<_>>(),
-        );
+        core.registry.set_crds(&served_crds(core, Some(name))?);
         for obj in core.store.list(&key, None, None, None, None)?.items {
             let ons = obj["metadata"]["namespace"]
                 .as_str()

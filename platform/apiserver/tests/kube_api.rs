@@ -824,6 +824,43 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         e.message
     );
 
+    let nameless = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}});
+    let e = raw(
+        &client,
+        "POST",
+        uri,
+        "application/json",
+        nameless.to_string().into_bytes(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert!(
+        e.message.contains("name or generateName is required"),
+        "{}",
+        e.message
+    );
+    // A dry run with generateName answers with a generated name and stores nothing.
+    let dry =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"generateName": "dry-"}});
+    let out = raw(
+        &client,
+        "POST",
+        &format!("{uri}?dryRun=All"),
+        "application/json",
+        dry.to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        out["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("dry-"),
+        "{out}"
+    );
+
     let dep = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {"replicas": "three"}});
     let e = raw(
         &client,
