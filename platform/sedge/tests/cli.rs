@@ -353,3 +353,52 @@ fn bench_runs_a_job_and_reports_bad_ones() {
         "{err}"
     );
 }
+
+#[test]
+fn apiserver_refuses_bad_settings_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(&cfg, "listen: 127.0.0.1:0\nhistory_event: 5\n").unwrap();
+    let o = sedge()
+        .args(["apiserver", "--data-dir", data, "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("history_event"), "{err}");
+
+    let o = sedge()
+        .args([
+            "apiserver",
+            "--data-dir",
+            data,
+            "--listen",
+            "not-an-address",
+        ])
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("cannot listen on not-an-address"), "{err}");
+
+    let o = sedge()
+        .args(["apiserver", "--data-dir", data, "--durability", "sometimes"])
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("sometimes") && err.contains("full"), "{err}");
+
+    // The defaults a user would start from name the request limit.
+    let (out, _) = text(
+        &sedge()
+            .args(["apiserver", "--print-default-config"])
+            .output()
+            .unwrap(),
+    );
+    assert!(out.contains("max_request_bytes: 3145728"), "{out}");
+}
