@@ -273,6 +273,16 @@ pub fn identity(der: &[u8]) -> Result<(String, Vec<String>, i64), PkiError> {
     Ok((cn, orgs, cert.validity().not_after.timestamp()))
 }
 
+/// A certificate's validity window as Unix seconds: (not before, not after).
+pub fn validity(der: &[u8]) -> Result<(i64, i64), PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::Parse {
+        what: "certificate".into(),
+        why: e.to_string(),
+    })?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// Parses a PEM certificate chain.
 pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();

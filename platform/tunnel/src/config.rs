@@ -1,0 +1,197 @@
+//! Settings of the cloud hub and of the edge hub: one serde struct each, with defaults that
+//! work, printed by the daemons' `--print-default-config`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::DEFAULT_MAX_FRAME;
+
+/// How the edge reaches the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// WebSocket over TLS on the hub's TCP port (works through most proxies and firewalls).
+    #[default]
+    Websocket,
+    /// QUIC on the hub's UDP port (one socket for any number of nodes; better on lossy links).
+    Quic,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "websocket" | "ws" | "wss" => Ok(Transport::Websocket),
+            "quic" => Ok(Transport::Quic),
+            other => Err(format!(
+                "unknown transport {other:?}: expected `websocket` or `quic`"
+            )),
+        }
+    }
+}
+
+/// Settings of the cloud hub.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubConfig {
+    /// Where the hub database (join tokens, delivery records) lives.
+    pub data_dir: PathBuf,
+    /// Where the CA (`ca.crt`, `ca.key`) and the token signing key live; shared with the API
+    /// server when both run on one machine.
+    pub pki_dir: PathBuf,
+    /// TCP address for WebSocket and for the join endpoints (`/ca.crt`, `/edge.crt`). One port
+    /// for both, so a node that can reach the tunnel can also join.
+    pub listen: String,
+    /// UDP address for QUIC; empty disables QUIC.
+    pub listen_quic: String,
+    /// Names and IPs edges dial, put in the hub's serving certificate. The listen IP (when not
+    /// a wildcard), `localhost` and `127.0.0.1` are always added.
+    pub advertise_addresses: Vec<String>,
+    /// How often keepalives are expected from each edge.
+    pub keepalive_interval_ms: u64,
+    /// A peer silent for this many keepalive intervals is declared dead.
+    pub dead_after_intervals: u32,
+    /// How long to wait for an edge's acknowledgement before sending again.
+    pub ack_timeout_ms: u64,
+    /// Cap on the per-object retry backoff (doubles from `ack_timeout_ms`).
+    pub max_retry_backoff_ms: u64,
+    /// Messages sent to one node and not yet acknowledged, at most.
+    pub send_window: usize,
+    /// Objects queued for one node, at most. Repeated updates of one object take one slot; when
+    /// full, new objects are refused with `QueueFull` (the caller resyncs later).
+    pub queue_capacity: usize,
+    /// Largest frame accepted, bytes.
+    pub max_frame_bytes: usize,
+    /// A connection that has not finished its TLS handshake and hello in this time is closed.
+    pub handshake_timeout_ms: u64,
+    /// Connections still handshaking, at most; more are closed at once (keeps a flood of idle
+    /// sockets from starving good nodes).
+    pub max_pending_handshakes: usize,
+    /// Lifetime of node certificates issued on join and rotation.
+    pub node_cert_days: u64,
+    /// Lifetime of join tokens created without an explicit TTL.
+    pub default_token_ttl_hours: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            data_dir: PathBuf::from("sedge-data/cloudhub"),
+            pki_dir: PathBuf::from("sedge-data/pki"),
+            listen: "0.0.0.0:10000".into(),
+            listen_quic: "0.0.0.0:10001".into(),
+            advertise_addresses: Vec::new(),
+            keepalive_interval_ms: 15_000,
+            dead_after_intervals: 3,
+            ack_timeout_ms: 5_000,
+            max_retry_backoff_ms: 60_000,
+            send_window: 256,
+            queue_capacity: 100_000,
+            max_frame_bytes: DEFAULT_MAX_FRAME,
+            handshake_timeout_ms: 10_000,
+            max_pending_handshakes: 4_096,
+            node_cert_days: 30,
+            default_token_ttl_hours: 24,
+        }
+    }
+}
+
+impl HubConfig {
+    /// The keepalive interval.
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_millis(self.keepalive_interval_ms.max(1))
+    }
+    /// Silence after which a peer is dead.
+    pub fn dead_after(&self) -> Duration {
+        self.keepalive() * self.dead_after_intervals.max(1)
+    }
+}
+
+/// Settings of the edge hub.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// This node's name (the certificate says `system:node:<node_name>`).
+    pub node_name: String,
+    /// The hub's TCP address (`host:port`): WebSocket and join.
+    pub cloud: String,
+    /// The hub's UDP address for QUIC (`host:port`); default: the `cloud` host, port 10001.
+    pub cloud_quic: String,
+    /// Which transport to use.
+    pub transport: Transport,
+    /// Where the CA, node certificate and key, and the outbox database live.
+    pub data_dir: PathBuf,
+    /// Keepalive interval.
+    pub keepalive_interval_ms: u64,
+    /// The cloud is declared dead after this many silent intervals.
+    pub dead_after_intervals: u32,
+    /// First reconnect delay; doubles per failure, with jitter.
+    pub backoff_initial_ms: u64,
+    /// Reconnect delay cap.
+    pub backoff_max_ms: u64,
+    /// Messages kept for the cloud while offline, at most (see [`crate::outbox`] for the drop
+    /// policy).
+    pub outbox_capacity: usize,
+    /// How long to wait for the cloud's acknowledgement before sending again.
+    pub ack_timeout_ms: u64,
+    /// Largest frame accepted, bytes.
+    pub max_frame_bytes: usize,
+    /// Renew the node certificate after this fraction of its lifetime (jittered by up to 0.1).
+    pub rotate_after_fraction: f64,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            node_name: String::new(),
+            cloud: "127.0.0.1:10000".into(),
+            cloud_quic: String::new(),
+            transport: Transport::Websocket,
+            data_dir: PathBuf::from("sedge-data/edge"),
+            keepalive_interval_ms: 15_000,
+            dead_after_intervals: 3,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 30_000,
+            outbox_capacity: 10_000,
+            ack_timeout_ms: 5_000,
+            max_frame_bytes: DEFAULT_MAX_FRAME,
+            rotate_after_fraction: 0.75,
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// The keepalive interval.
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_millis(self.keepalive_interval_ms.max(1))
+    }
+    /// Silence after which the cloud is dead.
+    pub fn dead_after(&self) -> Duration {
+        self.keepalive() * self.dead_after_intervals.max(1)
+    }
+    /// The QUIC address to dial.
+    pub fn quic_address(&self) -> String {
+        if !self.cloud_quic.is_empty() {
+            return self.cloud_quic.clone();
+        }
+        let host = self
+            .cloud
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(&self.cloud);
+        format!("{host}:10001")
+    }
+    /// The cloud host name (for TLS server name checks).
+    pub fn cloud_host(&self) -> String {
+        let host = self
+            .cloud
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(&self.cloud);
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    }
+}
