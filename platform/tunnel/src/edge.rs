@@ -278,15 +278,19 @@ pub async fn renew(cfg: &EdgeConfig) -> Result<Identity, TunnelError> {
     cfg.node_name = id.node.clone();
     let (cert_pem, key_pem) = request_cert(&cfg, tls_cfg, None).await?;
     let p = EdgePaths::new(&cfg.data_dir);
-    // Key first: a crash between the two writes leaves a key without its certificate, which
-    // the next renewal... cannot use. So write both to temporary names, then rename.
-    sedge_pki::write_file(&p.key.with_extension("new"), &key_pem, true)?;
-    sedge_pki::write_file(&p.cert.with_extension("new"), &cert_pem, false)?;
+    // Both are written under temporary names before either replaces the old pair, so a crash
+    // cannot leave a certificate next to a key it does not belong to for long.
+    let (new_key, new_cert) = (
+        p.key.with_extension("key.new"),
+        p.cert.with_extension("crt.new"),
+    );
+    sedge_pki::write_file(&new_key, &key_pem, true)?;
+    sedge_pki::write_file(&new_cert, &cert_pem, false)?;
     let mv = |a: &Path, b: &Path| {
         std::fs::rename(a, b).map_err(|e| TunnelError::Store(format!("{}: {e}", b.display())))
     };
-    mv(&p.key.with_extension("new"), &p.key)?;
-    mv(&p.cert.with_extension("new"), &p.cert)?;
+    mv(&new_key, &p.key)?;
+    mv(&new_cert, &p.cert)?;
     let id = Identity::load(&cfg.data_dir)?;
     tracing::info!(node = %id.node, expires = id.not_after, "node certificate renewed");
     Ok(id)

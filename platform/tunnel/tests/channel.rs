@@ -1,0 +1,329 @@
+//! The channel end to end on loopback: join, reliable delivery both ways, request/response,
+//! connection events, offline queues, dead peers, stale sessions, certificate renewal.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sedge_tunnel::fault::TcpFaultProxy;
+use sedge_tunnel::{LinkEvent, Message, Policy, Transport, op};
+
+async fn next_event(rx: &mut tokio::sync::broadcast::Receiver<LinkEvent>) -> LinkEvent {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an event in time")
+        .expect("event channel open")
+}
+
+async fn round_trip(transport: Transport) {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, inbox) = start_hub(hub_config(dir.path())).await;
+    let mut events = hub.subscribe();
+    let cfg = edge_config(&hub, dir.path(), "edge-1", transport);
+    let joined = sedge_tunnel::join(&cfg, &token(&hub)).await.unwrap();
+    assert_eq!(joined.node, "edge-1");
+    assert_eq!(joined.ca_hash, hub.ca_hash());
+    use std::os::unix::fs::PermissionsExt;
+    let key = std::fs::metadata(dir.path().join("edge-1/pki/node.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+
+    let (edge, store) = start_edge(cfg).await;
+    let mut edge_events = edge.subscribe();
+    match next_event(&mut events).await {
+        LinkEvent::Connected {
+            node, transport: t, ..
+        } => {
+            assert_eq!(node, "edge-1");
+            assert_eq!(t, transport);
+        }
+        other => panic!("expected Connected, got {other:?}"),
+    }
+    assert!(matches!(
+        next_event(&mut edge_events).await,
+        LinkEvent::Connected { .. }
+    ));
+    assert_eq!(hub.connected(), vec!["edge-1".to_string()]);
+
+    // Cloud -> edge, reliable: the edge's handler has them and the hub recorded the versions.
+    for rv in 1..=3 {
+        hub.send("edge-1", update("default/pod/web", rv))
+            .await
+            .unwrap();
+    }
+    hub.send("edge-1", update("default/configmap/c", 4))
+        .await
+        .unwrap();
+    wait_for("objects at the edge", 10, || {
+        let s = store.lock().unwrap();
+        s.get("default/pod/web").map(|v| v.0.as_str()) == Some("3")
+            && s.contains_key("default/configmap/c")
+    })
+    .await;
+    wait_async("acks recorded", 10, || async {
+        let a = hub.acked("edge-1").await.unwrap();
+        a.get("default/pod/web").map(String::as_str) == Some("3")
+            && a.get("default/configmap/c").map(String::as_str) == Some("4")
+    })
+    .await;
+    assert_eq!(hub.pending("edge-1").await.unwrap(), 0);
+    // Offering what the node has is a no-op (this is the incremental resync).
+    assert_eq!(
+        hub.send("edge-1", update("default/pod/web", 3))
+            .await
+            .unwrap(),
+        sedge_tunnel::Enqueued::Skipped
+    );
+    // Deletes are reliable too and clear the record.
+    let del = Message::new("resource", op::DELETE, "default/pod/web", "").with_version("5");
+    hub.send("edge-1", del).await.unwrap();
+    wait_for("delete at the edge", 10, || {
+        !store.lock().unwrap().contains_key("default/pod/web")
+    })
+    .await;
+    wait_async("delete acked", 10, || async {
+        !hub.acked("edge-1")
+            .await
+            .unwrap()
+            .contains_key("default/pod/web")
+    })
+    .await;
+
+    // Edge -> cloud through the outbox.
+    let status = Message::new(
+        "resource",
+        op::UPDATE,
+        "default/podstatus/web",
+        "{\"phase\":\"Running\"}",
+    );
+    edge.send(status, Policy::LatestWins).await.unwrap();
+    wait_for("status at the cloud", 10, || {
+        inbox
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|i| i.node == "edge-1" && i.message.route.resource == "default/podstatus/web")
+    })
+    .await;
+    // Status about a pod of another node is refused, counted, and not retried.
+    let foreign = Message::new("resource", op::UPDATE, "default/podstatus/db", "{}");
+    edge.send(foreign, Policy::LatestWins).await.unwrap();
+    wait_for("refusal counted", 10, || hub.counters().get("refused") >= 1).await;
+    wait_async("outbox drained", 10, || async {
+        edge.outbox_len().await.unwrap() == 0
+    })
+    .await;
+    assert!(
+        !inbox
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|i| i.message.route.resource == "default/podstatus/db")
+    );
+
+    // Request/response both ways.
+    let q = Message::new("resource", op::QUERY, "default/configmap/c", "hello");
+    let r = edge.request(q, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(r.content, "pong:hello");
+    let q = Message::new("resource", op::QUERY, "default/pod/web", "");
+    let r = hub
+        .request("edge-1", q, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(r.content, "edge-pong");
+
+    edge.shutdown().await;
+    match next_event(&mut events).await {
+        LinkEvent::Disconnected { node, .. } => assert_eq!(node, "edge-1"),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    // Offline: reliable sends queue, unacked sends and requests fail fast.
+    assert!(
+        hub.send("edge-1", update("default/configmap/c", 6))
+            .await
+            .is_ok()
+    );
+    let q = Message::new("resource", op::QUERY, "default/pod/web", "");
+    assert!(matches!(
+        hub.request("edge-1", q, Duration::from_secs(1)).await,
+        Err(sedge_tunnel::TunnelError::NotConnected)
+    ));
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn join_deliver_and_reply_over_websocket() {
+    round_trip(Transport::Websocket).await;
+}
+
+#[tokio::test]
+async fn join_deliver_and_reply_over_quic() {
+    round_trip(Transport::Quic).await;
+}
+
+#[tokio::test]
+async fn offline_work_is_flushed_after_reconnect_and_restart() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, inbox) = start_hub(hub_config(dir.path())).await;
+    let mut cfg = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    sedge_tunnel::join(&cfg, &token(&hub)).await.unwrap();
+    let proxy = TcpFaultProxy::start(hub.addr()).await.unwrap();
+    cfg.cloud = proxy.addr.to_string();
+    let (edge, _) = start_edge(cfg.clone()).await;
+    wait_for("connected", 10, || edge.is_connected()).await;
+
+    // The link goes away; both sides work on.
+    proxy.faults.set_refuse(true);
+    proxy.faults.cut();
+    wait_for("edge notices", 10, || !edge.is_connected()).await;
+    for i in 0..5 {
+        let s = Message::new(
+            "resource",
+            op::UPDATE,
+            &format!("default/podstatus/web-{i}"),
+            "{}",
+        );
+        edge.send(s, Policy::LatestWins).await.unwrap();
+    }
+    for rv in 1..=20 {
+        hub.send(
+            "edge-1",
+            update(&format!("default/configmap/c{}", rv % 4), rv),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        hub.pending("edge-1").await.unwrap(),
+        4,
+        "20 updates of 4 objects coalesce to 4"
+    );
+    // The edge restarts while offline: its outbox is on disk.
+    edge.shutdown().await;
+    let (edge, store) = start_edge(cfg).await;
+    assert_eq!(edge.outbox_len().await.unwrap(), 5);
+
+    proxy.faults.heal();
+    wait_for("edge reconnects", 10, || edge.is_connected()).await;
+    wait_for("cloud objects at the edge", 10, || {
+        let s = store.lock().unwrap();
+        (17..=20).all(|rv| {
+            s.get(&format!("default/configmap/c{}", rv % 4))
+                .map(|v| v.0.clone())
+                == Some(rv.to_string())
+        })
+    })
+    .await;
+    wait_for("offline status at the cloud", 10, || {
+        let inbox = inbox.lock().unwrap();
+        (0..5).all(|i| {
+            inbox
+                .iter()
+                .any(|m| m.message.route.resource == format!("default/podstatus/web-{i}"))
+        })
+    })
+    .await;
+    wait_async("outbox empty", 10, || async {
+        edge.outbox_len().await.unwrap() == 0
+    })
+    .await;
+    edge.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn dead_peers_are_detected_and_the_link_recovers() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let mut cfg = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    sedge_tunnel::join(&cfg, &token(&hub)).await.unwrap();
+    let proxy = TcpFaultProxy::start(hub.addr()).await.unwrap();
+    cfg.cloud = proxy.addr.to_string();
+    let (edge, store) = start_edge(cfg).await;
+    let mut hub_events = hub.subscribe();
+    let mut edge_events = edge.subscribe();
+    wait_for("connected", 10, || hub.is_connected("edge-1")).await;
+
+    // Half-open: sockets stay up, nothing passes. Both sides must notice on their own.
+    proxy.faults.set_down(true);
+    let hub_saw = async {
+        loop {
+            if let LinkEvent::Disconnected { reason, .. } = next_event(&mut hub_events).await {
+                return reason;
+            }
+        }
+    };
+    let edge_saw = async {
+        loop {
+            if let LinkEvent::Disconnected { reason, .. } = next_event(&mut edge_events).await {
+                return reason;
+            }
+        }
+    };
+    let (h, e) = tokio::join!(hub_saw, edge_saw);
+    assert!(h.contains("dead peer"), "{h}");
+    assert!(e.contains("dead peer"), "{e}");
+    hub.send("edge-1", update("default/configmap/x", 1))
+        .await
+        .unwrap();
+    proxy.faults.set_down(false);
+    wait_for("reconnected and delivered", 15, || {
+        store.lock().unwrap().contains_key("default/configmap/x")
+    })
+    .await;
+    edge.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reconnecting_node_replaces_its_stale_session() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg = edge_config(&hub, dir.path(), "edge-1", Transport::Quic);
+    sedge_tunnel::join(&cfg, &token(&hub)).await.unwrap();
+    let (first, _) = start_edge(cfg.clone()).await;
+    wait_for("first connected", 10, || first.is_connected()).await;
+    // The same node again (a restarted agent whose old connection the hub still holds).
+    let (second, store) = start_edge(cfg).await;
+    wait_for("replacement counted", 10, || {
+        hub.counters().get("sessions_replaced") >= 1
+    })
+    .await;
+    first.shutdown().await;
+    hub.send("edge-1", update("default/configmap/y", 1))
+        .await
+        .unwrap();
+    wait_for("delivered on the new session", 10, || {
+        store.lock().unwrap().contains_key("default/configmap/y")
+    })
+    .await;
+    second.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn certificates_renew_over_mtls_without_a_token() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    sedge_tunnel::join(&cfg, &token(&hub)).await.unwrap();
+    let before = std::fs::read_to_string(dir.path().join("edge-1/pki/node.crt")).unwrap();
+    let id = sedge_tunnel::renew(&cfg).await.unwrap();
+    assert_eq!(id.node, "edge-1");
+    let after = std::fs::read_to_string(dir.path().join("edge-1/pki/node.crt")).unwrap();
+    assert_ne!(before, after);
+    assert_eq!(hub.counters().get("certificates_issued"), 2);
+    // The renewed certificate works.
+    let (edge, _) = start_edge(cfg).await;
+    wait_for("connected with the renewed certificate", 10, || {
+        edge.is_connected()
+    })
+    .await;
+    edge.shutdown().await;
+    hub.shutdown().await;
+}
