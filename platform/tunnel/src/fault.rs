@@ -2,8 +2,9 @@
 //! benchmarks: the only fake in the channel's tests, and only for faults.
 //!
 //! Faults, switchable at any time through [`Faults`]:
-//! - `down`: a black hole. Bytes/datagrams in either direction are swallowed while sockets stay
-//!   open (a half-open link: neither side sees a close, only silence).
+//! - `down`: silence. TCP bytes are held (not lost: TCP would retransmit them) and UDP
+//!   datagrams are dropped, while sockets stay open (a half-open link: neither side sees a
+//!   close, only silence).
 //! - `refuse`: new TCP connections are closed at once (the cloud is unreachable).
 //! - `cut()`: every current connection is closed now (TCP RST-like; UDP forgets its flows, so
 //!   the next datagram arrives from a new port).
@@ -154,8 +155,9 @@ async fn pipe(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if f.is_down() {
-            continue;
+        // Down: hold the bytes, as a real outage does (TCP retransmits; it never skips bytes).
+        while f.is_down() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let d = f.delay();
         if !d.is_zero() {

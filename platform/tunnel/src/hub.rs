@@ -824,8 +824,11 @@ async fn run_session(inner: Arc<Inner>, node: String, mut link: Link) {
                             LinkEnd::Garbage(_) => Counters::inc(&inner.counters.garbage_frames),
                             _ => {}
                         }
-                        if !matches!(end, LinkEnd::Closed) {
-                            tracing::warn!(%node, %remote, reason = %end, "closing the connection");
+                        match end {
+                            LinkEnd::Oversize(_) | LinkEnd::Garbage(_) => {
+                                tracing::warn!(%node, %remote, reason = %end, "closing the connection")
+                            }
+                            _ => tracing::debug!(%node, %remote, reason = %end, "connection ended"),
                         }
                         break end.to_string();
                     }
