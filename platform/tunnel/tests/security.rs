@@ -1,0 +1,367 @@
+//! Security tests: bad tokens, a tampered CA hash, certificates for another node or expired,
+//! oversize and garbage frames, and a flood of connections that never handshake. After each,
+//! the hub must still serve a good node.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use sedge_tunnel::edge::Identity;
+use sedge_tunnel::{EdgeConfig, Hub, Message, Transport, frame, link, op, tls};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Joining must fail with `want` in the message and leave nothing on disk.
+async fn join_fails(cfg: &EdgeConfig, token: &str, want: &str) {
+    let err = sedge_tunnel::join(cfg, token)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(want), "expected {want:?} in: {err}");
+    assert!(
+        !cfg.data_dir.join("pki/node.crt").exists(),
+        "a failed join wrote a certificate"
+    );
+    assert!(
+        !cfg.data_dir.join("pki/ca.crt").exists(),
+        "a failed join wrote the CA"
+    );
+}
+
+/// A good node still gets messages.
+async fn good_node_works(hub: &Hub, store: &EdgeStore, rv: u64) {
+    let key = format!("default/configmap/alive-{rv}");
+    hub.send("edge-1", update(&key, rv)).await.unwrap();
+    wait_for("the good node to get a message", 15, || {
+        store.lock().unwrap().contains_key(&key)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_tokens_and_a_tampered_hash_are_refused_and_write_nothing() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg = edge_config(&hub, dir.path(), "edge-9", Transport::Websocket);
+    let good = token(&hub);
+
+    // Wrong token: right CA hash, a JWT signed with another key.
+    let (other_hub, _) = start_hub(hub_config(&dir.path().join("other"))).await;
+    let foreign = token(&other_hub);
+    let forged = format!("{}.{}", hub.ca_hash(), foreign.split_once('.').unwrap().1);
+    join_fails(&cfg, &forged, "signature is invalid").await;
+    // Tampered CA hash: the edge refuses before sending anything.
+    let mut tampered = good.clone();
+    let first = if tampered.starts_with('0') { "1" } else { "0" };
+    tampered.replace_range(0..1, first);
+    join_fails(&cfg, &tampered, "but the token pins").await;
+    join_fails(&cfg, "not-a-token", "is not `<ca-hash>.<jwt>`").await;
+    // Revoked.
+    let (revoked, info) = hub.tokens().create(Duration::from_secs(3600), "").unwrap();
+    assert!(hub.tokens().revoke(&info.id).unwrap());
+    join_fails(&cfg, &revoked, "revoked").await;
+    // Expired: a one-second token, used after its second.
+    let (short, info) = hub.tokens().create(Duration::from_secs(1), "").unwrap();
+    wait_for("the token to expire", 5, || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            > info.expires
+    })
+    .await;
+    join_fails(&cfg, &short, "expired").await;
+    // Refusals are visible in the token list's use counts: none of the bad ones counted.
+    assert!(hub.tokens().list().unwrap().iter().all(|t| t.uses == 0));
+    // And the good token still works.
+    sedge_tunnel::join(&cfg, &good).await.unwrap();
+    hub.shutdown().await;
+    other_hub.shutdown().await;
+}
+
+async fn ws_connect(hub: &Hub, id: &Identity) -> link::Link {
+    let cfg =
+        tls::edge_client_config(&id.ca_pem, Some((&id.cert_pem, &id.key_pem)), false).unwrap();
+    let tcp = tokio::net::TcpStream::connect(hub.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let url = format!("wss://{}/v1/tunnel", hub.addr());
+    let (ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    link::websocket(ws, hub.addr())
+}
+
+fn hello(node: &str) -> Message {
+    Message::new("hub", op::HELLO, "", format!("{{\"node\":\"{node}\"}}")).unacked()
+}
+
+async fn recv(l: &mut link::Link) -> Result<Message, link::LinkEnd> {
+    tokio::time::timeout(Duration::from_secs(10), l.rx.recv())
+        .await
+        .expect("something from the hub in time")
+        .unwrap_or(Err(link::LinkEnd::Closed))
+}
+
+/// Raw HTTP over TLS with a client certificate, returning the status line and body.
+async fn raw_post(hub: &Hub, id: &Identity, node: &str) -> String {
+    let cfg =
+        tls::edge_client_config(&id.ca_pem, Some((&id.cert_pem, &id.key_pem)), false).unwrap();
+    let tcp = tokio::net::TcpStream::connect(hub.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (csr, _) = sedge_pki::make_csr("whatever").unwrap();
+    let req = format!(
+        "POST /edge.crt HTTP/1.1\r\nHost: x\r\nNodeName: {node}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{csr}",
+        csr.len()
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    let _ = tls.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test]
+async fn a_certificate_only_works_for_its_own_node() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg1 = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    sedge_tunnel::join(&cfg1, &token(&hub)).await.unwrap();
+    let (edge1, store) = start_edge(cfg1).await;
+    wait_for("edge-1 up", 10, || edge1.is_connected()).await;
+    let cfg2 = edge_config(&hub, dir.path(), "edge-2", Transport::Websocket);
+    sedge_tunnel::join(&cfg2, &token(&hub)).await.unwrap();
+    let id2 = Identity::load(&cfg2.data_dir).unwrap();
+
+    // edge-2's certificate claiming to be edge-1: refused with the reason.
+    let mut l = ws_connect(&hub, &id2).await;
+    l.tx.send(hello("edge-1").encode()).await.unwrap();
+    let m = recv(&mut l).await.unwrap();
+    assert_eq!(m.route.operation, op::ERROR);
+    let why = String::from_utf8_lossy(&m.content).to_string();
+    assert!(why.contains("certificate is for node edge-2"), "{why}");
+    assert!(hub.connected() == vec!["edge-1".to_string()]);
+    // edge-2's certificate cannot renew edge-1's.
+    let resp = raw_post(&hub, &id2, "edge-1").await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(
+        resp.contains("may only renew its own certificate"),
+        "{resp}"
+    );
+    // edge-2 may not write edge-1's node status: refused and counted.
+    let mut l = ws_connect(&hub, &id2).await;
+    l.tx.send(hello("edge-2").encode()).await.unwrap();
+    assert_eq!(recv(&mut l).await.unwrap().route.operation, op::WELCOME);
+    let forged = Message::new("resource", op::UPDATE, "null/nodestatus/edge-1", "{}");
+    l.tx.send(forged.encode()).await.unwrap();
+    let m = loop {
+        let m = recv(&mut l).await.unwrap();
+        if m.route.group != "hub" {
+            break m;
+        }
+    };
+    assert_eq!(m.route.operation, op::REFUSED);
+    assert_eq!(hub.counters().get("refused"), 1);
+    // No client certificate at all: the tunnel endpoint says so.
+    let anon = Identity {
+        cert_pem: String::new(),
+        key_pem: String::new(),
+        ..id2.clone()
+    };
+    let cfg = tls::edge_client_config(&anon.ca_pem, None, false).unwrap();
+    let tcp = tokio::net::TcpStream::connect(hub.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let err = tokio_tungstenite::client_async(format!("wss://{}/v1/tunnel", hub.addr()), tls)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("401"), "{err}");
+
+    good_node_works(&hub, &store, 1).await;
+    edge1.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_node_certificate_is_refused_at_the_handshake() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg = edge_config(&hub, dir.path(), "edge-7", Transport::Websocket);
+    // A certificate from the real CA that expires in a second.
+    let ca = sedge_pki::Ca::load_or_create(&dir.path().join("pki"), "sedge-ca").unwrap();
+    let issued = ca
+        .issue(&sedge_pki::IssueRequest {
+            common_name: "system:node:edge-7".into(),
+            organizations: vec!["system:nodes".into()],
+            sans: vec![],
+            usage: sedge_pki::Usage::Client,
+            valid_for: Duration::from_secs(1),
+        })
+        .unwrap();
+    let pki = cfg.data_dir.join("pki");
+    sedge_pki::write_file(&pki.join("ca.crt"), hub.ca_pem(), false).unwrap();
+    sedge_pki::write_file(&pki.join("node.crt"), &issued.cert_pem, false).unwrap();
+    sedge_pki::write_file(&pki.join("node.key"), &issued.key_pem, true).unwrap();
+    wait_for("the certificate to expire", 5, || {
+        Identity::load(&cfg.data_dir).unwrap().expired()
+    })
+    .await;
+    let before = hub.counters().get("handshake_failures");
+    let (edge, _) = start_edge(cfg).await;
+    wait_for("the hub to refuse the handshake", 10, || {
+        hub.counters().get("handshake_failures") > before
+    })
+    .await;
+    assert!(!hub.is_connected("edge-7"));
+    assert!(!edge.is_connected());
+    edge.shutdown().await;
+    hub.shutdown().await;
+}
+
+async fn quic_session(
+    hub: &Hub,
+    id: &Identity,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let tls = tls::edge_client_config(&id.ca_pem, Some((&id.cert_pem, &id.key_pem)), true).unwrap();
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let conn = ep
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(qc)),
+            hub.quic_addr().unwrap(),
+            "127.0.0.1",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    frame::write_frame(&mut send, &hello(&id.node).encode())
+        .await
+        .unwrap();
+    let welcome = frame::read_frame(&mut recv, 1 << 20)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        Message::decode(&welcome).unwrap().route.operation,
+        op::WELCOME
+    );
+    (conn, send, recv)
+}
+
+#[tokio::test]
+async fn oversize_and_garbage_frames_close_only_that_connection() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut hcfg = hub_config(dir.path());
+    hcfg.max_frame_bytes = 64 * 1024;
+    let (hub, _) = start_hub(hcfg).await;
+    let cfg1 = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    sedge_tunnel::join(&cfg1, &token(&hub)).await.unwrap();
+    let (edge1, store) = start_edge(cfg1).await;
+    wait_for("edge-1 up", 10, || edge1.is_connected()).await;
+    let cfg2 = edge_config(&hub, dir.path(), "edge-2", Transport::Quic);
+    sedge_tunnel::join(&cfg2, &token(&hub)).await.unwrap();
+    let id2 = Identity::load(&cfg2.data_dir).unwrap();
+
+    // QUIC: a header announcing 4 GiB - 1 and nothing behind it.
+    let (conn, mut send, _recv) = quic_session(&hub, &id2).await;
+    send.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap();
+    assert!(
+        closed
+            .to_string()
+            .contains("oversize frame: 4294967295 bytes announced, cap 65536"),
+        "{closed}"
+    );
+    assert_eq!(hub.counters().get("oversize_frames"), 1);
+    // QUIC: a well-framed payload that is not a message.
+    let (conn, mut send, _recv) = quic_session(&hub, &id2).await;
+    frame::write_frame(&mut send, &[0xff; 16]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap();
+    assert_eq!(hub.counters().get("garbage_frames"), 1);
+    // WebSocket: a 100 KiB message over a 64 KiB cap, then garbage.
+    let mut l = ws_connect(&hub, &id2).await;
+    l.tx.send(hello("edge-2").encode()).await.unwrap();
+    assert_eq!(recv(&mut l).await.unwrap().route.operation, op::WELCOME);
+    l.tx.send(bytes::Bytes::from(vec![0u8; 100 * 1024]))
+        .await
+        .unwrap();
+    wait_for("the oversize WebSocket message to be counted", 10, || {
+        hub.counters().get("oversize_frames") == 2
+    })
+    .await;
+    let mut l = ws_connect(&hub, &id2).await;
+    l.tx.send(hello("edge-2").encode()).await.unwrap();
+    assert_eq!(recv(&mut l).await.unwrap().route.operation, op::WELCOME);
+    l.tx.send(bytes::Bytes::from_static(&[0xff; 16]))
+        .await
+        .unwrap();
+    wait_for("the garbage WebSocket message to be counted", 10, || {
+        hub.counters().get("garbage_frames") == 2
+    })
+    .await;
+
+    good_node_works(&hub, &store, 2).await;
+    edge1.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_does_not_stop_good_nodes() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut hcfg = hub_config(dir.path());
+    hcfg.max_pending_handshakes = 200;
+    hcfg.handshake_timeout_ms = 1_500;
+    let (hub, _) = start_hub(hcfg).await;
+    let cfg1 = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    sedge_tunnel::join(&cfg1, &token(&hub)).await.unwrap();
+    let (edge1, store) = start_edge(cfg1).await;
+    wait_for("edge-1 up", 10, || edge1.is_connected()).await;
+
+    // 1,000 TCP connections that never send a byte.
+    let mut flood = Vec::new();
+    for _ in 0..1_000 {
+        flood.push(tokio::net::TcpStream::connect(hub.addr()).await.unwrap());
+    }
+    wait_for("connections beyond the limit to be shed", 10, || {
+        hub.counters().get("handshakes_shed") >= 700
+    })
+    .await;
+    // Established sessions are untouched while the flood sits there.
+    good_node_works(&hub, &store, 3).await;
+    // The held ones are closed at the handshake timeout: every flood socket reads EOF.
+    for mut s in flood {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .unwrap();
+        assert!(matches!(n, Ok(0) | Err(_)));
+    }
+    // A new node joins and connects after the flood.
+    let cfg3 = edge_config(&hub, dir.path(), "edge-3", Transport::Websocket);
+    sedge_tunnel::join(&cfg3, &token(&hub)).await.unwrap();
+    let (edge3, _) = start_edge(cfg3).await;
+    wait_for("edge-3 up", 10, || edge3.is_connected()).await;
+    good_node_works(&hub, &store, 4).await;
+    edge3.shutdown().await;
+    edge1.shutdown().await;
+    hub.shutdown().await;
+}
