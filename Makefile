@@ -9,12 +9,13 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build bench bench-example ort data fonts
+.PHONY: help demo test lint fmt build bench bench-edgemark bench-example ort data fonts
 
 help:
 	@echo "make demo   - joint-inference demo on Fashion-MNIST (edge-only vs cloud-only vs joint)"
 	@echo "make test   - everything CI runs: fmt check, clippy, the whole test suite (ORT included)"
-	@echo "make bench  - inference pipeline benchmark table"
+	@echo "make bench  - benchmark tables: inference pipeline, API server, channel (quick)"
+	@echo "make bench-edgemark - the channel with up to 100,000 simulated QUIC edge nodes"
 	@echo "make bench-example - the Ianvs-style Fashion-MNIST job on all 10,000 test images"
 
 # Debian's Fashion-MNIST (the demo's data; tests use the sample committed in datasets/).
@@ -65,6 +66,11 @@ test: ort fonts lint
 bench: ort
 	$(CARGO) run --release -p sedge-benchmarks --bin pipeline
 	$(CARGO) run --release -p sedge-benchmarks --bin apiserver
+	$(CARGO) run --release -p sedge-benchmarks --bin edgemark -- --suite quick
+
+# The channel at scale: 1k/10k WebSocket and 10k/100k QUIC nodes (several minutes, ~6 GB RAM).
+bench-edgemark:
+	$(CARGO) run --release -p sedge-benchmarks --bin edgemark -- --suite full
 
 bench-example: data ort fonts build
 	target/release/sedge bench -f benchmarks/examples/fashion-mnist/benchmarkingjob.yaml
