@@ -402,6 +402,7 @@ impl EdgeHub {
     /// Sends a message to the cloud reliably: stored in the outbox first (so it survives being
     /// offline and restarts), removed when the cloud acknowledges it.
     pub async fn send(&self, mut msg: Message, policy: Policy) -> Result<(), TunnelError> {
+        msg.check_size(self.inner.cfg.max_frame_bytes)?;
         msg.no_ack = false;
         let ob = self.inner.outbox.clone();
         tokio::task::spawn_blocking(move || ob.push(&msg, policy))
@@ -413,6 +414,7 @@ impl EdgeHub {
 
     /// Sends a message now without acknowledgement; fails when offline.
     pub async fn send_unacked(&self, mut msg: Message) -> Result<(), TunnelError> {
+        msg.check_size(self.inner.cfg.max_frame_bytes)?;
         msg.no_ack = true;
         let tx = self.inner.tx().ok_or(TunnelError::NotConnected)?;
         tx.send(msg.encode())

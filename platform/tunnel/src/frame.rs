@@ -77,6 +77,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some(buf))
 }
 
+/// Appends one frame to `buf` (for writing several frames at once).
+pub fn append_frame(buf: &mut Vec<u8>, payload: &[u8]) {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&payload[..len as usize]);
+}
+
 /// Writes one frame (length prefix and payload in one write).
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
     let len = u32::try_from(payload.len())

@@ -307,6 +307,7 @@ impl Hub {
     /// Queues a message for reliable delivery to `node` (coalescing by the route's resource).
     /// Works while the node is offline; delivered when it connects.
     pub async fn send(&self, node: &str, msg: Message) -> Result<Enqueued, TunnelError> {
+        msg.check_size(self.inner.cfg.max_frame_bytes)?;
         if msg.no_ack {
             self.send_unacked(node, msg).await?;
             return Ok(Enqueued::Queued);
@@ -332,6 +333,7 @@ impl Hub {
 
     /// Sends a message that needs no acknowledgement, now; fails if the node is offline.
     pub async fn send_unacked(&self, node: &str, mut msg: Message) -> Result<(), TunnelError> {
+        msg.check_size(self.inner.cfg.max_frame_bytes)?;
         msg.no_ack = true;
         let tx = {
             let nodes = self.inner.nodes.lock().unwrap_or_else(|p| p.into_inner());

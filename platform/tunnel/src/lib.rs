@@ -73,6 +73,18 @@ pub enum TunnelError {
         /// Its capacity.
         capacity: usize,
     },
+    /// A message larger than the frame cap (the peer would close the connection on it).
+    #[error(
+        "message {resource:?} encodes to {size} bytes, above the {cap}-byte frame cap (max_frame_bytes)"
+    )]
+    TooLarge {
+        /// The message's resource.
+        resource: String,
+        /// Its encoded size.
+        size: usize,
+        /// The cap.
+        cap: usize,
+    },
     /// A local database failed.
     #[error("store: {0}")]
     Store(String),

@@ -108,8 +108,17 @@ where
         let _ = in_tx.send(Err(end)).await;
     });
     tokio::spawn(async move {
+        // Queue everything already waiting, then flush once: one write for a burst.
         while let Some(b) = out_rx.recv().await {
-            if sink.send(tungstenite::Message::Binary(b)).await.is_err() {
+            if sink.feed(tungstenite::Message::Binary(b)).await.is_err() {
+                return;
+            }
+            while let Ok(b) = out_rx.try_recv() {
+                if sink.feed(tungstenite::Message::Binary(b)).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
                 return;
             }
         }
@@ -159,8 +168,18 @@ pub fn quic(
         let _ = in_tx.send(Err(end)).await;
     });
     tokio::spawn(async move {
+        // Frames already waiting go out in one write, so QUIC packs them into full packets.
+        let mut batch = Vec::new();
         while let Some(b) = out_rx.recv().await {
-            if frame::write_frame(&mut send, &b).await.is_err() {
+            batch.clear();
+            frame::append_frame(&mut batch, &b);
+            while batch.len() < 256 * 1024 {
+                match out_rx.try_recv() {
+                    Ok(b) => frame::append_frame(&mut batch, &b),
+                    Err(_) => break,
+                }
+            }
+            if send.write_all(&batch).await.is_err() {
                 return;
             }
         }

@@ -179,6 +179,19 @@ impl Message {
         self.route.group == HUB_GROUP
     }
 
+    /// Refuses a message that would not fit in a frame of `cap` bytes.
+    pub fn check_size(&self, cap: usize) -> Result<(), crate::TunnelError> {
+        let size = prost::Message::encoded_len(self);
+        if size > cap {
+            return Err(crate::TunnelError::TooLarge {
+                resource: self.route.resource.clone(),
+                size,
+                cap,
+            });
+        }
+        Ok(())
+    }
+
     /// Encodes to the wire format (protobuf).
     pub fn encode(&self) -> Bytes {
         Bytes::from(prost::Message::encode_to_vec(self))

@@ -318,6 +318,17 @@ async fn oversize_and_garbage_frames_close_only_that_connection() {
     })
     .await;
 
+    // Our own side refuses to send what the peer would refuse to read, naming the cap.
+    let big = Message::new(
+        "resource",
+        op::UPDATE,
+        "default/configmap/big",
+        vec![b'x'; 100 * 1024],
+    );
+    let e = hub.send("edge-1", big).await.unwrap_err().to_string();
+    assert!(e.contains("above the 65536-byte frame cap"), "{e}");
+    assert_eq!(hub.pending("edge-1").await.unwrap(), 0);
+
     good_node_works(&hub, &store, 2).await;
     edge1.shutdown().await;
     hub.shutdown().await;
