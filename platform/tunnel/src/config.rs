@@ -195,3 +195,37 @@ impl EdgeConfig {
             .to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_are_named() {
+        let e = "carrier-pigeon".parse::<Transport>().unwrap_err();
+        assert!(e.contains("expected `websocket` or `quic`"), "{e}");
+        let e = serde_json::from_str::<HubConfig>(r#"{"keepalive_interval": 5}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown field `keepalive_interval`"),
+            "{e}"
+        );
+        let e = serde_json::from_str::<EdgeConfig>(r#"{"transport": "udp"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `udp`"), "{e}");
+    }
+
+    #[test]
+    fn quic_address_defaults_to_the_cloud_host() {
+        let cfg = EdgeConfig {
+            cloud: "hub.example:10000".into(),
+            ..Default::default()
+        };
+        assert_eq!(cfg.quic_address(), "hub.example:10001");
+        assert_eq!(cfg.cloud_host(), "hub.example");
+        let v6 = EdgeConfig {
+            cloud: "[::1]:10000".into(),
+            ..Default::default()
+        };
+        assert_eq!(v6.cloud_host(), "::1");
+        assert_eq!(v6.dead_after(), Duration::from_secs(45));
+    }
+}

@@ -58,62 +58,26 @@ pub fn valid_node_name(name: &str) -> bool {
         })
 }
 
-fn client_verifier(
-    ca_pem: &str,
-    required: bool,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TunnelError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in sedge_pki::certs_from_pem(ca_pem, "cluster CA")? {
-        roots.add(c).map_err(sedge_pki::PkiError::from)?;
-    }
-    let b = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        sedge_pki::provider(),
-    );
-    let b = if required {
-        b
-    } else {
-        b.allow_unauthenticated()
-    };
-    b.build()
-        .map_err(|e| TunnelError::Tls(format!("client verifier: {e}")))
-}
-
 /// The hub's TCP (WebSocket + join) config: a client certificate is optional at the TLS layer
-/// (joining nodes have none yet) and required by the tunnel endpoint.
+/// (joining nodes have none yet) and required by the tunnel endpoint. HTTP/1.1 only, since the
+/// WebSocket upgrade is an HTTP/1.1 mechanism.
 pub fn hub_tcp_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<rustls::ServerConfig, TunnelError> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(sedge_pki::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(sedge_pki::PkiError::from)?
-        .with_client_cert_verifier(client_verifier(ca_pem, false)?)
-        .with_single_cert(
-            sedge_pki::certs_from_pem(cert_pem, "hub certificate")?,
-            sedge_pki::key_from_pem(key_pem, "hub key")?,
-        )
-        .map_err(sedge_pki::PkiError::from)?;
+    let mut cfg = sedge_pki::server_config(cert_pem, key_pem, Some(ca_pem), false)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
-/// The hub's QUIC config: TLS 1.3, client certificate required.
+/// The hub's QUIC config: client certificate required (QUIC itself negotiates TLS 1.3 only).
 pub fn hub_quic_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<rustls::ServerConfig, TunnelError> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(sedge_pki::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(sedge_pki::PkiError::from)?
-        .with_client_cert_verifier(client_verifier(ca_pem, true)?)
-        .with_single_cert(
-            sedge_pki::certs_from_pem(cert_pem, "hub certificate")?,
-            sedge_pki::key_from_pem(key_pem, "hub key")?,
-        )
-        .map_err(sedge_pki::PkiError::from)?;
+    let mut cfg = sedge_pki::server_config(cert_pem, key_pem, Some(ca_pem), true)?;
     cfg.alpn_protocols = vec![ALPN_QUIC.to_vec()];
     Ok(cfg)
 }
