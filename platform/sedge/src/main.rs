@@ -17,6 +17,7 @@ use sedge_inference_worker::server::{self, CloudModel};
 use sedge_inference_worker::source::Source;
 
 mod apiserver;
+mod tunnel;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +47,11 @@ enum Command {
     Dataset(DatasetCmd),
     /// Run the embedded Kubernetes-compatible API server (SQLite) and write an admin kubeconfig.
     Apiserver(apiserver::ApiserverArgs),
+    /// Manage join tokens for edge nodes (create with a TTL, list, revoke).
+    #[command(subcommand)]
+    Token(tunnel::TokenCmd),
+    /// Join this machine to the cloud as an edge node: pin the CA from the token, get a certificate.
+    Join(tunnel::JoinArgs),
 }
 
 #[derive(Args)]
@@ -257,6 +263,8 @@ fn main() -> Result<()> {
             Command::Bench(a) => bench(a).await,
             Command::Dataset(DatasetCmd::Export(a)) => export(a),
             Command::Apiserver(a) => apiserver::run(a, shutdown_signal()).await,
+            Command::Token(c) => tunnel::token(c),
+            Command::Join(a) => tunnel::join(a).await,
         }
     })
 }

@@ -1,0 +1,190 @@
+//! `sedge token` (join tokens on the cloud) and `sedge join` (an edge node joining the cloud).
+//!
+//! Tokens live in the cloud hub's database; these commands open it directly (SQLite in WAL mode,
+//! safe next to a running hub), the way `kubeadm token` works against a cluster.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use sedge_tunnel::token::TokenStore;
+
+/// Where the cloud keeps its hub database and CA.
+#[derive(Args)]
+pub struct CloudDirs {
+    /// The cloud hub's data directory (holds hub.db).
+    #[arg(
+        long,
+        env = "SEDGE_CLOUDHUB_DATA_DIR",
+        default_value = "sedge-data/cloudhub"
+    )]
+    data_dir: PathBuf,
+    /// The cluster PKI directory (ca.crt, ca.key, token.key).
+    #[arg(long, env = "SEDGE_PKI_DIR", default_value = "sedge-data/pki")]
+    pki_dir: PathBuf,
+}
+
+/// `sedge token ...`
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a join token and print it.
+    Create {
+        #[command(flatten)]
+        dirs: CloudDirs,
+        /// Lifetime: a number with s, m, h or d (e.g. 30m, 24h, 7d).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// Free text shown by `sedge token list`.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List the tokens that have not been revoked.
+    List {
+        #[command(flatten)]
+        dirs: CloudDirs,
+    },
+    /// Revoke a token by id or by its full text.
+    Revoke {
+        #[command(flatten)]
+        dirs: CloudDirs,
+        /// Token id (from `sedge token list`) or the token itself.
+        token: String,
+    },
+}
+
+/// Parses `30s`, `15m`, `24h`, `7d`.
+pub fn parse_ttl(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().with_context(|| {
+        format!("TTL {s:?}: expected a number followed by s, m, h or d (e.g. 24h)")
+    })?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => bail!("TTL {s:?}: unit {unit:?} is not one of s, m, h, d (e.g. 24h)"),
+    };
+    if secs == 0 {
+        bail!("TTL {s:?}: must be above zero");
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn open(dirs: &CloudDirs) -> Result<TokenStore> {
+    for d in [&dirs.data_dir, &dirs.pki_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let ca = sedge_pki::Ca::load_or_create(&dirs.pki_dir, "sedge-ca")?;
+    let hash = sedge_tunnel::tls::ca_hash(&ca.cert_der()?);
+    Ok(TokenStore::open(
+        &dirs.data_dir.join("hub.db"),
+        &dirs.pki_dir,
+        &hash,
+    )?)
+}
+
+fn when(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// Runs `sedge token ...`.
+pub fn token(cmd: TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Create {
+            dirs,
+            ttl,
+            description,
+        } => {
+            let ttl = parse_ttl(&ttl)?;
+            let (token, info) = open(&dirs)?.create(ttl, &description)?;
+            eprintln!("token {} expires {}", info.id, when(info.expires));
+            println!("{token}");
+        }
+        TokenCmd::List { dirs } => {
+            let now = chrono::Utc::now().timestamp();
+            println!(
+                "{:<14} {:<22} {:<8} {:<5} {:<16} DESCRIPTION",
+                "ID", "EXPIRES", "STATE", "USES", "LAST NODE"
+            );
+            for t in open(&dirs)?.list()? {
+                println!(
+                    "{:<14} {:<22} {:<8} {:<5} {:<16} {}",
+                    t.id,
+                    when(t.expires),
+                    if t.expires > now { "valid" } else { "expired" },
+                    t.uses,
+                    if t.last_node.is_empty() {
+                        "-"
+                    } else {
+                        &t.last_node
+                    },
+                    t.description
+                );
+            }
+        }
+        TokenCmd::Revoke { dirs, token } => {
+            if !open(&dirs)?.revoke(&token)? {
+                bail!("no token {token:?}: see `sedge token list`");
+            }
+            println!("revoked");
+        }
+    }
+    Ok(())
+}
+
+/// Flags of `sedge join`.
+#[derive(Args)]
+pub struct JoinArgs {
+    /// The cloud hub's address, host:port (the TCP port: WebSocket and join).
+    #[arg(long, env = "SEDGE_CLOUD")]
+    cloud: String,
+    /// A join token from `sedge token create`.
+    #[arg(long, env = "SEDGE_JOIN_TOKEN")]
+    token: String,
+    /// This node's name (lower-case DNS name).
+    #[arg(long, env = "SEDGE_NODE_NAME")]
+    node_name: String,
+    /// Where the node keeps its credentials.
+    #[arg(long, env = "SEDGE_EDGE_DATA_DIR", default_value = "sedge-data/edge")]
+    data_dir: PathBuf,
+}
+
+/// Runs `sedge join`.
+pub async fn join(a: JoinArgs) -> Result<()> {
+    let cfg = sedge_tunnel::EdgeConfig {
+        node_name: a.node_name,
+        cloud: a.cloud,
+        data_dir: a.data_dir,
+        ..Default::default()
+    };
+    let j = sedge_tunnel::join(&cfg, &a.token).await?;
+    println!(
+        "joined as node {} (certificate valid until {}, CA {}); credentials in {}",
+        j.node,
+        when(j.expires),
+        &j.ca_hash[..16],
+        cfg.data_dir.join("pki").display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_parse_and_bad_ones_say_what_is_accepted() {
+        assert_eq!(parse_ttl("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_ttl("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_ttl("7d").unwrap(), Duration::from_secs(604_800));
+        for bad in ["", "h", "10y", "0h", "1.5h"] {
+            let e = parse_ttl(bad).unwrap_err().to_string();
+            assert!(e.contains("TTL"), "{bad}: {e}");
+        }
+    }
+}

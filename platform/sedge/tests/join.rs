@@ -1,0 +1,114 @@
+//! `sedge token` and `sedge join` as users run them, against a real hub.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sedge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sedge"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("sedge runs")
+}
+
+fn dirs(d: &Path) -> Vec<String> {
+    vec![
+        "--data-dir".into(),
+        d.join("hub").display().to_string(),
+        "--pki-dir".into(),
+        d.join("pki").display().to_string(),
+    ]
+}
+
+fn run(args: Vec<String>) -> (bool, String, String) {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = sedge(&a);
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_created_listed_used_and_revoked() {
+    let d = tempfile::tempdir().unwrap();
+    let tok = |extra: &[&str]| {
+        let mut a: Vec<String> = vec!["token".into(), extra[0].into()];
+        a.extend(dirs(d.path()));
+        a.extend(extra[1..].iter().map(|s| s.to_string()));
+        a
+    };
+    let (ok, token, err) = run(tok(&["create", "--ttl", "1h", "--description", "site-a"]));
+    assert!(ok, "{err}");
+    let token = token.trim().to_string();
+    assert!(token.contains('.'), "{token}");
+
+    // The hub uses the same database and CA.
+    let hub = sedge_tunnel::Hub::start(
+        sedge_tunnel::HubConfig {
+            data_dir: d.path().join("hub"),
+            pki_dir: d.path().join("pki"),
+            listen: "127.0.0.1:0".into(),
+            listen_quic: String::new(),
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let cloud = hub.addr().to_string();
+    let edge_dir = d.path().join("edge").display().to_string();
+    let join = |token: &str, node: &str| {
+        run([
+            "join",
+            "--cloud",
+            &cloud,
+            "--token",
+            token,
+            "--node-name",
+            node,
+            "--data-dir",
+            &edge_dir,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
+    };
+    let (ok, out, err) = tokio::task::block_in_place(|| join(&token, "edge-1"));
+    assert!(ok, "{err}");
+    assert!(out.contains("joined as node edge-1"), "{out}");
+    assert!(d.path().join("edge/pki/node.crt").exists());
+
+    let (ok, list, _) = run(tok(&["list"]));
+    assert!(ok);
+    assert!(
+        list.contains("site-a") && list.contains("valid") && list.contains("edge-1"),
+        "{list}"
+    );
+    let id = list
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let (ok, _, err) = run(tok(&["revoke", &id]));
+    assert!(ok, "{err}");
+    let (ok, _, err) = tokio::task::block_in_place(|| join(&token, "edge-2"));
+    assert!(!ok);
+    assert!(err.contains("revoked"), "{err}");
+
+    // Bad input names what was wrong.
+    let (ok, _, err) = run(tok(&["create", "--ttl", "10y"]));
+    assert!(!ok);
+    assert!(err.contains("unit \"y\" is not one of s, m, h, d"), "{err}");
+    let (ok, _, err) = run(tok(&["revoke", "nope"]));
+    assert!(!ok);
+    assert!(err.contains("no token \"nope\""), "{err}");
+    let (ok, _, err) = tokio::task::block_in_place(|| join("garbage", "Edge_1"));
+    assert!(!ok);
+    assert!(err.contains("not a lower-case DNS name"), "{err}");
+    hub.shutdown().await;
+}
