@@ -20,7 +20,7 @@ use crate::link::{self, Link, LinkEnd};
 use crate::message::{HUB_GROUP, Message, op};
 use crate::outbox::{Outbox, Policy};
 use crate::session::{
-    Counters, Handler, Hello, Incoming, LinkEvent, Requests, Welcome, ack_for, control,
+    Counters, Handler, Hello, LinkEvent, Requests, Welcome, control, serve, unix_secs,
 };
 use crate::tls;
 
@@ -67,13 +67,6 @@ pub struct Identity {
     pub not_after: i64,
 }
 
-fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
 impl Identity {
     /// Loads the credentials in `data_dir`.
     pub fn load(data_dir: &Path) -> Result<Identity, TunnelError> {
@@ -102,7 +95,7 @@ impl Identity {
 
     /// Whether the certificate has expired.
     pub fn expired(&self) -> bool {
-        now_s() >= self.not_after
+        unix_secs() >= self.not_after
     }
 
     /// When to renew: `fraction` (plus up to 0.1 of jitter) into the lifetime, Unix seconds.
@@ -479,7 +472,7 @@ async fn run(inner: Arc<EdgeInner>) {
             Ok(mut id) => {
                 if id.expired() {
                     tracing::error!(node = %inner.node, expired = id.not_after, "the node certificate has expired; the cloud will refuse it. Join again with a new token: `sedge join --token ...`");
-                } else if now_s() >= id.renew_at(inner.cfg.rotate_after_fraction) {
+                } else if unix_secs() >= id.renew_at(inner.cfg.rotate_after_fraction) {
                     match renew(&inner.cfg).await {
                         Ok(new) => {
                             Counters::inc(&inner.counters.certificates_issued);
@@ -632,7 +625,12 @@ async fn session(inner: &Arc<EdgeInner>, mut link: Link, id: &Identity) -> bool 
     let (closed_tx, closed_rx) = watch::channel(false);
     let flusher = tokio::spawn(flush_outbox(inner.clone(), link.tx.clone(), closed_rx));
     let (work_tx, work_rx) = mpsc::channel::<Message>(1024);
-    let worker = tokio::spawn(work(inner.clone(), work_rx, link.tx.clone()));
+    let worker = tokio::spawn(serve(
+        inner.handler.clone(),
+        node.clone(),
+        work_rx,
+        link.tx.clone(),
+    ));
     let dead_after = inner.cfg.dead_after();
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(inner.cfg.keepalive());
@@ -645,7 +643,7 @@ async fn session(inner: &Arc<EdgeInner>, mut link: Link, id: &Identity) -> bool 
                 if last_seen.elapsed() > dead_after {
                     break format!("no traffic from the cloud for {dead_after:?} (dead peer)");
                 }
-                if now_s() >= renew_at {
+                if unix_secs() >= renew_at {
                     break "certificate due for renewal".to_string();
                 }
                 let _ = link.tx.try_send(control(op::KEEPALIVE, "ping").encode());
@@ -718,39 +716,6 @@ async fn outbox_done(inner: &Arc<EdgeInner>, id: &str) {
         let id = id.to_string();
         let _ = tokio::task::spawn_blocking(move || ob.remove(&id)).await;
         inner.outbox_notify.notify_one();
-    }
-}
-
-async fn work(inner: Arc<EdgeInner>, mut rx: mpsc::Receiver<Message>, tx: mpsc::Sender<Bytes>) {
-    while let Some(m) = rx.recv().await {
-        let r = (inner.handler)(Incoming {
-            node: inner.node.clone(),
-            message: m.clone(),
-        })
-        .await;
-        let out = match r {
-            Ok(reply) => {
-                if !m.no_ack && tx.send(ack_for(&m).encode()).await.is_err() {
-                    return;
-                }
-                reply.map(|mut r| {
-                    if r.parent_id.is_empty() {
-                        r.parent_id = m.id.clone();
-                    }
-                    r.no_ack = true;
-                    r
-                })
-            }
-            Err(why) => {
-                tracing::warn!(resource = %m.route.resource, reason = %why, "handler failed; the cloud will resend");
-                Some(m.reply(op::ERROR, why))
-            }
-        };
-        if let Some(o) = out
-            && tx.send(o.encode()).await.is_err()
-        {
-            return;
-        }
     }
 }
 

@@ -27,9 +27,7 @@ use crate::link::{self, Link, LinkEnd};
 use crate::message::{HUB_GROUP, Message, op};
 use crate::queue::{AckEffect, Enqueued, NodeQueue};
 use crate::records::Records;
-use crate::session::{
-    Counters, Handler, Hello, Incoming, LinkEvent, Requests, Welcome, ack_for, control,
-};
+use crate::session::{Counters, Handler, Hello, LinkEvent, Requests, Welcome, control, serve};
 use crate::tls;
 use crate::token::TokenStore;
 
@@ -297,10 +295,7 @@ impl Hub {
     /// Whether `node` has a live session.
     pub fn is_connected(&self, node: &str) -> bool {
         self.inner
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node)
+            .known(node)
             .is_some_and(|n| n.session().is_some())
     }
 
@@ -335,12 +330,10 @@ impl Hub {
     pub async fn send_unacked(&self, node: &str, mut msg: Message) -> Result<(), TunnelError> {
         msg.check_size(self.inner.cfg.max_frame_bytes)?;
         msg.no_ack = true;
-        let tx = {
-            let nodes = self.inner.nodes.lock().unwrap_or_else(|p| p.into_inner());
-            nodes
-                .get(node)
-                .and_then(|n| n.session().as_ref().map(|s| s.tx.clone()))
-        };
+        let tx = self
+            .inner
+            .known(node)
+            .and_then(|n| n.session().as_ref().map(|s| s.tx.clone()));
         let tx = tx.ok_or(TunnelError::NotConnected)?;
         tx.send(msg.encode())
             .await
@@ -387,24 +380,24 @@ impl Hub {
 }
 
 impl Inner {
+    /// The node's state if it has been loaded.
+    fn known(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
     /// The node's state, loading its delivery records on first use.
     async fn node(&self, name: &str) -> Result<Arc<Node>, TunnelError> {
-        if let Some(n) = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
-            return Ok(n.clone());
+        if let Some(n) = self.known(name) {
+            return Ok(n);
         }
+        // One loader at a time; whoever waited may find the node loaded by the one before.
         let _one_loader = self.loading.lock().await;
-        if let Some(n) = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
-            return Ok(n.clone());
+        if let Some(n) = self.known(name) {
+            return Ok(n);
         }
         let records = self.records.clone();
         let owned = name.to_string();
@@ -455,20 +448,9 @@ async fn accept_tcp(
         tokio::spawn(async move {
             let _ = sock.set_nodelay(true);
             let hs = inner.cfg.handshake_timeout_ms;
-            let tls = match tokio::time::timeout(Duration::from_millis(hs), acceptor.accept(sock))
-                .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    Counters::inc(&inner.counters.handshake_failures);
-                    tracing::warn!(%remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    Counters::inc(&inner.counters.handshake_failures);
-                    tracing::debug!(%remote, "TLS handshake timed out");
-                    return;
-                }
+            let accept = async { acceptor.accept(sock).await.map_err(|e| e.to_string()) };
+            let Some(tls) = handshake(&inner, remote, "TLS handshake", accept).await else {
+                return;
             };
             drop(permit);
             let peer = tls
@@ -676,7 +658,6 @@ async fn accept_quic(inner: Arc<Inner>, ep: quinn::Endpoint, sem: Arc<Semaphore>
         let inner = inner.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let hs = Duration::from_millis(inner.cfg.handshake_timeout_ms);
             let setup = async {
                 let conn = incoming.await.map_err(|e| e.to_string())?;
                 let node = conn
@@ -697,23 +678,39 @@ async fn accept_quic(inner: Arc<Inner>, ep: quinn::Endpoint, sem: Arc<Semaphore>
                 let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
                 Ok::<_, String>((conn, node, send, recv))
             };
-            let (conn, node, send, recv) = match tokio::time::timeout(hs, setup).await {
-                Ok(Ok(x)) => x,
-                Ok(Err(why)) => {
-                    Counters::inc(&inner.counters.handshake_failures);
-                    tracing::warn!(%remote, reason = %why, "QUIC connection refused");
-                    return;
-                }
-                Err(_) => {
-                    Counters::inc(&inner.counters.handshake_failures);
-                    tracing::debug!(%remote, "QUIC handshake timed out");
-                    return;
-                }
+            let Some((conn, node, send, recv)) =
+                handshake(&inner, remote, "QUIC handshake", setup).await
+            else {
+                return;
             };
             drop(permit);
             let max = inner.cfg.max_frame_bytes;
             run_session(inner, node, link::quic(conn, send, recv, max)).await;
         });
+    }
+}
+
+/// Runs a connection's handshake under the handshake timeout; a failure or timeout is counted
+/// and logged (failures as warnings: they name a certificate or protocol problem).
+async fn handshake<T>(
+    inner: &Inner,
+    remote: SocketAddr,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, String>>,
+) -> Option<T> {
+    let limit = Duration::from_millis(inner.cfg.handshake_timeout_ms);
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(t)) => Some(t),
+        Ok(Err(why)) => {
+            Counters::inc(&inner.counters.handshake_failures);
+            tracing::warn!(%remote, reason = %why, "{what} failed");
+            None
+        }
+        Err(_) => {
+            Counters::inc(&inner.counters.handshake_failures);
+            tracing::debug!(%remote, "{what} timed out");
+            None
+        }
     }
 }
 
@@ -802,7 +799,12 @@ async fn run_session(inner: Arc<Inner>, node: String, mut link: Link) {
         close_rx.clone(),
     ));
     let (work_tx, work_rx) = mpsc::channel::<Message>(1024);
-    let worker = tokio::spawn(work(inner.clone(), node.clone(), work_rx, link.tx.clone()));
+    let worker = tokio::spawn(serve(
+        inner.handler.clone(),
+        node.clone(),
+        work_rx,
+        link.tx.clone(),
+    ));
 
     let dead_after = inner.cfg.dead_after();
     let mut last_seen = Instant::now();
@@ -904,43 +906,6 @@ async fn run_session(inner: Arc<Inner>, node: String, mut link: Link) {
     }
 }
 
-async fn work(
-    inner: Arc<Inner>,
-    node: String,
-    mut rx: mpsc::Receiver<Message>,
-    tx: mpsc::Sender<Bytes>,
-) {
-    while let Some(m) = rx.recv().await {
-        let result = (inner.handler)(Incoming {
-            node: node.clone(),
-            message: m.clone(),
-        })
-        .await;
-        match result {
-            Ok(reply) => {
-                if !m.no_ack && !send_now(&tx, &ack_for(&m)).await {
-                    return;
-                }
-                if let Some(mut r) = reply {
-                    if r.parent_id.is_empty() {
-                        r.parent_id = m.id.clone();
-                    }
-                    r.no_ack = true;
-                    if !send_now(&tx, &r).await {
-                        return;
-                    }
-                }
-            }
-            Err(why) => {
-                tracing::warn!(%node, resource = %m.route.resource, reason = %why, "handler failed");
-                if !send_now(&tx, &m.reply(op::ERROR, why)).await {
-                    return;
-                }
-            }
-        }
-    }
-}
-
 /// Sends the node's queue: up to the window in flight, retries on the ack timeout.
 async fn pump(
     inner: Arc<Inner>,
@@ -957,9 +922,10 @@ async fn pump(
             ack_timeout,
             max_backoff,
         );
-        for _ in 0..retried {
-            Counters::inc(&inner.counters.retries);
-        }
+        inner
+            .counters
+            .retries
+            .fetch_add(retried as u64, Ordering::Relaxed);
         for m in msgs {
             if tx.send(m.encode()).await.is_err() {
                 return;

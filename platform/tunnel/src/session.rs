@@ -86,6 +86,55 @@ pub(crate) fn ack_for(m: &Message) -> Message {
     a
 }
 
+/// Feeds incoming messages to the handler in order and answers each: an ack once handled (for
+/// messages that need one), the handler's reply, or an `error` reply the sender retries on.
+/// Used by both ends of a session.
+pub(crate) async fn serve(
+    handler: Handler,
+    node: String,
+    mut rx: tokio::sync::mpsc::Receiver<Message>,
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+) {
+    while let Some(m) = rx.recv().await {
+        let result = handler(Incoming {
+            node: node.clone(),
+            message: m.clone(),
+        })
+        .await;
+        let out = match result {
+            Ok(reply) => {
+                if !m.no_ack && tx.send(ack_for(&m).encode()).await.is_err() {
+                    return;
+                }
+                reply.map(|mut r| {
+                    if r.parent_id.is_empty() {
+                        r.parent_id = m.id.clone();
+                    }
+                    r.no_ack = true;
+                    r
+                })
+            }
+            Err(why) => {
+                tracing::warn!(%node, resource = %m.route.resource, reason = %why, "handler failed; the sender will retry");
+                Some(m.reply(op::ERROR, why))
+            }
+        };
+        if let Some(o) = out
+            && tx.send(o.encode()).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
 /// Outstanding requests waiting for replies, by request id.
 #[derive(Debug, Default)]
 pub(crate) struct Requests {

@@ -90,13 +90,6 @@ impl std::fmt::Debug for TokenStore {
     }
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
 fn db_err(e: rusqlite::Error) -> TunnelError {
     TunnelError::Store(e.to_string())
 }
@@ -150,7 +143,7 @@ impl TokenStore {
             return Err(TunnelError::Config("a token TTL must be above zero".into()));
         }
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let created = now();
+        let created = crate::session::unix_secs();
         let expires = created.saturating_add(ttl.as_secs().min(i64::MAX as u64) as i64);
         let claims = Claims {
             jti: id.clone(),

@@ -81,15 +81,24 @@ async fn bad_tokens_and_a_tampered_hash_are_refused_and_write_nothing() {
     other_hub.shutdown().await;
 }
 
-async fn ws_connect(hub: &Hub, id: &Identity) -> link::Link {
-    let cfg =
-        tls::edge_client_config(&id.ca_pem, Some((&id.cert_pem, &id.key_pem)), false).unwrap();
+/// TLS to the hub's TCP port, with the node's certificate when `id` is given.
+async fn tls_to_hub(
+    hub: &Hub,
+    ca_pem: &str,
+    id: Option<&Identity>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cert = id.map(|id| (id.cert_pem.as_str(), id.key_pem.as_str()));
+    let cfg = tls::edge_client_config(ca_pem, cert, false).unwrap();
     let tcp = tokio::net::TcpStream::connect(hub.addr()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn ws_connect(hub: &Hub, id: &Identity) -> link::Link {
+    let tls = tls_to_hub(hub, &id.ca_pem, Some(id)).await;
     let url = format!("wss://{}/v1/tunnel", hub.addr());
     let (ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
     link::websocket(ws, hub.addr())
@@ -108,14 +117,7 @@ async fn recv(l: &mut link::Link) -> Result<Message, link::LinkEnd> {
 
 /// Raw HTTP over TLS with a client certificate, returning the status line and body.
 async fn raw_post(hub: &Hub, id: &Identity, node: &str) -> String {
-    let cfg =
-        tls::edge_client_config(&id.ca_pem, Some((&id.cert_pem, &id.key_pem)), false).unwrap();
-    let tcp = tokio::net::TcpStream::connect(hub.addr()).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut tls = tls_to_hub(hub, &id.ca_pem, Some(id)).await;
     let (csr, _) = sedge_pki::make_csr("whatever").unwrap();
     let req = format!(
         "POST /edge.crt HTTP/1.1\r\nHost: x\r\nNodeName: {node}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{csr}",
@@ -170,18 +172,7 @@ async fn a_certificate_only_works_for_its_own_node() {
     assert_eq!(m.route.operation, op::REFUSED);
     assert_eq!(hub.counters().get("refused"), 1);
     // No client certificate at all: the tunnel endpoint says so.
-    let anon = Identity {
-        cert_pem: String::new(),
-        key_pem: String::new(),
-        ..id2.clone()
-    };
-    let cfg = tls::edge_client_config(&anon.ca_pem, None, false).unwrap();
-    let tcp = tokio::net::TcpStream::connect(hub.addr()).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let tls = tls_to_hub(&hub, &id2.ca_pem, None).await;
     let err = tokio_tungstenite::client_async(format!("wss://{}/v1/tunnel", hub.addr()), tls)
         .await
         .unwrap_err()
