@@ -280,8 +280,11 @@ fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResu
         }
         [] => return Err(ApiError::NoRoute),
     };
+    let pod_sub =
+        |s: &str| rt.kind == "Pod" && rt.group.is_empty() && (s == "log" || s == "binding");
     if let Some(s) = &sub
         && !(s == "status" && rt.status_subresource)
+        && !pod_sub(s)
     {
         return Err(ApiError::NoRoute);
     }
@@ -576,6 +579,77 @@ fn delete_opts(params: &Params, body: Option<&Value>) -> ApiResult<DeleteOpts> {
     Ok(o)
 }
 
+/// `GET pods/{name}/log`: resolves the container and forwards to the pod's node through the
+/// [`ops::PodLogSource`] the cloud core installed.
+async fn pod_log(
+    app: &Arc<App>,
+    rt: Arc<ResourceType>,
+    ns: &str,
+    name: &str,
+    params: &Params,
+) -> ApiResult<Response> {
+    let core = app.core.clone();
+    let (ns2, name2) = (ns.to_string(), name.to_string());
+    let pod = blocking(move || ops::get(&core, &rt, "v1", Some(&ns2), &name2)).await?;
+    let containers: Vec<String> = pod["spec"]["containers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let container = match params.get("container").filter(|c| !c.is_empty()) {
+        Some(c) if containers.contains(c) => c.clone(),
+        Some(c) => {
+            return Err(ApiError::bad_request(format!(
+                "container {c} is not valid for pod {name}"
+            )));
+        }
+        None if containers.len() == 1 => containers[0].clone(),
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                containers.join(" ")
+            )));
+        }
+    };
+    let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
+    if node.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "pod {name} does not have a host assigned"
+        )));
+    }
+    let number = |k: &str| -> ApiResult<Option<u64>> {
+        match params.get(k).filter(|v| !v.is_empty()) {
+            Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+                ApiError::bad_request(format!("{k}: {v:?} is not a non-negative integer"))
+            }),
+            None => Ok(None),
+        }
+    };
+    let req = ops::PodLogRequest {
+        namespace: ns.to_string(),
+        pod: name.to_string(),
+        uid: pod["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        node: node.to_string(),
+        container,
+        tail_lines: number("tailLines")?,
+        limit_bytes: number("limitBytes")?,
+        previous: flag(params, "previous"),
+    };
+    let source = app.core.pod_logs.get().cloned().ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "cannot get logs from node {node}: no cloud core is attached to this API server (run `sedge up`, or `sedge cloud` with the embedded API server)"
+        ))
+    })?;
+    let text = (source.0)(req).await.map_err(ApiError::Unavailable)?;
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text).into_response())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn resource(
     app: &Arc<App>,
@@ -597,6 +671,27 @@ async fn resource(
     let ns = t.namespace.clone();
     let sub = t.sub.clone();
     let is_watch = t.watch_path || flag(params, "watch");
+    if let (Some(s), Some(name), Some(ns)) = (sub.as_deref(), t.name.clone(), ns.clone())
+        && (s == "log" || s == "binding")
+    {
+        let resp = if s == "log" {
+            only_get(method)?;
+            pod_log(app, rt.clone(), &ns, &name, params).await?
+        } else {
+            if method != Method::POST {
+                return Err(ApiError::MethodNotAllowed(
+                    "pods/binding supports only POST".into(),
+                ));
+            }
+            let bytes = read_body(headers, body, app.max_body).await?;
+            let binding = parse_body(headers, &bytes)?;
+            let ctx = write_ctx(headers, params, &identity)?;
+            let bound =
+                blocking(move || ops::bind_pod(&core, &rt, &ns, &name, &binding, &ctx)).await?;
+            json_response(StatusCode::CREATED, &bound)
+        };
+        return Ok((format!("{label}/{s}"), resp));
+    }
     let resp = match (method.clone(), t.name.clone()) {
         (Method::GET, _) if is_watch => {
             let mut opts = list_opts(&rt, params)?;

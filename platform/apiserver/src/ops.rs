@@ -40,6 +40,49 @@ pub struct Core {
     pub store: Arc<Store>,
     /// Served resources.
     pub registry: Registry,
+    /// Where `pods/{name}/log` is forwarded: set by the cloud core when it runs in the same
+    /// process (`sedge up`); unset, the subresource answers 503 saying so.
+    pub pod_logs: std::sync::OnceLock<PodLogSource>,
+}
+
+/// What `kubectl logs` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodLogRequest {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod UID (so a recreated pod of the same name is not confused with the old one).
+    pub uid: String,
+    /// The node the pod is bound to.
+    pub node: String,
+    /// The container (resolved: never empty).
+    pub container: String,
+    /// `tailLines`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_lines: Option<u64>,
+    /// `limitBytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_bytes: Option<u64>,
+    /// `previous`: the log of the last terminated instance.
+    #[serde(default)]
+    pub previous: bool,
+}
+
+/// Serves pod logs from wherever the pod runs.
+pub type PodLogFn = dyn Fn(PodLogRequest) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, String>>
+    + Send
+    + Sync;
+
+/// A [`PodLogFn`] behind a `Debug` wrapper.
+#[derive(Clone)]
+pub struct PodLogSource(pub Arc<PodLogFn>);
+
+impl std::fmt::Debug for PodLogSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PodLogSource")
+    }
 }
 
 /// Who is writing, and whether for real.
@@ -78,6 +121,61 @@ fn check_pruned(
         )));
     }
     Ok(())
+}
+
+/// `POST pods/{name}/binding`: assigns a pending pod to a node, as a scheduler does.
+pub fn bind_pod(
+    core: &Core,
+    rt: &ResourceType,
+    ns: &str,
+    name: &str,
+    binding: &Value,
+    ctx: &WriteCtx,
+) -> ApiResult<Value> {
+    let target = binding["target"]["name"].as_str().unwrap_or_default();
+    if target.is_empty() {
+        return Err(ApiError::Invalid {
+            kind: "Binding".into(),
+            group: String::new(),
+            name: name.into(),
+            causes: vec![Cause::required("target.name")],
+        });
+    }
+    let pod = get(core, rt, "v1", Some(ns), name)?;
+    let current = pod["spec"]["nodeName"].as_str().unwrap_or_default();
+    if !current.is_empty() {
+        return Err(ApiError::Conflict {
+            resource: rt.qualified(),
+            name: name.into(),
+            message: format!("pod {name} is already assigned to node \"{current}\""),
+            causes: vec![],
+        });
+    }
+    if let Some(uid) = binding["metadata"]["uid"].as_str()
+        && !uid.is_empty()
+        && Some(uid) != pod["metadata"]["uid"].as_str()
+    {
+        return Err(ApiError::Conflict {
+            resource: rt.qualified(),
+            name: name.into(),
+            message: format!("the binding is for UID {uid}, the pod is another object"),
+            causes: vec![],
+        });
+    }
+    patch(
+        core,
+        rt,
+        "v1",
+        Some(ns),
+        name,
+        PatchType::Merge,
+        json!({"spec": {"nodeName": target}}),
+        None,
+        ctx,
+    )?;
+    Ok(
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+    )
 }
 
 /// Kinds of PATCH.

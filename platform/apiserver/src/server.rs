@@ -161,6 +161,7 @@ impl ApiServer {
         let core = Arc::new(Core {
             store: Arc::new(store),
             registry: Registry::default(),
+            pod_logs: Default::default(),
         });
         {
             let c = core.clone();
