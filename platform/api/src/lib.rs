@@ -1,0 +1,163 @@
+//! The contract between the cloud core and the edge core, on top of the channel (`sedge-tunnel`).
+//!
+//! Every message names a resource as `<namespace>/<kind>/<name>` (cluster-scoped objects use the
+//! namespace `null`, as KubeEdge does) and a group that picks the module that handles it on the
+//! receiving side. Objects travel as their Kubernetes JSON; the payloads that are ours are here.
+//!
+//! | direction | group | operation | resource | content |
+//! |---|---|---|---|---|
+//! | cloud -> edge | `meta` | `update` | `<ns>/pod|configmap|secret/<name>` | the object (resourceVersion on the message) |
+//! | cloud -> edge | `meta` | `delete` | same | empty |
+//! | cloud -> edge | `edged` | `query` | `<ns>/podlog/<name>` | [`LogRequest`]; reply: the log bytes |
+//! | edge -> cloud | `cloud` | `insert` | `null/node/<node>` | the Node the edge registers (labels, status) |
+//! | edge -> cloud | `cloud` | `update` | `null/nodestatus/<node>` | `NodeStatus` |
+//! | edge -> cloud | `cloud` | `update` | `kube-node-lease/lease/<node>` | [`LeaseReport`] |
+//! | edge -> cloud | `cloud` | `update` | `<ns>/podstatus/<name>` | [`PodStatusReport`] |
+//! | edge -> cloud | `cloud` | `delete` | `<ns>/podstatus/<name>` | [`PodStatusReport`]: containers stopped, finish the delete |
+//! | edge -> cloud | `cloud` | `insert` | `<ns>/event/<pod>` | a core/v1 `Event` |
+//!
+//! Other groups are free for edge modules (see `sedge_edgecore::EdgeModule`); the cloud side hands
+//! them to whoever registered the group.
+
+use serde::{Deserialize, Serialize};
+
+/// Message groups.
+pub mod group {
+    /// Objects for the edge's meta manager.
+    pub const META: &str = "meta";
+    /// Requests for edged (logs).
+    pub const EDGED: &str = "edged";
+    /// Reports from the edge for the cloud core.
+    pub const CLOUD: &str = "cloud";
+}
+
+/// Resource kinds in message routes.
+pub mod kind {
+    /// A pod.
+    pub const POD: &str = "pod";
+    /// A config map.
+    pub const CONFIGMAP: &str = "configmap";
+    /// A secret.
+    pub const SECRET: &str = "secret";
+    /// Node registration.
+    pub const NODE: &str = "node";
+    /// Node status.
+    pub const NODE_STATUS: &str = "nodestatus";
+    /// Node lease heartbeat.
+    pub const LEASE: &str = "lease";
+    /// Pod status.
+    pub const POD_STATUS: &str = "podstatus";
+    /// An event about a pod.
+    pub const EVENT: &str = "event";
+    /// A pod log request.
+    pub const POD_LOG: &str = "podlog";
+}
+
+/// The label every edge node carries (KubeEdge's).
+pub const EDGE_LABEL: &str = "node-role.kubernetes.io/edge";
+
+/// The namespace part of a cluster-scoped object's key.
+pub const CLUSTER_NS: &str = "null";
+
+/// A parsed resource key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    /// Namespace, or [`CLUSTER_NS`].
+    pub namespace: String,
+    /// Kind (see [`kind`]).
+    pub kind: String,
+    /// Name.
+    pub name: String,
+}
+
+impl Key {
+    /// A key from its parts; `None` namespace means cluster-scoped.
+    pub fn new(namespace: Option<&str>, kind: &str, name: &str) -> Key {
+        Key {
+            namespace: namespace.unwrap_or(CLUSTER_NS).to_string(),
+            kind: kind.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Parses `<ns>/<kind>/<name>`.
+    pub fn parse(s: &str) -> Result<Key, String> {
+        let mut it = s.splitn(3, '/');
+        match (it.next(), it.next(), it.next()) {
+            (Some(ns), Some(kind), Some(name))
+                if !ns.is_empty()
+                    && !kind.is_empty()
+                    && !name.is_empty()
+                    && !name.contains('/') =>
+            {
+                Ok(Key::new(Some(ns), kind, name))
+            }
+            _ => Err(format!("resource {s:?} is not <namespace>/<kind>/<name>")),
+        }
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.namespace, self.kind, self.name)
+    }
+}
+
+/// What the cloud asks edged for when a user runs `kubectl logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LogRequest {
+    /// The pod's UID (a recreated pod of the same name is another pod).
+    pub uid: String,
+    /// The container.
+    pub container: String,
+    /// Only the last N lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_lines: Option<u64>,
+    /// At most this many bytes (from the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_bytes: Option<u64>,
+    /// The previous (terminated) instance's log.
+    #[serde(default)]
+    pub previous: bool,
+}
+
+/// A pod's status as the edge sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatusReport {
+    /// The pod's UID: a report for an older pod of the same name is ignored.
+    pub uid: String,
+    /// A core/v1 `PodStatus`.
+    pub status: serde_json::Value,
+}
+
+/// A node lease heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseReport {
+    /// When the edge renewed it (RFC 3339 with microseconds, as `Lease.spec.renewTime`).
+    pub renew_time: String,
+    /// `Lease.spec.leaseDurationSeconds`.
+    pub duration_seconds: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_reject_malformed() {
+        let k = Key::new(Some("default"), kind::POD, "web-1");
+        assert_eq!(k.to_string(), "default/pod/web-1");
+        assert_eq!(Key::parse("default/pod/web-1").unwrap(), k);
+        assert_eq!(
+            Key::new(None, kind::NODE, "edge-1").to_string(),
+            "null/node/edge-1"
+        );
+        for bad in ["", "a/b", "a//c", "/pod/x", "ns/pod/a/b"] {
+            let e = Key::parse(bad).unwrap_err();
+            assert!(e.contains("<namespace>/<kind>/<name>"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,707 @@
+//! The edge controller: a shared informer cache, the downstream sync (what each edge node needs),
+//! and the upstream handler (what edge nodes report).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use sedge_api::{EDGE_LABEL, Key, LeaseReport, LogRequest, PodStatusReport, group, kind};
+use sedge_tunnel::{Handler, Hub, Incoming, LinkEvent, Message, OwnerLookup, op};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::transient;
+
+/// The field manager the cloud core writes with.
+pub const MANAGER: &str = "sedge-cloudcore";
+
+/// Nodes whose object set may have changed, drained by the downstream worker.
+#[derive(Default)]
+struct Dirty {
+    nodes: Mutex<HashSet<String>>,
+    notify: Notify,
+}
+
+impl Dirty {
+    fn mark(&self, node: &str) {
+        if node.is_empty() {
+            return;
+        }
+        self.nodes.lock().unwrap().insert(node.to_string());
+        self.notify.notify_one();
+    }
+    fn take(&self) -> Vec<String> {
+        self.nodes.lock().unwrap().drain().collect()
+    }
+}
+
+/// The informer cache shared by every controller of the cloud core: one watch per kind, for all
+/// nodes.
+#[derive(Clone)]
+pub struct Cache {
+    /// Pods.
+    pub pods: Store<Pod>,
+    /// Config maps.
+    pub configmaps: Store<ConfigMap>,
+    /// Secrets.
+    pub secrets: Store<Secret>,
+    /// Nodes.
+    pub nodes: Store<Node>,
+    /// Node leases (namespace `kube-node-lease`).
+    pub leases: Store<Lease>,
+    dirty: Arc<Dirty>,
+    /// Woken on any pod or node change (the scheduler waits on it).
+    pub changed: Arc<Notify>,
+}
+
+fn reflect<K>(
+    api: Api<K>,
+    on: impl Fn(&watcher::Event<K>) + Send + 'static,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    let task = tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(e) => on(&e),
+                Err(e) => {
+                    tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; retrying")
+                }
+            }
+        }
+    });
+    (store, task)
+}
+
+fn event_object<K>(ev: &watcher::Event<K>) -> Option<&K> {
+    match ev {
+        watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o) => {
+            Some(o)
+        }
+        _ => None,
+    }
+}
+
+fn pod_node(p: &Pod) -> &str {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .unwrap_or_default()
+}
+
+/// The config maps and secrets a pod references: volumes (also projected), `env.valueFrom` and
+/// `envFrom`, in every container and init container.
+pub fn pod_references(p: &Pod) -> (HashSet<String>, HashSet<String>) {
+    let (mut cms, mut secrets) = (HashSet::new(), HashSet::new());
+    let Some(spec) = &p.spec else {
+        return (cms, secrets);
+    };
+    for v in spec.volumes.iter().flatten() {
+        if let Some(c) = &v.config_map {
+            cms.insert(c.name.clone());
+        }
+        if let Some(s) = &v.secret
+            && let Some(n) = &s.secret_name
+        {
+            secrets.insert(n.clone());
+        }
+        for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if let Some(c) = &src.config_map {
+                cms.insert(c.name.clone());
+            }
+            if let Some(s) = &src.secret {
+                secrets.insert(s.name.clone());
+            }
+        }
+    }
+    let containers = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    for c in containers {
+        for e in c.env.iter().flatten() {
+            if let Some(vf) = &e.value_from {
+                if let Some(r) = &vf.config_map_key_ref {
+                    cms.insert(r.name.clone());
+                }
+                if let Some(r) = &vf.secret_key_ref {
+                    secrets.insert(r.name.clone());
+                }
+            }
+        }
+        for ef in c.env_from.iter().flatten() {
+            if let Some(r) = &ef.config_map_ref {
+                cms.insert(r.name.clone());
+            }
+            if let Some(r) = &ef.secret_ref {
+                secrets.insert(r.name.clone());
+            }
+        }
+    }
+    (cms, secrets)
+}
+
+impl Cache {
+    /// Starts one watch per kind. The stores fill in the background.
+    pub fn start(client: kube::Client) -> (Cache, Vec<JoinHandle<()>>) {
+        let dirty = Arc::new(Dirty::default());
+        let changed = Arc::new(Notify::new());
+        let (pods, pods_writer) = reflector::store::<Pod>();
+        let mut tasks = Vec::new();
+
+        // Config maps and secrets: mark the nodes of the pods that reference them.
+        let referencing = |pods: Store<Pod>, dirty: Arc<Dirty>, secret: bool| {
+            move |ns: &str, name: &str| {
+                for p in pods.state() {
+                    if p.namespace().as_deref() != Some(ns) {
+                        continue;
+                    }
+                    let (cms, secrets) = pod_references(&p);
+                    if (if secret { &secrets } else { &cms }).contains(name) {
+                        dirty.mark(pod_node(&p));
+                    }
+                }
+            }
+        };
+        let on_cm = referencing(pods.clone(), dirty.clone(), false);
+        let (configmaps, t) = reflect(Api::<ConfigMap>::all(client.clone()), move |ev| {
+            if let Some(o) = event_object(ev) {
+                on_cm(&o.namespace().unwrap_or_default(), &o.name_any());
+            }
+        });
+        tasks.push(t);
+        let on_secret = referencing(pods.clone(), dirty.clone(), true);
+        let (secrets, t) = reflect(Api::<Secret>::all(client.clone()), move |ev| {
+            if let Some(o) = event_object(ev) {
+                on_secret(&o.namespace().unwrap_or_default(), &o.name_any());
+            }
+        });
+        tasks.push(t);
+
+        let (d, c) = (dirty.clone(), changed.clone());
+        let pod_stream = reflector::reflector(
+            pods_writer,
+            watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff(),
+        );
+        tasks.push(tokio::spawn(async move {
+            futures::pin_mut!(pod_stream);
+            while let Some(ev) = pod_stream.next().await {
+                match ev {
+                    Ok(ev) => {
+                        if let Some(p) = event_object(&ev) {
+                            d.mark(pod_node(p));
+                        }
+                        if matches!(ev, watcher::Event::InitDone) {
+                            // A fresh list: every node may have missed changes.
+                            d.mark("*");
+                        }
+                        c.notify_one();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+                }
+            }
+        }));
+
+        let (d, c) = (dirty.clone(), changed.clone());
+        let (nodes, t) = reflect(Api::<Node>::all(client.clone()), move |ev| {
+            if let Some(n) = event_object(ev) {
+                d.mark(&n.name_any());
+            }
+            c.notify_one();
+        });
+        tasks.push(t);
+        let (leases, t) = reflect(
+            Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
+            |_| {},
+        );
+        tasks.push(t);
+        (
+            Cache {
+                pods,
+                configmaps,
+                secrets,
+                nodes,
+                leases,
+                dirty,
+                changed,
+            },
+            tasks,
+        )
+    }
+
+    /// Whether a node is an edge node (registered through the channel).
+    pub fn is_edge(&self, node: &str) -> bool {
+        self.nodes
+            .get(&ObjectRef::new(node))
+            .is_some_and(|n| n.labels().contains_key(EDGE_LABEL))
+    }
+
+    /// A pod from the cache.
+    pub fn pod(&self, ns: &str, name: &str) -> Option<Arc<Pod>> {
+        self.pods.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// Ownership for the hub's authorisation: pod status and pod events belong to the pod's node.
+    pub fn owner_lookup(&self) -> OwnerLookup {
+        let cache = self.clone();
+        Arc::new(move |k: &str, ns: &str, name: &str| match k {
+            kind::POD_STATUS | kind::EVENT => cache
+                .pod(ns, name)
+                .map(|p| pod_node(&p).to_string())
+                .filter(|n| !n.is_empty()),
+            _ => None,
+        })
+    }
+
+    /// What `node` should hold: resource key -> (resourceVersion, object JSON).
+    pub fn desired(&self, node: &str) -> BTreeMap<String, (String, Value)> {
+        let mut out = BTreeMap::new();
+        let mut refs: HashSet<(String, bool, String)> = HashSet::new();
+        for p in self.pods.state() {
+            if pod_node(&p) != node {
+                continue;
+            }
+            let ns = p.namespace().unwrap_or_default();
+            let (cms, secrets) = pod_references(&p);
+            refs.extend(cms.into_iter().map(|c| (ns.clone(), false, c)));
+            refs.extend(secrets.into_iter().map(|s| (ns.clone(), true, s)));
+            insert(&mut out, kind::POD, p.as_ref());
+        }
+        for (ns, secret, name) in refs {
+            let r = ObjectRef::new(&name).within(&ns);
+            if secret {
+                if let Some(s) = self.secrets.get(&ObjectRef::new(&name).within(&ns)) {
+                    insert(&mut out, kind::SECRET, s.as_ref());
+                }
+            } else if let Some(c) = self.configmaps.get(&r) {
+                insert(&mut out, kind::CONFIGMAP, c.as_ref());
+            }
+        }
+        out
+    }
+}
+
+fn insert<K: Resource + serde::Serialize>(
+    out: &mut BTreeMap<String, (String, Value)>,
+    k: &str,
+    obj: &K,
+) {
+    let meta = obj.meta();
+    let key = Key::new(
+        meta.namespace.as_deref(),
+        k,
+        meta.name.as_deref().unwrap_or_default(),
+    );
+    let mut v = serde_json::to_value(obj).unwrap_or(Value::Null);
+    if let Some(m) = v["metadata"].as_object_mut() {
+        m.remove("managedFields");
+    }
+    out.insert(
+        key.to_string(),
+        (meta.resource_version.clone().unwrap_or_default(), v),
+    );
+}
+
+/// Keeps every edge node's object set in step with the cache: offers what each node should hold
+/// (the hub skips what it already has) and deletes what it should no longer hold.
+pub async fn run_downstream(hub: Arc<Hub>, cache: Cache) {
+    for s in [
+        cache.pods.wait_until_ready().await,
+        cache.nodes.wait_until_ready().await,
+        cache.configmaps.wait_until_ready().await,
+        cache.secrets.wait_until_ready().await,
+    ] {
+        if let Err(e) = s {
+            tracing::error!(error = %e, "informer cache never became ready");
+            return;
+        }
+    }
+    // A (re)connecting node is re-offered everything (cheap: the hub skips what it holds).
+    let mut links = hub.subscribe();
+    let dirty = cache.dirty.clone();
+    tokio::spawn(async move {
+        loop {
+            match links.recv().await {
+                Ok(LinkEvent::Connected { node, .. }) => dirty.mark(&node),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => dirty.mark("*"),
+                Err(_) => return,
+            }
+        }
+    });
+    // What was offered to each node and not yet known to be acknowledged.
+    let mut offered: HashMap<String, HashSet<String>> = HashMap::new();
+    cache.dirty.mark("*");
+    loop {
+        let notified = cache.dirty.notify.notified();
+        let mut nodes = cache.dirty.take();
+        if nodes.iter().any(|n| n == "*") {
+            nodes = cache
+                .nodes
+                .state()
+                .iter()
+                .filter(|n| n.labels().contains_key(EDGE_LABEL))
+                .map(|n| n.name_any())
+                .collect();
+        }
+        for node in nodes {
+            if !cache.is_edge(&node) {
+                continue;
+            }
+            let sent = offered.entry(node.clone()).or_default();
+            if let Err(e) = sync_node(&hub, &cache, &node, sent).await {
+                tracing::warn!(%node, error = %e, "sync failed; retrying");
+                let d = cache.dirty.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    d.mark(&node);
+                });
+            }
+        }
+        notified.await;
+    }
+}
+
+async fn sync_node(
+    hub: &Hub,
+    cache: &Cache,
+    node: &str,
+    offered: &mut HashSet<String>,
+) -> Result<(), sedge_tunnel::TunnelError> {
+    let desired = cache.desired(node);
+    for (key, (rv, obj)) in &desired {
+        let msg = Message::new(
+            group::META,
+            op::UPDATE,
+            key,
+            serde_json::to_vec(obj).unwrap_or_default(),
+        )
+        .with_version(rv.clone());
+        hub.send(node, msg).await?;
+        offered.insert(key.clone());
+    }
+    let acked = hub.acked(node).await?;
+    let held: HashSet<String> = acked.into_keys().chain(offered.drain()).collect();
+    for key in held {
+        if desired.contains_key(&key) {
+            offered.insert(key);
+            continue;
+        }
+        let k = key.split('/').nth(1).unwrap_or_default();
+        if ![kind::POD, kind::CONFIGMAP, kind::SECRET].contains(&k) {
+            continue;
+        }
+        hub.send(
+            node,
+            Message::new(group::META, op::DELETE, &key, Vec::new()),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Asks the node for a container's log.
+pub async fn pod_logs(
+    hub: &Hub,
+    node: &str,
+    namespace: &str,
+    pod: &str,
+    req: &LogRequest,
+    timeout: Duration,
+) -> Result<bytes::Bytes, String> {
+    let key = Key::new(Some(namespace), kind::POD_LOG, pod);
+    let msg = Message::new(
+        group::EDGED,
+        op::QUERY,
+        &key.to_string(),
+        serde_json::to_vec(req).unwrap_or_default(),
+    );
+    match hub.request(node, msg, timeout).await {
+        Ok(reply) if reply.route.operation == op::ERROR => Err(format!(
+            "node {node}: {}",
+            String::from_utf8_lossy(&reply.content)
+        )),
+        Ok(reply) => Ok(reply.content),
+        Err(sedge_tunnel::TunnelError::NotConnected) => Err(format!(
+            "node {node} is not connected to the cloud; its logs stay on the node (read them there with `sedge edge logs`) until it reconnects"
+        )),
+        Err(e) => Err(format!("node {node}: {e}")),
+    }
+}
+
+/// Applies what edge nodes report.
+pub struct Upstream {
+    client: kube::Client,
+    cache: Cache,
+}
+
+/// The outcome of one report: `Err` is retried by the edge later, a permanent refusal is logged
+/// and dropped (retrying it forever would only fill the edge's outbox).
+type Outcome = Result<Option<Message>, String>;
+
+fn settle(what: &str, r: Result<(), kube::Error>) -> Outcome {
+    match r {
+        Ok(()) => Ok(None),
+        Err(e) if transient(&e) => Err(format!("{what}: {e}")),
+        Err(e) => {
+            tracing::warn!(error = %e, "{what}: refused by the API server; dropped");
+            Ok(None)
+        }
+    }
+}
+
+impl Upstream {
+    /// An upstream handler for the hub.
+    pub fn new(client: kube::Client, cache: Cache) -> Upstream {
+        Upstream { client, cache }
+    }
+
+    /// The hub handler.
+    pub fn handler(self: Arc<Self>) -> Handler {
+        sedge_tunnel::handler(move |i: Incoming| {
+            let me = self.clone();
+            async move { me.handle(i).await }
+        })
+    }
+
+    async fn handle(&self, i: Incoming) -> Outcome {
+        let m = &i.message;
+        if m.route.group != group::CLOUD {
+            tracing::debug!(group = %m.route.group, "message for a group nobody handles; dropped");
+            return Ok(None);
+        }
+        let key = match Key::parse(&m.route.resource) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(node = %i.node, "{e}; dropped");
+                return Ok(None);
+            }
+        };
+        let op = m.route.operation.as_str();
+        let body: Value = match serde_json::from_slice(&m.content) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(node = %i.node, resource = %key, "malformed report: {e}; dropped");
+                return Ok(None);
+            }
+        };
+        match key.kind.as_str() {
+            kind::NODE => settle("register node", self.register(&i.node, body).await),
+            kind::NODE_STATUS => settle("node status", self.node_status(&i.node, body).await),
+            kind::LEASE => settle("node lease", self.lease(&i.node, body).await),
+            kind::POD_STATUS => match serde_json::from_value::<PodStatusReport>(body) {
+                Ok(r) if op == op::DELETE => {
+                    settle("finish pod delete", self.finish_delete(&key, r).await)
+                }
+                Ok(r) => settle("pod status", self.pod_status(&key, r).await),
+                Err(e) => {
+                    tracing::warn!(node = %i.node, resource = %key, "malformed pod status: {e}; dropped");
+                    Ok(None)
+                }
+            },
+            kind::EVENT => settle("event", self.event(&key, body).await),
+            other => {
+                tracing::warn!(node = %i.node, kind = other, "unknown report kind; dropped");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn register(&self, node: &str, reported: Value) -> Result<(), kube::Error> {
+        let api = Api::<Node>::all(self.client.clone());
+        let mut labels = reported["metadata"]["labels"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        labels.insert(EDGE_LABEL.into(), json!(""));
+        labels.insert("kubernetes.io/hostname".into(), json!(node));
+        labels.insert("kubernetes.io/os".into(), json!("linux"));
+        match api.get_opt(node).await? {
+            None => {
+                let n: Node = serde_json::from_value(json!({
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": node, "labels": labels},
+                    "spec": {},
+                }))
+                .map_err(kube::Error::SerdeError)?;
+                match api.create(&PostParams::default(), &n).await {
+                    Ok(_) => tracing::info!(%node, "edge node registered"),
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Some(_) => {
+                api.patch(
+                    node,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": labels}})),
+                )
+                .await?;
+            }
+        }
+        if reported["status"].is_object() {
+            self.node_status(node, reported["status"].clone()).await?;
+        }
+        Ok(())
+    }
+
+    async fn node_status(&self, node: &str, status: Value) -> Result<(), kube::Error> {
+        Api::<Node>::all(self.client.clone())
+            .patch_status(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await
+            .map(drop)
+    }
+
+    async fn lease(&self, node: &str, body: Value) -> Result<(), kube::Error> {
+        let r: LeaseReport = serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
+        let api = Api::<Lease>::namespaced(self.client.clone(), "kube-node-lease");
+        let spec = json!({
+            "holderIdentity": node,
+            "leaseDurationSeconds": r.duration_seconds,
+            "renewTime": r.renew_time,
+        });
+        // Never move a lease backwards (an old heartbeat flushed from the outbox on reconnect).
+        if let Some(cur) = self
+            .cache
+            .leases
+            .get(&ObjectRef::new(node).within("kube-node-lease"))
+            && let Some(t) = cur.spec.as_ref().and_then(|s| s.renew_time.as_ref())
+            && let Ok(new) = chrono::DateTime::parse_from_rfc3339(&r.renew_time)
+            && t.0.as_second() >= new.timestamp()
+        {
+            return Ok(());
+        }
+        let patched = api
+            .patch(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await;
+        match patched {
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                let lease: Lease = serde_json::from_value(json!({
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": node, "namespace": "kube-node-lease"},
+                    "spec": spec,
+                }))
+                .map_err(kube::Error::SerdeError)?;
+                api.create(&PostParams::default(), &lease).await.map(drop)
+            }
+            other => other.map(drop),
+        }
+    }
+
+    fn current(&self, key: &Key, uid: &str) -> Option<Arc<Pod>> {
+        self.cache
+            .pod(&key.namespace, &key.name)
+            .filter(|p| p.metadata.uid.as_deref() == Some(uid))
+    }
+
+    async fn pod_status(&self, key: &Key, r: PodStatusReport) -> Result<(), kube::Error> {
+        if self.current(key, &r.uid).is_none() {
+            return Ok(()); // about a pod that is gone (or replaced by another of the same name)
+        }
+        Api::<Pod>::namespaced(self.client.clone(), &key.namespace)
+            .patch_status(
+                &key.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": {"uid": r.uid}, "status": r.status })),
+            )
+            .await
+            .map(drop)
+    }
+
+    async fn finish_delete(&self, key: &Key, r: PodStatusReport) -> Result<(), kube::Error> {
+        let Some(p) = self.current(key, &r.uid) else {
+            return Ok(());
+        };
+        if p.metadata.deletion_timestamp.is_none() {
+            return Ok(()); // the edge stopped it for another reason; the pod stays
+        }
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(r.uid.clone()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match Api::<Pod>::namespaced(self.client.clone(), &key.namespace)
+            .delete(&key.name, &dp)
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    async fn event(&self, key: &Key, mut body: Value) -> Result<(), kube::Error> {
+        let suffix: u64 = rand::random();
+        body["metadata"] = json!({
+            "name": format!("{}.{:016x}", key.name, suffix),
+            "namespace": key.namespace,
+        });
+        body["apiVersion"] = json!("v1");
+        body["kind"] = json!("Event");
+        let ev: Event = serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
+        Api::<Event>::namespaced(self.client.clone(), &key.namespace)
+            .create(&PostParams::default(), &ev)
+            .await
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_cover_volumes_env_and_env_from() {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns"},
+            "spec": {
+                "volumes": [
+                    {"name": "a", "configMap": {"name": "cm-vol"}},
+                    {"name": "b", "secret": {"secretName": "s-vol"}},
+                    {"name": "c", "projected": {"sources": [{"configMap": {"name": "cm-proj"}}, {"secret": {"name": "s-proj"}}]}}
+                ],
+                "initContainers": [{"name": "i", "envFrom": [{"secretRef": {"name": "s-init"}}]}],
+                "containers": [{"name": "c", "env": [
+                    {"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cm-env", "key": "k"}}},
+                    {"name": "Y", "valueFrom": {"secretKeyRef": {"name": "s-env", "key": "k"}}},
+                    {"name": "Z", "value": "plain"}
+                ], "envFrom": [{"configMapRef": {"name": "cm-from"}}]}]
+            }
+        }))
+        .unwrap();
+        let (cms, secrets) = pod_references(&p);
+        let mut cms: Vec<_> = cms.into_iter().collect();
+        let mut secrets: Vec<_> = secrets.into_iter().collect();
+        cms.sort();
+        secrets.sort();
+        assert_eq!(cms, ["cm-env", "cm-from", "cm-proj", "cm-vol"]);
+        assert_eq!(secrets, ["s-env", "s-init", "s-proj", "s-vol"]);
+    }
+}

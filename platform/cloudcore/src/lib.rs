@@ -1,0 +1,195 @@
+//! The cloud core: the cloud hub of the channel plus the controllers that make edge nodes real.
+//!
+//! Everything here talks to Kubernetes through `kube` only, so it runs against the embedded API
+//! server (`sedge up`) and against a real kube-apiserver given a kubeconfig.
+//!
+//! - [`edgecontroller`]: one shared informer cache (one watch per kind for all nodes) of Pods,
+//!   ConfigMaps, Secrets, Nodes and Leases; works out which objects each edge node needs (its pods
+//!   and the config maps and secrets they reference) and offers them through the hub, which skips
+//!   what the node already holds. Upstream it applies node registration, node status, leases, pod
+//!   status, finished pod deletes and events.
+//! - [`lifecycle`]: marks an edge node `Ready=Unknown` and taints it
+//!   `node.kubernetes.io/unreachable` when its lease is older than the grace; pods stay (no
+//!   eviction by default, see [`TaintEffect`]).
+//! - [`workload`]: a minimal Deployment controller (pods straight from the template, rolling
+//!   replacement when the template changes).
+//! - [`scheduler`]: binds pending pods in the embedded mode (node selector, required node
+//!   affinity, taints/tolerations, requests against allocatable).
+
+pub mod edgecontroller;
+pub mod lifecycle;
+pub mod quantity;
+pub mod scheduler;
+pub mod workload;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sedge_tunnel::{Hub, HubConfig};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+pub use edgecontroller::Cache;
+
+/// Errors of the cloud core.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    /// The channel's hub failed to start.
+    #[error("cloud hub: {0}")]
+    Hub(#[from] sedge_tunnel::TunnelError),
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A setting is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// The effect of the taint put on an unreachable edge node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum TaintEffect {
+    /// New pods are not scheduled there; running pods stay bound and keep running on the edge
+    /// (the default: an edge that loses its uplink is still doing its job).
+    #[default]
+    NoSchedule,
+    /// Kubernetes' behaviour for cloud nodes: pods without a toleration for
+    /// `node.kubernetes.io/unreachable` are deleted after their `tolerationSeconds` (default 300).
+    NoExecute,
+}
+
+/// Settings of the cloud core (`sedge cloud --print-default-config`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudCoreConfig {
+    /// The channel's hub.
+    pub hub: HubConfig,
+    /// An edge node whose lease is older than this is marked `Ready=Unknown`.
+    pub node_grace_seconds: u64,
+    /// How often node leases are checked.
+    pub node_monitor_period_ms: u64,
+    /// What the unreachable taint does (see [`TaintEffect`]).
+    pub unreachable_taint_effect: TaintEffect,
+    /// Run the Deployment controller (off against a real cluster, which has its own).
+    pub workloads: bool,
+    /// Run the scheduler (off against a real cluster, which has its own).
+    pub scheduler: bool,
+    /// How long `kubectl logs` waits for the node.
+    pub log_timeout_ms: u64,
+}
+
+impl Default for CloudCoreConfig {
+    fn default() -> Self {
+        CloudCoreConfig {
+            hub: HubConfig::default(),
+            node_grace_seconds: 40,
+            node_monitor_period_ms: 5_000,
+            unreachable_taint_effect: TaintEffect::NoSchedule,
+            workloads: true,
+            scheduler: true,
+            log_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A running cloud core.
+pub struct CloudCore {
+    /// The channel's hub.
+    pub hub: Arc<Hub>,
+    /// The shared informer cache.
+    pub cache: Cache,
+    cfg: CloudCoreConfig,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for CloudCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudCore")
+            .field("hub", &self.hub.addr())
+            .finish()
+    }
+}
+
+impl CloudCore {
+    /// Starts the informers, the hub and the controllers.
+    pub async fn start(
+        client: kube::Client,
+        cfg: CloudCoreConfig,
+    ) -> Result<CloudCore, CloudError> {
+        let (cache, mut tasks) = Cache::start(client.clone());
+        let upstream = Arc::new(edgecontroller::Upstream::new(client.clone(), cache.clone()));
+        let hub = Hub::start(
+            cfg.hub.clone(),
+            sedge_tunnel::hub::HubOptions {
+                handler: Some(upstream.clone().handler()),
+                owner_of: Some(cache.owner_lookup()),
+            },
+        )
+        .await?;
+        let hub = Arc::new(hub);
+        tasks.push(tokio::spawn(edgecontroller::run_downstream(
+            hub.clone(),
+            cache.clone(),
+        )));
+        tasks.push(tokio::spawn(lifecycle::run(
+            client.clone(),
+            cache.clone(),
+            lifecycle::Settings {
+                grace: Duration::from_secs(cfg.node_grace_seconds),
+                period: Duration::from_millis(cfg.node_monitor_period_ms.max(100)),
+                effect: cfg.unreachable_taint_effect,
+            },
+        )));
+        if cfg.workloads {
+            tasks.push(tokio::spawn(workload::run(client.clone())));
+        }
+        if cfg.scheduler {
+            tasks.push(tokio::spawn(scheduler::run(client.clone(), cache.clone())));
+        }
+        tracing::info!(addr = %hub.addr(), quic = ?hub.quic_addr(), "cloud core running");
+        Ok(CloudCore {
+            hub,
+            cache,
+            cfg,
+            tasks,
+        })
+    }
+
+    /// Reads a container's log from the node the pod runs on, through the channel.
+    pub async fn pod_logs(
+        &self,
+        node: &str,
+        namespace: &str,
+        pod: &str,
+        req: &sedge_api::LogRequest,
+    ) -> Result<bytes::Bytes, String> {
+        edgecontroller::pod_logs(
+            &self.hub,
+            node,
+            namespace,
+            pod,
+            req,
+            Duration::from_millis(self.cfg.log_timeout_ms),
+        )
+        .await
+    }
+
+    /// Stops the controllers and the hub.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.hub.shutdown().await;
+    }
+}
+
+/// Whether a kube error is worth retrying (the API server is away or busy) rather than a
+/// permanent refusal of this request.
+pub fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
+        _ => true,
+    }
+}

@@ -1,0 +1,198 @@
+//! Node lifecycle: an edge node whose lease is older than the grace is marked `Ready=Unknown`
+//! and tainted `node.kubernetes.io/unreachable`; a fresh lease removes the taint.
+//!
+//! Pods on an unreachable edge node are not deleted by default: the taint's effect is
+//! `NoSchedule`, so new pods go elsewhere while the node keeps running what it has (an edge that
+//! loses its uplink is still doing its job; KubeEdge users fought evictions in issues #3941,
+//! #4048 and #2128). With [`TaintEffect::NoExecute`] the taint is Kubernetes' own and pods that do
+//! not tolerate it are deleted after their `tolerationSeconds` (300 unless the pod says otherwise).
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use sedge_api::EDGE_LABEL;
+use serde_json::{Value, json};
+
+use crate::{Cache, TaintEffect};
+
+/// The taint key Kubernetes uses for unreachable nodes.
+pub const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+
+/// Lifecycle settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Lease age after which a node is unreachable.
+    pub grace: Duration,
+    /// How often to check.
+    pub period: Duration,
+    /// The taint's effect.
+    pub effect: TaintEffect,
+}
+
+fn effect_name(e: TaintEffect) -> &'static str {
+    match e {
+        TaintEffect::NoSchedule => "NoSchedule",
+        TaintEffect::NoExecute => "NoExecute",
+    }
+}
+
+/// Checks leases every `period` until aborted.
+pub async fn run(client: kube::Client, cache: Cache, s: Settings) {
+    let _ = cache.nodes.wait_until_ready().await;
+    let _ = cache.leases.wait_until_ready().await;
+    let mut tick = tokio::time::interval(s.period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = check(&client, &cache, &s).await {
+            tracing::warn!(error = %e, "node lifecycle check failed");
+        }
+    }
+}
+
+async fn check(client: &kube::Client, cache: &Cache, s: &Settings) -> Result<(), kube::Error> {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let api = Api::<Node>::all(client.clone());
+    for node in cache.nodes.state() {
+        if !node.labels().contains_key(EDGE_LABEL) {
+            continue;
+        }
+        let name = node.name_any();
+        let renewed = cache
+            .leases
+            .get(&ObjectRef::new(&name).within("kube-node-lease"))
+            .and_then(|l| l.spec.as_ref().and_then(|s| s.renew_time.clone()))
+            .map(|t| t.0);
+        // A node that never renewed counts from its creation.
+        let since = renewed.or_else(|| node.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        let Some(since) = since else { continue };
+        let age = now.as_second() - since.as_second();
+        let stale = age > s.grace.as_secs() as i64;
+        let taints: Vec<Value> = node
+            .spec
+            .as_ref()
+            .and_then(|sp| sp.taints.as_ref())
+            .map(|t| {
+                t.iter()
+                    .map(|t| serde_json::to_value(t).unwrap_or(Value::Null))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tainted = taints.iter().any(|t| t["key"] == UNREACHABLE);
+        let conditions = node
+            .status
+            .as_ref()
+            .and_then(|st| st.conditions.clone())
+            .unwrap_or_default();
+        let ready = conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status.clone());
+        if stale {
+            if ready.as_deref() != Some("Unknown") {
+                tracing::warn!(node = %name, lease_age_s = age, "edge node unreachable: marking Ready=Unknown");
+                let ts = now.to_string();
+                let mut conds: Vec<Value> = conditions
+                    .iter()
+                    .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
+                    .collect();
+                if !conds.iter().any(|c| c["type"] == "Ready") {
+                    conds.push(json!({"type": "Ready"}));
+                }
+                for c in &mut conds {
+                    c["status"] = json!("Unknown");
+                    c["reason"] = json!("NodeStatusUnknown");
+                    c["message"] = json!("Kubelet stopped posting node status.");
+                    c["lastTransitionTime"] = json!(ts);
+                }
+                api.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"conditions": conds}})),
+                )
+                .await?;
+            }
+            if !tainted {
+                let mut t = taints.clone();
+                t.push(json!({"key": UNREACHABLE, "effect": effect_name(s.effect), "timeAdded": now.to_string()}));
+                api.patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"taints": t}})),
+                )
+                .await?;
+            }
+            if s.effect == TaintEffect::NoExecute {
+                evict(client, cache, &name, age).await?;
+            }
+        } else if tainted && ready.as_deref() == Some("True") {
+            tracing::info!(node = %name, "edge node reachable again: removing the unreachable taint");
+            let t: Vec<Value> = taints
+                .into_iter()
+                .filter(|t| t["key"] != UNREACHABLE)
+                .collect();
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"spec": {"taints": if t.is_empty() { Value::Null } else { json!(t) }}}),
+                ),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// With `NoExecute`: deletes the node's pods that do not tolerate the taint for long enough.
+async fn evict(
+    client: &kube::Client,
+    cache: &Cache,
+    node: &str,
+    unreachable_for: i64,
+) -> Result<(), kube::Error> {
+    for p in cache.pods.state() {
+        if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(node)
+            || p.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        if tolerated_seconds(&p).is_none_or(|t| unreachable_for > t) {
+            let ns = p.namespace().unwrap_or_default();
+            tracing::warn!(pod = %p.name_any(), %node, "evicting pod from unreachable node");
+            match Api::<Pod>::namespaced(client.clone(), &ns)
+                .delete(&p.name_any(), &DeleteParams::default())
+                .await
+            {
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                other => {
+                    other?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How long a pod tolerates the unreachable taint. A pod that says nothing about it gets 300 s,
+/// as Kubernetes' DefaultTolerationSeconds admission gives it.
+fn tolerated_seconds(p: &Pod) -> Option<i64> {
+    let tolerations = p.spec.as_ref().and_then(|s| s.tolerations.as_ref());
+    for t in tolerations.into_iter().flatten() {
+        let key_ok = t
+            .key
+            .as_deref()
+            .is_none_or(|k| k.is_empty() || k == UNREACHABLE);
+        let effect_ok = t
+            .effect
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == "NoExecute");
+        if key_ok && effect_ok {
+            return Some(t.toleration_seconds.unwrap_or(i64::MAX));
+        }
+    }
+    Some(300)
+}

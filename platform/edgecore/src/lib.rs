@@ -1,0 +1,466 @@
+//! The edge agent (`sedge edge`): the channel's edge hub, the meta manager (SQLite), edged (a
+//! lightweight kubelet with a process runtime), the local MetaServer, and an extension point for
+//! edge modules.
+//!
+//! Message flow: the cloud sends objects (group `meta`) which the meta manager writes to SQLite
+//! *before* the channel acknowledges them; edged runs what the store holds; reports (node
+//! registration and status, lease, pod status, events) go into the edge hub's durable outbox and
+//! reach the cloud whenever the link is up. See `sedge_api` for the message contract.
+//!
+//! # Edge modules
+//! Anything that needs to run on the node next to edged plugs in as an [`EdgeModule`]: it
+//! claims a message group, gets the messages of that group from the cloud, and may send reports
+//! upstream and read the local store through its [`ModuleContext`]. The AI layer's edge module
+//! uses this; the platform knows nothing about it.
+
+pub mod config;
+pub mod edged;
+pub mod metaserver;
+pub mod probe;
+pub mod resolve;
+pub mod runtime;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sedge_api::{EDGE_LABEL, Key, LeaseReport, LogRequest, group, kind};
+use sedge_tunnel::{EdgeHub, EdgeOptions, Incoming, LinkEvent, Message, Policy, op};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub use config::{EdgeCoreConfig, ImageEntry};
+pub use edged::Edged;
+pub use store::MetaStore;
+
+/// Errors of the edge agent.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// The channel.
+    #[error(transparent)]
+    Tunnel(#[from] sedge_tunnel::TunnelError),
+    /// The local store.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The MetaServer could not bind.
+    #[error("MetaServer on {addr}: {source}")]
+    MetaServer {
+        /// The address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A setting is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// What an edge module gets to work with.
+#[derive(Clone)]
+pub struct ModuleContext {
+    /// This node's name.
+    pub node: String,
+    /// The local store (read what the cloud sent; subscribe to changes).
+    pub store: Arc<MetaStore>,
+    reports: edged::Reports,
+}
+
+impl ModuleContext {
+    /// Sends a report upstream through the durable outbox.
+    pub fn send(&self, msg: Message, policy: Policy) {
+        let _ = self.reports.send((msg, policy));
+    }
+}
+
+/// A module plugged into the edge agent.
+pub trait EdgeModule: Send + Sync {
+    /// The message group it handles (must not be `meta`, `edged` or `cloud`).
+    fn group(&self) -> &str;
+    /// Called once at start.
+    fn start(&self, _ctx: ModuleContext) {}
+    /// Handles a message of its group from the cloud. `Ok` acknowledges it (persist first if it
+    /// must survive a restart); `Ok(Some(reply))` also replies.
+    fn handle(
+        &self,
+        ctx: &ModuleContext,
+        msg: Message,
+    ) -> BoxFuture<'static, Result<Option<Message>, String>>;
+}
+
+/// A running edge agent.
+pub struct EdgeCore {
+    /// The channel's edge hub.
+    pub hub: Arc<EdgeHub>,
+    /// The local store.
+    pub store: Arc<MetaStore>,
+    /// Edged.
+    pub edged: Arc<Edged>,
+    /// Where the MetaServer listens, when enabled.
+    pub metaserver: Option<SocketAddr>,
+    node: String,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EdgeCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeCore")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// The IP this machine uses to reach `cloud` (no packet is sent).
+fn route_ip(cloud: &str) -> Option<String> {
+    use std::net::ToSocketAddrs;
+    let target = cloud.to_socket_addrs().ok()?.next()?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(target).ok()?;
+    Some(s.local_addr().ok()?.ip().to_string())
+}
+
+fn node_object(cfg: &EdgeCoreConfig, node: &str, ip: &str, runtime: &str) -> Value {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(String::from))
+        })
+        .unwrap_or_else(|| "0".into());
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let resources =
+        json!({"cpu": cpus.to_string(), "memory": format!("{mem_kib}Ki"), "pods": "110"});
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let cond = |t: &str, status: &str, reason: &str, msg: &str| {
+        json!({"type": t, "status": status, "reason": reason, "message": msg,
+               "lastHeartbeatTime": now, "lastTransitionTime": now})
+    };
+    let mut labels: serde_json::Map<String, Value> = cfg
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    labels.insert(EDGE_LABEL.into(), json!(""));
+    labels.insert("kubernetes.io/arch".into(), json!(arch));
+    json!({
+        "metadata": {"name": node, "labels": labels},
+        "status": {
+            "capacity": resources, "allocatable": resources,
+            "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": node}],
+            "conditions": [
+                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+                cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+                cond("Ready", "True", "KubeletReady", "sedge edged is posting ready status"),
+            ],
+            "nodeInfo": {
+                "machineID": read("/etc/machine-id"), "systemUUID": "", "bootID": read("/proc/sys/kernel/random/boot_id"),
+                "kernelVersion": read("/proc/sys/kernel/osrelease"), "osImage": "Linux",
+                "containerRuntimeVersion": runtime, "kubeletVersion": "v1.33.0-sedge",
+                "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": arch,
+            },
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        }
+    })
+}
+
+impl EdgeCore {
+    /// Starts the agent: store, edged (which rebuilds pods from the store at once, cloud or
+    /// not), the edge hub, reports, and the MetaServer. The node must have joined.
+    pub async fn start(
+        cfg: EdgeCoreConfig,
+        modules: Vec<Arc<dyn EdgeModule>>,
+    ) -> Result<EdgeCore, EdgeError> {
+        let id = sedge_tunnel::edge::Identity::load(&cfg.tunnel.data_dir)?;
+        let node = id.node.clone();
+        if !cfg.tunnel.node_name.is_empty() && cfg.tunnel.node_name != node {
+            return Err(EdgeError::Config(format!(
+                "node_name is {:?} but {} holds the identity of {node:?}",
+                cfg.tunnel.node_name,
+                cfg.tunnel.data_dir.display()
+            )));
+        }
+        for m in &modules {
+            if [group::META, group::EDGED, group::CLOUD].contains(&m.group()) {
+                return Err(EdgeError::Config(format!(
+                    "an edge module may not claim the built-in group {:?}",
+                    m.group()
+                )));
+            }
+        }
+        let data = cfg.tunnel.data_dir.clone();
+        let db = data.join("meta.db");
+        let store = Arc::new(
+            tokio::task::spawn_blocking(move || MetaStore::open(&db))
+                .await
+                .map_err(|e| EdgeError::Config(e.to_string()))??,
+        );
+        let ip = if cfg.node_ip.is_empty() {
+            route_ip(&cfg.tunnel.cloud).unwrap_or_else(|| "127.0.0.1".into())
+        } else {
+            cfg.node_ip.clone()
+        };
+        let self_exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("sedge"));
+        let runtime: Arc<dyn runtime::Runtime> =
+            Arc::new(runtime::ProcessRuntime::new(cfg.images.clone(), self_exe));
+        let (reports, mut report_rx) = mpsc::unbounded_channel::<(Message, Policy)>();
+        let facts = resolve::NodeFacts {
+            node: node.clone(),
+            ip: ip.clone(),
+        };
+        let edged = Edged::start(
+            store.clone(),
+            runtime.clone(),
+            facts,
+            edged::EdgedSettings {
+                pods_dir: data.join("pods"),
+                sync_interval: Duration::from_millis(cfg.sync_interval_ms.max(10)),
+                backoff_initial: Duration::from_millis(cfg.backoff_initial_ms),
+                backoff_max: Duration::from_millis(cfg.backoff_max_ms),
+                backoff_reset: Duration::from_millis(cfg.backoff_reset_ms),
+                max_log_bytes: cfg.max_log_bytes,
+                max_grace: Duration::from_secs(cfg.max_grace_seconds),
+            },
+            reports.clone(),
+        );
+        let ctx = ModuleContext {
+            node: node.clone(),
+            store: store.clone(),
+            reports: reports.clone(),
+        };
+        let modules: HashMap<String, Arc<dyn EdgeModule>> = modules
+            .into_iter()
+            .map(|m| (m.group().to_string(), m))
+            .collect();
+        for m in modules.values() {
+            m.start(ctx.clone());
+        }
+        let handler = {
+            let (store, edged, ctx) = (store.clone(), edged.clone(), ctx.clone());
+            sedge_tunnel::handler(move |i: Incoming| {
+                let (store, edged, ctx, modules) =
+                    (store.clone(), edged.clone(), ctx.clone(), modules.clone());
+                async move { route(i, &store, &edged, &ctx, &modules).await }
+            })
+        };
+        let hub = Arc::new(
+            EdgeHub::start(
+                cfg.tunnel.clone(),
+                EdgeOptions {
+                    handler: Some(handler),
+                    quic_endpoint: None,
+                },
+            )
+            .await?,
+        );
+        let mut tasks = Vec::new();
+        {
+            let hub = hub.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some((msg, policy)) = report_rx.recv().await {
+                    if let Err(e) = hub.send(msg, policy).await {
+                        tracing::warn!(error = %e, "report not queued");
+                    }
+                }
+            }));
+        }
+        // Registration, status and lease heartbeats; sent again at once on every reconnect.
+        {
+            let (hub, node, reports, store, ip) = (
+                hub.clone(),
+                node.clone(),
+                reports.clone(),
+                store.clone(),
+                ip.clone(),
+            );
+            let version = runtime.version();
+            let cfg = cfg.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut links = hub.subscribe();
+                let mut status_tick = tokio::time::interval(Duration::from_millis(
+                    cfg.node_status_interval_ms.max(100),
+                ));
+                let mut lease_tick =
+                    tokio::time::interval(Duration::from_millis(cfg.lease_interval_ms.max(100)));
+                let send_node = |op_: &str, k: &str, body: Value| {
+                    let key = Key::new(None, k, &node);
+                    let _ = reports.send((
+                        Message::new(group::CLOUD, op_, &key.to_string(), body.to_string()),
+                        Policy::LatestWins,
+                    ));
+                };
+                let mut first = true;
+                loop {
+                    let mut status = false;
+                    let mut lease = false;
+                    tokio::select! {
+                        _ = status_tick.tick() => status = true,
+                        _ = lease_tick.tick() => lease = true,
+                        ev = links.recv() => match ev {
+                            Ok(LinkEvent::Connected { .. }) => { status = true; lease = true; }
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                            Err(_) => {}
+                        },
+                    }
+                    if status {
+                        let obj = node_object(&cfg, &node, &ip, &version);
+                        let rv = chrono::Utc::now().timestamp_millis().to_string();
+                        let _ = store.upsert(kind::NODE, sedge_api::CLUSTER_NS, &node, &rv, &obj);
+                        if first {
+                            send_node(op::INSERT, kind::NODE, obj);
+                            first = false;
+                        } else {
+                            send_node(op::UPDATE, kind::NODE_STATUS, obj["status"].clone());
+                        }
+                    }
+                    if lease {
+                        let r = LeaseReport {
+                            renew_time: chrono::Utc::now()
+                                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                            duration_seconds: cfg.lease_duration_seconds,
+                        };
+                        send_node(
+                            op::UPDATE,
+                            kind::LEASE,
+                            serde_json::to_value(r).unwrap_or_default(),
+                        );
+                    }
+                }
+            }));
+        }
+        let metaserver = if cfg.metaserver_listen.is_empty() {
+            None
+        } else {
+            let (addr, t) = metaserver::start(&cfg.metaserver_listen, store.clone())
+                .await
+                .map_err(|source| EdgeError::MetaServer {
+                    addr: cfg.metaserver_listen.clone(),
+                    source,
+                })?;
+            tasks.push(t);
+            Some(addr)
+        };
+        tracing::info!(%node, %ip, metaserver = ?metaserver, "edge agent running");
+        Ok(EdgeCore {
+            hub,
+            store,
+            edged,
+            metaserver,
+            node,
+            tasks,
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Stops the agent. With `stop_pods`, the pods' processes are stopped too (what `sedge up`
+    /// does on Ctrl-C); without, they keep running and the next start adopts them (what a
+    /// kubelet restart does).
+    pub async fn shutdown(self, stop_pods: bool) {
+        if stop_pods {
+            self.edged.stop_all().await;
+        } else {
+            self.edged.detach();
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Ok(hub) = Arc::try_unwrap(self.hub) {
+            hub.shutdown().await;
+        }
+    }
+}
+
+async fn route(
+    i: Incoming,
+    store: &Arc<MetaStore>,
+    edged: &Arc<Edged>,
+    ctx: &ModuleContext,
+    modules: &HashMap<String, Arc<dyn EdgeModule>>,
+) -> Result<Option<Message>, String> {
+    let m = i.message;
+    match m.route.group.as_str() {
+        group::META => {
+            let key = match Key::parse(&m.route.resource) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!("malformed message from the cloud: {e}; dropped");
+                    return Ok(None);
+                }
+            };
+            let store = store.clone();
+            let op_ = m.route.operation.clone();
+            let rv = m.resource_version.clone();
+            let content = m.content.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                if op_ == op::DELETE {
+                    store.delete(&key.kind, &key.namespace, &key.name).map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+                let obj: Value = match serde_json::from_slice(&content) {
+                    Ok(v @ Value::Object(_)) => v,
+                    Ok(_) | Err(_) => {
+                        // Acknowledged and dropped: retrying a malformed message helps nobody.
+                        tracing::warn!(resource = %key, "malformed object from the cloud (not a JSON object); dropped");
+                        return Ok(());
+                    }
+                };
+                store.upsert(&key.kind, &key.namespace, &key.name, &rv, &obj).map_err(|e| e.to_string())?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            Ok(None)
+        }
+        group::EDGED => {
+            let key = Key::parse(&m.route.resource)?;
+            if key.kind != kind::POD_LOG {
+                return Err(format!("edged does not answer {:?}", key.kind));
+            }
+            let req: LogRequest = serde_json::from_slice(&m.content)
+                .map_err(|e| format!("malformed log request: {e}"))?;
+            let edged = edged.clone();
+            let bytes =
+                tokio::task::spawn_blocking(move || edged.logs(&key.namespace, &key.name, &req))
+                    .await
+                    .map_err(|e| e.to_string())??;
+            Ok(Some(m.reply(op::RESPONSE, bytes)))
+        }
+        g => match modules.get(g) {
+            Some(module) => module.handle(ctx, m).await,
+            None => {
+                tracing::warn!(group = g, "message for a group no module handles; dropped");
+                Ok(None)
+            }
+        },
+    }
+}

@@ -1,0 +1,256 @@
+//! The MetaServer: get, list and watch of the objects this node holds, in the Kubernetes REST
+//! shape, served from the local SQLite store on a localhost port. Edge applications (and
+//! `kubectl --server http://127.0.0.1:10550`) read them with the cloud away.
+//!
+//! Served: `/version`, `/healthz`, `/api`, `/apis`, `/api/v1`, and for `pods`, `configmaps`,
+//! `secrets` (namespaced) and `nodes` (this node): list (all namespaces or one), get, and
+//! `?watch=true` (newline-delimited watch events, starting with the current objects).
+//! `labelSelector` with `key=value` terms is honoured. Read-only: writes get 405.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::store::MetaStore;
+
+struct App {
+    store: Arc<MetaStore>,
+    addr: SocketAddr,
+}
+
+const RESOURCES: &[(&str, &str, &str, bool)] = &[
+    ("pods", "pod", "Pod", true),
+    ("configmaps", "configmap", "ConfigMap", true),
+    ("secrets", "secret", "Secret", true),
+    ("nodes", "node", "Node", false),
+];
+
+/// Starts the MetaServer on `listen`; returns the bound address and the serving task.
+pub async fn start(
+    listen: &str,
+    store: Arc<MetaStore>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let l = TcpListener::bind(listen).await?;
+    let addr = l.local_addr()?;
+    let app = Arc::new(App { store, addr });
+    let router = axum::Router::new().fallback(dispatch).with_state(app);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(l, router).await;
+    });
+    Ok((addr, task))
+}
+
+fn json_resp(code: StatusCode, v: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response {
+    json_resp(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code.as_u16()}),
+    )
+}
+
+fn labels_match(obj: &Value, selector: Option<&String>) -> bool {
+    let Some(sel) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    sel.split(',').all(|term| {
+        let (k, v, eq) = if let Some((k, v)) = term.split_once("!=") {
+            (k, v, false)
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            (k, v, true)
+        } else {
+            return obj["metadata"]["labels"][term.trim()].is_string();
+        };
+        (obj["metadata"]["labels"][k.trim()].as_str() == Some(v.trim())) == eq
+    })
+}
+
+async fn dispatch(
+    State(app): State<Arc<App>>,
+    Query(params): Query<HashMap<String, String>>,
+    req: Request,
+) -> Response {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    if req.method() != Method::GET {
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the edge MetaServer is read-only; write through the cloud API server".into(),
+        );
+    }
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        ["healthz"] | ["readyz"] | ["livez"] => "ok".into_response(),
+        ["version"] => json_resp(
+            StatusCode::OK,
+            &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0+sedge-edge", "platform": "linux/amd64"}),
+        ),
+        ["api"] => json_resp(
+            StatusCode::OK,
+            &json!({"kind": "APIVersions", "versions": ["v1"],
+                    "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": app.addr.to_string()}]}),
+        ),
+        ["apis"] => json_resp(
+            StatusCode::OK,
+            &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}),
+        ),
+        ["api", "v1"] => {
+            let resources: Vec<Value> = RESOURCES
+                .iter()
+                .map(|(plural, kind, k, namespaced)| {
+                    json!({"name": plural, "singularName": kind, "namespaced": namespaced, "kind": k,
+                           "verbs": ["get", "list", "watch"]})
+                })
+                .collect();
+            json_resp(
+                StatusCode::OK,
+                &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": resources}),
+            )
+        }
+        ["api", "v1", plural] => serve(&app, plural, None, None, &params).await,
+        ["api", "v1", plural, name] if *plural == "nodes" => {
+            serve(&app, plural, None, Some(name), &params).await
+        }
+        ["api", "v1", "namespaces", ns, plural] => {
+            serve(&app, plural, Some(ns), None, &params).await
+        }
+        ["api", "v1", "namespaces", ns, plural, name] => {
+            serve(&app, plural, Some(ns), Some(name), &params).await
+        }
+        _ => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource".into(),
+        ),
+    }
+}
+
+async fn serve(
+    app: &Arc<App>,
+    plural: &str,
+    ns: Option<&str>,
+    name: Option<&str>,
+    params: &HashMap<String, String>,
+) -> Response {
+    let Some(&(_, kind, k, namespaced)) = RESOURCES.iter().find(|r| r.0 == plural) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!(
+                "the edge MetaServer does not serve {plural:?} (it serves pods, configmaps, secrets, nodes)"
+            ),
+        );
+    };
+    let ns_key = if namespaced {
+        ns
+    } else {
+        Some(sedge_api::CLUSTER_NS)
+    };
+    let watch = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
+    let selector = params.get("labelSelector");
+    if watch {
+        let rx = app.store.subscribe();
+        let current = app.store.list(kind, ns_key).unwrap_or_default();
+        let (ns, name, selector) = (
+            ns.map(String::from),
+            name.map(String::from),
+            selector.cloned(),
+        );
+        let kind = kind.to_string();
+        let keep = move |o: &Value| {
+            name.as_ref()
+                .is_none_or(|n| o["metadata"]["name"].as_str() == Some(n))
+                && labels_match(o, selector.as_ref())
+        };
+        let keep2 = keep.clone();
+        let initial: Vec<Result<String, std::io::Error>> = current
+            .into_iter()
+            .filter(|o| keep(o))
+            .map(|o| Ok(format!("{}\n", json!({"type": "ADDED", "object": o}))))
+            .collect();
+        let live = futures::stream::unfold(rx, move |mut rx| {
+            let ns = ns.clone();
+            let kind = kind.clone();
+            let keep = keep2.clone();
+            async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(c) => {
+                            if c.kind == kind
+                                && ns.as_ref().is_none_or(|n| *n == c.namespace)
+                                && keep(&c.object)
+                            {
+                                return Some((
+                                    Ok(format!(
+                                        "{}\n",
+                                        json!({"type": c.kind_of_change, "object": c.object})
+                                    )),
+                                    rx,
+                                ));
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return None,
+                    }
+                }
+            }
+        });
+        let body = futures::stream::iter(initial).chain(live);
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from_stream(body),
+        )
+            .into_response();
+    }
+    match name {
+        Some(n) => match app.store.get(kind, ns_key.unwrap_or_default(), n) {
+            Ok(Some(o)) => json_resp(StatusCode::OK, &o),
+            Ok(None) => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{plural} \"{n}\" not found"),
+            ),
+            Err(e) => status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                e.to_string(),
+            ),
+        },
+        None => match app.store.list(kind, ns_key) {
+            Ok(items) => {
+                let items: Vec<Value> = items
+                    .into_iter()
+                    .filter(|o| labels_match(o, selector))
+                    .collect();
+                let rv = app.store.revision().unwrap_or(0);
+                json_resp(
+                    StatusCode::OK,
+                    &json!({"kind": format!("{k}List"), "apiVersion": "v1",
+                            "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+                )
+            }
+            Err(e) => status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                e.to_string(),
+            ),
+        },
+    }
+}

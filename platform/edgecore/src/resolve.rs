@@ -1,0 +1,453 @@
+//! Turning a pod spec into what a runtime needs: environment (`env`, `envFrom`, `valueFrom`
+//! with the downward API), volumes materialised as files (configMap, secret, projected,
+//! downwardAPI, emptyDir, hostPath) and mounts linked under the container's root. Everything
+//! comes from the local store, so it works offline. Errors are the kubelet's
+//! `CreateContainerConfigError` messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use serde_json::Value;
+
+use crate::store::MetaStore;
+
+/// Node facts the downward API exposes.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    /// Node name.
+    pub node: String,
+    /// Node (and, with the process runtime, pod) IP.
+    pub ip: String,
+}
+
+fn lookup(store: &MetaStore, kind: &str, ns: &str, name: &str) -> Result<Option<Value>, String> {
+    store.get(kind, ns, name).map_err(|e| e.to_string())
+}
+
+/// The string data of a config map or secret (secrets decoded), or `None` if not held.
+fn data_of(
+    store: &MetaStore,
+    secret: bool,
+    ns: &str,
+    name: &str,
+) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+    let kind = if secret { "secret" } else { "configmap" };
+    let Some(obj) = lookup(store, kind, ns, name)? else {
+        return Ok(None);
+    };
+    let mut out = BTreeMap::new();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if let Some(d) = obj["data"].as_object() {
+        for (k, v) in d {
+            let s = v.as_str().unwrap_or_default();
+            let bytes = if secret {
+                b64.decode(s)
+                    .map_err(|e| format!("secret {ns}/{name} key {k}: {e}"))?
+            } else {
+                s.as_bytes().to_vec()
+            };
+            out.insert(k.clone(), bytes);
+        }
+    }
+    if let Some(d) = obj["binaryData"].as_object() {
+        for (k, v) in d {
+            let bytes = b64
+                .decode(v.as_str().unwrap_or_default())
+                .map_err(|e| format!("configmap {ns}/{name} key {k}: {e}"))?;
+            out.insert(k.clone(), bytes);
+        }
+    }
+    Ok(Some(out))
+}
+
+fn what(secret: bool) -> &'static str {
+    if secret { "secret" } else { "configmap" }
+}
+
+fn field(pod: &Value, path: &str, facts: &NodeFacts) -> Result<String, String> {
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let m = &pod["metadata"];
+    let keyed = |prefix: &str, map: &Value| -> Option<String> {
+        let key = path
+            .strip_prefix(prefix)?
+            .strip_prefix("['")?
+            .strip_suffix("']")?;
+        Some(s(&map[key]))
+    };
+    Ok(match path {
+        "metadata.name" => s(&m["name"]),
+        "metadata.namespace" => s(&m["namespace"]),
+        "metadata.uid" => s(&m["uid"]),
+        "spec.nodeName" => facts.node.clone(),
+        "spec.serviceAccountName" => s(&pod["spec"]["serviceAccountName"]),
+        "status.podIP" | "status.hostIP" | "status.podIPs" | "status.hostIPs" => facts.ip.clone(),
+        _ => {
+            if let Some(v) = keyed("metadata.labels", &m["labels"]) {
+                v
+            } else if let Some(v) = keyed("metadata.annotations", &m["annotations"]) {
+                v
+            } else {
+                return Err(format!("unsupported fieldPath {path:?}"));
+            }
+        }
+    })
+}
+
+/// A container's environment, in the kubelet's order (`envFrom` first, then `env`, later
+/// entries win, `$(VAR)` expanded against earlier ones).
+pub fn env(
+    store: &MetaStore,
+    pod: &Value,
+    c: &Value,
+    facts: &NodeFacts,
+) -> Result<Vec<(String, String)>, String> {
+    let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
+    let mut out: Vec<(String, String)> = Vec::new();
+    let set = |out: &mut Vec<(String, String)>, k: String, v: String| {
+        out.retain(|(x, _)| *x != k);
+        out.push((k, v));
+    };
+    for ef in c["envFrom"].as_array().into_iter().flatten() {
+        let prefix = ef["prefix"].as_str().unwrap_or_default();
+        for (secret, r) in [(false, &ef["configMapRef"]), (true, &ef["secretRef"])] {
+            let Some(name) = r["name"].as_str() else {
+                continue;
+            };
+            match data_of(store, secret, ns, name)? {
+                Some(d) => {
+                    for (k, v) in d {
+                        set(
+                            &mut out,
+                            format!("{prefix}{k}"),
+                            String::from_utf8_lossy(&v).into_owned(),
+                        );
+                    }
+                }
+                None if r["optional"] == true => {}
+                None => return Err(format!("{} \"{name}\" not found", what(secret))),
+            }
+        }
+    }
+    for e in c["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap_or_default().to_string();
+        let vf = &e["valueFrom"];
+        let value = if let Some(v) = e["value"].as_str() {
+            let known: BTreeMap<&str, &str> =
+                out.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            crate::runtime::expand(v, &known)
+        } else if vf.is_object() {
+            if let Some(p) = vf["fieldRef"]["fieldPath"].as_str() {
+                field(pod, p, facts)?
+            } else if let Some(r) = vf["resourceFieldRef"]["resource"].as_str() {
+                let (section, res) = r.split_once('.').unwrap_or(("limits", r));
+                c["resources"][section][res]
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| "0".into())
+            } else {
+                let (secret, r) = if vf["secretKeyRef"].is_object() {
+                    (true, &vf["secretKeyRef"])
+                } else {
+                    (false, &vf["configMapKeyRef"])
+                };
+                let obj = r["name"].as_str().unwrap_or_default();
+                let key = r["key"].as_str().unwrap_or_default();
+                let optional = r["optional"] == true;
+                match data_of(store, secret, ns, obj)? {
+                    Some(d) => match d.get(key) {
+                        Some(v) => String::from_utf8_lossy(v).into_owned(),
+                        None if optional => continue,
+                        None => {
+                            let kind = if secret { "Secret" } else { "ConfigMap" };
+                            return Err(format!("couldn't find key {key} in {kind} {ns}/{obj}"));
+                        }
+                    },
+                    None if optional => continue,
+                    None => return Err(format!("{} \"{obj}\" not found", what(secret))),
+                }
+            }
+        } else {
+            String::new()
+        };
+        set(&mut out, name, value);
+    }
+    Ok(out)
+}
+
+fn write_items(
+    dir: &Path,
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<Value>>,
+    mode: Option<u32>,
+) -> Result<(), String> {
+    let io = |p: &Path, e: std::io::Error| format!("writing {}: {e}", p.display());
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let pairs: Vec<(String, String)> = match items {
+        Some(items) => items
+            .iter()
+            .map(|i| {
+                (
+                    i["key"].as_str().unwrap_or_default().to_string(),
+                    i["path"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+        None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+    };
+    for (key, rel) in pairs {
+        let Some(bytes) = data.get(&key) else {
+            return Err(format!("key {key} is not in the volume's source"));
+        };
+        let path = crate::runtime::under_root(dir, &rel);
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p).map_err(|e| io(p, e))?;
+        }
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("sedge-tmp");
+        std::fs::write(&tmp, bytes).map_err(|e| io(&tmp, e))?;
+        if let Some(m) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m));
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Materialises the pod's volumes under `pod_dir/volumes/<name>`; returns name -> host path.
+pub fn volumes(
+    store: &MetaStore,
+    pod: &Value,
+    pod_dir: &Path,
+    facts: &NodeFacts,
+) -> Result<HashMap<String, PathBuf>, String> {
+    let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
+    let mut out = HashMap::new();
+    for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+        let name = v["name"].as_str().unwrap_or_default().to_string();
+        let dir = pod_dir.join("volumes").join(&name);
+        let mode = |x: &Value| x["defaultMode"].as_u64().map(|m| m as u32);
+        let source = |secret: bool,
+                      obj: &str,
+                      optional: bool,
+                      items: Option<&Vec<Value>>,
+                      dir: &Path,
+                      m: Option<u32>|
+         -> Result<(), String> {
+            match data_of(store, secret, ns, obj)? {
+                Some(d) => write_items(dir, &d, items, m),
+                None if optional => std::fs::create_dir_all(dir).map_err(|e| e.to_string()),
+                None => Err(format!("{} \"{obj}\" not found", what(secret))),
+            }
+        };
+        if let Some(c) = v["configMap"].as_object().map(|_| &v["configMap"]) {
+            source(
+                false,
+                c["name"].as_str().unwrap_or_default(),
+                c["optional"] == true,
+                c["items"].as_array(),
+                &dir,
+                mode(c),
+            )?;
+        } else if v["secret"].is_object() {
+            let s = &v["secret"];
+            source(
+                true,
+                s["secretName"].as_str().unwrap_or_default(),
+                s["optional"] == true,
+                s["items"].as_array(),
+                &dir,
+                mode(s),
+            )?;
+        } else if v["projected"].is_object() {
+            let p = &v["projected"];
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            for src in p["sources"].as_array().into_iter().flatten() {
+                if src["configMap"].is_object() {
+                    let c = &src["configMap"];
+                    source(
+                        false,
+                        c["name"].as_str().unwrap_or_default(),
+                        c["optional"] == true,
+                        c["items"].as_array(),
+                        &dir,
+                        mode(p),
+                    )?;
+                } else if src["secret"].is_object() {
+                    let s = &src["secret"];
+                    source(
+                        true,
+                        s["name"].as_str().unwrap_or_default(),
+                        s["optional"] == true,
+                        s["items"].as_array(),
+                        &dir,
+                        mode(p),
+                    )?;
+                }
+            }
+        } else if v["downwardAPI"].is_object() {
+            let mut data = BTreeMap::new();
+            let mut items = Vec::new();
+            for i in v["downwardAPI"]["items"].as_array().into_iter().flatten() {
+                if let Some(p) = i["fieldRef"]["fieldPath"].as_str() {
+                    let key = i["path"].as_str().unwrap_or_default().to_string();
+                    data.insert(key.clone(), field(pod, p, facts)?.into_bytes());
+                    items.push(serde_json::json!({"key": key, "path": key}));
+                }
+            }
+            write_items(&dir, &data, Some(&items), None)?;
+        } else if v["emptyDir"].is_object() {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        } else if let Some(p) = v["hostPath"]["path"].as_str() {
+            out.insert(name, PathBuf::from(p));
+            continue;
+        } else {
+            let kind = v
+                .as_object()
+                .and_then(|o| o.keys().find(|k| *k != "name").cloned())
+                .unwrap_or_default();
+            return Err(format!(
+                "volume {name:?}: type {kind:?} is not supported by the process runtime"
+            ));
+        }
+        out.insert(name, dir);
+    }
+    Ok(out)
+}
+
+/// Links each `volumeMount` under the container's root (`<root>/<mountPath>` -> volume).
+pub fn mounts(c: &Value, vols: &HashMap<String, PathBuf>, root: &Path) -> Result<(), String> {
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let name = m["name"].as_str().unwrap_or_default();
+        let target = vols
+            .get(name)
+            .ok_or_else(|| format!("volumeMount {name:?} names no volume of the pod"))?;
+        let target = match m["subPath"].as_str().filter(|s| !s.is_empty()) {
+            Some(sp) => crate::runtime::under_root(target, sp),
+            None => target.clone(),
+        };
+        let link = crate::runtime::under_root(root, m["mountPath"].as_str().unwrap_or_default());
+        if let Some(p) = link.parent() {
+            std::fs::create_dir_all(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        if std::fs::symlink_metadata(&link).is_ok() {
+            let _ = std::fs::remove_file(&link);
+        }
+        std::os::unix::fs::symlink(&target, &link)
+            .map_err(|e| format!("mount {}: {e}", link.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn setup() -> (tempfile::TempDir, MetaStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(&dir.path().join("edge.db")).unwrap();
+        s.upsert(
+            "configmap",
+            "default",
+            "cfg",
+            "1",
+            &json!({"data": {"MODE": "fast", "app.yaml": "a: 1"}}),
+        )
+        .unwrap();
+        s.upsert(
+            "secret",
+            "default",
+            "creds",
+            "2",
+            &json!({"data": {"TOKEN": "czNjcjN0"}}),
+        )
+        .unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn env_resolves_references_and_names_what_is_missing() {
+        let (_d, s) = setup();
+        let facts = NodeFacts {
+            node: "edge-1".into(),
+            ip: "10.0.0.5".into(),
+        };
+        let pod =
+            json!({"metadata": {"name": "p", "namespace": "default", "labels": {"app": "web"}}});
+        let c = json!({
+            "envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"}],
+            "env": [
+                {"name": "A", "value": "x"},
+                {"name": "B", "value": "$(A)-y"},
+                {"name": "T", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "TOKEN"}}},
+                {"name": "N", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "L", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                {"name": "O", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "k", "optional": true}}}
+            ]
+        });
+        let e: BTreeMap<String, String> = env(&s, &pod, &c, &facts).unwrap().into_iter().collect();
+        assert_eq!(e["CFG_MODE"], "fast");
+        assert_eq!(e["B"], "x-y");
+        assert_eq!(e["T"], "s3cr3t");
+        assert_eq!(e["N"], "edge-1");
+        assert_eq!(e["IP"], "10.0.0.5");
+        assert_eq!(e["L"], "web");
+        assert!(!e.contains_key("O"));
+        let c = json!({"env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "missing", "key": "k"}}}]});
+        assert_eq!(
+            env(&s, &pod, &c, &facts).unwrap_err(),
+            "configmap \"missing\" not found"
+        );
+        let c = json!({"env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "nokey"}}}]});
+        assert_eq!(
+            env(&s, &pod, &c, &facts).unwrap_err(),
+            "couldn't find key nokey in ConfigMap default/cfg"
+        );
+    }
+
+    #[test]
+    fn volumes_become_files_and_mounts_links() {
+        let (d, s) = setup();
+        let facts = NodeFacts {
+            node: "edge-1".into(),
+            ip: "10.0.0.5".into(),
+        };
+        let pod = json!({"metadata": {"name": "p", "namespace": "default"}, "spec": {"volumes": [
+            {"name": "config", "configMap": {"name": "cfg", "items": [{"key": "app.yaml", "path": "conf/app.yaml"}]}},
+            {"name": "creds", "secret": {"secretName": "creds"}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "info", "downwardAPI": {"items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}}
+        ]}});
+        let pod_dir = d.path().join("pod");
+        let vols = volumes(&s, &pod, &pod_dir, &facts).unwrap();
+        let root = pod_dir.join("c");
+        let c = json!({"volumeMounts": [{"name": "config", "mountPath": "/etc/app"}, {"name": "creds", "mountPath": "/var/run/creds"}, {"name": "info", "mountPath": "/info"}]});
+        mounts(&c, &vols, &root).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/app/conf/app.yaml")).unwrap(),
+            "a: 1"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("var/run/creds/TOKEN")).unwrap(),
+            "s3cr3t"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("info/name")).unwrap(),
+            "p"
+        );
+        let bad = json!({"metadata": {"namespace": "default"}, "spec": {"volumes": [{"name": "x", "secret": {"secretName": "gone"}}]}});
+        assert_eq!(
+            volumes(&s, &bad, &pod_dir, &facts).unwrap_err(),
+            "secret \"gone\" not found"
+        );
+        let bad = json!({"metadata": {"namespace": "default"}, "spec": {"volumes": [{"name": "x", "nfs": {"server": "s"}}]}});
+        assert!(
+            volumes(&s, &bad, &pod_dir, &facts)
+                .unwrap_err()
+                .contains("\"nfs\" is not supported")
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! The meta manager's store: every object the cloud sent, in SQLite (WAL, synchronous=FULL),
+//! written before the channel acknowledges it; plus edged's container records, so that a
+//! restarted agent finds its processes again.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sedge_tunnel::message::not_newer;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("edge store {path}: {source}")]
+    Sql {
+        /// The database file.
+        path: String,
+        /// Cause.
+        source: rusqlite::Error,
+    },
+}
+
+/// A change to the store, published to local watchers (edged, the MetaServer, edge modules).
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    pub kind_of_change: &'static str,
+    /// Resource kind (`pod`, `configmap`, ...).
+    pub kind: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The object (the last known one for deletes).
+    pub object: Value,
+    /// The store's local revision after the change.
+    pub revision: u64,
+}
+
+/// What applying a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Stored (new or newer).
+    Stored,
+    /// Not newer than what is stored: ignored (a duplicate delivery).
+    Stale,
+    /// Removed.
+    Deleted,
+    /// A delete of something not held.
+    Absent,
+}
+
+/// A container edged started, as recorded for a restarted agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// Pod UID.
+    pub pod_uid: String,
+    /// Container name.
+    pub name: String,
+    /// Process id (or runtime id) of the running instance, 0 when none.
+    pub pid: u32,
+    /// The process's start time in clock ticks since boot (guards against pid reuse).
+    pub start_ticks: u64,
+    /// RFC 3339 start time.
+    pub started_at: String,
+    /// Restarts so far.
+    pub restarts: i32,
+    /// The last terminated state (JSON `ContainerStateTerminated`), if any.
+    pub last_terminated: Option<Value>,
+    /// Hash of the container spec it was started from.
+    pub spec_hash: String,
+}
+
+/// The edge's SQLite store.
+pub struct MetaStore {
+    conn: Mutex<Connection>,
+    path: String,
+    changes: broadcast::Sender<Change>,
+}
+
+impl std::fmt::Debug for MetaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl MetaStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<MetaStore, StoreError> {
+        let p = path.display().to_string();
+        let err = |source| StoreError::Sql {
+            path: p.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let conn = Connection::open(path).map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS meta (
+                kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+                rv TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (kind, namespace, name));
+             CREATE TABLE IF NOT EXISTS containers (
+                pod_uid TEXT NOT NULL, name TEXT NOT NULL, record TEXT NOT NULL,
+                PRIMARY KEY (pod_uid, name));
+             CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 0), rev INTEGER NOT NULL);
+             INSERT OR IGNORE INTO revision VALUES (0, 0);",
+        )
+        .map_err(err)?;
+        Ok(MetaStore {
+            conn: Mutex::new(conn),
+            path: p,
+            changes: broadcast::channel(4096).0,
+        })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// The local revision (bumped by every change).
+    pub fn revision(&self) -> Result<u64, StoreError> {
+        let c = self.conn.lock().unwrap();
+        c.query_row("SELECT rev FROM revision", [], |r| r.get::<_, i64>(0))
+            .map(|r| r as u64)
+            .map_err(self.err())
+    }
+
+    /// Stores `object` unless what is stored is newer; returns what happened.
+    pub fn upsert(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        rv: &str,
+        object: &Value,
+    ) -> Result<Applied, StoreError> {
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction().map_err(self.err())?;
+        let current: Option<String> = tx
+            .query_row(
+                "SELECT rv FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3",
+                params![kind, ns, name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        if let Some(cur) = &current
+            && not_newer(rv, cur)
+        {
+            return Ok(Applied::Stale);
+        }
+        tx.execute(
+            "INSERT INTO meta VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(kind, namespace, name) DO UPDATE SET rv=excluded.rv, value=excluded.value",
+            params![kind, ns, name, rv, object.to_string()],
+        )
+        .map_err(self.err())?;
+        let rev = bump(&tx).map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        drop(c);
+        let _ = self.changes.send(Change {
+            kind_of_change: if current.is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            },
+            kind: kind.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            object: object.clone(),
+            revision: rev,
+        });
+        Ok(Applied::Stored)
+    }
+
+    /// Removes an object.
+    pub fn delete(&self, kind: &str, ns: &str, name: &str) -> Result<Applied, StoreError> {
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction().map_err(self.err())?;
+        let old: Option<String> = tx
+            .query_row(
+                "SELECT value FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3",
+                params![kind, ns, name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        let Some(old) = old else {
+            return Ok(Applied::Absent);
+        };
+        tx.execute(
+            "DELETE FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3",
+            params![kind, ns, name],
+        )
+        .map_err(self.err())?;
+        let rev = bump(&tx).map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        drop(c);
+        let _ = self.changes.send(Change {
+            kind_of_change: "DELETED",
+            kind: kind.into(),
+            namespace: ns.into(),
+            name: name.into(),
+            object: serde_json::from_str(&old).unwrap_or(Value::Null),
+            revision: rev,
+        });
+        Ok(Applied::Deleted)
+    }
+
+    /// One object.
+    pub fn get(&self, kind: &str, ns: &str, name: &str) -> Result<Option<Value>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let v: Option<String> = c
+            .query_row(
+                "SELECT value FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3",
+                params![kind, ns, name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        Ok(v.and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    /// All objects of a kind, in one namespace or all.
+    pub fn list(&self, kind: &str, ns: Option<&str>) -> Result<Vec<Value>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c
+            .prepare(
+                "SELECT value FROM meta WHERE kind=?1 AND (?2 IS NULL OR namespace=?2) ORDER BY namespace, name",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![kind, ns], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Ok(v) = serde_json::from_str(&r.map_err(self.err())?) {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a container.
+    pub fn save_container(&self, rec: &ContainerRecord) -> Result<(), StoreError> {
+        let c = self.conn.lock().unwrap();
+        c.execute(
+            "INSERT INTO containers VALUES (?1, ?2, ?3)
+             ON CONFLICT(pod_uid, name) DO UPDATE SET record=excluded.record",
+            params![
+                rec.pod_uid,
+                rec.name,
+                serde_json::to_string(rec).unwrap_or_default()
+            ],
+        )
+        .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// A pod's container records.
+    pub fn containers(&self, pod_uid: &str) -> Result<Vec<ContainerRecord>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c
+            .prepare("SELECT record FROM containers WHERE pod_uid=?1")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![pod_uid], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Ok(v) = serde_json::from_str(&r.map_err(self.err())?) {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pod UIDs that have container records.
+    pub fn recorded_pods(&self) -> Result<Vec<String>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c
+            .prepare("SELECT DISTINCT pod_uid FROM containers")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    /// Forgets a pod's containers.
+    pub fn forget_containers(&self, pod_uid: &str) -> Result<(), StoreError> {
+        let c = self.conn.lock().unwrap();
+        c.execute("DELETE FROM containers WHERE pod_uid=?1", params![pod_uid])
+            .map_err(self.err())?;
+        Ok(())
+    }
+}
+
+fn bump(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
+    tx.execute("UPDATE revision SET rev = rev + 1", [])?;
+    tx.query_row("SELECT rev FROM revision", [], |r| r.get::<_, i64>(0))
+        .map(|r| r as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keeps_the_newest_version_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.db");
+        let s = MetaStore::open(&path).unwrap();
+        let mut rx = s.subscribe();
+        assert_eq!(
+            s.upsert("pod", "default", "a", "5", &json!({"v": 5}))
+                .unwrap(),
+            Applied::Stored
+        );
+        assert_eq!(
+            s.upsert("pod", "default", "a", "4", &json!({"v": 4}))
+                .unwrap(),
+            Applied::Stale
+        );
+        assert_eq!(
+            s.upsert("pod", "default", "a", "5", &json!({"v": 5}))
+                .unwrap(),
+            Applied::Stale
+        );
+        assert_eq!(
+            s.upsert("pod", "default", "a", "7", &json!({"v": 7}))
+                .unwrap(),
+            Applied::Stored
+        );
+        assert_eq!(
+            s.upsert("configmap", "default", "c", "1", &json!({}))
+                .unwrap(),
+            Applied::Stored
+        );
+        assert_eq!(rx.try_recv().unwrap().kind_of_change, "ADDED");
+        assert_eq!(rx.try_recv().unwrap().kind_of_change, "MODIFIED");
+        drop(s);
+        let s = MetaStore::open(&path).unwrap();
+        assert_eq!(s.get("pod", "default", "a").unwrap().unwrap()["v"], 7);
+        assert_eq!(s.list("pod", None).unwrap().len(), 1);
+        assert_eq!(s.list("pod", Some("other")).unwrap().len(), 0);
+        assert_eq!(s.delete("pod", "default", "a").unwrap(), Applied::Deleted);
+        assert_eq!(s.delete("pod", "default", "a").unwrap(), Applied::Absent);
+        assert_eq!(s.revision().unwrap(), 4);
+        let rec = ContainerRecord {
+            pod_uid: "u".into(),
+            name: "c".into(),
+            pid: 42,
+            start_ticks: 7,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            restarts: 2,
+            last_terminated: None,
+            spec_hash: "h".into(),
+        };
+        s.save_container(&rec).unwrap();
+        assert_eq!(s.containers("u").unwrap(), vec![rec]);
+        assert_eq!(s.recorded_pods().unwrap(), vec!["u".to_string()]);
+        s.forget_containers("u").unwrap();
+        assert!(s.containers("u").unwrap().is_empty());
+    }
+}
