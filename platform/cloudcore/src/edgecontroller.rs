@@ -246,6 +246,34 @@ impl Cache {
         )
     }
 
+    /// Waits until every store holds its first list; false if a watch failed for good.
+    pub async fn ready(&self) -> bool {
+        // Short attempts: a `wait_until_ready` future made before the stores fill sometimes
+        // misses its wake-up (kube-runtime 5), while a fresh one resolves at once.
+        for attempt in 1u64.. {
+            let all = async {
+                self.pods.wait_until_ready().await?;
+                self.nodes.wait_until_ready().await?;
+                self.configmaps.wait_until_ready().await?;
+                self.secrets.wait_until_ready().await?;
+                self.leases.wait_until_ready().await
+            };
+            match tokio::time::timeout(Duration::from_millis(500), all).await {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "informer cache never became ready");
+                    return false;
+                }
+                Err(_) if attempt % 60 == 0 => tracing::warn!(
+                    "the informer cache is not filled after {} s; is the API server reachable?",
+                    attempt / 2
+                ),
+                Err(_) => {}
+            }
+        }
+        false
+    }
+
     /// Whether a node is an edge node (registered through the channel).
     pub fn is_edge(&self, node: &str) -> bool {
         self.nodes
@@ -322,17 +350,13 @@ fn insert<K: Resource + serde::Serialize>(
 /// Keeps every edge node's object set in step with the cache: offers what each node should hold
 /// (the hub skips what it already has) and deletes what it should no longer hold.
 pub async fn run_downstream(hub: Arc<Hub>, cache: Cache) {
-    for s in [
-        cache.pods.wait_until_ready().await,
-        cache.nodes.wait_until_ready().await,
-        cache.configmaps.wait_until_ready().await,
-        cache.secrets.wait_until_ready().await,
-    ] {
-        if let Err(e) = s {
-            tracing::error!(error = %e, "informer cache never became ready");
-            return;
-        }
+    if !cache.ready().await {
+        return;
     }
+    tracing::info!(
+        pods = cache.pods.state().len(),
+        "edge controller: informer cache ready"
+    );
     // A (re)connecting node is re-offered everything (cheap: the hub skips what it holds).
     let mut links = hub.subscribe();
     let dirty = cache.dirty.clone();
@@ -386,6 +410,7 @@ async fn sync_node(
     offered: &mut HashSet<String>,
 ) -> Result<(), sedge_tunnel::TunnelError> {
     let desired = cache.desired(node);
+    tracing::debug!(%node, objects = desired.len(), "syncing node");
     for (key, (rv, obj)) in &desired {
         let msg = Message::new(
             group::META,

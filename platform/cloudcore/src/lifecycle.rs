@@ -41,8 +41,9 @@ fn effect_name(e: TaintEffect) -> &'static str {
 
 /// Checks leases every `period` until aborted.
 pub async fn run(client: kube::Client, cache: Cache, s: Settings) {
-    let _ = cache.nodes.wait_until_ready().await;
-    let _ = cache.leases.wait_until_ready().await;
+    if !cache.ready().await {
+        return;
+    }
     let mut tick = tokio::time::interval(s.period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

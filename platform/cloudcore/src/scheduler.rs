@@ -22,8 +22,9 @@ const RETRY: Duration = Duration::from_secs(5);
 
 /// Schedules until aborted.
 pub async fn run(client: kube::Client, cache: Cache) {
-    let _ = cache.pods.wait_until_ready().await;
-    let _ = cache.nodes.wait_until_ready().await;
+    if !cache.ready().await {
+        return;
+    }
     // What this scheduler last wrote per pod, so an unchanged verdict is not written again.
     let mut verdicts: HashMap<String, String> = HashMap::new();
     loop {

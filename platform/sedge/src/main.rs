@@ -17,6 +17,7 @@ use sedge_inference_worker::server::{self, CloudModel};
 use sedge_inference_worker::source::Source;
 
 mod apiserver;
+mod platform;
 mod tunnel;
 
 #[derive(Parser)]
@@ -52,6 +53,12 @@ enum Command {
     Token(tunnel::TokenCmd),
     /// Join this machine to the cloud as an edge node: pin the CA from the token, get a certificate.
     Join(tunnel::JoinArgs),
+    /// Run the cloud side: the hub for edge nodes and the controllers (against --kubeconfig, or --embedded).
+    Cloud(platform::CloudArgs),
+    /// Run the edge agent on this node (joins first when given --token).
+    Edge(platform::EdgeAgentArgs),
+    /// Everything on one machine: the embedded API server, the cloud side and N edge agents.
+    Up(platform::UpArgs),
 }
 
 #[derive(Args)]
@@ -265,6 +272,9 @@ fn main() -> Result<()> {
             Command::Apiserver(a) => apiserver::run(a, shutdown_signal()).await,
             Command::Token(c) => tunnel::token(c),
             Command::Join(a) => tunnel::join(a).await,
+            Command::Cloud(a) => platform::cloud(a, shutdown_signal()).await,
+            Command::Edge(a) => platform::edge(a, shutdown_signal()).await,
+            Command::Up(a) => platform::up(a, shutdown_signal()).await,
         }
     })
 }

@@ -1,0 +1,380 @@
+//! `sedge cloud`, `sedge edge` and `sedge up`: the platform daemons.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use sedge_apiserver::ops::{PodLogRequest, PodLogSource};
+use sedge_apiserver::{ApiServer, ApiServerConfig};
+use sedge_cloudcore::{CloudCore, CloudCoreConfig};
+use sedge_edgecore::{EdgeCore, EdgeCoreConfig};
+use serde_json::json;
+
+/// Flags of `sedge cloud`.
+#[derive(Args)]
+pub struct CloudArgs {
+    /// Config file (YAML or JSON); layered as defaults < file < flags.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Print the default config and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Kubeconfig of the cluster to run against (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, env = "KUBECONFIG", conflicts_with = "embedded")]
+    kubeconfig: Option<PathBuf>,
+    /// Also run the embedded API server (SQLite) in this process, with its data under --data-dir.
+    #[arg(long)]
+    embedded: bool,
+    /// Data directory for the embedded API server, the hub and the PKI.
+    #[arg(long, env = "SEDGE_DATA_DIR", default_value = "sedge-data")]
+    data_dir: PathBuf,
+    /// The hub's TCP address (WebSocket and join).
+    #[arg(long)]
+    listen: Option<String>,
+    /// The hub's UDP address for QUIC (empty disables it).
+    #[arg(long)]
+    listen_quic: Option<String>,
+    /// Names or IPs edges dial (put in the hub certificate; repeatable).
+    #[arg(long = "advertise-address")]
+    advertise: Vec<String>,
+}
+
+/// Flags of `sedge edge`.
+#[derive(Args)]
+pub struct EdgeAgentArgs {
+    /// Config file (YAML or JSON); layered as defaults < file < flags.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Print the default config and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Where the node keeps its credentials, store and pods.
+    #[arg(long, env = "SEDGE_EDGE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The cloud hub (host:port); needed to join, read from the config otherwise.
+    #[arg(long, env = "SEDGE_CLOUD")]
+    cloud: Option<String>,
+    /// Join first with this token if the node has no credentials yet.
+    #[arg(long, env = "SEDGE_JOIN_TOKEN")]
+    token: Option<String>,
+    /// This node's name (needed to join).
+    #[arg(long, env = "SEDGE_NODE_NAME")]
+    node_name: Option<String>,
+    /// `websocket` or `quic`.
+    #[arg(long)]
+    transport: Option<String>,
+    /// The local MetaServer address (empty disables it).
+    #[arg(long)]
+    metaserver: Option<String>,
+}
+
+/// Flags of `sedge up`.
+#[derive(Args)]
+pub struct UpArgs {
+    /// Where everything lives (API server, hub, one directory per edge).
+    #[arg(long, default_value = "sedge-data/up")]
+    pub data_dir: PathBuf,
+    /// Edge agents to run.
+    #[arg(long, default_value_t = 2)]
+    pub edges: usize,
+    /// The API server's address.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    pub listen: String,
+    /// The hub's TCP address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub hub_listen: String,
+    /// First MetaServer port (edge i gets port + i; 0 picks free ports).
+    #[arg(long, default_value_t = 10550)]
+    pub metaserver_port: u16,
+    /// Edge agent config file applied to every edge (node names and directories are set per edge).
+    #[arg(long)]
+    pub edge_config: Option<PathBuf>,
+    /// Cloud core config file.
+    #[arg(long)]
+    pub cloud_config: Option<PathBuf>,
+}
+
+fn load<T: Default + serde::Serialize + serde::de::DeserializeOwned>(
+    file: Option<&Path>,
+) -> Result<T> {
+    Ok(sedge_inference_worker::config::load(file)?)
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .with_context(|| format!("kubeconfig {}", kubeconfig.display()))?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+/// Lets the embedded API server answer `kubectl logs` through the cloud core.
+fn attach_logs(server: &ApiServer, cloud: &CloudCore, timeout: Duration) {
+    let hub = cloud.hub.clone();
+    let source = PodLogSource(Arc::new(move |r: PodLogRequest| {
+        let hub = hub.clone();
+        Box::pin(async move {
+            let req = sedge_api::LogRequest {
+                uid: r.uid,
+                container: r.container,
+                tail_lines: r.tail_lines,
+                limit_bytes: r.limit_bytes,
+                previous: r.previous,
+            };
+            sedge_cloudcore::edgecontroller::pod_logs(
+                &hub,
+                &r.node,
+                &r.namespace,
+                &r.pod,
+                &req,
+                timeout,
+            )
+            .await
+        })
+    }));
+    let _ = server.core.pod_logs.set(source);
+}
+
+/// Runs `sedge cloud` until `shutdown` resolves.
+pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<()> {
+    if a.print_default_config {
+        print!("{}", serde_yaml::to_string(&CloudCoreConfig::default())?);
+        return Ok(());
+    }
+    let mut cfg: CloudCoreConfig = load(a.config.as_deref())?;
+    if let Some(l) = a.listen {
+        cfg.hub.listen = l;
+    }
+    if let Some(l) = a.listen_quic {
+        cfg.hub.listen_quic = l;
+    }
+    cfg.hub.advertise_addresses.extend(a.advertise);
+    let server = if a.embedded {
+        cfg.hub.data_dir = a.data_dir.join("cloudhub");
+        cfg.hub.pki_dir = a.data_dir.join("apiserver").join("pki");
+        let s = ApiServer::start(ApiServerConfig {
+            data_dir: a.data_dir.join("apiserver"),
+            ..Default::default()
+        })
+        .await
+        .context("cannot start the embedded API server")?;
+        Some(s)
+    } else {
+        // Against a real cluster its own controllers and scheduler do the work.
+        cfg.workloads = false;
+        cfg.scheduler = false;
+        None
+    };
+    let client = match (&server, &a.kubeconfig) {
+        (Some(s), _) => client_from(&s.kubeconfig).await?,
+        (None, Some(k)) => client_from(k).await?,
+        (None, None) => kube::Client::try_default()
+            .await
+            .context("no kubeconfig: pass --kubeconfig or --embedded")?,
+    };
+    let core = CloudCore::start(client, cfg.clone())
+        .await
+        .context("cannot start the cloud core")?;
+    if let Some(s) = &server {
+        attach_logs(s, &core, Duration::from_millis(cfg.log_timeout_ms));
+        eprintln!(
+            "API server ready at {}; kubeconfig {}",
+            s.url,
+            s.kubeconfig.display()
+        );
+    }
+    eprintln!(
+        "cloud hub on {} (QUIC {:?}); join edges with:\n  sedge token create --data-dir {} --pki-dir {}\n  sedge join --cloud <this host>:{} --token <token> --node-name <name>",
+        core.hub.addr(),
+        core.hub.quic_addr(),
+        cfg.hub.data_dir.display(),
+        cfg.hub.pki_dir.display(),
+        core.hub.addr().port()
+    );
+    shutdown.await;
+    core.shutdown().await;
+    if let Some(s) = server {
+        s.shutdown().await;
+    }
+    Ok(())
+}
+
+fn edge_config(a: &EdgeAgentArgs) -> Result<EdgeCoreConfig> {
+    let mut c: EdgeCoreConfig = load(a.config.as_deref())?;
+    if let Some(d) = &a.data_dir {
+        c.tunnel.data_dir = d.clone();
+    }
+    if let Some(v) = &a.cloud {
+        c.tunnel.cloud = v.clone();
+    }
+    if let Some(v) = &a.node_name {
+        c.tunnel.node_name = v.clone();
+    }
+    if let Some(v) = &a.transport {
+        c.tunnel.transport = v.parse().map_err(anyhow::Error::msg)?;
+    }
+    if let Some(v) = &a.metaserver {
+        c.metaserver_listen = v.clone();
+    }
+    Ok(c)
+}
+
+/// Runs `sedge edge` until `shutdown` resolves. Pods keep running when it stops (as with a
+/// kubelet restart) and are adopted by the next start.
+pub async fn edge(a: EdgeAgentArgs, shutdown: impl Future<Output = ()>) -> Result<()> {
+    if a.print_default_config {
+        print!("{}", serde_yaml::to_string(&EdgeCoreConfig::default())?);
+        return Ok(());
+    }
+    let cfg = edge_config(&a)?;
+    let joined = sedge_tunnel::edge::Identity::load(&cfg.tunnel.data_dir).is_ok();
+    if !joined {
+        let Some(token) = &a.token else {
+            bail!(
+                "{} holds no node credentials: run `sedge join --cloud <host:port> --token <token> --node-name <name> --data-dir {}` first, or pass --token",
+                cfg.tunnel.data_dir.display(),
+                cfg.tunnel.data_dir.display()
+            );
+        };
+        if cfg.tunnel.node_name.is_empty() {
+            bail!("joining needs --node-name");
+        }
+        let j = sedge_tunnel::join(&cfg.tunnel, token).await?;
+        eprintln!("joined as node {}", j.node);
+    }
+    let core = EdgeCore::start(cfg, Vec::new())
+        .await
+        .context("cannot start the edge agent")?;
+    eprintln!(
+        "edge agent {} running; local API {}",
+        core.node(),
+        core.metaserver
+            .map(|a| format!("http://{a}"))
+            .unwrap_or_else(|| "off".into())
+    );
+    shutdown.await;
+    core.shutdown(false).await;
+    Ok(())
+}
+
+/// Everything `sedge up` started.
+pub struct Up {
+    /// The API server.
+    pub server: ApiServer,
+    /// The cloud core.
+    pub cloud: CloudCore,
+    /// The edge agents.
+    pub edges: Vec<EdgeCore>,
+}
+
+impl Up {
+    /// Starts the embedded API server, the cloud core and `edges` edge agents, joined with a
+    /// fresh short-lived token each.
+    pub async fn start(a: &UpArgs) -> Result<Up> {
+        let dir = &a.data_dir;
+        let server = ApiServer::start(ApiServerConfig {
+            data_dir: dir.join("apiserver"),
+            listen: a.listen.clone(),
+            kubeconfig: Some(dir.join("kubeconfig")),
+            ..Default::default()
+        })
+        .await
+        .context("cannot start the API server")?;
+        let mut cc: CloudCoreConfig = load(a.cloud_config.as_deref())?;
+        cc.hub.data_dir = dir.join("cloudhub");
+        cc.hub.pki_dir = dir.join("apiserver").join("pki");
+        cc.hub.listen = a.hub_listen.clone();
+        cc.hub.listen_quic = String::new();
+        let client = client_from(&server.kubeconfig).await?;
+        let cloud = CloudCore::start(client, cc.clone())
+            .await
+            .context("cannot start the cloud core")?;
+        attach_logs(&server, &cloud, Duration::from_millis(cc.log_timeout_ms));
+        let mut edges = Vec::new();
+        for i in 0..a.edges {
+            let mut ec: EdgeCoreConfig = load(a.edge_config.as_deref())?;
+            let node = format!("edge-{}", i + 1);
+            ec.tunnel.node_name = node.clone();
+            ec.tunnel.cloud = cloud.hub.addr().to_string();
+            ec.tunnel.data_dir = dir.join(&node);
+            ec.node_ip = "127.0.0.1".into();
+            ec.metaserver_listen = if a.metaserver_port == 0 {
+                "127.0.0.1:0".into()
+            } else {
+                format!("127.0.0.1:{}", a.metaserver_port as usize + i)
+            };
+            if sedge_tunnel::edge::Identity::load(&ec.tunnel.data_dir).is_err() {
+                let (token, _) = cloud
+                    .hub
+                    .tokens()
+                    .create(Duration::from_secs(600), &format!("sedge up: {node}"))?;
+                sedge_tunnel::join(&ec.tunnel, &token)
+                    .await
+                    .with_context(|| format!("joining {node}"))?;
+            }
+            edges.push(
+                EdgeCore::start(ec, Vec::new())
+                    .await
+                    .with_context(|| format!("starting {node}"))?,
+            );
+        }
+        let state = json!({
+            "kubeconfig": server.kubeconfig,
+            "apiserver": server.url,
+            "hub": cloud.hub.addr().to_string(),
+            "edges": edges.iter().map(|e| json!({"node": e.node(), "metaserver": e.metaserver.map(|a| format!("http://{a}"))})).collect::<Vec<_>>(),
+        });
+        sedge_pki::write_file(
+            &dir.join("up.json"),
+            &serde_json::to_string_pretty(&state)?,
+            false,
+        )?;
+        Ok(Up {
+            server,
+            cloud,
+            edges,
+        })
+    }
+
+    /// Stops the edges (and their pods), the cloud core and the API server.
+    pub async fn stop(self) {
+        for e in self.edges {
+            e.shutdown(true).await;
+        }
+        self.cloud.shutdown().await;
+        self.server.shutdown().await;
+    }
+}
+
+/// Runs `sedge up` until `shutdown` resolves.
+pub async fn up(a: UpArgs, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let up = Up::start(&a).await?;
+    let kc = up.server.kubeconfig.display().to_string();
+    eprintln!(
+        "sedge is up: API server {}, cloud hub {}, {} edge node(s)",
+        up.server.url,
+        up.cloud.hub.addr(),
+        up.edges.len()
+    );
+    for e in &up.edges {
+        eprintln!(
+            "  {}: local API {}",
+            e.node(),
+            e.metaserver
+                .map(|a| format!("http://{a}"))
+                .unwrap_or_else(|| "off".into())
+        );
+    }
+    eprintln!(
+        "\n  export KUBECONFIG={kc}\n  kubectl get nodes\n  kubectl apply -f <manifest with nodeName: edge-1>\n\nCtrl-C stops everything (and the pods)."
+    );
+    shutdown.await;
+    eprintln!("stopping...");
+    up.stop().await;
+    Ok(())
+}
