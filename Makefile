@@ -12,7 +12,8 @@ export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 .PHONY: help demo test lint fmt build bench bench-edgemark bench-example ort data fonts
 
 help:
-	@echo "make demo   - joint-inference demo on Fashion-MNIST (edge-only vs cloud-only vs joint)"
+	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then the"
+	@echo "              joint-inference demo on Fashion-MNIST (edge-only vs cloud-only vs joint)"
 	@echo "make test   - everything CI runs: fmt check, clippy, the whole test suite (ORT included)"
 	@echo "make bench  - benchmark tables: inference pipeline, API server, channel (quick)"
 	@echo "make bench-edgemark - the channel with up to 100,000 simulated QUIC edge nodes"
@@ -51,6 +52,7 @@ build:
 	$(CARGO) build --release -p sedge
 
 demo: data ort build
+	platform/sedge/examples/platform-demo.sh target/release/sedge
 	target/release/sedge demo
 
 fmt:
@@ -67,6 +69,8 @@ bench: ort
 	$(CARGO) run --release -p sedge-benchmarks --bin pipeline
 	$(CARGO) run --release -p sedge-benchmarks --bin apiserver
 	$(CARGO) run --release -p sedge-benchmarks --bin edgemark -- --suite quick
+	$(CARGO) build --release -p sedge
+	$(CARGO) run --release -p sedge-benchmarks --bin edgefoot
 
 # The channel at scale: 1k/10k WebSocket and 10k/100k QUIC nodes (several minutes, ~6 GB RAM).
 bench-edgemark:
