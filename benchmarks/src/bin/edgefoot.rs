@@ -86,7 +86,10 @@ async fn wait_running(pods: &Api<Pod>, name: &str, limit: Duration) -> Result<()
 async fn main() -> Result<()> {
     let a = Args::parse();
     if !a.sedge.exists() {
-        bail!("{} not found: build it with `cargo build --release -p sedge`", a.sedge.display());
+        bail!(
+            "{} not found: build it with `cargo build --release -p sedge`",
+            a.sedge.display()
+        );
     }
     let dir = tempfile::tempdir()?;
     let server = ApiServer::start(ApiServerConfig {
@@ -96,14 +99,19 @@ async fn main() -> Result<()> {
     })
     .await?;
     let kc = kube::config::Kubeconfig::read_from(&server.kubeconfig)?;
-    let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?)?;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+    )?;
     let mut cc = sedge_cloudcore::CloudCoreConfig::default();
     cc.hub.data_dir = dir.path().join("cloudhub");
     cc.hub.pki_dir = dir.path().join("apiserver/pki");
     cc.hub.listen = "127.0.0.1:0".into();
     cc.hub.listen_quic = String::new();
     let cloud = sedge_cloudcore::CloudCore::start(client.clone(), cc).await?;
-    let (token, _) = cloud.hub.tokens().create(Duration::from_secs(300), "edgefoot")?;
+    let (token, _) = cloud
+        .hub
+        .tokens()
+        .create(Duration::from_secs(300), "edgefoot")?;
     let edge_dir = dir.path().join("edge-1");
     let cfg = dir.path().join("edge.yaml");
     std::fs::write(
@@ -136,7 +144,10 @@ async fn main() -> Result<()> {
     let mut base = Vec::new();
     for _ in 0..a.pods {
         let t = Instant::now();
-        let mut c = Command::new("sleep").arg("3600").stdout(Stdio::null()).spawn()?;
+        let mut c = Command::new("sleep")
+            .arg("3600")
+            .stdout(Stdio::null())
+            .spawn()?;
         base.push(t.elapsed().as_secs_f64() * 1e3);
         let _ = c.kill();
         let _ = c.wait();
@@ -171,18 +182,37 @@ async fn main() -> Result<()> {
     println!("\nEdge agent footprint (RSS of the `sedge edge` process alone)\n");
     println!("| state | agent RSS | vs KubeEdge edgecore (~70 MB advertised) |");
     println!("|---|---:|---:|");
-    println!("| idle, joined | {:.1} MiB | {:.2}x |", idle as f64 / 1024.0, idle as f64 / 1024.0 / 70.0);
-    println!("| {} pods running | {:.1} MiB | {:.2}x |", a.resident, loaded as f64 / 1024.0, loaded as f64 / 1024.0 / 70.0);
-    println!("\nPod start-up: create through the API -> `Running` seen by a watch ({} pods, one at a time)\n", a.pods);
+    println!(
+        "| idle, joined | {:.1} MiB | {:.2}x |",
+        idle as f64 / 1024.0,
+        idle as f64 / 1024.0 / 70.0
+    );
+    println!(
+        "| {} pods running | {:.1} MiB | {:.2}x |",
+        a.resident,
+        loaded as f64 / 1024.0,
+        loaded as f64 / 1024.0 / 70.0
+    );
+    println!(
+        "\nPod start-up: create through the API -> `Running` seen by a watch ({} pods, one at a time)\n",
+        a.pods
+    );
     println!("| path | p50 | p99 | p50 vs bare spawn |");
     println!("|---|---:|---:|---:|");
     println!("| bare `spawn()` of the same process (baseline) | {b50:.2} ms | {b99:.2} ms | 1x |");
-    println!("| API -> scheduler -> cloud core -> channel -> SQLite -> edged -> status | {l50:.1} ms | {l99:.1} ms | {:.0}x |", l50 / b50.max(1e-6));
+    println!(
+        "| API -> scheduler -> cloud core -> channel -> SQLite -> edged -> status | {l50:.1} ms | {l99:.1} ms | {:.0}x |",
+        l50 / b50.max(1e-6)
+    );
 
     // Delete everything and let the agent stop the processes before it goes.
-    let _ = pods.delete_collection(&DeleteParams::default(), &Default::default()).await;
+    let _ = pods
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await;
     let t0 = Instant::now();
-    while !pods.list(&Default::default()).await?.items.is_empty() && t0.elapsed() < Duration::from_secs(20) {
+    while !pods.list(&Default::default()).await?.items.is_empty()
+        && t0.elapsed() < Duration::from_secs(20)
+    {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = agent.kill();

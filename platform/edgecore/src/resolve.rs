@@ -228,62 +228,31 @@ pub fn volumes(
         let name = v["name"].as_str().unwrap_or_default().to_string();
         let dir = pod_dir.join("volumes").join(&name);
         let mode = |x: &Value| x["defaultMode"].as_u64().map(|m| m as u32);
-        let source = |secret: bool,
-                      obj: &str,
-                      optional: bool,
-                      items: Option<&Vec<Value>>,
-                      dir: &Path,
-                      m: Option<u32>|
-         -> Result<(), String> {
-            match data_of(store, secret, ns, obj)? {
-                Some(d) => write_items(dir, &d, items, m),
-                None if optional => std::fs::create_dir_all(dir).map_err(|e| e.to_string()),
-                None => Err(format!("{} \"{obj}\" not found", what(secret))),
-            }
-        };
-        if let Some(c) = v["configMap"].as_object().map(|_| &v["configMap"]) {
-            source(
-                false,
-                c["name"].as_str().unwrap_or_default(),
-                c["optional"] == true,
-                c["items"].as_array(),
-                &dir,
-                mode(c),
-            )?;
+        // A config map or secret as files: `spec` holds the name (under `name_field`), `items`
+        // and `optional`.
+        let source =
+            |secret: bool, spec: &Value, name_field: &str, m: Option<u32>| -> Result<(), String> {
+                let obj = spec[name_field].as_str().unwrap_or_default();
+                match data_of(store, secret, ns, obj)? {
+                    Some(d) => write_items(&dir, &d, spec["items"].as_array(), m),
+                    None if spec["optional"] == true => {
+                        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())
+                    }
+                    None => Err(format!("{} \"{obj}\" not found", what(secret))),
+                }
+            };
+        if v["configMap"].is_object() {
+            source(false, &v["configMap"], "name", mode(&v["configMap"]))?;
         } else if v["secret"].is_object() {
-            let s = &v["secret"];
-            source(
-                true,
-                s["secretName"].as_str().unwrap_or_default(),
-                s["optional"] == true,
-                s["items"].as_array(),
-                &dir,
-                mode(s),
-            )?;
+            source(true, &v["secret"], "secretName", mode(&v["secret"]))?;
         } else if v["projected"].is_object() {
             let p = &v["projected"];
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             for src in p["sources"].as_array().into_iter().flatten() {
                 if src["configMap"].is_object() {
-                    let c = &src["configMap"];
-                    source(
-                        false,
-                        c["name"].as_str().unwrap_or_default(),
-                        c["optional"] == true,
-                        c["items"].as_array(),
-                        &dir,
-                        mode(p),
-                    )?;
+                    source(false, &src["configMap"], "name", mode(p))?;
                 } else if src["secret"].is_object() {
-                    let s = &src["secret"];
-                    source(
-                        true,
-                        s["name"].as_str().unwrap_or_default(),
-                        s["optional"] == true,
-                        s["items"].as_array(),
-                        &dir,
-                        mode(p),
-                    )?;
+                    source(true, &src["secret"], "name", mode(p))?;
                 }
             }
         } else if v["downwardAPI"].is_object() {

@@ -152,14 +152,7 @@ impl MetaStore {
     ) -> Result<Applied, StoreError> {
         let mut c = self.conn.lock().unwrap();
         let tx = c.transaction().map_err(self.err())?;
-        let current: Option<String> = tx
-            .query_row(
-                "SELECT rv FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3",
-                params![kind, ns, name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.err())?;
+        let current = column(&tx, "rv", kind, ns, name).map_err(self.err())?;
         if let Some(cur) = &current
             && not_newer(rv, cur)
         {
@@ -193,14 +186,7 @@ impl MetaStore {
     pub fn delete(&self, kind: &str, ns: &str, name: &str) -> Result<Applied, StoreError> {
         let mut c = self.conn.lock().unwrap();
         let tx = c.transaction().map_err(self.err())?;
-        let old: Option<String> = tx
-            .query_row(
-                "SELECT value FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3",
-                params![kind, ns, name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.err())?;
+        let old = column(&tx, "value", kind, ns, name).map_err(self.err())?;
         let Some(old) = old else {
             return Ok(Applied::Absent);
         };
@@ -226,14 +212,7 @@ impl MetaStore {
     /// One object.
     pub fn get(&self, kind: &str, ns: &str, name: &str) -> Result<Option<Value>, StoreError> {
         let c = self.conn.lock().unwrap();
-        let v: Option<String> = c
-            .query_row(
-                "SELECT value FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3",
-                params![kind, ns, name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.err())?;
+        let v = column(&c, "value", kind, ns, name).map_err(self.err())?;
         Ok(v.and_then(|v| serde_json::from_str(&v).ok()))
     }
 
@@ -310,6 +289,22 @@ impl MetaStore {
             .map_err(self.err())?;
         Ok(())
     }
+}
+
+/// One column (`rv` or `value`) of one stored object.
+fn column(
+    c: &Connection,
+    col: &str,
+    kind: &str,
+    ns: &str,
+    name: &str,
+) -> rusqlite::Result<Option<String>> {
+    c.query_row(
+        &format!("SELECT {col} FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3"),
+        params![kind, ns, name],
+        |r| r.get(0),
+    )
+    .optional()
 }
 
 fn bump(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
