@@ -60,6 +60,8 @@ struct Worker {
 pub struct Edged {
     shared: Arc<Shared>,
     workers: Mutex<HashMap<String, Worker>>,
+    /// Pods (by UID) whose leftover containers are being stopped.
+    cleaning: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl std::fmt::Debug for Edged {
@@ -121,6 +123,7 @@ impl Edged {
                 reports,
             }),
             workers: Mutex::new(HashMap::new()),
+            cleaning: Arc::default(),
         });
         tokio::spawn(e.clone().run());
         e
@@ -192,11 +195,17 @@ impl Edged {
         // Pods deleted while the agent was down: their processes may still run.
         if let Ok(recorded) = self.shared.store.recorded_pods() {
             for uid in recorded {
-                if desired.contains_key(&uid) || workers.contains_key(&uid) {
+                if desired.contains_key(&uid)
+                    || workers.contains_key(&uid)
+                    || !self.cleaning.lock().unwrap().insert(uid.clone())
+                {
                     continue;
                 }
-                let shared = self.shared.clone();
-                tokio::spawn(async move { cleanup_orphan(&shared, &uid).await });
+                let (shared, cleaning) = (self.shared.clone(), self.cleaning.clone());
+                tokio::spawn(async move {
+                    cleanup_orphan(&shared, &uid).await;
+                    cleaning.lock().unwrap().remove(&uid);
+                });
             }
         }
     }
