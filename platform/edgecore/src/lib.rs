@@ -464,3 +464,110 @@ async fn route(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn malformed_cloud_messages_are_dropped_and_the_store_stays_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(MetaStore::open(&dir.path().join("meta.db")).unwrap());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let runtime = Arc::new(runtime::ProcessRuntime::new(
+            EdgeCoreConfig::default().images,
+            PathBuf::from("/bin/true"),
+        ));
+        let facts = resolve::NodeFacts {
+            node: "edge-1".into(),
+            ip: "127.0.0.1".into(),
+        };
+        let settings = edged::EdgedSettings {
+            pods_dir: dir.path().join("pods"),
+            sync_interval: Duration::from_millis(100),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            backoff_reset: Duration::from_secs(60),
+            max_log_bytes: 1 << 20,
+            max_grace: Duration::from_secs(1),
+        };
+        let edged = Edged::start(store.clone(), runtime, facts, settings, tx.clone());
+        let ctx = ModuleContext {
+            node: "edge-1".into(),
+            store: store.clone(),
+            reports: tx,
+        };
+        let modules = HashMap::new();
+        let send = |group: &str, op_: &str, res: &str, content: &str, rv: &str| Incoming {
+            node: "edge-1".into(),
+            message: Message::new(group, op_, res, content.to_string()).with_version(rv),
+        };
+        let good = r#"{"metadata": {"name": "cfg", "namespace": "default"}, "data": {"k": "v1"}}"#;
+        let r = route(
+            send(group::META, op::UPDATE, "default/configmap/cfg", good, "5"),
+            &store,
+            &edged,
+            &ctx,
+            &modules,
+        )
+        .await;
+        assert!(r.unwrap().is_none());
+        // Not JSON, not an object, a bad key, an unknown group: acknowledged, dropped, nothing changed.
+        for (g, res, content) in [
+            (group::META, "default/configmap/cfg", "not json"),
+            (group::META, "default/configmap/cfg", "[1, 2]"),
+            (group::META, "no-slashes", "{}"),
+            ("nobody", "default/thing/x", "{}"),
+        ] {
+            let r = route(
+                send(g, op::UPDATE, res, content, "9"),
+                &store,
+                &edged,
+                &ctx,
+                &modules,
+            )
+            .await;
+            assert!(r.unwrap().is_none(), "{g} {res} {content}");
+        }
+        // An older version of what is held is ignored.
+        let old = r#"{"metadata": {"name": "cfg", "namespace": "default"}, "data": {"k": "v0"}}"#;
+        route(
+            send(group::META, op::UPDATE, "default/configmap/cfg", old, "3"),
+            &store,
+            &edged,
+            &ctx,
+            &modules,
+        )
+        .await
+        .unwrap();
+        let held = store.get("configmap", "default", "cfg").unwrap().unwrap();
+        assert_eq!(held["data"]["k"], "v1");
+        assert_eq!(
+            store.revision().unwrap(),
+            1,
+            "nothing but the first write happened"
+        );
+        // Log requests: malformed, and for a pod the node does not hold, fail with the reason.
+        let e = route(
+            send(group::EDGED, op::QUERY, "default/podlog/p", "{", ""),
+            &store,
+            &edged,
+            &ctx,
+            &modules,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("malformed log request"), "{e}");
+        let req = r#"{"uid": "", "container": "c"}"#;
+        let e = route(
+            send(group::EDGED, op::QUERY, "default/podlog/p", req, ""),
+            &store,
+            &edged,
+            &ctx,
+            &modules,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e, "pod default/p is not on this node");
+    }
+}
