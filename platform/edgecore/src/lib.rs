@@ -498,19 +498,16 @@ mod tests {
             reports: tx,
         };
         let modules = HashMap::new();
-        let send = |group: &str, op_: &str, res: &str, content: &str, rv: &str| Incoming {
-            node: "edge-1".into(),
-            message: Message::new(group, op_, res, content.to_string()).with_version(rv),
+        // Delivers one message from the cloud to the agent's router.
+        let send = async |group: &str, op_: &str, res: &str, content: &str, rv: &str| {
+            let i = Incoming {
+                node: "edge-1".into(),
+                message: Message::new(group, op_, res, content.to_string()).with_version(rv),
+            };
+            route(i, &store, &edged, &ctx, &modules).await
         };
         let good = r#"{"metadata": {"name": "cfg", "namespace": "default"}, "data": {"k": "v1"}}"#;
-        let r = route(
-            send(group::META, op::UPDATE, "default/configmap/cfg", good, "5"),
-            &store,
-            &edged,
-            &ctx,
-            &modules,
-        )
-        .await;
+        let r = send(group::META, op::UPDATE, "default/configmap/cfg", good, "5").await;
         assert!(r.unwrap().is_none());
         // Not JSON, not an object, a bad key, an unknown group: acknowledged, dropped, nothing changed.
         for (g, res, content) in [
@@ -519,27 +516,14 @@ mod tests {
             (group::META, "no-slashes", "{}"),
             ("nobody", "default/thing/x", "{}"),
         ] {
-            let r = route(
-                send(g, op::UPDATE, res, content, "9"),
-                &store,
-                &edged,
-                &ctx,
-                &modules,
-            )
-            .await;
+            let r = send(g, op::UPDATE, res, content, "9").await;
             assert!(r.unwrap().is_none(), "{g} {res} {content}");
         }
         // An older version of what is held is ignored.
         let old = r#"{"metadata": {"name": "cfg", "namespace": "default"}, "data": {"k": "v0"}}"#;
-        route(
-            send(group::META, op::UPDATE, "default/configmap/cfg", old, "3"),
-            &store,
-            &edged,
-            &ctx,
-            &modules,
-        )
-        .await
-        .unwrap();
+        send(group::META, op::UPDATE, "default/configmap/cfg", old, "3")
+            .await
+            .unwrap();
         let held = store.get("configmap", "default", "cfg").unwrap().unwrap();
         assert_eq!(held["data"]["k"], "v1");
         assert_eq!(
@@ -548,26 +532,14 @@ mod tests {
             "nothing but the first write happened"
         );
         // Log requests: malformed, and for a pod the node does not hold, fail with the reason.
-        let e = route(
-            send(group::EDGED, op::QUERY, "default/podlog/p", "{", ""),
-            &store,
-            &edged,
-            &ctx,
-            &modules,
-        )
-        .await
-        .unwrap_err();
+        let e = send(group::EDGED, op::QUERY, "default/podlog/p", "{", "")
+            .await
+            .unwrap_err();
         assert!(e.contains("malformed log request"), "{e}");
         let req = r#"{"uid": "", "container": "c"}"#;
-        let e = route(
-            send(group::EDGED, op::QUERY, "default/podlog/p", req, ""),
-            &store,
-            &edged,
-            &ctx,
-            &modules,
-        )
-        .await
-        .unwrap_err();
+        let e = send(group::EDGED, op::QUERY, "default/podlog/p", req, "")
+            .await
+            .unwrap_err();
         assert_eq!(e, "pod default/p is not on this node");
     }
 }

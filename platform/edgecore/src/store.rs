@@ -219,21 +219,12 @@ impl MetaStore {
     /// All objects of a kind, in one namespace or all.
     pub fn list(&self, kind: &str, ns: Option<&str>) -> Result<Vec<Value>, StoreError> {
         let c = self.conn.lock().unwrap();
-        let mut st = c
-            .prepare(
-                "SELECT value FROM meta WHERE kind=?1 AND (?2 IS NULL OR namespace=?2) ORDER BY namespace, name",
-            )
-            .map_err(self.err())?;
-        let rows = st
-            .query_map(params![kind, ns], |r| r.get::<_, String>(0))
-            .map_err(self.err())?;
-        let mut out = Vec::new();
-        for r in rows {
-            if let Ok(v) = serde_json::from_str(&r.map_err(self.err())?) {
-                out.push(v);
-            }
-        }
-        Ok(out)
+        json_rows(
+            &c,
+            "SELECT value FROM meta WHERE kind=?1 AND (?2 IS NULL OR namespace=?2) ORDER BY namespace, name",
+            params![kind, ns],
+        )
+        .map_err(self.err())
     }
 
     /// Records a container.
@@ -255,19 +246,12 @@ impl MetaStore {
     /// A pod's container records.
     pub fn containers(&self, pod_uid: &str) -> Result<Vec<ContainerRecord>, StoreError> {
         let c = self.conn.lock().unwrap();
-        let mut st = c
-            .prepare("SELECT record FROM containers WHERE pod_uid=?1")
-            .map_err(self.err())?;
-        let rows = st
-            .query_map(params![pod_uid], |r| r.get::<_, String>(0))
-            .map_err(self.err())?;
-        let mut out = Vec::new();
-        for r in rows {
-            if let Ok(v) = serde_json::from_str(&r.map_err(self.err())?) {
-                out.push(v);
-            }
-        }
-        Ok(out)
+        json_rows(
+            &c,
+            "SELECT record FROM containers WHERE pod_uid=?1",
+            params![pod_uid],
+        )
+        .map_err(self.err())
     }
 
     /// Pod UIDs that have container records.
@@ -289,6 +273,23 @@ impl MetaStore {
             .map_err(self.err())?;
         Ok(())
     }
+}
+
+/// The rows of a one-column query of JSON documents, decoded (rows that do not decode are skipped).
+fn json_rows<T: serde::de::DeserializeOwned>(
+    c: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<T>> {
+    let mut st = c.prepare(sql)?;
+    let rows = st.query_map(p, |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for r in rows {
+        if let Ok(v) = serde_json::from_str(&r?) {
+            out.push(v);
+        }
+    }
+    Ok(out)
 }
 
 /// One column (`rv` or `value`) of one stored object.
