@@ -631,15 +631,17 @@ async fn pod_log(
     let req = ops::PodLogRequest {
         namespace: ns.to_string(),
         pod: name.to_string(),
-        uid: pod["metadata"]["uid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
         node: node.to_string(),
-        container,
-        tail_lines: number("tailLines")?,
-        limit_bytes: number("limitBytes")?,
-        previous: flag(params, "previous"),
+        log: sedge_api::LogRequest {
+            uid: pod["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            container,
+            tail_lines: number("tailLines")?,
+            limit_bytes: number("limitBytes")?,
+            previous: flag(params, "previous"),
+        },
     };
     let source = app.core.pod_logs.get().cloned().ok_or_else(|| {
         ApiError::Unavailable(format!(

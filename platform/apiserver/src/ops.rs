@@ -45,29 +45,17 @@ pub struct Core {
     pub pod_logs: std::sync::OnceLock<PodLogSource>,
 }
 
-/// What `kubectl logs` asks for.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// What `kubectl logs` asks for, with the pod resolved to where it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodLogRequest {
     /// Pod namespace.
     pub namespace: String,
     /// Pod name.
     pub pod: String,
-    /// Pod UID (so a recreated pod of the same name is not confused with the old one).
-    pub uid: String,
     /// The node the pod is bound to.
     pub node: String,
-    /// The container (resolved: never empty).
-    pub container: String,
-    /// `tailLines`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tail_lines: Option<u64>,
-    /// `limitBytes`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limit_bytes: Option<u64>,
-    /// `previous`: the log of the last terminated instance.
-    #[serde(default)]
-    pub previous: bool,
+    /// What the node is asked for (UID, resolved container, tail, limit, previous).
+    pub log: sedge_api::LogRequest,
 }
 
 /// Serves pod logs from wherever the pod runs.

@@ -119,19 +119,12 @@ fn attach_logs(server: &ApiServer, cloud: &CloudCore, timeout: Duration) {
     let source = PodLogSource(Arc::new(move |r: PodLogRequest| {
         let hub = hub.clone();
         Box::pin(async move {
-            let req = sedge_api::LogRequest {
-                uid: r.uid,
-                container: r.container,
-                tail_lines: r.tail_lines,
-                limit_bytes: r.limit_bytes,
-                previous: r.previous,
-            };
             sedge_cloudcore::edgecontroller::pod_logs(
                 &hub,
                 &r.node,
                 &r.namespace,
                 &r.pod,
-                &req,
+                &r.log,
                 timeout,
             )
             .await
