@@ -107,7 +107,7 @@ async fn main() -> Result<()> {
     cc.hub.pki_dir = dir.path().join("apiserver/pki");
     cc.hub.listen = "127.0.0.1:0".into();
     cc.hub.listen_quic = String::new();
-    let cloud = sedge_cloudcore::CloudCore::start(client.clone(), cc).await?;
+    let cloud = sedge_cloudcore::CloudCore::start(client.clone(), cc, Vec::new()).await?;
     let (token, _) = cloud
         .hub
         .tokens()

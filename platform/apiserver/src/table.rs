@@ -126,6 +126,22 @@ pub fn json_path<'a>(obj: &'a Value, path: &str) -> Vec<&'a Value> {
             } else if let Ok(i) = sel.parse::<usize>() {
                 let all: Vec<&Value> = items.collect();
                 all.get(i).copied().into_iter().collect()
+            } else if let Some(back) = sel
+                .strip_suffix(':')
+                .and_then(|s| s.strip_prefix('-'))
+                .or(sel.strip_prefix('-'))
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                // `[-1:]` (the last item, as printer columns use it) and `[-1]`.
+                let all: Vec<&Value> = items.collect();
+                let start = all.len().saturating_sub(back);
+                if sel.ends_with(':') {
+                    all[start..].to_vec()
+                } else if back <= all.len() {
+                    all.get(start).copied().into_iter().collect()
+                } else {
+                    Vec::new()
+                }
             } else {
                 return Vec::new();
             };
@@ -676,6 +692,12 @@ mod tests {
         assert_eq!(json_path(&o, ".status.list[1].n"), vec![&json!(2)]);
         assert_eq!(json_path(&o, ".status.list[*].n").len(), 2);
         assert!(json_path(&o, ".status.missing").is_empty());
+        assert_eq!(
+            json_path(&o, ".status.conditions[-1:].type"),
+            vec![&json!("Ready")]
+        );
+        assert_eq!(json_path(&o, ".status.list[-2].n"), vec![&json!(1)]);
+        assert!(json_path(&o, ".status.list[-3].n").is_empty());
     }
 
     #[test]

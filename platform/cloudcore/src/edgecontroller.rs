@@ -475,6 +475,7 @@ pub async fn pod_logs(
 pub struct Upstream {
     client: kube::Client,
     cache: Cache,
+    modules: HashMap<String, Arc<dyn crate::CloudModule>>,
 }
 
 /// The outcome of one report: `Err` is retried by the edge later, a permanent refusal is logged
@@ -494,8 +495,16 @@ fn settle(what: &str, r: Result<(), kube::Error>) -> Outcome {
 
 impl Upstream {
     /// An upstream handler for the hub.
-    pub fn new(client: kube::Client, cache: Cache) -> Upstream {
-        Upstream { client, cache }
+    pub fn new(
+        client: kube::Client,
+        cache: Cache,
+        modules: HashMap<String, Arc<dyn crate::CloudModule>>,
+    ) -> Upstream {
+        Upstream {
+            client,
+            cache,
+            modules,
+        }
     }
 
     /// The hub handler.
@@ -509,6 +518,9 @@ impl Upstream {
     async fn handle(&self, i: Incoming) -> Outcome {
         let m = &i.message;
         if m.route.group != group::CLOUD {
+            if let Some(module) = self.modules.get(&m.route.group) {
+                return module.handle(&i.node, i.message).await;
+            }
             tracing::debug!(group = %m.route.group, "message for a group nobody handles; dropped");
             return Ok(None);
         }

@@ -25,6 +25,7 @@ pub mod workload;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sedge_api::group;
 use sedge_tunnel::{Hub, HubConfig};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -91,6 +92,42 @@ impl Default for CloudCoreConfig {
     }
 }
 
+/// What a cloud module gets to work with once the hub runs.
+#[derive(Clone)]
+pub struct CloudModuleContext {
+    /// The Kubernetes client the cloud core uses.
+    pub client: kube::Client,
+    /// The channel's hub (to reply later, or send to a node without waiting for an ack).
+    pub hub: Arc<Hub>,
+    /// The shared informer cache (pods, nodes, ...).
+    pub cache: Cache,
+}
+
+/// A module plugged into the cloud core: the cloud-side counterpart of an edge module
+/// (`sedge_edgecore::EdgeModule`). It claims a message group; messages of that group from edge
+/// nodes are handed to it, after the hub checked that the sending node may send them (see
+/// [`CloudModule::owner`]). The AI layer plugs in here; the platform knows nothing about it.
+pub trait CloudModule: Send + Sync {
+    /// The message group it handles (must not be `meta`, `edged` or `cloud`).
+    fn group(&self) -> &str;
+    /// The node allowed to send messages about `<namespace>/<kind>/<name>` (other than
+    /// `query`, which any node may send): `None` refuses them all. Called on the hub's receive
+    /// path, so it must answer from memory.
+    fn owner(&self, _kind: &str, _namespace: &str, _name: &str) -> Option<String> {
+        None
+    }
+    /// Called once, when the hub runs.
+    fn start(&self, _ctx: CloudModuleContext) {}
+    /// Handles a message of its group from `node`. `Ok(Some(reply))` replies at once; a module
+    /// may also reply later through the hub (a reply is any message whose `parent_id` is the
+    /// request's id). `Err` makes the edge retry a reliable message.
+    fn handle(
+        &self,
+        node: &str,
+        msg: sedge_tunnel::Message,
+    ) -> futures::future::BoxFuture<'static, Result<Option<sedge_tunnel::Message>, String>>;
+}
+
 /// A running cloud core.
 pub struct CloudCore {
     /// The channel's hub.
@@ -111,21 +148,55 @@ impl std::fmt::Debug for CloudCore {
 
 impl CloudCore {
     /// Starts the informers, the hub and the controllers.
+    /// `modules` get the messages of the groups they claim.
     pub async fn start(
         client: kube::Client,
         cfg: CloudCoreConfig,
+        modules: Vec<Arc<dyn CloudModule>>,
     ) -> Result<CloudCore, CloudError> {
+        let mut groups = std::collections::HashMap::new();
+        for m in modules {
+            let g = m.group().to_string();
+            if [group::META, group::EDGED, group::CLOUD].contains(&g.as_str()) {
+                return Err(CloudError::Config(format!(
+                    "a cloud module may not claim the built-in group {g:?}"
+                )));
+            }
+            if groups.insert(g.clone(), m).is_some() {
+                return Err(CloudError::Config(format!(
+                    "two cloud modules claim the group {g:?}"
+                )));
+            }
+        }
         let (cache, mut tasks) = Cache::start(client.clone());
-        let upstream = Arc::new(edgecontroller::Upstream::new(client.clone(), cache.clone()));
+        let owner_of: sedge_tunnel::hub::OwnerLookup = {
+            let base = cache.owner_lookup();
+            let modules: Vec<Arc<dyn CloudModule>> = groups.values().cloned().collect();
+            Arc::new(move |k: &str, ns: &str, name: &str| {
+                base(k, ns, name).or_else(|| modules.iter().find_map(|m| m.owner(k, ns, name)))
+            })
+        };
+        let upstream = Arc::new(edgecontroller::Upstream::new(
+            client.clone(),
+            cache.clone(),
+            groups.clone(),
+        ));
         let hub = Hub::start(
             cfg.hub.clone(),
             sedge_tunnel::hub::HubOptions {
                 handler: Some(upstream.clone().handler()),
-                owner_of: Some(cache.owner_lookup()),
+                owner_of: Some(owner_of),
             },
         )
         .await?;
         let hub = Arc::new(hub);
+        for m in groups.values() {
+            m.start(CloudModuleContext {
+                client: client.clone(),
+                hub: hub.clone(),
+                cache: cache.clone(),
+            });
+        }
         tasks.push(tokio::spawn(edgecontroller::run_downstream(
             hub.clone(),
             cache.clone(),

@@ -68,12 +68,40 @@ pub struct ModuleContext {
     /// The local store (read what the cloud sent; subscribe to changes).
     pub store: Arc<MetaStore>,
     reports: edged::Reports,
+    hub: Arc<std::sync::OnceLock<Arc<EdgeHub>>>,
 }
 
 impl ModuleContext {
     /// Sends a report upstream through the durable outbox.
     pub fn send(&self, msg: Message, policy: Policy) {
         let _ = self.reports.send((msg, policy));
+    }
+
+    fn hub(&self) -> Result<&Arc<EdgeHub>, sedge_tunnel::TunnelError> {
+        self.hub
+            .get()
+            .ok_or(sedge_tunnel::TunnelError::NotConnected)
+    }
+
+    /// Sends a message now, without the outbox and without waiting for an acknowledgement
+    /// (streamed data); fails while the link is down. Messages sent this way reach the cloud in
+    /// order.
+    pub async fn send_now(&self, msg: Message) -> Result<(), sedge_tunnel::TunnelError> {
+        self.hub()?.send_unacked(msg).await
+    }
+
+    /// Sends a request to the cloud and waits for its reply.
+    pub async fn request(
+        &self,
+        msg: Message,
+        timeout: Duration,
+    ) -> Result<Message, sedge_tunnel::TunnelError> {
+        self.hub()?.request(msg, timeout).await
+    }
+
+    /// Whether the link to the cloud is up.
+    pub fn connected(&self) -> bool {
+        self.hub.get().is_some_and(|h| h.is_connected())
     }
 }
 
@@ -249,6 +277,7 @@ impl EdgeCore {
             node: node.clone(),
             store: store.clone(),
             reports: reports.clone(),
+            hub: Arc::new(std::sync::OnceLock::new()),
         };
         let modules: HashMap<String, Arc<dyn EdgeModule>> = modules
             .into_iter()
@@ -275,6 +304,7 @@ impl EdgeCore {
             )
             .await?,
         );
+        let _ = ctx.hub.set(hub.clone());
         let mut tasks = Vec::new();
         {
             let hub = hub.clone();
@@ -496,6 +526,7 @@ mod tests {
             node: "edge-1".into(),
             store: store.clone(),
             reports: tx,
+            hub: Arc::new(std::sync::OnceLock::new()),
         };
         let modules = HashMap::new();
         // Delivers one message from the cloud to the agent's router.

@@ -179,7 +179,9 @@ async fn edge_keeps_running_offline_and_converges_when_the_link_returns() {
     cc.hub.max_retry_backoff_ms = 1_000;
     cc.node_grace_seconds = 3;
     cc.node_monitor_period_ms = 300;
-    let cloud = CloudCore::start(client.clone(), cc).await.unwrap();
+    let cloud = CloudCore::start(client.clone(), cc, Vec::new())
+        .await
+        .unwrap();
     let proxy = TcpFaultProxy::start(cloud.hub.addr()).await.unwrap();
 
     // Join through the proxy, then run the agent as its own process.
