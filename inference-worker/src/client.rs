@@ -156,6 +156,27 @@ impl CloudClient {
         &self.breaker
     }
 
+    /// Whether the cloud answers OIP `ServerReady` with ready, within `timeout`.
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let mut client = self.client.clone();
+        let ask = client.server_ready(pb::ServerReadyRequest {});
+        matches!(tokio::time::timeout(timeout, ask).await, Ok(Ok(r)) if r.get_ref().ready)
+    }
+
+    /// Waits up to `limit` for the cloud to be ready (asking every 200 ms); false if it never was.
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.ready(Duration::from_millis(500)).await {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn request(&self, pixels: &[u8]) -> pb::ModelInferRequest {
         let mut shape = vec![1];
         shape.extend(&self.sample_shape);

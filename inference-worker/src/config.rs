@@ -111,6 +111,12 @@ pub fn apply_edge_env(c: &mut crate::edge::EdgeConfig) -> Result<(), ConfigError
     if let Some(v) = env_parse("BACKEND")? {
         c.backend.kind = v;
     }
+    if let Some(v) = env_parse::<f64>("SEDGE_RATE")? {
+        c.rate = Some(v);
+    }
+    if let Some(v) = env("SEDGE_REPEAT") {
+        c.repeat = matches!(v.to_lowercase().as_str(), "1" | "true" | "yes");
+    }
     if let Some(v) = env("BIG_MODEL_NAME") {
         c.offload.model = v;
     }

@@ -57,6 +57,10 @@ pub struct EdgeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Stop after this many samples.
     pub limit: Option<usize>,
+    /// Go through the input again and again (`SEDGE_REPEAT`), as a long-running service does.
+    pub repeat: bool,
+    /// At most this many samples per second (`SEDGE_RATE`); none means as fast as possible.
+    pub rate: Option<f64>,
 }
 
 impl Default for EdgeConfig {
@@ -73,6 +77,8 @@ impl Default for EdgeConfig {
             hard_examples_dir: None,
             metrics_listen: None,
             limit: None,
+            repeat: false,
+            rate: None,
         }
     }
 }
@@ -226,7 +232,30 @@ impl EdgeWorker {
         source: &Source,
         shutdown: impl Future<Output = ()>,
     ) -> Result<EdgeSummary, WorkerError> {
-        let samples = source.open(self.config.limit)?;
+        let limit = self.config.limit;
+        let mut samples = source.open(limit)?;
+        if self.config.repeat {
+            let again = source.clone();
+            samples = Box::new(
+                samples.chain(
+                    std::iter::repeat_with(move || again.open(limit).ok())
+                        .map_while(|s| s)
+                        .flatten(),
+                ),
+            );
+        }
+        if let Some(rate) = self.config.rate.filter(|r| *r > 0.0) {
+            // Paced on the pipeline thread, which pulls the samples.
+            let every = Duration::from_secs_f64(1.0 / rate);
+            let start = Instant::now();
+            samples = Box::new(samples.enumerate().map(move |(i, s)| {
+                let due = start + every.mul_f64(i as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                s
+            }));
+        }
         self.run_samples(samples, shutdown).await
     }
 

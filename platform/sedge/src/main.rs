@@ -59,6 +59,8 @@ enum Command {
     Edge(platform::EdgeAgentArgs),
     /// Everything on one machine: the embedded API server, the cloud side and N edge agents.
     Up(platform::UpArgs),
+    /// Run the AI controller: sedna.io resources (JointInferenceService, Model, Dataset, ...).
+    AiController(platform::AiControllerArgs),
 }
 
 #[derive(Args)]
@@ -275,6 +277,7 @@ fn main() -> Result<()> {
             Command::Cloud(a) => platform::cloud(a, shutdown_signal()).await,
             Command::Edge(a) => platform::edge(a, shutdown_signal()).await,
             Command::Up(a) => platform::up(a, shutdown_signal()).await,
+            Command::AiController(a) => platform::ai_controller(a, shutdown_signal()).await,
         }
     })
 }
@@ -292,7 +295,24 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// The model named by `MODEL_URL` (path, file://, http(s)://) as a local file; a worker that
+/// cannot get or load its model exits with code 3 so that the controller can say so.
+async fn model_file(url: &std::path::Path) -> PathBuf {
+    let sum = config::env("MODEL_SHA256");
+    match sedge_inference_worker::fetch::resolve(&url.to_string_lossy(), sum.as_deref()).await {
+        Ok(p) => p,
+        Err(e) => model_unavailable(&e),
+    }
+}
+
+fn model_unavailable(e: &dyn std::fmt::Display) -> ! {
+    eprintln!("error: model unavailable: {e}");
+    std::process::exit(3)
+}
+
 fn print_summary(s: &EdgeSummary) -> Result<()> {
+    // One line for scripts (`kubectl logs ... | grep '^summary: '`), then the readable form.
+    eprintln!("summary: {}", serde_json::to_string(s)?);
     eprintln!("{}", serde_json::to_string_pretty(s)?);
     if let Some(acc) = s.accuracy() {
         eprintln!(
@@ -360,8 +380,16 @@ async fn worker_edge(a: EdgeArgs) -> Result<()> {
             "no input: give an IDX file, an index file, a directory or an image (or set SEDGE_INPUT)"
         );
     };
+    c.model = model_file(&c.model).await;
     let listen = c.metrics_listen;
-    let worker = EdgeWorker::start(c)?;
+    let worker = match EdgeWorker::start(c) {
+        Ok(w) => w,
+        Err(e @ sedge_inference_worker::edge::WorkerError::Model(_)) => model_unavailable(&e),
+        Err(e) => return Err(e.into()),
+    };
+    // Running as a Sedna-style pod: report counters to the node's local controller.
+    let reporter = sedge_inference_worker::lc::LcReporter::from_env()
+        .map(|r| r.spawn(worker.metrics.clone(), worker.client().cloned()));
     let _metrics = match listen {
         Some(addr) => {
             let (l, bound) = server::bind(addr)
@@ -372,10 +400,41 @@ async fn worker_edge(a: EdgeArgs) -> Result<()> {
         }
         None => None,
     };
+    let input = sedge_inference_worker::fetch::local_path(&input.to_string_lossy());
+    // Started together with the cloud worker: give it a moment before the first sample.
+    if let (Some(c), Some(secs)) = (
+        worker.client(),
+        config::env_parse::<f64>("SEDGE_CLOUD_WAIT_SECONDS")?,
+    ) && !c
+        .wait_ready(std::time::Duration::from_secs_f64(secs.max(0.0)))
+        .await
+    {
+        eprintln!(
+            "cloud worker not ready after {secs} s; starting anyway (hard examples answered edge-only until it is)"
+        );
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let summary = worker
-        .run(&Source::from_path(&input), shutdown_signal())
+        .run(&Source::from_path(&input), stopped(stop_rx.clone()))
         .await?;
-    print_summary(&summary)
+    print_summary(&summary)?;
+    // A pod's worker stays up after its input (a Deployment would restart it and count again):
+    // counters keep being reported and served until it is told to stop.
+    if let Some(r) = reporter {
+        if !*stop_rx.borrow() {
+            eprintln!("input done; serving counters until stopped");
+            stopped(stop_rx).await;
+        }
+        r.abort();
+    }
+    Ok(())
 }
 
 async fn worker_cloud(a: CloudArgs) -> Result<()> {
@@ -403,7 +462,8 @@ async fn worker_cloud(a: CloudArgs) -> Result<()> {
     if let Some(v) = a.queue {
         c.server.batch.queue = v;
     }
-    let model = Model::load(&c.model)?;
+    c.model = model_file(&c.model).await;
+    let model = Model::load(&c.model).unwrap_or_else(|e| model_unavailable(&e));
     let backend = backend::load(&model, &c.backend)?;
     let (listener, bound) = server::bind(c.listen)
         .await

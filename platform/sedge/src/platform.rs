@@ -7,10 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use sedge_ai_controller::cloud::CloudAiModule;
+use sedge_ai_controller::controller::ControllerConfig;
+use sedge_ai_controller::edge::{EdgeAiConfig, EdgeAiModule};
 use sedge_apiserver::ops::{PodLogRequest, PodLogSource};
 use sedge_apiserver::{ApiServer, ApiServerConfig};
+use sedge_cloudcore::CloudModule;
 use sedge_cloudcore::{CloudCore, CloudCoreConfig};
-use sedge_edgecore::{EdgeCore, EdgeCoreConfig};
+use sedge_edgecore::{EdgeCore, EdgeCoreConfig, EdgeModule};
 use serde_json::json;
 
 /// Flags of `sedge cloud`.
@@ -69,6 +73,14 @@ pub struct EdgeAgentArgs {
     /// The local MetaServer address (empty disables it).
     #[arg(long)]
     metaserver: Option<String>,
+    /// Address of the local-controller endpoint AI workers report to (`LC_SERVER`; empty disables it).
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    lc_listen: String,
+}
+
+/// The modules the cloud core runs: the AI layer's.
+fn cloud_modules() -> Vec<Arc<dyn CloudModule>> {
+    vec![Arc::new(CloudAiModule::new())]
 }
 
 /// Flags of `sedge up`.
@@ -95,7 +107,23 @@ pub struct UpArgs {
     /// Cloud core config file.
     #[arg(long)]
     pub cloud_config: Option<PathBuf>,
+    /// Node agents for cloud workloads (`cloud-1`, ...; label `sedge.io/role=cloud`), next to
+    /// the edges: the cloud half of joint inference runs there.
+    #[arg(long, default_value_t = 1)]
+    pub cloud_nodes: usize,
+    /// Do not run the AI controller (sedna.io resources).
+    #[arg(long)]
+    pub no_ai: bool,
+    /// AI controller config file (`sedge ai-controller --print-default-config`).
+    #[arg(long)]
+    pub ai_config: Option<PathBuf>,
+    /// Port of the local-controller endpoint workers report to (all nodes share this machine).
+    #[arg(long, default_value_t = 9100)]
+    pub lc_port: u16,
 }
+
+/// The label `sedge up` puts on its cloud nodes.
+pub const ROLE_LABEL: &str = "sedge.io/role";
 
 fn load<T: Default + serde::Serialize + serde::de::DeserializeOwned>(
     file: Option<&Path>,
@@ -170,7 +198,7 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
             .await
             .context("no kubeconfig: pass --kubeconfig or --embedded")?,
     };
-    let core = CloudCore::start(client, cfg.clone())
+    let core = CloudCore::start(client, cfg.clone(), cloud_modules())
         .await
         .context("cannot start the cloud core")?;
     if let Some(s) = &server {
@@ -240,7 +268,11 @@ pub async fn edge(a: EdgeAgentArgs, shutdown: impl Future<Output = ()>) -> Resul
         let j = sedge_tunnel::join(&cfg.tunnel, token).await?;
         eprintln!("joined as node {}", j.node);
     }
-    let core = EdgeCore::start(cfg, Vec::new())
+    let ai = EdgeAiModule::new(EdgeAiConfig {
+        lc_listen: a.lc_listen.clone(),
+        ..Default::default()
+    });
+    let core = EdgeCore::start(cfg, vec![Arc::new(ai) as Arc<dyn EdgeModule>])
         .await
         .context("cannot start the edge agent")?;
     eprintln!(
@@ -261,8 +293,9 @@ pub struct Up {
     pub server: ApiServer,
     /// The cloud core.
     pub cloud: CloudCore,
-    /// The edge agents.
+    /// The node agents: the edges, then the cloud nodes.
     pub edges: Vec<EdgeCore>,
+    ai: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Up {
@@ -284,14 +317,44 @@ impl Up {
         cc.hub.listen = a.hub_listen.clone();
         cc.hub.listen_quic = String::new();
         let client = client_from(&server.kubeconfig).await?;
-        let cloud = CloudCore::start(client, cc.clone())
+        let cloud = CloudCore::start(client.clone(), cc.clone(), cloud_modules())
             .await
             .context("cannot start the cloud core")?;
         attach_logs(&server, &cloud, Duration::from_millis(cc.log_timeout_ms));
+        let ai = if a.no_ai {
+            None
+        } else {
+            let mut cfg: ControllerConfig = load(a.ai_config.as_deref())?;
+            cfg.lc_port = a.lc_port;
+            sedge_ai_controller::controller::install_crds(&client)
+                .await
+                .context("cannot install the sedna.io CRDs")?;
+            cfg.install_crds = false;
+            Some(tokio::spawn(async move {
+                if let Err(e) =
+                    sedge_ai_controller::controller::run(client, cfg, std::future::pending()).await
+                {
+                    tracing::error!(error = %e, "AI controller stopped");
+                }
+            }))
+        };
+        let ai_module: Arc<dyn EdgeModule> = Arc::new(EdgeAiModule::new(EdgeAiConfig {
+            lc_listen: if a.no_ai {
+                String::new()
+            } else {
+                format!("127.0.0.1:{}", a.lc_port)
+            },
+            ..Default::default()
+        }));
+        let nodes = (0..a.edges)
+            .map(|i| (format!("edge-{}", i + 1), None))
+            .chain((0..a.cloud_nodes).map(|i| (format!("cloud-{}", i + 1), Some("cloud"))));
         let mut edges = Vec::new();
-        for i in 0..a.edges {
+        for (i, (node, role)) in nodes.enumerate() {
             let mut ec: EdgeCoreConfig = load(a.edge_config.as_deref())?;
-            let node = format!("edge-{}", i + 1);
+            if let Some(role) = role {
+                ec.labels.insert(ROLE_LABEL.into(), role.into());
+            }
             ec.tunnel.node_name = node.clone();
             ec.tunnel.cloud = cloud.hub.addr().to_string();
             ec.tunnel.data_dir = dir.join(&node);
@@ -311,7 +374,7 @@ impl Up {
                     .with_context(|| format!("joining {node}"))?;
             }
             edges.push(
-                EdgeCore::start(ec, Vec::new())
+                EdgeCore::start(ec, vec![ai_module.clone()])
                     .await
                     .with_context(|| format!("starting {node}"))?,
             );
@@ -331,11 +394,16 @@ impl Up {
             server,
             cloud,
             edges,
+            ai,
         })
     }
 
-    /// Stops the edges (and their pods), the cloud core and the API server.
+    /// Stops the AI controller, the edges (and their pods), the cloud core and the API server.
     pub async fn stop(self) {
+        if let Some(t) = self.ai {
+            t.abort();
+            let _ = t.await;
+        }
         for e in self.edges {
             e.shutdown(true).await;
         }
@@ -369,5 +437,49 @@ pub async fn up(a: UpArgs, shutdown: impl Future<Output = ()>) -> Result<()> {
     shutdown.await;
     eprintln!("stopping...");
     up.stop().await;
+    Ok(())
+}
+
+/// Flags of `sedge ai-controller`.
+#[derive(Args)]
+pub struct AiControllerArgs {
+    /// Config file (YAML or JSON); layered as defaults < file.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Print the default config and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Print the sedna.io CRDs (YAML) and exit.
+    #[arg(long)]
+    print_crds: bool,
+    /// Kubeconfig of the cluster (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+}
+
+/// Runs `sedge ai-controller` until `shutdown` resolves.
+pub async fn ai_controller(
+    a: AiControllerArgs,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<()> {
+    if a.print_default_config {
+        print!("{}", serde_yaml::to_string(&ControllerConfig::default())?);
+        return Ok(());
+    }
+    if a.print_crds {
+        print!("{}", sedge_ai_controller::crd::crds_yaml());
+        return Ok(());
+    }
+    let cfg: ControllerConfig = load(a.config.as_deref())?;
+    let client = match &a.kubeconfig {
+        Some(p) => client_from(p).await?,
+        None => kube::Client::try_default()
+            .await
+            .context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?,
+    };
+    eprintln!(
+        "AI controller running (sedna.io/v1alpha1: Dataset, Model, JointInferenceService, IncrementalLearningJob)"
+    );
+    sedge_ai_controller::controller::run(client, cfg, shutdown).await?;
     Ok(())
 }

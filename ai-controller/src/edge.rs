@@ -1,0 +1,503 @@
+//! The AI edge module, plugged into the edge agent (`sedge_edgecore::EdgeModule`).
+//!
+//! - **Local controller endpoint** (Sedna's LC API, `LC_SERVER`): `POST
+//!   /sedna/workers/<worker>/info` with Sedna's body. The report of a pod on this node goes
+//!   upstream through the durable outbox (latest per pod wins), so counters survive an offline
+//!   period and reach the cloud when the link returns.
+//! - **Routes to the cloud**: for every pod on the node annotated with
+//!   `sedge.io/route-listen: <port>` and `sedge.io/route-service: <service>:<port>`, a listener on
+//!   `127.0.0.1:<port>`. Each accepted connection is opened in the cloud (`query` on
+//!   `<ns>/route/<service>`) and its bytes are carried both ways in `<ns>/stream/<id>` messages.
+//!   While the link is down, opening fails at once and the connection is closed, so the worker
+//!   falls back to edge-only immediately instead of waiting on a timeout.
+//!
+//! One module value may serve several agents in one process (`sedge up` runs several edge nodes
+//! on one machine): the endpoint and each listener are bound once, and a report or a connection
+//! goes through the agent whose node holds the pod.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sedge_edgecore::{EdgeModule, ModuleContext};
+use sedge_tunnel::{Message, Policy, op};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::wire::{
+    GROUP, ROUTE_LISTEN_ANNOTATION, ROUTE_SERVICE_ANNOTATION, RouteOpen, WorkerReport, kind,
+};
+
+/// Chunks buffered per routed connection towards the local socket; a full buffer holds the
+/// channel's reader back (back-pressure), it never drops bytes.
+const STREAM_BUFFER: usize = 64;
+
+/// Settings of the AI edge module (the `ai` section of the edge agent's config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeAiConfig {
+    /// Address of the local-controller endpoint (`LC_SERVER`); empty disables it.
+    pub lc_listen: String,
+    /// How long opening a route in the cloud may take, in milliseconds.
+    pub route_open_timeout_ms: u64,
+}
+
+impl Default for EdgeAiConfig {
+    fn default() -> Self {
+        EdgeAiConfig {
+            lc_listen: "127.0.0.1:9100".into(),
+            route_open_timeout_ms: 3000,
+        }
+    }
+}
+
+/// A route a pod asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Route {
+    namespace: String,
+    service: String,
+    port: u16,
+    node: String,
+}
+
+struct Shared {
+    cfg: EdgeAiConfig,
+    nodes: Mutex<BTreeMap<String, ModuleContext>>,
+    streams: Mutex<HashMap<String, mpsc::Sender<Bytes>>>,
+    changed: Notify,
+    started: std::sync::Once,
+    lc_addr: Mutex<Option<SocketAddr>>,
+}
+
+/// The AI edge module.
+#[derive(Clone)]
+pub struct EdgeAiModule {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EdgeAiModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeAiModule")
+            .field("cfg", &self.shared.cfg)
+            .finish()
+    }
+}
+
+impl EdgeAiModule {
+    /// A module; share one value among the agents of a process.
+    pub fn new(cfg: EdgeAiConfig) -> EdgeAiModule {
+        EdgeAiModule {
+            shared: Arc::new(Shared {
+                cfg,
+                nodes: Mutex::new(BTreeMap::new()),
+                streams: Mutex::new(HashMap::new()),
+                changed: Notify::new(),
+                started: std::sync::Once::new(),
+                lc_addr: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Where the local-controller endpoint listens, once bound.
+    pub fn lc_addr(&self) -> Option<SocketAddr> {
+        *self
+            .shared
+            .lc_addr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Shared {
+    fn ctx(&self, node: &str) -> Option<ModuleContext> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
+    }
+
+    fn contexts(&self) -> Vec<ModuleContext> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The agent whose node holds pod `ns/name`.
+    fn owner_of_pod(&self, ns: &str, name: &str) -> Option<ModuleContext> {
+        self.contexts().into_iter().find(|c| {
+            c.store
+                .get(sedge_api::kind::POD, ns, name)
+                .ok()
+                .flatten()
+                .is_some()
+        })
+    }
+
+    /// Routes wanted by the pods of every node here: local port -> route.
+    fn wanted_routes(&self) -> BTreeMap<u16, Route> {
+        let mut out = BTreeMap::new();
+        for c in self.contexts() {
+            let pods = c.store.list(sedge_api::kind::POD, None).unwrap_or_default();
+            for p in pods {
+                let a = &p["metadata"]["annotations"];
+                let (Some(listen), Some(svc)) = (
+                    a[ROUTE_LISTEN_ANNOTATION].as_str(),
+                    a[ROUTE_SERVICE_ANNOTATION].as_str(),
+                ) else {
+                    continue;
+                };
+                let Ok(listen) = listen.parse::<u16>() else {
+                    tracing::warn!(
+                        annotation = ROUTE_LISTEN_ANNOTATION,
+                        value = listen,
+                        "not a port; route ignored"
+                    );
+                    continue;
+                };
+                let Some((service, port)) = svc
+                    .rsplit_once(':')
+                    .and_then(|(s, p)| Some((s.to_string(), p.parse::<u16>().ok()?)))
+                else {
+                    tracing::warn!(
+                        annotation = ROUTE_SERVICE_ANNOTATION,
+                        value = svc,
+                        "not <service>:<port>; route ignored"
+                    );
+                    continue;
+                };
+                let r = Route {
+                    namespace: p["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .into(),
+                    service,
+                    port,
+                    node: c.node.clone(),
+                };
+                match out.get(&listen) {
+                    Some(prev) if !same_target(prev, &r) => tracing::warn!(
+                        port = listen,
+                        "two services want local route port {listen}; keeping {}/{}",
+                        prev.namespace,
+                        prev.service
+                    ),
+                    Some(_) => {}
+                    None => {
+                        out.insert(listen, r);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn same_target(a: &Route, b: &Route) -> bool {
+    a.namespace == b.namespace && a.service == b.service && a.port == b.port
+}
+
+impl EdgeModule for EdgeAiModule {
+    fn group(&self) -> &str {
+        GROUP
+    }
+
+    fn start(&self, ctx: ModuleContext) {
+        let shared = self.shared.clone();
+        shared
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ctx.node.clone(), ctx.clone());
+        // Pod changes on this node may change the routes.
+        {
+            let shared = shared.clone();
+            let mut changes = ctx.store.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    match changes.recv().await {
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            shared.changed.notify_one()
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        shared.changed.notify_one();
+        let once = shared.clone();
+        shared.started.call_once(move || {
+            if !once.cfg.lc_listen.is_empty() {
+                tokio::spawn(serve_lc(once.clone()));
+            }
+            tokio::spawn(manage_routes(once));
+        });
+    }
+
+    fn handle(
+        &self,
+        _ctx: &ModuleContext,
+        msg: Message,
+    ) -> BoxFuture<'static, Result<Option<Message>, String>> {
+        let shared = self.shared.clone();
+        async move {
+            let parts: Vec<&str> = msg.route.resource.splitn(3, '/').collect();
+            if parts.len() != 3 || parts[1] != kind::STREAM {
+                tracing::debug!(resource = %msg.route.resource, "not a stream message; dropped");
+                return Ok(None);
+            }
+            let id = parts[2];
+            let tx = shared
+                .streams
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned();
+            let closed = match (msg.route.operation.as_str(), tx) {
+                (op::UPDATE, Some(tx)) => tx.send(msg.content.clone()).await.is_err(),
+                (op::DELETE, _) => true,
+                _ => false,
+            };
+            if closed {
+                shared
+                    .streams
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+            }
+            Ok(None)
+        }
+        .boxed()
+    }
+}
+
+/// Sedna's worker report body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LcBody {
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    owner_name: String,
+    #[serde(default)]
+    owner_kind: String,
+    #[serde(default)]
+    owner_info: BTreeMap<String, Value>,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    status: String,
+}
+
+fn lc_reply(code: StatusCode, message: String) -> (StatusCode, axum::Json<Value>) {
+    (
+        code,
+        axum::Json(json!({"Status": code.as_u16(), "Message": message})),
+    )
+}
+
+async fn worker_info(
+    State(shared): State<Arc<Shared>>,
+    Path(worker): Path<String>,
+    body: axum::body::Bytes,
+) -> (StatusCode, axum::Json<Value>) {
+    let b: LcBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return lc_reply(
+                StatusCode::BAD_REQUEST,
+                format!("malformed worker report: {e}"),
+            );
+        }
+    };
+    if b.name != worker {
+        return lc_reply(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body names worker {:?} but the path names {worker:?}",
+                b.name
+            ),
+        );
+    }
+    let ns = if b.namespace.is_empty() {
+        "default".to_string()
+    } else {
+        b.namespace.clone()
+    };
+    let Some(ctx) = shared.owner_of_pod(&ns, &worker) else {
+        return lc_reply(
+            StatusCode::NOT_FOUND,
+            format!("no pod {ns}/{worker} runs on this node (WORKER_NAME must be the pod's name)"),
+        );
+    };
+    let metrics = b
+        .owner_info
+        .into_iter()
+        .filter(|(k, _)| k != "startTime" && k != "updateTime")
+        .map(|(k, v)| {
+            let s = match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (k, s)
+        })
+        .collect();
+    let report = WorkerReport {
+        owner_kind: b.owner_kind.to_lowercase(),
+        owner_name: b.owner_name,
+        kind: b.kind,
+        status: b.status,
+        metrics,
+    };
+    let key = format!("{ns}/{}/{worker}", kind::REPORT);
+    let body = serde_json::to_vec(&report).expect("a report serialises");
+    ctx.send(
+        Message::new(GROUP, op::UPDATE, &key, body),
+        Policy::LatestWins,
+    );
+    lc_reply(StatusCode::OK, "OK".into())
+}
+
+async fn serve_lc(shared: Arc<Shared>) {
+    let addr = shared.cfg.lc_listen.clone();
+    let listener = match TcpListener::bind(&addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot serve the local-controller endpoint; worker reports on this node will not reach the cloud");
+            return;
+        }
+    };
+    *shared.lc_addr.lock().unwrap_or_else(|p| p.into_inner()) = listener.local_addr().ok();
+    tracing::info!(addr = ?listener.local_addr().ok(), "local-controller endpoint for workers");
+    let app = axum::Router::new()
+        .route("/sedna/workers/{worker}/info", post(worker_info))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "local-controller endpoint stopped");
+    }
+}
+
+async fn manage_routes(shared: Arc<Shared>) {
+    let mut running: BTreeMap<u16, (Route, JoinHandle<()>)> = BTreeMap::new();
+    loop {
+        let wanted = shared.wanted_routes();
+        running.retain(|port, (r, task)| {
+            let keep = wanted.get(port).is_some_and(|w| same_target(w, r));
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (port, r) in wanted {
+            if let Some((cur, _)) = running.get_mut(&port) {
+                cur.node = r.node.clone();
+                continue;
+            }
+            let task = tokio::spawn(listen_route(shared.clone(), port, r.clone()));
+            running.insert(port, (r, task));
+        }
+        shared.changed.notified().await;
+    }
+}
+
+async fn listen_route(shared: Arc<Shared>, port: u16, route: Route) {
+    let listener = loop {
+        match TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => break l,
+            Err(e) => {
+                tracing::warn!(port, error = %e, service = %route.service, "cannot listen for the route to the cloud; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    tracing::info!(port, namespace = %route.namespace, service = %route.service, "routing local connections to the cloud service through the channel");
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        tokio::spawn(carry(shared.clone(), route.clone(), sock));
+    }
+}
+
+/// Opens the connection in the cloud and pumps bytes both ways until either side closes.
+async fn carry(shared: Arc<Shared>, route: Route, sock: TcpStream) {
+    let Some(ctx) = shared.ctx(&route.node) else {
+        return;
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+    let open = RouteOpen {
+        stream: id.clone(),
+        port: route.port,
+    };
+    let req = Message::new(
+        GROUP,
+        op::QUERY,
+        &format!("{}/{}/{}", route.namespace, kind::ROUTE, route.service),
+        serde_json::to_vec(&open).expect("serialises"),
+    );
+    let timeout = Duration::from_millis(shared.cfg.route_open_timeout_ms);
+    if let Err(e) = ctx.request(req, timeout).await {
+        tracing::debug!(service = %route.service, error = %e, "route to the cloud not opened; closing the local connection");
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), tx);
+    let key = format!("{}/{}/{id}", route.namespace, kind::STREAM);
+    let (mut rd, mut wr) = sock.into_split();
+    let up = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let m =
+                        Message::new(GROUP, op::UPDATE, &key, Bytes::copy_from_slice(&buf[..n]));
+                    if ctx.send_now(m).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let down = async {
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+    shared
+        .streams
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    let _ = ctx
+        .send_now(Message::new(GROUP, op::DELETE, &key, Vec::new()))
+        .await;
+}

@@ -1,0 +1,22 @@
+//! Sedge's AI layer on top of the platform.
+//!
+//! - [`crd`]: the `sedna.io/v1alpha1` resources (Dataset, Model, JointInferenceService,
+//!   IncrementalLearningJob) with Sedna's field names, and their generated CRDs.
+//! - [`controller`]: the joint-inference controller (`sedge ai-controller`), written with
+//!   `kube::runtime::Controller` so it runs against the embedded API server and a real cluster.
+//! - [`edge`]: the edge module (plugged into the edge agent through `sedge_edgecore::EdgeModule`):
+//!   Sedna's local-controller endpoint for worker reports, and local listeners that carry the edge
+//!   worker's connections to the cloud worker through the channel.
+//! - [`cloud`]: the cloud module (plugged into the cloud core through
+//!   `sedge_cloudcore::CloudModule`): writes the workers' counters into the service's status and
+//!   connects routed streams to the cloud worker's pods.
+//! - [`wire`]: the messages between the two modules.
+//!
+//! The platform crates know nothing of this crate; it plugs in through CRDs, the channel's
+//! message groups and the two module traits.
+
+pub mod cloud;
+pub mod controller;
+pub mod crd;
+pub mod edge;
+pub mod wire;

@@ -1,0 +1,121 @@
+//! Reports to the node's local controller (Sedna's `LC_SERVER` contract): every `LC_PERIOD`
+//! seconds, and only when something changed, `POST {LC_SERVER}/sedna/workers/{WORKER_NAME}/info`
+//! with the counters in `ownerInfo`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::breaker::BreakerState;
+use crate::client::CloudClient;
+use crate::metrics::EdgeMetrics;
+
+/// Where and how often to report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LcReporter {
+    /// `LC_SERVER`.
+    pub server: String,
+    /// `WORKER_NAME` (the pod's name).
+    pub worker: String,
+    /// `NAMESPACE`.
+    pub namespace: String,
+    /// `SERVICE_NAME`: the owning service.
+    pub service: String,
+    /// `LC_PERIOD`.
+    pub period: Duration,
+}
+
+impl LcReporter {
+    /// From Sedna's environment; `None` unless `LC_SERVER` and `WORKER_NAME` are set.
+    pub fn from_env() -> Option<LcReporter> {
+        let env = crate::config::env;
+        Some(LcReporter {
+            server: env("LC_SERVER")?.trim_end_matches('/').to_string(),
+            worker: env("WORKER_NAME")?,
+            namespace: env("NAMESPACE").unwrap_or_else(|| "default".into()),
+            service: env("SERVICE_NAME").unwrap_or_default(),
+            period: Duration::from_secs_f64(
+                env("LC_PERIOD")
+                    .and_then(|p| p.parse::<f64>().ok())
+                    .filter(|p| *p > 0.0)
+                    .unwrap_or(30.0),
+            ),
+        })
+    }
+
+    /// Reports until the task is aborted.
+    pub fn spawn(
+        self,
+        metrics: Arc<EdgeMetrics>,
+        client: Option<Arc<CloudClient>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let http = match crate::fetch::http_client(Duration::from_secs(10)) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "no HTTP client; counters are not reported");
+                    return;
+                }
+            };
+            let start = chrono::Utc::now().to_rfc3339();
+            let mut last = None;
+            let mut tick = tokio::time::interval(self.period);
+            loop {
+                tick.tick().await;
+                let body = self.body(&metrics, client.as_deref(), &start);
+                let mut counters = body["ownerInfo"].clone();
+                if let Some(o) = counters.as_object_mut() {
+                    o.remove("updateTime");
+                }
+                if last.as_ref() == Some(&counters) {
+                    continue;
+                }
+                let url = format!("{}/sedna/workers/{}/info", self.server, self.worker);
+                match http.post(&url).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => last = Some(counters),
+                    Ok(r) => {
+                        tracing::warn!(%url, status = %r.status(), "local controller refused the report")
+                    }
+                    Err(e) => tracing::debug!(%url, error = %e, "local controller not reachable"),
+                }
+            }
+        })
+    }
+
+    fn body(
+        &self,
+        m: &EdgeMetrics,
+        client: Option<&CloudClient>,
+        start: &str,
+    ) -> serde_json::Value {
+        let inferences = m.inference_number.get();
+        let hard = m.hard_example_number.get();
+        let ratio = if inferences == 0 {
+            0.0
+        } else {
+            hard as f64 / inferences as f64
+        };
+        let reachable = match client {
+            None => "false",
+            Some(c) => match c.breaker().state() {
+                BreakerState::Open { .. } => "false",
+                _ => "true",
+            },
+        };
+        json!({
+            "name": self.worker, "namespace": self.namespace,
+            "ownerName": self.service, "ownerKind": "jointinferenceservice",
+            "kind": "inference", "status": "running",
+            "ownerInfo": {
+                "startTime": start, "updateTime": chrono::Utc::now().to_rfc3339(),
+                "inferenceNumber": inferences, "hardExampleNumber": hard,
+                "uploadCloudRatio": ratio,
+                "cloudAnsweredNumber": m.cloud_answered.get(),
+                "edgeFallbackNumber": m.cloud_fallbacks.get(),
+                "cloudReachable": reachable,
+            },
+            "results": [],
+        })
+    }
+}
