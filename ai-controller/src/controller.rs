@@ -265,7 +265,19 @@ fn model_source(url: &str) -> Result<ModelSource, String> {
             "{url:?} is not an absolute path (use a path on the node, file://, http:// or https://)"
         ));
     }
-    Ok(ModelSource::Local(url.to_string()))
+    // Lexically normal (`/a/b/../c` is `/a/c`): the directory is mounted, and `..` through a
+    // mount would lead elsewhere.
+    let mut parts: Vec<&str> = Vec::new();
+    for c in url.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(ModelSource::Local(format!("/{}", parts.join("/"))))
 }
 
 struct Resolved {
@@ -680,7 +692,11 @@ fn crash_looping(pods: &[Pod]) -> Option<(String, String, i32, Option<i32>)> {
                 .as_ref()
                 .and_then(|s| s.waiting.as_ref())
                 .and_then(|w| w.reason.clone());
-            if waiting.as_deref() == Some("CrashLoopBackOff") || c.restart_count >= 3 {
+            // Back-off after at least one restart (so the last exit code is known), or restarting
+            // again and again.
+            if (waiting.as_deref() == Some("CrashLoopBackOff") && c.restart_count >= 1)
+                || c.restart_count >= 3
+            {
                 let code = c
                     .last_state
                     .as_ref()
@@ -887,7 +903,13 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Ctx>) -> Result<Acti
                 &Patch::Merge(&body),
             )
             .await?;
-        if verdict.type_ == "Failed" {
+        let was = old
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.status == "True")
+            .and_then(|c| c.reason.clone());
+        if verdict.type_ == "Failed" && was.as_deref() != Some(verdict.reason.as_str()) {
             tracing::warn!(service = %format!("{ns}/{}", ji.name_any()), reason = %verdict.reason, message = %verdict.message, "joint inference service failed");
         }
     }
@@ -922,6 +944,14 @@ mod tests {
             model_source("models/a.onnx")
                 .unwrap_err()
                 .contains("absolute")
+        );
+    }
+
+    #[test]
+    fn local_paths_are_normalised() {
+        assert_eq!(
+            model_source("/w/p/../../m/./a.onnx"),
+            Ok(ModelSource::Local("/m/a.onnx".into()))
         );
     }
 

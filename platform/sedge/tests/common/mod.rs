@@ -1,0 +1,182 @@
+//! What the end-to-end tests share: `sedge up` as a child process, driven with the real
+//! `kubectl`.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Up {
+    child: Child,
+    /// The test's directory (sedge up's data is under `up/`).
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- sedge up log (tail):\n{}", tail(&self.log()));
+            let (_, pods, _) = self.kubectl(&["get", "pods", "-o", "wide"]);
+            eprintln!("--- pods:\n{pods}");
+        }
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(self.child.id().to_string())
+            .status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Fast agent timings for tests.
+pub const EDGE_CONFIG: &str = "
+sync_interval_ms: 200
+backoff_initial_ms: 500
+backoff_max_ms: 2000
+lease_interval_ms: 1000
+node_status_interval_ms: 5000
+max_grace_seconds: 5
+tunnel:
+  keepalive_interval_ms: 1000
+  backoff_initial_ms: 100
+  backoff_max_ms: 1000
+";
+
+/// `sedge up` with one edge node.
+pub fn up() -> Up {
+    up_with(&[])
+}
+
+/// `sedge up` with one edge node and `extra` flags.
+pub fn up_with(extra: &[&str]) -> Up {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("edge.yaml");
+    std::fs::write(&cfg, EDGE_CONFIG).unwrap();
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_sedge"))
+        .args([
+            "up",
+            "--edges",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--metaserver-port",
+            "0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("up"))
+        .arg("--edge-config")
+        .arg(&cfg)
+        .args(extra)
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let up = Up { child, dir };
+    wait_for("sedge up to write up.json", Duration::from_secs(60), || {
+        up.state().is_some().then_some(())
+    });
+    up
+}
+
+impl Up {
+    /// See the name.
+    pub fn state(&self) -> Option<Value> {
+        let s = std::fs::read_to_string(self.dir.path().join("up/up.json")).ok()?;
+        serde_json::from_str(&s).ok()
+    }
+    /// See the name.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("up/kubeconfig")
+    }
+    /// See the name.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+    /// See the name.
+    pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+    /// See the name.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.kubectl(args);
+        assert!(
+            ok,
+            "kubectl {args:?} failed: {err}\n--- sedge up log tail:\n{}",
+            tail(&self.log())
+        );
+        out
+    }
+    /// See the name.
+    pub fn apply(&self, yaml: &str) {
+        let f = self.dir.path().join(format!("m{}.yaml", rand_suffix()));
+        std::fs::write(&f, yaml).unwrap();
+        self.ok(&["apply", "-f", f.to_str().unwrap()]);
+    }
+    /// See the name.
+    pub fn pods(&self, selector: &str) -> Vec<Value> {
+        let v: Value =
+            serde_json::from_str(&self.ok(&["get", "pods", "-l", selector, "-o", "json"])).unwrap();
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+    /// See the name.
+    pub fn pod(&self, name: &str) -> Option<Value> {
+        let (ok, out, _) = self.kubectl(&["get", "pod", name, "-o", "json"]);
+        ok.then(|| serde_json::from_str(&out).unwrap())
+    }
+}
+
+/// See the name.
+pub fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// See the name.
+pub fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// See the name.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// See the name.
+pub fn running_ready(p: &Value) -> bool {
+    p["status"]["phase"] == "Running"
+        && p["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}

@@ -1,0 +1,352 @@
+//! Joint inference end to end through `sedge up` and the real `kubectl`: Sedna resources applied
+//! with kubectl start an edge worker on the edge node and a cloud worker on the cloud node; hard
+//! examples travel edge pod -> channel -> cloud pod; the workers' counters show up in the
+//! service's status and `kubectl get ji`; a deleted cloud pod comes back while the edge keeps
+//! answering edge-only (visible in the counters); deleting the service removes its children.
+//! Bad manifests are refused by kubectl or explained in the status.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Up, up_with, wait_for};
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Serves the files of `dir` over plain HTTP on a loopback port (the `http://` model URL).
+fn serve_dir(dir: PathBuf) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let reply = match std::fs::read(dir.join(path.trim_start_matches('/'))) {
+                Ok(body) => {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend(body);
+                    r
+                }
+                Err(_) => {
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_vec()
+                }
+            };
+            let _ = s.write_all(&reply);
+        }
+    });
+    port
+}
+
+fn ji(up: &Up, name: &str) -> Value {
+    serde_json::from_str(&up.ok(&["get", "ji", name, "-o", "json"])).unwrap()
+}
+
+/// The `True` condition: (type, reason, message).
+fn condition(v: &Value) -> Option<(String, String, String)> {
+    let c = v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["status"] == "True")?;
+    Some((
+        c["type"].as_str()?.into(),
+        c["reason"].as_str().unwrap_or("").into(),
+        c["message"].as_str().unwrap_or("").into(),
+    ))
+}
+
+fn metric(v: &Value, key: &str) -> Option<f64> {
+    v["status"]["metrics"]
+        .as_array()?
+        .iter()
+        .find(|m| m["key"] == key)?["value"]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+fn service(name: &str, edge_model: &str, cloud_model: &str, hem: &str, cloud_port: u16) -> String {
+    let sample = repo().join("datasets/fashion-mnist-sample/t10k-images-idx3-ubyte.gz");
+    format!(
+        r#"
+apiVersion: sedna.io/v1alpha1
+kind: JointInferenceService
+metadata: {{name: {name}}}
+spec:
+  edgeWorker:
+    model: {{name: {edge_model}}}
+    hardExampleMining: {hem}
+    template:
+      spec:
+        nodeName: edge-1
+        containers:
+          - name: edge
+            image: sedge/worker
+            args: ["edge"]
+            env:
+              - {{name: SEDGE_INPUT, value: "{sample}"}}
+              - {{name: SEDGE_REPEAT, value: "true"}}
+              - {{name: SEDGE_RATE, value: "150"}}
+              - {{name: SEDGE_CLOUD_WAIT_SECONDS, value: "30"}}
+  cloudWorker:
+    model: {{name: {cloud_model}}}
+    template:
+      spec:
+        nodeSelector: {{sedge.io/role: cloud}}
+        containers:
+          - name: cloud
+            image: sedge/worker
+            args: ["cloud"]
+            ports: [{{containerPort: {cloud_port}}}]
+            readinessProbe:
+              httpGet: {{path: /v2/health/ready, port: {cloud_port}}}
+              periodSeconds: 1
+"#,
+        sample = sample.display()
+    )
+}
+
+const HEM: &str = r#"{name: MaxProbability, parameters: [{key: threshold, value: "0.8"}]}"#;
+
+#[test]
+fn joint_inference_through_kubectl() {
+    let lc_port = free_port().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let ai = tmp.path().join("ai.yaml");
+    let route = free_port();
+    std::fs::write(
+        &ai,
+        format!(
+            "report_period_seconds: 1\nroute_ports: [{route}, {}]\n",
+            route.saturating_add(20)
+        ),
+    )
+    .unwrap();
+    let up = up_with(&["--lc-port", &lc_port, "--ai-config", ai.to_str().unwrap()]);
+    up.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "node/cloud-1",
+        "--timeout=60s",
+    ]);
+
+    // Models: the edge one by file://, the cloud one over http:// pinned by its SHA-256.
+    let models = repo().join("models/fashion-mnist");
+    let http = serve_dir(models.clone());
+    let sum = sedge_inference_worker::fetch::sha256_hex(
+        &std::fs::read(models.join("cloud-cnn.onnx")).unwrap(),
+    );
+    up.apply(&format!(
+        r#"
+apiVersion: sedna.io/v1alpha1
+kind: Model
+metadata: {{name: edge}}
+spec: {{url: "file://{edge}", format: onnx}}
+---
+apiVersion: sedna.io/v1alpha1
+kind: Model
+metadata:
+  name: cloud
+  annotations: {{sedge.io/model-sha256: "{sum}"}}
+spec: {{url: "http://127.0.0.1:{http}/cloud-cnn.onnx", format: onnx}}
+---
+apiVersion: sedna.io/v1alpha1
+kind: Model
+metadata: {{name: missing-file}}
+spec: {{url: /nonexistent/model.onnx, format: onnx}}
+"#,
+        edge = models.join("edge-cnn.onnx").display()
+    ));
+
+    // 1. A working service: Running, counters in the status, and on `kubectl get ji`.
+    let cloud_port = free_port();
+    up.apply(&service("fmnist", "edge", "cloud", HEM, cloud_port));
+    wait_for("the service to be Running", Duration::from_secs(90), || {
+        let v = ji(&up, "fmnist");
+        (condition(&v)?.0 == "Running").then_some(())
+    });
+    let v = wait_for(
+        "counters with cloud answers",
+        Duration::from_secs(60),
+        || {
+            let v = ji(&up, "fmnist");
+            (metric(&v, "cloudAnsweredNumber")? > 0.0).then_some(v)
+        },
+    );
+    let inferences = metric(&v, "inferenceNumber").unwrap();
+    let hard = metric(&v, "hardExampleNumber").unwrap();
+    assert!(inferences > 0.0 && hard > 0.0 && hard < inferences, "{v}");
+    let ratio = metric(&v, "uploadCloudRatio").unwrap();
+    assert!((ratio - hard / inferences).abs() < 0.01, "{v}");
+    let table = up.ok(&["get", "ji", "fmnist"]);
+    for col in [
+        "STATUS",
+        "EDGE",
+        "CLOUD",
+        "INFERENCES",
+        "HARD",
+        "OFFLOAD",
+        "Running",
+        "1/1",
+    ] {
+        assert!(table.contains(col), "{col} missing from:\n{table}");
+    }
+    // The edge pod reaches the cloud through a local route port, not cluster DNS.
+    let edge_pod = &up.pods("jointinferenceservice.sedna.io/worker-type=edge,jointinferenceservice.sedna.io/name=fmnist")[0];
+    let env = edge_pod["spec"]["containers"][0]["env"].as_array().unwrap();
+    let var = |n: &str| {
+        env.iter()
+            .find(|e| e["name"] == n)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(var("BIG_MODEL_IP"), Some("127.0.0.1".into()));
+    assert_eq!(var("HEM_NAME"), Some("MaxProbability".into()));
+    assert!(
+        var("MODEL_URL")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .starts_with("/home/data/")
+    );
+
+    // 2. The cloud pod is deleted: the edge keeps answering, edge-only, and the counters show
+    //    it; the Deployment brings the cloud back and answers resume.
+    let cloud_sel = "jointinferenceservice.sedna.io/worker-type=cloud,jointinferenceservice.sedna.io/name=fmnist";
+    let old_cloud = up.pods(cloud_sel)[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = ji(&up, "fmnist");
+    let fallbacks0 = metric(&before, "edgeFallbackNumber").unwrap_or(0.0);
+    let inferences0 = metric(&before, "inferenceNumber").unwrap();
+    up.ok(&["delete", "pod", &old_cloud, "--wait=false"]);
+    let during = wait_for(
+        "edge-only answers while the cloud is away",
+        Duration::from_secs(60),
+        || {
+            let v = ji(&up, "fmnist");
+            (metric(&v, "edgeFallbackNumber")? > fallbacks0).then_some(v)
+        },
+    );
+    assert!(
+        metric(&during, "inferenceNumber").unwrap() > inferences0,
+        "{during}"
+    );
+    wait_for("a new cloud pod, ready", Duration::from_secs(60), || {
+        up.pods(cloud_sel)
+            .iter()
+            .any(|p| p["metadata"]["name"] != old_cloud.as_str() && common::running_ready(p))
+            .then_some(())
+    });
+    let answered = metric(&ji(&up, "fmnist"), "cloudAnsweredNumber").unwrap();
+    wait_for("cloud answers again", Duration::from_secs(60), || {
+        (metric(&ji(&up, "fmnist"), "cloudAnsweredNumber")? > answered).then_some(())
+    });
+
+    // 3. Bad manifests: refused by the schema, or explained in the status.
+    let (ok, _, err) = {
+        let f = tmp.path().join("bad.yaml");
+        std::fs::write(
+            &f,
+            service("typo", "edge", "cloud", HEM, 1).replace(
+                "hardExampleMining: {name: MaxProbability, parameters: [{key: threshold, value: \"0.8\"}]}",
+                "hardExampleMining: {name: MaxProbability, parameters: [{key: threshold, value: 0.8}]}",
+            ),
+        )
+        .unwrap();
+        up.kubectl(&["apply", "-f", f.to_str().unwrap()])
+    };
+    assert!(
+        !ok && err.contains("spec.edgeWorker.hardExampleMining.parameters[0].value"),
+        "{err}"
+    );
+    let cases = [
+        (
+            "no-model",
+            "nope",
+            "cloud",
+            HEM.to_string(),
+            "ModelNotFound",
+            "\"nope\"",
+        ),
+        (
+            "bad-rule",
+            "edge",
+            "cloud",
+            "{name: Psychic}".to_string(),
+            "InvalidHardExampleMining",
+            "Psychic",
+        ),
+        (
+            "bad-param",
+            "edge",
+            "cloud",
+            r#"{name: MaxProbability, parameters: [{key: threshold, value: "high"}]}"#.to_string(),
+            "InvalidHardExampleMining",
+            "high",
+        ),
+    ];
+    for (name, edge, cloud, hem, _, _) in &cases {
+        up.apply(&service(name, edge, cloud, hem, free_port()));
+    }
+    for (name, _, _, _, reason, needle) in &cases {
+        let (t, r, m) = wait_for(&format!("{name} to fail"), Duration::from_secs(30), || {
+            condition(&ji(&up, name)).filter(|c| c.0 == "Failed")
+        });
+        assert_eq!((t.as_str(), r.as_str()), ("Failed", *reason), "{name}: {m}");
+        assert!(m.contains(needle), "{name}: {m}");
+        let (_, deps, _) = up.kubectl(&[
+            "get",
+            "deploy",
+            "-l",
+            &format!("jointinferenceservice.sedna.io/name={name}"),
+            "-o",
+            "name",
+        ]);
+        assert!(deps.trim().is_empty(), "{name} created workers: {deps}");
+    }
+    // A model file that is not there: the worker says so and the status names it.
+    up.apply(&service(
+        "broken",
+        "missing-file",
+        "cloud",
+        HEM,
+        free_port(),
+    ));
+    let (_, reason, message) = wait_for("broken to fail", Duration::from_secs(90), || {
+        condition(&ji(&up, "broken")).filter(|c| c.0 == "Failed")
+    });
+    assert_eq!(reason, "ModelUnavailable", "{message}");
+    assert!(
+        message.contains("/nonexistent/model.onnx") || message.contains("model"),
+        "{message}"
+    );
+
+    // 4. Deleting the service removes its Deployments, Service and pods.
+    up.ok(&["delete", "ji", "fmnist"]);
+    wait_for("the children to go", Duration::from_secs(60), || {
+        let sel = "jointinferenceservice.sedna.io/name=fmnist";
+        let (_, out, _) = up.kubectl(&["get", "deploy,svc,pods", "-l", sel, "-o", "name"]);
+        out.trim().is_empty().then_some(())
+    });
+}
