@@ -12,8 +12,9 @@ export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 .PHONY: help demo test lint fmt build bench bench-edgemark bench-example ort data fonts
 
 help:
-	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then the"
-	@echo "              joint-inference demo on Fashion-MNIST (edge-only vs cloud-only vs joint)"
+	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then a Sedna"
+	@echo "              JointInferenceService on Fashion-MNIST: edge pod -> channel -> cloud pod,"
+	@echo "              reported against edge-only and cloud-only"
 	@echo "make test   - everything CI runs: fmt check, clippy, the whole test suite (ORT included)"
 	@echo "make bench  - benchmark tables: inference pipeline, API server, channel (quick)"
 	@echo "make bench-edgemark - the channel with up to 100,000 simulated QUIC edge nodes"
@@ -53,7 +54,7 @@ build:
 
 demo: data ort build
 	platform/sedge/examples/platform-demo.sh target/release/sedge
-	target/release/sedge demo
+	ai-controller/examples/joint-inference/demo.sh target/release/sedge
 
 fmt:
 	$(CARGO) fmt --all

@@ -42,8 +42,12 @@ pub struct ReportRow {
     pub summary: EdgeSummary,
 }
 
-/// Runs the three modes. The cloud worker serves on 127.0.0.1 on a port the OS picks.
-pub async fn joint_report(opts: &ReportOptions) -> Result<Vec<ReportRow>, WorkerError> {
+/// Runs the three modes. The cloud worker serves on 127.0.0.1 on a port the OS picks. With
+/// `joint`, that row is what a deployed edge worker measured and only the two baselines run here.
+pub async fn joint_report(
+    opts: &ReportOptions,
+    joint: Option<ReportRow>,
+) -> Result<Vec<ReportRow>, WorkerError> {
     let cloud = Model::load(&opts.cloud_model)?;
     let backend = backend::load(&cloud, &opts.backend)?;
     let server_config = ServerConfig::default();
@@ -102,11 +106,13 @@ pub async fn joint_report(opts: &ReportOptions) -> Result<Vec<ReportRow>, Worker
         ),
     ];
     let mut rows = Vec::new();
+    let runs = runs.into_iter().take(if joint.is_some() { 2 } else { 3 });
     for (mode, config) in runs {
         let worker = EdgeWorker::start(config)?;
         let summary = worker.run(&opts.data, std::future::pending()).await?;
         rows.push(ReportRow { mode, summary });
     }
+    rows.extend(joint);
     let _ = stop.send(());
     let _ = server.await;
     Ok(rows)

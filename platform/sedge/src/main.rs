@@ -214,6 +214,10 @@ struct DemoArgs {
     /// Directory holding edge-cnn.onnx and cloud-cnn.onnx.
     #[arg(long, default_value = "models/fashion-mnist")]
     models: PathBuf,
+    /// Take the joint row from this edge worker summary (JSON, e.g. from a joint inference pod's
+    /// log line `summary: ...`) instead of running it here.
+    #[arg(long)]
+    joint_summary: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -526,7 +530,20 @@ async fn demo(a: DemoArgs) -> Result<()> {
     eprintln!(
         "Joint inference on Fashion-MNIST ({kind} backend; cloud worker on a loopback port, offload over OIP gRPC)..."
     );
-    let rows = report::joint_report(&opts).await?;
+    let joint = match &a.joint_summary {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let s: EdgeSummary = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not an edge worker summary", p.display()))?;
+            Some(report::ReportRow {
+                mode: "joint: edge pod->cloud pod".into(),
+                summary: s,
+            })
+        }
+        None => None,
+    };
+    let rows = report::joint_report(&opts, joint).await?;
     print!("{}", report::render(&rows));
     Ok(())
 }
