@@ -420,6 +420,25 @@ fn cloud_port(ji: &JointInferenceService, cfg: &ControllerConfig) -> u16 {
         .unwrap_or(cfg.big_model_port)
 }
 
+/// What the service asks of `hpa` that is not done: said in the condition, never dropped.
+fn hpa_note(ji: &JointInferenceService) -> Option<String> {
+    let notes: Vec<String> = [
+        ("edgeWorker", &ji.spec.edge_worker.hpa),
+        ("cloudWorker", &ji.spec.cloud_worker.hpa),
+    ]
+    .into_iter()
+    .filter_map(|(w, h)| {
+        let h = h.as_ref()?;
+        Some(format!(
+            "spec.{w}.hpa: autoscaling is not supported yet, running minReplicas ({}) of at most {}",
+            replicas(&Some(h.clone())),
+            h.max_replicas
+        ))
+    })
+    .collect();
+    (!notes.is_empty()).then(|| notes.join("; "))
+}
+
 fn replicas(hpa: &Option<crate::crd::Hpa>) -> i32 {
     hpa.as_ref()
         .and_then(|h| h.min_replicas)
@@ -871,6 +890,13 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Ctx>) -> Result<Acti
             None => observe(&ji, &ctx).await?,
         },
     };
+    let mut verdict = verdict;
+    if verdict.type_ != "Failed"
+        && let Some(note) = hpa_note(&ji)
+    {
+        verdict.message.push_str("; ");
+        verdict.message.push_str(&note);
+    }
     let old = ji.status.clone().unwrap_or_default();
     st.conditions = Some(conditions(
         old.conditions.as_deref().unwrap_or(&[]),
@@ -945,6 +971,19 @@ mod tests {
                 .unwrap_err()
                 .contains("absolute")
         );
+    }
+
+    #[test]
+    fn hpa_is_reported_not_dropped() {
+        let yaml = include_str!("../tests/sedna/helmet-ji.yaml");
+        let ji: JointInferenceService = serde_yaml::from_str(yaml).unwrap();
+        let note = hpa_note(&ji).unwrap();
+        assert!(
+            note.contains("spec.edgeWorker.hpa") && note.contains("minReplicas (1) of at most 2"),
+            "{note}"
+        );
+        assert_eq!(replicas(&ji.spec.edge_worker.hpa), 1);
+        assert_eq!(replicas(&ji.spec.cloud_worker.hpa), 1);
     }
 
     #[test]

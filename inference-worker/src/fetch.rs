@@ -87,8 +87,18 @@ pub fn local_path(p: &str) -> PathBuf {
     direct
 }
 
-/// The local file for `url`, downloading it if needed. `want_sha256` pins the content.
+/// The local file for `url`, downloading it into [`cache_dir`] if needed. `want_sha256` pins
+/// the content.
 pub async fn resolve(url: &str, want_sha256: Option<&str>) -> Result<PathBuf, FetchError> {
+    resolve_in(url, want_sha256, &cache_dir()).await
+}
+
+/// Like [`resolve`], with the cache in `cache`.
+pub async fn resolve_in(
+    url: &str,
+    want_sha256: Option<&str>,
+    cache: &Path,
+) -> Result<PathBuf, FetchError> {
     let url = url.trim();
     if let Some(p) = url.strip_prefix("file://") {
         return Ok(local_path(p));
@@ -105,7 +115,7 @@ pub async fn resolve(url: &str, want_sha256: Option<&str>) -> Result<PathBuf, Fe
         .filter(|n| !n.is_empty())
         .unwrap_or("model.onnx")
         .to_string();
-    let dir = cache_dir().join(&sha256_hex(url.as_bytes())[..16]);
+    let dir = cache.join(&sha256_hex(url.as_bytes())[..16]);
     let file = dir.join(&name);
     let sum_file = dir.join(format!("{name}.sha256"));
     let want = want_sha256.map(|s| s.trim().to_lowercase());
@@ -160,4 +170,85 @@ pub async fn resolve(url: &str, want_sha256: Option<&str>) -> Result<PathBuf, Fe
     std::fs::write(&sum_file, &got).map_err(|e| cache_err(&sum_file, e))?;
     tracing::info!(%url, file = %file.display(), sha256 = %got, "model downloaded");
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Serves `/m.onnx` and `/m.json`; counts requests.
+    fn serve(model: &'static [u8]) -> (u16, Arc<AtomicUsize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 2048];
+                let n = s.read(&mut buf).unwrap_or(0);
+                h.fetch_add(1, Ordering::SeqCst);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let body: &[u8] = if req.starts_with("GET /m.onnx ") {
+                    model
+                } else if req.starts_with("GET /m.json ") {
+                    b"{}"
+                } else {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes());
+                let _ = s.write_all(body);
+            }
+        });
+        (port, hits)
+    }
+
+    #[tokio::test]
+    async fn downloads_once_checks_the_sum_and_refetches_a_corrupt_copy() {
+        let (port, hits) = serve(b"model-bytes");
+        let cache = tempfile::tempdir().unwrap();
+        let url = format!("http://127.0.0.1:{port}/m.onnx");
+        let sum = sha256_hex(b"model-bytes");
+        let f = resolve_in(&url, Some(&sum), cache.path()).await.unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"model-bytes");
+        assert_eq!(std::fs::read(f.with_extension("json")).unwrap(), b"{}");
+        assert_eq!(hits.load(Ordering::SeqCst), 2, "model and description");
+        // Cached: no request.
+        resolve_in(&url, Some(&sum), cache.path()).await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        // Corrupted on disk: fetched again.
+        std::fs::write(&f, b"bit rot").unwrap();
+        resolve_in(&url, None, cache.path()).await.unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"model-bytes");
+        assert_eq!(hits.load(Ordering::SeqCst), 4);
+        // A pinned sum that does not match is refused, naming both sums.
+        let other = tempfile::tempdir().unwrap();
+        let e = resolve_in(&url, Some(&"0".repeat(64)), other.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Checksum { .. }), "{e}");
+        assert!(e.to_string().contains(&sum), "{e}");
+        // Missing files and foreign schemes say what is wrong.
+        let e = resolve_in(
+            &format!("http://127.0.0.1:{port}/none.onnx"),
+            None,
+            other.path(),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("404"), "{e}");
+        let e = resolve_in("s3://b/m.onnx", None, other.path())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("unsupported scheme"), "{e}");
+    }
 }

@@ -58,7 +58,8 @@ async fn fixture() -> Fixture {
     let data = fashion::load(&fashion::sample_dir(), Split::Test).unwrap();
     Fixture {
         addr,
-        http: reqwest::Client::new(),
+        http: sedge_inference_worker::fetch::http_client(std::time::Duration::from_secs(30))
+            .unwrap(),
         backend,
         config: model.config,
         pixels: data.images.pixels[..4 * 784].to_vec(),
@@ -549,7 +550,8 @@ async fn a_full_queue_answers_503_and_resource_exhausted() {
         server_config,
     )
     .await;
-    let http = reqwest::Client::new();
+    let http =
+        sedge_inference_worker::fetch::http_client(std::time::Duration::from_secs(30)).unwrap();
     let body = json!({"inputs": [{"name": "x", "shape": [1, 784], "datatype": "UINT8", "data": vec![0u8; 784]}]});
     let calls: Vec<_> = (0..12)
         .map(|_| {

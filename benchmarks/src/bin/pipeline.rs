@@ -179,7 +179,8 @@ async fn offload_table(args: &Args, images: &sedge_datasets::IdxImages) -> Resul
         std::future::pending(),
     )
     .await?;
-    let http = reqwest::Client::new();
+    let http =
+        sedge_inference_worker::fetch::http_client(std::time::Duration::from_secs(30)).unwrap();
     let n = images.len();
 
     let client = CloudClient::new(
