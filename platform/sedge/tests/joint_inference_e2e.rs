@@ -263,7 +263,50 @@ spec: {{url: /nonexistent/model.onnx, format: onnx}}
         (metric(&ji(&up, "fmnist"), "cloudAnsweredNumber")? > answered).then_some(())
     });
 
-    // 3. Bad manifests: refused by the schema, or explained in the status.
+    // 3. Children deleted by hand come back; a spec change rolls the edge worker.
+    up.ok(&["delete", "service", "fmnist-cloud"]);
+    up.ok(&[
+        "delete",
+        "deployment",
+        "fmnist-deployment-edge",
+        "--wait=false",
+    ]);
+    wait_for(
+        "the Service and the edge Deployment back",
+        Duration::from_secs(60),
+        || {
+            let (a, _, _) = up.kubectl(&["get", "service", "fmnist-cloud"]);
+            let (b, _, _) = up.kubectl(&["get", "deployment", "fmnist-deployment-edge"]);
+            (a && b).then_some(())
+        },
+    );
+    up.ok(&[
+        "patch",
+        "ji",
+        "fmnist",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"edgeWorker":{"hardExampleMining":{"parameters":[{"key":"threshold","value":"0.9"}]}}}}"#,
+    ]);
+    wait_for(
+        "the edge worker rolled to the new threshold",
+        Duration::from_secs(60),
+        || {
+            let pods = up.pods("jointinferenceservice.sedna.io/worker-type=edge,jointinferenceservice.sedna.io/name=fmnist");
+            (pods.len() == 1
+                && common::running_ready(&pods[0])
+                && pods[0]["spec"]["containers"][0]["env"]
+                    .as_array()?
+                    .iter()
+                    .any(|e| {
+                        e["name"] == "HEM_PARAMETERS"
+                            && e["value"].as_str().is_some_and(|v| v.contains("0.9"))
+                    }))
+            .then_some(())
+        },
+    );
+
+    // 4. Bad manifests: refused by the schema, or explained in the status.
     let (ok, _, err) = {
         let f = tmp.path().join("bad.yaml");
         std::fs::write(
@@ -342,7 +385,7 @@ spec: {{url: /nonexistent/model.onnx, format: onnx}}
         "{message}"
     );
 
-    // 4. Deleting the service removes its Deployments, Service and pods.
+    // 5. Deleting the service removes its Deployments, Service and pods.
     up.ok(&["delete", "ji", "fmnist"]);
     wait_for("the children to go", Duration::from_secs(60), || {
         let sel = "jointinferenceservice.sedna.io/name=fmnist";
