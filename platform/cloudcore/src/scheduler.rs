@@ -315,6 +315,10 @@ async fn schedule_pending(
                         u.pods += 1.0;
                         verdicts.remove(&uid);
                     }
+                    // The cache had not yet seen our own earlier binding of this pod.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        tracing::debug!(pod = %format!("{ns}/{name}"), "already bound")
+                    }
                     Err(e) => {
                         tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "binding failed")
                     }
