@@ -23,13 +23,12 @@ use kube::api::{Api, Patch, PatchParams};
 use sedge_cloudcore::{CloudModule, CloudModuleContext};
 use sedge_tunnel::{LinkEvent, Message, op};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::controller::{NAME_LABEL, WORKER_TYPE_LABEL};
 use crate::crd::JointInferenceService;
-use crate::wire::{EDGE_ROUTABLE_ANNOTATION, GROUP, RouteOpen, WorkerReport, kind};
+use crate::wire::{EDGE_ROUTABLE_ANNOTATION, GROUP, RouteOpen, STREAM_BUFFER, WorkerReport, kind};
 
 /// Counters summed over a service's workers.
 const COUNTERS: &[&str] = &[
@@ -38,9 +37,6 @@ const COUNTERS: &[&str] = &[
     "cloudAnsweredNumber",
     "edgeFallbackNumber",
 ];
-
-/// Chunks buffered per routed connection towards the cloud pod (back-pressure when full).
-const STREAM_BUFFER: usize = 64;
 
 #[derive(Default)]
 struct WorkerCounters {
@@ -352,7 +348,7 @@ async fn open_route(
         .map_err(|_| format!("connecting to {addr} (service {ns}/{svc}) timed out"))?
         .map_err(|e| format!("connecting to {addr} (service {ns}/{svc}): {e}"))?;
     let _ = sock.set_nodelay(true);
-    let (tx, mut rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
     inner
         .streams
         .lock()
@@ -369,38 +365,11 @@ async fn open_route(
     let key = format!("{ns}/{}/{}", kind::STREAM, open.stream);
     let inner = inner.clone();
     tokio::spawn(async move {
-        let (mut rd, mut wr) = sock.into_split();
-        let down = async {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let m = Message::new(
-                            GROUP,
-                            op::UPDATE,
-                            &key,
-                            Bytes::copy_from_slice(&buf[..n]),
-                        );
-                        if hub.send_unacked(&node, m).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        };
-        let up = async {
-            while let Some(b) = rx.recv().await {
-                if wr.write_all(&b).await.is_err() {
-                    break;
-                }
-            }
-            let _ = wr.shutdown().await;
-        };
-        tokio::select! {
-            _ = down => {}
-            _ = up => {}
-        }
+        crate::wire::pump(sock, rx, &key, |m| {
+            let (hub, node) = (hub.clone(), node.clone());
+            async move { hub.send_unacked(&node, m).await.is_ok() }
+        })
+        .await;
         inner
             .streams
             .lock()

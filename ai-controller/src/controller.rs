@@ -350,6 +350,14 @@ fn owner_ref(ji: &JointInferenceService) -> Value {
     })
 }
 
+/// The containers of a pod spec.
+fn containers(spec: &mut Value) -> &mut [Value] {
+    spec["containers"]
+        .as_array_mut()
+        .map(|v| v.as_mut_slice())
+        .unwrap_or(&mut [])
+}
+
 /// Sets `name` in every container unless the template already sets it (the user's value wins).
 fn set_env(containers: &mut [Value], name: &str, value: Value) {
     for c in containers {
@@ -447,11 +455,15 @@ fn replicas(hpa: &Option<crate::crd::Hpa>) -> i32 {
 }
 
 /// The Deployment for one worker, as a server-side-apply body.
+#[allow(clippy::too_many_arguments)]
 fn deployment(
     ji: &JointInferenceService,
+    cfg: &ControllerConfig,
     role: &str,
     template: &k8s_openapi::api::core::v1::PodTemplateSpec,
     replicas: i32,
+    model: &Model,
+    source: &ModelSource,
     edit: impl FnOnce(&mut Value, &mut Value),
 ) -> Value {
     let name = ji.name_any();
@@ -466,6 +478,8 @@ fn deployment(
     tpl["metadata"]["labels"] = Value::Object(labels);
     let mut spec = tpl["spec"].take();
     let mut meta = tpl["metadata"].take();
+    let url = mount_model(&mut spec, role, source);
+    common_env(&mut spec, ji, cfg, &url, model);
     edit(&mut spec, &mut meta);
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -490,10 +504,7 @@ fn common_env(
     model_url: &str,
     model: &Model,
 ) {
-    let containers = spec["containers"]
-        .as_array_mut()
-        .map(|v| v.as_mut_slice())
-        .unwrap_or(&mut []);
+    let containers = containers(spec);
     set_env(
         containers,
         "NAMESPACE",
@@ -584,28 +595,30 @@ async fn apply_children(
 
     let cloud = deployment(
         ji,
+        cfg,
         "cloud",
         &ji.spec.cloud_worker.template,
         replicas(&ji.spec.cloud_worker.hpa),
+        &r.cloud_model,
+        &cloud_source,
         |spec, _meta| {
-            let url = mount_model(spec, "cloud", &cloud_source);
-            common_env(spec, ji, cfg, &url, &r.cloud_model);
-            let cs = spec["containers"]
-                .as_array_mut()
-                .map(|v| v.as_mut_slice())
-                .unwrap_or(&mut []);
-            set_env(cs, "BIG_MODEL_BIND_PORT", json!(port.to_string()));
+            set_env(
+                containers(spec),
+                "BIG_MODEL_BIND_PORT",
+                json!(port.to_string()),
+            );
         },
     );
     let hem = &ji.spec.edge_worker.hard_example_mining;
     let edge = deployment(
         ji,
+        cfg,
         "edge",
         &ji.spec.edge_worker.template,
         replicas(&ji.spec.edge_worker.hpa),
+        &r.edge_model,
+        &edge_source,
         |spec, meta| {
-            let url = mount_model(spec, "edge", &edge_source);
-            common_env(spec, ji, cfg, &url, &r.edge_model);
             let (ip, p) = match (&direct, route) {
                 (Some(addr), _) => match addr.rsplit_once(':') {
                     Some((h, p)) => (h.to_string(), p.to_string()),
@@ -614,10 +627,7 @@ async fn apply_children(
                 (None, Some(lp)) => ("127.0.0.1".to_string(), lp.to_string()),
                 (None, None) => unreachable!("a route port without a direct address"),
             };
-            let cs = spec["containers"]
-                .as_array_mut()
-                .map(|v| v.as_mut_slice())
-                .unwrap_or(&mut []);
+            let cs = containers(spec);
             set_env(cs, "HEM_NAME", json!(hem.name));
             set_env(
                 cs,

@@ -30,18 +30,14 @@ use sedge_edgecore::{EdgeModule, ModuleContext};
 use sedge_tunnel::{Message, Policy, op};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::wire::{
-    GROUP, ROUTE_LISTEN_ANNOTATION, ROUTE_SERVICE_ANNOTATION, RouteOpen, WorkerReport, kind,
+    GROUP, ROUTE_LISTEN_ANNOTATION, ROUTE_SERVICE_ANNOTATION, RouteOpen, STREAM_BUFFER,
+    WorkerReport, kind,
 };
-
-/// Chunks buffered per routed connection towards the local socket; a full buffer holds the
-/// channel's reader back (back-pressure), it never drops bytes.
-const STREAM_BUFFER: usize = 64;
 
 /// Settings of the AI edge module (the `ai` section of the edge agent's config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -457,41 +453,18 @@ async fn carry(shared: Arc<Shared>, route: Route, sock: TcpStream) {
         tracing::debug!(service = %route.service, error = %e, "route to the cloud not opened; closing the local connection");
         return;
     }
-    let (tx, mut rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
     shared
         .streams
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(id.clone(), tx);
     let key = format!("{}/{}/{id}", route.namespace, kind::STREAM);
-    let (mut rd, mut wr) = sock.into_split();
-    let up = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let m =
-                        Message::new(GROUP, op::UPDATE, &key, Bytes::copy_from_slice(&buf[..n]));
-                    if ctx.send_now(m).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    };
-    let down = async {
-        while let Some(b) = rx.recv().await {
-            if wr.write_all(&b).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    };
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
-    }
+    crate::wire::pump(sock, rx, &key, |m| {
+        let ctx = ctx.clone();
+        async move { ctx.send_now(m).await.is_ok() }
+    })
+    .await;
     shared
         .streams
         .lock()

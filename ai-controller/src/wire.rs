@@ -13,7 +13,12 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+use sedge_tunnel::{Message, op};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 /// The message group of the AI modules.
 pub const GROUP: &str = "sedna";
@@ -60,4 +65,45 @@ pub struct RouteOpen {
     pub stream: String,
     /// The Service port.
     pub port: u16,
+}
+
+/// Chunks buffered per routed connection towards its socket; a full buffer holds the channel's
+/// reader back (back-pressure), it never drops bytes.
+pub const STREAM_BUFFER: usize = 64;
+
+/// Carries one routed connection until either side ends: what `sock` yields leaves as `update`
+/// messages on `key` through `send` (which says whether the link took it), and the chunks
+/// arriving on `rx` are written to `sock`. Both modules use it, on their own side.
+pub(crate) async fn pump<F, Fut>(sock: TcpStream, mut rx: mpsc::Receiver<Bytes>, key: &str, send: F)
+where
+    F: Fn(Message) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let (mut rd, mut wr) = sock.into_split();
+    let out = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let m = Message::new(GROUP, op::UPDATE, key, Bytes::copy_from_slice(&buf[..n]));
+                    if !send(m).await {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let into = async {
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    tokio::select! {
+        _ = out => {}
+        _ = into => {}
+    }
 }
