@@ -385,6 +385,40 @@ spec: {{url: /nonexistent/model.onnx, format: onnx}}
         "{message}"
     );
 
+    // Sedna's own helmet-detection manifests apply unchanged; their hpa is reported, not dropped
+    // (the pods wait for Sedna's node names, which this cluster does not have).
+    let sedna = repo().join("ai-controller/tests/sedna");
+    let files: Vec<String> = ["models-dataset.yaml", "helmet-ji.yaml", "helmet-il.yaml"]
+        .iter()
+        .map(|f| sedna.join(f).display().to_string())
+        .collect();
+    for f in &files {
+        up.ok(&["apply", "-f", f]);
+    }
+    let (t, _, m) = wait_for(
+        "the helmet service's status",
+        Duration::from_secs(30),
+        || {
+            let (_, out, _) = up.kubectl(&[
+                "get",
+                "ji",
+                "helmet-detection-inference-example",
+                "-o",
+                "json",
+            ]);
+            condition(&serde_json::from_str(&out).ok()?)
+        },
+    );
+    assert_eq!(t, "Pending", "{m}");
+    assert!(
+        m.contains("spec.edgeWorker.hpa") && m.contains("not supported"),
+        "{m}"
+    );
+    up.ok(&["get", "il", "helmet-detection-demo"]);
+    for f in &files {
+        up.ok(&["delete", "-f", f, "--wait=false"]);
+    }
+
     // 5. Deleting the service removes its Deployments, Service and pods.
     up.ok(&["delete", "ji", "fmnist"]);
     wait_for("the children to go", Duration::from_secs(60), || {
