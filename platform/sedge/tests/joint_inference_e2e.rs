@@ -229,6 +229,43 @@ spec: {{url: /nonexistent/model.onnx, format: onnx}}
             .starts_with("/home/data/")
     );
 
+    // The node's LC endpoint refuses garbage and reports about pods that are not there, and the
+    // counters are unchanged by them.
+    let lc = |path: &str, body: &str| -> String {
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", lc_port.parse::<u16>().unwrap())).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let before_garbage = metric(&ji(&up, "fmnist"), "inferenceNumber").unwrap();
+    let r = lc("/sedna/workers/w/info", "{not json");
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("malformed worker report"),
+        "{r}"
+    );
+    let r = lc("/sedna/workers/w/info", r#"{"name": "other"}"#);
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("but the path names"),
+        "{r}"
+    );
+    let r = lc(
+        "/sedna/workers/ghost/info",
+        r#"{"name": "ghost", "namespace": "default", "ownerKind": "jointinferenceservice", "ownerName": "fmnist", "ownerInfo": {"inferenceNumber": 1e9}}"#,
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 404") && r.contains("no pod default/ghost"),
+        "{r}"
+    );
+    let after_garbage = metric(&ji(&up, "fmnist"), "inferenceNumber").unwrap();
+    assert!(after_garbage >= before_garbage && after_garbage < 1e9);
+
     // 2. The cloud pod is deleted: the edge keeps answering, edge-only, and the counters show
     //    it; the Deployment brings the cloud back and answers resume.
     let cloud_sel = "jointinferenceservice.sedna.io/worker-type=cloud,jointinferenceservice.sedna.io/name=fmnist";
