@@ -283,6 +283,8 @@ fn model_source(url: &str) -> Result<ModelSource, String> {
 struct Resolved {
     edge_model: Model,
     cloud_model: Model,
+    edge_source: ModelSource,
+    cloud_source: ModelSource,
 }
 
 async fn check(
@@ -305,15 +307,15 @@ async fn check(
         ),
     ] {
         match models.get_opt(name).await? {
-            Some(m) => {
-                if let Err(e) = model_source(&m.spec.url) {
+            Some(m) => match model_source(&m.spec.url) {
+                Ok(source) => found.push((m, source)),
+                Err(e) => {
                     return Ok(Err(Verdict::failed(
                         "ModelURLUnsupported",
                         format!("{role} model {name:?}: spec.url {e}"),
                     )));
                 }
-                found.push(m);
-            }
+            },
             None => {
                 return Ok(Err(Verdict::failed(
                     "ModelNotFound",
@@ -334,11 +336,13 @@ async fn check(
             format!("spec.edgeWorker.hardExampleMining: {e}"),
         )));
     }
-    let cloud = found.pop().expect("two models");
-    let edge = found.pop().expect("two models");
+    let (cloud_model, cloud_source) = found.pop().expect("two models");
+    let (edge_model, edge_source) = found.pop().expect("two models");
     Ok(Ok(Resolved {
-        edge_model: edge,
-        cloud_model: cloud,
+        edge_model,
+        cloud_model,
+        edge_source,
+        cloud_source,
     }))
 }
 
@@ -585,8 +589,6 @@ async fn apply_children(
     let cfg = &ctx.cfg;
     let port = cloud_port(ji, cfg);
     let svc_name = format!("{name}-cloud");
-    let edge_source = model_source(&r.edge_model.spec.url).expect("checked");
-    let cloud_source = model_source(&r.cloud_model.spec.url).expect("checked");
     let direct = ji.annotations().get(DIRECT_ADDRESS_ANNOTATION).cloned();
     let route = match &direct {
         Some(_) => None,
@@ -600,7 +602,7 @@ async fn apply_children(
         &ji.spec.cloud_worker.template,
         replicas(&ji.spec.cloud_worker.hpa),
         &r.cloud_model,
-        &cloud_source,
+        &r.cloud_source,
         |spec, _meta| {
             set_env(
                 containers(spec),
@@ -617,7 +619,7 @@ async fn apply_children(
         &ji.spec.edge_worker.template,
         replicas(&ji.spec.edge_worker.hpa),
         &r.edge_model,
-        &edge_source,
+        &r.edge_source,
         |spec, meta| {
             let (ip, p) = match (&direct, route) {
                 (Some(addr), _) => match addr.rsplit_once(':') {
