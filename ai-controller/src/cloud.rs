@@ -195,11 +195,15 @@ async fn report(
         tracing::debug!(kind = %r.owner_kind, "report for an owner kind without a controller yet; dropped");
         return Ok(None);
     }
-    let service = ctx
+    // The service is the one the pod belongs to, whatever the report claims.
+    let Some(service) = ctx
         .cache
         .pod(ns, pod)
         .and_then(|p| p.labels().get(NAME_LABEL).cloned())
-        .unwrap_or(r.owner_name.clone());
+    else {
+        tracing::warn!(namespace = ns, pod, owner = %r.owner_name, "report from a pod that is no joint inference worker; dropped");
+        return Ok(None);
+    };
     let metrics = {
         let mut all = inner.counters.lock().unwrap_or_else(|p| p.into_inner());
         let workers = all.entry((ns.to_string(), service.clone())).or_default();
