@@ -305,7 +305,8 @@ async fn open_route(
         .get(NAME_LABEL)
         .cloned()
         .unwrap_or_default();
-    let allowed = ctx.cache.pods.state().iter().any(|p| {
+    let pods = ctx.cache.pods.state();
+    let allowed = pods.iter().any(|p| {
         p.namespace().as_deref() == Some(ns)
             && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
             && p.labels().get(NAME_LABEL) == Some(&owner)
@@ -331,10 +332,7 @@ async fn open_route(
     if selector.is_empty() {
         return Err(format!("service {ns}/{svc} has no selector"));
     }
-    let mut ready: Vec<String> = ctx
-        .cache
-        .pods
-        .state()
+    let mut ready: Vec<String> = pods
         .iter()
         .filter(|p| p.namespace().as_deref() == Some(ns))
         .filter(|p| selector.iter().all(|(k, v)| p.labels().get(k) == Some(v)))

@@ -225,7 +225,9 @@ impl EdgeModule for EdgeAiModule {
             let mut changes = ctx.store.subscribe();
             tokio::spawn(async move {
                 loop {
+                    // Only pods carry routes; node status and config writes do not.
                     match changes.recv().await {
+                        Ok(c) if c.kind != sedge_api::kind::POD => {}
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                             shared.changed.notify_one()
                         }
