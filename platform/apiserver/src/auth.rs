@@ -2,7 +2,8 @@
 //! client certificates signed by the cluster CA (CN = user, O = groups). Anonymous requests are
 //! refused except for `/version`, `/healthz`, `/livez` and `/readyz`.
 //!
-//! Authorisation is not enforced yet: every authenticated identity may do everything.
+//! Every authenticated identity is also in `system:authenticated`, as in Kubernetes; what it
+//! may do is decided by [`crate::authz`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -124,10 +125,22 @@ impl Authenticator {
                 .strip_prefix("Bearer ")
                 .or_else(|| value.strip_prefix("bearer "))
                 .ok_or(())?;
-            return self.tokens.get(token.trim()).cloned().map(Some).ok_or(());
+            return self
+                .tokens
+                .get(token.trim())
+                .cloned()
+                .map(|id| Some(authenticated(id)))
+                .ok_or(());
         }
-        Ok(peer.0.clone())
+        Ok(peer.0.clone().map(authenticated))
     }
+}
+
+fn authenticated(mut id: Identity) -> Identity {
+    if !id.groups.iter().any(|g| g == crate::authz::AUTHENTICATED) {
+        id.groups.push(crate::authz::AUTHENTICATED.into());
+    }
+    id
 }
 
 /// A fresh random token (32 bytes, hex).
@@ -155,7 +168,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(id.user, "admin");
-        assert_eq!(id.groups, vec!["system:masters", "dev"]);
+        assert_eq!(
+            id.groups,
+            vec!["system:masters", "dev", "system:authenticated"]
+        );
         h.insert("authorization", "Bearer nope".parse().unwrap());
         assert!(a.authenticate(&h, &PeerIdentity::default()).is_err());
         let peer = PeerIdentity(Some(Identity {

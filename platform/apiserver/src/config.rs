@@ -40,6 +40,12 @@ pub struct ApiServerConfig {
     pub bookmark_interval_seconds: u64,
     /// Watch duration when the client sets no `timeoutSeconds`.
     pub watch_timeout_seconds: u64,
+    /// Open connections at most; past it new connections are closed at once (the file
+    /// descriptors of a flood of idle sockets cannot take the server down).
+    pub max_connections: usize,
+    /// A connection whose TLS handshake or request headers take longer than this is closed
+    /// (a client sending headers a byte a second is not held for minutes).
+    pub header_timeout_seconds: u64,
 }
 
 impl Default for ApiServerConfig {
@@ -59,6 +65,8 @@ impl Default for ApiServerConfig {
             durability: Durability::Full,
             bookmark_interval_seconds: 30,
             watch_timeout_seconds: 1800,
+            max_connections: 8_192,
+            header_timeout_seconds: 10,
         }
     }
 }

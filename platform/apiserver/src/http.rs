@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::auth::{Authenticator, Identity, PeerIdentity, is_public};
+use crate::authz::{Attributes, Denied};
 use crate::discovery;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
@@ -132,6 +133,18 @@ async fn route(
     identity: Option<Identity>,
 ) -> ApiResult<(String, Response)> {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let resource_request = matches!(
+        segs.as_slice(),
+        ["api", "v1", _, ..] | ["apis", _, _, _, ..]
+    );
+    if !resource_request && let Some(id) = &identity {
+        let attrs = Attributes {
+            verb: method.as_str().to_ascii_lowercase().replace("head", "get"),
+            path: path.to_string(),
+            ..Default::default()
+        };
+        authorize(app, id, attrs).await?;
+    }
     let snap = app.core.registry.snapshot();
     let ok = |v: Value| Ok((String::new(), json_response(StatusCode::OK, &v)));
     match segs.as_slice() {
@@ -303,6 +316,146 @@ fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResu
     })
 }
 
+/// Asks the authorizer (off the runtime: it may read the store) and turns a refusal into
+/// kube-apiserver's 403.
+async fn authorize(app: &Arc<App>, id: &Identity, attrs: Attributes) -> ApiResult<()> {
+    let (core, id) = (app.core.clone(), id.clone());
+    let resource = attrs.resource.clone();
+    let name = attrs.name.clone();
+    let decided = blocking(move || {
+        Ok(core
+            .authz
+            .authorize(&core.store, &id, &attrs)
+            .map_err(|d| (d, id.user)))
+    })
+    .await?;
+    decided.map_err(|(Denied(message), user)| {
+        tracing::debug!(%user, %message, "forbidden");
+        ApiError::Forbidden {
+            resource,
+            name,
+            message,
+        }
+    })
+}
+
+/// The RBAC escalation check for a role or binding about to be written.
+async fn escalation(
+    app: &Arc<App>,
+    identity: &Option<Identity>,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    obj: &Value,
+) -> ApiResult<()> {
+    let Some(id) = identity.clone() else {
+        return Ok(());
+    };
+    if rt.group != crate::authz::RBAC_GROUP {
+        return Ok(());
+    }
+    let (core, plural, ns, obj) = (
+        app.core.clone(),
+        rt.plural.clone(),
+        ns.unwrap_or_default().to_string(),
+        obj.clone(),
+    );
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let qualified = rt.qualified();
+    blocking(move || {
+        core.authz
+            .check_escalation(&core.store, &id, &plural, &ns, &obj)
+            .map_err(|Denied(message)| ApiError::Forbidden {
+                resource: qualified,
+                name,
+                message,
+            })
+    })
+    .await
+}
+
+/// `SelfSubjectAccessReview` (`kubectl auth can-i VERB RESOURCE`) and `SelfSubjectRulesReview`
+/// (`kubectl auth can-i --list`): answered for the caller, never stored.
+async fn self_review(
+    app: &Arc<App>,
+    method: &Method,
+    headers: &HeaderMap,
+    body: Body,
+    rt: &ResourceType,
+    identity: Option<Identity>,
+) -> ApiResult<Response> {
+    if method != Method::POST {
+        return Err(ApiError::MethodNotAllowed(format!(
+            "{} supports only create",
+            rt.qualified()
+        )));
+    }
+    let Some(id) = identity else {
+        return Err(ApiError::Unauthorized);
+    };
+    let bytes = read_body(headers, body, app.max_body).await?;
+    let mut review = parse(headers, bytes).await?;
+    if !review.is_object() {
+        return Err(ApiError::bad_request(format!(
+            "a {} must be a JSON object",
+            rt.kind
+        )));
+    }
+    let core = app.core.clone();
+    let kind = rt.kind.clone();
+    let status = blocking(move || {
+        let spec = &review["spec"];
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let status = if kind == "SelfSubjectRulesReview" {
+            let policy = core.authz.policy(&core.store);
+            crate::authz::rules_review(&policy, &id, spec["namespace"].as_str().unwrap_or_default())
+        } else {
+            let attrs = if spec["nonResourceAttributes"].is_object() {
+                let n = &spec["nonResourceAttributes"];
+                Attributes {
+                    verb: text(&n["verb"]),
+                    path: text(&n["path"]),
+                    ..Default::default()
+                }
+            } else if spec["resourceAttributes"].is_object() {
+                let r = &spec["resourceAttributes"];
+                Attributes {
+                    verb: text(&r["verb"]),
+                    group: text(&r["group"]),
+                    resource: text(&r["resource"]),
+                    subresource: text(&r["subresource"]),
+                    namespace: text(&r["namespace"]),
+                    name: text(&r["name"]),
+                    path: String::new(),
+                }
+            } else {
+                return Err(ApiError::bad_request(
+                    "spec: exactly one of resourceAttributes or nonResourceAttributes is required",
+                ));
+            };
+            if attrs.verb.is_empty() {
+                return Err(ApiError::bad_request("spec: the verb is required"));
+            }
+            match core.authz.authorize(&core.store, &id, &attrs) {
+                Ok(()) => {
+                    json!({"allowed": true, "reason": "allowed by RBAC or the Node authorizer"})
+                }
+                // kube-apiserver gives RBAC denials no reason (kubectl prints a bare "no");
+                // the 403 of the real request carries the text.
+                Err(Denied(_)) => json!({"allowed": false}),
+            }
+        };
+        review["status"] = status;
+        review["apiVersion"] = json!("authorization.k8s.io/v1");
+        review["kind"] = json!(kind);
+        Ok(review)
+    })
+    .await?;
+    Ok(json_response(StatusCode::CREATED, &status))
+}
+
 /// Most bytes of an over-size body read and thrown away, so that the client gets to read the 413
 /// instead of a reset connection; past this the connection is dropped.
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
@@ -357,7 +510,7 @@ async fn optional_body(headers: &HeaderMap, body: Body, max: usize) -> ApiResult
     if bytes.iter().all(u8::is_ascii_whitespace) {
         Ok(None)
     } else {
-        parse_body(headers, &bytes).map(Some)
+        parse(headers, bytes).await.map(Some)
     }
 }
 
@@ -369,8 +522,102 @@ fn content_type(headers: &HeaderMap) -> String {
         .to_ascii_lowercase()
 }
 
+/// Deepest nesting a request body may have. kube-apiserver's decoders stop at 10,000 levels;
+/// no Kubernetes object needs a tenth of this, and the check runs before any parser sees the
+/// bytes (a YAML body nested 100,000 deep took the parser 25 s).
+pub const MAX_DEPTH: usize = 100;
+
+/// The deepest nesting in a JSON or YAML text, approximated without parsing: flow brackets
+/// (`[`, `{`) outside quoted strings and comments, plus block sequence dashes and indentation
+/// within a line. Over-counts rather than under-counts.
+pub fn nesting_depth(bytes: &[u8]) -> usize {
+    let (mut flow, mut max) = (0usize, 0usize);
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    let mut line_start = true;
+    let mut i = 0;
+    // A quote or a comment starts only after a separator (YAML's rule; JSON agrees): the `'`
+    // in `it's` is part of a plain scalar, not a string that could hide what follows.
+    let after_separator = |i: usize| {
+        i == 0
+            || matches!(
+                bytes[i - 1],
+                b' ' | b'\t' | b'\n' | b'\r' | b':' | b',' | b'[' | b'{'
+            )
+    };
+    while i < bytes.len() {
+        let b = bytes[i];
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' && q == b'"' {
+                escaped = true;
+            } else if b == q {
+                quote = None;
+            }
+            i += 1;
+            continue;
+        }
+        if line_start {
+            // Indentation (two columns a level) and `- ` / `? ` markers, each a block level.
+            let (mut spaces, mut markers) = (0usize, 0usize);
+            while i < bytes.len() {
+                match bytes[i] {
+                    b' ' | b'\t' => spaces += 1,
+                    b'-' | b'?' if matches!(bytes.get(i + 1), None | Some(b' ' | b'\n')) => {
+                        markers += 1
+                    }
+                    _ => break,
+                }
+                i += 1;
+            }
+            max = max.max(flow + spaces / 2 + markers);
+            line_start = false;
+            continue;
+        }
+        match b {
+            b'"' | b'\'' if after_separator(i) => quote = Some(b),
+            b'#' if after_separator(i) => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'[' | b'{' => {
+                flow += 1;
+                max = max.max(flow);
+            }
+            b']' | b'}' => flow = flow.saturating_sub(1),
+            b'\n' => line_start = true,
+            _ => {}
+        }
+        i += 1;
+    }
+    max
+}
+
+/// Parses a body off the async runtime's worker threads (a large body is CPU work that must
+/// not stall watches, health checks or the hub), after the depth check.
+async fn parse(headers: &HeaderMap, bytes: Bytes) -> ApiResult<Value> {
+    let headers = headers.clone();
+    blocking(move || parse_body(&headers, &bytes)).await
+}
+
+fn check_depth(bytes: &[u8]) -> ApiResult<()> {
+    let depth = nesting_depth(bytes);
+    if depth > MAX_DEPTH {
+        return Err(ApiError::bad_request(format!(
+            "the request body is nested {depth} levels deep; at most {MAX_DEPTH} are accepted"
+        )));
+    }
+    Ok(())
+}
+
 fn parse_body(headers: &HeaderMap, bytes: &[u8]) -> ApiResult<Value> {
     let ct = content_type(headers);
+    if !ct.contains("protobuf") {
+        check_depth(bytes)?;
+    }
     if ct.contains("protobuf") {
         return crate::protobuf::to_json(bytes).map_err(|e| match e {
             crate::protobuf::ProtoError::Malformed(_) => ApiError::BadRequest(e.to_string()),
@@ -667,12 +914,43 @@ async fn resource(
     let t = parse_target(app, group, version, rest)?;
     let label = t.rt.qualified();
     check_acceptable(headers)?;
+    let is_watch = t.watch_path || flag(params, "watch");
+    if let Some(id) = &identity {
+        let verb = match (method.clone(), t.name.is_some()) {
+            (Method::GET | Method::HEAD, _) if is_watch => "watch",
+            (Method::GET | Method::HEAD, true) => "get",
+            (Method::GET | Method::HEAD, false) => "list",
+            (Method::POST, _) => "create",
+            (Method::PUT, _) => "update",
+            (Method::PATCH, _) => "patch",
+            (Method::DELETE, true) => "delete",
+            (Method::DELETE, false) => "deletecollection",
+            (m, _) => {
+                return Err(ApiError::MethodNotAllowed(format!(
+                    "the server does not allow this method ({m}) on the requested resource"
+                )));
+            }
+        };
+        let attrs = Attributes {
+            verb: verb.into(),
+            group: t.rt.group.clone(),
+            resource: t.rt.plural.clone(),
+            subresource: t.sub.clone().unwrap_or_default(),
+            namespace: t.namespace.clone().unwrap_or_default(),
+            name: t.name.clone().unwrap_or_default(),
+            path: String::new(),
+        };
+        authorize(app, id, attrs).await?;
+    }
+    if t.rt.group == "authorization.k8s.io" {
+        let resp = self_review(app, method, headers, body, &t.rt, identity).await?;
+        return Ok((label, resp));
+    }
     let core = app.core.clone();
     let rt = t.rt.clone();
     let version = t.version.clone();
     let ns = t.namespace.clone();
     let sub = t.sub.clone();
-    let is_watch = t.watch_path || flag(params, "watch");
     if let (Some(s), Some(name), Some(ns)) = (sub.as_deref(), t.name.clone(), ns.clone())
         && (s == "log" || s == "binding")
     {
@@ -686,7 +964,7 @@ async fn resource(
                 ));
             }
             let bytes = read_body(headers, body, app.max_body).await?;
-            let binding = parse_body(headers, &bytes)?;
+            let binding = parse(headers, bytes).await?;
             let ctx = write_ctx(headers, params, &identity)?;
             let bound =
                 blocking(move || ops::bind_pod(&core, &rt, &ns, &name, &binding, &ctx)).await?;
@@ -763,7 +1041,8 @@ async fn resource(
         }
         (Method::POST, None) => {
             let bytes = read_body(headers, body, app.max_body).await?;
-            let obj = parse_body(headers, &bytes)?;
+            let obj = parse(headers, bytes).await?;
+            escalation(app, &identity, &rt, ns.as_deref(), &obj).await?;
             let ctx = write_ctx(headers, params, &identity)?;
             let created =
                 blocking(move || ops::create(&core, &rt, &version, ns.as_deref(), obj, &ctx))
@@ -772,7 +1051,8 @@ async fn resource(
         }
         (Method::PUT, Some(name)) => {
             let bytes = read_body(headers, body, app.max_body).await?;
-            let obj = parse_body(headers, &bytes)?;
+            let obj = parse(headers, bytes).await?;
+            escalation(app, &identity, &rt, ns.as_deref(), &obj).await?;
             let ctx = write_ctx(headers, params, &identity)?;
             let updated = blocking(move || {
                 ops::update(
@@ -814,18 +1094,52 @@ async fn resource(
                 ));
             }
             let bytes = read_body(headers, body, app.max_body).await?;
-            let patch = if matches!(kind, PatchType::Apply { .. }) {
-                serde_yaml::from_slice::<Value>(&bytes).map_err(|e| {
-                    ApiError::bad_request(format!(
-                        "the apply configuration is not valid YAML or JSON: {e}"
-                    ))
-                })?
-            } else {
-                serde_json::from_slice::<Value>(&bytes).map_err(|e| {
-                    ApiError::bad_request(format!("the patch is not valid JSON: {e}"))
-                })?
-            };
+            let apply = matches!(kind, PatchType::Apply { .. });
+            let patch = blocking(move || {
+                check_depth(&bytes)?;
+                if apply {
+                    serde_yaml::from_slice::<Value>(&bytes).map_err(|e| {
+                        ApiError::bad_request(format!(
+                            "the apply configuration is not valid YAML or JSON: {e}"
+                        ))
+                    })
+                } else {
+                    serde_json::from_slice::<Value>(&bytes).map_err(|e| {
+                        ApiError::bad_request(format!("the patch is not valid JSON: {e}"))
+                    })
+                }
+            })
+            .await?;
             let ctx = write_ctx(headers, params, &identity)?;
+            if rt.group == crate::authz::RBAC_GROUP && !ctx.dry_run {
+                // What the patch would store is what the escalation check must see.
+                let (core2, rt2, v2, ns2, name2, patch2) = (
+                    core.clone(),
+                    rt.clone(),
+                    version.clone(),
+                    ns.clone(),
+                    name.clone(),
+                    patch.clone(),
+                );
+                let mut dry = ctx.clone();
+                dry.dry_run = true;
+                let sub2 = sub.clone();
+                let (would, _) = blocking(move || {
+                    ops::patch(
+                        &core2,
+                        &rt2,
+                        &v2,
+                        ns2.as_deref(),
+                        &name2,
+                        kind,
+                        patch2,
+                        sub2.as_deref(),
+                        &dry,
+                    )
+                })
+                .await?;
+                escalation(app, &identity, &rt, ns.as_deref(), &would).await?;
+            }
             let (obj, created) = blocking(move || {
                 ops::patch(
                     &core,
@@ -904,4 +1218,29 @@ async fn resource(
         }
     };
     Ok((label, resp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_measured_before_parsing() {
+        let manifest = b"apiVersion: v1\nkind: Pod\nmetadata:\n  name: p # a [comment\nspec:\n  containers:\n  - name: c\n    image: busybox\n    command: [\"sh\", \"-c\", \"echo '[[[['\"]\n    args: [it's, {a: [1]}]\n";
+        let d = nesting_depth(manifest);
+        assert!((2..10).contains(&d), "{d}");
+        assert_eq!(nesting_depth(br#"{"a": {"b": ["[[[", "\"[{"]}}"#), 3);
+        // The attacks: flow nesting, one-line block sequences, nesting hidden behind a quote.
+        let flow = "[".repeat(100_000);
+        assert!(nesting_depth(flow.as_bytes()) > MAX_DEPTH);
+        let dashes = "- ".repeat(100_000);
+        assert!(nesting_depth(dashes.as_bytes()) > MAX_DEPTH);
+        let hidden = format!("a: it's\n{}", "{".repeat(500));
+        assert!(nesting_depth(hidden.as_bytes()) > MAX_DEPTH);
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/yaml".parse().unwrap());
+        let e = parse_body(&h, flow.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("at most 100"), "{e}");
+        assert!(parse_body(&h, manifest).is_ok());
+    }
 }

@@ -114,16 +114,186 @@ fn default_pod_spec(spec: &mut Value) {
     }
 }
 
+/// kube-apiserver's `validateLocalDescendingPath`: relative and without `..`.
+fn local_descending_path(field: String, v: &Value, causes: &mut Vec<Cause>) {
+    let Some(p) = v.as_str() else { return };
+    let path = std::path::Path::new(p);
+    if path.is_absolute() {
+        causes.push(Cause::invalid(field, v, "must be a relative path"));
+    } else if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        causes.push(Cause::invalid(field, v, "must not contain '..'"));
+    }
+}
+
+/// Volume names (DNS-1123 labels, unique) and the paths inside their sources; returns the names.
+fn pod_volumes(spec: &Value, path: &str, causes: &mut Vec<Cause>) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for (i, v) in spec["volumes"].as_array().into_iter().flatten().enumerate() {
+        let p = format!("{path}.volumes[{i}]");
+        match v["name"].as_str() {
+            None | Some("") => causes.push(Cause::required(format!("{p}.name"))),
+            Some(n) => {
+                if let Err(e) = validate::dns_label(n) {
+                    causes.push(Cause::invalid(format!("{p}.name"), &v["name"], e));
+                } else if names.iter().any(|x| x == n) {
+                    causes.push(Cause {
+                        reason: "FieldValueDuplicate",
+                        field: format!("{p}.name"),
+                        message: format!("Duplicate value: {n:?}"),
+                    });
+                }
+                names.push(n.to_string());
+            }
+        }
+        for source in ["configMap", "secret", "downwardAPI"] {
+            for (j, item) in v[source]["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                local_descending_path(
+                    format!("{p}.{source}.items[{j}].path"),
+                    &item["path"],
+                    causes,
+                );
+            }
+        }
+        for (k, src) in v["projected"]["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            for source in ["configMap", "secret", "downwardAPI"] {
+                for (j, item) in src[source]["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    local_descending_path(
+                        format!("{p}.projected.sources[{k}].{source}.items[{j}].path"),
+                        &item["path"],
+                        causes,
+                    );
+                }
+            }
+        }
+        if v["hostPath"].is_object() && v["hostPath"]["path"].as_str().is_none_or(str::is_empty) {
+            causes.push(Cause::required(format!("{p}.hostPath.path")));
+        }
+    }
+    names
+}
+
+/// A container's mounts (each names a volume of the pod, paths sane) and ports.
+fn container_mounts_and_ports(c: &Value, p: &str, volumes: &[String], causes: &mut Vec<Cause>) {
+    let mut paths = Vec::new();
+    for (j, m) in c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let mp = format!("{p}.volumeMounts[{j}]");
+        match m["name"].as_str() {
+            None | Some("") => causes.push(Cause::required(format!("{mp}.name"))),
+            Some(n) if !volumes.iter().any(|v| v == n) => causes.push(Cause {
+                reason: "FieldValueNotFound",
+                field: format!("{mp}.name"),
+                message: format!("Not found: {n:?}"),
+            }),
+            Some(_) => {}
+        }
+        match m["mountPath"].as_str() {
+            None | Some("") => causes.push(Cause::required(format!("{mp}.mountPath"))),
+            Some(path) => {
+                if std::path::Path::new(path)
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+                {
+                    causes.push(Cause::invalid(
+                        format!("{mp}.mountPath"),
+                        &m["mountPath"],
+                        "must not contain '..'",
+                    ));
+                }
+                if paths.contains(&path) {
+                    causes.push(Cause::invalid(
+                        format!("{mp}.mountPath"),
+                        &m["mountPath"],
+                        "must be unique",
+                    ));
+                }
+                paths.push(path);
+            }
+        }
+        local_descending_path(format!("{mp}.subPath"), &m["subPath"], causes);
+    }
+    for (j, port) in c["ports"].as_array().into_iter().flatten().enumerate() {
+        let pp = format!("{p}.ports[{j}]");
+        match port["containerPort"].as_i64() {
+            Some(1..=65535) => {}
+            Some(_) => causes.push(Cause::invalid(
+                format!("{pp}.containerPort"),
+                &port["containerPort"],
+                "must be between 1 and 65535, inclusive",
+            )),
+            None => causes.push(Cause::required(format!("{pp}.containerPort"))),
+        }
+        if let Some(h) = port["hostPort"].as_i64()
+            && !(0..=65535).contains(&h)
+        {
+            causes.push(Cause::invalid(
+                format!("{pp}.hostPort"),
+                &port["hostPort"],
+                "must be between 1 and 65535, inclusive",
+            ));
+        }
+        if let Some(n) = port["name"].as_str()
+            && (n.len() > 15
+                || validate::dns_label(n).is_err()
+                || !n.bytes().any(|b| b.is_ascii_lowercase()))
+        {
+            causes.push(Cause::invalid(
+                format!("{pp}.name"),
+                &port["name"],
+                "must be no more than 15 characters, lower case alphanumerics or '-', with at least one letter",
+            ));
+        }
+    }
+}
+
 fn pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
     if !spec.is_object() {
         causes.push(Cause::required(path));
         return;
+    }
+    let volumes = pod_volumes(spec, path, causes);
+    for (i, c) in spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let p = format!("{path}.initContainers[{i}]");
+        if let Some(n) = c["name"].as_str()
+            && let Err(e) = validate::dns_label(n)
+        {
+            causes.push(Cause::invalid(format!("{p}.name"), &c["name"], e));
+        }
+        container_mounts_and_ports(c, &p, &volumes, causes);
     }
     match spec["containers"].as_array() {
         Some(cs) if !cs.is_empty() => {
             let mut seen = Vec::new();
             for (i, c) in cs.iter().enumerate() {
                 let p = format!("{path}.containers[{i}]");
+                container_mounts_and_ports(c, &p, &volumes, causes);
                 match c["name"].as_str() {
                     None | Some("") => causes.push(Cause::required(format!("{p}.name"))),
                     Some(n) => {
@@ -338,7 +508,9 @@ fn typed<T: serde::de::DeserializeOwned>(obj: &Value) -> Result<(), String> {
 /// Checks the field types of a built-in object against the Kubernetes API types (`k8s-openapi`),
 /// so that `replicas: "three"` is a 400 naming `spec.replicas` instead of being stored.
 pub fn check_types(rt: &ResourceType, obj: &Value) -> Result<(), String> {
-    use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coordination, core::v1 as core};
+    use k8s_openapi::api::{
+        apps::v1 as apps, coordination::v1 as coordination, core::v1 as core, rbac::v1 as rbac,
+    };
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as ext;
     if !rt.builtin {
         return Ok(());
@@ -355,6 +527,10 @@ pub fn check_types(rt: &ResourceType, obj: &Value) -> Result<(), String> {
         "ServiceAccount" => typed::<core::ServiceAccount>(obj),
         "Lease" => typed::<coordination::Lease>(obj),
         "Deployment" => typed::<apps::Deployment>(obj),
+        "Role" => typed::<rbac::Role>(obj),
+        "ClusterRole" => typed::<rbac::ClusterRole>(obj),
+        "RoleBinding" => typed::<rbac::RoleBinding>(obj),
+        "ClusterRoleBinding" => typed::<rbac::ClusterRoleBinding>(obj),
         "CustomResourceDefinition" => typed::<ext::CustomResourceDefinition>(obj),
         _ => Ok(()),
     }
@@ -455,6 +631,55 @@ mod tests {
         let mut moved_again = moved.clone();
         moved_again["spec"]["nodeName"] = json!("edge-2");
         assert_eq!(validate(&pods, &moved_again, Some(&moved)).len(), 1);
+    }
+
+    #[test]
+    fn pod_volumes_mounts_and_ports_are_validated() {
+        let pods = rt("", "pods");
+        let pod = |volumes: Value, mounts: Value, ports: Value| {
+            json!({"metadata": {"name": "p"}, "spec": {"volumes": volumes,
+                "containers": [{"name": "c", "image": "i", "volumeMounts": mounts, "ports": ports}]}})
+        };
+        let fields = |o: Value| -> Vec<String> {
+            validate(&pods, &o, None)
+                .into_iter()
+                .map(|c| c.field)
+                .collect()
+        };
+        assert!(
+            fields(pod(
+                json!([{"name": "cfg", "configMap": {"name": "x"}}]),
+                json!([{"name": "cfg", "mountPath": "/etc/x"}]),
+                json!([{"containerPort": 80, "name": "http"}])
+            ))
+            .is_empty()
+        );
+        // The attack: volume names that are paths on the node.
+        for bad in ["/tmp/x/y", "../../../../tmp/z", "Cfg"] {
+            let f = fields(pod(
+                json!([{"name": bad, "emptyDir": {}}]),
+                json!([]),
+                json!([]),
+            ));
+            assert_eq!(f, vec!["spec.volumes[0].name"], "{bad}");
+        }
+        let f = fields(pod(
+            json!([{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}, {"name": "s", "secret": {"secretName": "s", "items": [{"key": "k", "path": "../../root/x"}]}}]),
+            json!([{"name": "nope", "mountPath": "/x"}, {"name": "a", "mountPath": "/y/../../z", "subPath": "/abs"}, {"name": "a", "mountPath": ""}]),
+            json!([{"containerPort": 0}, {"containerPort": 8080, "name": "this-name-is-too-long"}]),
+        ));
+        for want in [
+            "spec.volumes[1].name",
+            "spec.volumes[2].secret.items[0].path",
+            "spec.containers[0].volumeMounts[0].name",
+            "spec.containers[0].volumeMounts[1].mountPath",
+            "spec.containers[0].volumeMounts[1].subPath",
+            "spec.containers[0].volumeMounts[2].mountPath",
+            "spec.containers[0].ports[0].containerPort",
+            "spec.containers[0].ports[1].name",
+        ] {
+            assert!(f.iter().any(|x| x == want), "{want} missing from {f:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! talk to it through the `kube` crate only, so they run unchanged against a real kube-apiserver.
 //!
 //! What is not implemented (requests for it get a clear error, or the behaviour is documented):
-//! RBAC (every authenticated identity is an administrator), admission webhooks, CRD version
+//! RBAC role aggregation, admission webhooks, CRD version
 //! conversion (versions share one schema), protobuf bodies beyond ConfigMap/Secret/Namespace/
 //! ServiceAccount (what kubectl's typed `create` commands send), the `scale` subresource, `pattern`/`format`
 //! and CEL rules in CRD schemas, event TTLs, and aggregated discovery (clients fall back to the
@@ -15,10 +15,11 @@
 //!
 //! Module map: [`store`] (SQLite, revisions, history), [`registry`] (served resources), [`ops`]
 //! (the verbs), [`http`] (URLs and content negotiation), [`watch`], [`patch`], [`validate`],
-//! [`kinds`] (built-in defaults), [`table`], [`discovery`], [`openapi`], [`gc`], [`auth`],
+//! [`kinds`] (built-in defaults), [`table`], [`discovery`], [`openapi`], [`gc`], [`auth`], [`authz`],
 //! [`server`] (TLS, start-up, kubeconfig).
 
 pub mod auth;
+pub mod authz;
 pub mod config;
 pub mod discovery;
 pub mod error;

@@ -43,6 +43,8 @@ pub struct Core {
     /// Where `pods/{name}/log` is forwarded: set by the cloud core when it runs in the same
     /// process (`sedge up`); unset, the subresource answers 503 saying so.
     pub pod_logs: std::sync::OnceLock<PodLogSource>,
+    /// RBAC and the Node authorizer, with the policy cached until a role or binding changes.
+    pub authz: crate::authz::Authorizer,
 }
 
 /// What `kubectl logs` asks for, with the pod resolved to where it runs.
@@ -529,6 +531,33 @@ fn after_write(core: &Core, rt: &ResourceType) {
     if rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions" {
         refresh_crds(core);
     }
+    if rt.group == crate::authz::RBAC_GROUP {
+        core.authz.invalidate();
+    }
+}
+
+/// Creates the default roles and bindings ([`crate::authz::bootstrap_policy`]) that are absent;
+/// ones already stored (perhaps edited by an administrator) are left alone.
+pub fn ensure_bootstrap_policy(core: &Core) -> ApiResult<()> {
+    let snap = core.registry.snapshot();
+    let ctx = WriteCtx {
+        manager: "sedge-apiserver".into(),
+        dry_run: false,
+        strict: false,
+    };
+    for (plural, obj) in crate::authz::bootstrap_policy() {
+        let rt = snap
+            .get(crate::authz::RBAC_GROUP, "v1", plural)
+            .expect("RBAC kinds are built in");
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        if core.store.get(&rt.storage_key(), "", name)?.is_none() {
+            match create(core, &rt, "v1", None, obj, &ctx) {
+                Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The stored CRDs that should be served: not being deleted, and not `except`.

@@ -1,5 +1,6 @@
 //! Kubernetes protobuf request bodies for the kinds `kubectl`'s typed commands send that way
-//! (`kubectl create namespace|configmap|secret|serviceaccount`): the `k8s\0` envelope, the
+//! (`kubectl create namespace|configmap|secret|serviceaccount|role|rolebinding|clusterrole|
+//! clusterrolebinding`, `kubectl auth can-i`): the `k8s\0` envelope, the
 //! `runtime.Unknown` wrapper, and a schema-driven decoder into the same JSON the rest of the server
 //! works on. Field numbers follow k8s.io/api's `generated.proto`.
 //!
@@ -101,6 +102,81 @@ const SERVICE_ACCOUNT: &[Field] = &[
     (4, "automountServiceAccountToken", Kind::Bool),
 ];
 
+const POLICY_RULE: &[Field] = &[
+    (1, "verbs", Kind::RepStr),
+    (2, "apiGroups", Kind::RepStr),
+    (3, "resources", Kind::RepStr),
+    (4, "resourceNames", Kind::RepStr),
+    (5, "nonResourceURLs", Kind::RepStr),
+];
+
+const ROLE: &[Field] = &[
+    (1, "metadata", Kind::Msg(OBJECT_META)),
+    (2, "rules", Kind::RepMsg(POLICY_RULE)),
+    // ClusterRole's aggregationRule: aggregation is not implemented.
+    (3, "aggregationRule", Kind::Ignore),
+];
+
+const ROLE_BINDING: &[Field] = &[
+    (1, "metadata", Kind::Msg(OBJECT_META)),
+    (
+        2,
+        "subjects",
+        Kind::RepMsg(&[
+            (1, "kind", Kind::Str),
+            (2, "apiGroup", Kind::Str),
+            (3, "name", Kind::Str),
+            (4, "namespace", Kind::Str),
+        ]),
+    ),
+    (
+        3,
+        "roleRef",
+        Kind::Msg(&[
+            (1, "apiGroup", Kind::Str),
+            (2, "kind", Kind::Str),
+            (3, "name", Kind::Str),
+        ]),
+    ),
+];
+
+const SELF_SUBJECT_ACCESS_REVIEW: &[Field] = &[
+    (1, "metadata", Kind::Msg(OBJECT_META)),
+    (
+        2,
+        "spec",
+        Kind::Msg(&[
+            (
+                1,
+                "resourceAttributes",
+                Kind::Msg(&[
+                    (1, "namespace", Kind::Str),
+                    (2, "verb", Kind::Str),
+                    (3, "group", Kind::Str),
+                    (4, "version", Kind::Str),
+                    (5, "resource", Kind::Str),
+                    (6, "subresource", Kind::Str),
+                    (7, "name", Kind::Str),
+                    (8, "fieldSelector", Kind::Ignore),
+                    (9, "labelSelector", Kind::Ignore),
+                ]),
+            ),
+            (
+                2,
+                "nonResourceAttributes",
+                Kind::Msg(&[(1, "path", Kind::Str), (2, "verb", Kind::Str)]),
+            ),
+        ]),
+    ),
+    (3, "status", Kind::Ignore),
+];
+
+const SELF_SUBJECT_RULES_REVIEW: &[Field] = &[
+    (1, "metadata", Kind::Msg(OBJECT_META)),
+    (2, "spec", Kind::Msg(&[(1, "namespace", Kind::Str)])),
+    (3, "status", Kind::Ignore),
+];
+
 const TIME: &[Field] = &[(1, "seconds", Kind::Int), (2, "nanos", Kind::Int)];
 /// `runtime.TypeMeta` (not meta/v1's): apiVersion first.
 const TYPE_META: &[Field] = &[(1, "apiVersion", Kind::Str), (2, "kind", Kind::Str)];
@@ -117,6 +193,12 @@ fn schema_for(api_version: &str, kind: &str) -> Option<&'static [Field]> {
         ("v1", "Secret") => Some(SECRET),
         ("v1", "Namespace") => Some(NAMESPACE),
         ("v1", "ServiceAccount") => Some(SERVICE_ACCOUNT),
+        ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => Some(ROLE),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => {
+            Some(ROLE_BINDING)
+        }
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => Some(SELF_SUBJECT_ACCESS_REVIEW),
+        ("authorization.k8s.io/v1", "SelfSubjectRulesReview") => Some(SELF_SUBJECT_RULES_REVIEW),
         _ => None,
     }
 }
@@ -298,7 +380,7 @@ pub fn to_json(body: &[u8]) -> Result<Value, ProtoError> {
         .unwrap_or_default()
         .to_string();
     let schema = schema_for(&api_version, &kind).ok_or_else(|| {
-        ProtoError::Unsupported(format!("protobuf bodies are accepted for v1 ConfigMap, Secret, Namespace and ServiceAccount; {kind} ({api_version}) must be sent as JSON or YAML (for example `kubectl create ... --dry-run=client -o yaml | kubectl apply -f -`)"))
+        ProtoError::Unsupported(format!("protobuf bodies are accepted for v1 ConfigMap, Secret, Namespace and ServiceAccount, the RBAC kinds and the self reviews; {kind} ({api_version}) must be sent as JSON or YAML (for example `kubectl create ... --dry-run=client -o yaml | kubectl apply -f -`)"))
     })?;
     let raw = unknown
         .get("raw")

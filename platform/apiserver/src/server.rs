@@ -162,12 +162,14 @@ impl ApiServer {
             store: Arc::new(store),
             registry: Registry::default(),
             pod_logs: Default::default(),
+            authz: Default::default(),
         });
         {
             let c = core.clone();
             tokio::task::spawn_blocking(move || {
                 ops::refresh_crds(&c);
-                ops::ensure_default_namespaces(&c)
+                ops::ensure_default_namespaces(&c)?;
+                ops::ensure_bootstrap_policy(&c)
             })
             .await
             .map_err(|e| StartError::Seed(e.to_string()))?
@@ -270,7 +272,17 @@ impl ApiServer {
             metrics: Metrics::default(),
         });
         let gc = tokio::spawn(crate::gc::run(core.clone(), shutdown_rx.clone()));
-        let serve = tokio::spawn(accept_loop(listener, acceptor, router(app), shutdown_rx));
+        let limits = ConnLimits {
+            max: cfg.max_connections.max(1),
+            header_timeout: Duration::from_secs(cfg.header_timeout_seconds.max(1)),
+        };
+        let serve = tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            router(app),
+            limits,
+            shutdown_rx,
+        ));
         tracing::info!(%url, kubeconfig = %kubeconfig.display(), "API server listening");
         Ok(ApiServer {
             addr,
@@ -293,15 +305,23 @@ impl ApiServer {
     }
 }
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds on the listener.
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    max: usize,
+    header_timeout: Duration,
+}
 
 async fn accept_loop(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     app: axum::Router,
+    limits: ConnLimits,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max));
+    let mut shed = 0u64;
     loop {
         tokio::select! {
             r = listener.accept() => {
@@ -314,12 +334,23 @@ async fn accept_loop(
                         continue;
                     }
                 };
+                // Shed past the cap: the newest connection is closed at once, so the ones
+                // already served (nodes' controllers, kubectl) keep working.
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    shed += 1;
+                    if shed.is_power_of_two() {
+                        tracing::warn!(%peer, shed, max = limits.max, "connection limit reached; closing new connections");
+                    }
+                    drop(tcp);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let app = app.clone();
                 let mut stop = shutdown.clone();
                 conns.spawn(async move {
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let _slot = slot;
+                    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -342,7 +373,11 @@ async fn accept_loop(
                         req.extensions_mut().insert(peer_id.clone());
                         req
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder
+                        .http1()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(svc));
                     tokio::select! {
                         r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with an error") },

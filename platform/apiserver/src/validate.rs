@@ -59,8 +59,24 @@ pub fn object_name(kind: &str, name: &str) -> Result<(), String> {
     match kind {
         "Namespace" => dns_label(name),
         "Service" => dns1035_label(name),
+        // RBAC names are path segments (`system:discovery`), as in kube-apiserver.
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => path_segment(name),
         _ => dns_subdomain(name),
     }
+}
+
+/// kube-apiserver's `ValidatePathSegmentName`: usable as one URL path segment.
+pub fn path_segment(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err("must be no more than 253 characters and not empty".into());
+    }
+    if name == "." || name == ".." {
+        return Err(format!("may not be '{name}'"));
+    }
+    if let Some(c) = name.chars().find(|c| matches!(c, '/' | '%')) {
+        return Err(format!("may not contain '{c}'"));
+    }
+    Ok(())
 }
 
 fn qualified_name_part(s: &str) -> bool {

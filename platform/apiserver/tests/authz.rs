@@ -1,0 +1,445 @@
+//! Authorization and the request bounds, driven as an attacker and as users would: the real
+//! `kubectl` with bearer tokens for users that hold nothing, a `view` binding, their own roles,
+//! and a node identity; raw requests for the bodies no client would send.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, PostParams};
+
+const TOKENS: &str = "tok-admin,sedge-admin,sedge-admin,\"system:masters\"
+tok-alice,alice,2
+tok-bob,bob,3,\"devs\"
+tok-node,system:node:edge-1,4,\"system:nodes\"
+";
+
+async fn server() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("users.csv");
+    std::fs::write(&tokens, TOKENS).unwrap();
+    let t = start_with(|c| c.token_file = Some(tokens)).await;
+    drop(dir);
+    t
+}
+
+async fn as_user(t: &TestServer, token: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--token", token];
+    all.extend_from_slice(args);
+    kubectl(&t.kubeconfig(), &all).await
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test]
+async fn rbac_through_kubectl() {
+    let t = server().await;
+    let kc = t.kubeconfig();
+    // A user nobody bound holds nothing, and the 403 reads like kube-apiserver's.
+    let o = as_user(&t, "tok-alice", &["get", "pods"]).await;
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains(
+            "pods is forbidden: User \"alice\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\""
+        ),
+        "{}",
+        text(&o)
+    );
+    // The default roles are there to read, like Kubernetes' bootstrap policy.
+    let roles = kubectl_ok(&kc, &["get", "clusterroles"]).await;
+    for r in ["cluster-admin", "admin", "edit", "view"] {
+        assert!(roles.contains(r), "{roles}");
+    }
+    // `view` for the group devs: reads, no writes, no secrets.
+    kubectl_ok(
+        &kc,
+        &[
+            "create",
+            "rolebinding",
+            "devs-view",
+            "--clusterrole=view",
+            "--group=devs",
+        ],
+    )
+    .await;
+    kubectl_ok(
+        &kc,
+        &["create", "configmap", "settings", "--from-literal=a=1"],
+    )
+    .await;
+    kubectl_ok(
+        &kc,
+        &["create", "secret", "generic", "pw", "--from-literal=p=x"],
+    )
+    .await;
+    let o = as_user(&t, "tok-bob", &["get", "configmaps"]).await;
+    assert!(
+        o.status.success() && text(&o).contains("settings"),
+        "{}",
+        text(&o)
+    );
+    let o = as_user(
+        &t,
+        "tok-bob",
+        &["create", "configmap", "mine", "--from-literal=b=2"],
+    )
+    .await;
+    assert!(
+        text(&o).contains(
+            "configmaps is forbidden: User \"bob\" cannot create resource \"configmaps\" in API group \"\" in the namespace \"default\""
+        ),
+        "{}",
+        text(&o)
+    );
+    let o = as_user(&t, "tok-bob", &["get", "secret", "pw"]).await;
+    assert!(
+        text(&o).contains("cannot get resource \"secrets\""),
+        "{}",
+        text(&o)
+    );
+    // kubectl auth can-i, one question and the list.
+    let o = as_user(&t, "tok-bob", &["auth", "can-i", "list", "pods"]).await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "yes");
+    let o = as_user(&t, "tok-bob", &["auth", "can-i", "delete", "pods"]).await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "no");
+    let o = as_user(&t, "tok-bob", &["auth", "can-i", "--list"]).await;
+    let list = text(&o);
+    assert!(o.status.success(), "{list}");
+    let pods = list
+        .lines()
+        .find(|l| l.starts_with("pods "))
+        .unwrap_or_else(|| panic!("no pods row in\n{list}"));
+    assert!(pods.contains("[get list watch]"), "{pods}");
+    assert!(!list.lines().any(|l| l.starts_with("secrets ")), "{list}");
+    // kubectl create role / rolebinding, and the user can do exactly that.
+    kubectl_ok(
+        &kc,
+        &[
+            "create",
+            "role",
+            "cm-writer",
+            "--verb=create",
+            "--verb=get",
+            "--resource=configmaps",
+        ],
+    )
+    .await;
+    kubectl_ok(
+        &kc,
+        &[
+            "create",
+            "rolebinding",
+            "alice-cm",
+            "--role=cm-writer",
+            "--user=alice",
+        ],
+    )
+    .await;
+    let o = as_user(
+        &t,
+        "tok-alice",
+        &["create", "configmap", "alices", "--from-literal=c=3"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let o = as_user(&t, "tok-alice", &["delete", "configmap", "alices"]).await;
+    assert!(text(&o).contains("cannot delete resource"), "{}", text(&o));
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_namespace_admin_cannot_escalate() {
+    let t = server().await;
+    let kc = t.kubeconfig();
+    kubectl_ok(&kc, &["create", "namespace", "team"]).await;
+    kubectl_ok(
+        &kc,
+        &[
+            "create",
+            "rolebinding",
+            "alice-admin",
+            "-n",
+            "team",
+            "--clusterrole=admin",
+            "--user=alice",
+        ],
+    )
+    .await;
+    // Inside the namespace: an admin, who may grant what it holds.
+    let o = as_user(
+        &t,
+        "tok-alice",
+        &[
+            "create",
+            "rolebinding",
+            "bob-edit",
+            "-n",
+            "team",
+            "--clusterrole=edit",
+            "--user=bob",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    // The attack: bind cluster-admin to oneself inside the namespace, or cluster-wide.
+    let o = as_user(
+        &t,
+        "tok-alice",
+        &[
+            "create",
+            "rolebinding",
+            "me-root",
+            "-n",
+            "team",
+            "--clusterrole=cluster-admin",
+            "--user=alice",
+        ],
+    )
+    .await;
+    assert!(
+        text(&o).contains("attempting to grant RBAC permissions not currently held"),
+        "{}",
+        text(&o)
+    );
+    let o = as_user(
+        &t,
+        "tok-alice",
+        &[
+            "create",
+            "clusterrolebinding",
+            "me-root",
+            "--clusterrole=cluster-admin",
+            "--user=alice",
+        ],
+    )
+    .await;
+    assert!(text(&o).contains("forbidden"), "{}", text(&o));
+    // A role with more than the author holds.
+    let o = as_user(
+        &t,
+        "tok-alice",
+        &[
+            "create",
+            "role",
+            "all",
+            "-n",
+            "team",
+            "--verb=*",
+            "--resource=nodes",
+        ],
+    )
+    .await;
+    assert!(!o.status.success(), "{}", text(&o));
+    let o = as_user(
+        &t,
+        "tok-alice",
+        &["auth", "can-i", "create", "rolebindings", "-n", "team"],
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "yes");
+    let bindings = kubectl_ok(&kc, &["get", "rolebindings", "-n", "team", "-o", "name"]).await;
+    assert!(!bindings.contains("me-root"), "{bindings}");
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_identity_touches_only_its_own() {
+    let t = server().await;
+    let kc = t.kubeconfig();
+    let client = t.client().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for name in ["mine", "theirs"] {
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name}, "data": {"k": "v"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    kubectl_ok(
+        &kc,
+        &["create", "secret", "generic", "db", "--from-literal=p=x"],
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = |name: &str, node: &str, cm: &str| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}],
+                     "volumes": [{"name": "v", "configMap": {"name": cm}}]}
+        }))
+        .unwrap()
+    };
+    pods.create(&PostParams::default(), &pod("on-1", "edge-1", "mine"))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("on-2", "edge-2", "theirs"))
+        .await
+        .unwrap();
+    // What a node needs: its pods' config, reading pods and nodes.
+    let node = |args: &'static [&'static str]| as_user(&t, "tok-node", args);
+    let o = node(&["get", "configmap", "mine", "-o", "name"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let o = node(&["get", "pods"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    // The attack surface of a stolen node credential.
+    for (args, want) in [
+        (
+            &["get", "configmap", "theirs"][..],
+            "cannot get resource \"configmaps\"",
+        ),
+        (
+            &["get", "secrets", "-A"][..],
+            "cannot list resource \"secrets\"",
+        ),
+        (
+            &["get", "secret", "db"][..],
+            "cannot get resource \"secrets\"",
+        ),
+        (
+            &["delete", "pod", "on-2"][..],
+            "cannot delete resource \"pods\"",
+        ),
+        (
+            &["create", "namespace", "evil"][..],
+            "cannot create resource \"namespaces\"",
+        ),
+        (
+            &[
+                "create",
+                "clusterrolebinding",
+                "x",
+                "--clusterrole=cluster-admin",
+                "--user=system:node:edge-1",
+            ][..],
+            "forbidden",
+        ),
+    ] {
+        let o = node(args).await;
+        assert!(!o.status.success(), "{args:?} was allowed");
+        assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
+    }
+    let o = node(&["auth", "can-i", "delete", "nodes/edge-2"]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "no",
+        "{}",
+        text(&o)
+    );
+    let o = node(&["auth", "can-i", "patch", "nodes/edge-1"]).await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "yes");
+    // A pod bound to it may be deleted by it; another node's may not.
+    let o = node(&["delete", "pod", "on-1", "--wait=false"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn pod_names_that_are_paths_are_refused() {
+    let t = server().await;
+    let pods: Api<Pod> = Api::namespaced(t.client().await, "default");
+    for bad in ["/tmp/x/y", "../../../../tmp/z"] {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "evil"},
+            "spec": {"containers": [{"name": "c", "image": "busybox", "volumeMounts": [{"name": bad, "mountPath": "/x"}]}],
+                     "volumes": [{"name": bad, "configMap": {"name": "c"}}]}
+        }))
+        .unwrap();
+        let e = pods.create(&PostParams::default(), &p).await.unwrap_err();
+        let kube::Error::Api(s) = e else {
+            panic!("{e}")
+        };
+        assert_eq!(s.code, 422, "{s:?}");
+        assert!(s.message.contains("spec.volumes[0].name"), "{}", s.message);
+    }
+    assert!(pods.get_opt("evil").await.unwrap().is_none());
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn deep_bodies_are_refused_before_parsing_and_the_server_stays_up() {
+    let t = server().await;
+    let client = t.client().await;
+    let deep = format!("a: {}", "[".repeat(100_000));
+    let started = Instant::now();
+    let post = |body: String| {
+        http::Request::post("/api/v1/namespaces/default/configmaps")
+            .header("content-type", "application/yaml")
+            .body(body.into_bytes())
+            .unwrap()
+    };
+    let (a, b, health) = tokio::join!(
+        client.request_text(post(deep.clone())),
+        client.request_text(post(deep.replace('[', "{"))),
+        async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let started = Instant::now();
+            let r = client
+                .request_text(http::Request::get("/healthz").body(Vec::new()).unwrap())
+                .await;
+            (r, started.elapsed())
+        }
+    );
+    for r in [a, b] {
+        let kube::Error::Api(s) = r.unwrap_err() else {
+            panic!("expected a Status")
+        };
+        assert_eq!(s.code, 400);
+        assert!(s.message.contains("levels deep"), "{}", s.message);
+    }
+    assert_eq!(health.0.unwrap(), "ok");
+    // Not a timing assertion on speed, only that nothing was parsed for seconds.
+    assert!(started.elapsed() < Duration::from_secs(20));
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_connections_are_capped() {
+    use tokio::io::AsyncWriteExt;
+    let t = start_with(|c| {
+        c.header_timeout_seconds = 1;
+        c.max_connections = 8;
+    })
+    .await;
+    let addr = t.server.addr;
+    // Idle connections past the cap are closed at once; the ones before hold their slot until
+    // the handshake timeout closes them too.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        use tokio::io::AsyncReadExt;
+        extra.read(&mut buf).await
+    })
+    .await
+    .expect("the extra connection is closed by the server");
+    assert!(matches!(closed, Ok(0) | Err(_)));
+    // Once the idle ones time out, a real client gets through.
+    let _ = idle[0].write_all(b"\x16").await;
+    wait_for(15, "a client to be served again", || {
+        let kc = t.kubeconfig();
+        async move {
+            let c = client_for(&kc, None).await;
+            c.request_text(http::Request::get("/version").body(Vec::new()).unwrap())
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    drop(idle);
+    t.server.shutdown().await;
+}
