@@ -53,6 +53,10 @@ pub struct EdgeCoreConfig {
     pub max_grace_seconds: u64,
     /// Image name (without tag, or with it for one tag) -> how to run it.
     pub images: BTreeMap<String, ImageEntry>,
+    /// Host directories that a pod's `hostPath` volume may name (it or anything below). Empty,
+    /// the default, allows none. Images with `host_commands` are exempt: they run any host
+    /// program already.
+    pub host_path_allow: Vec<std::path::PathBuf>,
 }
 
 impl Default for EdgeCoreConfig {
@@ -97,6 +101,7 @@ impl Default for EdgeCoreConfig {
             max_log_bytes: 10 * 1024 * 1024,
             max_grace_seconds: 30,
             images,
+            host_path_allow: Vec::new(),
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct EdgedSettings {
     pub max_log_bytes: u64,
     /// Cap on termination grace.
     pub max_grace: Duration,
+    /// Host directories a `hostPath` volume may name (see [`crate::podcheck::host_path`]).
+    pub host_path_allow: Vec<PathBuf>,
 }
 
 struct Shared {
@@ -156,6 +158,14 @@ impl Edged {
         let desired: HashMap<String, Value> = pods
             .into_iter()
             .filter(|p| p["spec"]["nodeName"].as_str() == Some(self.shared.facts.node.as_str()))
+            .filter(|p| match crate::podcheck::uid(&uid_of(p)) {
+                Ok(()) => true,
+                Err(e) => {
+                    let (ns, name) = pod_name(p);
+                    tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "pod ignored");
+                    false
+                }
+            })
             .map(|p| (uid_of(&p), p))
             .collect();
         let mut workers = self.workers.lock().unwrap();
@@ -266,6 +276,12 @@ pub fn read_log(
     container: &str,
     req: &LogRequest,
 ) -> Result<Vec<u8>, String> {
+    crate::podcheck::uid(uid)?;
+    if !crate::podcheck::dns_label(container) {
+        return Err(format!(
+            "container name {container:?} is not a DNS-1123 label"
+        ));
+    }
     let current = log_path(pods_dir, uid, container);
     let mut out = Vec::new();
     if req.previous {
@@ -304,6 +320,10 @@ pub fn read_log(
 }
 
 async fn cleanup_orphan(shared: &Shared, uid: &str) {
+    if let Err(e) = crate::podcheck::uid(uid) {
+        tracing::warn!(error = %e, "recorded pod not cleaned up");
+        return;
+    }
     let Ok(recs) = shared.store.containers(uid) else {
         return;
     };
@@ -759,6 +779,10 @@ impl PodRun {
         let root = self.dir.join("root").join(&name);
         let log = log_path(&self.shared.settings.pods_dir, &self.uid, &name);
         let config = (|| -> Result<(Vec<(String, String)>, PathBuf), String> {
+            let runtime = &self.shared.runtime;
+            crate::podcheck::pod(&self.pod, &self.shared.settings.host_path_allow, |image| {
+                runtime.runs_host_commands(image)
+            })?;
             let env = resolve::env(&self.shared.store, &self.pod, &spec, &facts)?;
             let vols = resolve::volumes(&self.shared.store, &self.pod, &self.dir, &facts)?;
             resolve::mounts(&spec, &vols, &root)?;

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod edged;
 pub mod metaserver;
+pub mod podcheck;
 pub mod probe;
 pub mod resolve;
 pub mod runtime;
@@ -270,6 +271,7 @@ impl EdgeCore {
                 backoff_reset: Duration::from_millis(cfg.backoff_reset_ms),
                 max_log_bytes: cfg.max_log_bytes,
                 max_grace: Duration::from_secs(cfg.max_grace_seconds),
+                host_path_allow: cfg.host_path_allow.clone(),
             },
             reports.clone(),
         );
@@ -520,6 +522,7 @@ mod tests {
             backoff_reset: Duration::from_secs(60),
             max_log_bytes: 1 << 20,
             max_grace: Duration::from_secs(1),
+            host_path_allow: Vec::new(),
         };
         let edged = Edged::start(store.clone(), runtime, facts, settings, tx.clone());
         let ctx = ModuleContext {

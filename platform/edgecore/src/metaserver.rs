@@ -48,6 +48,19 @@ pub async fn start(
     Ok((addr, task))
 }
 
+/// Whether a `Host` header names this server: a loopback name or address, or the bound
+/// address, with or without the port.
+fn host_allowed(host: &str, addr: SocketAddr) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip == addr.ip())
+}
+
 fn json_resp(code: StatusCode, v: &Value) -> Response {
     (
         code,
@@ -87,6 +100,20 @@ async fn dispatch(
     req: Request,
 ) -> Response {
     let path = req.uri().path().trim_end_matches('/').to_string();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if !host_allowed(host, app.addr) {
+        // A page in a browser on this machine that resolves its own name to 127.0.0.1 (DNS
+        // rebinding) sends its own name here: it gets nothing.
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("Host {host:?} is not this node's MetaServer ({})", app.addr),
+        );
+    }
     if req.method() != Method::GET {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -252,5 +279,34 @@ async fn serve(
                 e.to_string(),
             ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_servers_names_are_accepted_as_host() {
+        let addr: SocketAddr = "127.0.0.1:10550".parse().unwrap();
+        for ok in [
+            "127.0.0.1:10550",
+            "localhost:10550",
+            "LOCALHOST",
+            "[::1]:10550",
+            "127.0.0.2",
+        ] {
+            assert!(host_allowed(ok, addr), "{ok}");
+        }
+        for bad in [
+            "evil.example:10550",
+            "",
+            "10.0.0.1:10550",
+            "localhost.evil.example",
+        ] {
+            assert!(!host_allowed(bad, addr), "{bad}");
+        }
+        let lan: SocketAddr = "10.0.0.1:10550".parse().unwrap();
+        assert!(host_allowed("10.0.0.1:10550", lan));
     }
 }

@@ -200,8 +200,14 @@ fn write_items(
             return Err(format!("key {key} is not in the volume's source"));
         };
         let path = crate::runtime::under_root(dir, &rel);
-        if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p).map_err(|e| io(p, e))?;
+        if let Some(parent) = Path::new(&rel).parent() {
+            crate::podcheck::dirs_under(dir, parent)?;
+        }
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(format!(
+                "{} is a symbolic link; refusing to write through it",
+                path.display()
+            ));
         }
         // Write then rename, so a reader never sees half a file.
         let tmp = path.with_extension("sedge-tmp");
@@ -296,12 +302,31 @@ pub fn mounts(c: &Value, vols: &HashMap<String, PathBuf>, root: &Path) -> Result
             Some(sp) => crate::runtime::under_root(target, sp),
             None => target.clone(),
         };
-        let link = crate::runtime::under_root(root, m["mountPath"].as_str().unwrap_or_default());
-        if let Some(p) = link.parent() {
-            std::fs::create_dir_all(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let mount_path = m["mountPath"].as_str().unwrap_or_default();
+        let link = crate::runtime::under_root(root, mount_path);
+        if link == root {
+            return Err(format!(
+                "mountPath {mount_path:?}: cannot mount over the container's root"
+            ));
         }
-        if std::fs::symlink_metadata(&link).is_ok() {
-            let _ = std::fs::remove_file(&link);
+        // The directories up to the link are made without following links (an earlier mount
+        // may be a link to the host), and only a link of ours is ever replaced: the agent never
+        // writes or deletes through a mount.
+        std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+        if let Some(parent) = Path::new(mount_path).parent() {
+            crate::podcheck::dirs_under(root, parent)?;
+        }
+        match std::fs::symlink_metadata(&link) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                std::fs::remove_file(&link).map_err(|e| format!("mount {}: {e}", link.display()))?
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "mountPath {mount_path:?}: {} already exists in the container's root",
+                    link.display()
+                ));
+            }
+            Err(_) => {}
         }
         std::os::unix::fs::symlink(&target, &link)
             .map_err(|e| format!("mount {}: {e}", link.display()))?;
@@ -418,5 +443,49 @@ mod tests {
                 .unwrap_err()
                 .contains("\"nfs\" is not supported")
         );
+    }
+
+    #[test]
+    fn a_mount_under_a_host_path_link_never_touches_the_host() {
+        let (d, s) = setup();
+        let facts = NodeFacts {
+            node: "edge-1".into(),
+            ip: "10.0.0.5".into(),
+        };
+        // The host: a directory with a file the attacker wants gone.
+        let host = d.path().join("host");
+        std::fs::create_dir_all(host.join("etc")).unwrap();
+        std::fs::write(host.join("etc/passwd"), "root:x:0:0").unwrap();
+        let pod = json!({"metadata": {"name": "p", "namespace": "default"}, "spec": {"volumes": [
+            {"name": "h", "hostPath": {"path": host.to_str().unwrap()}},
+            {"name": "config", "configMap": {"name": "cfg"}}
+        ]}});
+        let pod_dir = d.path().join("pod");
+        let vols = volumes(&s, &pod, &pod_dir, &facts).unwrap();
+        let root = pod_dir.join("c");
+        // The attack: mount the host path at /data, then a volume at /data/etc/passwd, which
+        // used to delete the host's file to put the link there.
+        let c = json!({"volumeMounts": [{"name": "h", "mountPath": "/data"}, {"name": "config", "mountPath": "/data/etc/passwd"}]});
+        let e = mounts(&c, &vols, &root).unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(host.join("etc/passwd")).unwrap(),
+            "root:x:0:0"
+        );
+        // A mount over something the container root holds that is not our link is refused too.
+        std::fs::create_dir_all(root.join("keep")).unwrap();
+        let c = json!({"volumeMounts": [{"name": "config", "mountPath": "/keep"}]});
+        assert!(
+            mounts(&c, &vols, &root)
+                .unwrap_err()
+                .contains("already exists")
+        );
+        let c = json!({"volumeMounts": [{"name": "config", "mountPath": "/"}]});
+        assert!(mounts(&c, &vols, &root).unwrap_err().contains("root"));
+        // Mounting again (a restart) replaces our own link.
+        let c = json!({"volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]});
+        mounts(&c, &vols, &root).unwrap();
+        mounts(&c, &vols, &root).unwrap();
+        assert!(root.join("etc/app/MODE").exists());
     }
 }

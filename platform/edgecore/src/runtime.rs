@@ -104,6 +104,12 @@ pub trait Runtime: Send + Sync {
     fn adopt(&self, rec: &ContainerRecord) -> Option<Box<dyn Container>>;
     /// A version string for the node status (`containerRuntimeVersion`).
     fn version(&self) -> String;
+    /// Whether containers of `image` may run any program of the host anyway (for them a
+    /// `hostPath` grants nothing new, so the node's host-path allowlist does not apply).
+    fn runs_host_commands(&self, image: &str) -> bool {
+        let _ = image;
+        false
+    }
 }
 
 /// Runs containers as host processes.
@@ -364,6 +370,10 @@ impl Runtime for ProcessRuntime {
 
     fn version(&self) -> String {
         format!("process://sedge-{}", env!("CARGO_PKG_VERSION"))
+    }
+
+    fn runs_host_commands(&self, image: &str) -> bool {
+        self.entry(image).is_some_and(|e| e.host_commands)
     }
 }
 
