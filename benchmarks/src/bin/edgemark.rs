@@ -287,7 +287,7 @@ fn now_us() -> u64 {
 /// Simulated nodes: real mTLS identity and protocol, no runtime behind them.
 async fn edges(args: Args) -> Result<()> {
     let transport: Transport = args.transport.parse().map_err(anyhow::Error::msg)?;
-    let ca = sedge_pki::Ca::load_or_create(std::path::Path::new(&args.pki), "sedge-ca")?;
+    let ca = sedge_tunnel::tls::node_ca(std::path::Path::new(&args.pki))?;
     // One key for all simulated nodes (key generation is not what is measured); one
     // certificate per node, so the hub sees N distinct identities.
     let (csr, key_pem) = sedge_pki::make_csr("sim")?;

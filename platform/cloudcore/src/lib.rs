@@ -201,6 +201,10 @@ impl CloudCore {
             hub.clone(),
             cache.clone(),
         )));
+        tasks.push(tokio::spawn(lifecycle::revoke_deleted_nodes(
+            client.clone(),
+            hub.clone(),
+        )));
         tasks.push(tokio::spawn(lifecycle::run(
             client.clone(),
             cache.clone(),

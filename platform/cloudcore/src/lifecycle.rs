@@ -39,6 +39,27 @@ fn effect_name(e: TaintEffect) -> &'static str {
     }
 }
 
+/// Revokes a node's certificates when its Node object is deleted (`kubectl delete node`), and
+/// closes its session: the machine comes back only by joining with a new token. Deletions
+/// made while the cloud core was down are not seen (revoke the token instead).
+pub async fn revoke_deleted_nodes(client: kube::Client, hub: std::sync::Arc<sedge_tunnel::Hub>) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let stream = watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Delete(n)) => {
+                if let Err(e) = hub.revoke_node(&n.name_any()).await {
+                    tracing::error!(node = %n.name_any(), error = %e, "cannot revoke a deleted node's certificates");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "node watch failed; retrying"),
+        }
+    }
+}
+
 /// Checks leases every `period` until aborted.
 pub async fn run(client: kube::Client, cache: Cache, s: Settings) {
     if !cache.ready().await {

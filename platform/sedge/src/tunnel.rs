@@ -38,6 +38,13 @@ pub enum TokenCmd {
         /// Free text shown by `sedge token list`.
         #[arg(long, default_value = "")]
         description: String,
+        /// Joins the token allows (default 1; more to enrol a fleet of new nodes with one token).
+        #[arg(long, default_value_t = 1)]
+        max_uses: u32,
+        /// Bind the token to this node name: the way to re-join a machine whose name joined
+        /// before (its earlier certificates are revoked when it joins).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// List the tokens that have not been revoked.
     List {
@@ -99,25 +106,40 @@ pub fn token(cmd: TokenCmd) -> Result<()> {
             dirs,
             ttl,
             description,
+            max_uses,
+            node,
         } => {
             let ttl = parse_ttl(&ttl)?;
-            let (token, info) = open(&dirs)?.create(ttl, &description)?;
-            eprintln!("token {} expires {}", info.id, when(info.expires));
+            let (token, info) =
+                open(&dirs)?.create_with(ttl, &description, max_uses, node.as_deref())?;
+            let scope = match &node {
+                Some(n) => format!("re-joins node {n} once"),
+                None => format!("joins {max_uses} new node(s)"),
+            };
+            eprintln!("token {} {scope}; expires {}", info.id, when(info.expires));
             println!("{token}");
         }
         TokenCmd::List { dirs } => {
             let now = chrono::Utc::now().timestamp();
             println!(
-                "{:<14} {:<22} {:<8} {:<5} {:<16} DESCRIPTION",
-                "ID", "EXPIRES", "STATE", "USES", "LAST NODE"
+                "{:<14} {:<22} {:<8} {:<7} {:<16} {:<16} DESCRIPTION",
+                "ID", "EXPIRES", "STATE", "USES", "BOUND TO", "LAST NODE"
             );
             for t in open(&dirs)?.list()? {
+                let state = if t.expires <= now {
+                    "expired"
+                } else if t.uses >= t.max_uses {
+                    "used"
+                } else {
+                    "valid"
+                };
                 println!(
-                    "{:<14} {:<22} {:<8} {:<5} {:<16} {}",
+                    "{:<14} {:<22} {:<8} {:<7} {:<16} {:<16} {}",
                     t.id,
                     when(t.expires),
-                    if t.expires > now { "valid" } else { "expired" },
-                    t.uses,
+                    state,
+                    format!("{}/{}", t.uses, t.max_uses),
+                    if t.node.is_empty() { "-" } else { &t.node },
                     if t.last_node.is_empty() {
                         "-"
                     } else {
@@ -131,7 +153,7 @@ pub fn token(cmd: TokenCmd) -> Result<()> {
             if !open(&dirs)?.revoke(&token)? {
                 bail!("no token {token:?}: see `sedge token list`");
             }
-            println!("revoked");
+            println!("revoked (and every node certificate issued through it)");
         }
     }
     Ok(())

@@ -29,7 +29,7 @@ use crate::queue::{AckEffect, Enqueued, NodeQueue};
 use crate::records::Records;
 use crate::session::{Counters, Handler, Hello, LinkEvent, Requests, Welcome, control, serve};
 use crate::tls;
-use crate::token::TokenStore;
+use crate::token::{TokenError, TokenStore};
 
 /// Looks up which node owns an object: `(kind, namespace, name) -> node`. Supplied by the layer
 /// that knows pods and devices; the channel itself knows neither.
@@ -74,6 +74,9 @@ pub fn authorize(node: &str, msg: &Message, owner_of: Option<&OwnerLookup>) -> R
 
 struct SessionHandle {
     id: u64,
+    /// SHA-256 of the node certificate the session was opened with (checked against
+    /// revocations).
+    fingerprint: String,
     tx: mpsc::Sender<Bytes>,
     close: watch::Sender<bool>,
 }
@@ -94,9 +97,62 @@ impl Node {
     }
 }
 
+/// A node proven by its client certificate.
+#[derive(Clone)]
+struct Peer {
+    node: String,
+    der: Vec<u8>,
+}
+
+/// Joins allowed per second on average (bursts up to twice that), and refusal warnings logged
+/// per second at most (the rest are counted in the next warning): a flood of join requests can
+/// neither exhaust the CA's signing nor fill the log.
+const JOINS_PER_SECOND: f64 = 20.0;
+
+/// A token bucket and a log limiter for the join endpoint.
+struct JoinGate {
+    tokens: f64,
+    last: Instant,
+    last_warn: Option<Instant>,
+    suppressed: u64,
+}
+
+impl JoinGate {
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let burst = JOINS_PER_SECOND * 2.0;
+        self.tokens = (self.tokens
+            + now.duration_since(self.last).as_secs_f64() * JOINS_PER_SECOND)
+            .min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// `Some(suppressed since the last warning)` when a warning may be logged now.
+    fn warn(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last_warn
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last_warn = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 struct Inner {
     cfg: HubConfig,
     ca: sedge_pki::Ca,
+    node_ca: sedge_pki::Ca,
+    join_gate: Mutex<JoinGate>,
     ca_hash: String,
     tokens: Arc<TokenStore>,
     records: Arc<Records>,
@@ -166,6 +222,7 @@ impl Hub {
         mkdir(&cfg.data_dir)?;
         mkdir(&cfg.pki_dir)?;
         let ca = sedge_pki::Ca::load_or_create(&cfg.pki_dir, "sedge-ca")?;
+        let node_ca = tls::node_ca(&cfg.pki_dir)?;
         let ca_hash = tls::ca_hash(&ca.cert_der()?);
         let db = cfg.data_dir.join("hub.db");
         let tokens = Arc::new(TokenStore::open(&db, &cfg.pki_dir, &ca_hash)?);
@@ -184,7 +241,7 @@ impl Hub {
             usage: sedge_pki::Usage::Server,
             valid_for: Duration::from_secs(365 * 24 * 3600),
         })?;
-        let tcp_tls = tls::hub_tcp_config(ca.cert_pem(), &serving.cert_pem, &serving.key_pem)?;
+        let tcp_tls = tls::hub_tcp_config(node_ca.cert_pem(), &serving.cert_pem, &serving.key_pem)?;
         let handler = opts
             .handler
             .unwrap_or_else(|| crate::session::handler(|_| async { Ok(None) }));
@@ -192,6 +249,13 @@ impl Hub {
         let inner = Arc::new(Inner {
             cfg: cfg.clone(),
             ca,
+            node_ca,
+            join_gate: Mutex::new(JoinGate {
+                tokens: JOINS_PER_SECOND * 2.0,
+                last: Instant::now(),
+                last_warn: None,
+                suppressed: 0,
+            }),
             ca_hash,
             tokens,
             records,
@@ -215,8 +279,11 @@ impl Hub {
         let (endpoint, quic_addr) = if cfg.listen_quic.is_empty() {
             (None, None)
         } else {
-            let qtls =
-                tls::hub_quic_config(inner.ca.cert_pem(), &serving.cert_pem, &serving.key_pem)?;
+            let qtls = tls::hub_quic_config(
+                inner.node_ca.cert_pem(),
+                &serving.cert_pem,
+                &serving.key_pem,
+            )?;
             let qcrypto = quinn::crypto::rustls::QuicServerConfig::try_from(qtls)
                 .map_err(|e| TunnelError::Tls(format!("QUIC TLS: {e}")))?;
             let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qcrypto));
@@ -236,6 +303,7 @@ impl Hub {
             tokio::spawn(accept_quic(inner.clone(), ep.clone(), sem));
             (Some(ep), qaddr)
         };
+        tokio::spawn(sweep_revoked(inner.clone()));
         tracing::info!(%addr, quic = ?quic_addr, sans = ?names, "cloud hub listening");
         Ok(Hub {
             inner,
@@ -243,6 +311,23 @@ impl Hub {
             quic_addr,
             endpoint,
         })
+    }
+
+    /// Revokes every certificate issued for `node` and closes its session (the Node was
+    /// deleted). It can come back only by joining with a new token.
+    pub async fn revoke_node(&self, node: &str) -> Result<usize, TunnelError> {
+        let tokens = self.inner.tokens.clone();
+        let owned = node.to_string();
+        let n = tokio::task::spawn_blocking(move || tokens.revoke_node(&owned))
+            .await
+            .map_err(|e| TunnelError::Store(e.to_string()))??;
+        if let Some(state) = self.inner.known(node)
+            && let Some(s) = state.session().as_ref()
+        {
+            let _ = s.close.send(true);
+        }
+        tracing::info!(%node, certificates = n, "revoked the node's certificates");
+        Ok(n)
     }
 
     /// The TCP address (WebSocket and join).
@@ -453,12 +538,16 @@ async fn accept_tcp(
                 return;
             };
             drop(permit);
-            let peer = tls
+            let der = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .map(|c| tls::node_of_cert(c));
+                .map(|c| c.to_vec());
+            let peer = match der {
+                Some(der) => Some(peer_of(&inner, der).await),
+                None => None,
+            };
             let svc_inner = inner.clone();
             let svc = hyper::service::service_fn(move |req| {
                 route(svc_inner.clone(), peer.clone(), remote, req)
@@ -475,6 +564,71 @@ async fn accept_tcp(
     }
 }
 
+/// The node a verified client certificate names, unless the certificate has been revoked.
+async fn peer_of(inner: &Arc<Inner>, der: Vec<u8>) -> Result<Peer, String> {
+    let node = tls::node_of_cert(&der)?;
+    let tokens = inner.tokens.clone();
+    let (revoked, der) = tokio::task::spawn_blocking(move || (tokens.is_revoked(&der), der))
+        .await
+        .map_err(|e| e.to_string())?;
+    if revoked {
+        return Err(format!(
+            "the certificate of node {node} has been revoked (its join token was revoked or the node deleted); join again with a new token"
+        ));
+    }
+    Ok(Peer { node, der })
+}
+
+/// Closes the sessions whose certificate was revoked, by this hub or by `sedge token revoke`
+/// in another process: whenever the store's revocation generation moves.
+async fn sweep_revoked(inner: Arc<Inner>) {
+    let mut stop = inner.shutdown.subscribe();
+    let mut seen = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let tokens = inner.tokens.clone();
+        let Ok(generation) =
+            tokio::task::spawn_blocking(move || tokens.revocation_generation()).await
+        else {
+            continue;
+        };
+        if seen.replace(generation).is_none_or(|g| g == generation) {
+            continue;
+        }
+        let sessions: Vec<(Arc<Node>, String)> = inner
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|n| {
+                let fp = n.session().as_ref()?.fingerprint.clone();
+                Some((n.clone(), fp))
+            })
+            .collect();
+        let tokens = inner.tokens.clone();
+        let revoked = tokio::task::spawn_blocking(move || {
+            sessions
+                .into_iter()
+                .filter(|(_, fp)| tokens.is_revoked_fingerprint(fp))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (n, fp) in revoked {
+            if let Some(s) = n.session().as_ref()
+                && s.fingerprint == fp
+            {
+                tracing::warn!(node = %n.name, "closing the session of a revoked certificate");
+                let _ = s.close.send(true);
+            }
+        }
+    }
+}
+
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.into())));
     *r.status_mut() = status;
@@ -487,7 +641,7 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
 
 async fn route(
     inner: Arc<Inner>,
-    peer: Option<Result<String, String>>,
+    peer: Option<Result<Peer, String>>,
     remote: SocketAddr,
     req: Request<Body>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
@@ -510,7 +664,7 @@ async fn route(
 
 async fn sign(
     inner: Arc<Inner>,
-    peer: Option<Result<String, String>>,
+    peer: Option<Result<Peer, String>>,
     remote: SocketAddr,
     req: Request<Body>,
 ) -> Response<Full<Bytes>> {
@@ -524,23 +678,63 @@ async fn sign(
     let bearer =
         header("authorization").and_then(|a| a.strip_prefix("Bearer ").map(str::to_string));
     let refuse = |status: StatusCode, why: String| {
-        tracing::warn!(%remote, node = %node, reason = %why, "certificate request refused");
+        let warn = inner
+            .join_gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .warn();
+        if let Some(suppressed) = warn {
+            tracing::warn!(%remote, node = %node, reason = %why, suppressed, "certificate request refused");
+        }
         text(status, why)
     };
+    if !inner
+        .join_gate
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .allow()
+    {
+        Counters::inc(&inner.counters.joins_throttled);
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many certificate requests (more than {JOINS_PER_SECOND}/s); retry in a second"
+            ),
+        );
+    }
     if !tls::valid_node_name(&node) {
         return refuse(
             StatusCode::BAD_REQUEST,
             format!("NodeName header {node:?} is not a valid node name (lower-case DNS name)"),
         );
     }
-    // Renewal over mTLS needs the current certificate for the same node; otherwise a token.
-    let how = match (&peer, &bearer) {
-        (Some(Ok(current)), _) if *current == node => "renewal".to_string(),
+    // Renewal over mTLS needs the current certificate for the same node; otherwise a token
+    // that admits this name (single use, never a connected or registered name unless bound to
+    // it). `token` is what the new certificate is recorded under, so that revoking the token
+    // revokes it too.
+    let connected = inner.known(&node).is_some_and(|n| n.session().is_some());
+    let (how, token, rejoin) = match (&peer, &bearer) {
+        (Some(Ok(current)), _) if current.node == node => {
+            let tokens = inner.tokens.clone();
+            let der = current.der.clone();
+            let token = tokio::task::spawn_blocking(move || tokens.token_of_cert(&der))
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            ("renewal".to_string(), token, false)
+        }
         (_, Some(token)) => {
             let tokens = inner.tokens.clone();
             let (t, n) = (token.clone(), node.clone());
-            match tokio::task::spawn_blocking(move || tokens.verify(&t, &n)).await {
-                Ok(Ok(id)) => format!("token {id}"),
+            match tokio::task::spawn_blocking(move || tokens.admit(&t, &n, connected)).await {
+                Ok(Ok(a)) => (format!("token {}", a.token), a.token, a.rejoin),
+                Ok(Err(e)) if e.is_conflict() => {
+                    return refuse(StatusCode::CONFLICT, e.to_string());
+                }
+                Ok(Err(e @ TokenError::BoundElsewhere { .. })) => {
+                    return refuse(StatusCode::FORBIDDEN, e.to_string());
+                }
                 Ok(Err(e)) => return refuse(StatusCode::UNAUTHORIZED, e.to_string()),
                 Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
@@ -549,7 +743,8 @@ async fn sign(
             return refuse(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "the client certificate is for node {current}, not {node}; a node may only renew its own certificate"
+                    "the client certificate is for node {}, not {node}; a node may only renew its own certificate",
+                    current.node
                 ),
             );
         }
@@ -565,7 +760,7 @@ async fn sign(
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("reading the CSR: {e}")),
     };
     let csr = String::from_utf8_lossy(&body);
-    let issued = inner.ca.sign_csr(
+    let issued = inner.node_ca.sign_csr(
         &csr,
         &sedge_pki::IssueRequest {
             common_name: format!("{}{node}", tls::NODE_PREFIX),
@@ -577,22 +772,59 @@ async fn sign(
     );
     match issued {
         Ok(i) => {
+            let recorded = record_issued(&inner, &i.cert_pem, &node, &token, rejoin).await;
+            if let Err(e) = recorded {
+                return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            }
             Counters::inc(&inner.counters.certificates_issued);
-            tracing::info!(%remote, %node, via = %how, "issued node certificate");
+            tracing::info!(%remote, %node, via = %how, rejoin, "issued node certificate");
             text(StatusCode::OK, i.cert_pem)
         }
         Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
+/// Records an issued certificate; a re-join first revokes the node's earlier certificates and
+/// closes the session they hold.
+async fn record_issued(
+    inner: &Arc<Inner>,
+    cert_pem: &str,
+    node: &str,
+    token: &str,
+    rejoin: bool,
+) -> Result<(), TunnelError> {
+    let der = sedge_pki::certs_from_pem(cert_pem, "issued certificate")?
+        .into_iter()
+        .next()
+        .ok_or_else(|| TunnelError::Tls("the issued certificate is empty".into()))?;
+    let (_, not_after) = sedge_pki::validity(&der)?;
+    let tokens = inner.tokens.clone();
+    let (n, t) = (node.to_string(), token.to_string());
+    tokio::task::spawn_blocking(move || {
+        if rejoin {
+            tokens.revoke_node(&n)?;
+        }
+        tokens.record_cert(&der, &n, &t, not_after)
+    })
+    .await
+    .map_err(|e| TunnelError::Store(e.to_string()))??;
+    if rejoin
+        && let Some(state) = inner.known(node)
+        && let Some(s) = state.session().as_ref()
+    {
+        let _ = s.close.send(true);
+    }
+    Ok(())
+}
+
 fn upgrade(
     inner: Arc<Inner>,
-    peer: Option<Result<String, String>>,
+    peer: Option<Result<Peer, String>>,
     remote: SocketAddr,
     req: Request<Body>,
 ) -> Response<Full<Bytes>> {
-    let node = match peer {
-        Some(Ok(n)) => n,
+    let (node, fingerprint) = match peer {
+        Some(Ok(p)) => (p.node, tls::ca_hash(&p.der)),
         Some(Err(why)) => {
             Counters::inc(&inner.counters.handshake_failures);
             tracing::warn!(%remote, reason = %why, "tunnel refused");
@@ -621,7 +853,7 @@ fn upgrade(
                     Some(link::ws_config(max)),
                 )
                 .await;
-                run_session(inner, node, link::websocket(ws, remote)).await;
+                run_session(inner, node, fingerprint, link::websocket(ws, remote)).await;
             }
             Err(e) => tracing::warn!(%remote, error = %e, "WebSocket upgrade failed"),
         }
@@ -666,26 +898,29 @@ async fn accept_quic(inner: Arc<Inner>, ep: quinn::Endpoint, sem: Arc<Semaphore>
                         id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                             .ok()
                     })
-                    .and_then(|certs| certs.first().map(|c| tls::node_of_cert(c)))
-                    .unwrap_or_else(|| Err("no client certificate".into()));
+                    .and_then(|certs| certs.first().map(|c| c.to_vec()));
                 let node = match node {
-                    Ok(n) => n,
+                    Some(der) => peer_of(&inner, der).await,
+                    None => Err("no client certificate".into()),
+                };
+                let (node, fingerprint) = match node {
+                    Ok(p) => (p.node, tls::ca_hash(&p.der)),
                     Err(why) => {
                         conn.close(2u32.into(), why.as_bytes());
                         return Err(why);
                     }
                 };
                 let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-                Ok::<_, String>((conn, node, send, recv))
+                Ok::<_, String>((conn, node, fingerprint, send, recv))
             };
-            let Some((conn, node, send, recv)) =
+            let Some((conn, node, fingerprint, send, recv)) =
                 handshake(&inner, remote, "QUIC handshake", setup).await
             else {
                 return;
             };
             drop(permit);
             let max = inner.cfg.max_frame_bytes;
-            run_session(inner, node, link::quic(conn, send, recv, max)).await;
+            run_session(inner, node, fingerprint, link::quic(conn, send, recv, max)).await;
         });
     }
 }
@@ -719,7 +954,7 @@ async fn send_now(tx: &mpsc::Sender<Bytes>, m: &Message) -> bool {
 }
 
 /// One session, from hello to close.
-async fn run_session(inner: Arc<Inner>, node: String, mut link: Link) {
+async fn run_session(inner: Arc<Inner>, node: String, fingerprint: String, mut link: Link) {
     let remote = link.remote;
     let transport = link.transport;
     let hs = Duration::from_millis(inner.cfg.handshake_timeout_ms);
@@ -775,6 +1010,7 @@ async fn run_session(inner: Arc<Inner>, node: String, mut link: Link) {
     let (close_tx, mut close_rx) = watch::channel(false);
     let old = n.session().replace(SessionHandle {
         id: sid,
+        fingerprint,
         tx: link.tx.clone(),
         close: close_tx,
     });

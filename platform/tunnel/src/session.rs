@@ -223,6 +223,8 @@ pub struct Counters {
     pub queue_full: std::sync::atomic::AtomicU64,
     /// Certificates issued (hub) or renewed (edge).
     pub certificates_issued: std::sync::atomic::AtomicU64,
+    /// Certificate requests refused by the join rate limit (hub only).
+    pub joins_throttled: std::sync::atomic::AtomicU64,
 }
 
 impl Counters {
@@ -251,6 +253,7 @@ impl Counters {
                 "certificates_issued",
                 self.certificates_issued.load(Relaxed),
             ),
+            ("joins_throttled", self.joins_throttled.load(Relaxed)),
         ]
     }
 

@@ -19,6 +19,17 @@ pub const NODE_PREFIX: &str = "system:node:";
 /// The group of node certificates.
 pub const NODES_GROUP: &str = "system:nodes";
 
+/// The node CA: it signs node certificates, and the hub accepts only its certificates from
+/// nodes. It lives in `<pki_dir>/nodes/` apart from the cluster CA, so that a node's
+/// certificate is never a client certificate the API server accepts (the API server trusts
+/// only the cluster CA).
+pub fn node_ca(pki_dir: &std::path::Path) -> Result<sedge_pki::Ca, TunnelError> {
+    let dir = pki_dir.join("nodes");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| TunnelError::Config(format!("{}: {e}", dir.display())))?;
+    Ok(sedge_pki::Ca::load_or_create(&dir, "sedge-node-ca")?)
+}
+
 /// Lower-case hex SHA-256 of a certificate's DER: the first part of a join token.
 pub fn ca_hash(der: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, der);

@@ -48,6 +48,56 @@ pub enum TokenError {
     /// Revoked or never issued here.
     #[error("token {0} has been revoked or was never issued by this hub")]
     Revoked(String),
+    /// Every use the token allows has been made.
+    #[error(
+        "token {id} has been used {uses} time(s), all it allows; create another with `sedge token create` (or `--max-uses N` to enrol a fleet)"
+    )]
+    UsedUp {
+        /// Token id.
+        id: String,
+        /// Uses made.
+        uses: i64,
+    },
+    /// The token was made for another node.
+    #[error("token {id} is bound to node {bound:?}; it cannot join {node:?}")]
+    BoundElsewhere {
+        /// Token id.
+        id: String,
+        /// The node it was made for.
+        bound: String,
+        /// The node asked for.
+        node: String,
+    },
+    /// The name belongs to a connected node.
+    #[error(
+        "node {0:?} is connected now: a certificate is never issued for a connected node's name"
+    )]
+    NodeConnected(String),
+    /// The name belongs to a node that joined before.
+    #[error(
+        "node {0:?} has joined already and its certificate is valid; to re-join that machine, create a token bound to it (`sedge token create --node {0}`): its old certificates are revoked when it joins"
+    )]
+    NodeRegistered(String),
+}
+
+impl TokenError {
+    /// Whether the refusal is about the node name (a conflict) rather than the token.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            TokenError::NodeConnected(_) | TokenError::NodeRegistered(_)
+        )
+    }
+}
+
+/// A join the store admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The token's id.
+    pub token: String,
+    /// The token was bound to this node: a re-join, whose earlier certificates are revoked
+    /// once the new one is recorded.
+    pub rejoin: bool,
 }
 
 /// What `sedge token list` shows.
@@ -65,6 +115,10 @@ pub struct TokenInfo {
     pub uses: i64,
     /// The last node that joined with it.
     pub last_node: String,
+    /// Joins it allows (1 unless made for a fleet).
+    pub max_uses: i64,
+    /// The node it is bound to (empty: any new node).
+    pub node: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,9 +173,36 @@ impl TokenStore {
              CREATE TABLE IF NOT EXISTS tokens (
                id TEXT PRIMARY KEY, description TEXT NOT NULL, created INTEGER NOT NULL,
                expires INTEGER NOT NULL, uses INTEGER NOT NULL DEFAULT 0,
-               last_node TEXT NOT NULL DEFAULT '');",
+               last_node TEXT NOT NULL DEFAULT '');
+             CREATE TABLE IF NOT EXISTS certs (
+               fingerprint TEXT PRIMARY KEY, node TEXT NOT NULL, token TEXT NOT NULL,
+               not_after INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+             CREATE INDEX IF NOT EXISTS certs_node ON certs (node);
+             CREATE INDEX IF NOT EXISTS certs_token ON certs (token);
+             CREATE TABLE IF NOT EXISTS revocations (id INTEGER PRIMARY KEY CHECK (id = 0),
+               generation INTEGER NOT NULL);
+             INSERT OR IGNORE INTO revocations (id, generation) VALUES (0, 0);",
         )
         .map_err(db_err)?;
+        // Databases from before single-use tokens: add the columns (old tokens become single-use).
+        for (col, ddl) in [
+            (
+                "max_uses",
+                "ALTER TABLE tokens ADD COLUMN max_uses INTEGER NOT NULL DEFAULT 1",
+            ),
+            (
+                "node",
+                "ALTER TABLE tokens ADD COLUMN node TEXT NOT NULL DEFAULT ''",
+            ),
+        ] {
+            let has: bool = db
+                .prepare("SELECT 1 FROM pragma_table_info('tokens') WHERE name = ?1")
+                .and_then(|mut st| st.exists(params![col]))
+                .map_err(db_err)?;
+            if !has {
+                db.execute_batch(ddl).map_err(db_err)?;
+            }
+        }
         Ok(TokenStore {
             db: Mutex::new(db),
             secret,
@@ -133,14 +214,43 @@ impl TokenStore {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Creates a token valid for `ttl`; returns the token text and its record.
+    /// Creates a single-use token valid for `ttl`; returns the token text and its record.
     pub fn create(
         &self,
         ttl: Duration,
         description: &str,
     ) -> Result<(String, TokenInfo), TunnelError> {
+        self.create_with(ttl, description, 1, None)
+    }
+
+    /// Creates a token valid for `ttl` and `max_uses` joins, bound to `node` if given (a token
+    /// bound to a node re-joins it: the only way to get a certificate for a name that joined).
+    pub fn create_with(
+        &self,
+        ttl: Duration,
+        description: &str,
+        max_uses: u32,
+        node: Option<&str>,
+    ) -> Result<(String, TokenInfo), TunnelError> {
         if ttl.is_zero() {
             return Err(TunnelError::Config("a token TTL must be above zero".into()));
+        }
+        if max_uses == 0 {
+            return Err(TunnelError::Config(
+                "a token's max uses must be at least 1".into(),
+            ));
+        }
+        let node = node.unwrap_or_default();
+        if !node.is_empty() && !crate::tls::valid_node_name(node) {
+            return Err(TunnelError::Config(format!(
+                "node name {node:?} is not a lower-case DNS name (letters, digits, '-', '.')"
+            )));
+        }
+        if max_uses > 1 && !node.is_empty() {
+            return Err(TunnelError::Config(
+                "a token bound to one node is single-use; --max-uses and --node do not go together"
+                    .into(),
+            ));
         }
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let created = crate::session::unix_secs();
@@ -159,8 +269,8 @@ impl TokenStore {
         .map_err(|e| TunnelError::Config(format!("signing a token: {e}")))?;
         self.db()
             .execute(
-                "INSERT INTO tokens (id, description, created, expires) VALUES (?1, ?2, ?3, ?4)",
-                params![id, description, created, expires],
+                "INSERT INTO tokens (id, description, created, expires, max_uses, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, description, created, expires, max_uses, node],
             )
             .map_err(db_err)?;
         let info = TokenInfo {
@@ -170,6 +280,8 @@ impl TokenStore {
             expires,
             uses: 0,
             last_node: String::new(),
+            max_uses: max_uses.into(),
+            node: node.into(),
         };
         Ok((format!("{}.{jwt}", self.ca_hash), info))
     }
@@ -178,7 +290,7 @@ impl TokenStore {
     pub fn list(&self) -> Result<Vec<TokenInfo>, TunnelError> {
         let db = self.db();
         let mut st = db
-            .prepare("SELECT id, description, created, expires, uses, last_node FROM tokens ORDER BY created, id")
+            .prepare("SELECT id, description, created, expires, uses, last_node, max_uses, node FROM tokens ORDER BY created, id")
             .map_err(db_err)?;
         let rows = st
             .query_map([], |r| {
@@ -189,13 +301,16 @@ impl TokenStore {
                     expires: r.get(3)?,
                     uses: r.get(4)?,
                     last_node: r.get(5)?,
+                    max_uses: r.get(6)?,
+                    node: r.get(7)?,
                 })
             })
             .map_err(db_err)?;
         rows.collect::<Result<_, _>>().map_err(db_err)
     }
 
-    /// Revokes a token by id (or by the full token text). Returns whether it existed.
+    /// Revokes a token by id (or by the full token text), and every certificate issued through
+    /// it (renewals included). Returns whether it existed.
     pub fn revoke(&self, id_or_token: &str) -> Result<bool, TunnelError> {
         let id = match id_or_token.split_once('.') {
             Some((_, jwt)) => jsonwebtoken::dangerous::insecure_decode::<Claims>(jwt)
@@ -203,15 +318,159 @@ impl TokenStore {
                 .unwrap_or_default(),
             None => id_or_token.to_string(),
         };
-        let n = self
-            .db()
+        let db = self.db();
+        let n = db
             .execute("DELETE FROM tokens WHERE id = ?1", params![id])
             .map_err(db_err)?;
+        let certs = db
+            .execute(
+                "UPDATE certs SET revoked = 1 WHERE token = ?1 AND revoked = 0",
+                params![id],
+            )
+            .map_err(db_err)?;
+        if certs > 0 {
+            bump_generation(&db)?;
+            tracing::info!(token = %id, certificates = certs, "revoked the certificates issued through a revoked token");
+        }
         Ok(n > 0)
     }
 
-    /// Checks a token (full text, or the JWT alone); on success records a use by `node`.
-    pub fn verify(&self, token: &str, node: &str) -> Result<String, TokenError> {
+    /// Revokes every certificate issued for `node` (the node was deleted, or re-joins).
+    /// Returns how many were revoked.
+    pub fn revoke_node(&self, node: &str) -> Result<usize, TunnelError> {
+        let db = self.db();
+        let n = db
+            .execute(
+                "UPDATE certs SET revoked = 1 WHERE node = ?1 AND revoked = 0",
+                params![node],
+            )
+            .map_err(db_err)?;
+        if n > 0 {
+            bump_generation(&db)?;
+        }
+        Ok(n)
+    }
+
+    /// Records a certificate issued for `node` through `token` (for renewals: the token of
+    /// the certificate renewed), so that revoking either revokes it.
+    pub fn record_cert(
+        &self,
+        cert_der: &[u8],
+        node: &str,
+        token: &str,
+        not_after: i64,
+    ) -> Result<(), TunnelError> {
+        let db = self.db();
+        // Records of certificates long expired are of no use to anyone.
+        let _ = db.execute(
+            "DELETE FROM certs WHERE not_after < ?1",
+            params![crate::session::unix_secs() - 86_400],
+        );
+        db.execute(
+            "INSERT OR REPLACE INTO certs (fingerprint, node, token, not_after) VALUES (?1, ?2, ?3, ?4)",
+            params![crate::tls::ca_hash(cert_der), node, token, not_after],
+        )
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// The token a recorded certificate was issued through (`None` if not recorded).
+    pub fn token_of_cert(&self, cert_der: &[u8]) -> Option<String> {
+        self.db()
+            .query_row(
+                "SELECT token FROM certs WHERE fingerprint = ?1",
+                params![crate::tls::ca_hash(cert_der)],
+                |r| r.get(0),
+            )
+            .optional()
+            .ok()
+            .flatten()
+    }
+
+    /// Whether a certificate has been revoked.
+    pub fn is_revoked(&self, cert_der: &[u8]) -> bool {
+        self.is_revoked_fingerprint(&crate::tls::ca_hash(cert_der))
+    }
+
+    /// Whether the certificate with this SHA-256 fingerprint (lower-case hex) has been revoked.
+    pub fn is_revoked_fingerprint(&self, fingerprint: &str) -> bool {
+        self.db()
+            .query_row(
+                "SELECT revoked FROM certs WHERE fingerprint = ?1",
+                params![fingerprint],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .ok()
+            .flatten()
+            .is_some_and(|r| r != 0)
+    }
+
+    /// A number that changes whenever a certificate is revoked, by this process or another
+    /// (`sedge token revoke` opens the same database): the hub re-checks its sessions then.
+    pub fn revocation_generation(&self) -> i64 {
+        self.db()
+            .query_row("SELECT generation FROM revocations WHERE id = 0", [], |r| {
+                r.get(0)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Checks a join of `node` with `token` (full text, or the JWT alone), and on success
+    /// records a use. `connected` says whether a node of that name is connected now. The checks
+    /// and the use are one step, so two joins racing for a single-use token cannot both pass.
+    pub fn admit(&self, token: &str, node: &str, connected: bool) -> Result<Admission, TokenError> {
+        let claims = self.check_signature(token)?;
+        let db = self.db();
+        let row: Option<(i64, i64, String)> = db
+            .query_row(
+                "SELECT uses, max_uses, node FROM tokens WHERE id = ?1",
+                params![claims.jti],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| TokenError::BadSignature(e.to_string()))?;
+        let Some((uses, max_uses, bound)) = row else {
+            return Err(TokenError::Revoked(claims.jti));
+        };
+        if uses >= max_uses {
+            return Err(TokenError::UsedUp {
+                id: claims.jti,
+                uses,
+            });
+        }
+        let rejoin = !bound.is_empty();
+        if rejoin && bound != node {
+            return Err(TokenError::BoundElsewhere {
+                id: claims.jti,
+                bound,
+                node: node.into(),
+            });
+        }
+        if !rejoin {
+            if connected {
+                return Err(TokenError::NodeConnected(node.into()));
+            }
+            let registered: bool = db
+                .prepare("SELECT 1 FROM certs WHERE node = ?1 AND revoked = 0 AND not_after > ?2")
+                .and_then(|mut st| st.exists(params![node, crate::session::unix_secs()]))
+                .map_err(|e| TokenError::BadSignature(e.to_string()))?;
+            if registered {
+                return Err(TokenError::NodeRegistered(node.into()));
+            }
+        }
+        let _ = db.execute(
+            "UPDATE tokens SET uses = uses + 1, last_node = ?2 WHERE id = ?1",
+            params![claims.jti, node],
+        );
+        Ok(Admission {
+            token: claims.jti,
+            rejoin,
+        })
+    }
+
+    /// Checks a token's signature, CA hash and expiry (not its uses: see [`TokenStore::admit`]).
+    fn check_signature(&self, token: &str) -> Result<Claims, TokenError> {
         let jwt = match token.split_once('.') {
             // A JWT has two dots; a full token has three.
             Some((hash, rest)) if rest.matches('.').count() == 2 => {
@@ -246,24 +505,17 @@ impl TokenStore {
             }
             Err(e) => return Err(TokenError::BadSignature(e.to_string())),
         };
-        let db = self.db();
-        let known: Option<i64> = db
-            .query_row(
-                "SELECT expires FROM tokens WHERE id = ?1",
-                params![claims.jti],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| TokenError::BadSignature(e.to_string()))?;
-        if known.is_none() {
-            return Err(TokenError::Revoked(claims.jti));
-        }
-        let _ = db.execute(
-            "UPDATE tokens SET uses = uses + 1, last_node = ?2 WHERE id = ?1",
-            params![claims.jti, node],
-        );
-        Ok(claims.jti)
+        Ok(claims)
     }
+}
+
+fn bump_generation(db: &Connection) -> Result<(), TunnelError> {
+    db.execute(
+        "UPDATE revocations SET generation = generation + 1 WHERE id = 0",
+        [],
+    )
+    .map_err(db_err)?;
+    Ok(())
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -290,19 +542,22 @@ mod tests {
         let s = store(dir.path());
         let (tok, info) = s.create(Duration::from_secs(3600), "site A").unwrap();
         assert!(tok.starts_with("ab12."));
-        assert_eq!(s.verify(&tok, "edge-1").unwrap(), info.id);
+        assert_eq!(s.admit(&tok, "edge-1", false).unwrap().token, info.id);
         let listed = s.list().unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].uses, 1);
         assert_eq!(listed[0].last_node, "edge-1");
         assert!(s.revoke(&info.id).unwrap());
-        assert_eq!(s.verify(&tok, "edge-1"), Err(TokenError::Revoked(info.id)));
+        assert_eq!(
+            s.admit(&tok, "edge-9", false),
+            Err(TokenError::Revoked(info.id))
+        );
         assert!(!s.revoke("nope").unwrap());
         // The key survives a reopen: tokens made before a restart still verify.
         let (tok2, _) = s.create(Duration::from_secs(60), "").unwrap();
         drop(s);
         let s = store(dir.path());
-        assert!(s.verify(&tok2, "edge-2").is_ok());
+        assert!(s.admit(&tok2, "edge-2", false).is_ok());
         assert!(s.revoke(&tok2).unwrap(), "revoke by full token text");
     }
 
@@ -311,17 +566,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
         let (tok, _) = s.create(Duration::from_secs(3600), "").unwrap();
-        assert_eq!(s.verify("garbage", "n"), Err(TokenError::Malformed));
+        assert_eq!(s.admit("garbage", "n", false), Err(TokenError::Malformed));
         let other_ca = tok.replacen("ab12", "cd34", 1);
         assert!(matches!(
-            s.verify(&other_ca, "n"),
+            s.admit(&other_ca, "n", false),
             Err(TokenError::WrongCa { .. })
         ));
         let mut tampered = tok.clone();
         tampered.pop();
         tampered.push(if tok.ends_with('A') { 'B' } else { 'A' });
         assert!(matches!(
-            s.verify(&tampered, "n"),
+            s.admit(&tampered, "n", false),
             Err(TokenError::BadSignature(_))
         ));
         // Expired: made with a 1 s TTL and checked with a clock 2 s later is awkward in a test;
@@ -338,11 +593,93 @@ mod tests {
             &EncodingKey::from_secret(&s.secret),
         )
         .unwrap();
-        let e = s.verify(&format!("ab12.{jwt}"), "n").unwrap_err();
+        let e = s.admit(&format!("ab12.{jwt}"), "n", false).unwrap_err();
         assert!(
             matches!(e, TokenError::Expired { ref id, expired: 1 } if id == "old"),
             "{e}"
         );
         assert!(s.create(Duration::ZERO, "").is_err());
+        assert!(s.create_with(Duration::from_secs(60), "", 0, None).is_err());
+        assert!(
+            s.create_with(Duration::from_secs(60), "", 2, Some("n"))
+                .is_err()
+        );
+        assert!(
+            s.create_with(Duration::from_secs(60), "", 1, Some("Bad/Name"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_token_serves_one_new_node_and_names_are_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        // The attack: one token, many node names.
+        let (tok, info) = s.create(Duration::from_secs(3600), "").unwrap();
+        s.admit(&tok, "edge-1", false).unwrap();
+        s.record_cert(b"cert-1", "edge-1", &info.id, i64::MAX)
+            .unwrap();
+        assert!(matches!(
+            s.admit(&tok, "edge-2", false),
+            Err(TokenError::UsedUp { uses: 1, .. })
+        ));
+        // A fresh token may not mint a certificate for a connected or registered name.
+        let (t2, _) = s.create(Duration::from_secs(3600), "").unwrap();
+        let e = s.admit(&t2, "edge-1", true).unwrap_err();
+        assert!(
+            e.is_conflict() && e.to_string().contains("connected"),
+            "{e}"
+        );
+        let e = s.admit(&t2, "edge-1", false).unwrap_err();
+        assert!(matches!(e, TokenError::NodeRegistered(_)), "{e}");
+        assert!(e.to_string().contains("--node edge-1"), "{e}");
+        // The refusals did not spend the token.
+        assert!(s.admit(&t2, "edge-3", false).is_ok());
+        // Re-join is explicit: a token bound to the node, and only to it.
+        let (bound, _) = s
+            .create_with(Duration::from_secs(3600), "", 1, Some("edge-1"))
+            .unwrap();
+        let e = s.admit(&bound, "edge-4", false).unwrap_err();
+        assert!(matches!(e, TokenError::BoundElsewhere { .. }), "{e}");
+        assert!(s.admit(&bound, "edge-1", true).unwrap().rejoin);
+        // Fleet enrolment.
+        let (fleet, _) = s
+            .create_with(Duration::from_secs(3600), "", 3, None)
+            .unwrap();
+        for n in ["f-1", "f-2", "f-3"] {
+            s.admit(&fleet, n, false).unwrap();
+        }
+        assert!(s.admit(&fleet, "f-4", false).is_err());
+        let listed = s.list().unwrap();
+        assert!(listed.iter().any(|t| t.max_uses == 3 && t.uses == 3));
+    }
+
+    #[test]
+    fn revoking_a_token_or_a_node_revokes_its_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let (tok, info) = s.create(Duration::from_secs(3600), "").unwrap();
+        s.admit(&tok, "edge-1", false).unwrap();
+        s.record_cert(b"first", "edge-1", &info.id, i64::MAX)
+            .unwrap();
+        // A renewal inherits the token.
+        assert_eq!(s.token_of_cert(b"first").as_deref(), Some(info.id.as_str()));
+        s.record_cert(b"renewed", "edge-1", &info.id, i64::MAX)
+            .unwrap();
+        let g = s.revocation_generation();
+        assert!(!s.is_revoked(b"first") && !s.is_revoked(b"unknown"));
+        assert!(s.revoke(&info.id).unwrap());
+        assert!(s.is_revoked(b"first") && s.is_revoked(b"renewed"));
+        assert!(s.revocation_generation() > g);
+        // The name is free again once its certificates are revoked.
+        let (t2, i2) = s.create(Duration::from_secs(3600), "").unwrap();
+        s.admit(&t2, "edge-1", false).unwrap();
+        s.record_cert(b"again", "edge-1", &i2.id, i64::MAX).unwrap();
+        assert_eq!(s.revoke_node("edge-1").unwrap(), 1);
+        assert!(s.is_revoked(b"again"));
+        // Another process sees the same state (the CLI and the hub share the database).
+        drop(s);
+        let s = store(dir.path());
+        assert!(s.is_revoked(b"again"));
     }
 }

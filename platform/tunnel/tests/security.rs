@@ -191,7 +191,7 @@ async fn an_expired_node_certificate_is_refused_at_the_handshake() {
     let (hub, _) = start_hub(hub_config(dir.path())).await;
     let cfg = edge_config(&hub, dir.path(), "edge-7", Transport::Websocket);
     // A certificate from the real CA that expires in a second.
-    let ca = sedge_pki::Ca::load_or_create(&dir.path().join("pki"), "sedge-ca").unwrap();
+    let ca = sedge_tunnel::tls::node_ca(&dir.path().join("pki")).unwrap();
     let issued = ca
         .issue(&sedge_pki::IssueRequest {
             common_name: "system:node:edge-7".into(),
@@ -365,5 +365,138 @@ async fn a_flood_of_silent_connections_does_not_stop_good_nodes() {
     good_node_works(&hub, &store, 4).await;
     edge3.shutdown().await;
     edge1.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_cannot_take_over_a_node_and_revocation_reaches_its_certificates() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg1 = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    let (tok1, info1) = hub.tokens().create(Duration::from_secs(3600), "").unwrap();
+    sedge_tunnel::join(&cfg1, &tok1).await.unwrap();
+    let (edge1, _) = start_edge(cfg1.clone()).await;
+    wait_for("edge-1 up", 10, || edge1.is_connected()).await;
+
+    // The attack: a fresh token asks for the connected node's name.
+    let (fresh, _) = hub.tokens().create(Duration::from_secs(3600), "").unwrap();
+    let thief = edge_config(
+        &hub,
+        &dir.path().join("thief"),
+        "edge-1",
+        Transport::Websocket,
+    );
+    join_fails(&thief, &fresh, "is connected now").await;
+    // One token, many names: only the first.
+    for (i, name) in ["n-1", "n-2", "n-3", "n-4", "n-5", "n-6", "n-7"]
+        .iter()
+        .enumerate()
+    {
+        let cfg = edge_config(&hub, dir.path(), name, Transport::Websocket);
+        let r = sedge_tunnel::join(&cfg, &fresh).await;
+        assert_eq!(r.is_ok(), i == 0, "{name}: {r:?}");
+    }
+    // Not connected but registered: still refused, with the way to re-join in the message.
+    edge1.shutdown().await;
+    wait_for("edge-1 down", 10, || !hub.is_connected("edge-1")).await;
+    let (another, _) = hub.tokens().create(Duration::from_secs(3600), "").unwrap();
+    join_fails(&thief, &another, "--node edge-1").await;
+    // The old certificate still connects.
+    let (edge1, _) = start_edge(cfg1.clone()).await;
+    wait_for("edge-1 back", 10, || edge1.is_connected()).await;
+
+    // Revoking the token that joined it closes its session and its certificate stops working.
+    assert!(hub.tokens().revoke(&info1.id).unwrap());
+    wait_for("the revoked node's session to close", 15, || {
+        !hub.is_connected("edge-1")
+    })
+    .await;
+    let before = hub.counters().get("handshake_failures");
+    wait_for("the revoked certificate to be refused again", 15, || {
+        hub.counters().get("handshake_failures") > before
+    })
+    .await;
+    assert!(!hub.is_connected("edge-1"));
+    edge1.shutdown().await;
+
+    // Re-join is explicit: a token bound to the name.
+    let (bound, _) = hub
+        .tokens()
+        .create_with(Duration::from_secs(3600), "", 1, Some("edge-1"))
+        .unwrap();
+    let other = edge_config(&hub, dir.path(), "edge-2", Transport::Websocket);
+    join_fails(&other, &bound, "bound to node").await;
+    let rejoined = edge_config(
+        &hub,
+        &dir.path().join("rejoined"),
+        "edge-1",
+        Transport::Websocket,
+    );
+    sedge_tunnel::join(&rejoined, &bound).await.unwrap();
+    let (edge1, _) = start_edge(rejoined).await;
+    wait_for("edge-1 re-joined", 10, || edge1.is_connected()).await;
+
+    // Deleting the node revokes what it holds, at once.
+    assert_eq!(hub.revoke_node("edge-1").await.unwrap(), 1);
+    wait_for("the deleted node to be cut off", 10, || {
+        !hub.is_connected("edge-1")
+    })
+    .await;
+    edge1.shutdown().await;
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn node_certificates_come_from_their_own_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    sedge_tunnel::join(&cfg, &token(&hub)).await.unwrap();
+    let id = Identity::load(&cfg.data_dir).unwrap();
+    let leaf = sedge_pki::certs_from_pem(&id.cert_pem, "node").unwrap();
+    let cluster = sedge_pki::Ca::load_or_create(&dir.path().join("pki"), "sedge-ca").unwrap();
+    let nodes = tls::node_ca(&dir.path().join("pki")).unwrap();
+    // Verified against the node CA, not against the cluster CA the API server trusts.
+    let verify = |ca_pem: &str| {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in sedge_pki::certs_from_pem(ca_pem, "ca").unwrap() {
+            roots.add(c).unwrap();
+        }
+        let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            sedge_pki::provider(),
+        )
+        .build()
+        .unwrap();
+        v.verify_client_cert(&leaf[0], &[], rustls::pki_types::UnixTime::now())
+            .is_ok()
+    };
+    assert!(verify(nodes.cert_pem()));
+    assert!(!verify(cluster.cert_pem()));
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_join_requests_is_throttled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    // Well-formed enough to reach the hub, and wrong.
+    let bad = format!("{}.a.b.c", hub.ca_hash());
+    let mut tries = Vec::new();
+    for _ in 0..100 {
+        tries.push(sedge_tunnel::join(&cfg, &bad));
+    }
+    let results = futures::future::join_all(tries).await;
+    let throttled = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.to_string().contains("too many"))
+        })
+        .count();
+    assert!(throttled > 0, "{:?}", results.first());
+    assert!(hub.counters().get("joins_throttled") as usize >= throttled);
     hub.shutdown().await;
 }
