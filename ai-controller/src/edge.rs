@@ -302,6 +302,47 @@ struct LcBody {
     status: String,
 }
 
+/// Most counters one report may carry, and the longest counter name.
+const MAX_METRICS: usize = 32;
+const MAX_METRIC_NAME: usize = 64;
+/// Largest report body read (Sedna's reports are a few hundred bytes).
+const MAX_REPORT_BYTES: usize = 64 * 1024;
+
+/// The counters of a report (`ownerInfo` less its times), each a number or a boolean: what
+/// reaches `kubectl get ji` must be a count, not text a local process chose.
+fn report_metrics(info: BTreeMap<String, Value>) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for (k, v) in info {
+        if k == "startTime" || k == "updateTime" {
+            continue;
+        }
+        if k.is_empty()
+            || k.len() > MAX_METRIC_NAME
+            || !k.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(format!(
+                "ownerInfo key {k:?}: expected 1 to {MAX_METRIC_NAME} letters or digits"
+            ));
+        }
+        let value = match &v {
+            Value::Number(n) if n.as_f64().is_some_and(f64::is_finite) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::String(s) if s == "true" || s == "false" => s.clone(),
+            Value::String(s) if s.parse::<f64>().is_ok_and(f64::is_finite) => s.clone(),
+            other => {
+                return Err(format!(
+                    "ownerInfo.{k}: {other} is not a number or a boolean"
+                ));
+            }
+        };
+        out.insert(k, value);
+        if out.len() > MAX_METRICS {
+            return Err(format!("ownerInfo: more than {MAX_METRICS} counters"));
+        }
+    }
+    Ok(out)
+}
+
 fn lc_reply(code: StatusCode, message: String) -> (StatusCode, axum::Json<Value>) {
     (
         code,
@@ -343,18 +384,10 @@ async fn worker_info(
             format!("no pod {ns}/{worker} runs on this node (WORKER_NAME must be the pod's name)"),
         );
     };
-    let metrics = b
-        .owner_info
-        .into_iter()
-        .filter(|(k, _)| k != "startTime" && k != "updateTime")
-        .map(|(k, v)| {
-            let s = match v {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            (k, s)
-        })
-        .collect();
+    let metrics = match report_metrics(b.owner_info) {
+        Ok(m) => m,
+        Err(why) => return lc_reply(StatusCode::BAD_REQUEST, why),
+    };
     let report = WorkerReport {
         owner_kind: b.owner_kind.to_lowercase(),
         owner_name: b.owner_name,
@@ -385,6 +418,7 @@ async fn serve_lc(shared: Arc<Shared>) {
     let app = axum::Router::new()
         .route("/sedna/workers/{worker}/info", post(worker_info))
         .route("/healthz", get(|| async { "ok" }))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REPORT_BYTES))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "local-controller endpoint stopped");
@@ -475,4 +509,35 @@ async fn carry(shared: Arc<Shared>, route: Route, sock: TcpStream) {
     let _ = ctx
         .send_now(Message::new(GROUP, op::DELETE, &key, Vec::new()))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_carry_numbers_only() {
+        let info = |v: Value| -> BTreeMap<String, Value> {
+            serde_json::from_value(json!({"startTime": "x", "inferenceNumber": 10, "uploadCloudRatio": "0.25", "cloudReachable": "true", "extra": v})).unwrap()
+        };
+        let m = report_metrics(info(json!(false))).unwrap();
+        assert_eq!(m["inferenceNumber"], "10");
+        assert_eq!(m["uploadCloudRatio"], "0.25");
+        assert!(!m.contains_key("startTime"));
+        // The attack: text that would show in `kubectl get ji`.
+        for bad in [
+            json!("<script>"),
+            json!("NaN"),
+            json!({"a": 1}),
+            json!([1]),
+            json!(null),
+        ] {
+            let e = report_metrics(info(bad.clone())).unwrap_err();
+            assert!(e.contains("ownerInfo.extra"), "{bad}: {e}");
+        }
+        let many: BTreeMap<String, Value> = (0..40).map(|i| (format!("c{i}"), json!(i))).collect();
+        assert!(report_metrics(many).unwrap_err().contains("more than"));
+        let odd: BTreeMap<String, Value> = [("a b".to_string(), json!(1))].into();
+        assert!(report_metrics(odd).is_err());
+    }
 }
