@@ -7,7 +7,9 @@
 //! - `http://` or `https://`: downloaded with its `.json` description beside it into the cache
 //!   (`$SEDGE_MODEL_CACHE`, default `~/.cache/sedge/models`), keyed by the URL. The SHA-256 of the
 //!   model is recorded next to it; a cached copy whose content no longer matches is fetched again,
-//!   and with `MODEL_SHA256` set a download that does not match is refused.
+//!   and with `MODEL_SHA256` set a download that does not match is refused. Downloads stream to
+//!   disk and stop at `SEDGE_MODEL_MAX_BYTES` (default 512 MiB; the description at 1 MiB), and at
+//!   most three redirects are followed.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,10 +57,126 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// An HTTP(S) client (rustls with ring; system roots).
+/// An HTTP(S) client (rustls with ring; system roots; at most three redirects).
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().timeout(timeout).build()
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::limited(3))
+        .build()
+}
+
+/// Largest model downloaded, unless `SEDGE_MODEL_MAX_BYTES` says otherwise.
+pub const DEFAULT_MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
+/// Largest model description (`.json`) downloaded.
+const MAX_DESCRIPTION_BYTES: u64 = 1024 * 1024;
+
+fn max_model_bytes() -> Result<u64, FetchError> {
+    match crate::config::env("SEDGE_MODEL_MAX_BYTES") {
+        None => Ok(DEFAULT_MAX_MODEL_BYTES),
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| FetchError::Download {
+                url: String::new(),
+                why: format!("SEDGE_MODEL_MAX_BYTES={v:?} is not a positive number of bytes"),
+            }),
+    }
+}
+
+/// Downloads `url` into [`part_of`]`(dest)`, at most `cap` bytes, never holding more than one
+/// chunk in memory; returns the SHA-256 of what was written. The caller renames it into place.
+async fn download(
+    client: &reqwest::Client,
+    url: &str,
+    dest: &Path,
+    cap: u64,
+) -> Result<String, FetchError> {
+    use std::io::Write;
+    let err = |why: String| FetchError::Download {
+        url: url.into(),
+        why,
+    };
+    let mut r = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    if !r.status().is_success() {
+        return Err(err(format!("HTTP {}", r.status())));
+    }
+    if let Some(len) = r.content_length()
+        && len > cap
+    {
+        return Err(err(format!(
+            "the server says it is {len} bytes, more than the {cap} allowed (SEDGE_MODEL_MAX_BYTES)"
+        )));
+    }
+    let tmp = part_of(dest);
+    let cache_err = |source| FetchError::Cache {
+        path: tmp.display().to_string(),
+        source,
+    };
+    let mut out = std::fs::File::create(&tmp).map_err(cache_err)?;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut written = 0u64;
+    let result = async {
+        while let Some(chunk) = r.chunk().await.map_err(|e| err(e.to_string()))? {
+            written += chunk.len() as u64;
+            if written > cap {
+                return Err(err(format!(
+                    "more than the {cap} bytes allowed (SEDGE_MODEL_MAX_BYTES); download stopped"
+                )));
+            }
+            hash.update(&chunk);
+            out.write_all(&chunk).map_err(cache_err)?;
+        }
+        out.sync_all().map_err(cache_err)?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(hash
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Where a download of `dest` is written until it is complete and checked.
+fn part_of(dest: &Path) -> PathBuf {
+    let mut p = dest.as_os_str().to_owned();
+    p.push(".part");
+    PathBuf::from(p)
+}
+
+/// The cache file name for a URL's last segment: kept when it is a plain file name.
+fn cache_name(url: &str) -> String {
+    let last = url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default()
+        .rsplit('/')
+        .next();
+    match last {
+        Some(n)
+            if !n.is_empty()
+                && n != "."
+                && n != ".."
+                && n.len() <= 128
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
+        {
+            n.to_string()
+        }
+        _ => "model.onnx".into(),
+    }
 }
 
 /// The cache directory.
@@ -99,6 +217,16 @@ pub async fn resolve_in(
     want_sha256: Option<&str>,
     cache: &Path,
 ) -> Result<PathBuf, FetchError> {
+    resolve_capped(url, want_sha256, cache, max_model_bytes()?).await
+}
+
+/// Like [`resolve_in`], downloading at most `cap` bytes of model.
+pub async fn resolve_capped(
+    url: &str,
+    want_sha256: Option<&str>,
+    cache: &Path,
+    cap: u64,
+) -> Result<PathBuf, FetchError> {
     let url = url.trim();
     if let Some(p) = url.strip_prefix("file://") {
         return Ok(local_path(p));
@@ -109,12 +237,7 @@ pub async fn resolve_in(
         }
         return Ok(local_path(url));
     }
-    let name = url
-        .rsplit('/')
-        .next()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("model.onnx")
-        .to_string();
+    let name = cache_name(url);
     let dir = cache.join(&sha256_hex(url.as_bytes())[..16]);
     let file = dir.join(&name);
     let sum_file = dir.join(format!("{name}.sha256"));
@@ -131,19 +254,16 @@ pub async fn resolve_in(
         url: url.into(),
         why: e.to_string(),
     })?;
-    let get = async |u: &str| -> Result<Vec<u8>, FetchError> {
-        let err = |why: String| FetchError::Download { url: u.into(), why };
-        let r = client.get(u).send().await.map_err(|e| err(e.to_string()))?;
-        if !r.status().is_success() {
-            return Err(err(format!("HTTP {}", r.status())));
-        }
-        Ok(r.bytes().await.map_err(|e| err(e.to_string()))?.to_vec())
+    let cache_err = |path: &Path, source| FetchError::Cache {
+        path: path.display().to_string(),
+        source,
     };
-    let model = get(url).await?;
-    let got = sha256_hex(&model);
+    std::fs::create_dir_all(&dir).map_err(|e| cache_err(&dir, e))?;
+    let got = download(&client, url, &file, cap).await?;
     if let Some(w) = &want
         && *w != got
     {
+        let _ = std::fs::remove_file(part_of(&file));
         return Err(FetchError::Checksum {
             url: url.into(),
             want: w.clone(),
@@ -155,17 +275,13 @@ pub async fn resolve_in(
         Some((stem, ext)) if !ext.contains('/') => format!("{stem}.json"),
         _ => format!("{url}.json"),
     };
-    let description = get(&json_url).await?;
-    let cache_err = |path: &Path, source| FetchError::Cache {
-        path: path.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| cache_err(&dir, e))?;
     let json_file = file.with_extension("json");
-    for (path, bytes) in [(&json_file, &description), (&file, &model)] {
-        let tmp = path.with_extension("part");
-        std::fs::write(&tmp, bytes).map_err(|e| cache_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| cache_err(path, e))?;
+    if let Err(e) = download(&client, &json_url, &json_file, MAX_DESCRIPTION_BYTES).await {
+        let _ = std::fs::remove_file(part_of(&file));
+        return Err(e);
+    }
+    for path in [&json_file, &file] {
+        std::fs::rename(part_of(path), path).map_err(|e| cache_err(path, e))?;
     }
     std::fs::write(&sum_file, &got).map_err(|e| cache_err(&sum_file, e))?;
     tracing::info!(%url, file = %file.display(), sha256 = %got, "model downloaded");
@@ -250,5 +366,48 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("unsupported scheme"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_model_over_the_cap_is_not_downloaded_whole() {
+        static BIG: [u8; 5000] = [7u8; 5000];
+        let (port, _) = serve(&BIG);
+        let cache = tempfile::tempdir().unwrap();
+        let url = format!("http://127.0.0.1:{port}/m.onnx");
+        let e = resolve_capped(&url, None, cache.path(), 1000)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("more than the 1000"), "{e}");
+        // Nothing is left in the cache, not even a partial file.
+        let left: Vec<_> = walk(cache.path());
+        assert!(left.is_empty(), "{left:?}");
+        resolve_capped(&url, None, cache.path(), 5000)
+            .await
+            .unwrap();
+    }
+
+    fn walk(d: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn cache_names_are_plain_file_names() {
+        assert_eq!(cache_name("http://h/models/edge.onnx?sig=1"), "edge.onnx");
+        for bad in [
+            "http://h/..",
+            "http://h/",
+            "http://h/a%2F..%2Fb",
+            "http://h/x y",
+        ] {
+            assert_eq!(cache_name(bad), "model.onnx", "{bad}");
+        }
     }
 }
