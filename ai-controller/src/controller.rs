@@ -740,6 +740,26 @@ fn crash_looping(pods: &[Pod]) -> Option<(String, String, i32, Option<i32>)> {
     None
 }
 
+/// A worker the node refused to start (`CreateContainerConfigError`), if any: (pod, role,
+/// the node's message).
+fn config_error(pods: &[Pod]) -> Option<(String, String, String)> {
+    pods.iter().find_map(|p| {
+        let role = p
+            .labels()
+            .get(WORKER_TYPE_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+            .find(|w| w.reason.as_deref() == Some("CreateContainerConfigError"))
+            .map(|w| (p.name_any(), role, w.message.clone().unwrap_or_default()))
+    })
+}
+
 async fn last_log_line(client: &Client, ns: &str, pod: &str) -> Option<String> {
     let logs = Api::<Pod>::namespaced(client.clone(), ns)
         .logs(
@@ -797,6 +817,18 @@ async fn observe(
                 "{role} worker {pod} {what} (restarted {restarts} times, last exit code {}): {line}; see kubectl logs {pod} -n {ns}",
                 code.map_or("?".into(), |c| c.to_string())
             ),
+        )
+    } else if let Some((pod, role, message)) = config_error(&pods) {
+        // The node would not start the worker: a model directory it does not allow as a host
+        // path is a model that is not available there.
+        let (reason, what) = if message.contains("hostPath") {
+            ("ModelUnavailable", "cannot mount its model")
+        } else {
+            ("WorkerConfigError", "cannot be configured")
+        };
+        Verdict::failed(
+            reason,
+            format!("{role} worker {pod} {what} on its node: {message}"),
         )
     } else if active == 2 {
         let m = metrics_map(&ji.status.as_ref().and_then(|s| s.metrics.clone()));

@@ -63,7 +63,7 @@ pub fn host_path(field: &str, p: &str, allow: &[PathBuf]) -> Result<(), String> 
             "{field} {p:?}: must be an absolute path without '..'"
         ));
     }
-    if allow.iter().any(|a| path.starts_with(a)) {
+    if allow.iter().any(|a| path.starts_with(lexical(a))) {
         return Ok(());
     }
     let allowed = if allow.is_empty() {
@@ -81,6 +81,22 @@ pub fn host_path(field: &str, p: &str, allow: &[PathBuf]) -> Result<(), String> 
     Err(format!(
         "{field} {p:?}: host path is not allowed on this node ({allowed}; the edge agent's `host_path_allow` setting)"
     ))
+}
+
+/// `p` with `.` and `..` resolved by the text alone (an allowlist entry written
+/// `/opt/sedge/../models` means `/opt/models`).
+fn lexical(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Everything the node materialises from `pod`, checked. `host_images` names the images whose
@@ -298,6 +314,8 @@ mod tests {
         assert!(e.contains(".."), "{e}");
         // A host-command image runs any host program already: no escalation.
         check(pod("busybox", "/etc")).unwrap();
+        let dotted = [PathBuf::from("/opt/sedge/../models/./")];
+        super::pod(&pod("sedge/worker", "/opt/models/x"), &dotted, |_| false).unwrap();
         let e = super::pod(&pod("sedge/worker", "/opt/models"), &[], |_| false).unwrap_err();
         assert!(e.contains("none are allowed"), "{e}");
     }

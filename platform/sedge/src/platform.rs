@@ -120,6 +120,11 @@ pub struct UpArgs {
     /// Port of the local-controller endpoint workers report to (all nodes share this machine).
     #[arg(long, default_value_t = 9100)]
     pub lc_port: u16,
+    /// Host directories pods' `hostPath` volumes may name, on every node (repeatable; added to
+    /// the edge config's `host_path_allow`). `sedge up`'s nodes share your machine, and Models
+    /// with a local path are mounted as host paths, hence the default.
+    #[arg(long = "host-path-allow", default_value = "/tmp")]
+    pub host_path_allow: Vec<PathBuf>,
 }
 
 /// The label `sedge up` puts on its cloud nodes.
@@ -359,6 +364,7 @@ impl Up {
             ec.tunnel.cloud = cloud.hub.addr().to_string();
             ec.tunnel.data_dir = dir.join(&node);
             ec.node_ip = "127.0.0.1".into();
+            ec.host_path_allow.extend(a.host_path_allow.iter().cloned());
             ec.metaserver_listen = if a.metaserver_port == 0 {
                 "127.0.0.1:0".into()
             } else {

@@ -82,9 +82,34 @@ async fn tokens_are_created_listed_used_and_revoked() {
 
     let (ok, list, _) = run(tok(&["list"]));
     assert!(ok);
+    // Single use by default: spent by edge-1, refused for a second node.
     assert!(
-        list.contains("site-a") && list.contains("valid") && list.contains("edge-1"),
+        list.contains("site-a")
+            && list.contains("used")
+            && list.contains("1/1")
+            && list.contains("edge-1"),
         "{list}"
+    );
+    let other_dir = d.path().join("edge-x").display().to_string();
+    let second = run([
+        "join",
+        "--cloud",
+        &cloud,
+        "--token",
+        &token,
+        "--node-name",
+        "edge-x",
+        "--data-dir",
+        &other_dir,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect());
+    let (ok, _, err) = tokio::task::block_in_place(|| second);
+    assert!(!ok);
+    assert!(
+        err.contains("all it allows") && err.contains("--max-uses"),
+        "{err}"
     );
     let id = list
         .lines()
@@ -104,6 +129,15 @@ async fn tokens_are_created_listed_used_and_revoked() {
     let (ok, _, err) = run(tok(&["create", "--ttl", "10y"]));
     assert!(!ok);
     assert!(err.contains("unit \"y\" is not one of s, m, h, d"), "{err}");
+    let (ok, _, err) = run(tok(&["create", "--max-uses", "0"]));
+    assert!(!ok);
+    assert!(err.contains("at least 1"), "{err}");
+    let (ok, _, err) = run(tok(&["create", "--max-uses", "3", "--node", "edge-1"]));
+    assert!(!ok);
+    assert!(err.contains("do not go together"), "{err}");
+    let (ok, _, err) = run(tok(&["create", "--node", "Edge_1"]));
+    assert!(!ok);
+    assert!(err.contains("not a lower-case DNS name"), "{err}");
     let (ok, _, err) = run(tok(&["revoke", "nope"]));
     assert!(!ok);
     assert!(err.contains("no token \"nope\""), "{err}");

@@ -142,7 +142,16 @@ fn joint_inference_through_kubectl() {
         ),
     )
     .unwrap();
-    let up = up_with(&["--lc-port", &lc_port, "--ai-config", ai.to_str().unwrap()]);
+    // The edge Model is a path in this checkout, mounted as a hostPath: the nodes must allow it.
+    let models_dir = repo().join("models").display().to_string();
+    let up = up_with(&[
+        "--lc-port",
+        &lc_port,
+        "--ai-config",
+        ai.to_str().unwrap(),
+        "--host-path-allow",
+        &models_dir,
+    ]);
     up.ok(&[
         "wait",
         "--for=condition=Ready",
