@@ -1,6 +1,8 @@
 //! API server benchmark: creates/s, gets/s, list latency over 10k objects, and watch fan-out to
 //! 100 watchers, through HTTPS with the `kube` client (what controllers see), each next to the
 //! same operation on the store directly in this process (the baseline the ratio is against).
+//! Creates and gets are also made as a user bound to `edit` (every request goes through RBAC)
+//! next to the same as `system:masters` (no rule is evaluated): the cost of authorization.
 //!
 //! `cargo run --release -p sedge-benchmarks --bin apiserver [-- --objects 10000 --watchers 100]`
 
@@ -73,15 +75,46 @@ async fn client(server: &ApiServer) -> Result<kube::Client> {
     Ok(kube::Client::try_from(cfg)?)
 }
 
+/// The bearer token of the benchmark's RBAC user (`bench`, bound to `edit` in `default`).
+const USER_TOKEN: &str = "bench-user-token";
+
 async fn start(dir: &std::path::Path, durability: Durability) -> Result<ApiServer> {
+    let tokens = dir.join("bench-tokens.csv");
+    std::fs::write(
+        &tokens,
+        format!(
+            "bench-admin-token,sedge-admin,sedge-admin,\"system:masters\"\n{USER_TOKEN},bench,bench\n"
+        ),
+    )?;
     let cfg = ApiServerConfig {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".into(),
         durability,
         history_events: 100_000,
+        token_file: Some(tokens),
         ..ApiServerConfig::default()
     };
     Ok(ApiServer::start(cfg).await?)
+}
+
+/// A client as the `bench` user, after binding it to `edit` in `default`.
+async fn rbac_client(server: &ApiServer, admin: &kube::Client) -> Result<kube::Client> {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "bench-edit"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bench"}]
+    }))?;
+    Api::<RoleBinding>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let text =
+        std::fs::read_to_string(&server.kubeconfig)?.replace(&server.admin_token, USER_TOKEN);
+    let path = server.kubeconfig.with_extension("bench");
+    std::fs::write(&path, text)?;
+    let kc = kube::config::Kubeconfig::read_from(&path)?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(cfg)?)
 }
 
 /// Runs `n` operations over `conc` tasks; returns per-op latencies (ms) and wall seconds.
@@ -210,6 +243,46 @@ async fn main() -> Result<()> {
                 secs,
                 Some(base),
             ));
+
+            // The cost of authorization: the same creates and gets as a user whose every request
+            // RBAC decides, next to system:masters (allowed before any rule is looked at).
+            let admin = client(&server).await?;
+            let user: Api<ConfigMap> =
+                Api::namespaced(rbac_client(&server, &admin).await?, "default");
+            let mut auth_rows = Vec::new();
+            for (who, api) in [("system:masters", api.clone()), ("RBAC user (edit)", user)] {
+                let prefix = if who.starts_with("RBAC") { "u" } else { "m" };
+                let api2 = api.clone();
+                let (lat, secs) = drive(n / 2, a.concurrency, move |i| {
+                    let api = api2.clone();
+                    async move {
+                        api.create(&PostParams::default(), &cm(&format!("{prefix}-{i:06}")))
+                            .await?;
+                        Ok(())
+                    }
+                })
+                .await?;
+                auth_rows.push((format!("create as {who}, x{}", a.concurrency), lat, secs));
+                let api2 = api.clone();
+                let (lat, secs) = drive(n / 2, a.concurrency, move |i| {
+                    let api = api2.clone();
+                    async move {
+                        api.get(&format!("{prefix}-{i:06}")).await?;
+                        Ok(())
+                    }
+                })
+                .await?;
+                auth_rows.push((format!("get as {who}, x{}", a.concurrency), lat, secs));
+            }
+            // Each RBAC row's baseline is the masters row of the same operation.
+            let masters_rates: Vec<f64> = auth_rows[..2]
+                .iter()
+                .map(|(_, l, s)| l.len() as f64 / s)
+                .collect();
+            for (i, (what, lat, secs)) in auth_rows.into_iter().enumerate() {
+                let baseline = (i >= 2).then(|| masters_rates[i - 2]);
+                rows.push(row(&what, lat, secs, baseline));
+            }
 
             // Lists of all n objects.
             let mut lat = Vec::new();
@@ -346,7 +419,7 @@ async fn main() -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&tmp);
 
-    println!("| operation | n | seconds | per second | p50 ms | p99 ms | vs store alone |");
+    println!("| operation | n | seconds | per second | p50 ms | p99 ms | vs baseline |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let rate = r.n as f64 / r.secs;

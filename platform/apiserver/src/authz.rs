@@ -22,6 +22,10 @@ use crate::store::Store;
 
 /// The RBAC API group.
 pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+/// The user the cloud core runs as on `sedge up`, bound to the role of the same name.
+pub const CLOUDCORE_USER: &str = "sedge:cloudcore";
+/// The user the AI controller runs as on `sedge up`, bound to the role of the same name.
+pub const AI_CONTROLLER_USER: &str = "sedge:ai-controller";
 /// The group every authenticated user is in.
 pub const AUTHENTICATED: &str = "system:authenticated";
 /// The group allowed everything.
@@ -162,7 +166,7 @@ impl Rule {
                 || (!a.subresource.is_empty() && *r == format!("*/{}", a.subresource))
         });
         let name = self.resource_names.is_empty()
-            || (!a.name.is_empty() && self.resource_names.iter().any(|n| *n == a.name));
+            || (!a.name.is_empty() && self.resource_names.contains(&a.name));
         group && resource && name
     }
 }
@@ -679,7 +683,66 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
                "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": role},
                "subjects": [{"apiGroup": RBAC_GROUP, "kind": "Group", "name": group}]})
     };
+    let bind_user = |name: &str, role: &str| {
+        json!({"apiVersion": format!("{RBAC_GROUP}/v1"), "kind": "ClusterRoleBinding", "metadata": meta(name),
+               "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": role},
+               "subjects": [{"apiGroup": RBAC_GROUP, "kind": "User", "name": name}]})
+    };
+    // Sedge's own components, each with what it uses and no more (see `sedge up`).
+    let all = [
+        "get", "list", "watch", "create", "update", "patch", "delete",
+    ];
+    let cloudcore = vec![
+        rule(&all, "", &["pods", "pods/status", "nodes", "nodes/status"]),
+        rule(&["create"], "", &["pods/binding"]),
+        rule(
+            &read,
+            "",
+            &[
+                "configmaps",
+                "secrets",
+                "services",
+                "endpoints",
+                "namespaces",
+            ],
+        ),
+        rule(&["create", "update", "patch"], "", &["events"]),
+        rule(&all, "coordination.k8s.io", &["leases"]),
+        rule(
+            &["get", "list", "watch", "update", "patch"],
+            "apps",
+            &["deployments", "deployments/status"],
+        ),
+        // The AI layer's cloud module runs inside the cloud core and writes service status.
+        rule(
+            &["get", "list", "watch", "update", "patch"],
+            "sedna.io",
+            &["*"],
+        ),
+    ];
+    let ai_controller = vec![
+        rule(&all_read_write, "sedna.io", &["*"]),
+        rule(&all_read_write, "apps", &["deployments"]),
+        rule(&all_read_write, "", &["services"]),
+        rule(&read, "", &["pods", "pods/log", "nodes"]),
+        rule(&["create", "update", "patch"], "", &["events"]),
+        rule(
+            &["get", "list", "watch", "create", "update", "patch"],
+            "apiextensions.k8s.io",
+            &["customresourcedefinitions"],
+        ),
+    ];
     vec![
+        ("clusterroles", role(CLOUDCORE_USER, cloudcore)),
+        ("clusterroles", role(AI_CONTROLLER_USER, ai_controller)),
+        (
+            "clusterrolebindings",
+            bind_user(CLOUDCORE_USER, CLOUDCORE_USER),
+        ),
+        (
+            "clusterrolebindings",
+            bind_user(AI_CONTROLLER_USER, AI_CONTROLLER_USER),
+        ),
         (
             "clusterroles",
             role(
@@ -896,6 +959,38 @@ mod tests {
                 ..Default::default()
             }
         ));
+    }
+
+    #[test]
+    fn sedges_components_hold_what_they_use_and_are_not_admins() {
+        let (roles, binds) = defaults();
+        let p = Policy::from_objects(&roles, &[], &binds, &[]);
+        let cc = id(CLOUDCORE_USER, &[]);
+        assert!(p.allows(&cc, &attrs("patch", "", "pods/status", "default", "p")));
+        assert!(p.allows(&cc, &attrs("create", "", "pods/binding", "default", "p")));
+        assert!(p.allows(&cc, &attrs("watch", "", "secrets", "", "")));
+        assert!(!p.allows(&cc, &attrs("create", "", "secrets", "default", "")));
+        assert!(!p.allows(
+            &cc,
+            &attrs("create", RBAC_GROUP, "clusterrolebindings", "", "")
+        ));
+        assert!(!p.allows(&cc, &attrs("delete", "", "namespaces", "", "default")));
+        let ai = id(AI_CONTROLLER_USER, &[]);
+        assert!(p.allows(&ai, &attrs("patch", "apps", "deployments", "default", "d")));
+        assert!(p.allows(
+            &ai,
+            &attrs(
+                "update",
+                "sedna.io",
+                "jointinferenceservices/status",
+                "default",
+                "j"
+            )
+        ));
+        assert!(p.allows(&ai, &attrs("get", "", "pods/log", "default", "p")));
+        assert!(!p.allows(&ai, &attrs("get", "", "secrets", "default", "s")));
+        assert!(!p.allows(&ai, &attrs("create", "", "pods", "default", "")));
+        assert!(!p.allows(&ai, &attrs("delete", "", "nodes", "", "edge-1")));
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub struct ApiServer {
     pub ca_pem: String,
     /// The verbs, for in-process callers and tests.
     pub core: Arc<Core>,
+    pki_dir: PathBuf,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -291,9 +292,43 @@ impl ApiServer {
             admin_token,
             ca_pem: ca.cert_pem().to_string(),
             core,
+            pki_dir,
             shutdown,
             tasks: vec![gc, serve],
         })
+    }
+
+    /// Writes a kubeconfig at `path` for `user` in `groups`, with a client certificate from
+    /// the cluster CA (valid a year): how `sedge up` gives its components their own identities
+    /// instead of the administrator's.
+    pub fn kubeconfig_for(
+        &self,
+        user: &str,
+        groups: &[&str],
+        path: &std::path::Path,
+    ) -> Result<(), StartError> {
+        let ca = Ca::load_or_create(&self.pki_dir, "sedge-ca")?;
+        let issued = ca.issue(&IssueRequest {
+            common_name: user.into(),
+            organizations: groups.iter().map(|g| g.to_string()).collect(),
+            sans: vec![],
+            usage: Usage::Client,
+            valid_for: Duration::from_secs(365 * 86400),
+        })?;
+        let doc = json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "sedge", "cluster": {"server": self.url, "certificate-authority-data": b64(&self.ca_pem)}}],
+            "users": [{"name": user, "user": {"client-certificate-data": b64(&issued.cert_pem), "client-key-data": b64(&issued.key_pem)}}],
+            "contexts": [{"name": "sedge", "context": {"cluster": "sedge", "user": user, "namespace": "default"}}],
+            "current-context": "sedge",
+        });
+        let yaml = serde_yaml::to_string(&doc).map_err(|e| StartError::Io {
+            path: path.into(),
+            source: std::io::Error::other(e),
+        })?;
+        sedge_pki::write_file(path, &yaml, true)?;
+        Ok(())
     }
 
     /// Stops accepting, ends watches and connections, and waits for the tasks.

@@ -197,7 +197,13 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
         None
     };
     let client = match (&server, &a.kubeconfig) {
-        (Some(s), _) => client_from(&s.kubeconfig).await?,
+        (Some(s), _) => {
+            // The cloud core runs as itself, with its own role, not as the administrator.
+            let path = a.data_dir.join("cloudcore.kubeconfig");
+            s.kubeconfig_for(sedge_apiserver::authz::CLOUDCORE_USER, &[], &path)
+                .context("writing the cloud core's kubeconfig")?;
+            client_from(&path).await?
+        }
         (None, Some(k)) => client_from(k).await?,
         (None, None) => kube::Client::try_default()
             .await
@@ -321,7 +327,17 @@ impl Up {
         cc.hub.pki_dir = dir.join("apiserver").join("pki");
         cc.hub.listen = a.hub_listen.clone();
         cc.hub.listen_quic = String::new();
-        let client = client_from(&server.kubeconfig).await?;
+        // Each component with its own identity and role (no administrator in the process):
+        // the administrator's kubeconfig is for the user.
+        let identity = |user: &str| -> Result<PathBuf> {
+            let path = dir.join(format!("{}.kubeconfig", user.replace(':', "-")));
+            server
+                .kubeconfig_for(user, &[], &path)
+                .with_context(|| format!("writing the kubeconfig of {user}"))?;
+            Ok(path)
+        };
+        let client = client_from(&identity(sedge_apiserver::authz::CLOUDCORE_USER)?).await?;
+        let admin = client_from(&server.kubeconfig).await?;
         let cloud = CloudCore::start(client.clone(), cc.clone(), cloud_modules())
             .await
             .context("cannot start the cloud core")?;
@@ -331,10 +347,12 @@ impl Up {
         } else {
             let mut cfg: ControllerConfig = load(a.ai_config.as_deref())?;
             cfg.lc_port = a.lc_port;
-            sedge_ai_controller::controller::install_crds(&client)
+            sedge_ai_controller::controller::install_crds(&admin)
                 .await
                 .context("cannot install the sedna.io CRDs")?;
             cfg.install_crds = false;
+            let client =
+                client_from(&identity(sedge_apiserver::authz::AI_CONTROLLER_USER)?).await?;
             Some(tokio::spawn(async move {
                 if let Err(e) =
                     sedge_ai_controller::controller::run(client, cfg, std::future::pending()).await
