@@ -604,3 +604,92 @@ async fn a_full_queue_answers_503_and_resource_exhausted() {
     );
     assert!(grpc.server_live(pb::ServerLiveRequest {}).await.is_ok());
 }
+
+/// The OIP decoders under mutated requests, over the real server: REST bodies (JSON and the
+/// binary extension) and gRPC requests. Every answer is a success or a 4xx naming the problem,
+/// never a 5xx, and the server answers a good request afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_oip_requests_get_clear_errors_and_the_server_stays_up() {
+    let f = fixture().await;
+    let json_body = serde_json::to_vec(&json!({"id": "f", "inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": f.pixels[..784].to_vec()}]})).unwrap();
+    let header = serde_json::to_vec(&json!({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "UINT8", "parameters": {"binary_data_size": 784}}]})).unwrap();
+    let mut binary = header.clone();
+    binary.extend_from_slice(&f.pixels[..784]);
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let rt = tokio::runtime::Handle::current();
+    let url = f.url("/v2/models/cloud-cnn/infer");
+    let stats = tokio::task::block_in_place(|| {
+        sedge_testkit::fuzz::run(&[&json_body, &binary], 1500, |body| {
+            let req = f.http.post(&url).body(body.to_vec());
+            // Half the inputs claim the binary extension's header length.
+            let req = if body.len() % 2 == 0 {
+                req.header(
+                    "Inference-Header-Content-Length",
+                    header.len().min(body.len()),
+                )
+            } else {
+                req.header("content-type", "application/json")
+            };
+            let status = rt
+                .block_on(req.send())
+                .expect("the server answers")
+                .status();
+            *statuses.entry(status.as_u16()).or_default() += 1;
+            assert!(
+                !status.is_server_error(),
+                "{status} for a request of {} bytes",
+                body.len()
+            );
+            status.is_success()
+        })
+    });
+    eprintln!("REST: {stats:?}, statuses {statuses:?}");
+    assert!(statuses.keys().any(|s| *s == 400), "{statuses:?}");
+
+    let mut c = f.grpc().await;
+    let good = pb::ModelInferRequest {
+        model_name: "cloud-cnn".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "UINT8".into(),
+            shape: vec![1, 1, 28, 28],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![f.pixels[..784].to_vec()],
+        ..Default::default()
+    };
+    let seed = prost::Message::encode_to_vec(&good);
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    let stats = tokio::task::block_in_place(|| {
+        sedge_testkit::fuzz::run(&[&seed], 1500, |bytes| {
+            let Ok(req) = <pb::ModelInferRequest as prost::Message>::decode(bytes) else {
+                return false;
+            };
+            let code = match rt.block_on(c.model_infer(req)) {
+                Ok(_) => tonic::Code::Ok,
+                Err(s) => s.code(),
+            };
+            *codes.entry(format!("{code:?}")).or_default() += 1;
+            assert!(
+                !matches!(
+                    code,
+                    tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable
+                ),
+                "{code:?}"
+            );
+            code == tonic::Code::Ok
+        })
+    });
+    eprintln!("gRPC: {stats:?}, codes {codes:?}");
+    assert_eq!(
+        f.grpc()
+            .await
+            .model_infer(good)
+            .await
+            .unwrap()
+            .into_inner()
+            .outputs[0]
+            .shape,
+        vec![1, 10]
+    );
+}
