@@ -46,6 +46,9 @@ pub struct ApiServerConfig {
     /// A connection whose TLS handshake or request headers take longer than this is closed
     /// (a client sending headers a byte a second is not held for minutes).
     pub header_timeout_seconds: u64,
+    /// A watch whose client leaves 8 MiB of events unread (or all watches 256 MiB) waits this
+    /// long for it to read, then is closed and its memory freed.
+    pub slow_watch_grace_seconds: u64,
 }
 
 impl Default for ApiServerConfig {
@@ -67,6 +70,7 @@ impl Default for ApiServerConfig {
             watch_timeout_seconds: 1800,
             max_connections: 8_192,
             header_timeout_seconds: 10,
+            slow_watch_grace_seconds: 10,
         }
     }
 }

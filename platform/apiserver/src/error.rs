@@ -157,6 +157,9 @@ pub enum ApiError {
     /// 415 UnsupportedMediaType.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 429 TooManyRequests: a per-user limit was reached.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// 422 Invalid: the object failed validation.
     #[error("{kind} \"{name}\" is invalid: {}", render_causes(.causes))]
     Invalid {
@@ -229,6 +232,7 @@ impl ApiError {
             ApiError::Expired(_) => StatusCode::GONE,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -249,6 +253,7 @@ impl ApiError {
             ApiError::Expired(_) => "Expired",
             ApiError::TooLarge { .. } => "RequestEntityTooLarge",
             ApiError::UnsupportedMediaType(_) => "UnsupportedMediaType",
+            ApiError::TooManyRequests(_) => "TooManyRequests",
             ApiError::Invalid { .. } => "Invalid",
             ApiError::Internal(_) => "InternalError",
             ApiError::Unavailable(_) => "ServiceUnavailable",

@@ -42,6 +42,54 @@ pub struct App {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// Bytes queued by all watchers.
+    pub watch_budget: Arc<watch::WatchBudget>,
+    /// How long a watcher at its byte budget waits for its client before it is closed.
+    pub slow_watch_grace: Duration,
+    /// Open watches by user.
+    pub watches: Arc<WatchCounts>,
+}
+
+/// Watches one user may hold open at once (kubectl, controllers and nodes hold a few each).
+pub const MAX_WATCHES_PER_USER: usize = 1000;
+
+/// Open watches by user.
+#[derive(Debug, Default)]
+pub struct WatchCounts(std::sync::Mutex<HashMap<String, usize>>);
+
+/// A user's open watch; dropping it closes the slot.
+#[derive(Debug)]
+pub struct WatchSlot {
+    counts: Arc<WatchCounts>,
+    user: String,
+}
+
+impl WatchCounts {
+    /// A slot for `user`, unless the user holds [`MAX_WATCHES_PER_USER`] already.
+    pub fn enter(self: &Arc<Self>, user: &str) -> Option<WatchSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(user.to_string()).or_default();
+        if *n >= MAX_WATCHES_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(WatchSlot {
+            counts: self.clone(),
+            user: user.to_string(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// The router: every path goes through [`dispatch`].
@@ -1005,12 +1053,30 @@ async fn resource(
                 bookmark_interval: app.bookmark_interval,
                 timeout,
                 table: table_requested(headers, params)?,
+                slow_grace: app.slow_watch_grace,
             };
+            let user = identity
+                .as_ref()
+                .map(|i| i.user.clone())
+                .unwrap_or_default();
+            let slot = app.watches.enter(&user).ok_or_else(|| {
+                ApiError::TooManyRequests(format!(
+                    "user {user:?} has {} watches open, the most allowed; close some",
+                    MAX_WATCHES_PER_USER
+                ))
+            })?;
             app.metrics.watchers.inc();
             let metrics = app.metrics.clone();
-            watch::start(core, req, app.shutdown.clone(), move || {
-                metrics.watchers.dec();
-            })?
+            watch::start(
+                core,
+                req,
+                app.watch_budget.clone(),
+                app.shutdown.clone(),
+                move || {
+                    metrics.watchers.dec();
+                    drop(slot);
+                },
+            )?
         }
         (Method::GET, Some(name)) => {
             let obj =
@@ -1223,6 +1289,23 @@ async fn resource(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watches_per_user_are_capped_and_given_back() {
+        let counts = Arc::new(WatchCounts::default());
+        let mut held: Vec<WatchSlot> = (0..MAX_WATCHES_PER_USER)
+            .map(|_| counts.enter("bob").unwrap())
+            .collect();
+        assert!(counts.enter("bob").is_none());
+        assert!(
+            counts.enter("alice").is_some(),
+            "another user is not affected"
+        );
+        held.pop();
+        assert!(counts.enter("bob").is_some());
+        drop(held);
+        assert!(counts.0.lock().unwrap().get("bob").is_none());
+    }
 
     #[test]
     fn nesting_is_measured_before_parsing() {

@@ -72,6 +72,7 @@ pub struct ApiServer {
     /// The verbs, for in-process callers and tests.
     pub core: Arc<Core>,
     pki_dir: PathBuf,
+    watch_budget: Arc<crate::watch::WatchBudget>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -262,6 +263,7 @@ impl ApiServer {
         )?;
 
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let watch_budget = Arc::new(crate::watch::WatchBudget::default());
         let app = Arc::new(App {
             core: core.clone(),
             auth,
@@ -271,6 +273,9 @@ impl ApiServer {
             server_address: format!("{host}:{}", addr.port()),
             shutdown: shutdown_rx.clone(),
             metrics: Metrics::default(),
+            watch_budget: watch_budget.clone(),
+            slow_watch_grace: Duration::from_secs(cfg.slow_watch_grace_seconds.max(1)),
+            watches: Default::default(),
         });
         let gc = tokio::spawn(crate::gc::run(core.clone(), shutdown_rx.clone()));
         let limits = ConnLimits {
@@ -293,6 +298,7 @@ impl ApiServer {
             ca_pem: ca.cert_pem().to_string(),
             core,
             pki_dir,
+            watch_budget,
             shutdown,
             tasks: vec![gc, serve],
         })
@@ -329,6 +335,11 @@ impl ApiServer {
         })?;
         sedge_pki::write_file(path, &yaml, true)?;
         Ok(())
+    }
+
+    /// What the watchers have queued for their clients, and how many were closed as too slow.
+    pub fn watch_budget(&self) -> Arc<crate::watch::WatchBudget> {
+        self.watch_budget.clone()
     }
 
     /// Stops accepting, ends watches and connections, and waits for the tasks.

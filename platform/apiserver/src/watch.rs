@@ -46,15 +46,83 @@ pub struct WatchRequest {
     pub timeout: Duration,
     /// Render objects as Table rows (`kubectl get -w`).
     pub table: Option<IncludeObject>,
+    /// How long a watcher at its byte budget waits for the client to read before it is closed.
+    pub slow_grace: Duration,
 }
 
 const REPLAY_BATCH: usize = 1000;
 const CHANNEL_BOUND: usize = 256;
 
-/// Starts a watch; the response streams until timeout, shutdown or client disconnect.
+/// Bytes one watcher may have queued for its client, and all watchers together. A watcher at
+/// either bound waits for its client to read; one whose client has not made room within the
+/// request's `slow_grace` is closed (its memory freed at once), as kube-apiserver closes
+/// unresponsive watchers, and a client-go client watches again from its last resourceVersion.
+/// So 2,000 watchers that never read hold at most [`WATCH_BYTES_TOTAL`].
+pub const WATCH_BYTES_PER_WATCHER: usize = 8 * 1024 * 1024;
+/// See [`WATCH_BYTES_PER_WATCHER`].
+pub const WATCH_BYTES_TOTAL: usize = 256 * 1024 * 1024;
+
+/// The bytes all watchers have queued and not yet handed to their connections.
+#[derive(Debug, Default)]
+pub struct WatchBudget {
+    queued: std::sync::atomic::AtomicUsize,
+    /// Watchers closed for not reading.
+    pub closed_slow: std::sync::atomic::AtomicU64,
+}
+
+/// One watcher's share of the budget.
+struct Queued {
+    total: Arc<WatchBudget>,
+    mine: std::sync::atomic::AtomicUsize,
+    slow: tokio::sync::Notify,
+    drained: tokio::sync::Notify,
+}
+
+impl WatchBudget {
+    /// Bytes queued by all watchers now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Queued {
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        let mine = self.mine.fetch_add(n, AcqRel) + n;
+        let total = self.total.queued.fetch_add(n, AcqRel) + n;
+        if mine > WATCH_BYTES_PER_WATCHER || total > WATCH_BYTES_TOTAL {
+            // Back out without waking anyone: nothing was drained.
+            self.mine.fetch_sub(n, AcqRel);
+            self.total.queued.fetch_sub(n, AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, n: usize) {
+        use std::sync::atomic::Ordering::AcqRel;
+        self.mine.fetch_sub(n, AcqRel);
+        self.total.queued.fetch_sub(n, AcqRel);
+        self.drained.notify_one();
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        // Whatever was still queued when the stream was dropped goes back.
+        let left = self.mine.load(std::sync::atomic::Ordering::Acquire);
+        self.total
+            .queued
+            .fetch_sub(left, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Starts a watch; the response streams until timeout, shutdown, client disconnect, or the
+/// client falling behind by more than the [`WatchBudget`] allows.
 pub fn start(
     core: Arc<Core>,
     req: WatchRequest,
+    budget: Arc<WatchBudget>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     on_end: impl FnOnce() + Send + 'static,
 ) -> ApiResult<Response> {
@@ -75,12 +143,20 @@ pub fn start(
     }
     let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL_BOUND);
     let broadcast = core.store.subscribe();
+    let queued = Arc::new(Queued {
+        total: budget,
+        mine: Default::default(),
+        slow: tokio::sync::Notify::new(),
+        drained: tokio::sync::Notify::new(),
+    });
+    let q = queued.clone();
     tokio::spawn(async move {
         let mut w = Watcher {
             core,
             req,
             tx,
             sent_header: false,
+            queued: q,
         };
         let result = tokio::select! {
             r = w.run(broadcast) => r,
@@ -91,7 +167,16 @@ pub fn start(
         }
         on_end();
     });
-    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
+    // The stream gives bytes back as the connection takes them, and ends (dropping what is
+    // queued) when the watcher is closed as too slow.
+    let slow = queued.clone();
+    let events = ReceiverStream::new(rx).map(move |b| {
+        queued.give(b.len());
+        Ok::<_, std::convert::Infallible>(b)
+    });
+    let body = Body::from_stream(futures::StreamExt::take_until(events, async move {
+        slow.slow.notified().await
+    }));
     Ok(stream_response(body))
 }
 
@@ -108,11 +193,13 @@ struct Watcher {
     req: WatchRequest,
     tx: mpsc::Sender<Bytes>,
     sent_header: bool,
+    queued: Arc<Queued>,
 }
 
 #[derive(Debug)]
 enum Stop {
     ClientGone,
+    TooSlow,
     Store(StoreError),
 }
 
@@ -120,6 +207,7 @@ impl std::fmt::Display for Stop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Stop::ClientGone => write!(f, "client went away"),
+            Stop::TooSlow => write!(f, "client too slow: its queued events passed the budget"),
             Stop::Store(e) => write!(f, "{e}"),
         }
     }
@@ -148,10 +236,29 @@ impl Watcher {
     async fn send(&self, v: Value) -> Result<(), Stop> {
         let mut line = serde_json::to_vec(&v).unwrap_or_default();
         line.push(b'\n');
-        self.tx
-            .send(Bytes::from(line))
-            .await
-            .map_err(|_| Stop::ClientGone)
+        let len = line.len();
+        let deadline = tokio::time::Instant::now() + self.req.slow_grace;
+        while !self.queued.take(len) {
+            if tokio::time::Instant::now() >= deadline {
+                self.queued
+                    .total
+                    .closed_slow
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(resource = %self.req.rt.qualified(), "closing a watch whose client is not reading");
+                self.queued.slow.notify_one();
+                return Err(Stop::TooSlow);
+            }
+            // Room is made by this client reading, or by any watcher for the shared bound.
+            tokio::select! {
+                _ = self.queued.drained.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        if self.tx.send(Bytes::from(line)).await.is_err() {
+            self.queued.give(len);
+            return Err(Stop::ClientGone);
+        }
+        Ok(())
     }
 
     async fn send_event(&mut self, kind: &str, obj: &Value) -> Result<(), Stop> {

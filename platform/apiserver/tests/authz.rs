@@ -443,3 +443,67 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     drop(idle);
     t.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_that_never_read_are_closed_and_their_memory_freed() {
+    use sedge_apiserver::watch::{WATCH_BYTES_PER_WATCHER, WATCH_BYTES_TOTAL};
+    use std::sync::atomic::Ordering;
+    let t = start_with(|c| c.slow_watch_grace_seconds = 2).await;
+    let client = t.client().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    // Three watchers that never poll their streams.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let s = cms
+            .watch(&kube::api::WatchParams::default().timeout(290), "0")
+            .await
+            .unwrap();
+        idle.push(Box::pin(s));
+    }
+    // 40 MB of events each: more than sockets, hyper and the per-watcher budget hold.
+    let big = "x".repeat(2 * 1024 * 1024);
+    for i in 0..20 {
+        let cm: ConfigMap = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": format!("big-{i}")}, "data": {"blob": big}}),
+        )
+        .unwrap();
+        cms.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    let budget = t.server.watch_budget();
+    wait_for(30, "the slow watchers to be closed", || {
+        let closed = budget.closed_slow.load(Ordering::Relaxed);
+        async move { closed >= 3 }
+    })
+    .await;
+    assert!(budget.queued() <= WATCH_BYTES_TOTAL);
+    assert!(budget.queued() < 3 * WATCH_BYTES_PER_WATCHER);
+    // A watcher that reads gets everything, 40 MB of initial events included. (Its own client:
+    // over HTTP/2 the unread streams above hold their connection's flow-control window.)
+    let reader: Api<ConfigMap> = Api::namespaced(t.client().await, "default");
+    let mut live = Box::pin(
+        reader
+            .watch(&kube::api::WatchParams::default().timeout(60), "0")
+            .await
+            .unwrap(),
+    );
+    use futures::TryStreamExt;
+    let mut seen = 0;
+    while seen < 20 {
+        match live.try_next().await.unwrap() {
+            Some(kube::api::WatchEvent::Added(_)) => seen += 1,
+            Some(_) => {}
+            None => panic!(
+                "the reading watcher was closed after {seen} events (queued {}, closed {})",
+                budget.queued(),
+                budget.closed_slow.load(Ordering::Relaxed)
+            ),
+        }
+    }
+    drop(idle);
+    wait_for(10, "the budget to be given back", || {
+        let q = budget.queued();
+        async move { q == 0 }
+    })
+    .await;
+    t.server.shutdown().await;
+}
