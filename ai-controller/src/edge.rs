@@ -353,6 +353,7 @@ fn lc_reply(code: StatusCode, message: String) -> (StatusCode, axum::Json<Value>
 async fn worker_info(
     State(shared): State<Arc<Shared>>,
     Path(worker): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> (StatusCode, axum::Json<Value>) {
     let b: LcBody = match serde_json::from_slice(&body) {
@@ -384,6 +385,16 @@ async fn worker_info(
             format!("no pod {ns}/{worker} runs on this node (WORKER_NAME must be the pod's name)"),
         );
     };
+    // Only the pod itself may report as itself: its token proves it.
+    let token = sedge_edgecore::podtoken::bearer(&headers).unwrap_or_default();
+    if !ctx.verify_pod_token(&ns, &worker, token) {
+        return lc_reply(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "a report for pod {ns}/{worker} must carry that pod's token (Authorization: Bearer $SEDGE_POD_TOKEN)"
+            ),
+        );
+    }
     let metrics = match report_metrics(b.owner_info) {
         Ok(m) => m,
         Err(why) => return lc_reply(StatusCode::BAD_REQUEST, why),

@@ -24,7 +24,13 @@ pub struct LcReporter {
     pub service: String,
     /// `LC_PERIOD`.
     pub period: Duration,
+    /// The pod's token (`SEDGE_POD_TOKEN`, set by Sedge's edge agent): the local controller
+    /// takes reports only from the pod they name.
+    pub token: Option<String>,
 }
+
+/// The variable the edge agent puts a pod's token in (`sedge_edgecore::podtoken::ENV`).
+pub const POD_TOKEN_ENV: &str = "SEDGE_POD_TOKEN";
 
 impl LcReporter {
     /// From Sedna's environment; `None` unless `LC_SERVER` and `WORKER_NAME` are set.
@@ -41,6 +47,7 @@ impl LcReporter {
                     .filter(|p| *p > 0.0)
                     .unwrap_or(30.0),
             ),
+            token: env(POD_TOKEN_ENV),
         })
     }
 
@@ -72,7 +79,11 @@ impl LcReporter {
                     continue;
                 }
                 let url = format!("{}/sedna/workers/{}/info", self.server, self.worker);
-                match http.post(&url).json(&body).send().await {
+                let mut req = http.post(&url).json(&body);
+                if let Some(t) = &self.token {
+                    req = req.bearer_auth(t);
+                }
+                match req.send().await {
                     Ok(r) if r.status().is_success() => last = Some(counters),
                     Ok(r) => {
                         tracing::warn!(%url, status = %r.status(), "local controller refused the report")

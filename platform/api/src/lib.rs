@@ -142,6 +142,46 @@ pub struct LeaseReport {
     pub duration_seconds: i32,
 }
 
+/// Whether a pod spec references a secret or config map by name (volumes, projected sources,
+/// env, envFrom, image pull secrets).
+pub fn pod_references(spec: &serde_json::Value, kind: &str, name: &str) -> bool {
+    let secret = kind == "secrets";
+    let mut found = false;
+    let mut check = |v: &serde_json::Value| found |= v.as_str() == Some(name);
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        if secret {
+            check(&v["secret"]["secretName"]);
+        } else {
+            check(&v["configMap"]["name"]);
+        }
+        for s in v["projected"]["sources"].as_array().into_iter().flatten() {
+            check(&s[if secret { "secret" } else { "configMap" }]["name"]);
+        }
+    }
+    let containers = spec["containers"].as_array().into_iter().flatten();
+    let inits = spec["initContainers"].as_array().into_iter().flatten();
+    for c in containers.chain(inits) {
+        for e in c["env"].as_array().into_iter().flatten() {
+            check(
+                &e["valueFrom"][if secret {
+                    "secretKeyRef"
+                } else {
+                    "configMapKeyRef"
+                }]["name"],
+            );
+        }
+        for e in c["envFrom"].as_array().into_iter().flatten() {
+            check(&e[if secret { "secretRef" } else { "configMapRef" }]["name"]);
+        }
+    }
+    if secret {
+        for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
+            check(&s["name"]);
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -554,47 +554,7 @@ fn referenced_by_pods_on(store: &Store, node: &str, ns: &str, kind: &str, name: 
     page.items
         .iter()
         .filter(|p| p["spec"]["nodeName"] == node)
-        .any(|p| pod_references(&p["spec"], kind, name))
-}
-
-/// Whether a pod spec references a secret or config map by name (volumes, projected sources,
-/// env, envFrom, image pull secrets).
-pub fn pod_references(spec: &Value, kind: &str, name: &str) -> bool {
-    let secret = kind == "secrets";
-    let mut found = false;
-    let mut check = |v: &Value| found |= v.as_str() == Some(name);
-    for v in spec["volumes"].as_array().into_iter().flatten() {
-        if secret {
-            check(&v["secret"]["secretName"]);
-        } else {
-            check(&v["configMap"]["name"]);
-        }
-        for s in v["projected"]["sources"].as_array().into_iter().flatten() {
-            check(&s[if secret { "secret" } else { "configMap" }]["name"]);
-        }
-    }
-    let containers = spec["containers"].as_array().into_iter().flatten();
-    let inits = spec["initContainers"].as_array().into_iter().flatten();
-    for c in containers.chain(inits) {
-        for e in c["env"].as_array().into_iter().flatten() {
-            check(
-                &e["valueFrom"][if secret {
-                    "secretKeyRef"
-                } else {
-                    "configMapKeyRef"
-                }]["name"],
-            );
-        }
-        for e in c["envFrom"].as_array().into_iter().flatten() {
-            check(&e[if secret { "secretRef" } else { "configMapRef" }]["name"]);
-        }
-    }
-    if secret {
-        for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
-            check(&s["name"]);
-        }
-    }
-    found
+        .any(|p| sedge_api::pod_references(&p["spec"], kind, name))
 }
 
 /// The default roles and bindings (Kubernetes' bootstrap policy, the parts that matter here),
@@ -1020,6 +980,7 @@ mod tests {
 
     #[test]
     fn pod_references_cover_every_way_to_name_a_secret() {
+        use sedge_api::pod_references;
         let spec = json!({
             "volumes": [{"name": "a", "secret": {"secretName": "vol"}}, {"name": "b", "projected": {"sources": [{"secret": {"name": "proj"}}, {"configMap": {"name": "pcm"}}]}}],
             "containers": [{"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "env", "key": "k"}}}], "envFrom": [{"secretRef": {"name": "from"}}, {"configMapRef": {"name": "cmfrom"}}]}],

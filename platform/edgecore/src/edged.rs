@@ -42,6 +42,8 @@ pub struct EdgedSettings {
     pub max_grace: Duration,
     /// Host directories a `hostPath` volume may name (see [`crate::podcheck::host_path`]).
     pub host_path_allow: Vec<PathBuf>,
+    /// Each container gets its pod's token (see [`crate::podtoken`]).
+    pub pod_tokens: Arc<crate::podtoken::PodTokens>,
 }
 
 struct Shared {
@@ -783,7 +785,10 @@ impl PodRun {
             crate::podcheck::pod(&self.pod, &self.shared.settings.host_path_allow, |image| {
                 runtime.runs_host_commands(image)
             })?;
-            let env = resolve::env(&self.shared.store, &self.pod, &spec, &facts)?;
+            let mut env = resolve::env(&self.shared.store, &self.pod, &spec, &facts)?;
+            let token = self.shared.settings.pod_tokens.token(&self.uid);
+            env.retain(|(k, _)| k != crate::podtoken::ENV);
+            env.push((crate::podtoken::ENV.to_string(), token));
             let vols = resolve::volumes(&self.shared.store, &self.pod, &self.dir, &facts)?;
             resolve::mounts(&spec, &vols, &root)?;
             let wd = match spec["workingDir"].as_str() {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod edged;
 pub mod metaserver;
 pub mod podcheck;
+pub mod podtoken;
 pub mod probe;
 pub mod resolve;
 pub mod runtime;
@@ -70,9 +71,23 @@ pub struct ModuleContext {
     pub store: Arc<MetaStore>,
     reports: edged::Reports,
     hub: Arc<std::sync::OnceLock<Arc<EdgeHub>>>,
+    pod_tokens: Arc<podtoken::PodTokens>,
 }
 
 impl ModuleContext {
+    /// Whether `token` is the [`podtoken`] of the pod `namespace/name` on this node: how a
+    /// node-local endpoint knows a request comes from that pod.
+    pub fn verify_pod_token(&self, namespace: &str, name: &str, token: &str) -> bool {
+        let uid = self
+            .store
+            .get(sedge_api::kind::POD, namespace, name)
+            .ok()
+            .flatten()
+            .and_then(|p| p["metadata"]["uid"].as_str().map(String::from))
+            .unwrap_or_default();
+        self.pod_tokens.verify(&uid, token)
+    }
+
     /// Sends a report upstream through the durable outbox.
     pub fn send(&self, msg: Message, policy: Policy) {
         let _ = self.reports.send((msg, policy));
@@ -254,6 +269,10 @@ impl EdgeCore {
         let self_exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("sedge"));
         let runtime: Arc<dyn runtime::Runtime> =
             Arc::new(runtime::ProcessRuntime::new(cfg.images.clone(), self_exe));
+        let pod_tokens =
+            Arc::new(podtoken::PodTokens::load_or_create(&data).map_err(|e| {
+                EdgeError::Config(format!("pod tokens in {}: {e}", data.display()))
+            })?);
         let (reports, mut report_rx) = mpsc::unbounded_channel::<(Message, Policy)>();
         let facts = resolve::NodeFacts {
             node: node.clone(),
@@ -272,6 +291,7 @@ impl EdgeCore {
                 max_log_bytes: cfg.max_log_bytes,
                 max_grace: Duration::from_secs(cfg.max_grace_seconds),
                 host_path_allow: cfg.host_path_allow.clone(),
+                pod_tokens: pod_tokens.clone(),
             },
             reports.clone(),
         );
@@ -280,6 +300,7 @@ impl EdgeCore {
             store: store.clone(),
             reports: reports.clone(),
             hub: Arc::new(std::sync::OnceLock::new()),
+            pod_tokens: pod_tokens.clone(),
         };
         let modules: HashMap<String, Arc<dyn EdgeModule>> = modules
             .into_iter()
@@ -386,7 +407,7 @@ impl EdgeCore {
         let metaserver = if cfg.metaserver_listen.is_empty() {
             None
         } else {
-            let (addr, t) = metaserver::start(&cfg.metaserver_listen, store.clone())
+            let (addr, t) = metaserver::start(&cfg.metaserver_listen, store.clone(), pod_tokens)
                 .await
                 .map_err(|source| EdgeError::MetaServer {
                     addr: cfg.metaserver_listen.clone(),
@@ -505,6 +526,7 @@ mod tests {
     async fn malformed_cloud_messages_are_dropped_and_the_store_stays_intact() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(MetaStore::open(&dir.path().join("meta.db")).unwrap());
+        let pod_tokens = Arc::new(podtoken::PodTokens::load_or_create(dir.path()).unwrap());
         let (tx, _rx) = mpsc::unbounded_channel();
         let runtime = Arc::new(runtime::ProcessRuntime::new(
             EdgeCoreConfig::default().images,
@@ -523,6 +545,7 @@ mod tests {
             max_log_bytes: 1 << 20,
             max_grace: Duration::from_secs(1),
             host_path_allow: Vec::new(),
+            pod_tokens: pod_tokens.clone(),
         };
         let edged = Edged::start(store.clone(), runtime, facts, settings, tx.clone());
         let ctx = ModuleContext {
@@ -530,6 +553,7 @@ mod tests {
             store: store.clone(),
             reports: tx,
             hub: Arc::new(std::sync::OnceLock::new()),
+            pod_tokens,
         };
         let modules = HashMap::new();
         // Delivers one message from the cloud to the agent's router.

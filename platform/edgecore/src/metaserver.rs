@@ -5,7 +5,9 @@
 //! Served: `/version`, `/healthz`, `/api`, `/apis`, `/api/v1`, and for `pods`, `configmaps`,
 //! `secrets` (namespaced) and `nodes` (this node): list (all namespaces or one), get, and
 //! `?watch=true` (newline-delimited watch events, starting with the current objects).
-//! `labelSelector` with `key=value` terms is honoured. Read-only: writes get 405.
+//! `labelSelector` with `key=value` terms is honoured. Read-only: writes get 405. Secrets need
+//! a token (see [`crate::podtoken`]): the node administrator's reads any, a pod's only those its
+//! spec references. Requests must be addressed to this server (`Host`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use crate::store::MetaStore;
 struct App {
     store: Arc<MetaStore>,
     addr: SocketAddr,
+    tokens: Arc<crate::podtoken::PodTokens>,
 }
 
 const RESOURCES: &[(&str, &str, &str, bool)] = &[
@@ -37,15 +40,71 @@ const RESOURCES: &[(&str, &str, &str, bool)] = &[
 pub async fn start(
     listen: &str,
     store: Arc<MetaStore>,
+    tokens: Arc<crate::podtoken::PodTokens>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let l = TcpListener::bind(listen).await?;
     let addr = l.local_addr()?;
-    let app = Arc::new(App { store, addr });
+    let app = Arc::new(App {
+        store,
+        addr,
+        tokens,
+    });
     let router = axum::Router::new().fallback(dispatch).with_state(app);
     let task = tokio::spawn(async move {
         let _ = axum::serve(l, router).await;
     });
     Ok((addr, task))
+}
+
+/// Who may read Secrets: the node's administrator (`<data_dir>/metaserver.token`) any of them;
+/// a pod (its `SEDGE_POD_TOKEN`) only those its own spec references, one by name. Anyone else
+/// reads pods, config maps and nodes, as before, but no Secret.
+fn secret_access(
+    app: &App,
+    token: Option<&str>,
+    ns: Option<&str>,
+    name: Option<&str>,
+) -> Result<(), (StatusCode, &'static str, String)> {
+    let Some(token) = token else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "reading Secrets needs a token: a pod's SEDGE_POD_TOKEN, or the node's metaserver.token (Authorization: Bearer ...)".into(),
+        ));
+    };
+    if app.tokens.is_admin(token) {
+        return Ok(());
+    }
+    let pods = app
+        .store
+        .list(sedge_api::kind::POD, None)
+        .unwrap_or_default();
+    let Some(pod) = pods.iter().find(|p| {
+        app.tokens
+            .verify(p["metadata"]["uid"].as_str().unwrap_or_default(), token)
+    }) else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "the token is not this node's administrator's nor any pod's on this node".into(),
+        ));
+    };
+    let pod_ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    match (ns, name) {
+        (Some(ns), Some(name))
+            if ns == pod_ns && sedge_api::pod_references(&pod["spec"], "secrets", name) =>
+        {
+            Ok(())
+        }
+        _ => Err((
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "pod {pod_ns}/{pod_name} may read only the Secrets its spec references, one by name"
+            ),
+        )),
+    }
 }
 
 /// Whether a `Host` header names this server: a loopback name or address, or the bound
@@ -121,6 +180,8 @@ async fn dispatch(
             "the edge MetaServer is read-only; write through the cloud API server".into(),
         );
     }
+    let token = crate::podtoken::bearer(req.headers()).map(String::from);
+    let token = token.as_deref();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
         ["healthz"] | ["readyz"] | ["livez"] => "ok".into_response(),
@@ -150,15 +211,15 @@ async fn dispatch(
                 &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": resources}),
             )
         }
-        ["api", "v1", plural] => serve(&app, plural, None, None, &params).await,
+        ["api", "v1", plural] => serve(&app, token, plural, None, None, &params).await,
         ["api", "v1", plural, name] if *plural == "nodes" => {
-            serve(&app, plural, None, Some(name), &params).await
+            serve(&app, token, plural, None, Some(name), &params).await
         }
         ["api", "v1", "namespaces", ns, plural] => {
-            serve(&app, plural, Some(ns), None, &params).await
+            serve(&app, token, plural, Some(ns), None, &params).await
         }
         ["api", "v1", "namespaces", ns, plural, name] => {
-            serve(&app, plural, Some(ns), Some(name), &params).await
+            serve(&app, token, plural, Some(ns), Some(name), &params).await
         }
         _ => status(
             StatusCode::NOT_FOUND,
@@ -170,11 +231,18 @@ async fn dispatch(
 
 async fn serve(
     app: &Arc<App>,
+    token: Option<&str>,
     plural: &str,
     ns: Option<&str>,
     name: Option<&str>,
     params: &HashMap<String, String>,
 ) -> Response {
+    let watch = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
+    if plural == "secrets"
+        && let Err((code, reason, message)) = secret_access(app, token, ns, name.filter(|_| !watch))
+    {
+        return status(code, reason, message);
+    }
     let Some(&(_, kind, k, namespaced)) = RESOURCES.iter().find(|r| r.0 == plural) else {
         return status(
             StatusCode::NOT_FOUND,
@@ -189,7 +257,6 @@ async fn serve(
     } else {
         Some(sedge_api::CLUSTER_NS)
     };
-    let watch = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
     let selector = params.get("labelSelector");
     if watch {
         let rx = app.store.subscribe();
@@ -308,5 +375,71 @@ mod tests {
         }
         let lan: SocketAddr = "10.0.0.1:10550".parse().unwrap();
         assert!(host_allowed("10.0.0.1:10550", lan));
+    }
+
+    async fn get(addr: SocketAddr, path: &str, host: &str, token: Option<&str>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn secrets_only_to_the_pods_that_use_them_and_the_node_admin() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(MetaStore::open(&d.path().join("meta.db")).unwrap());
+        let tokens = Arc::new(crate::podtoken::PodTokens::load_or_create(d.path()).unwrap());
+        store
+            .upsert("pod", "default", "app", "1", &json!({"metadata": {"name": "app", "namespace": "default", "uid": "u-app"},
+                "spec": {"containers": [{"name": "c", "image": "i", "env": [{"name": "P", "valueFrom": {"secretKeyRef": {"name": "db", "key": "p"}}}]}]}}))
+            .unwrap();
+        for name in ["db", "other"] {
+            store
+                .upsert("secret", "default", name, "1", &json!({"metadata": {"name": name, "namespace": "default"}, "data": {"p": "eA=="}}))
+                .unwrap();
+        }
+        let (addr, task) = start("127.0.0.1:0", store, tokens.clone()).await.unwrap();
+        let host = addr.to_string();
+        let app = tokens.token("u-app");
+        let admin = std::fs::read_to_string(d.path().join("metaserver.token")).unwrap();
+        let secret = |n: &str| format!("/api/v1/namespaces/default/secrets/{n}");
+        // The attack: any local process reading Secrets.
+        let r = get(addr, &secret("db"), &host, None).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+        let r = get(addr, "/api/v1/secrets", &host, Some(&"0".repeat(64))).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+        // The pod: its own Secret by name, nothing else.
+        let r = get(addr, &secret("db"), &host, Some(&app)).await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("eA=="), "{r}");
+        for path in [
+            secret("other"),
+            "/api/v1/namespaces/default/secrets".into(),
+            "/api/v1/secrets?watch=true".into(),
+        ] {
+            let r = get(addr, &path, &host, Some(&app)).await;
+            assert!(
+                r.starts_with("HTTP/1.1 403") && r.contains("only the Secrets its spec references"),
+                "{path}: {r}"
+            );
+        }
+        // The node's administrator reads them all; pods stay readable without a token.
+        let r = get(
+            addr,
+            "/api/v1/namespaces/default/secrets",
+            &host,
+            Some(admin.trim()),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("other"), "{r}");
+        let r = get(addr, "/api/v1/pods", &host, None).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        // DNS rebinding: another name for this address gets nothing.
+        let r = get(addr, "/api/v1/pods", "evil.example", None).await;
+        assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+        task.abort();
     }
 }

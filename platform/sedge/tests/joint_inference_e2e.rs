@@ -272,6 +272,19 @@ spec: {{url: /nonexistent/model.onnx, format: onnx}}
         r.starts_with("HTTP/1.1 404") && r.contains("no pod default/ghost"),
         "{r}"
     );
+    // A forged report for the real edge worker, from a process that is not that pod: refused.
+    let now = up.pods("jointinferenceservice.sedna.io/worker-type=edge,jointinferenceservice.sedna.io/name=fmnist");
+    let worker = now[0]["metadata"]["name"].as_str().unwrap();
+    let r = lc(
+        &format!("/sedna/workers/{worker}/info"),
+        &format!(
+            r#"{{"name": "{worker}", "namespace": "default", "ownerKind": "jointinferenceservice", "ownerName": "fmnist", "ownerInfo": {{"inferenceNumber": 1e9}}}}"#
+        ),
+    );
+    assert!(
+        r.starts_with("HTTP/1.1 401") && r.contains("SEDGE_POD_TOKEN"),
+        "{r}"
+    );
     let after_garbage = metric(&ji(&up, "fmnist"), "inferenceNumber").unwrap();
     assert!(after_garbage >= before_garbage && after_garbage < 1e9);
 
