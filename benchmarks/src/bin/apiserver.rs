@@ -244,46 +244,6 @@ async fn main() -> Result<()> {
                 Some(base),
             ));
 
-            // The cost of authorization: the same creates and gets as a user whose every request
-            // RBAC decides, next to system:masters (allowed before any rule is looked at).
-            let admin = client(&server).await?;
-            let user: Api<ConfigMap> =
-                Api::namespaced(rbac_client(&server, &admin).await?, "default");
-            let mut auth_rows = Vec::new();
-            for (who, api) in [("system:masters", api.clone()), ("RBAC user (edit)", user)] {
-                let prefix = if who.starts_with("RBAC") { "u" } else { "m" };
-                let api2 = api.clone();
-                let (lat, secs) = drive(n / 2, a.concurrency, move |i| {
-                    let api = api2.clone();
-                    async move {
-                        api.create(&PostParams::default(), &cm(&format!("{prefix}-{i:06}")))
-                            .await?;
-                        Ok(())
-                    }
-                })
-                .await?;
-                auth_rows.push((format!("create as {who}, x{}", a.concurrency), lat, secs));
-                let api2 = api.clone();
-                let (lat, secs) = drive(n / 2, a.concurrency, move |i| {
-                    let api = api2.clone();
-                    async move {
-                        api.get(&format!("{prefix}-{i:06}")).await?;
-                        Ok(())
-                    }
-                })
-                .await?;
-                auth_rows.push((format!("get as {who}, x{}", a.concurrency), lat, secs));
-            }
-            // Each RBAC row's baseline is the masters row of the same operation.
-            let masters_rates: Vec<f64> = auth_rows[..2]
-                .iter()
-                .map(|(_, l, s)| l.len() as f64 / s)
-                .collect();
-            for (i, (what, lat, secs)) in auth_rows.into_iter().enumerate() {
-                let baseline = (i >= 2).then(|| masters_rates[i - 2]);
-                rows.push(row(&what, lat, secs, baseline));
-            }
-
             // Lists of all n objects.
             let mut lat = Vec::new();
             let t0 = Instant::now();
@@ -414,6 +374,46 @@ async fn main() -> Result<()> {
                 secs,
                 None,
             ));
+
+            // The cost of authorization: the same creates and gets as a user whose every request
+            // RBAC decides, next to system:masters (allowed before any rule is looked at).
+            let admin = client(&server).await?;
+            let user: Api<ConfigMap> =
+                Api::namespaced(rbac_client(&server, &admin).await?, "default");
+            let mut auth_rows = Vec::new();
+            for (who, api) in [("system:masters", api.clone()), ("RBAC user (edit)", user)] {
+                let prefix = if who.starts_with("RBAC") { "u" } else { "m" };
+                let api2 = api.clone();
+                let (lat, secs) = drive(n / 2, a.concurrency, move |i| {
+                    let api = api2.clone();
+                    async move {
+                        api.create(&PostParams::default(), &cm(&format!("{prefix}-{i:06}")))
+                            .await?;
+                        Ok(())
+                    }
+                })
+                .await?;
+                auth_rows.push((format!("create as {who}, x{}", a.concurrency), lat, secs));
+                let api2 = api.clone();
+                let (lat, secs) = drive(n / 2, a.concurrency, move |i| {
+                    let api = api2.clone();
+                    async move {
+                        api.get(&format!("{prefix}-{i:06}")).await?;
+                        Ok(())
+                    }
+                })
+                .await?;
+                auth_rows.push((format!("get as {who}, x{}", a.concurrency), lat, secs));
+            }
+            // Each RBAC row's baseline is the masters row of the same operation.
+            let masters_rates: Vec<f64> = auth_rows[..2]
+                .iter()
+                .map(|(_, l, s)| l.len() as f64 / s)
+                .collect();
+            for (i, (what, lat, secs)) in auth_rows.into_iter().enumerate() {
+                let baseline = (i >= 2).then(|| masters_rates[i - 2]);
+                rows.push(row(&what, lat, secs, baseline));
+            }
         }
         server.shutdown().await;
     }

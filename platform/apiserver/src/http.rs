@@ -367,16 +367,22 @@ fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResu
 /// Asks the authorizer (off the runtime: it may read the store) and turns a refusal into
 /// kube-apiserver's 403.
 async fn authorize(app: &Arc<App>, id: &Identity, attrs: Attributes) -> ApiResult<()> {
-    let (core, id) = (app.core.clone(), id.clone());
     let resource = attrs.resource.clone();
     let name = attrs.name.clone();
-    let decided = blocking(move || {
-        Ok(core
-            .authz
-            .authorize(&core.store, &id, &attrs)
-            .map_err(|d| (d, id.user)))
-    })
-    .await?;
+    // Off the runtime only when the store must be read (a stale policy, a node's graph).
+    let decided = match app.core.authz.authorize_cached(id, &attrs) {
+        Some(d) => d.map_err(|d| (d, id.user.clone())),
+        None => {
+            let (core, id) = (app.core.clone(), id.clone());
+            blocking(move || {
+                Ok(core
+                    .authz
+                    .authorize(&core.store, &id, &attrs)
+                    .map_err(|d| (d, id.user)))
+            })
+            .await?
+        }
+    };
     decided.map_err(|(Denied(message), user)| {
         tracing::debug!(%user, %message, "forbidden");
         ApiError::Forbidden {
@@ -647,9 +653,17 @@ pub fn nesting_depth(bytes: &[u8]) -> usize {
 /// Parses a body off the async runtime's worker threads (a large body is CPU work that must
 /// not stall watches, health checks or the hub), after the depth check.
 async fn parse(headers: &HeaderMap, bytes: Bytes) -> ApiResult<Value> {
+    // A small body parses in microseconds: a thread hop would cost more than it saves.
+    if bytes.len() <= INLINE_PARSE_BYTES {
+        return parse_body(headers, &bytes);
+    }
     let headers = headers.clone();
     blocking(move || parse_body(&headers, &bytes)).await
 }
+
+/// Bodies up to this size are parsed on the runtime (after the depth check, which bounds the
+/// work); larger ones on the blocking pool.
+const INLINE_PARSE_BYTES: usize = 64 * 1024;
 
 fn check_depth(bytes: &[u8]) -> ApiResult<()> {
     let depth = nesting_depth(bytes);

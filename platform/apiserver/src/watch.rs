@@ -76,6 +76,8 @@ struct Queued {
     mine: std::sync::atomic::AtomicUsize,
     slow: tokio::sync::Notify,
     drained: tokio::sync::Notify,
+    /// The watcher is waiting for room (so `give` need not touch `drained` otherwise).
+    waiting: std::sync::atomic::AtomicBool,
 }
 
 impl WatchBudget {
@@ -103,7 +105,9 @@ impl Queued {
         use std::sync::atomic::Ordering::AcqRel;
         self.mine.fetch_sub(n, AcqRel);
         self.total.queued.fetch_sub(n, AcqRel);
-        self.drained.notify_one();
+        if self.waiting.load(std::sync::atomic::Ordering::Acquire) {
+            self.drained.notify_one();
+        }
     }
 }
 
@@ -148,6 +152,7 @@ pub fn start(
         mine: Default::default(),
         slow: tokio::sync::Notify::new(),
         drained: tokio::sync::Notify::new(),
+        waiting: Default::default(),
     });
     let q = queued.clone();
     tokio::spawn(async move {
@@ -249,10 +254,16 @@ impl Watcher {
                 return Err(Stop::TooSlow);
             }
             // Room is made by this client reading, or by any watcher for the shared bound.
+            self.queued
+                .waiting
+                .store(true, std::sync::atomic::Ordering::Release);
             tokio::select! {
                 _ = self.queued.drained.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
+            self.queued
+                .waiting
+                .store(false, std::sync::atomic::Ordering::Release);
         }
         if self.tx.send(Bytes::from(line)).await.is_err() {
             self.queued.give(len);
