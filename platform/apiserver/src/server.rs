@@ -75,6 +75,8 @@ pub struct ApiServer {
     watch_budget: Arc<crate::watch::WatchBudget>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The server's own runtime, when started with [`ApiServer::start_isolated`].
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 const ADMIN_USER: &str = "sedge-admin";
@@ -301,7 +303,44 @@ impl ApiServer {
             watch_budget,
             shutdown,
             tasks: vec![gc, serve],
+            runtime: None,
         })
+    }
+
+    /// Starts the server on a runtime of its own (`threads` workers, and its own blocking
+    /// pool), so that whatever a request costs, the caller's runtime (the hub's keepalives, the
+    /// controllers) is not the one that waits. `sedge up` and `sedge cloud --embedded` start it
+    /// this way.
+    pub async fn start_isolated(
+        cfg: ApiServerConfig,
+        threads: usize,
+    ) -> Result<ApiServer, StartError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("apiserver")
+            .enable_all()
+            .build()
+            .map_err(|source| StartError::Io {
+                path: cfg.data_dir.clone(),
+                source,
+            })?;
+        let started = rt.spawn(ApiServer::start(cfg)).await;
+        match started {
+            Ok(Ok(mut server)) => {
+                server.runtime = Some(rt);
+                Ok(server)
+            }
+            Ok(Err(e)) => {
+                rt.shutdown_background();
+                Err(e)
+            }
+            Err(e) => {
+                rt.shutdown_background();
+                Err(StartError::Seed(format!(
+                    "the API server's runtime failed: {e}"
+                )))
+            }
+        }
     }
 
     /// Writes a kubeconfig at `path` for `user` in `groups`, with a client certificate from
@@ -343,10 +382,22 @@ impl ApiServer {
     }
 
     /// Stops accepting, ends watches and connections, and waits for the tasks.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
+        }
+        if let Some(rt) = self.runtime.take() {
+            // Dropping a runtime blocks; from inside another runtime it must not.
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
     }
 }

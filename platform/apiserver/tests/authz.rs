@@ -507,3 +507,34 @@ async fn watchers_that_never_read_are_closed_and_their_memory_freed() {
     .await;
     t.server.shutdown().await;
 }
+
+/// `start_isolated`: the server answers while the runtime that started it is blocked (in
+/// `sedge up` that runtime carries the hub's keepalives and the controllers).
+#[tokio::test(flavor = "current_thread")]
+async fn an_isolated_server_answers_while_its_callers_runtime_is_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = sedge_apiserver::ApiServer::start_isolated(config(dir.path(), "127.0.0.1:0"), 2)
+        .await
+        .unwrap();
+    let kubeconfig = server.kubeconfig.clone();
+    let asker = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let c = client_for(&kubeconfig, None).await;
+            tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                c.request_text(http::Request::get("/version").body(Vec::new()).unwrap()),
+            )
+            .await
+        })
+    });
+    // Block this (current-thread) runtime until the other thread has its answer.
+    let answer = asker.join().unwrap();
+    assert!(
+        answer
+            .expect("answered in time")
+            .unwrap()
+            .contains("gitVersion")
+    );
+    server.shutdown().await;
+}

@@ -127,6 +127,10 @@ pub struct UpArgs {
     pub host_path_allow: Vec<PathBuf>,
 }
 
+/// Worker threads of the embedded API server's own runtime (apart from the hub's and the
+/// controllers', so a costly request never delays a node's keepalive).
+const API_SERVER_THREADS: usize = 2;
+
 /// The label `sedge up` puts on its cloud nodes.
 pub const ROLE_LABEL: &str = "sedge.io/role";
 
@@ -183,10 +187,13 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
     let server = if a.embedded {
         cfg.hub.data_dir = a.data_dir.join("cloudhub");
         cfg.hub.pki_dir = a.data_dir.join("apiserver").join("pki");
-        let s = ApiServer::start(ApiServerConfig {
-            data_dir: a.data_dir.join("apiserver"),
-            ..Default::default()
-        })
+        let s = ApiServer::start_isolated(
+            ApiServerConfig {
+                data_dir: a.data_dir.join("apiserver"),
+                ..Default::default()
+            },
+            API_SERVER_THREADS,
+        )
         .await
         .context("cannot start the embedded API server")?;
         Some(s)
@@ -314,12 +321,15 @@ impl Up {
     /// fresh short-lived token each.
     pub async fn start(a: &UpArgs) -> Result<Up> {
         let dir = &a.data_dir;
-        let server = ApiServer::start(ApiServerConfig {
-            data_dir: dir.join("apiserver"),
-            listen: a.listen.clone(),
-            kubeconfig: Some(dir.join("kubeconfig")),
-            ..Default::default()
-        })
+        let server = ApiServer::start_isolated(
+            ApiServerConfig {
+                data_dir: dir.join("apiserver"),
+                listen: a.listen.clone(),
+                kubeconfig: Some(dir.join("kubeconfig")),
+                ..Default::default()
+            },
+            API_SERVER_THREADS,
+        )
         .await
         .context("cannot start the API server")?;
         let mut cc: CloudCoreConfig = load(a.cloud_config.as_deref())?;
