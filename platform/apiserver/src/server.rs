@@ -142,7 +142,12 @@ fn write_kubeconfig(
         "current-context": "sedge",
         "preferences": {},
     });
-    let yaml = serde_yaml::to_string(&doc).map_err(|e| StartError::Io {
+    write_yaml(path, &doc)
+}
+
+/// Writes a kubeconfig document (it holds credentials: mode 0600).
+fn write_yaml(path: &std::path::Path, doc: &serde_json::Value) -> Result<(), StartError> {
+    let yaml = serde_yaml::to_string(doc).map_err(|e| StartError::Io {
         path: path.into(),
         source: std::io::Error::other(e),
     })?;
@@ -368,12 +373,7 @@ impl ApiServer {
             "contexts": [{"name": "sedge", "context": {"cluster": "sedge", "user": user, "namespace": "default"}}],
             "current-context": "sedge",
         });
-        let yaml = serde_yaml::to_string(&doc).map_err(|e| StartError::Io {
-            path: path.into(),
-            source: std::io::Error::other(e),
-        })?;
-        sedge_pki::write_file(path, &yaml, true)?;
-        Ok(())
+        write_yaml(path, &doc)
     }
 
     /// What the watchers have queued for their clients, and how many were closed as too slow.
