@@ -448,7 +448,7 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
 async fn watchers_that_never_read_are_closed_and_their_memory_freed() {
     use sedge_apiserver::watch::{WATCH_BYTES_PER_WATCHER, WATCH_BYTES_TOTAL};
     use std::sync::atomic::Ordering;
-    let t = start_with(|c| c.slow_watch_grace_seconds = 2).await;
+    let t = start_with(|c| c.slow_watch_grace_seconds = 5).await;
     let client = t.client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     // Three watchers that never poll their streams.
