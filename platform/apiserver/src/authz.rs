@@ -321,13 +321,10 @@ impl Authorizer {
 
     /// The current policy, read from `store` if stale.
     pub fn policy(&self, store: &Store) -> Arc<Policy> {
-        let generation = self.generation.load(Ordering::Acquire);
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((g, p)) = cached.as_ref()
-            && *g == generation
-        {
-            return p.clone();
+        if let Some(p) = self.current() {
+            return p;
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let key = |plural: &str| format!("{RBAC_GROUP}/{plural}");
         let p = Arc::new(Policy::from_objects(
             &list_all(store, &key("clusterroles")),
@@ -335,8 +332,18 @@ impl Authorizer {
             &list_all(store, &key("clusterrolebindings")),
             &list_all(store, &key("rolebindings")),
         ));
-        *cached = Some((generation, p.clone()));
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, p.clone()));
         p
+    }
+
+    /// The cached policy, if no role or binding changed since it was read.
+    fn current(&self) -> Option<Arc<Policy>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        cached
+            .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, p)| p.clone())
     }
 
     /// Decides a request without touching the store when it can: `system:masters`, or anyone
@@ -349,23 +356,14 @@ impl Authorizer {
         if node_of(id).is_some() {
             return None;
         }
-        let generation = self.generation.load(Ordering::Acquire);
-        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        let (g, policy) = cached.as_ref()?;
-        if *g != generation {
-            return None;
-        }
-        Some(if policy.allows(id, a) {
-            Ok(())
-        } else {
-            Err(Denied(a.forbidden_message(&id.user)))
-        })
+        let policy = self.current()?;
+        Some(decide(&policy, id, a))
     }
 
     /// Decides a request. Blocking (may read the store): call off the async runtime.
     pub fn authorize(&self, store: &Store, id: &Identity, a: &Attributes) -> Result<(), Denied> {
-        if id.groups.iter().any(|g| g == MASTERS) {
-            return Ok(());
+        if let Some(decided) = self.authorize_cached(id, a) {
+            return decided;
         }
         // Like kube-apiserver's chain `Node,RBAC`: the Node authorizer allows what a node
         // needs, and anything else is RBAC's to allow (nodes hold only the defaults every
@@ -373,10 +371,7 @@ impl Authorizer {
         if node_of(id).is_some_and(|node| node_allows(store, node, a)) {
             return Ok(());
         }
-        if self.policy(store).allows(id, a) {
-            return Ok(());
-        }
-        Err(Denied(a.forbidden_message(&id.user)))
+        decide(&self.policy(store), id, a)
     }
 
     /// Kubernetes' escalation check: a role may hold, and a binding may grant, only what its
@@ -451,6 +446,15 @@ impl Authorizer {
     }
 }
 
+/// RBAC's answer, with kube-apiserver's refusal text.
+fn decide(policy: &Policy, id: &Identity, a: &Attributes) -> Result<(), Denied> {
+    if policy.allows(id, a) {
+        Ok(())
+    } else {
+        Err(Denied(a.forbidden_message(&id.user)))
+    }
+}
+
 /// The first permission of `rule` that `id` does not hold itself, if any.
 fn uncovered(policy: &Policy, id: &Identity, namespace: &str, rule: &Rule) -> Option<String> {
     let names: Vec<String> = if rule.resource_names.is_empty() {
@@ -485,15 +489,9 @@ fn uncovered(policy: &Policy, id: &Identity, namespace: &str, rule: &Rule) -> Op
                         name: name.clone(),
                         path: String::new(),
                     };
-                    // A wildcard in the new rule is covered only by a wildcard held.
-                    let held = policy.rules_for(id, namespace).iter().any(|r| {
-                        r.allows(&a)
-                            && (verb != "*" || r.verbs.iter().any(|v| v == "*"))
-                            && (group != "*" || r.api_groups.iter().any(|g| g == "*"))
-                            && (!res.contains('*')
-                                || r.resources.iter().any(|x| x == "*" || x == res))
-                            && (!name.is_empty() || r.resource_names.is_empty())
-                    });
+                    // A wildcard in the new rule is covered only by a wildcard held: a
+                    // `*` attribute matches only a rule that says `*` itself.
+                    let held = policy.allows(id, &a);
                     if !held {
                         return Some(format!(
                             "{{APIGroups:[{group:?}] Resources:[{res:?}] Verbs:[{verb:?}]}}"
@@ -661,16 +659,14 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
                "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}})
     };
     let role = |name: &str, rules: Vec<Value>| json!({"apiVersion": format!("{RBAC_GROUP}/v1"), "kind": "ClusterRole", "metadata": meta(name), "rules": rules});
-    let bind = |name: &str, role: &str, group: &str| {
+    // A ClusterRoleBinding of `role` to one subject (`Group` or `User`).
+    let bind_to = |name: &str, role: &str, kind: &str, subject: &str| {
         json!({"apiVersion": format!("{RBAC_GROUP}/v1"), "kind": "ClusterRoleBinding", "metadata": meta(name),
                "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": role},
-               "subjects": [{"apiGroup": RBAC_GROUP, "kind": "Group", "name": group}]})
+               "subjects": [{"apiGroup": RBAC_GROUP, "kind": kind, "name": subject}]})
     };
-    let bind_user = |name: &str, role: &str| {
-        json!({"apiVersion": format!("{RBAC_GROUP}/v1"), "kind": "ClusterRoleBinding", "metadata": meta(name),
-               "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": role},
-               "subjects": [{"apiGroup": RBAC_GROUP, "kind": "User", "name": name}]})
-    };
+    let bind = |name: &str, role: &str, group: &str| bind_to(name, role, "Group", group);
+    let bind_user = |name: &str| bind_to(name, name, "User", name);
     // Sedge's own components, each with what it uses and no more (see `sedge up`).
     let all = [
         "get", "list", "watch", "create", "update", "patch", "delete",
@@ -718,14 +714,8 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
     vec![
         ("clusterroles", role(CLOUDCORE_USER, cloudcore)),
         ("clusterroles", role(AI_CONTROLLER_USER, ai_controller)),
-        (
-            "clusterrolebindings",
-            bind_user(CLOUDCORE_USER, CLOUDCORE_USER),
-        ),
-        (
-            "clusterrolebindings",
-            bind_user(AI_CONTROLLER_USER, AI_CONTROLLER_USER),
-        ),
+        ("clusterrolebindings", bind_user(CLOUDCORE_USER)),
+        ("clusterrolebindings", bind_user(AI_CONTROLLER_USER)),
         (
             "clusterroles",
             role(
