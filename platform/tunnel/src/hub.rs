@@ -321,11 +321,7 @@ impl Hub {
         let n = tokio::task::spawn_blocking(move || tokens.revoke_node(&owned))
             .await
             .map_err(|e| TunnelError::Store(e.to_string()))??;
-        if let Some(state) = self.inner.known(node)
-            && let Some(s) = state.session().as_ref()
-        {
-            let _ = s.close.send(true);
-        }
+        self.inner.close_session(node);
         tracing::info!(%node, certificates = n, "revoked the node's certificates");
         Ok(n)
     }
@@ -472,6 +468,15 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// Closes the node's session, if it has one (its certificate was revoked).
+    fn close_session(&self, node: &str) {
+        if let Some(state) = self.known(node)
+            && let Some(s) = state.session().as_ref()
+        {
+            let _ = s.close.send(true);
+        }
     }
 
     /// The node's state, loading its delivery records on first use.
@@ -808,11 +813,8 @@ async fn record_issued(
     })
     .await
     .map_err(|e| TunnelError::Store(e.to_string()))??;
-    if rejoin
-        && let Some(state) = inner.known(node)
-        && let Some(s) = state.session().as_ref()
-    {
-        let _ = s.close.send(true);
+    if rejoin {
+        inner.close_session(node);
     }
     Ok(())
 }
