@@ -142,6 +142,37 @@ pub struct LeaseReport {
     pub duration_seconds: i32,
 }
 
+/// Whether `s` is a DNS-1123 label (lower-case alphanumerics and `-`, 1 to 63, alphanumeric at
+/// both ends): the rule for container, volume and port names, checked by the API server and
+/// again by the node, which turns them into directory names.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Whether a path from a pod spec climbs with a `..` component.
+pub fn climbs(p: &str) -> bool {
+    std::path::Path::new(p)
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+}
+
+/// kube-apiserver's `validateLocalDescendingPath` (`subPath`, item paths): relative and without
+/// `..`; the error is its text.
+pub fn local_descending(p: &str) -> Result<(), &'static str> {
+    if std::path::Path::new(p).is_absolute() {
+        Err("must be a relative path")
+    } else if climbs(p) {
+        Err("must not contain '..'")
+    } else {
+        Ok(())
+    }
+}
+
 /// Whether a pod spec references a secret or config map by name (volumes, projected sources,
 /// env, envFrom, image pull secrets).
 pub fn pod_references(spec: &serde_json::Value, kind: &str, name: &str) -> bool {
@@ -185,6 +216,20 @@ pub fn pod_references(spec: &serde_json::Value, kind: &str, name: &str) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_and_paths_from_a_pod_spec() {
+        for ok in ["a", "web-1", &"x".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a/b", "../x", &"x".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert_eq!(local_descending("a/b"), Ok(()));
+        assert_eq!(local_descending("/etc"), Err("must be a relative path"));
+        assert_eq!(local_descending("a/../../b"), Err("must not contain '..'"));
+        assert!(climbs("/x/../y") && !climbs("/x/..y"));
+    }
 
     #[test]
     fn keys_round_trip_and_reject_malformed() {

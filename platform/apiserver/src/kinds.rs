@@ -117,14 +117,8 @@ fn default_pod_spec(spec: &mut Value) {
 /// kube-apiserver's `validateLocalDescendingPath`: relative and without `..`.
 fn local_descending_path(field: String, v: &Value, causes: &mut Vec<Cause>) {
     let Some(p) = v.as_str() else { return };
-    let path = std::path::Path::new(p);
-    if path.is_absolute() {
-        causes.push(Cause::invalid(field, v, "must be a relative path"));
-    } else if path
-        .components()
-        .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        causes.push(Cause::invalid(field, v, "must not contain '..'"));
+    if let Err(why) = sedge_api::local_descending(p) {
+        causes.push(Cause::invalid(field, v, why));
     }
 }
 
@@ -212,10 +206,7 @@ fn container_mounts_and_ports(c: &Value, p: &str, volumes: &[String], causes: &m
         match m["mountPath"].as_str() {
             None | Some("") => causes.push(Cause::required(format!("{mp}.mountPath"))),
             Some(path) => {
-                if std::path::Path::new(path)
-                    .components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-                {
+                if sedge_api::climbs(path) {
                     causes.push(Cause::invalid(
                         format!("{mp}.mountPath"),
                         &m["mountPath"],

@@ -14,17 +14,12 @@ const DNS1035_MSG: &str = "a DNS-1035 label must consist of lower case alphanume
 
 /// An RFC 1123 label (namespace names, CRD plurals): `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63.
 pub fn dns_label(s: &str) -> Result<(), String> {
-    let b = s.as_bytes();
-    if b.is_empty() || b.len() > 63 {
+    if s.is_empty() || s.len() > 63 {
         return Err(format!(
             "must be no more than 63 characters and not empty; {LABEL_MSG}"
         ));
     }
-    let inner_ok = b
-        .iter()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
-    let ends_ok = b[0].is_ascii_alphanumeric() && b[b.len() - 1].is_ascii_alphanumeric();
-    if inner_ok && ends_ok {
+    if sedge_api::is_dns_label(s) {
         Ok(())
     } else {
         Err(LABEL_MSG.to_string())

@@ -14,16 +14,7 @@ use serde_json::Value;
 /// Longest UID accepted (Kubernetes UIDs are 36-character UUIDs).
 const MAX_UID: usize = 128;
 
-/// Whether `s` is a DNS-1123 label (lower-case alphanumerics and `-`, at most 63, alphanumeric
-/// at both ends), the rule for container, volume and port names.
-pub fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
+pub use sedge_api::is_dns_label as dns_label;
 
 /// A pod UID usable as a directory name: `[A-Za-z0-9-]`, 1 to 128 characters.
 pub fn uid(u: &str) -> Result<(), String> {
@@ -41,24 +32,17 @@ pub fn uid(u: &str) -> Result<(), String> {
 /// A path the pod gives that must stay inside a directory (`subPath`, item `path`): relative,
 /// no `..`, not empty.
 pub fn relative_path(field: &str, p: &str) -> Result<(), String> {
-    let path = Path::new(p);
     if p.is_empty() {
         return Err(format!("{field}: must not be empty"));
     }
-    if path.is_absolute() {
-        return Err(format!("{field} {p:?}: must be a relative path"));
-    }
-    if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(format!("{field} {p:?}: must not contain '..'"));
-    }
-    Ok(())
+    sedge_api::local_descending(p).map_err(|why| format!("{field} {p:?}: {why}"))
 }
 
 /// A `hostPath` the node may link: absolute, no `..`, and under one of `allow` (each an
 /// absolute directory). An empty `allow` refuses every host path.
 pub fn host_path(field: &str, p: &str, allow: &[PathBuf]) -> Result<(), String> {
     let path = Path::new(p);
-    if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
+    if !path.is_absolute() || sedge_api::climbs(p) {
         return Err(format!(
             "{field} {p:?}: must be an absolute path without '..'"
         ));
@@ -187,11 +171,7 @@ pub fn pod(
                 return Err(format!("{field}.name {vol:?}: names no volume of the pod"));
             }
             let mp = m["mountPath"].as_str().unwrap_or_default();
-            if mp.is_empty()
-                || Path::new(mp)
-                    .components()
-                    .any(|c| matches!(c, Component::ParentDir))
-            {
+            if mp.is_empty() || sedge_api::climbs(mp) {
                 return Err(format!(
                     "{field}.mountPath {mp:?}: must be a path without '..'"
                 ));
@@ -201,9 +181,7 @@ pub fn pod(
             }
         }
         if let Some(wd) = c["workingDir"].as_str()
-            && Path::new(wd)
-                .components()
-                .any(|c| matches!(c, Component::ParentDir))
+            && sedge_api::climbs(wd)
         {
             return Err(format!(
                 "container {name}: workingDir {wd:?}: must not contain '..'"
