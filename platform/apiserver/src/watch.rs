@@ -7,6 +7,7 @@
 //! compacted away gets an `ERROR` event carrying `410 Expired`, as kube-apiserver sends.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -65,31 +66,31 @@ pub const WATCH_BYTES_TOTAL: usize = 256 * 1024 * 1024;
 /// The bytes all watchers have queued and not yet handed to their connections.
 #[derive(Debug, Default)]
 pub struct WatchBudget {
-    queued: std::sync::atomic::AtomicUsize,
+    queued: AtomicUsize,
     /// Watchers closed for not reading.
-    pub closed_slow: std::sync::atomic::AtomicU64,
+    pub closed_slow: AtomicU64,
 }
 
 /// One watcher's share of the budget.
 struct Queued {
     total: Arc<WatchBudget>,
-    mine: std::sync::atomic::AtomicUsize,
+    mine: AtomicUsize,
     slow: tokio::sync::Notify,
     drained: tokio::sync::Notify,
     /// The watcher is waiting for room (so `give` need not touch `drained` otherwise).
-    waiting: std::sync::atomic::AtomicBool,
+    waiting: AtomicBool,
 }
 
 impl WatchBudget {
     /// Bytes queued by all watchers now.
     pub fn queued(&self) -> usize {
-        self.queued.load(std::sync::atomic::Ordering::Acquire)
+        self.queued.load(Ordering::Acquire)
     }
 }
 
 impl Queued {
     fn take(&self, n: usize) -> bool {
-        use std::sync::atomic::Ordering::AcqRel;
+        use Ordering::AcqRel;
         let mine = self.mine.fetch_add(n, AcqRel) + n;
         let total = self.total.queued.fetch_add(n, AcqRel) + n;
         if mine > WATCH_BYTES_PER_WATCHER || total > WATCH_BYTES_TOTAL {
@@ -102,10 +103,10 @@ impl Queued {
     }
 
     fn give(&self, n: usize) {
-        use std::sync::atomic::Ordering::AcqRel;
+        use Ordering::AcqRel;
         self.mine.fetch_sub(n, AcqRel);
         self.total.queued.fetch_sub(n, AcqRel);
-        if self.waiting.load(std::sync::atomic::Ordering::Acquire) {
+        if self.waiting.load(Ordering::Acquire) {
             self.drained.notify_one();
         }
     }
@@ -114,10 +115,8 @@ impl Queued {
 impl Drop for Queued {
     fn drop(&mut self) {
         // Whatever was still queued when the stream was dropped goes back.
-        let left = self.mine.load(std::sync::atomic::Ordering::Acquire);
-        self.total
-            .queued
-            .fetch_sub(left, std::sync::atomic::Ordering::AcqRel);
+        let left = self.mine.load(Ordering::Acquire);
+        self.total.queued.fetch_sub(left, Ordering::AcqRel);
     }
 }
 
@@ -248,22 +247,18 @@ impl Watcher {
                 self.queued
                     .total
                     .closed_slow
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(resource = %self.req.rt.qualified(), "closing a watch whose client is not reading");
                 self.queued.slow.notify_one();
                 return Err(Stop::TooSlow);
             }
             // Room is made by this client reading, or by any watcher for the shared bound.
-            self.queued
-                .waiting
-                .store(true, std::sync::atomic::Ordering::Release);
+            self.queued.waiting.store(true, Ordering::Release);
             tokio::select! {
                 _ = self.queued.drained.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            self.queued
-                .waiting
-                .store(false, std::sync::atomic::Ordering::Release);
+            self.queued.waiting.store(false, Ordering::Release);
         }
         if self.tx.send(Bytes::from(line)).await.is_err() {
             self.queued.give(len);

@@ -62,14 +62,12 @@ async fn mutated_bodies_through_the_server() {
         .request_text(post("application/yaml", YAML.as_bytes()))
         .await
         .unwrap();
-    let before = client
-        .request_text(
-            http::Request::get("/api/v1/namespaces/default/configmaps/seed")
-                .body(Vec::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let seed = || {
+        http::Request::get("/api/v1/namespaces/default/configmaps/seed")
+            .body(Vec::new())
+            .unwrap()
+    };
+    let before = client.request_text(seed()).await.unwrap();
     let json = serde_json::to_vec(&serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "seed2"}, "data": {"a": "b"}})).unwrap();
     let proto = protobuf_config_map();
     let rt = tokio::runtime::Handle::current();
@@ -92,14 +90,7 @@ async fn mutated_bodies_through_the_server() {
         })
     });
     eprintln!("{stats:?} {codes:?}");
-    let after = client
-        .request_text(
-            http::Request::get("/api/v1/namespaces/default/configmaps/seed")
-                .body(Vec::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let after = client.request_text(seed()).await.unwrap();
     assert_eq!(before, after, "a stored object changed");
     t.server.shutdown().await;
 }
