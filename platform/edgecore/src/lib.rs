@@ -254,6 +254,8 @@ impl EdgeCore {
                 )));
             }
         }
+        // Settings first: a bad one leaves nothing on disk.
+        podcheck::allowlist(&cfg.host_path_allow).map_err(EdgeError::Config)?;
         let data = cfg.tunnel.data_dir.clone();
         let db = data.join("meta.db");
         let store = Arc::new(

@@ -67,6 +67,18 @@ pub fn host_path(field: &str, p: &str, allow: &[PathBuf]) -> Result<(), String> 
     ))
 }
 
+/// Checks the node's `host_path_allow` setting: every entry an absolute path (a relative one
+/// would silently allow nothing).
+pub fn allowlist(allow: &[PathBuf]) -> Result<(), String> {
+    match allow.iter().find(|a| !a.is_absolute()) {
+        Some(a) => Err(format!(
+            "host_path_allow entry {:?} is not an absolute path (e.g. /opt/models)",
+            a.display().to_string()
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `p` with `.` and `..` resolved by the text alone (an allowlist entry written
 /// `/opt/sedge/../models` means `/opt/models`).
 fn lexical(p: &Path) -> PathBuf {
@@ -294,6 +306,9 @@ mod tests {
         check(pod("busybox", "/etc")).unwrap();
         let dotted = [PathBuf::from("/opt/sedge/../models/./")];
         super::pod(&pod("sedge/worker", "/opt/models/x"), &dotted, |_| false).unwrap();
+        allowlist(&dotted).unwrap();
+        let e = allowlist(&[PathBuf::from("/ok"), PathBuf::from("models")]).unwrap_err();
+        assert!(e.contains("\"models\"") && e.contains("absolute"), "{e}");
         let e = super::pod(&pod("sedge/worker", "/opt/models"), &[], |_| false).unwrap_err();
         assert!(e.contains("none are allowed"), "{e}");
     }
