@@ -349,8 +349,10 @@ pub struct Trigger {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct Timer {
     /// Start, `HH:MM`.
+    #[serde(deserialize_with = "crate::trigger::time_string")]
     pub start: String,
     /// End, `HH:MM`.
+    #[serde(deserialize_with = "crate::trigger::time_string")]
     pub end: String,
 }
 

@@ -11,6 +11,8 @@
 //!   `sedge_cloudcore::CloudModule`): writes the workers' counters into the service's status and
 //!   connects routed streams to the cloud worker's pods.
 //! - [`wire`]: the messages between the two modules.
+//! - [`il`]: the IncrementalLearningJob lifecycle as one state machine; [`trigger`]: its stage
+//!   triggers (timer window, operators, list-valued metrics).
 //!
 //! The platform crates know nothing of this crate; it plugs in through CRDs, the channel's
 //! message groups and the two module traits.
@@ -19,4 +21,6 @@ pub mod cloud;
 pub mod controller;
 pub mod crd;
 pub mod edge;
+pub mod il;
+pub mod trigger;
 pub mod wire;

@@ -10,6 +10,7 @@ pub mod export;
 pub mod fashion;
 pub mod idx;
 pub mod index;
+pub mod shift;
 
 pub use error::DatasetError;
 pub use fashion::{FASHION_MNIST_DIR, LABELS, Split};

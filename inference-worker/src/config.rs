@@ -117,6 +117,22 @@ pub fn apply_edge_env(c: &mut crate::edge::EdgeConfig) -> Result<(), ConfigError
     if let Some(v) = env("SEDGE_REPEAT") {
         c.repeat = matches!(v.to_lowercase().as_str(), "1" | "true" | "yes");
     }
+    if env(crate::hot_update::ENABLED_ENV).is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        let path = env(crate::hot_update::CONFIG_ENV).ok_or_else(|| ConfigError::Invalid {
+            origin: format!("environment variable {}", crate::hot_update::ENABLED_ENV),
+            message: format!("is true but {} is not set", crate::hot_update::CONFIG_ENV),
+        })?;
+        c.hot_update_config = Some(path.into());
+    }
+    if let Some(v) = env_parse::<f64>(crate::hot_update::PERIOD_ENV)? {
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(ConfigError::Invalid {
+                origin: format!("environment variable {}", crate::hot_update::PERIOD_ENV),
+                message: format!("{v} is not a positive number of seconds"),
+            });
+        }
+        c.hot_update_period_seconds = v;
+    }
     if let Some(v) = env("BIG_MODEL_NAME") {
         c.offload.model = v;
     }

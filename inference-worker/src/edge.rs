@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::backend::{self, BackendError, BackendOptions};
 use crate::client::{CloudClient, OffloadConfig, OffloadError, OffloadOutcome};
 use crate::hard_examples::HardExampleStore;
+use crate::hot_update::{HotUpdater, Outcome};
 use crate::metrics::EdgeMetrics;
 use crate::mining::{HardExampleMining, MiningError};
 use crate::model::{Model, ModelError};
@@ -61,6 +62,11 @@ pub struct EdgeConfig {
     pub repeat: bool,
     /// At most this many samples per second (`SEDGE_RATE`); none means as fast as possible.
     pub rate: Option<f64>,
+    /// Sedna's `model_config.json` to poll for hot model updates (`MODEL_HOT_UPDATE=true` and
+    /// `MODEL_HOT_UPDATE_CONFIG`); none turns hot update off.
+    pub hot_update_config: Option<PathBuf>,
+    /// How often to poll it (`MODEL_POLL_PERIOD_SECONDS`).
+    pub hot_update_period_seconds: f64,
 }
 
 impl Default for EdgeConfig {
@@ -79,6 +85,8 @@ impl Default for EdgeConfig {
             limit: None,
             repeat: false,
             rate: None,
+            hot_update_config: None,
+            hot_update_period_seconds: 60.0,
         }
     }
 }
@@ -149,6 +157,9 @@ pub struct EdgeSummary {
     pub throughput: f64,
     /// Hard examples saved (including earlier runs into the same directory).
     pub hard_examples_saved: u64,
+    /// Hot model updates put in service during the run.
+    #[serde(default)]
+    pub model_version: u64,
 }
 
 impl EdgeSummary {
@@ -202,6 +213,56 @@ impl EdgeWorker {
             config,
             metrics: Arc::new(EdgeMetrics::default()),
         })
+    }
+
+    /// Polls the hot-update config on its own thread until `stop` is set (none without one).
+    fn spawn_hot_update(
+        &self,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Option<std::thread::JoinHandle<()>>, WorkerError> {
+        let Some(path) = self.config.hot_update_config.clone() else {
+            return Ok(None);
+        };
+        let period = Duration::from_secs_f64(self.config.hot_update_period_seconds.max(0.01));
+        let mut updater = HotUpdater::new(path, self.config.backend.clone());
+        let pipeline = self.pipeline.clone();
+        let metrics = self.metrics.clone();
+        std::thread::Builder::new()
+            .name("model-hot-update".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match updater.poll(&pipeline) {
+                        Outcome::Unchanged => {}
+                        Outcome::Swapped {
+                            model,
+                            version,
+                            load,
+                            pause,
+                        } => {
+                            metrics.model_version.set(version as i64);
+                            tracing::info!(model = %model.display(), version, load_ms = load.as_secs_f64() * 1e3, pause_us = pause.as_secs_f64() * 1e6, "hot update: new model in service");
+                        }
+                        Outcome::Refused {
+                            update_time,
+                            message,
+                        } => {
+                            metrics.model_update_refused.inc();
+                            tracing::warn!(update_time, error = %message, "hot update refused; the model in service stays");
+                        }
+                    }
+                    std::thread::park_timeout(period);
+                }
+            })
+            .map(Some)
+            .map_err(|e| WorkerError::Io {
+                what: "cannot start the hot-update thread".into(),
+                source: e,
+            })
+    }
+
+    /// The pipeline (model in service, mining rule).
+    pub fn pipeline(&self) -> &Arc<EdgePipeline> {
+        &self.pipeline
     }
 
     /// The cloud client, when a cloud is configured.
@@ -306,6 +367,9 @@ impl EdgeWorker {
                 what: "cannot start the pipeline thread".into(),
                 source: e,
             })?;
+
+        let stop_polling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = self.spawn_hot_update(stop_polling.clone())?;
 
         let client = self.client.clone();
         let concurrency = self.config.offload.concurrency.max(1);
@@ -415,6 +479,12 @@ impl EdgeWorker {
         m.update_ratio();
         drop(results);
         let _ = producer.join();
+        stop_polling.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(p) = poller {
+            p.thread().unpark();
+            let _ = p.join();
+        }
+        summary.model_version = self.pipeline.model_version();
         if let Some(w) = out.as_mut() {
             w.flush().map_err(|e| WorkerError::Io {
                 what: "cannot write results".into(),

@@ -17,8 +17,10 @@ pub mod breaker;
 pub mod client;
 pub mod config;
 pub mod edge;
+pub mod eval;
 pub mod fetch;
 pub mod hard_examples;
+pub mod hot_update;
 pub mod lc;
 pub mod metrics;
 pub mod mining;
@@ -29,6 +31,7 @@ pub mod preprocess;
 pub mod report;
 pub mod server;
 pub mod source;
+pub mod train;
 
 /// Code generated from `proto/grpc_predict_v2.proto` (package `inference`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

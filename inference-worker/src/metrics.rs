@@ -40,6 +40,10 @@ pub struct EdgeMetrics {
     pub edge_seconds: Histogram,
     /// Cloud round trip per offloaded sample, retries included.
     pub cloud_seconds: Histogram,
+    /// Hot model updates put in service (0: the model the worker started with).
+    pub model_version: Gauge,
+    /// Hot model updates refused (the model did not load or did not fit).
+    pub model_update_refused: Counter,
 }
 
 impl Default for EdgeMetrics {
@@ -55,6 +59,8 @@ impl Default for EdgeMetrics {
             upload_cloud_ratio: Gauge::default(),
             edge_seconds: latency_histogram(),
             cloud_seconds: latency_histogram(),
+            model_version: Gauge::default(),
+            model_update_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -101,6 +107,16 @@ impl Default for EdgeMetrics {
             "cloud_round_trip_seconds",
             "Cloud round trip per hard example",
             m.cloud_seconds.clone(),
+        );
+        registry.register(
+            "model_version",
+            "Hot model updates put in service",
+            m.model_version.clone(),
+        );
+        registry.register(
+            "model_update_refused",
+            "Hot model updates refused",
+            m.model_update_refused.clone(),
         );
         EdgeMetrics { registry, ..m }
     }

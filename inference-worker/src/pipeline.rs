@@ -3,7 +3,8 @@
 //! It runs on a dedicated thread (never on the async runtime) and is what the pipeline benchmark
 //! measures against the raw backend call.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -68,7 +69,11 @@ pub struct Decision {
 
 /// Decode, preprocess, infer, mine.
 pub struct EdgePipeline {
-    backend: Arc<dyn Backend>,
+    /// The model in service; a batch takes one reference at its start, so a swap never waits for
+    /// a batch and no batch mixes two models.
+    backend: RwLock<Arc<dyn Backend>>,
+    /// How many times the model was swapped.
+    version: AtomicU64,
     config: ModelConfig,
     norm: Normalizer,
     mining: HardExampleMining,
@@ -99,7 +104,8 @@ impl EdgePipeline {
         }
         Ok(EdgePipeline {
             norm: Normalizer::new(&config.input),
-            backend,
+            backend: RwLock::new(backend),
+            version: AtomicU64::new(0),
             config,
             mining,
             mode,
@@ -109,6 +115,32 @@ impl EdgePipeline {
     /// The model config.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Puts another model in service from the next batch on (hot update). Its config must feed
+    /// and read it the same way (input, output and labels), else it is refused and the model in
+    /// service stays. Returns the new version (1 after the first swap).
+    pub fn swap_model(
+        &self,
+        backend: Arc<dyn Backend>,
+        config: &ModelConfig,
+    ) -> Result<u64, String> {
+        if config.input != self.config.input
+            || config.output != self.config.output
+            || config.labels != self.config.labels
+        {
+            return Err(format!(
+                "model {:?} is fed or read differently from the model in service {:?} (input, output or labels differ)",
+                config.name, self.config.name
+            ));
+        }
+        *self.backend.write().unwrap_or_else(|p| p.into_inner()) = backend;
+        Ok(self.version.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Swaps so far.
+    pub fn model_version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
     }
 
     /// The mining rule.
@@ -170,7 +202,12 @@ impl EdgePipeline {
             for &i in &to_infer {
                 self.norm.extend(&decisions[i].pixels, &mut input);
             }
-            match self.backend.run(&input, to_infer.len()) {
+            let backend = self
+                .backend
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            match backend.run(&input, to_infer.len()) {
                 Ok(mut out) => {
                     let per = out.len() / to_infer.len();
                     for (row, &i) in out.chunks_mut(per.max(1)).zip(&to_infer) {

@@ -90,6 +90,59 @@ enum Worker {
     ///
     /// Reads MODEL_URL, BIG_MODEL_BIND_IP, BIG_MODEL_BIND_PORT and BACKEND.
     Cloud(CloudArgs),
+    /// Train worker (incremental learning): fine-tune an ONNX model on labelled samples in Rust
+    /// (candle) and write the trained ONNX model.
+    ///
+    /// Reads Sedna's BASE_MODEL_URL, MODEL_URL (output directory) and TRAIN_DATASET_URL, and
+    /// Sedge's REPLAY_DATASET_URL; prints the result as JSON.
+    Train(TrainArgs),
+    /// Eval worker: score every model in MODEL_URLS (`;`-separated) on TEST_DATASET_URL and print
+    /// Sedna's metrics (accuracy, per-class precision and recall) as JSON.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The model to start from (.onnx with its .json beside it).
+    #[arg(long, env = "BASE_MODEL_URL")]
+    base_model: PathBuf,
+    /// Directory the trained model is written to.
+    #[arg(long, env = "MODEL_URL")]
+    output: PathBuf,
+    /// The round's labelled samples: a .txt/.csv index, an IDX file or a directory.
+    #[arg(long, env = "TRAIN_DATASET_URL")]
+    train_data: PathBuf,
+    /// Original labelled data mixed in against forgetting.
+    #[arg(long, env = "REPLAY_DATASET_URL")]
+    replay_data: Option<PathBuf>,
+    /// At most this many replay samples are read.
+    #[arg(long, env = "REPLAY_LIMIT", default_value_t = 20_000)]
+    replay_limit: usize,
+    /// Replay samples per new sample, each epoch.
+    #[arg(long, env = "REPLAY_RATIO", default_value_t = 1.0)]
+    replay_ratio: f64,
+    /// Passes over the data.
+    #[arg(long, env = "EPOCHS", default_value_t = 3)]
+    epochs: usize,
+    /// Samples per step.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 64)]
+    batch_size: usize,
+    /// AdamW learning rate.
+    #[arg(long, env = "LEARNING_RATE", default_value_t = 5e-4)]
+    learning_rate: f64,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Models to score, `;`-separated (Sedna: [new, deployed]).
+    #[arg(long, env = "MODEL_URLS")]
+    models: String,
+    /// Labelled samples: a .txt/.csv index, an IDX file or a directory.
+    #[arg(long, env = "TEST_DATASET_URL")]
+    test_data: PathBuf,
+    /// Inference engine.
+    #[arg(long, env = "BACKEND", default_value = "tract")]
+    backend: BackendKind,
 }
 
 #[derive(Args)]
@@ -271,6 +324,8 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Worker(Worker::Edge(a)) => worker_edge(a).await,
             Command::Worker(Worker::Cloud(a)) => worker_cloud(a).await,
+            Command::Worker(Worker::Train(a)) => worker_train(a).await,
+            Command::Worker(Worker::Eval(a)) => worker_eval(a).await,
             Command::Infer(a) => infer(a).await,
             Command::Demo(a) => demo(a).await,
             Command::Bench(a) => bench(a).await,
@@ -438,6 +493,41 @@ async fn worker_edge(a: EdgeArgs) -> Result<()> {
         }
         r.abort();
     }
+    Ok(())
+}
+
+async fn worker_train(a: TrainArgs) -> Result<()> {
+    let job = sedge_inference_worker::train::TrainJob {
+        base_model: a.base_model,
+        output_dir: a.output,
+        train_data: a.train_data,
+        replay_data: a.replay_data,
+        replay_limit: a.replay_limit,
+        options: sedge_inference_worker::train::TrainOptions {
+            epochs: a.epochs,
+            batch_size: a.batch_size,
+            learning_rate: a.learning_rate,
+            replay_ratio: a.replay_ratio,
+            ..Default::default()
+        },
+    };
+    let result = tokio::task::spawn_blocking(move || sedge_inference_worker::train::run(&job))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+async fn worker_eval(a: EvalArgs) -> Result<()> {
+    let opts = sedge_inference_worker::backend::BackendOptions {
+        kind: a.backend,
+        ..Default::default()
+    };
+    let results = tokio::task::spawn_blocking(move || {
+        sedge_inference_worker::eval::run(&a.models, &a.test_data, &opts)
+    })
+    .await??;
+    println!("{}", serde_json::to_string(&results)?);
     Ok(())
 }
 

@@ -1,0 +1,312 @@
+//! Incremental learning under a domain shift, with zero human labels. Prints one table.
+//!
+//! The stream is Fashion-MNIST's training images seen through a new camera
+//! ([`CameraShift::default`]: contrast 0.55, brightness +80, noise σ 20, seed 7). Each round:
+//!
+//! 1. the deployed edge model runs on the round's slice of the stream; the mining rule
+//!    (`MaxProbability`, threshold 0.8 by default) picks the hard examples;
+//! 2. the cloud model labels them (pseudo-labels: no ground truth is read, unless
+//!    `--truth-labels` asks for it to show the gap);
+//! 3. the samples are split by `trainProb` into train and eval, as the local controller does;
+//! 4. the train worker's code fine-tunes the deployed model on the round's train samples, mixed
+//!    with replay of the original (unshifted) training images;
+//! 5. the eval worker's code scores the new and the deployed model on all eval samples so far
+//!    (pseudo-labelled too), and the deploy trigger (`accuracy_delta > 0` by default, the
+//!    trigger module's rules) decides whether the new model replaces the deployed one.
+//!
+//! Reported on the 10,000 test images, shifted (noise from another seed range) and original:
+//! the edge model before, the cloud model, and the deployed edge model after every round, with
+//! each round's time to train, evaluate and deploy (load the model into a backend).
+//!
+//! Run: `make bench-learning` (release build; data from `make data`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use sedge_ai_controller::crd::{Trigger, TriggerCondition};
+use sedge_ai_controller::trigger::{Rule, TimeOfDay};
+use sedge_datasets::shift::CameraShift;
+use sedge_datasets::{FASHION_MNIST_DIR, Split, fashion};
+use sedge_inference_worker::backend::{self, BackendKind, BackendOptions};
+use sedge_inference_worker::eval::{self, Scores};
+use sedge_inference_worker::mining::{HardExampleMining, Output};
+use sedge_inference_worker::model::{Model, models_dir};
+use sedge_inference_worker::preprocess::{Normalizer, activate, argmax};
+use sedge_inference_worker::train::{Labelled, OnnxTrainer, TrainOptions};
+
+#[derive(Parser)]
+#[command(about = "Incremental learning under a domain shift (prints a table)")]
+struct Args {
+    /// Rounds of the loop.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Shifted stream images per round.
+    #[arg(long, default_value_t = 4000)]
+    per_round: usize,
+    /// Share of each round's hard examples used for training (the rest evaluate).
+    #[arg(long, default_value_t = 0.8)]
+    train_prob: f64,
+    /// MaxProbability threshold of the mining rule.
+    #[arg(long, default_value_t = 0.8)]
+    threshold: f64,
+    /// Train epochs per round.
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Replay samples of original data per new sample.
+    #[arg(long, default_value_t = 1.0)]
+    replay_ratio: f64,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 5e-4)]
+    learning_rate: f64,
+    /// Deploy trigger metric (`accuracy_delta`, `precision_delta`, `min(recall_delta)`, ...).
+    #[arg(long, default_value = "accuracy_delta")]
+    deploy_metric: String,
+    /// Deploy trigger operator.
+    #[arg(long, default_value = ">")]
+    deploy_operator: String,
+    /// Deploy trigger threshold.
+    #[arg(long, default_value_t = 0.0)]
+    deploy_threshold: f64,
+    /// Label hard examples with the ground truth instead of the cloud model (shows the gap).
+    #[arg(long)]
+    truth_labels: bool,
+    /// Where Fashion-MNIST is.
+    #[arg(long, default_value = FASHION_MNIST_DIR)]
+    data: PathBuf,
+}
+
+fn opts() -> BackendOptions {
+    BackendOptions {
+        kind: BackendKind::Tract,
+        ..Default::default()
+    }
+}
+
+/// Class probabilities of every sample.
+fn probabilities(model: &Model, samples: &[Labelled]) -> Result<Vec<Vec<f32>>> {
+    let b = backend::load(model, &opts())?;
+    let norm = Normalizer::new(&model.config.input);
+    let mut out = Vec::with_capacity(samples.len());
+    for chunk in samples.chunks(256) {
+        let mut input = Vec::new();
+        for s in chunk {
+            norm.extend(&s.pixels, &mut input);
+        }
+        let mut y = b.run(&input, chunk.len())?;
+        for row in y.chunks_mut(10) {
+            activate(row, model.config.output.activation);
+            out.push(row.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+fn pct(s: &Scores) -> String {
+    format!("{:.2}", s.accuracy * 100.0)
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let shift = CameraShift::default();
+    let train = fashion::load(&a.data, Split::Train).context("run `make data` first")?;
+    let test = fashion::load(&a.data, Split::Test)?;
+    let labelled = |set: &sedge_datasets::LabeledImages,
+                    range: std::ops::Range<usize>,
+                    shift_from: Option<u64>| {
+        let labels = set.labels.as_ref().expect("labels");
+        range
+            .map(|i| {
+                let mut pixels = set.images.image(i).to_vec();
+                if let Some(first) = shift_from {
+                    shift.apply(&mut pixels, first + i as u64);
+                }
+                Labelled {
+                    pixels,
+                    label: u32::from(labels[i]),
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let stream_len = a.rounds * a.per_round;
+    anyhow::ensure!(
+        stream_len <= 30_000,
+        "rounds x per_round must be at most 30,000"
+    );
+    let stream = labelled(&train, 0..stream_len, Some(0));
+    // Replay comes from the other half of the original training set, unshifted, with its labels.
+    let replay = labelled(&train, 30_000..60_000, None);
+    let test_shifted = labelled(&test, 0..test.images.len(), Some(1_000_000));
+    let test_original = labelled(&test, 0..test.images.len(), None);
+
+    let edge0 = Model::load(models_dir().join("fashion-mnist/edge-cnn.onnx"))?;
+    let cloud = Model::load(models_dir().join("fashion-mnist/cloud-cnn.onnx"))?;
+    let rule = HardExampleMining::MaxProbability {
+        threshold: a.threshold as f32,
+    };
+    let deploy = Rule::parse(&Trigger {
+        check_period_seconds: None,
+        timer: None,
+        condition: TriggerCondition {
+            operator: a.deploy_operator.clone(),
+            threshold: a.deploy_threshold,
+            metric: a.deploy_metric.clone(),
+        },
+    })?;
+
+    let score = |m: &Model, s: &[Labelled]| eval::score(m, &opts(), s);
+    let mut rows: Vec<[String; 9]> = Vec::new();
+    let e_shift = score(&edge0, &test_shifted)?;
+    let e_orig = score(&edge0, &test_original)?;
+    let c_shift = score(&cloud, &test_shifted)?;
+    let c_orig = score(&cloud, &test_original)?;
+    let dash = || "-".to_string();
+    rows.push([
+        "edge model before".into(),
+        pct(&e_shift),
+        pct(&e_orig),
+        dash(),
+        dash(),
+        dash(),
+        dash(),
+        dash(),
+        dash(),
+    ]);
+    rows.push([
+        "cloud model (the labeller)".into(),
+        pct(&c_shift),
+        pct(&c_orig),
+        dash(),
+        dash(),
+        dash(),
+        dash(),
+        dash(),
+        dash(),
+    ]);
+
+    let dir = tempfile::tempdir()?;
+    let mut deployed = edge0.clone();
+    let mut eval_set: Vec<Labelled> = Vec::new();
+    let mut pseudo_wrong = 0usize;
+    let mut pseudo_total = 0usize;
+    for round in 1..=a.rounds {
+        let slice = &stream[(round - 1) * a.per_round..round * a.per_round];
+        let edge_p = probabilities(&deployed, slice)?;
+        let hard: Vec<&Labelled> = slice
+            .iter()
+            .zip(&edge_p)
+            .filter(|(_, p)| rule.is_hard(Output::Probabilities(p)))
+            .map(|(s, _)| s)
+            .collect();
+        let hard_owned: Vec<Labelled> = hard.iter().map(|s| (*s).clone()).collect();
+        let cloud_p = probabilities(&cloud, &hard_owned)?;
+        let mut round_train = Vec::new();
+        for (i, (s, p)) in hard_owned.into_iter().zip(&cloud_p).enumerate() {
+            let pseudo = argmax(p).map(|(l, _)| l as u32).unwrap_or(0);
+            pseudo_total += 1;
+            if pseudo != s.label {
+                pseudo_wrong += 1;
+            }
+            let sample = Labelled {
+                label: if a.truth_labels { s.label } else { pseudo },
+                pixels: s.pixels,
+            };
+            // The LC's split: the first trainProb share of every 100 goes to train.
+            if (i % 100) as f64 / 100.0 < a.train_prob {
+                round_train.push(sample);
+            } else {
+                eval_set.push(sample);
+            }
+        }
+
+        let t = Instant::now();
+        let mut trainer = OnnxTrainer::load(&deployed)?;
+        let report = trainer.train(
+            &round_train,
+            &replay,
+            &TrainOptions {
+                epochs: a.epochs,
+                learning_rate: a.learning_rate,
+                replay_ratio: a.replay_ratio,
+                seed: round as u64,
+                ..TrainOptions::default()
+            },
+        )?;
+        let candidate_path = dir.path().join(format!("edge-cnn-round{round}.onnx"));
+        trainer.save(&candidate_path)?;
+        let train_s = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let candidate = Model::load(&candidate_path)?;
+        let new = score(&candidate, &eval_set)?;
+        let old = score(&deployed, &eval_set)?;
+        let mut stats: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (k, v) in new.sedna_metrics() {
+            let o = &old.sedna_metrics()[&k];
+            stats.insert(
+                format!("{k}_delta"),
+                v.iter().zip(o).map(|(a, b)| a - b).collect(),
+            );
+            stats.insert(k, v);
+        }
+        let eval_s = t.elapsed().as_secs_f64();
+        let fire = deploy.fires(TimeOfDay(0), &stats)?;
+
+        let t = Instant::now();
+        if fire {
+            backend::load(&candidate, &opts())?;
+            deployed = candidate;
+        }
+        let deploy_s = t.elapsed().as_secs_f64();
+        let s = score(&deployed, &test_shifted)?;
+        let o = score(&deployed, &test_original)?;
+        rows.push([
+            format!("after round {round}{}", if fire { "" } else { " (kept)" }),
+            pct(&s),
+            pct(&o),
+            format!("{} / {}", hard.len(), slice.len()),
+            format!(
+                "{:.3} -> {:.3}",
+                report.epoch_loss[0],
+                report.epoch_loss.last().unwrap()
+            ),
+            format!("{train_s:.1}"),
+            format!("{eval_s:.2}"),
+            format!("{deploy_s:.3}"),
+            format!("{:+.2}", (new.accuracy - old.accuracy) * 100.0),
+        ]);
+    }
+
+    println!(
+        "\nIncremental learning on Fashion-MNIST through a new camera ({} rounds of {} images, {} labels, trainProb {}, MaxProbability {}, {} epochs, replay {}x, deploy when {} {} {})\n",
+        a.rounds,
+        a.per_round,
+        if a.truth_labels {
+            "ground-truth"
+        } else {
+            "cloud pseudo-"
+        },
+        a.train_prob,
+        a.threshold,
+        a.epochs,
+        a.replay_ratio,
+        a.deploy_metric,
+        a.deploy_operator,
+        a.deploy_threshold
+    );
+    println!(
+        "| model | shifted test acc % | original test acc % | hard examples | train loss | train s | eval s | deploy s | eval delta (points) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!("| {} |", r.join(" | "));
+    }
+    println!(
+        "\nPseudo-labels wrong (cloud model vs ground truth, measured only to report it): {:.1}% of {}",
+        100.0 * pseudo_wrong as f64 / pseudo_total.max(1) as f64,
+        pseudo_total
+    );
+    Ok(())
+}
