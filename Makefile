@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build bench bench-edgemark bench-example ort data fonts
+.PHONY: help demo test lint fmt build bench bench-edgemark bench-example bench-learning ort data fonts
 
 help:
 	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then a Sedna"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench  - benchmark tables: inference pipeline, API server, channel (quick)"
 	@echo "make bench-edgemark - the channel with up to 100,000 simulated QUIC edge nodes"
 	@echo "make bench-example - the Ianvs-style Fashion-MNIST job on all 10,000 test images"
+	@echo "make bench-learning - incremental learning under a camera shift: 3 rounds, zero human labels"
 
 # Debian's Fashion-MNIST (the demo's data; tests use the sample committed in datasets/).
 data: $(FASHION)
@@ -79,3 +80,8 @@ bench-edgemark:
 
 bench-example: data ort fonts build
 	target/release/sedge bench -f benchmarks/examples/fashion-mnist/benchmarkingjob.yaml
+
+# Incremental learning: the edge model retrained from cloud-labelled hard examples of a shifted
+# Fashion-MNIST stream, round by round (train, eval, deploy), with forgetting on the original set.
+bench-learning: data ort
+	$(CARGO) run --release -p sedge-benchmarks --bin learning

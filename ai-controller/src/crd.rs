@@ -350,9 +350,11 @@ pub struct Trigger {
 pub struct Timer {
     /// Start, `HH:MM`.
     #[serde(deserialize_with = "crate::trigger::time_string")]
+    #[schemars(with = "String")]
     pub start: String,
     /// End, `HH:MM`.
     #[serde(deserialize_with = "crate::trigger::time_string")]
+    #[schemars(with = "String")]
     pub end: String,
 }
 
@@ -423,7 +425,8 @@ pub struct DeploySpec {
     pub template: PodTemplateSpec,
 }
 
-/// IncrementalLearningJob spec (the controller comes later; the CRD validates manifests now).
+/// IncrementalLearningJob spec (Sedna's fields; the controller that runs a job's loop is in
+/// progress, the CRD validates manifests).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "sedna.io",

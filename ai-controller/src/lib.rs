@@ -12,12 +12,14 @@
 //!   connects routed streams to the cloud worker's pods.
 //! - [`wire`]: the messages between the two modules.
 //! - [`il`]: the IncrementalLearningJob lifecycle as one state machine; [`trigger`]: its stage
-//!   triggers (timer window, operators, list-valued metrics).
+//!   triggers (timer window, operators, list-valued metrics); [`collect`]: the node's sample
+//!   collection for a job (new dataset lines split by `trainProb`, round lists, durable state).
 //!
 //! The platform crates know nothing of this crate; it plugs in through CRDs, the channel's
 //! message groups and the two module traits.
 
 pub mod cloud;
+pub mod collect;
 pub mod controller;
 pub mod crd;
 pub mod edge;

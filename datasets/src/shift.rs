@@ -20,13 +20,14 @@ pub struct CameraShift {
 }
 
 impl Default for CameraShift {
-    /// The shift the benchmark and the example use: contrast 0.55, brightness +80, noise σ 20,
-    /// seed 7.
+    /// The shift the benchmark uses: contrast 0.5, brightness +25, noise σ 10, seed 7. It takes
+    /// the edge model from 91.7% to 62.8% and the cloud model from 92.9% to 79.7% (so the cloud
+    /// can still teach; stronger shifts, such as a +80 offset, leave both near chance).
     fn default() -> Self {
         CameraShift {
-            contrast: 0.55,
-            brightness: 80.0,
-            noise_sigma: 20.0,
+            contrast: 0.5,
+            brightness: 25.0,
+            noise_sigma: 10.0,
             seed: 7,
         }
     }
@@ -97,13 +98,13 @@ mod tests {
         s.apply(&mut c, 4);
         assert_ne!(a, c, "another image gets other noise");
         let mean = a.iter().map(|&p| f64::from(p)).sum::<f64>() / 784.0;
-        assert!((mean - 80.0).abs() < 3.0, "black turns grey: mean {mean}");
+        assert!((mean - 25.0).abs() < 2.0, "black turns grey: mean {mean}");
         let quiet = CameraShift {
             noise_sigma: 0.0,
             ..s
         };
         let mut d = vec![200u8, 0, 255];
         quiet.apply(&mut d, 0);
-        assert_eq!(d, vec![190, 80, 220]);
+        assert_eq!(d, vec![125, 25, 153]);
     }
 }

@@ -8,6 +8,10 @@
 //!   (REST and gRPC, [`oip`]) and Sedna's `/sedna/predict`, batching concurrent requests
 //!   ([`batcher`]).
 //!
+//! * Incremental learning's **train worker** ([`train`]) fine-tunes an ONNX model with candle and
+//!   writes the weights back into the graph; the **eval worker** ([`eval`]) scores models with
+//!   Sedna's list metrics; the edge worker takes new models while it runs ([`hot_update`]).
+//!
 //! Both run ONNX models through one [`backend::Backend`] trait, with tract (pure Rust) and ONNX
 //! Runtime implementations.
 

@@ -1,7 +1,7 @@
 //! Incremental learning under a domain shift, with zero human labels. Prints one table.
 //!
 //! The stream is Fashion-MNIST's training images seen through a new camera
-//! ([`CameraShift::default`]: contrast 0.55, brightness +80, noise σ 20, seed 7). Each round:
+//! ([`CameraShift::default`]: contrast 0.5, brightness +25, noise σ 10, seed 7). Each round:
 //!
 //! 1. the deployed edge model runs on the round's slice of the stream; the mining rule
 //!    (`MaxProbability`, threshold 0.8 by default) picks the hard examples;
@@ -73,6 +73,15 @@ struct Args {
     /// Label hard examples with the ground truth instead of the cloud model (shows the gap).
     #[arg(long)]
     truth_labels: bool,
+    /// Camera shift: contrast factor.
+    #[arg(long)]
+    contrast: Option<f32>,
+    /// Camera shift: brightness offset (grey levels).
+    #[arg(long)]
+    brightness: Option<f32>,
+    /// Camera shift: noise standard deviation (grey levels).
+    #[arg(long)]
+    noise: Option<f32>,
     /// Where Fashion-MNIST is.
     #[arg(long, default_value = FASHION_MNIST_DIR)]
     data: PathBuf,
@@ -110,7 +119,13 @@ fn pct(s: &Scores) -> String {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let shift = CameraShift::default();
+    let d = CameraShift::default();
+    let shift = CameraShift {
+        contrast: a.contrast.unwrap_or(d.contrast),
+        brightness: a.brightness.unwrap_or(d.brightness),
+        noise_sigma: a.noise.unwrap_or(d.noise_sigma),
+        seed: d.seed,
+    };
     let train = fashion::load(&a.data, Split::Train).context("run `make data` first")?;
     let test = fashion::load(&a.data, Split::Test)?;
     let labelled = |set: &sedge_datasets::LabeledImages,
@@ -144,7 +159,7 @@ fn main() -> Result<()> {
     let edge0 = Model::load(models_dir().join("fashion-mnist/edge-cnn.onnx"))?;
     let cloud = Model::load(models_dir().join("fashion-mnist/cloud-cnn.onnx"))?;
     let rule = HardExampleMining::MaxProbability {
-        threshold: a.threshold as f32,
+        threshold: a.threshold,
     };
     let deploy = Rule::parse(&Trigger {
         check_period_seconds: None,
