@@ -173,33 +173,16 @@ fn main() -> Result<()> {
 
     let score = |m: &Model, s: &[Labelled]| eval::score(m, &opts(), s);
     let mut rows: Vec<[String; 9]> = Vec::new();
-    let e_shift = score(&edge0, &test_shifted)?;
-    let e_orig = score(&edge0, &test_original)?;
-    let c_shift = score(&cloud, &test_shifted)?;
-    let c_orig = score(&cloud, &test_original)?;
-    let dash = || "-".to_string();
-    rows.push([
-        "edge model before".into(),
-        pct(&e_shift),
-        pct(&e_orig),
-        dash(),
-        dash(),
-        dash(),
-        dash(),
-        dash(),
-        dash(),
-    ]);
-    rows.push([
-        "cloud model (the labeller)".into(),
-        pct(&c_shift),
-        pct(&c_orig),
-        dash(),
-        dash(),
-        dash(),
-        dash(),
-        dash(),
-        dash(),
-    ]);
+    for (name, m) in [
+        ("edge model before", &edge0),
+        ("cloud model (the labeller)", &cloud),
+    ] {
+        let mut row: [String; 9] = std::array::from_fn(|_| "-".to_string());
+        row[0] = name.into();
+        row[1] = pct(&score(m, &test_shifted)?);
+        row[2] = pct(&score(m, &test_original)?);
+        rows.push(row);
+    }
 
     let dir = tempfile::tempdir()?;
     let mut deployed = edge0.clone();
