@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use sedge_datasets::export::write_atomic;
 use serde::{Deserialize, Serialize};
 
 /// Lines read from one index at most (a runaway writer cannot exhaust the agent's memory).
@@ -82,15 +83,6 @@ pub struct Collector {
     output: PathBuf,
     train_prob: f64,
     state: CollectState,
-}
-
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
 }
 
 impl Collector {

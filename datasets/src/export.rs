@@ -51,6 +51,18 @@ pub fn encode_png(pixels: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, im
     Ok(out)
 }
 
+/// Writes `data` to `path` through a temporary file beside it (`<name>.tmp`) and a rename, so a
+/// reader sees the old file or the new one, never half of one. Creates the parent directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Writes greyscale pixels as a PNG file.
 pub fn write_png(path: &Path, pixels: &[u8], rows: usize, cols: usize) -> Result<(), DatasetError> {
     let bytes = encode_png(pixels, rows, cols).map_err(|e| DatasetError::BadImage {

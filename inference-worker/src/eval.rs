@@ -114,30 +114,47 @@ impl Scores {
     }
 }
 
-/// Runs `model` on `samples` in batches of 256 and scores it.
-pub fn score(
+/// Class probabilities (the model's output after its activation) of every sample, run in
+/// batches of 256.
+pub fn probabilities(
     model: &Model,
     opts: &BackendOptions,
     samples: &[Labelled],
-) -> Result<Scores, EvalError> {
+) -> Result<Vec<Vec<f32>>, EvalError> {
     let backend = backend::load(model, opts)?;
     let norm = Normalizer::new(&model.config.input);
-    let classes = model.config.labels.len();
-    let mut predicted = Vec::with_capacity(samples.len());
+    let mut out = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(256) {
         let mut input = Vec::with_capacity(chunk.len() * model.config.sample_len());
         for s in chunk {
             norm.extend(&s.pixels, &mut input);
         }
-        let mut out = backend.run(&input, chunk.len())?;
-        let per = out.len() / chunk.len();
-        for row in out.chunks_mut(per.max(1)) {
+        let mut y = backend.run(&input, chunk.len())?;
+        let per = y.len() / chunk.len();
+        for row in y.chunks_mut(per.max(1)) {
             activate(row, model.config.output.activation);
-            predicted.push(argmax(row).map(|(l, _)| l).unwrap_or(usize::MAX));
+            out.push(row.to_vec());
         }
     }
+    Ok(out)
+}
+
+/// Runs `model` on `samples` and scores it.
+pub fn score(
+    model: &Model,
+    opts: &BackendOptions,
+    samples: &[Labelled],
+) -> Result<Scores, EvalError> {
+    let predicted: Vec<usize> = probabilities(model, opts, samples)?
+        .iter()
+        .map(|row| argmax(row).map(|(l, _)| l).unwrap_or(usize::MAX))
+        .collect();
     let truth: Vec<u32> = samples.iter().map(|s| s.label).collect();
-    Ok(Scores::from_predictions(&predicted, &truth, classes))
+    Ok(Scores::from_predictions(
+        &predicted,
+        &truth,
+        model.config.labels.len(),
+    ))
 }
 
 #[cfg(test)]

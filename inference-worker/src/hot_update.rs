@@ -179,7 +179,5 @@ pub fn write_config(config: &Path, model_path: &Path, update_time: &str) -> std:
             "model_update_time": update_time,
         }
     });
-    let tmp = config.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&body).expect("json"))?;
-    std::fs::rename(&tmp, config)
+    sedge_datasets::export::write_atomic(config, &serde_json::to_vec_pretty(&body).expect("json"))
 }

@@ -27,6 +27,7 @@ use tract_onnx::pb::{ModelProto, NodeProto, TensorProto, tensor_proto::DataType}
 
 use crate::model::{Model, ModelConfig};
 use crate::preprocess::Normalizer;
+use sedge_datasets::export::write_atomic;
 
 /// Why training could not run or could not write its model.
 #[derive(Debug, thiserror::Error)]
@@ -170,7 +171,11 @@ pub struct OnnxTrainer {
     input: String,
     output: String,
     nodes: Vec<(Op, String)>,
+    /// FP32 initializers: the trained weights, written back by [`OnnxTrainer::to_onnx`].
     params: BTreeMap<String, Var>,
+    /// FP32 `Constant` nodes: read, never trained.
+    fixed: HashMap<String, Tensor>,
+    /// INT64 initializers and constants (shapes).
     constants: HashMap<String, Vec<i64>>,
     config: ModelConfig,
 }
@@ -267,6 +272,7 @@ impl OnnxTrainer {
             .as_ref()
             .ok_or_else(|| unsupported("the file has no graph".into()))?;
         let mut params = BTreeMap::new();
+        let mut fixed = HashMap::new();
         let mut constants = HashMap::new();
         for init in &graph.initializer {
             if !init.external_data.is_empty() {
@@ -315,12 +321,13 @@ impl OnnxTrainer {
             let opt = |i: usize| n.input.get(i).filter(|s| !s.is_empty()).cloned();
             let op = match n.op_type.as_str() {
                 "Conv" => {
-                    if let Some(pads) = ints(n, "pads")
-                        && attr(n, "auto_pad").is_some_and(|a| !a.s.is_empty() && a.s != b"NOTSET")
+                    if let Some(a) =
+                        attr(n, "auto_pad").filter(|a| !a.s.is_empty() && a.s != b"NOTSET")
                     {
                         return Err(unsupported(format!(
-                            "node {:?} mixes auto_pad and pads {pads:?}",
-                            n.name
+                            "node {:?} (Conv) uses auto_pad {}; only explicit pads are supported",
+                            n.name,
+                            String::from_utf8_lossy(&a.s)
                         )));
                     }
                     Op::Conv {
@@ -390,10 +397,7 @@ impl OnnxTrainer {
                         && let Some(v) = f32_values(t)
                     {
                         let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-                        let t = Tensor::from_vec(v, dims, &Device::Cpu)?;
-                        // A constant is not trained: it stays a plain tensor, stored as a Var
-                        // only to share the lookup; it is not written back.
-                        params.insert(name, Var::from_tensor(&t)?);
+                        fixed.insert(name, Tensor::from_vec(v, dims, &Device::Cpu)?);
                         continue;
                     }
                     return Err(unsupported(format!(
@@ -420,6 +424,7 @@ impl OnnxTrainer {
             output,
             nodes,
             params,
+            fixed,
             constants,
             config: model.config.clone(),
         })
@@ -438,6 +443,7 @@ impl OnnxTrainer {
         values
             .get(name)
             .or_else(|| self.params.get(name).map(|v| v.as_tensor()))
+            .or_else(|| self.fixed.get(name))
             .ok_or_else(|| TrainError::Unsupported {
                 path: self.path.clone(),
                 message: format!("value {name:?} is used before it is computed"),
@@ -608,12 +614,8 @@ impl OnnxTrainer {
             )));
         }
         let start = Instant::now();
-        let trainable: Vec<Var> = self
-            .trainable_names()
-            .map(|n| self.params[n].clone())
-            .collect();
         let mut opt = AdamW::new(
-            trainable,
+            self.params.values().cloned().collect(),
             ParamsAdamW {
                 lr: opts.learning_rate,
                 weight_decay: opts.weight_decay,
@@ -647,26 +649,12 @@ impl OnnxTrainer {
         })
     }
 
-    fn trainable_names(&self) -> impl Iterator<Item = &String> {
-        let initialisers: std::collections::HashSet<&str> = self
-            .proto
-            .graph
-            .iter()
-            .flat_map(|g| g.initializer.iter().map(|i| i.name.as_str()))
-            .collect();
-        self.params
-            .keys()
-            .filter(move |k| initialisers.contains(k.as_str()))
-    }
-
     /// The ONNX file with the current weights, everything else as read.
     pub fn to_onnx(&self) -> Result<Vec<u8>, TrainError> {
         let mut proto = self.proto.clone();
         if let Some(graph) = proto.graph.as_mut() {
             for init in &mut graph.initializer {
-                if let Some(var) = self.params.get(&init.name)
-                    && init.data_type == DataType::Float as i32
-                {
+                if let Some(var) = self.params.get(&init.name) {
                     let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
                     init.float_data.clear();
                     init.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -680,17 +668,11 @@ impl OnnxTrainer {
     /// `.json`), each written to a temporary name first and renamed, so a reader never sees half
     /// a model.
     pub fn save(&self, path: &Path) -> Result<(), TrainError> {
-        let write = |p: &Path, data: &[u8]| -> Result<(), TrainError> {
-            let err = |source| TrainError::Write {
+        let write = |p: &Path, data: &[u8]| {
+            write_atomic(p, data).map_err(|source| TrainError::Write {
                 path: p.to_path_buf(),
                 source,
-            };
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir).map_err(err)?;
-            }
-            let tmp = p.with_extension("tmp");
-            std::fs::write(&tmp, data).map_err(err)?;
-            std::fs::rename(&tmp, p).map_err(err)
+            })
         };
         let config = serde_json::to_vec_pretty(&self.config)
             .map_err(|e| TrainError::Compute(e.to_string()))?;

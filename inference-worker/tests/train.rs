@@ -179,3 +179,39 @@ fn bad_training_input_is_named() {
     assert!(matches!(e, TrainError::Read { .. }), "{e}");
     assert!(e.to_string().contains("m.onnx"), "{e}");
 }
+
+#[test]
+fn bad_eval_input_is_named() {
+    let sample = fashion::sample_dir().join("t10k-images-idx3-ubyte.gz");
+    let e = eval::run(" ; ", &sample, &opts(BackendKind::Tract)).unwrap_err();
+    assert!(e.to_string().contains("MODEL_URLS names no model"), "{e}");
+    let edge = models_dir().join("fashion-mnist/edge-cnn.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let unlabelled = dir.path().join("index.txt");
+    sedge_datasets::export::write_png(&dir.path().join("a.png"), &[0; 784], 28, 28).unwrap();
+    std::fs::write(&unlabelled, "a.png\n").unwrap();
+    let e = eval::run(
+        edge.to_str().unwrap(),
+        &unlabelled,
+        &opts(BackendKind::Tract),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("has no label"), "{e}");
+    let missing = dir.path().join("none.onnx");
+    let e = eval::run(
+        missing.to_str().unwrap(),
+        &sample,
+        &opts(BackendKind::Tract),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("none.onnx"), "{e}");
+    let ok = eval::run(
+        &format!("{};{}", edge.display(), edge.display()),
+        &sample,
+        &opts(BackendKind::Tract),
+    )
+    .unwrap();
+    assert_eq!(ok.len(), 2);
+    assert_eq!(ok[0].metrics, ok[1].metrics);
+    assert_eq!(ok[0].metrics["precision"].len(), 10);
+}

@@ -34,7 +34,7 @@ use sedge_inference_worker::backend::{self, BackendKind, BackendOptions};
 use sedge_inference_worker::eval::{self, Scores};
 use sedge_inference_worker::mining::{HardExampleMining, Output};
 use sedge_inference_worker::model::{Model, models_dir};
-use sedge_inference_worker::preprocess::{Normalizer, activate, argmax};
+use sedge_inference_worker::preprocess::argmax;
 use sedge_inference_worker::train::{Labelled, OnnxTrainer, TrainOptions};
 
 #[derive(Parser)]
@@ -92,25 +92,6 @@ fn opts() -> BackendOptions {
         kind: BackendKind::Tract,
         ..Default::default()
     }
-}
-
-/// Class probabilities of every sample.
-fn probabilities(model: &Model, samples: &[Labelled]) -> Result<Vec<Vec<f32>>> {
-    let b = backend::load(model, &opts())?;
-    let norm = Normalizer::new(&model.config.input);
-    let mut out = Vec::with_capacity(samples.len());
-    for chunk in samples.chunks(256) {
-        let mut input = Vec::new();
-        for s in chunk {
-            norm.extend(&s.pixels, &mut input);
-        }
-        let mut y = b.run(&input, chunk.len())?;
-        for row in y.chunks_mut(10) {
-            activate(row, model.config.output.activation);
-            out.push(row.to_vec());
-        }
-    }
-    Ok(out)
 }
 
 fn pct(s: &Scores) -> String {
@@ -191,17 +172,17 @@ fn main() -> Result<()> {
     let mut pseudo_total = 0usize;
     for round in 1..=a.rounds {
         let slice = &stream[(round - 1) * a.per_round..round * a.per_round];
-        let edge_p = probabilities(&deployed, slice)?;
-        let hard: Vec<&Labelled> = slice
+        let edge_p = eval::probabilities(&deployed, &opts(), slice)?;
+        let hard: Vec<Labelled> = slice
             .iter()
             .zip(&edge_p)
             .filter(|(_, p)| rule.is_hard(Output::Probabilities(p)))
-            .map(|(s, _)| s)
+            .map(|(s, _)| s.clone())
             .collect();
-        let hard_owned: Vec<Labelled> = hard.iter().map(|s| (*s).clone()).collect();
-        let cloud_p = probabilities(&cloud, &hard_owned)?;
+        let n_hard = hard.len();
+        let cloud_p = eval::probabilities(&cloud, &opts(), &hard)?;
         let mut round_train = Vec::new();
-        for (i, (s, p)) in hard_owned.into_iter().zip(&cloud_p).enumerate() {
+        for (i, (s, p)) in hard.into_iter().zip(&cloud_p).enumerate() {
             let pseudo = argmax(p).map(|(l, _)| l as u32).unwrap_or(0);
             pseudo_total += 1;
             if pseudo != s.label {
@@ -264,7 +245,7 @@ fn main() -> Result<()> {
             format!("after round {round}{}", if fire { "" } else { " (kept)" }),
             pct(&s),
             pct(&o),
-            format!("{} / {}", hard.len(), slice.len()),
+            format!("{n_hard} / {}", slice.len()),
             format!(
                 "{:.3} -> {:.3}",
                 report.epoch_loss[0],
