@@ -431,9 +431,13 @@ async fn serve_lc(shared: Arc<Shared>) {
         .route("/healthz", get(|| async { "ok" }))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REPORT_BYTES))
         .with_state(shared);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "local-controller endpoint stopped");
-    }
+    sedge_serve::serve(
+        listener,
+        app,
+        sedge_serve::Limits::default(),
+        std::future::pending(),
+    )
+    .await;
 }
 
 async fn manage_routes(shared: Arc<Shared>) {
@@ -459,6 +463,9 @@ async fn manage_routes(shared: Arc<Shared>) {
     }
 }
 
+/// Routed connections open at once on one port.
+const MAX_ROUTE_STREAMS: usize = 256;
+
 async fn listen_route(shared: Arc<Shared>, port: u16, route: Route) {
     let listener = loop {
         match TcpListener::bind(("127.0.0.1", port)).await {
@@ -470,12 +477,28 @@ async fn listen_route(shared: Arc<Shared>, port: u16, route: Route) {
         }
     };
     tracing::info!(port, namespace = %route.namespace, service = %route.service, "routing local connections to the cloud service through the channel");
+    // Each local connection is a stream over the node's one session: bounded, so a local
+    // process opening sockets in a loop cannot flood the channel (the newest is closed).
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ROUTE_STREAMS));
     loop {
-        let Ok((sock, _)) = listener.accept().await else {
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(port, %peer, max = MAX_ROUTE_STREAMS, "too many routed connections; closing the newest");
             continue;
         };
         let _ = sock.set_nodelay(true);
-        tokio::spawn(carry(shared.clone(), route.clone(), sock));
+        let (shared, route) = (shared.clone(), route.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            carry(shared, route, sock).await;
+        });
     }
 }
 

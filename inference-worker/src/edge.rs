@@ -280,11 +280,12 @@ impl EdgeWorker {
             )
             .route("/healthz", axum::routing::get(|| async { "ok" }))
             .route("/readyz", axum::routing::get(|| async { "ok" }));
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        })
+        tokio::spawn(sedge_serve::serve(
+            listener,
+            app,
+            sedge_serve::Limits::default(),
+            std::future::pending(),
+        ))
     }
 
     /// Processes every sample of `source` (or until `shutdown` resolves), then returns the summary.

@@ -41,13 +41,31 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Dynamic batching.
     pub batch: BatchConfig,
+    /// Connections served at once; past this the newest is closed on accept.
+    pub max_connections: usize,
+    /// Deadline, in milliseconds, for a connection's first byte and each request's headers
+    /// (also how long an idle keep-alive connection is kept).
+    pub header_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
+        let limits = sedge_serve::Limits::default();
         ServerConfig {
             max_body_bytes: 32 << 20,
             batch: BatchConfig::default(),
+            max_connections: limits.max_connections,
+            header_timeout_ms: limits.header_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The listener's bounds.
+    pub fn limits(&self) -> sedge_serve::Limits {
+        sedge_serve::Limits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: std::time::Duration::from_millis(self.header_timeout_ms.max(1)),
         }
     }
 }
@@ -259,24 +277,17 @@ pub fn router(model: Arc<CloudModel>, config: &ServerConfig) -> Router {
 }
 
 /// Serves REST and gRPC on `listener` until `shutdown` resolves, then lets requests in flight
-/// finish.
+/// finish. The listener is bounded (`sedge_serve`: connection cap, header deadline) and sets
+/// TCP_NODELAY, without which small responses wait out the peer's delayed ACK (~40 ms a call).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     model: Arc<CloudModel>,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
     let app = router(model, &config);
-    // Without TCP_NODELAY, small responses wait out the peer's delayed ACK (~40 ms per call).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    sedge_serve::serve(listener, app, config.limits(), shutdown).await;
+    Ok(())
 }
 
 /// Binds a listener (port 0 picks a free port) and returns it with its address.

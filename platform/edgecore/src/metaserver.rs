@@ -50,9 +50,12 @@ pub async fn start(
         tokens,
     });
     let router = axum::Router::new().fallback(dispatch).with_state(app);
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(l, router).await;
-    });
+    let task = tokio::spawn(sedge_serve::serve(
+        l,
+        router,
+        sedge_serve::Limits::default(),
+        std::future::pending(),
+    ));
     Ok((addr, task))
 }
 
