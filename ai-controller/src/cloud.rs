@@ -6,6 +6,9 @@
 //!   `edgeFallbackNumber`, and the latest `cloudReachable`/`cloudError` of the edge). A worker
 //!   whose counters go backwards restarted: what it had counted is kept, so the service's totals
 //!   only grow while this process runs.
+//! - **Incremental learning** (`<ns>/ilevent/<pod>`, `<ns>/ilprogress/<pod>`): the local
+//!   controller's events move the job through [`crate::il`] ([`crate::iljob::on_event`]), its
+//!   sample counts go to `status.samples`; only for the job the reporting pod belongs to.
 //! - **Routes** (`query` on `<ns>/route/<service>`): a node that runs a worker of the service
 //!   behind a Service annotated `sedge.io/edge-routable` may open a connection to one of the
 //!   Service's ready pods; the bytes travel as `<ns>/stream/<id>` messages.
@@ -28,7 +31,10 @@ use tokio::sync::mpsc;
 
 use crate::controller::{NAME_LABEL, WORKER_TYPE_LABEL};
 use crate::crd::JointInferenceService;
-use crate::wire::{EDGE_ROUTABLE_ANNOTATION, GROUP, RouteOpen, STREAM_BUFFER, WorkerReport, kind};
+use crate::wire::{
+    EDGE_ROUTABLE_ANNOTATION, GROUP, IL_JOB_LABEL, IlEvent, IlProgress, RouteOpen, STREAM_BUFFER,
+    WorkerReport, kind,
+};
 
 /// Counters summed over a service's workers.
 const COUNTERS: &[&str] = &[
@@ -85,7 +91,7 @@ impl CloudModule for CloudAiModule {
 
     fn owner(&self, k: &str, ns: &str, name: &str) -> Option<String> {
         match k {
-            kind::REPORT => {
+            kind::REPORT | kind::IL_EVENT | kind::IL_PROGRESS => {
                 let pod = self.inner.ctx.get()?.cache.pod(ns, name)?;
                 pod.spec.as_ref()?.node_name.clone()
             }
@@ -139,6 +145,18 @@ impl CloudModule for CloudAiModule {
             let (ns, k, name) = (parts[0].to_string(), parts[1], parts[2].to_string());
             match (k, msg.route.operation.as_str()) {
                 (kind::REPORT, op::UPDATE) => report(&inner, &ctx, &ns, &name, &msg.content).await,
+                (kind::IL_EVENT, op::UPDATE) => {
+                    match il_message::<IlEvent>(&ctx, &ns, &name, &msg.content, |e| &e.job) {
+                        Some(ev) => crate::iljob::on_event(&ctx.client, &ns, &ev).await.map(|()| None),
+                        None => Ok(None),
+                    }
+                }
+                (kind::IL_PROGRESS, op::UPDATE) => {
+                    match il_message::<IlProgress>(&ctx, &ns, &name, &msg.content, |p| &p.job) {
+                        Some(p) => crate::iljob::on_progress(&ctx.client, &ns, &p).await.map(|()| None),
+                        None => Ok(None),
+                    }
+                }
                 (kind::ROUTE, op::QUERY) => Ok(Some(
                     match open_route(&inner, &ctx, &node, &ns, &name, &msg.content).await {
                         Ok(()) => msg.reply(op::RESPONSE, Vec::new()),
@@ -174,6 +192,37 @@ impl CloudModule for CloudAiModule {
         }
         .boxed()
     }
+}
+
+/// An incremental-learning message from the inference worker pod `ns/pod`, if it parses and
+/// names the job that pod belongs to (a node speaks only for its own pods' jobs).
+fn il_message<T: serde::de::DeserializeOwned>(
+    ctx: &CloudModuleContext,
+    ns: &str,
+    pod: &str,
+    content: &[u8],
+    job: impl Fn(&T) -> &String,
+) -> Option<T> {
+    let m: T = match serde_json::from_slice(content) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(
+                namespace = ns,
+                pod,
+                "malformed incremental learning message: {e}; dropped"
+            );
+            return None;
+        }
+    };
+    let owner = ctx
+        .cache
+        .pod(ns, pod)
+        .and_then(|p| p.labels().get(IL_JOB_LABEL).cloned());
+    if owner.as_deref() != Some(job(&m).as_str()) {
+        tracing::warn!(namespace = ns, pod, job = %job(&m), "incremental learning message for a job the pod does not belong to; dropped");
+        return None;
+    }
+    Some(m)
 }
 
 /// Adds one worker's report to its service's totals and writes them to the status.

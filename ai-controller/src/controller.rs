@@ -1,4 +1,5 @@
-//! The joint-inference controller: for each `JointInferenceService`, a cloud Deployment and its
+//! The AI controller's entry point ([`run`]: the sedna.io CRDs, this controller and
+//! [`crate::iljob`]'s), and the joint-inference controller: for each `JointInferenceService`, a cloud Deployment and its
 //! Service, and an edge Deployment pinned to the edge, with Sedna's worker environment; status
 //! conditions a user can act on.
 //!
@@ -151,6 +152,15 @@ pub async fn run(
     if cfg.install_crds {
         install_crds(&client).await?;
     }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let il = tokio::spawn(crate::iljob::run(client.clone(), cfg.clone(), async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     let jis = Api::<JointInferenceService>::all(client.clone());
     let controller = Controller::new(jis, watcher::Config::default());
     let store = controller.store();
@@ -205,6 +215,7 @@ pub async fn run(
             }
         })
         .await;
+    let _ = il.await;
     Ok(())
 }
 
@@ -213,7 +224,7 @@ fn error_policy(_ji: Arc<JointInferenceService>, e: &AiError, _ctx: Arc<Ctx>) ->
     Action::requeue(Duration::from_secs(5))
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
@@ -237,14 +248,14 @@ impl Verdict {
 
 /// How a model URL reaches the worker.
 #[derive(Debug, Clone, PartialEq)]
-enum ModelSource {
+pub(crate) enum ModelSource {
     /// A path on the node: mounted (hostPath of its directory) at `/home/data<dir>`.
     Local(String),
     /// Downloaded by the worker (and cached with its checksum).
     Remote(String),
 }
 
-fn model_source(url: &str) -> Result<ModelSource, String> {
+pub(crate) fn model_source(url: &str) -> Result<ModelSource, String> {
     let url = url.trim();
     if let Some(p) = url.strip_prefix("file://") {
         return model_source(p).and_then(|s| match s {
@@ -355,7 +366,7 @@ fn owner_ref(ji: &JointInferenceService) -> Value {
 }
 
 /// The containers of a pod spec.
-fn containers(spec: &mut Value) -> &mut [Value] {
+pub(crate) fn containers(spec: &mut Value) -> &mut [Value] {
     spec["containers"]
         .as_array_mut()
         .map(|v| v.as_mut_slice())
@@ -363,7 +374,7 @@ fn containers(spec: &mut Value) -> &mut [Value] {
 }
 
 /// Sets `name` in every container unless the template already sets it (the user's value wins).
-fn set_env(containers: &mut [Value], name: &str, value: Value) {
+pub(crate) fn set_env(containers: &mut [Value], name: &str, value: Value) {
     for c in containers {
         let env = c["env"].as_array_mut();
         let env = match env {
@@ -760,7 +771,7 @@ fn config_error(pods: &[Pod]) -> Option<(String, String, String)> {
     })
 }
 
-async fn last_log_line(client: &Client, ns: &str, pod: &str) -> Option<String> {
+pub(crate) async fn last_log_line(client: &Client, ns: &str, pod: &str) -> Option<String> {
     let logs = Api::<Pod>::namespaced(client.clone(), ns)
         .logs(
             pod,

@@ -331,7 +331,7 @@ pub struct JointInferenceServiceStatus {
 }
 
 /// When a train or deploy stage starts.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Trigger {
     /// How often to check (seconds).
@@ -359,7 +359,7 @@ pub struct Timer {
 }
 
 /// `metric operator threshold`, e.g. `num_of_samples > 500`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct TriggerCondition {
     /// `>`, `>=`, `<`, `<=`, `=`.
     pub operator: String,
@@ -425,8 +425,8 @@ pub struct DeploySpec {
     pub template: PodTemplateSpec,
 }
 
-/// IncrementalLearningJob spec (Sedna's fields; the controller that runs a job's loop is in
-/// progress, the CRD validates manifests).
+/// IncrementalLearningJob spec (Sedna's fields). The loop is run by
+/// [`crate::iljob`] (cloud) and [`crate::lc`] (the node's local controller).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "sedna.io",
@@ -442,10 +442,13 @@ pub struct DeploySpec {
         json_path = ".status.conditions[-1:].stage"
     ),
     printcolumn(
-        name = "Status",
+        name = "Phase",
         type_ = "string",
         json_path = ".status.conditions[-1:].type"
     ),
+    printcolumn(name = "Round", type_ = "integer", json_path = ".status.round"),
+    printcolumn(name = "Samples", type_ = "integer", json_path = ".status.samples"),
+    printcolumn(name = "Model", type_ = "string", json_path = ".status.modelVersion"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -514,6 +517,25 @@ pub struct IncrementalLearningJobStatus {
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<String>,
+    /// Conditions appended so far (only the last 64 are kept). Sedge's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transitions: Option<usize>,
+    /// The current round (1 once the first train trigger fired). Sedge's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
+    /// Train samples collected on the node since the last round started. Sedge's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<i64>,
+    /// The model the inference worker serves: `initial` or `round-<n>`. Sedge's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    /// The file of that model on the node. Sedge's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_url: Option<String>,
+    /// The last eval: each metric of the new model and its delta against the deployed one
+    /// (JSON, `{"accuracy": [..], "accuracy_delta": [..], ...}`). Sedge's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_eval: Option<String>,
 }
 
 /// A pod template: metadata and a spec with at least one container. Other pod fields are kept as

@@ -11,6 +11,9 @@
 //!   While the link is down, opening fails at once and the connection is closed, so the worker
 //!   falls back to edge-only immediately instead of waiting on a timeout.
 //!
+//! - **Incremental learning**: the local controller of the jobs whose data is on this node
+//!   ([`crate::lc`]); their train and eval workers report results to the same endpoint.
+//!
 //! One module value may serve several agents in one process (`sedge up` runs several edge nodes
 //! on one machine): the endpoint and each listener are bound once, and a report or a connection
 //! goes through the agent whose node holds the pod.
@@ -74,6 +77,7 @@ struct Shared {
     changed: Notify,
     started: std::sync::Once,
     lc_addr: Mutex<Option<SocketAddr>>,
+    jobs: Arc<crate::lc::Jobs>,
 }
 
 /// The AI edge module.
@@ -101,6 +105,7 @@ impl EdgeAiModule {
                 changed: Notify::new(),
                 started: std::sync::Once::new(),
                 lc_addr: Mutex::new(None),
+                jobs: Arc::default(),
             }),
         }
     }
@@ -242,6 +247,8 @@ impl EdgeModule for EdgeAiModule {
             if !once.cfg.lc_listen.is_empty() {
                 tokio::spawn(serve_lc(once.clone()));
             }
+            let lc = once.clone();
+            tokio::spawn(crate::lc::run(once.jobs.clone(), move || lc.contexts()));
             tokio::spawn(manage_routes(once));
         });
     }
@@ -300,6 +307,10 @@ struct LcBody {
     kind: String,
     #[serde(default)]
     status: String,
+    #[serde(default)]
+    results: Vec<crate::lc::WorkerResult>,
+    #[serde(default)]
+    message: String,
 }
 
 /// Most counters one report may carry, and the longest counter name.
@@ -395,10 +406,18 @@ async fn worker_info(
             ),
         );
     }
+    if b.owner_kind.eq_ignore_ascii_case("incrementallearningjob")
+        && matches!(b.status.as_str(), "completed" | "failed")
+    {
+        return il_result(&shared, &ctx, &ns, &worker, b);
+    }
     let metrics = match report_metrics(b.owner_info) {
         Ok(m) => m,
         Err(why) => return lc_reply(StatusCode::BAD_REQUEST, why),
     };
+    if b.owner_kind.eq_ignore_ascii_case("incrementallearningjob") {
+        shared.jobs.worker_counters(&ns, &worker, &metrics);
+    }
     let report = WorkerReport {
         owner_kind: b.owner_kind.to_lowercase(),
         owner_name: b.owner_name,
@@ -413,6 +432,54 @@ async fn worker_info(
         Policy::LatestWins,
     );
     lc_reply(StatusCode::OK, "OK".into())
+}
+
+/// A train or eval worker of an incremental learning job finished: its results go to the
+/// node's local controller, which keeps them and tells the cloud.
+fn il_result(
+    shared: &Shared,
+    ctx: &ModuleContext,
+    ns: &str,
+    worker: &str,
+    b: LcBody,
+) -> (StatusCode, axum::Json<Value>) {
+    let job = ctx
+        .store
+        .get(sedge_api::kind::POD, ns, worker)
+        .ok()
+        .flatten()
+        .and_then(|p| {
+            p["metadata"]["labels"][crate::wire::IL_JOB_LABEL]
+                .as_str()
+                .map(String::from)
+        });
+    if job.as_deref() != Some(b.owner_name.as_str()) {
+        return lc_reply(
+            StatusCode::FORBIDDEN,
+            format!(
+                "pod {ns}/{worker} is not a worker of incremental learning job {:?}",
+                b.owner_name
+            ),
+        );
+    }
+    let message: String = b.message.chars().take(1024).collect();
+    let outcome = crate::lc::WorkerOutcome {
+        kind: b.kind,
+        status: b.status,
+        results: b.results,
+        message,
+    };
+    match shared
+        .jobs
+        .worker_result(&ctx.node, ns, &b.owner_name, worker, outcome)
+    {
+        Ok((k, body, policy)) => {
+            let key = format!("{ns}/{k}/{worker}");
+            ctx.send(Message::new(GROUP, op::UPDATE, &key, body), policy);
+            lc_reply(StatusCode::OK, "OK".into())
+        }
+        Err(why) => lc_reply(StatusCode::BAD_REQUEST, why),
+    }
 }
 
 async fn serve_lc(shared: Arc<Shared>) {

@@ -11,6 +11,7 @@
 //! | (none) | — | Train/Waiting | create the inference worker |
 //! | S/Waiting | the LC's trigger fired for S | S/Ready | — |
 //! | Deploy/Waiting | the LC decided not to deploy | Deploy/Completed | — |
+//! | S/Waiting | the LC cannot do S (data missing, outputDir not writable, ...) | S/Failed | — |
 //! | Train or Eval/Ready | reconcile | S/Starting | create the stage's pod |
 //! | Deploy/Ready, cold | reconcile | Deploy/Completed | restart the inference worker |
 //! | Deploy/Ready, hot | reconcile | Deploy/Starting | — (the LC swaps the model) |
@@ -248,6 +249,9 @@ pub fn next(from: State, event: &Event, hot_update: bool) -> Option<Transition> 
                 "the new model did not meet the deploy trigger; the deployed model stays",
             )
         }),
+        (Waiting, Event::LcFailed { stage: s, message }) if *s == stage => {
+            Some(go(stage, Failed, "LocalControllerFailed", message.clone()))
+        }
         (Ready, Event::Reconcile { .. }) => Some(match stage {
             Stage::Train | Stage::Eval => Transition {
                 action: Action::CreatePod(stage),
@@ -389,6 +393,19 @@ mod tests {
         let t = next(hot.to, &failed, true).unwrap();
         assert_eq!(t.to, st(Stage::Deploy, Phase::Failed));
         assert_eq!(t.message, "model does not load");
+    }
+
+    #[test]
+    fn the_local_controller_can_fail_a_waiting_stage() {
+        let e = Event::LcFailed {
+            stage: Stage::Train,
+            message: "outputDir /x is not writable".into(),
+        };
+        let t = next(st(Stage::Train, Phase::Waiting), &e, false).unwrap();
+        assert_eq!(t.to, st(Stage::Train, Phase::Failed));
+        assert_eq!(t.reason, "LocalControllerFailed");
+        assert_eq!(t.message, "outputDir /x is not writable");
+        assert_eq!(next(st(Stage::Eval, Phase::Waiting), &e, false), None);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   `sedge_cloudcore::CloudModule`): writes the workers' counters into the service's status and
 //!   connects routed streams to the cloud worker's pods.
 //! - [`wire`]: the messages between the two modules.
+//! - [`iljob`]: the IncrementalLearningJob controller (pods, state ConfigMap, conditions);
+//!   [`lc`]: its node side (samples, triggers, worker results, deploy).
 //! - [`il`]: the IncrementalLearningJob lifecycle as one state machine; [`trigger`]: its stage
 //!   triggers (timer window, operators, list-valued metrics); [`collect`]: the node's sample
 //!   collection for a job (new dataset lines split by `trainProb`, round lists, durable state).
@@ -24,5 +26,7 @@ pub mod controller;
 pub mod crd;
 pub mod edge;
 pub mod il;
+pub mod iljob;
+pub mod lc;
 pub mod trigger;
 pub mod wire;

@@ -105,6 +105,11 @@ pub fn apply_edge_env(c: &mut crate::edge::EdgeConfig) -> Result<(), ConfigError
     if let Ok(v) = std::env::var("HEM_PARAMETERS") {
         c.hem_parameters = v;
     }
+    // Sedge's: where hard examples go (a directory, or a Dataset's `.txt` index), as an
+    // IncrementalLearningJob's inference worker is told.
+    if let Some(v) = env("HARD_EXAMPLES_INDEX") {
+        c.hard_examples_dir = Some(v.into());
+    }
     if let Some(v) = env_parse("MINING_MODE")? {
         c.mining_mode = v;
     }

@@ -11,6 +11,7 @@ use sedge_datasets::DatasetError;
 /// Appends hard examples to a directory.
 pub struct HardExampleStore {
     dir: PathBuf,
+    index_path: PathBuf,
     index: File,
     next: u64,
     rows: usize,
@@ -18,14 +19,23 @@ pub struct HardExampleStore {
 }
 
 impl HardExampleStore {
-    /// Opens (or creates) `dir/index.txt` and `dir/images/`.
-    pub fn open(dir: &Path, rows: usize, cols: usize) -> Result<Self, DatasetError> {
+    /// Opens (or creates) `dir/index.txt` and `dir/images/`; a `path` ending in `.txt` is the
+    /// index itself (a Dataset's index file), with `images/` beside it.
+    pub fn open(path: &Path, rows: usize, cols: usize) -> Result<Self, DatasetError> {
+        let (dir, index_path) = if path.extension().is_some_and(|e| e == "txt") {
+            (
+                path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                path.to_path_buf(),
+            )
+        } else {
+            (path.to_path_buf(), path.join("index.txt"))
+        };
+        let dir = dir.as_path();
         let images = dir.join("images");
         std::fs::create_dir_all(&images).map_err(|e| DatasetError::Io {
             path: images.clone(),
             source: e,
         })?;
-        let index_path = dir.join("index.txt");
         let next = match File::open(&index_path) {
             Ok(f) => BufReader::new(f)
                 .lines()
@@ -39,11 +49,12 @@ impl HardExampleStore {
             .append(true)
             .open(&index_path)
             .map_err(|e| DatasetError::Io {
-                path: index_path,
+                path: index_path.clone(),
                 source: e,
             })?;
         Ok(HardExampleStore {
             dir: dir.to_path_buf(),
+            index_path: index_path.clone(),
             index,
             next,
             rows,
@@ -56,7 +67,7 @@ impl HardExampleStore {
     pub fn save(&mut self, pixels: &[u8], label: usize) -> Result<(), DatasetError> {
         let rel = format!("images/{:08}.png", self.next);
         sedge_datasets::export::write_png(&self.dir.join(&rel), pixels, self.rows, self.cols)?;
-        let path = self.dir.join("index.txt");
+        let path = self.index_path.clone();
         writeln!(self.index, "{rel} {label}").map_err(|e| DatasetError::Io { path, source: e })?;
         self.next += 1;
         Ok(())

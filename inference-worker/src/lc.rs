@@ -51,6 +51,60 @@ impl LcReporter {
         })
     }
 
+    /// The owner a report names: the joint inference service (`SERVICE_NAME`), else the
+    /// incremental learning job (`JOB_NAME`).
+    fn owner(&self) -> (String, &'static str) {
+        match crate::config::env("JOB_NAME") {
+            Some(job) if self.service.is_empty() => (job, "incrementallearningjob"),
+            _ => (self.service.clone(), "jointinferenceservice"),
+        }
+    }
+
+    /// Reports a train or eval worker's outcome once (Sedna's `kind: train|eval`, `status:
+    /// completed|failed`, `results: [{format, url, metrics}]`), trying a few times while the
+    /// local controller is not reachable.
+    pub async fn report_result(
+        &self,
+        kind: &str,
+        outcome: Result<serde_json::Value, String>,
+    ) -> Result<(), String> {
+        let http = crate::fetch::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let (status, results, message) = match outcome {
+            Ok(r) => ("completed", r, String::new()),
+            Err(m) => ("failed", json!([]), m),
+        };
+        let body = json!({
+            "name": self.worker, "namespace": self.namespace,
+            "ownerName": self.owner().0, "ownerKind": self.owner().1,
+            "kind": kind, "status": status, "results": results, "message": message,
+        });
+        let url = format!("{}/sedna/workers/{}/info", self.server, self.worker);
+        let mut last = String::new();
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            }
+            let mut req = http.post(&url).json(&body);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            match req.send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                // Refused (a 4xx) is final: the LC said why.
+                Ok(r) if r.status().is_client_error() => {
+                    let code = r.status();
+                    return Err(format!(
+                        "{url}: {code}: {}",
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+                Ok(r) => last = format!("{url}: {}", r.status()),
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
     /// Reports until the task is aborted.
     pub fn spawn(
         self,
@@ -116,7 +170,7 @@ impl LcReporter {
         };
         json!({
             "name": self.worker, "namespace": self.namespace,
-            "ownerName": self.service, "ownerKind": "jointinferenceservice",
+            "ownerName": self.owner().0, "ownerKind": self.owner().1,
             "kind": "inference", "status": "running",
             "ownerInfo": {
                 "startTime": start, "updateTime": chrono::Utc::now().to_rfc3339(),
@@ -125,6 +179,10 @@ impl LcReporter {
                 "cloudAnsweredNumber": m.cloud_answered.get(),
                 "edgeFallbackNumber": m.cloud_fallbacks.get(),
                 "cloudReachable": reachable,
+                // Hot updates: models swapped in and refused (the local controller confirms a
+                // deploy by these).
+                "modelVersion": m.model_version.get(),
+                "modelUpdateRefused": m.model_update_refused.get(),
             },
             "results": [],
         })

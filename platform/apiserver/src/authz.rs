@@ -703,7 +703,9 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
         rule(&all_read_write, "sedna.io", &["*"]),
         rule(&all_read_write, "apps", &["deployments"]),
         rule(&all_read_write, "", &["services"]),
-        rule(&read, "", &["pods", "pods/log", "nodes"]),
+        rule(&read, "", &["pods/log", "nodes"]),
+        // Incremental learning: its train and eval pods, its state ConfigMap.
+        rule(&all_read_write, "", &["pods", "configmaps"]),
         rule(&["create", "update", "patch"], "", &["events"]),
         rule(
             &["get", "list", "watch", "create", "update", "patch"],
@@ -962,7 +964,9 @@ mod tests {
         ));
         assert!(p.allows(&ai, &attrs("get", "", "pods/log", "default", "p")));
         assert!(!p.allows(&ai, &attrs("get", "", "secrets", "default", "s")));
-        assert!(!p.allows(&ai, &attrs("create", "", "pods", "default", "")));
+        // Incremental learning's train and eval pods; never a Secret or a node.
+        assert!(p.allows(&ai, &attrs("create", "", "pods", "default", "")));
+        assert!(p.allows(&ai, &attrs("patch", "", "configmaps", "default", "j-il-state")));
         assert!(!p.allows(&ai, &attrs("delete", "", "nodes", "", "edge-1")));
     }
 

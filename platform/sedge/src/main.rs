@@ -513,9 +513,30 @@ async fn worker_train(a: TrainArgs) -> Result<()> {
     };
     let result = tokio::task::spawn_blocking(move || sedge_inference_worker::train::run(&job))
         .await?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("{}", serde_json::to_string(&result)?);
-    Ok(())
+        .map_err(|e| anyhow::anyhow!("{e}"));
+    let result = result.and_then(|r| Ok(serde_json::to_value([r])?));
+    report_result("train", result).await
+}
+
+/// Prints a train or eval worker's results and, in a pod (LC_SERVER and WORKER_NAME set),
+/// reports them to the node's local controller, failures included.
+async fn report_result(kind: &str, result: Result<serde_json::Value>) -> Result<()> {
+    if let Ok(r) = &result {
+        println!("{r}");
+    }
+    if let Some(lc) = sedge_inference_worker::lc::LcReporter::from_env() {
+        let outcome = result
+            .as_ref()
+            .map(Clone::clone)
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = lc.report_result(kind, outcome).await {
+            eprintln!("the local controller did not take the {kind} result: {e}");
+            if result.is_ok() {
+                bail!("{kind} finished, but its result could not be reported: {e}");
+            }
+        }
+    }
+    result.map(|_| ())
 }
 
 async fn worker_eval(a: EvalArgs) -> Result<()> {
@@ -526,9 +547,10 @@ async fn worker_eval(a: EvalArgs) -> Result<()> {
     let results = tokio::task::spawn_blocking(move || {
         sedge_inference_worker::eval::run(&a.models, &a.test_data, &opts)
     })
-    .await??;
-    println!("{}", serde_json::to_string(&results)?);
-    Ok(())
+    .await?
+    .map_err(|e| anyhow::anyhow!("{e}"));
+    let results = results.and_then(|r| Ok(serde_json::to_value(r)?));
+    report_result("eval", results).await
 }
 
 async fn worker_cloud(a: CloudArgs) -> Result<()> {
