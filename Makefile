@@ -56,6 +56,7 @@ build:
 demo: data ort build
 	platform/sedge/examples/platform-demo.sh target/release/sedge
 	ai-controller/examples/joint-inference/demo.sh target/release/sedge
+	ai-controller/examples/incremental-learning/demo.sh target/release/sedge
 
 fmt:
 	$(CARGO) fmt --all
