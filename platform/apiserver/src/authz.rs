@@ -966,7 +966,10 @@ mod tests {
         assert!(!p.allows(&ai, &attrs("get", "", "secrets", "default", "s")));
         // Incremental learning's train and eval pods; never a Secret or a node.
         assert!(p.allows(&ai, &attrs("create", "", "pods", "default", "")));
-        assert!(p.allows(&ai, &attrs("patch", "", "configmaps", "default", "j-il-state")));
+        assert!(p.allows(
+            &ai,
+            &attrs("patch", "", "configmaps", "default", "j-il-state")
+        ));
         assert!(!p.allows(&ai, &attrs("delete", "", "nodes", "", "edge-1")));
     }
 
