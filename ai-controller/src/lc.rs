@@ -752,6 +752,13 @@ mod tests {
         }
     }
 
+    impl Jobs {
+        /// One pass over the test job `fm` on `edge-1`.
+        fn at(&self, st: IlNodeState) -> Vec<(&'static str, Vec<u8>, Policy)> {
+            self.step("edge-1", "default", "fm-inference", st)
+        }
+    }
+
     fn events(out: &[(&'static str, Vec<u8>, Policy)]) -> Vec<IlEvent> {
         out.iter()
             .filter(|(k, _, _)| *k == kind::IL_EVENT)
@@ -771,22 +778,12 @@ mod tests {
         let jobs = Jobs::default();
         // Too few samples: only progress.
         std::fs::write(d.join("hard/index.txt"), "images/0.png 1\n").unwrap();
-        let out = jobs.step(
-            "edge-1",
-            "default",
-            "fm-inference",
-            state(d, "Train", "Waiting", 1, true),
-        );
+        let out = jobs.at(state(d, "Train", "Waiting", 1, true));
         assert!(events(&out).is_empty());
         assert_eq!(out[0].0, kind::IL_PROGRESS);
         std::fs::write(d.join("hard/index.txt"), "images/0.png 1\nimages/1.png 2\n").unwrap();
         std::thread::sleep(Duration::from_millis(1100));
-        let out = jobs.step(
-            "edge-1",
-            "default",
-            "fm-inference",
-            state(d, "Train", "Waiting", 1, true),
-        );
+        let out = jobs.at(state(d, "Train", "Waiting", 1, true));
         let ev = events(&out);
         assert_eq!(ev.len(), 1, "{out:?}");
         assert_eq!(
@@ -808,15 +805,7 @@ mod tests {
         assert_eq!(train_list.lines().count(), 2);
         // The same state again: nothing new.
         std::thread::sleep(Duration::from_millis(1100));
-        assert!(
-            events(&jobs.step(
-                "edge-1",
-                "default",
-                "fm-inference",
-                state(d, "Train", "Waiting", 1, true)
-            ))
-            .is_empty()
-        );
+        assert!(events(&jobs.at(state(d, "Train", "Waiting", 1, true))).is_empty());
         // The train worker reports a model outside outputDir: refused.
         std::fs::write(d.join("m/evil.onnx"), b"x").unwrap();
         let evil = jobs.worker_result(
@@ -854,12 +843,7 @@ mod tests {
             ("Train", "completed", 0)
         );
         // Eval input: the trained model and the deployed one.
-        let ev = events(&jobs.step(
-            "edge-1",
-            "default",
-            "fm-inference",
-            state(d, "Eval", "Waiting", 5, true),
-        ));
+        let ev = events(&jobs.at(state(d, "Eval", "Waiting", 5, true)));
         let data: Value = serde_json::from_str(&ev[0].data).unwrap();
         let urls = data["modelUrls"].as_str().unwrap();
         assert!(
@@ -881,12 +865,7 @@ mod tests {
         )
         .unwrap();
         // Deploy: better, hot: Ready, then the config is written at Starting.
-        let ev = events(&jobs.step(
-            "edge-1",
-            "default",
-            "fm-inference",
-            state(d, "Deploy", "Waiting", 8, true),
-        ));
+        let ev = events(&jobs.at(state(d, "Deploy", "Waiting", 8, true)));
         assert_eq!(
             (ev[0].stage.as_str(), ev[0].status.as_str()),
             ("Deploy", "ready")
@@ -899,15 +878,7 @@ mod tests {
         };
         jobs.worker_counters("default", "fm-inference", &m(0, 0));
         // The config is written; nothing is reported until the worker says it took the model.
-        assert!(
-            events(&jobs.step(
-                "edge-1",
-                "default",
-                "fm-inference",
-                state(d, "Deploy", "Starting", 10, true)
-            ))
-            .is_empty()
-        );
+        assert!(events(&jobs.at(state(d, "Deploy", "Starting", 10, true))).is_empty());
         let cfg: Value = serde_json::from_slice(
             &std::fs::read(d.join("out/hot-update/model_config.json")).unwrap(),
         )
@@ -918,22 +889,9 @@ mod tests {
                 .unwrap()
                 .ends_with("models/1/edge.onnx")
         );
-        assert!(
-            events(&jobs.step(
-                "edge-1",
-                "default",
-                "fm-inference",
-                state(d, "Deploy", "Starting", 10, true)
-            ))
-            .is_empty()
-        );
+        assert!(events(&jobs.at(state(d, "Deploy", "Starting", 10, true))).is_empty());
         jobs.worker_counters("default", "fm-inference", &m(1, 0));
-        let ev = events(&jobs.step(
-            "edge-1",
-            "default",
-            "fm-inference",
-            state(d, "Deploy", "Starting", 10, true),
-        ));
+        let ev = events(&jobs.at(state(d, "Deploy", "Starting", 10, true)));
         assert_eq!(
             (ev[0].stage.as_str(), ev[0].status.as_str()),
             ("Deploy", "completed")
@@ -947,22 +905,9 @@ mod tests {
         assert_eq!(cfg["model_config"]["model_path"], data["modelUrl"]);
         // A new LC (agent restart) remembers what it decided and what is deployed.
         let again = Jobs::default();
-        assert!(
-            events(&again.step(
-                "edge-1",
-                "default",
-                "fm-inference",
-                state(d, "Deploy", "Starting", 10, true)
-            ))
-            .is_empty()
-        );
+        assert!(events(&again.at(state(d, "Deploy", "Starting", 10, true))).is_empty());
         std::thread::sleep(Duration::from_millis(10));
-        let out = again.step(
-            "edge-1",
-            "default",
-            "fm-inference",
-            state(d, "Train", "Waiting", 12, true),
-        );
+        let out = again.at(state(d, "Train", "Waiting", 12, true));
         assert!(
             events(&out).is_empty(),
             "no samples since the round started"
@@ -975,22 +920,9 @@ mod tests {
         save_file(&d.join("out").display().to_string(), &f);
         let again = Jobs::default();
         again.worker_counters("default", "fm-inference", &m(1, 0));
-        assert!(
-            events(&again.step(
-                "edge-1",
-                "default",
-                "fm-inference",
-                state(d, "Deploy", "Starting", 20, true)
-            ))
-            .is_empty()
-        );
+        assert!(events(&again.at(state(d, "Deploy", "Starting", 20, true))).is_empty());
         again.worker_counters("default", "fm-inference", &m(1, 1));
-        let ev = events(&again.step(
-            "edge-1",
-            "default",
-            "fm-inference",
-            state(d, "Deploy", "Starting", 20, true),
-        ));
+        let ev = events(&again.at(state(d, "Deploy", "Starting", 20, true)));
         assert_eq!(ev[0].status, "failed");
         assert!(ev[0].message.contains("refused"), "{}", ev[0].message);
     }
@@ -1014,24 +946,14 @@ mod tests {
         std::fs::create_dir_all(d.join("out")).unwrap();
         save_file(&d.join("out").display().to_string(), &f);
         let jobs = Jobs::default();
-        let ev = events(&jobs.step(
-            "edge-1",
-            "default",
-            "fm-inference",
-            state(d, "Deploy", "Waiting", 3, false),
-        ));
+        let ev = events(&jobs.at(state(d, "Deploy", "Waiting", 3, false)));
         assert_eq!((ev[0].status.as_str()), "completed", "worse: not deployed");
         assert_eq!(std::fs::read(d.join("m/deployed.onnx")).unwrap(), b"old");
         f.evals
             .insert(1, vec![res("new", 0.9, &[]), res("old", 0.7, &[])]);
         save_file(&d.join("out").display().to_string(), &f);
         let jobs = Jobs::default();
-        let ev = events(&jobs.step(
-            "edge-1",
-            "default",
-            "fm-inference",
-            state(d, "Deploy", "Waiting", 3, false),
-        ));
+        let ev = events(&jobs.at(state(d, "Deploy", "Waiting", 3, false)));
         assert_eq!(ev[0].status, "ready");
         assert_eq!(std::fs::read(d.join("m/deployed.onnx")).unwrap(), b"new");
         assert!(d.join("m/deployed.json").exists());
@@ -1045,13 +967,10 @@ mod tests {
         let mut st = state(dir.path(), "Train", "Waiting", 1, false);
         st.output_dir = blocker.join("out").display().to_string();
         let jobs = Jobs::default();
-        let ev = events(&jobs.step("edge-1", "default", "fm-inference", st.clone()));
+        let ev = events(&jobs.at(st.clone()));
         assert_eq!(ev[0].status, "failed");
         assert!(ev[0].message.contains("out"), "{}", ev[0].message);
         std::thread::sleep(Duration::from_millis(1100));
-        assert!(
-            events(&jobs.step("edge-1", "default", "fm-inference", st)).is_empty(),
-            "once per state"
-        );
+        assert!(events(&jobs.at(st)).is_empty(), "once per state");
     }
 }

@@ -51,6 +51,20 @@ tunnel:
   backoff_max_ms: 1000
 ";
 
+/// A loopback port free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 /// `sedge up` with one edge node.
 pub fn up() -> Up {
     up_with(&[])
