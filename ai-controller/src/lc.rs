@@ -228,6 +228,17 @@ fn event(
     )
 }
 
+/// What the LC decided on the job state it saw (`st.seq`).
+fn decided(
+    st: &IlNodeState,
+    stage: &str,
+    status: &str,
+    round: u32,
+    data: Value,
+) -> (&'static str, Vec<u8>, Policy) {
+    event(st, stage, status, st.seq, round, data, String::new())
+}
+
 /// `m` and `m_delta` (new minus deployed, element by element) for every metric of the eval.
 pub fn deploy_stats(results: &[WorkerResult]) -> Result<BTreeMap<String, Vec<f64>>, String> {
     let [new, old] = results else {
@@ -534,15 +545,7 @@ impl Runner {
                     "samples": {"train": round.counts.0, "eval": round.counts.1},
                 });
                 tracing::info!(job = %st.job, round = round.round, train = round.counts.0, eval = round.counts.1, "train trigger fired");
-                out.push(event(
-                    &st,
-                    "Train",
-                    "ready",
-                    st.seq,
-                    round.round,
-                    data,
-                    String::new(),
-                ));
+                out.push(decided(&st, "Train", "ready", round.round, data));
             }
             ("Eval", "Waiting") if fresh => {
                 let round = self.current_round();
@@ -562,15 +565,7 @@ impl Runner {
                     .unwrap_or_default();
                 self.file.acted = Some(st.seq);
                 let data = json!({"round": round, "modelUrls": format!("{trained};{old}"), "testDatasetUrl": eval});
-                out.push(event(
-                    &st,
-                    "Eval",
-                    "ready",
-                    st.seq,
-                    round,
-                    data,
-                    String::new(),
-                ));
+                out.push(decided(&st, "Eval", "ready", round, data));
             }
             ("Deploy", "Waiting") if fresh => {
                 let round = self.current_round();
@@ -593,15 +588,7 @@ impl Runner {
                 let version = format!("round-{round}");
                 if !fires {
                     let data = json!({"round": round, "deployed": false, "lastEval": last_eval});
-                    out.push(event(
-                        &st,
-                        "Deploy",
-                        "completed",
-                        st.seq,
-                        round,
-                        data,
-                        String::new(),
-                    ));
+                    out.push(decided(&st, "Deploy", "completed", round, data));
                     return out;
                 }
                 let Some(trained) = self.file.trained.get(&round).cloned() else {
@@ -617,26 +604,10 @@ impl Runner {
                     self.file.deployed = Some(st.deploy_model.clone());
                     self.file.version = Some(version.clone());
                     let data = json!({"round": round, "lastEval": last_eval, "modelVersion": version, "modelUrl": st.deploy_model});
-                    out.push(event(
-                        &st,
-                        "Deploy",
-                        "ready",
-                        st.seq,
-                        round,
-                        data,
-                        String::new(),
-                    ));
+                    out.push(decided(&st, "Deploy", "ready", round, data));
                 } else {
                     let data = json!({"round": round, "lastEval": last_eval, "model": trained});
-                    out.push(event(
-                        &st,
-                        "Deploy",
-                        "ready",
-                        st.seq,
-                        round,
-                        data,
-                        String::new(),
-                    ));
+                    out.push(decided(&st, "Deploy", "ready", round, data));
                 }
             }
             ("Deploy", "Starting") if fresh && !st.hot_update_config.is_empty() => {
@@ -664,15 +635,7 @@ impl Runner {
                             self.file.version = Some(version.clone());
                             self.file.acted = Some(st.seq);
                             let data = json!({"round": round, "modelVersion": version, "modelUrl": trained});
-                            out.push(event(
-                                &st,
-                                "Deploy",
-                                "completed",
-                                st.seq,
-                                round,
-                                data,
-                                String::new(),
-                            ));
+                            out.push(decided(&st, "Deploy", "completed", round, data));
                         } else if Instant::now() > deadline {
                             self.swapping = None;
                             return self.fail(
