@@ -415,8 +415,11 @@ async fn worker_info(
         Ok(m) => m,
         Err(why) => return lc_reply(StatusCode::BAD_REQUEST, why),
     };
+    // An incremental learning job's inference worker: its counters confirm hot deploys here;
+    // the cloud has no use for them (it would drop them), so they do not cross the link.
     if b.owner_kind.eq_ignore_ascii_case("incrementallearningjob") {
         shared.jobs.worker_counters(&ns, &worker, &metrics);
+        return lc_reply(StatusCode::OK, "OK".into());
     }
     let report = WorkerReport {
         owner_kind: b.owner_kind.to_lowercase(),

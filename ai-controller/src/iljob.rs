@@ -99,9 +99,14 @@ fn error_policy(_job: Arc<IncrementalLearningJob>, e: &AiError, _ctx: Arc<Ctx>) 
     Action::requeue(Duration::from_secs(5))
 }
 
+/// The job's last condition: its current state.
+fn last_condition(job: &IncrementalLearningJob) -> Option<&IncrementalLearningCondition> {
+    job.status.as_ref()?.conditions.as_ref()?.last()
+}
+
 /// Where the job is: its last condition, parsed.
 pub fn state_of(job: &IncrementalLearningJob) -> Option<State> {
-    let c = job.status.as_ref()?.conditions.as_ref()?.last()?;
+    let c = last_condition(job)?;
     State::parse(c.stage.as_deref().unwrap_or_default(), &c.type_).ok()
 }
 
@@ -629,14 +634,9 @@ async fn pod_event(
     let name = stage_pod_name(job, stage, round);
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
     let Some(pod) = pods.get_opt(&name).await? else {
-        let last = job
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|c| c.last());
         // Created by this controller a moment ago, and not visible yet: wait.
         return Ok(
-            (since(last) > Duration::from_secs(30)).then(|| Event::PodFailed {
+            (since(last_condition(job)) > Duration::from_secs(30)).then(|| Event::PodFailed {
                 reason: "PodMissing".into(),
                 message: format!("{} pod {name} is gone", stage.lower()),
             }),
@@ -733,6 +733,34 @@ async fn apply(client: &Client, ns: &str, body: &Value) -> Result<Option<String>
     }
 }
 
+/// Appends `stage`/Failed with `reason`, unless the job's last condition already says so (a
+/// problem that persists is one condition, not one per pass).
+async fn refuse(
+    client: &Client,
+    job: &IncrementalLearningJob,
+    stage: Stage,
+    reason: &str,
+    message: String,
+) -> Result<(), AiError> {
+    if last_condition(job).and_then(|c| c.reason.as_deref()) == Some(reason) {
+        return Ok(());
+    }
+    let key = format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any());
+    tracing::warn!(job = %key, %reason, %message, "incremental learning stage refused");
+    let t = Transition {
+        to: State {
+            stage,
+            phase: Phase::Failed,
+        },
+        reason: reason.to_string(),
+        message,
+        data: None,
+        action: IlAction::None,
+    };
+    append(client, job, &t, |_| {}).await?;
+    Ok(())
+}
+
 async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Ctx>) -> Result<Action, AiError> {
     if job.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -742,26 +770,8 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Ctx>) -> Result<Ac
     let resolved = match check(&job, &ctx.client).await? {
         Ok(r) => r,
         Err((reason, message)) => {
-            let last = job
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|c| c.last());
-            if last.and_then(|c| c.reason.as_deref()) != Some(reason.as_str()) {
-                let stage = state.map_or(Stage::Train, |s| s.stage);
-                let t = Transition {
-                    to: State {
-                        stage,
-                        phase: Phase::Failed,
-                    },
-                    reason: reason.clone(),
-                    message: message.clone(),
-                    data: None,
-                    action: IlAction::None,
-                };
-                tracing::warn!(job = %format!("{ns}/{}", job.name_any()), %reason, %message, "incremental learning job refused");
-                append(&ctx.client, &job, &t, |_| {}).await?;
-            }
+            let stage = state.map_or(Stage::Train, |s| s.stage);
+            refuse(&ctx.client, &job, stage, &reason, message).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
@@ -779,35 +789,13 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Ctx>) -> Result<Ac
         inference_deployment(&job, &ctx.cfg, &resolved),
     ] {
         if let Some(why) = apply(&ctx.client, &ns, &body).await? {
-            let t = Transition {
-                to: State {
-                    stage: state.stage,
-                    phase: Phase::Failed,
-                },
-                reason: "InvalidTemplate".into(),
-                message: format!("spec.deploySpec.template was refused by the API server: {why}"),
-                data: None,
-                action: IlAction::None,
-            };
-            if job
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|c| c.last())
-                .and_then(|c| c.reason.as_deref())
-                != Some("InvalidTemplate")
-            {
-                append(&ctx.client, &job, &t, |_| {}).await?;
-            }
+            let message = format!("spec.deploySpec.template was refused by the API server: {why}");
+            refuse(&ctx.client, &job, state.stage, "InvalidTemplate", message).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     }
     let hot = job.spec.deploy_spec.model.hot_update_enabled;
-    let last = job
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.last());
+
     let event = match state.phase {
         Phase::Starting | Phase::Running if state.stage != Stage::Deploy => {
             match pod_event(&job, &ctx, state.stage).await? {
@@ -820,7 +808,7 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Ctx>) -> Result<Ac
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
         _ => Event::Reconcile {
-            waited: since(last),
+            waited: since(last_condition(&job)),
             failures: failures(&job),
         },
     };
@@ -841,17 +829,7 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Ctx>) -> Result<Ac
             let pod = match stage_pod(&job, &ctx.cfg, &resolved, stage, &data) {
                 Ok(p) => p,
                 Err(why) => {
-                    let failed = Transition {
-                        to: State {
-                            stage,
-                            phase: Phase::Failed,
-                        },
-                        reason: "InvalidStageInput".into(),
-                        message: why,
-                        data: None,
-                        action: IlAction::None,
-                    };
-                    append(&ctx.client, &job, &failed, |_| {}).await?;
+                    refuse(&ctx.client, &job, stage, "InvalidStageInput", why).await?;
                     return Ok(Action::requeue(Duration::from_secs(1)));
                 }
             };
@@ -862,21 +840,12 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Ctx>) -> Result<Ac
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
                 Err(kube::Error::Api(s)) if s.code == 422 || s.code == 400 => {
-                    let failed = Transition {
-                        to: State {
-                            stage,
-                            phase: Phase::Failed,
-                        },
-                        reason: "InvalidTemplate".into(),
-                        message: format!(
-                            "the {} pod was refused by the API server: {}",
-                            stage.lower(),
-                            s.message
-                        ),
-                        data: None,
-                        action: IlAction::None,
-                    };
-                    append(&ctx.client, &job, &failed, |_| {}).await?;
+                    let message = format!(
+                        "the {} pod was refused by the API server: {}",
+                        stage.lower(),
+                        s.message
+                    );
+                    refuse(&ctx.client, &job, stage, "InvalidTemplate", message).await?;
                     return Ok(Action::requeue(Duration::from_secs(1)));
                 }
                 Err(e) => return Err(e.into()),

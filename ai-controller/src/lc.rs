@@ -39,8 +39,8 @@ const MAX_RESULTS: usize = 4;
 const MAX_RESULT_METRICS: usize = 32;
 const MAX_METRIC_VALUES: usize = 1024;
 const MAX_URL: usize = 4096;
-/// Default of `trigger.checkPeriodSeconds` (Sedna's LC checks every 10 s... for samples; its
-/// CRD default is 60).
+/// How often the train trigger is checked when `trigger.checkPeriodSeconds` is not set (Sedna's
+/// LC diffs the dataset every 10 s).
 const DEFAULT_CHECK_PERIOD: Duration = Duration::from_secs(10);
 
 /// What the LC knows about a job, kept in `<outputDir>/lc-job.json`.
@@ -888,6 +888,49 @@ mod tests {
         let ev = events(&again.at(state(d, "Deploy", "Starting", 20, true)));
         assert_eq!(ev[0].status, "failed");
         assert!(ev[0].message.contains("refused"), "{}", ev[0].message);
+    }
+
+    #[test]
+    fn worker_reports_out_of_bounds_are_refused_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("hard")).unwrap();
+        let jobs = Jobs::default();
+        jobs.at(state(d, "Train", "Waiting", 1, true));
+        let before = load_file(&d.join("out").display().to_string());
+        let report = |pod: &str, kind: &str, results: Vec<WorkerResult>| {
+            let o = WorkerOutcome {
+                kind: kind.into(),
+                status: "completed".into(),
+                results,
+                message: String::new(),
+            };
+            jobs.worker_result("edge-1", "default", "fm", pod, o)
+                .unwrap_err()
+        };
+        let r = res("m", 0.5, &[]);
+        assert!(report("fm-deploy-1", "deploy", vec![r.clone()]).contains("train or eval"));
+        assert!(report("fm-train-x", "train", vec![r.clone()]).contains("<job>-train-<round>"));
+        assert!(report("fm-eval-1", "eval", vec![r.clone(); 5]).contains("at most 4"));
+        let long = res("m", 0.5, &vec![0.1; MAX_METRIC_VALUES + 1]);
+        assert!(report("fm-eval-1", "eval", vec![long, r.clone()]).contains("finite numbers"));
+        let url = res(&"x".repeat(MAX_URL + 1), 0.5, &[]);
+        assert!(report("fm-eval-1", "eval", vec![url]).contains("longer than"));
+        assert!(report("fm-train-1", "train", vec![]).contains("results[0].url"));
+        let unknown = jobs.worker_result(
+            "edge-1",
+            "default",
+            "other",
+            "other-train-1",
+            WorkerOutcome {
+                kind: "train".into(),
+                status: "completed".into(),
+                results: vec![r],
+                message: String::new(),
+            },
+        );
+        assert!(unknown.unwrap_err().contains("not known on this node"));
+        assert_eq!(load_file(&d.join("out").display().to_string()), before);
     }
 
     #[test]
