@@ -110,6 +110,9 @@ pub fn apply_edge_env(c: &mut crate::edge::EdgeConfig) -> Result<(), ConfigError
     if let Some(v) = env("HARD_EXAMPLES_INDEX") {
         c.hard_examples_dir = Some(v.into());
     }
+    if let Some(v) = env_parse::<usize>("SEDGE_HARD_EXAMPLES_PENDING_MAX")? {
+        c.hard_examples_pending_max = v;
+    }
     if let Some(v) = env_parse("MINING_MODE")? {
         c.mining_mode = v;
     }

@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -54,6 +54,9 @@ pub struct EdgeConfig {
     pub output: Option<PathBuf>,
     /// Where to save hard examples with the cloud's pseudo-labels.
     pub hard_examples_dir: Option<PathBuf>,
+    /// Hard examples kept on disk while the cloud cannot label them
+    /// (`SEDGE_HARD_EXAMPLES_PENDING_MAX`); when full the oldest is dropped, counted.
+    pub hard_examples_pending_max: usize,
     /// Address for `/metrics`, `/healthz`, `/readyz`.
     pub metrics_listen: Option<SocketAddr>,
     /// Stop after this many samples.
@@ -81,6 +84,7 @@ impl Default for EdgeConfig {
             offload: OffloadConfig::default(),
             output: None,
             hard_examples_dir: None,
+            hard_examples_pending_max: crate::hard_examples::DEFAULT_MAX_PENDING,
             metrics_listen: None,
             limit: None,
             repeat: false,
@@ -157,6 +161,12 @@ pub struct EdgeSummary {
     pub throughput: f64,
     /// Hard examples saved (including earlier runs into the same directory).
     pub hard_examples_saved: u64,
+    /// Hard examples still waiting on disk for the cloud's label at the end of the run.
+    #[serde(default)]
+    pub hard_examples_pending: u64,
+    /// Waiting hard examples dropped because the queue was full (or unreadable).
+    #[serde(default)]
+    pub hard_examples_dropped: u64,
     /// Hot model updates put in service during the run.
     #[serde(default)]
     pub model_version: u64,
@@ -340,9 +350,28 @@ impl EdgeWorker {
             ))),
         };
         let (rows, cols) = self.pipeline.config().input.image_dims();
-        let mut store = match &self.config.hard_examples_dir {
-            Some(dir) => Some(HardExampleStore::open(dir, rows, cols)?),
+        let store = match &self.config.hard_examples_dir {
+            Some(dir) => Some(Arc::new(Mutex::new(
+                HardExampleStore::open(dir, rows, cols)?
+                    .with_max_pending(self.config.hard_examples_pending_max),
+            ))),
             None => None,
+        };
+        // Labels the examples that waited for the cloud, in the background, as it answers again.
+        let drainer = match (&store, &self.client) {
+            (Some(store), Some(client)) => {
+                self.publish_store(&store.lock().unwrap_or_else(|p| p.into_inner()));
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                let task = tokio::spawn(drain_loop(
+                    store.clone(),
+                    client.clone(),
+                    self.metrics.clone(),
+                    activation_of(&self.pipeline),
+                    stopped,
+                ));
+                Some((stop, task))
+            }
+            _ => None,
         };
 
         let (tx, rx) = tokio::sync::mpsc::channel::<Decision>(DECISION_QUEUE);
@@ -398,11 +427,16 @@ impl EdgeWorker {
         let mut latencies = Vec::new();
         let activation = self.pipeline.config().output.activation;
         let m = &self.metrics;
+        let mut stopped_early = false;
         tokio::pin!(shutdown);
         loop {
             let next = tokio::select! {
                 next = results.next() => next,
-                _ = &mut shutdown => { tracing::info!("shutdown requested; stopping after the samples in flight"); None }
+                _ = &mut shutdown => {
+                    tracing::info!("shutdown requested; stopping after the samples in flight");
+                    stopped_early = true;
+                    None
+                }
             };
             let Some((d, outcome)) = next else { break };
             summary.samples += 1;
@@ -451,10 +485,21 @@ impl EdgeWorker {
                 summary.correct += u64::from(final_pred.is_some_and(|p| p.label as u32 == truth));
                 summary.edge_correct += u64::from(d.edge.is_some_and(|p| p.label as u32 == truth));
             }
-            if let (Some(store), Some(c)) = (store.as_mut(), cloud)
-                && let Err(e) = store.save(&d.pixels, c.label)
+            if let Some(store) = &store
+                && d.hard
+                && !d.pixels.is_empty()
             {
-                tracing::warn!(error = %e, "cannot save hard example");
+                let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+                let saved = match cloud {
+                    Some(c) => s.save(&d.pixels, c.label),
+                    // Labelled when the cloud is back; only where there is a cloud to ask.
+                    None if self.client.is_some() => s.defer(&d.pixels).map(|_| ()),
+                    None => Ok(()),
+                };
+                if let Err(e) = saved {
+                    tracing::warn!(error = %e, "cannot save hard example");
+                }
+                self.publish_store(&s);
             }
             let total = d.edge_time + cloud_time;
             latencies.push(total.as_secs_f64() * 1e3);
@@ -480,6 +525,15 @@ impl EdgeWorker {
         m.update_ratio();
         drop(results);
         let _ = producer.join();
+        if let Some((stop, task)) = drainer {
+            let _ = stop.send(true);
+            let _ = task.await;
+            // A finite input: one last pass for what still waits (stops at the first failure, so
+            // a cloud that is still away costs one offload budget at most).
+            if !stopped_early && let (Some(store), Some(client)) = (&store, &self.client) {
+                drain_once(store, client, &self.metrics, activation, usize::MAX).await;
+            }
+        }
         stop_polling.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(p) = poller {
             p.thread().unpark();
@@ -507,9 +561,105 @@ impl EdgeWorker {
             percentile(&mut latencies, 0.50),
             percentile(&mut latencies, 0.99),
         );
-        summary.hard_examples_saved = store.map_or(0, |s| s.len());
+        if let Some(store) = &store {
+            let s = store.lock().unwrap_or_else(|p| p.into_inner());
+            summary.hard_examples_saved = s.len();
+            summary.hard_examples_pending = s.pending() as u64;
+            summary.hard_examples_dropped = s.dropped();
+        }
         Ok(summary)
     }
+
+    /// The queue's size and drops, on `/metrics`.
+    fn publish_store(&self, s: &HardExampleStore) {
+        publish(&self.metrics, s);
+    }
+}
+
+fn publish(m: &EdgeMetrics, s: &HardExampleStore) {
+    m.hard_examples_pending.set(s.pending() as i64);
+    let dropped = s.dropped();
+    let seen = m.hard_examples_dropped.get();
+    if dropped > seen {
+        m.hard_examples_dropped.inc_by(dropped - seen);
+    }
+}
+
+fn activation_of(p: &EdgePipeline) -> crate::model::Activation {
+    p.config().output.activation
+}
+
+/// How often the background pass looks for waiting hard examples.
+const DRAIN_PERIOD: Duration = Duration::from_secs(1);
+/// Waiting hard examples labelled per pass.
+const DRAIN_BATCH: usize = 32;
+
+async fn drain_loop(
+    store: Arc<Mutex<HardExampleStore>>,
+    client: Arc<CloudClient>,
+    metrics: Arc<EdgeMetrics>,
+    activation: crate::model::Activation,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_PERIOD) => {}
+            _ = stop.changed() => return,
+        }
+        // Keep going while the cloud answers and examples wait; back to sleep at a failure.
+        while drain_once(&store, &client, &metrics, activation, DRAIN_BATCH).await == DRAIN_BATCH {
+            if *stop.borrow() {
+                return;
+            }
+        }
+    }
+}
+
+/// Asks the cloud to label up to `n` waiting examples, oldest first, one at a time; stops at
+/// the first that gets no answer. Returns how many were labelled.
+async fn drain_once(
+    store: &Mutex<HardExampleStore>,
+    client: &CloudClient,
+    metrics: &EdgeMetrics,
+    activation: crate::model::Activation,
+    n: usize,
+) -> usize {
+    let lock = || store.lock().unwrap_or_else(|p| p.into_inner());
+    let mut done = 0;
+    while done < n {
+        // One at a time: the store lock is never held across the network.
+        let Some((id, pixels)) = lock().take_pending(1).pop() else {
+            break;
+        };
+        let outcome = client.offload(&pixels).await;
+        metrics.offload_bytes.inc_by(outcome.bytes);
+        let Ok(mut row) = outcome.result else { break };
+        activate(&mut row, activation);
+        let Some((label, _)) = argmax(&row) else {
+            break;
+        };
+        let mut s = lock();
+        match s.commit(id, &pixels, label) {
+            Ok(true) => {
+                metrics.hard_examples_labelled_late.inc();
+                done += 1;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot save a hard example the cloud labelled late");
+                break;
+            }
+        }
+        publish(metrics, &s);
+    }
+    if done > 0 {
+        tracing::info!(
+            labelled = done,
+            waiting = lock().pending(),
+            "hard examples that waited for the cloud are labelled"
+        );
+    }
+    done
 }
 
 /// The `q` quantile (nearest rank) of `values`; 0 for none.

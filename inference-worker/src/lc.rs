@@ -183,6 +183,9 @@ impl LcReporter {
                 // deploy by these).
                 "modelVersion": m.model_version.get(),
                 "modelUpdateRefused": m.model_update_refused.get(),
+                // Hard examples waiting on disk for the cloud, and dropped from that queue.
+                "hardExamplesPending": m.hard_examples_pending.get(),
+                "hardExamplesDropped": m.hard_examples_dropped.get(),
             },
             "results": [],
         })

@@ -44,6 +44,12 @@ pub struct EdgeMetrics {
     pub model_version: Gauge,
     /// Hot model updates refused (the model did not load or did not fit).
     pub model_update_refused: Counter,
+    /// Hard examples waiting on disk for the cloud's label.
+    pub hard_examples_pending: Gauge,
+    /// Waiting hard examples dropped (queue full or unreadable).
+    pub hard_examples_dropped: Counter,
+    /// Hard examples labelled after waiting for the cloud.
+    pub hard_examples_labelled_late: Counter,
 }
 
 impl Default for EdgeMetrics {
@@ -61,6 +67,9 @@ impl Default for EdgeMetrics {
             cloud_seconds: latency_histogram(),
             model_version: Gauge::default(),
             model_update_refused: Counter::default(),
+            hard_examples_pending: Gauge::default(),
+            hard_examples_dropped: Counter::default(),
+            hard_examples_labelled_late: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -117,6 +126,21 @@ impl Default for EdgeMetrics {
             "model_update_refused",
             "Hot model updates refused",
             m.model_update_refused.clone(),
+        );
+        registry.register(
+            "hard_examples_pending",
+            "Hard examples waiting on disk for the cloud's label",
+            m.hard_examples_pending.clone(),
+        );
+        registry.register(
+            "hard_examples_dropped",
+            "Waiting hard examples dropped (queue full or unreadable)",
+            m.hard_examples_dropped.clone(),
+        );
+        registry.register(
+            "hard_examples_labelled_late",
+            "Hard examples labelled after waiting for the cloud",
+            m.hard_examples_labelled_late.clone(),
         );
         EdgeMetrics { registry, ..m }
     }

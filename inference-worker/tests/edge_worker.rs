@@ -494,3 +494,152 @@ async fn shutdown_stops_the_run_early() {
         .unwrap();
     assert!(s.samples < 500, "{}", s.samples);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_during_collection_loses_no_hard_example() {
+    let cloud = real_cloud().await;
+    let proxy = sedge_tunnel::fault::TcpFaultProxy::start(cloud)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let he = dir.path().join("hard");
+    let worker = EdgeWorker::start(EdgeConfig {
+        hard_examples_dir: Some(he.clone()),
+        offload: OffloadConfig {
+            breaker_cooldown_ms: 200,
+            ..edge_config(Some(proxy.addr)).offload
+        },
+        ..edge_config(None)
+    })
+    .unwrap();
+    // Paced samples; the link to the cloud is cut (open connections closed, new ones refused)
+    // at the 100th and comes back at the 300th.
+    let faults = proxy.faults.clone();
+    let samples = Source::Idx(sample_idx())
+        .open(None)
+        .unwrap()
+        .enumerate()
+        .map(move |(i, s)| {
+            if i == 100 {
+                faults.set_refuse(true);
+                faults.cut();
+            }
+            if i == 300 {
+                faults.heal();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            s
+        });
+    let s = worker
+        .run_samples(Box::new(samples), std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(s.samples, 500);
+    assert!(
+        s.cloud_fallbacks > 0,
+        "the cut kept the cloud from answering some: {s:?}"
+    );
+    assert_eq!(
+        worker.metrics.hard_examples_labelled_late.get(),
+        s.cloud_fallbacks,
+        "each hard example the cloud missed waited and was labelled when it came back"
+    );
+    assert_eq!(
+        (
+            s.hard_examples_saved,
+            s.hard_examples_pending,
+            s.hard_examples_dropped
+        ),
+        (s.hard_example_number, 0, 0),
+        "every hard example is in the index, once"
+    );
+    let saved = sedge_datasets::index::read(he.join("index.txt")).unwrap();
+    assert_eq!(saved.len() as u64, s.hard_example_number);
+    let names: std::collections::HashSet<_> = saved.iter().map(|e| e.path.clone()).collect();
+    assert_eq!(names.len(), saved.len(), "no image listed twice");
+    assert_eq!(
+        saved
+            .iter()
+            .filter(|e| e
+                .path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with('p'))
+            .count() as u64,
+        s.cloud_fallbacks
+    );
+    // The late labels are the cloud model's answers, asked again here directly.
+    let model = Model::load(models_dir().join("fashion-mnist/cloud-cnn.onnx")).unwrap();
+    let direct = sedge_inference_worker::client::CloudClient::new(
+        OffloadConfig {
+            address: Some(cloud.to_string()),
+            ..Default::default()
+        },
+        &model.config.input.name,
+        &model.config.input.shape,
+        model.config.labels.len(),
+    )
+    .unwrap();
+    for e in &saved {
+        let pixels = sedge_datasets::export::read_grey(&e.path, 28, 28).unwrap();
+        let row = direct.offload(&pixels).await.result.unwrap();
+        let label = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
+        assert_eq!(Some(label as u32), e.label, "{}", e.path.display());
+    }
+    assert_eq!(std::fs::read_dir(he.join("pending")).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_examples_wait_across_runs_until_the_cloud_is_back() {
+    // A cloud that is not there yet: every hard example waits, bounded.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let he = dir.path().join("hard");
+    let source = Source::Idx(sample_idx());
+    let first = run(
+        EdgeConfig {
+            hard_examples_dir: Some(he.clone()),
+            hard_examples_pending_max: 20,
+            ..edge_config(Some(dead))
+        },
+        &source,
+    )
+    .await;
+    assert!(first.hard_example_number > 20, "{first:?}");
+    assert_eq!(
+        (first.hard_examples_saved, first.hard_examples_pending),
+        (0, 20)
+    );
+    assert_eq!(
+        first.hard_examples_dropped,
+        first.hard_example_number - 20,
+        "drops are counted, never silent"
+    );
+    // The next run (the pod restarted) finds the cloud back: the 20 that waited are labelled,
+    // alongside the new ones.
+    let cloud = real_cloud().await;
+    let second = run(
+        EdgeConfig {
+            hard_examples_dir: Some(he.clone()),
+            limit: Some(50),
+            ..edge_config(Some(cloud))
+        },
+        &source,
+    )
+    .await;
+    assert_eq!(second.hard_examples_pending, 0);
+    assert_eq!(
+        second.hard_examples_saved,
+        20 + second.hard_example_number,
+        "{second:?}"
+    );
+}

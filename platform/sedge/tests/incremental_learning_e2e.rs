@@ -61,6 +61,18 @@ fn conditions(v: &Value) -> Vec<(String, String, String, String)> {
 
 /// Writes the models and dataset directory of one job under `dir`, returns its manifests.
 fn job(dir: &Path, name: &str, hot: bool, labeller: u16, train_env: &str) -> String {
+    job_with(dir, name, hot, labeller, train_env, 30)
+}
+
+/// [`job`] with the train trigger's sample threshold.
+fn job_with(
+    dir: &Path,
+    name: &str,
+    hot: bool,
+    labeller: u16,
+    train_env: &str,
+    threshold: u32,
+) -> String {
     let models = repo().join("models/fashion-mnist");
     for sub in ["initial", "deployed", "hard"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -112,7 +124,7 @@ spec:
     trigger:
       checkPeriodSeconds: 1
       timer: {{start: 00:00, end: 23:59}}
-      condition: {{operator: ">=", threshold: 30, metric: num_of_samples}}
+      condition: {{operator: ">=", threshold: {threshold}, metric: num_of_samples}}
   evalSpec:
     template:
       spec:
@@ -199,6 +211,8 @@ spec:
   outputDir: /tmp/nodata
 "#,
     );
+
+    link_cut_loses_no_hard_example(&up, tmp.path(), port);
 
     let hot_dir = tmp.path().join("hot");
     let cold_dir = tmp.path().join("cold");
@@ -406,4 +420,89 @@ spec:
             out.trim().is_empty().then_some(())
         },
     );
+}
+
+fn lines(index: &Path) -> Vec<String> {
+    std::fs::read_to_string(index)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn waiting(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("pending")).map_or(0, |d| d.count())
+}
+
+/// The link between the inference worker and its labeller is cut while hard examples come in:
+/// they wait on the node, and when the link returns each is labelled, once. Waiting examples get
+/// ids in order, so "none lost" is: the index lists ids 0..n without a gap, and none waits.
+fn link_cut_loses_no_hard_example(up: &Up, tmp: &Path, labeller: u16) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let proxy = rt
+        .block_on(sedge_tunnel::fault::TcpFaultProxy::start(
+            ([127, 0, 0, 1], labeller).into(),
+        ))
+        .unwrap();
+    let dir = tmp.join("offline");
+    // It never trains: this part is about collecting.
+    up.apply(&job_with(
+        &dir,
+        "offline",
+        true,
+        proxy.addr.port(),
+        "",
+        1_000_000,
+    ));
+    let index = dir.join("hard/index.txt");
+    wait_for(
+        "hard examples labelled live",
+        Duration::from_secs(120),
+        || (lines(&index).len() >= 5).then_some(()),
+    );
+    proxy.faults.set_refuse(true);
+    proxy.faults.cut();
+    let during = wait_for(
+        "hard examples to wait on the node",
+        Duration::from_secs(60),
+        || {
+            let n = waiting(&dir.join("hard"));
+            (n >= 20).then_some(n)
+        },
+    );
+    proxy.faults.heal();
+    wait_for(
+        "the waiting hard examples to be labelled",
+        Duration::from_secs(120),
+        || (waiting(&dir.join("hard")) == 0).then_some(()),
+    );
+    let all = lines(&index);
+    let mut late: Vec<u64> = all
+        .iter()
+        .filter_map(|l| {
+            l.strip_prefix("images/p")?
+                .split_once(".png")?
+                .0
+                .parse()
+                .ok()
+        })
+        .collect();
+    late.sort_unstable();
+    assert!(
+        late.len() >= during,
+        "{} labelled late, {during} were waiting",
+        late.len()
+    );
+    assert_eq!(
+        late,
+        (0..late.len() as u64).collect::<Vec<_>>(),
+        "every waiting example was labelled, once"
+    );
+    let names: std::collections::HashSet<&str> = all
+        .iter()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(names.len(), all.len(), "no image listed twice");
+    up.ok(&["delete", "il", "offline"]);
 }
