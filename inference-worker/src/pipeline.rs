@@ -134,7 +134,12 @@ impl EdgePipeline {
                 config.name, self.config.name
             ));
         }
-        *self.backend.write().unwrap_or_else(|p| p.into_inner()) = backend;
+        let old = std::mem::replace(
+            &mut *self.backend.write().unwrap_or_else(|p| p.into_inner()),
+            backend,
+        );
+        // Freed after the lock is released: tearing a model down is not part of the pause.
+        drop(old);
         Ok(self.version.fetch_add(1, Ordering::SeqCst) + 1)
     }
 

@@ -83,6 +83,9 @@ struct Args {
     #[arg(long)]
     noise: Option<f32>,
     /// Where Fashion-MNIST is.
+    /// Hot swaps in the swap-under-load measurement (0 skips it).
+    #[arg(long, default_value_t = 200)]
+    swaps: usize,
     #[arg(long, default_value = FASHION_MNIST_DIR)]
     data: PathBuf,
 }
@@ -166,6 +169,7 @@ fn main() -> Result<()> {
     }
 
     let dir = tempfile::tempdir()?;
+    let mut trained: Vec<Model> = Vec::new();
     let mut deployed = edge0.clone();
     let mut eval_set: Vec<Labelled> = Vec::new();
     let mut pseudo_wrong = 0usize;
@@ -219,6 +223,7 @@ fn main() -> Result<()> {
 
         let t = Instant::now();
         let candidate = Model::load(&candidate_path)?;
+        trained.push(candidate.clone());
         let new = score(&candidate, &eval_set)?;
         let old = score(&deployed, &eval_set)?;
         let mut stats: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -286,6 +291,117 @@ fn main() -> Result<()> {
         "\nPseudo-labels wrong (cloud model vs ground truth, measured only to report it): {:.1}% of {}",
         100.0 * pseudo_wrong as f64 / pseudo_total.max(1) as f64,
         pseudo_total
+    );
+    if a.swaps > 0 {
+        trained.insert(0, edge0.clone());
+        swap_under_load(&trained, &test_shifted, a.swaps)?;
+    }
+    Ok(())
+}
+
+/// What one sample costs while nothing happens, and while models are swapped in under it: a
+/// thread feeds samples one at a time (batch 1, as a paced worker does) through the worker's own
+/// pipeline; another swaps the models of the rounds in, `swaps` times, with the worker's hot-update
+/// code path (load off the inference path, then `swap_model`). Reported: the swap's pause (the
+/// write lock held) and the per-sample latency without and with swaps, in the same process.
+fn swap_under_load(models: &[Model], samples: &[Labelled], swaps: usize) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use sedge_inference_worker::edge::percentile;
+    use sedge_inference_worker::pipeline::{EdgePipeline, MiningMode};
+    use sedge_inference_worker::source::{Payload, Sample};
+
+    let first = &models[0];
+    let pipeline = Arc::new(
+        EdgePipeline::new(
+            backend::load(first, &opts())?,
+            first.config.clone(),
+            HardExampleMining::MaxProbability { threshold: 0.8 },
+            MiningMode::InferenceThenMining,
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    let images: Arc<Vec<Vec<u8>>> = Arc::new(samples.iter().map(|s| s.pixels.clone()).collect());
+    // Runs samples until `stop` or `max`; returns per-sample latency (ms) and how many were
+    // answered.
+    let feed = |stop: Arc<AtomicBool>, max: usize| {
+        let p = pipeline.clone();
+        let images = images.clone();
+        std::thread::spawn(move || {
+            let mut lat = Vec::new();
+            let mut answered = 0usize;
+            for i in 0..max {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let s = Sample {
+                    id: i.to_string(),
+                    payload: Payload::Pixels(images[i % images.len()].clone()),
+                    label: None,
+                };
+                let t = Instant::now();
+                let d = p.process(vec![s]);
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+                answered += d.iter().filter(|d| d.edge.is_some()).count();
+            }
+            (lat, answered)
+        })
+    };
+    let n = 5_000;
+    let (mut base, base_ok) = feed(Arc::new(AtomicBool::new(false)), n)
+        .join()
+        .expect("feeder");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(stop.clone(), usize::MAX / 2);
+    let mut pauses = Vec::with_capacity(swaps);
+    let mut loads = Vec::with_capacity(swaps);
+    for i in 0..swaps {
+        let m = &models[(i + 1) % models.len()];
+        let t = Instant::now();
+        let b = backend::load(m, &opts())?;
+        loads.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        pipeline
+            .swap_model(b, &m.config)
+            .map_err(anyhow::Error::msg)?;
+        pauses.push(t.elapsed().as_secs_f64() * 1e6);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (mut under, under_ok) = feeder.join().expect("feeder");
+
+    let row = |name: &str, lat: &mut Vec<f64>, ok: usize| {
+        let p50 = percentile(lat, 0.5);
+        let p99 = percentile(lat, 0.99);
+        let max = lat.iter().copied().fold(0.0, f64::max);
+        println!(
+            "| {name} | {} | {} | {p50:.3} | {p99:.3} | {max:.3} |",
+            lat.len(),
+            lat.len() - ok,
+        );
+        (p50, p99)
+    };
+    println!(
+        "\nHot swap under load ({swaps} swaps of {} models, tract, batch 1)\n",
+        models.len()
+    );
+    println!("| run | samples | unanswered | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|");
+    let (b50, b99) = row("no swaps (baseline)", &mut base, base_ok);
+    let (u50, u99) = row(&format!("{swaps} swaps meanwhile"), &mut under, under_ok);
+    println!(
+        "\nratio with swaps / baseline: p50 {:.2}x, p99 {:.2}x",
+        u50 / b50,
+        u99 / b99
+    );
+    let (p50, p99) = (percentile(&mut pauses, 0.5), percentile(&mut pauses, 0.99));
+    let (l50, l99) = (percentile(&mut loads, 0.5), percentile(&mut loads, 0.99));
+    println!(
+        "swap pause (write lock held): p50 {p50:.1} us, p99 {p99:.1} us; model load off the inference path: p50 {l50:.1} ms, p99 {l99:.1} ms; version now {}",
+        pipeline.model_version()
     );
     Ok(())
 }
