@@ -112,6 +112,11 @@ impl Authenticator {
         self.tokens.insert(token, id);
     }
 
+    /// Whether `token` is one of the static tokens.
+    pub fn knows(&self, token: &str) -> bool {
+        self.tokens.contains_key(token)
+    }
+
     /// Authenticates a request. `Err(())` means credentials were presented but are wrong.
     #[allow(clippy::result_unit_err)]
     pub fn authenticate(
@@ -119,15 +124,10 @@ impl Authenticator {
         headers: &HeaderMap,
         peer: &PeerIdentity,
     ) -> Result<Option<Identity>, ()> {
-        if let Some(h) = headers.get(axum::http::header::AUTHORIZATION) {
-            let value = h.to_str().map_err(|_| ())?;
-            let token = value
-                .strip_prefix("Bearer ")
-                .or_else(|| value.strip_prefix("bearer "))
-                .ok_or(())?;
+        if let Some(token) = bearer(headers)? {
             return self
                 .tokens
-                .get(token.trim())
+                .get(&token)
                 .cloned()
                 .map(|id| Some(authenticated(id)))
                 .ok_or(());
@@ -136,7 +136,23 @@ impl Authenticator {
     }
 }
 
-fn authenticated(mut id: Identity) -> Identity {
+/// The bearer token of a request: none without an `Authorization` header, `Err` for one that is
+/// not `Bearer <token>`.
+#[allow(clippy::result_unit_err)]
+pub fn bearer(headers: &HeaderMap) -> Result<Option<String>, ()> {
+    let Some(h) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = h.to_str().map_err(|_| ())?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(|t| Some(t.trim().to_string()))
+        .ok_or(())
+}
+
+/// The identity with `system:authenticated` added, as every authenticated caller has it.
+pub fn authenticated(mut id: Identity) -> Identity {
     if !id.groups.iter().any(|g| g == crate::authz::AUTHENTICATED) {
         id.groups.push(crate::authz::AUTHENTICATED.into());
     }

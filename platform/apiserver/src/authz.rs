@@ -634,6 +634,9 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
         "events",
     ];
     edit_rules.push(rule(&all_read_write, "", &edit_core));
+    // Tokens for the ServiceAccounts of the namespace (`kubectl create token`), as Kubernetes'
+    // `edit` allows.
+    edit_rules.push(rule(&["create"], "", &["serviceaccounts/token"]));
     edit_rules.push(rule(
         &all_read_write,
         "apps",
@@ -743,11 +746,18 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
             "clusterroles",
             role(
                 "system:basic-user",
-                vec![rule(
-                    &["create"],
-                    "authorization.k8s.io",
-                    &["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
-                )],
+                vec![
+                    rule(
+                        &["create"],
+                        "authorization.k8s.io",
+                        &["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
+                    ),
+                    rule(
+                        &["create"],
+                        "authentication.k8s.io",
+                        &["selfsubjectreviews"],
+                    ),
+                ],
             ),
         ),
         (

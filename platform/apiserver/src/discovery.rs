@@ -102,6 +102,17 @@ pub fn resources(snap: &Snapshot, group: &str, version: &str) -> Option<Value> {
         .filter(|t| t.group == group && t.versions.iter().any(|v| v == version))
     {
         list.push(resource_json(rt));
+        if rt.group.is_empty() && rt.kind == "ServiceAccount" {
+            list.push(json!({
+                "name": "serviceaccounts/token",
+                "singularName": "",
+                "namespaced": true,
+                "group": "authentication.k8s.io",
+                "version": "v1",
+                "kind": "TokenRequest",
+                "verbs": ["create"],
+            }));
+        }
         if rt.status_subresource {
             list.push(json!({
                 "name": format!("{}/status", rt.plural),

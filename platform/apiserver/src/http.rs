@@ -30,6 +30,8 @@ pub struct App {
     pub core: Arc<Core>,
     /// Bearer tokens.
     pub auth: Authenticator,
+    /// ServiceAccount tokens (TokenRequest, and checking them).
+    pub sa_tokens: Arc<crate::satoken::ServiceAccountTokens>,
     /// Body size limit.
     pub max_body: usize,
     /// Watch bookmark interval.
@@ -131,9 +133,9 @@ pub async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
     let identity = if is_public(&path) {
         None
     } else {
-        match app.auth.authenticate(&parts.headers, &peer) {
-            Ok(Some(id)) => Some(id),
-            Ok(None) | Err(()) => {
+        match authenticate(&app, &parts.headers, &peer).await {
+            Some(id) => Some(id),
+            None => {
                 app.metrics.request(parts.method.as_str(), "", 401);
                 return ApiError::Unauthorized.into_response();
             }
@@ -159,6 +161,32 @@ pub async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
     app.metrics.request(method.as_str(), &resource, code);
     tracing::debug!(%method, %path, code, ms = started.elapsed().as_millis() as u64, "request");
     resp
+}
+
+/// Who is asking: a static token or client certificate, or a ServiceAccount token (checked
+/// against the store off the runtime). None: no credentials, or wrong ones.
+async fn authenticate(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    peer: &PeerIdentity,
+) -> Option<Identity> {
+    if let Ok(Some(token)) = crate::auth::bearer(headers)
+        && !app.auth.knows(&token)
+        && crate::satoken::ServiceAccountTokens::is_jwt(&token)
+    {
+        let (core, tokens) = (app.core.clone(), app.sa_tokens.clone());
+        let id = blocking(move || Ok(tokens.authenticate(&core.store, &token)))
+            .await
+            .ok()?;
+        return match id {
+            Ok(id) => Some(crate::auth::authenticated(id)),
+            Err(why) => {
+                tracing::debug!(%why, "ServiceAccount token refused");
+                None
+            }
+        };
+    }
+    app.auth.authenticate(headers, peer).ok().flatten()
 }
 
 fn only_get(method: &Method) -> ApiResult<()> {
@@ -343,9 +371,11 @@ fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResu
     };
     let pod_sub =
         |s: &str| rt.kind == "Pod" && rt.group.is_empty() && (s == "log" || s == "binding");
+    let sa_sub = |s: &str| rt.kind == "ServiceAccount" && rt.group.is_empty() && s == "token";
     if let Some(s) = &sub
         && !(s == "status" && rt.status_subresource)
         && !pod_sub(s)
+        && !sa_sub(s)
     {
         return Err(ApiError::NoRoute);
     }
@@ -1012,6 +1042,22 @@ async fn resource(
         };
         authorize(app, id, attrs).await?;
     }
+    if t.rt.group == "authentication.k8s.io" {
+        // SelfSubjectReview (`kubectl auth whoami`): who the server thinks the caller is.
+        if method != Method::POST {
+            return Err(ApiError::MethodNotAllowed(format!(
+                "{} supports only create",
+                t.rt.qualified()
+            )));
+        }
+        let id = identity.ok_or(ApiError::Unauthorized)?;
+        let review = json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview",
+            "metadata": {"creationTimestamp": null},
+            "status": {"userInfo": {"username": id.user, "groups": id.groups}},
+        });
+        return Ok((label, json_response(StatusCode::CREATED, &review)));
+    }
     if t.rt.group == "authorization.k8s.io" {
         let resp = self_review(app, method, headers, body, &t.rt, identity).await?;
         return Ok((label, resp));
@@ -1021,6 +1067,32 @@ async fn resource(
     let version = t.version.clone();
     let ns = t.namespace.clone();
     let sub = t.sub.clone();
+    if let (Some("token"), Some(name), Some(ns)) = (sub.as_deref(), t.name.clone(), ns.clone()) {
+        if method != Method::POST {
+            return Err(ApiError::MethodNotAllowed(
+                "serviceaccounts/token supports only create".into(),
+            ));
+        }
+        let bytes = read_body(headers, body, app.max_body).await?;
+        let req = parse(headers, bytes).await?;
+        let tokens = app.sa_tokens.clone();
+        let issued = blocking(move || {
+            let sa = core
+                .store
+                .get("/serviceaccounts", &ns, &name)
+                .map_err(ApiError::internal)?
+                .ok_or(ApiError::NotFound {
+                    resource: "serviceaccounts".into(),
+                    name,
+                })?;
+            tokens.request(&core.store, &ns, &sa, req)
+        })
+        .await?;
+        return Ok((
+            format!("{label}/token"),
+            json_response(StatusCode::CREATED, &issued),
+        ));
+    }
     if let (Some(s), Some(name), Some(ns)) = (sub.as_deref(), t.name.clone(), ns.clone())
         && (s == "log" || s == "binding")
     {

@@ -32,6 +32,7 @@ pub mod ops;
 pub mod patch;
 pub mod protobuf;
 pub mod registry;
+pub mod satoken;
 pub mod selector;
 pub mod server;
 pub mod store;

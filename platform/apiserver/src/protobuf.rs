@@ -1,6 +1,6 @@
 //! Kubernetes protobuf request bodies for the kinds `kubectl`'s typed commands send that way
 //! (`kubectl create namespace|configmap|secret|serviceaccount|role|rolebinding|clusterrole|
-//! clusterrolebinding`, `kubectl auth can-i`): the `k8s\0` envelope, the
+//! clusterrolebinding|token`, `kubectl auth can-i|whoami`): the `k8s\0` envelope, the
 //! `runtime.Unknown` wrapper, and a schema-driven decoder into the same JSON the rest of the server
 //! works on. Field numbers follow k8s.io/api's `generated.proto`.
 //!
@@ -140,6 +140,36 @@ const ROLE_BINDING: &[Field] = &[
     ),
 ];
 
+/// `authentication.k8s.io/v1` TokenRequest (`kubectl create token`).
+const TOKEN_REQUEST: &[Field] = &[
+    (1, "metadata", Kind::Msg(OBJECT_META)),
+    (
+        2,
+        "spec",
+        Kind::Msg(&[
+            (1, "audiences", Kind::RepStr),
+            (
+                3,
+                "boundObjectRef",
+                Kind::Msg(&[
+                    (1, "kind", Kind::Str),
+                    (2, "apiVersion", Kind::Str),
+                    (3, "name", Kind::Str),
+                    (4, "uid", Kind::Str),
+                ]),
+            ),
+            (4, "expirationSeconds", Kind::Int),
+        ]),
+    ),
+    (3, "status", Kind::Ignore),
+];
+
+/// `authentication.k8s.io/v1` SelfSubjectReview (`kubectl auth whoami`).
+const SELF_SUBJECT_REVIEW: &[Field] = &[
+    (1, "metadata", Kind::Msg(OBJECT_META)),
+    (2, "status", Kind::Ignore),
+];
+
 const SELF_SUBJECT_ACCESS_REVIEW: &[Field] = &[
     (1, "metadata", Kind::Msg(OBJECT_META)),
     (
@@ -198,6 +228,8 @@ fn schema_for(api_version: &str, kind: &str) -> Option<&'static [Field]> {
             Some(ROLE_BINDING)
         }
         ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => Some(SELF_SUBJECT_ACCESS_REVIEW),
+        ("authentication.k8s.io/v1", "TokenRequest") => Some(TOKEN_REQUEST),
+        ("authentication.k8s.io/v1", "SelfSubjectReview") => Some(SELF_SUBJECT_REVIEW),
         ("authorization.k8s.io/v1", "SelfSubjectRulesReview") => Some(SELF_SUBJECT_RULES_REVIEW),
         _ => None,
     }

@@ -335,6 +335,18 @@ const BUILTINS: &[Builtin] = &[
         fields: &[],
     },
     Builtin {
+        group: "authentication.k8s.io",
+        version: "v1",
+        plural: "selfsubjectreviews",
+        singular: "selfsubjectreview",
+        kind: "SelfSubjectReview",
+        namespaced: false,
+        short: &[],
+        categories: &[],
+        status: false,
+        fields: &[],
+    },
+    Builtin {
         group: "apiextensions.k8s.io",
         version: "v1",
         plural: "customresourcedefinitions",

@@ -51,6 +51,9 @@ pub enum StartError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The ServiceAccount signing key.
+    #[error(transparent)]
+    SaKey(#[from] crate::satoken::KeyError),
     /// Seeding the built-in namespaces failed.
     #[error("cannot create the default namespaces: {0}")]
     Seed(String),
@@ -249,6 +252,9 @@ impl ApiServer {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
         let (auth, admin_token) = load_tokens(&cfg)?;
+        let sa_tokens = Arc::new(crate::satoken::ServiceAccountTokens::load_or_create(
+            &cfg.data_dir.join("sa.key"),
+        )?);
         let admin_cert = ca.issue(&IssueRequest {
             common_name: ADMIN_USER.into(),
             organizations: vec!["system:masters".into()],
@@ -274,6 +280,7 @@ impl ApiServer {
         let app = Arc::new(App {
             core: core.clone(),
             auth,
+            sa_tokens,
             max_body: cfg.max_request_bytes,
             bookmark_interval: Duration::from_secs(cfg.bookmark_interval_seconds.max(1)),
             watch_timeout: Duration::from_secs(cfg.watch_timeout_seconds.max(1)),

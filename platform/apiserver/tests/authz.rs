@@ -156,6 +156,146 @@ async fn rbac_through_kubectl() {
 }
 
 #[tokio::test]
+async fn serviceaccount_tokens_through_kubectl() {
+    let t = server().await;
+    let kc = t.kubeconfig();
+    for args in [
+        &["create", "namespace", "team"][..],
+        &["create", "serviceaccount", "ctl", "-n", "team"],
+        &[
+            "create",
+            "rolebinding",
+            "ctl-view",
+            "--clusterrole=view",
+            "--serviceaccount=team:ctl",
+            "-n",
+            "team",
+        ],
+    ] {
+        kubectl_ok(&kc, args).await;
+    }
+    // `kubectl create token`: a signed, expiring token for the ServiceAccount.
+    let token = kubectl_ok(&kc, &["create", "token", "ctl", "-n", "team"]).await;
+    let token = token.trim();
+    assert!(
+        token.starts_with("eyJ") && token.matches('.').count() == 2,
+        "{token}"
+    );
+    let o = as_user(&t, token, &["get", "configmaps", "-n", "team"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let o = as_user(&t, token, &["create", "configmap", "x", "-n", "team"]).await;
+    assert!(
+        text(&o).contains(
+            "configmaps is forbidden: User \"system:serviceaccount:team:ctl\" cannot create resource \"configmaps\""
+        ),
+        "{}",
+        text(&o)
+    );
+    let o = as_user(
+        &t,
+        token,
+        &["auth", "can-i", "list", "pods", "-n", "default"],
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "no");
+    let o = as_user(&t, token, &["auth", "whoami"]).await;
+    let who = text(&o);
+    assert!(
+        o.status.success() && who.contains("system:serviceaccount:team:ctl"),
+        "{who}"
+    );
+    assert!(who.contains("system:serviceaccounts:team"), "{who}");
+    // Too short a lifetime is refused with kube-apiserver's words.
+    let o = kubectl(
+        &kc,
+        &["create", "token", "ctl", "-n", "team", "--duration=1m"],
+    )
+    .await;
+    assert!(
+        text(&o).contains("may not specify a duration less than 10 minutes"),
+        "{}",
+        text(&o)
+    );
+    // A token for another audience is no credential here.
+    let vault = kubectl_ok(
+        &kc,
+        &["create", "token", "ctl", "-n", "team", "--audience=vault"],
+    )
+    .await;
+    let o = as_user(&t, vault.trim(), &["get", "configmaps", "-n", "team"]).await;
+    assert!(text(&o).contains("Unauthorized"), "{}", text(&o));
+    // A token bound to a pod dies with the pod.
+    kubectl_ok(
+        &kc,
+        &[
+            "run",
+            "p",
+            "-n",
+            "team",
+            "--image=sedge/worker",
+            "--restart=Never",
+        ],
+    )
+    .await;
+    let bound = kubectl_ok(
+        &kc,
+        &[
+            "create",
+            "token",
+            "ctl",
+            "-n",
+            "team",
+            "--bound-object-kind=Pod",
+            "--bound-object-name=p",
+        ],
+    )
+    .await;
+    let bound = bound.trim().to_string();
+    let o = as_user(&t, &bound, &["get", "configmaps", "-n", "team"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    // A user who may only view cannot mint tokens.
+    kubectl_ok(
+        &kc,
+        &[
+            "create",
+            "rolebinding",
+            "bob-view",
+            "--clusterrole=view",
+            "--user=bob",
+            "-n",
+            "team",
+        ],
+    )
+    .await;
+    let o = as_user(&t, "tok-bob", &["create", "token", "ctl", "-n", "team"]).await;
+    assert!(
+        text(&o).contains("cannot create resource \"serviceaccounts/token\""),
+        "{}",
+        text(&o)
+    );
+    // A forged token (claims edited, signature kept) is refused.
+    let parts: Vec<&str> = token.split('.').collect();
+    let forged = format!("{}.{}x.{}", parts[0], parts[1], parts[2]);
+    let o = as_user(&t, &forged, &["get", "configmaps", "-n", "team"]).await;
+    assert!(text(&o).contains("Unauthorized"), "{}", text(&o));
+    // Deleting the pod, then the ServiceAccount, revokes their tokens (within the 10 s cache).
+    kubectl_ok(&kc, &["delete", "pod", "p", "-n", "team", "--wait=false"]).await;
+    kubectl_ok(&kc, &["delete", "serviceaccount", "ctl", "-n", "team"]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for tok in [bound.as_str(), token] {
+        loop {
+            let o = as_user(&t, tok, &["get", "configmaps", "-n", "team"]).await;
+            if text(&o).contains("Unauthorized") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still accepted: {}", text(&o));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    t.server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_namespace_admin_cannot_escalate() {
     let t = server().await;
     let kc = t.kubeconfig();
