@@ -424,8 +424,7 @@ async fn accept_loop(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max));
-    let mut shed = 0u64;
+    let admission = sedge_serve::Admission::new(limits.max, Arc::default());
     loop {
         tokio::select! {
             r = listener.accept() => {
@@ -438,13 +437,10 @@ async fn accept_loop(
                         continue;
                     }
                 };
-                // Shed past the cap: the newest connection is closed at once, so the ones
-                // already served (nodes' controllers, kubectl) keep working.
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    shed += 1;
-                    if shed.is_power_of_two() {
-                        tracing::warn!(%peer, shed, max = limits.max, "connection limit reached; closing new connections");
-                    }
+                // At the cap the oldest connection that has sent nothing makes room (idle
+                // sockets cannot lock clients out); with every slot busy the newest is closed, so
+                // the ones already served (nodes' controllers, kubectl) keep working.
+                let Some(ticket) = admission.admit(peer) else {
                     drop(tcp);
                     continue;
                 };
@@ -453,8 +449,12 @@ async fn accept_loop(
                 let app = app.clone();
                 let mut stop = shutdown.clone();
                 conns.spawn(async move {
-                    let _slot = slot;
-                    let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp)).await {
+                    let started = tokio::time::Instant::now();
+                    let Some(_admitted) = ticket.first_byte(&tcp, limits.header_timeout).await else {
+                        return;
+                    };
+                    let left = limits.header_timeout.saturating_sub(started.elapsed());
+                    let tls = match tokio::time::timeout(left, acceptor.accept(tcp)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");

@@ -5,8 +5,10 @@
 //! sockets exhaust the process's file descriptors, and a client that sends its headers at one
 //! byte a second holds a task for minutes. [`serve`] bounds both, the way the API server's TLS
 //! listener does:
-//! - at most [`Limits::max_connections`] at once; past that the *newest* connection is closed at
-//!   once (the ones already served keep working, and a slot frees as soon as any closes);
+//! - at most [`Limits::max_connections`] at once. At the cap, a new connection takes the slot of
+//!   the *oldest connection that has not sent a byte yet* (the one an idle attacker holds longest),
+//!   which is closed; only when every slot is serving a client is the *newest* closed instead.
+//!   So idle sockets up to the cap cannot lock clients out until their deadline;
 //! - a connection must send its first byte, and an HTTP/1 request its whole header block, within
 //!   [`Limits::header_timeout`]; HTTP/1 keep-alive connections waiting for their next request
 //!   are under the same deadline;
@@ -15,9 +17,10 @@
 //!
 //! The listener speaks HTTP/1.1 and HTTP/2 (prior knowledge, as gRPC clients use it) on one port.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -52,6 +55,7 @@ pub struct Stats {
     accepted: AtomicU64,
     shed: AtomicU64,
     timed_out: AtomicU64,
+    evicted: AtomicU64,
 }
 
 impl Stats {
@@ -66,6 +70,147 @@ impl Stats {
     /// Connections closed because their first byte did not arrive in time.
     pub fn timed_out(&self) -> u64 {
         self.timed_out.load(Ordering::Relaxed)
+    }
+    /// Connections that had sent nothing, closed to make room for a new one at the cap.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+}
+
+/// Connections that hold a slot and have not sent their first byte, oldest first: the ones a
+/// new connection may take the slot of.
+#[derive(Default)]
+struct Waiting {
+    next: AtomicU64,
+    map: Mutex<BTreeMap<u64, tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Waiting {
+    fn enter(&self) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        (id, rx)
+    }
+    fn leave(&self, id: u64) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+    /// Tells the oldest waiting connection to close; false when none waits.
+    fn evict_oldest(&self) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((_, tx)) = map.pop_first() {
+            if tx.send(()).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// The connection cap with fair shedding, for any TCP accept loop (this crate's [`serve`], the
+/// API server's TLS listener): [`Admission::admit`] on accept, then [`Ticket::first_byte`] in
+/// the connection's task before anything else is read.
+#[derive(Clone)]
+pub struct Admission {
+    slots: Arc<tokio::sync::Semaphore>,
+    waiting: Arc<Waiting>,
+    stats: Arc<Stats>,
+    max: usize,
+}
+
+/// A connection let in: it holds a slot, or will get the one of the connection it evicted.
+pub struct Ticket {
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    admission: Admission,
+}
+
+/// A connection that sent its first byte in time: holds its slot until dropped.
+pub struct Admitted {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Admission {
+    /// At most `max` connections, counted into `stats`.
+    pub fn new(max: usize, stats: Arc<Stats>) -> Self {
+        Admission {
+            slots: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            waiting: Arc::default(),
+            stats,
+            max,
+        }
+    }
+
+    /// Called on accept. At the cap, the oldest connection that has sent nothing is told to close
+    /// and this one will take its slot; if every slot serves a client, `None`: close this one.
+    pub fn admit(&self, peer: std::net::SocketAddr) -> Option<Ticket> {
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) if self.waiting.evict_oldest() => {
+                let evicted = self.stats.evicted.fetch_add(1, Ordering::Relaxed) + 1;
+                if evicted.is_power_of_two() {
+                    tracing::warn!(%peer, evicted, max = self.max, "connection limit reached; closing the oldest connections that sent nothing");
+                }
+                None
+            }
+            Err(_) => {
+                let shed = self.stats.shed.fetch_add(1, Ordering::Relaxed) + 1;
+                if shed.is_power_of_two() {
+                    tracing::warn!(%peer, shed, max = self.max, "connection limit reached with every connection busy; closing new connections");
+                }
+                return None;
+            }
+        };
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        Some(Ticket {
+            slot,
+            admission: self.clone(),
+        })
+    }
+}
+
+impl Ticket {
+    /// Waits (within `deadline`) for the slot if it is being handed over, then for the peer's
+    /// first byte, during which a newer connection may evict this one. `None`: close it (silent
+    /// past the deadline, evicted, or the peer went away).
+    pub async fn first_byte(
+        self,
+        tcp: &tokio::net::TcpStream,
+        deadline: Duration,
+    ) -> Option<Admitted> {
+        let a = &self.admission;
+        let slot = match self.slot {
+            Some(s) => s,
+            None => tokio::time::timeout(deadline, a.slots.clone().acquire_owned())
+                .await
+                .ok()?
+                .ok()?,
+        };
+        let (id, evicted) = a.waiting.enter();
+        let mut probe = [0u8; 1];
+        let first = tokio::select! {
+            r = tokio::time::timeout(deadline, tcp.peek(&mut probe)) => Some(r),
+            _ = evicted => None,
+        };
+        a.waiting.leave(id);
+        match first {
+            Some(Ok(Ok(n))) if n > 0 => Some(Admitted { _slot: slot }),
+            Some(Ok(_)) => None,
+            Some(Err(_)) => {
+                a.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("no request in time; closing");
+                None
+            }
+            None => {
+                tracing::debug!("sent nothing and a new connection needed the slot; closing");
+                None
+            }
+        }
     }
 }
 
@@ -89,7 +234,7 @@ pub async fn serve_with_stats(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let admission = Admission::new(limits.max_connections, stats);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -115,34 +260,20 @@ pub async fn serve_with_stats(
                         continue;
                     }
                 };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    let shed = stats.shed.fetch_add(1, Ordering::Relaxed) + 1;
-                    if shed.is_power_of_two() {
-                        tracing::warn!(%peer, shed, max = limits.max_connections, "connection limit reached; closing new connections");
-                    }
+                let Some(ticket) = admission.admit(peer) else {
                     drop(tcp);
                     continue;
                 };
-                stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = tcp.set_nodelay(true);
                 let builder = builder.clone();
                 let svc = TowerToHyperService::new(app.clone());
                 let mut stop = stop_rx.clone();
-                let stats = stats.clone();
                 conns.spawn(async move {
-                    let _slot = slot;
                     // hyper's header deadline starts once it knows the protocol; a peer that
                     // never sends a byte would otherwise sit in protocol detection forever.
-                    let mut probe = [0u8; 1];
-                    match tokio::time::timeout(limits.header_timeout, tcp.peek(&mut probe)).await {
-                        Ok(Ok(n)) if n > 0 => {}
-                        Ok(_) => return,
-                        Err(_) => {
-                            stats.timed_out.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(%peer, "no request in time; closing");
-                            return;
-                        }
-                    }
+                    let Some(_admitted) = ticket.first_byte(&tcp, limits.header_timeout).await else {
+                        return;
+                    };
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                     let mut conn = std::pin::pin!(conn);
                     tokio::select! {
@@ -207,34 +338,75 @@ mod tests {
         }
     }
 
+    async fn accepted(stats: &Stats, n: u64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while stats.accepted() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connections were not accepted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
-    async fn past_the_cap_new_connections_are_shed_and_served_again_once_one_closes() {
+    async fn at_the_cap_a_client_takes_the_slot_of_the_oldest_silent_connection() {
         let (addr, stats) = start(Limits {
             max_connections: 4,
             header_timeout: Duration::from_secs(30),
         })
         .await;
-        // The attack: idle connections that never send a request, as many as the cap.
+        // The attack: connections that never send a byte, as many as the cap, long before
+        // their 30 s deadline.
         let mut idle = Vec::new();
         for _ in 0..4 {
-            let s = TcpStream::connect(addr).await.unwrap();
-            idle.push(s);
+            idle.push(TcpStream::connect(addr).await.unwrap());
+            accepted(&stats, idle.len() as u64).await;
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while stats.accepted() < 4 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the idle connections were not accepted"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // A client is served at once anyway; the oldest silent connection paid for it.
+        let r = tokio::time::timeout(Duration::from_secs(5), get(addr))
+            .await
+            .expect("the client was locked out")
+            .unwrap();
+        assert!(r.ends_with("ok"), "{r}");
+        assert_eq!((stats.evicted(), stats.shed()), (1, 0));
+        assert!(closed_within(&mut idle[0], Duration::from_secs(5)).await);
+        assert!(
+            !closed_within(&mut idle[3], Duration::from_millis(200)).await,
+            "a younger silent connection was closed instead"
+        );
+        // Round after round of clients: each is served, the attacker's sockets go in turn.
+        for _ in 0..6 {
+            assert!(get(addr).await.unwrap().ends_with("ok"));
         }
+    }
+
+    #[tokio::test]
+    async fn past_the_cap_with_every_slot_busy_the_newest_is_shed_and_served_again_once_one_closes()
+    {
+        let (addr, stats) = start(Limits {
+            max_connections: 4,
+            header_timeout: Duration::from_secs(30),
+        })
+        .await;
+        // Four clients in the middle of their headers: busy, not silent.
+        let mut busy = Vec::new();
+        for _ in 0..4 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+            busy.push(s);
+            accepted(&stats, busy.len() as u64).await;
+        }
+        // Their first bytes have been seen (they left the silent set) once hyper reads them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let mut extra = TcpStream::connect(addr).await.unwrap();
         assert!(
             closed_within(&mut extra, Duration::from_secs(10)).await,
             "the connection past the cap was kept"
         );
         assert!(stats.shed() >= 1);
-        drop(idle.pop());
+        assert_eq!(stats.evicted(), 0);
+        drop(busy.pop());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(r) = get(addr).await
