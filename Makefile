@@ -71,6 +71,7 @@ test: ort fonts lint
 bench: ort
 	$(CARGO) run --release -p sedge-benchmarks --bin pipeline
 	$(CARGO) run --release -p sedge-benchmarks --bin apiserver
+	$(CARGO) run --release -p sedge-benchmarks --bin slowwatch
 	$(CARGO) run --release -p sedge-benchmarks --bin edgemark -- --suite quick
 	$(CARGO) build --release -p sedge
 	$(CARGO) run --release -p sedge-benchmarks --bin edgefoot

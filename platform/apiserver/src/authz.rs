@@ -578,6 +578,44 @@ fn referenced_by_pods_on(store: &Store, node: &str, ns: &str, kind: &str, name: 
         .any(|p| sedge_api::pod_references(&p["spec"], kind, name))
 }
 
+/// Namespace of the components' ServiceAccounts in [`component_rbac_yaml`].
+pub const COMPONENT_NAMESPACE: &str = "sedge-system";
+
+/// The least-privilege role of one of Sedge's components ([`CLOUDCORE_USER`] or
+/// [`AI_CONTROLLER_USER`]) for a real cluster: a ServiceAccount in [`COMPONENT_NAMESPACE`]
+/// named after the component (`sedge-cloudcore`, `sedge-ai-controller`), the same ClusterRole
+/// the embedded server gives it, and the binding of the two, as one YAML stream to
+/// `kubectl apply`. None for another name.
+pub fn component_rbac_yaml(component: &str) -> Option<String> {
+    let role = bootstrap_policy()
+        .into_iter()
+        .find(|(res, r)| *res == "clusterroles" && r["metadata"]["name"] == component)?
+        .1;
+    let sa = component.replace(':', "-");
+    let docs = [
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": sa, "namespace": COMPONENT_NAMESPACE}}),
+        json!({"apiVersion": role["apiVersion"], "kind": "ClusterRole",
+               "metadata": {"name": component}, "rules": role["rules"]}),
+        json!({"apiVersion": format!("{RBAC_GROUP}/v1"), "kind": "ClusterRoleBinding",
+               "metadata": {"name": component},
+               "roleRef": {"apiGroup": RBAC_GROUP, "kind": "ClusterRole", "name": component},
+               "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": COMPONENT_NAMESPACE}]}),
+    ];
+    let mut out = format!(
+        "# Generated from sedge_apiserver::authz::bootstrap_policy (the role `sedge up` gives {component});\n\
+         # regenerate with `SEDGE_WRITE_RBAC=1 cargo test -p sedge-apiserver --test rbac_yaml`.\n\
+         # kubectl create namespace {COMPONENT_NAMESPACE}; kubectl apply -f this file; then run the\n\
+         # component as the ServiceAccount {COMPONENT_NAMESPACE}/{sa} (in-cluster, or with\n\
+         # `kubectl create token {sa} -n {COMPONENT_NAMESPACE}` in its kubeconfig).\n"
+    );
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&d).expect("serialises"));
+    }
+    Some(out)
+}
+
 /// The default roles and bindings (Kubernetes' bootstrap policy, the parts that matter here),
 /// as objects to create when absent. Labelled `kubernetes.io/bootstrapping: rbac-defaults`.
 pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {

@@ -110,6 +110,9 @@ pub struct Event {
     pub object: Arc<Value>,
     /// The object before the change, if it existed.
     pub prev: Option<Arc<Value>>,
+    /// The object as JSON in one API version, encoded once and shared by every watcher that
+    /// presents it that way (set by the first, see `watch`).
+    pub encoded: std::sync::OnceLock<(String, bytes::Bytes)>,
 }
 
 /// What a [`Store::modify`] closure decided.
@@ -491,6 +494,7 @@ impl Store {
                     resource: res,
                     namespace: ns,
                     name,
+                    encoded: Default::default(),
                 }));
             }
             // Compaction may have raced with the read.
@@ -599,6 +603,7 @@ impl Store {
             name: name.to_string(),
             object: Arc::new(object),
             prev: current.map(Arc::new),
+            encoded: Default::default(),
         });
         let _ = self.tx.send(event.clone());
         if self.writes.fetch_add(1, Ordering::Relaxed) % COMPACT_EVERY == COMPACT_EVERY - 1

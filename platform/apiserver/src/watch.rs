@@ -51,7 +51,8 @@ pub struct WatchRequest {
     pub slow_grace: Duration,
 }
 
-const REPLAY_BATCH: usize = 1000;
+/// Events read from the history at a time (a lagging watcher holds at most one batch).
+const REPLAY_BATCH: usize = 256;
 const CHANNEL_BOUND: usize = 256;
 
 /// Bytes one watcher may have queued for its client, and all watchers together. A watcher at
@@ -100,6 +101,12 @@ impl Queued {
             return false;
         }
         true
+    }
+
+    /// Whether one more event may be built: this watcher and all of them under their bounds.
+    fn has_room(&self) -> bool {
+        self.mine.load(Ordering::Acquire) < WATCH_BYTES_PER_WATCHER
+            && self.total.queued.load(Ordering::Acquire) < WATCH_BYTES_TOTAL
     }
 
     fn give(&self, n: usize) {
@@ -237,12 +244,11 @@ impl Watcher {
         }
     }
 
-    async fn send(&self, v: Value) -> Result<(), Stop> {
-        let mut line = serde_json::to_vec(&v).unwrap_or_default();
-        line.push(b'\n');
-        let len = line.len();
+    /// Waits until `fits` says the queue has room (this client reading, or any watcher for the
+    /// shared bound), at most the slow grace; past it the watch is closed as too slow.
+    async fn wait_room(&self, fits: impl Fn(&Queued) -> bool) -> Result<(), Stop> {
         let deadline = tokio::time::Instant::now() + self.req.slow_grace;
-        while !self.queued.take(len) {
+        while !fits(&self.queued) {
             if tokio::time::Instant::now() >= deadline {
                 self.queued
                     .total
@@ -252,7 +258,6 @@ impl Watcher {
                 self.queued.slow.notify_one();
                 return Err(Stop::TooSlow);
             }
-            // Room is made by this client reading, or by any watcher for the shared bound.
             self.queued.waiting.store(true, Ordering::Release);
             tokio::select! {
                 _ = self.queued.drained.notified() => {}
@@ -260,16 +265,65 @@ impl Watcher {
             }
             self.queued.waiting.store(false, Ordering::Release);
         }
-        if self.tx.send(Bytes::from(line)).await.is_err() {
-            self.queued.give(len);
-            return Err(Stop::ClientGone);
+        Ok(())
+    }
+
+    /// Waits for room *before* anything is built: a watcher whose client does not read holds no
+    /// encoded event while it waits.
+    async fn before_encoding(&self) -> Result<(), Stop> {
+        self.wait_room(Queued::has_room).await
+    }
+
+    /// Queues `parts` as one event line.
+    async fn queue(&self, parts: &[Bytes]) -> Result<(), Stop> {
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        self.wait_room(|q| q.take(len)).await?;
+        let mut sent = 0;
+        for p in parts {
+            if self.tx.send(p.clone()).await.is_err() {
+                // What was not handed over goes back; what was is the stream's to give back.
+                self.queued.give(len - sent);
+                return Err(Stop::ClientGone);
+            }
+            sent += p.len();
         }
         Ok(())
     }
 
+    async fn send(&self, v: Value) -> Result<(), Stop> {
+        self.before_encoding().await?;
+        let mut line = serde_json::to_vec(&v).unwrap_or_default();
+        drop(v);
+        line.push(b'\n');
+        self.queue(&[Bytes::from(line)]).await
+    }
+
     async fn send_event(&mut self, kind: &str, obj: &Value) -> Result<(), Stop> {
+        self.before_encoding().await?;
         let object = self.present(obj);
         self.send(json!({"type": kind, "object": object})).await
+    }
+
+    /// A change from the store: its object is encoded once for every watcher presenting it in
+    /// the same version (a table watcher renders its own rows).
+    async fn send_change(&mut self, kind: &str, ev: &Event) -> Result<(), Stop> {
+        if self.req.table.is_some() {
+            return self.send_event(kind, &ev.object).await;
+        }
+        self.before_encoding().await?;
+        let encoded = match ev.encoded.get() {
+            Some((v, b)) if *v == self.req.version => b.clone(),
+            _ => {
+                let obj = ops::present(&self.req.rt, &self.req.version, (*ev.object).clone());
+                let b = Bytes::from(serde_json::to_vec(&obj).unwrap_or_default());
+                // The first version asked for is the one shared; others encode their own.
+                let _ = ev.encoded.set((self.req.version.clone(), b.clone()));
+                b
+            }
+        };
+        let head = Bytes::from(format!("{{\"type\":\"{kind}\",\"object\":"));
+        self.queue(&[head, encoded, Bytes::from_static(b"}\n")])
+            .await
     }
 
     async fn bookmark(&self, rev: i64, initial_end: bool) -> Result<(), Stop> {
@@ -310,7 +364,7 @@ impl Watcher {
             EventType::Deleted if before || now => "DELETED",
             _ => return Ok(()),
         };
-        self.send_event(kind, &ev.object.clone()).await
+        self.send_change(kind, ev).await
     }
 
     async fn replay(&mut self, after: i64) -> Result<i64, Stop> {
