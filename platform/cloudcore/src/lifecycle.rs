@@ -40,21 +40,63 @@ fn effect_name(e: TaintEffect) -> &'static str {
 }
 
 /// Revokes a node's certificates when its Node object is deleted (`kubectl delete node`), and
-/// closes its session: the machine comes back only by joining with a new token. Deletions
-/// made while the cloud core was down are not seen (revoke the token instead).
+/// closes its session: the machine comes back only by joining with a new token. Deletions made
+/// while no cloud core was watching are found on every (re)list: a node whose Node object was
+/// seen once (recorded in the hub's token store) and is missing from the full list is revoked
+/// the same way. A node that joined but has not registered its Node yet is left alone.
 pub async fn revoke_deleted_nodes(client: kube::Client, hub: std::sync::Arc<sedge_tunnel::Hub>) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
     let stream = watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff();
     futures::pin_mut!(stream);
+    // Names recorded as seen by this process (each is written once), and the list in progress.
+    let mut recorded = std::collections::HashSet::new();
+    let mut listing: Option<std::collections::HashSet<String>> = None;
     while let Some(ev) = stream.next().await {
         match ev {
             Ok(watcher::Event::Delete(n)) => {
                 if let Err(e) = hub.revoke_node(&n.name_any()).await {
                     tracing::error!(node = %n.name_any(), error = %e, "cannot revoke a deleted node's certificates");
                 }
+                recorded.remove(&n.name_any());
             }
-            Ok(_) => {}
+            Ok(watcher::Event::Init) => listing = Some(Default::default()),
+            Ok(watcher::Event::InitApply(n)) => {
+                if let Some(l) = listing.as_mut() {
+                    l.insert(n.name_any());
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                let present = listing.take().unwrap_or_default();
+                match hub.revoke_gone(present.clone()).await {
+                    Ok(gone) if !gone.is_empty() => {
+                        tracing::warn!(nodes = ?gone, "revoked nodes whose Node was deleted while no cloud core was watching");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot check for nodes deleted while the cloud core was down")
+                    }
+                }
+                let new: Vec<String> = present
+                    .into_iter()
+                    .filter(|n| !recorded.contains(n))
+                    .collect();
+                if let Err(e) = hub.nodes_seen(new.clone()).await {
+                    tracing::warn!(error = %e, "cannot record the nodes seen");
+                } else {
+                    recorded.extend(new);
+                }
+            }
+            Ok(watcher::Event::Apply(n)) => {
+                let name = n.name_any();
+                if !recorded.contains(&name) {
+                    if let Err(e) = hub.nodes_seen(vec![name.clone()]).await {
+                        tracing::warn!(error = %e, "cannot record a node as seen");
+                    } else {
+                        recorded.insert(name);
+                    }
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "node watch failed; retrying"),
         }
     }

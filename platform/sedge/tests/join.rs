@@ -146,3 +146,93 @@ async fn tokens_are_created_listed_used_and_revoked() {
     assert!(err.contains("not a lower-case DNS name"), "{err}");
     hub.shutdown().await;
 }
+
+/// A Node deleted while no cloud core is running: when one starts again, the node's certificates
+/// are revoked (as `kubectl delete node` does while it runs); a node that joined but has not
+/// registered its Node yet is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deleted_while_the_cloud_core_was_down_is_revoked_when_it_returns() {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, DeleteParams, PostParams};
+    use sedge_apiserver::{ApiServer, ApiServerConfig};
+    use sedge_cloudcore::{CloudCore, CloudCoreConfig};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = ApiServer::start(ApiServerConfig {
+        data_dir: dir.path().join("apiserver"),
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kc = kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let config = || {
+        let mut cc = CloudCoreConfig::default();
+        cc.hub.data_dir = dir.path().join("cloudhub");
+        cc.hub.pki_dir = dir.path().join("apiserver/pki");
+        cc.hub.listen = "127.0.0.1:0".into();
+        cc.hub.listen_quic = String::new();
+        cc
+    };
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let cloud = CloudCore::start(client.clone(), config(), Vec::new())
+        .await
+        .unwrap();
+    // Two nodes joined (their certificates recorded as a join records them); one registers.
+    for node in ["edge-1", "edge-2"] {
+        let (tok, info) = cloud
+            .hub
+            .tokens()
+            .create(Duration::from_secs(300), "t")
+            .unwrap();
+        cloud.hub.tokens().admit(&tok, node, false).unwrap();
+        cloud
+            .hub
+            .tokens()
+            .record_cert(format!("cert-{node}").as_bytes(), node, &info.id, i64::MAX)
+            .unwrap();
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "edge-1"}})).unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let tokens = cloud.hub.clone();
+    until("edge-1 to be recorded as seen", || {
+        tokens.tokens().gone(&Default::default()).unwrap() == vec!["edge-1".to_string()]
+    })
+    .await;
+    cloud.shutdown().await;
+
+    // Deleted while no cloud core runs.
+    nodes
+        .delete("edge-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let cloud = CloudCore::start(client.clone(), config(), Vec::new())
+        .await
+        .unwrap();
+    let hub = cloud.hub.clone();
+    until("edge-1's certificate to be revoked", || {
+        hub.tokens().is_revoked(b"cert-edge-1")
+    })
+    .await;
+    assert!(
+        !hub.tokens().is_revoked(b"cert-edge-2"),
+        "a node that never registered its Node is not taken for a deleted one"
+    );
+    cloud.shutdown().await;
+    server.shutdown().await;
+}

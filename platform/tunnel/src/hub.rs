@@ -326,6 +326,30 @@ impl Hub {
         Ok(n)
     }
 
+    /// Notes that these nodes' Node objects exist (see [`TokenStore::mark_seen`]).
+    pub async fn nodes_seen(&self, nodes: Vec<String>) -> Result<(), TunnelError> {
+        let tokens = self.inner.tokens.clone();
+        tokio::task::spawn_blocking(move || tokens.mark_seen(&nodes))
+            .await
+            .map_err(|e| TunnelError::Store(e.to_string()))?
+    }
+
+    /// Revokes the nodes whose Node object was seen once and is missing from `present` (the
+    /// complete list): deletions made while no cloud core was watching. Returns their names.
+    pub async fn revoke_gone(
+        &self,
+        present: std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, TunnelError> {
+        let tokens = self.inner.tokens.clone();
+        let gone = tokio::task::spawn_blocking(move || tokens.gone(&present))
+            .await
+            .map_err(|e| TunnelError::Store(e.to_string()))??;
+        for n in &gone {
+            self.revoke_node(n).await?;
+        }
+        Ok(gone)
+    }
+
     /// The TCP address (WebSocket and join).
     pub fn addr(&self) -> SocketAddr {
         self.addr

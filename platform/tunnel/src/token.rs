@@ -203,6 +203,15 @@ impl TokenStore {
                 db.execute_batch(ddl).map_err(db_err)?;
             }
         }
+        // Whether the node's Node object has been seen (so its absence later means a deletion).
+        let has_seen: bool = db
+            .prepare("SELECT 1 FROM pragma_table_info('certs') WHERE name = 'seen'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(db_err)?;
+        if !has_seen {
+            db.execute_batch("ALTER TABLE certs ADD COLUMN seen INTEGER NOT NULL DEFAULT 0")
+                .map_err(db_err)?;
+        }
         Ok(TokenStore {
             db: Mutex::new(db),
             secret,
@@ -351,6 +360,38 @@ impl TokenStore {
         Ok(n)
     }
 
+    /// Notes that the Node objects of `nodes` exist: from now on their absence is a deletion
+    /// (see [`TokenStore::gone`]).
+    pub fn mark_seen(&self, nodes: &[String]) -> Result<(), TunnelError> {
+        let db = self.db();
+        let mut st = db
+            .prepare_cached("UPDATE certs SET seen = 1 WHERE node = ?1 AND seen = 0")
+            .map_err(db_err)?;
+        for n in nodes {
+            st.execute(params![n]).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Nodes whose Node object was seen and is not in `present` (the full list of Nodes),
+    /// with certificates still valid: deleted while no one was watching.
+    pub fn gone(
+        &self,
+        present: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, TunnelError> {
+        let db = self.db();
+        let mut st = db
+            .prepare("SELECT DISTINCT node FROM certs WHERE seen = 1 AND revoked = 0")
+            .map_err(db_err)?;
+        let nodes = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(db_err)?
+            .filter_map(Result::ok)
+            .filter(|n| !present.contains(n))
+            .collect();
+        Ok(nodes)
+    }
+
     /// Records a certificate issued for `node` through `token` (for renewals: the token of
     /// the certificate renewed), so that revoking either revokes it.
     pub fn record_cert(
@@ -367,7 +408,9 @@ impl TokenStore {
             params![crate::session::unix_secs() - 86_400],
         );
         db.execute(
-            "INSERT OR REPLACE INTO certs (fingerprint, node, token, not_after) VALUES (?1, ?2, ?3, ?4)",
+            // A renewal keeps what is known of the node (its Node was seen).
+            "INSERT OR REPLACE INTO certs (fingerprint, node, token, not_after, seen) VALUES (?1, ?2, ?3, ?4,
+               COALESCE((SELECT MAX(seen) FROM certs WHERE node = ?2 AND revoked = 0), 0))",
             params![crate::tls::ca_hash(cert_der), node, token, not_after],
         )
         .map_err(db_err)?;
@@ -681,5 +724,35 @@ mod tests {
         drop(s);
         let s = store(dir.path());
         assert!(s.is_revoked(b"again"));
+    }
+
+    #[test]
+    fn nodes_seen_then_missing_are_gone_and_never_seen_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        for (cert, node) in [
+            (&b"a"[..], "seen-kept"),
+            (b"b", "seen-deleted"),
+            (b"c", "new"),
+        ] {
+            let (tok, info) = s.create(Duration::from_secs(3600), "").unwrap();
+            s.admit(&tok, node, false).unwrap();
+            s.record_cert(cert, node, &info.id, i64::MAX).unwrap();
+        }
+        s.mark_seen(&["seen-kept".into(), "seen-deleted".into()])
+            .unwrap();
+        // A renewal of a seen node is seen too (the old record may expire and go).
+        s.record_cert(b"b2", "seen-deleted", "t", i64::MAX).unwrap();
+        s.db()
+            .execute(
+                "DELETE FROM certs WHERE fingerprint = ?1",
+                params![crate::tls::ca_hash(b"b")],
+            )
+            .unwrap();
+        // The Node list after a restart: one seen node is missing; "new" has not registered yet.
+        let present: std::collections::HashSet<String> = ["seen-kept".to_string()].into();
+        assert_eq!(s.gone(&present).unwrap(), vec!["seen-deleted".to_string()]);
+        s.revoke_node("seen-deleted").unwrap();
+        assert!(s.gone(&present).unwrap().is_empty());
     }
 }
