@@ -483,9 +483,12 @@ async fn accept_loop(
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(limits.header_timeout);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), TowerToHyperService::new(svc));
+                    let abort = Arc::new(tokio::sync::Notify::new());
+                    let conn = crate::watch::CONN_ABORT.scope(abort.clone(), conn);
                     tokio::select! {
                         r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with an error") },
                         _ = stop.changed() => {}
+                        _ = abort.notified() => tracing::debug!(%peer, "connection dropped: its watch client does not read"),
                     }
                 });
             }

@@ -24,6 +24,13 @@ use crate::registry::ResourceType;
 use crate::store::{Event, EventType, StoreError};
 use crate::table::{self, IncludeObject};
 
+tokio::task_local! {
+    /// Set by the server around each connection it serves: notified, the connection is dropped.
+    /// An HTTP/1 watch whose client does not read uses it (its connection is stuck writing, so
+    /// the body's end is never polled); HTTP/2 streams are reset through the body instead.
+    pub static CONN_ABORT: Arc<tokio::sync::Notify>;
+}
+
 /// Everything a watch request asked for.
 #[derive(Debug, Clone)]
 pub struct WatchRequest {
@@ -80,6 +87,8 @@ struct Queued {
     drained: tokio::sync::Notify,
     /// The watcher is waiting for room (so `give` need not touch `drained` otherwise).
     waiting: AtomicBool,
+    /// Closed for not reading.
+    too_slow: AtomicBool,
 }
 
 impl WatchBudget {
@@ -159,8 +168,10 @@ pub fn start(
         slow: tokio::sync::Notify::new(),
         drained: tokio::sync::Notify::new(),
         waiting: Default::default(),
+        too_slow: Default::default(),
     });
     let q = queued.clone();
+    let conn_abort = CONN_ABORT.try_with(Arc::clone).ok();
     tokio::spawn(async move {
         let mut w = Watcher {
             core,
@@ -175,19 +186,34 @@ pub fn start(
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "watch ended with an error");
+            if matches!(e, Stop::TooSlow)
+                && let Some(a) = conn_abort
+            {
+                a.notify_one();
+            }
         }
         on_end();
     });
-    // The stream gives bytes back as the connection takes them, and ends (dropping what is
-    // queued) when the watcher is closed as too slow.
+    // The stream gives bytes back as the connection takes them. When the watcher is closed as
+    // too slow it ends with an error, so the connection itself is dropped (an HTTP/1 connection
+    // closed, an HTTP/2 stream reset) and everything queued on it is freed at once, instead of
+    // waiting on a client that does not read for the last chunk.
     let slow = queued.clone();
+    let ended_slow = queued.clone();
     let events = ReceiverStream::new(rx).map(move |b| {
         queued.give(b.len());
-        Ok::<_, std::convert::Infallible>(b)
+        Ok::<_, std::io::Error>(b)
     });
-    let body = Body::from_stream(futures::StreamExt::take_until(events, async move {
-        slow.slow.notified().await
-    }));
+    let events = futures::StreamExt::take_until(events, async move { slow.slow.notified().await });
+    let abort = futures::stream::once(async move {
+        ended_slow.too_slow.load(Ordering::Acquire).then(|| {
+            Err(std::io::Error::other(
+                "watch closed: the client is not reading",
+            ))
+        })
+    });
+    let abort = futures::StreamExt::filter_map(abort, std::future::ready);
+    let body = Body::from_stream(futures::StreamExt::chain(events, abort));
     Ok(stream_response(body))
 }
 
@@ -255,6 +281,7 @@ impl Watcher {
                     .closed_slow
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(resource = %self.req.rt.qualified(), "closing a watch whose client is not reading");
+                self.queued.too_slow.store(true, Ordering::Release);
                 self.queued.slow.notify_one();
                 return Err(Stop::TooSlow);
             }

@@ -610,6 +610,13 @@ async fn watchers_that_never_read_are_closed_and_their_memory_freed() {
     .await;
     assert!(budget.queued() <= WATCH_BYTES_TOTAL);
     assert!(budget.queued() < 3 * WATCH_BYTES_PER_WATCHER);
+    // Closed means closed: their streams are dropped and what they had queued is given back
+    // while the clients still hold them unread.
+    wait_for(10, "the slow watchers' queues to be freed", || {
+        let q = budget.queued();
+        async move { q == 0 }
+    })
+    .await;
     // A watcher that reads gets everything, 40 MB of initial events included. (Its own client:
     // over HTTP/2 the unread streams above hold their connection's flow-control window.)
     let reader: Api<ConfigMap> = Api::namespaced(t.client().await, "default");
