@@ -138,8 +138,17 @@ pub struct Admitted {
 impl Admission {
     /// At most `max` connections, counted into `stats`.
     pub fn new(max: usize, stats: Arc<Stats>) -> Self {
+        Self::with_slots(
+            Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            max,
+            stats,
+        )
+    }
+
+    /// Takes its slots from `slots` (of `max` permits), which other listeners may share.
+    pub fn with_slots(slots: Arc<tokio::sync::Semaphore>, max: usize, stats: Arc<Stats>) -> Self {
         Admission {
-            slots: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
+            slots,
             waiting: Arc::default(),
             stats,
             max,

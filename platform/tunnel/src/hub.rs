@@ -539,6 +539,12 @@ async fn accept_tcp(
     sem: Arc<Semaphore>,
 ) {
     let mut stop = inner.shutdown.subscribe();
+    let admission_stats = Arc::new(sedge_serve::Stats::default());
+    let admission = sedge_serve::Admission::with_slots(
+        sem,
+        inner.cfg.max_pending_handshakes,
+        admission_stats.clone(),
+    );
     loop {
         let (sock, remote) = tokio::select! {
             _ = stop.changed() => return,
@@ -552,16 +558,27 @@ async fn accept_tcp(
                 }
             },
         };
-        let Ok(permit) = sem.clone().try_acquire_owned() else {
+        // Past the cap on pending handshakes, a socket that has sent nothing yet gives its slot
+        // to the newcomer (idle sockets cannot lock nodes out); if all are handshaking, the
+        // newcomer is shed.
+        let evicted_before = admission_stats.evicted();
+        let Some(ticket) = admission.admit(remote) else {
             Counters::inc(&inner.counters.handshakes_shed);
             drop(sock);
             continue;
         };
+        if admission_stats.evicted() > evicted_before {
+            Counters::inc(&inner.counters.handshakes_evicted);
+        }
         let inner = inner.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _ = sock.set_nodelay(true);
             let hs = inner.cfg.handshake_timeout_ms;
+            let Some(permit) = ticket.first_byte(&sock, Duration::from_millis(hs)).await else {
+                Counters::inc(&inner.counters.handshake_failures);
+                return;
+            };
             let accept = async { acceptor.accept(sock).await.map_err(|e| e.to_string()) };
             let Some(tls) = handshake(&inner, remote, "TLS handshake", accept).await else {
                 return;

@@ -219,6 +219,8 @@ pub struct Counters {
     pub handshake_failures: std::sync::atomic::AtomicU64,
     /// Connections closed at once because too many were still handshaking (hub only).
     pub handshakes_shed: std::sync::atomic::AtomicU64,
+    /// Connections that had sent nothing, closed to make room for a new one at the cap (hub only).
+    pub handshakes_evicted: std::sync::atomic::AtomicU64,
     /// Offers refused because a node's queue was full (hub only).
     pub queue_full: std::sync::atomic::AtomicU64,
     /// Certificates issued (hub) or renewed (edge).
@@ -248,6 +250,7 @@ impl Counters {
             ("garbage_frames", self.garbage_frames.load(Relaxed)),
             ("handshake_failures", self.handshake_failures.load(Relaxed)),
             ("handshakes_shed", self.handshakes_shed.load(Relaxed)),
+            ("handshakes_evicted", self.handshakes_evicted.load(Relaxed)),
             ("queue_full", self.queue_full.load(Relaxed)),
             (
                 "certificates_issued",
