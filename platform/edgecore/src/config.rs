@@ -28,6 +28,12 @@ pub struct EdgeCoreConfig {
     /// The local API (MetaServer): get/list/watch of what this node holds, served from SQLite.
     /// Empty disables it.
     pub metaserver_listen: String,
+    /// Lets any local process read pods, config maps and this Node from the MetaServer without a
+    /// token (KubeEdge's MetaServer does; `kubectl --server http://...` on the node needs it, as
+    /// kubectl sends no token over plain HTTP). Off by default: only this node's pods (their
+    /// `SEDGE_POD_TOKEN`) and its administrator (`metaserver.token`) read anything. Secrets
+    /// always need a token. `sedge up` turns it on (one machine, its own user).
+    pub metaserver_anonymous_reads: bool,
     /// Labels the node registers with (besides `node-role.kubernetes.io/edge`).
     pub labels: BTreeMap<String, String>,
     /// The address reported as the node's and its pods' IP; empty: the address that routes to
@@ -89,6 +95,7 @@ impl Default for EdgeCoreConfig {
         EdgeCoreConfig {
             tunnel: EdgeConfig::default(),
             metaserver_listen: "127.0.0.1:10550".into(),
+            metaserver_anonymous_reads: false,
             labels: BTreeMap::new(),
             node_ip: String::new(),
             node_status_interval_ms: 60_000,

@@ -409,12 +409,17 @@ impl EdgeCore {
         let metaserver = if cfg.metaserver_listen.is_empty() {
             None
         } else {
-            let (addr, t) = metaserver::start(&cfg.metaserver_listen, store.clone(), pod_tokens)
-                .await
-                .map_err(|source| EdgeError::MetaServer {
-                    addr: cfg.metaserver_listen.clone(),
-                    source,
-                })?;
+            let (addr, t) = metaserver::start(
+                &cfg.metaserver_listen,
+                store.clone(),
+                pod_tokens,
+                cfg.metaserver_anonymous_reads,
+            )
+            .await
+            .map_err(|source| EdgeError::MetaServer {
+                addr: cfg.metaserver_listen.clone(),
+                source,
+            })?;
             tasks.push(t);
             Some(addr)
         };

@@ -5,9 +5,12 @@
 //! Served: `/version`, `/healthz`, `/api`, `/apis`, `/api/v1`, and for `pods`, `configmaps`,
 //! `secrets` (namespaced) and `nodes` (this node): list (all namespaces or one), get, and
 //! `?watch=true` (newline-delimited watch events, starting with the current objects).
-//! `labelSelector` with `key=value` terms is honoured. Read-only: writes get 405. Secrets need
-//! a token (see [`crate::podtoken`]): the node administrator's reads any, a pod's only those its
-//! spec references. Requests must be addressed to this server (`Host`).
+//! `labelSelector` with `key=value` terms is honoured. Read-only: writes get 405. Reads need a
+//! token (see [`crate::podtoken`]): the node administrator's (`metaserver.token`) or a pod's on
+//! this node (`SEDGE_POD_TOKEN`); with `metaserver_anonymous_reads` anyone local reads pods,
+//! config maps and the node. Secrets always need one: the administrator's reads any, a pod's only
+//! those its spec references. Discovery and health answer anyone. Requests must be addressed to
+//! this server (`Host`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,6 +30,7 @@ struct App {
     store: Arc<MetaStore>,
     addr: SocketAddr,
     tokens: Arc<crate::podtoken::PodTokens>,
+    anonymous_reads: bool,
 }
 
 const RESOURCES: &[(&str, &str, &str, bool)] = &[
@@ -41,6 +45,7 @@ pub async fn start(
     listen: &str,
     store: Arc<MetaStore>,
     tokens: Arc<crate::podtoken::PodTokens>,
+    anonymous_reads: bool,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let l = TcpListener::bind(listen).await?;
     let addr = l.local_addr()?;
@@ -48,6 +53,7 @@ pub async fn start(
         store,
         addr,
         tokens,
+        anonymous_reads,
     });
     let router = axum::Router::new().fallback(dispatch).with_state(app);
     let task = tokio::spawn(sedge_serve::serve(
@@ -57,6 +63,41 @@ pub async fn start(
         std::future::pending(),
     ));
     Ok((addr, task))
+}
+
+/// Who may read pods, config maps and the node: the node's administrator or a pod on this node
+/// (anyone local, with `metaserver_anonymous_reads`).
+fn read_access(app: &App, token: Option<&str>) -> Result<(), (StatusCode, &'static str, String)> {
+    if app.anonymous_reads {
+        return Ok(());
+    }
+    let Some(token) = token else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "reading from the MetaServer needs a token: a pod's SEDGE_POD_TOKEN, or the node's metaserver.token (Authorization: Bearer ...)".into(),
+        ));
+    };
+    if app.tokens.is_admin(token) || pod_of(app, token).is_some() {
+        return Ok(());
+    }
+    Err((
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+        "the token is not this node's administrator's nor any pod's on this node".into(),
+    ))
+}
+
+/// The pod on this node whose token this is.
+fn pod_of(app: &App, token: &str) -> Option<Value> {
+    app.store
+        .list(sedge_api::kind::POD, None)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| {
+            app.tokens
+                .verify(p["metadata"]["uid"].as_str().unwrap_or_default(), token)
+        })
 }
 
 /// Who may read Secrets: the node's administrator (`<data_dir>/metaserver.token`) any of them;
@@ -78,14 +119,7 @@ fn secret_access(
     if app.tokens.is_admin(token) {
         return Ok(());
     }
-    let pods = app
-        .store
-        .list(sedge_api::kind::POD, None)
-        .unwrap_or_default();
-    let Some(pod) = pods.iter().find(|p| {
-        app.tokens
-            .verify(p["metadata"]["uid"].as_str().unwrap_or_default(), token)
-    }) else {
+    let Some(pod) = pod_of(app, token) else {
         return Err((
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
@@ -241,9 +275,12 @@ async fn serve(
     params: &HashMap<String, String>,
 ) -> Response {
     let watch = matches!(params.get("watch").map(String::as_str), Some("true" | "1"));
-    if plural == "secrets"
-        && let Err((code, reason, message)) = secret_access(app, token, ns, name.filter(|_| !watch))
-    {
+    let access = if plural == "secrets" {
+        secret_access(app, token, ns, name.filter(|_| !watch))
+    } else {
+        read_access(app, token)
+    };
+    if let Err((code, reason, message)) = access {
         return status(code, reason, message);
     }
     let Some(&(_, kind, k, namespaced)) = RESOURCES.iter().find(|r| r.0 == plural) else {
@@ -405,7 +442,9 @@ mod tests {
                 .upsert("secret", "default", name, "1", &json!({"metadata": {"name": name, "namespace": "default"}, "data": {"p": "eA=="}}))
                 .unwrap();
         }
-        let (addr, task) = start("127.0.0.1:0", store, tokens.clone()).await.unwrap();
+        let (addr, task) = start("127.0.0.1:0", store.clone(), tokens.clone(), false)
+            .await
+            .unwrap();
         let host = addr.to_string();
         let app = tokens.token("u-app");
         let admin = std::fs::read_to_string(d.path().join("metaserver.token")).unwrap();
@@ -429,7 +468,7 @@ mod tests {
                 "{path}: {r}"
             );
         }
-        // The node's administrator reads them all; pods stay readable without a token.
+        // The node's administrator reads them all.
         let r = get(
             addr,
             "/api/v1/namespaces/default/secrets",
@@ -438,11 +477,43 @@ mod tests {
         )
         .await;
         assert!(r.starts_with("HTTP/1.1 200") && r.contains("other"), "{r}");
-        let r = get(addr, "/api/v1/pods", &host, None).await;
-        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        // Pods, config maps and the node: this node's pods and its administrator, no one else.
+        for path in [
+            "/api/v1/pods",
+            "/api/v1/namespaces/default/configmaps",
+            "/api/v1/nodes",
+        ] {
+            let r = get(addr, path, &host, None).await;
+            assert!(r.starts_with("HTTP/1.1 401"), "{path}: {r}");
+            let r = get(addr, path, &host, Some(&tokens.token("u-gone"))).await;
+            assert!(
+                r.starts_with("HTTP/1.1 401"),
+                "a pod not on this node: {path}: {r}"
+            );
+            for t in [app.as_str(), admin.trim()] {
+                let r = get(addr, path, &host, Some(t)).await;
+                assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
+            }
+        }
+        // Discovery and health answer anyone (kubectl asks before it lists).
+        for path in ["/version", "/api", "/api/v1", "/healthz"] {
+            let r = get(addr, path, &host, None).await;
+            assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
+        }
         // DNS rebinding: another name for this address gets nothing.
-        let r = get(addr, "/api/v1/pods", "evil.example", None).await;
+        let r = get(addr, "/api/v1/pods", "evil.example", Some(admin.trim())).await;
         assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+        task.abort();
+
+        // Anonymous reads, when the node is configured for them: no Secret still.
+        let (addr, task) = start("127.0.0.1:0", store, tokens.clone(), true)
+            .await
+            .unwrap();
+        let host = addr.to_string();
+        let r = get(addr, "/api/v1/pods", &host, None).await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.contains("u-app"), "{r}");
+        let r = get(addr, &secret("db"), &host, None).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
         task.abort();
     }
 }

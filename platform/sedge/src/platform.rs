@@ -393,6 +393,8 @@ impl Up {
             ec.tunnel.data_dir = dir.join(&node);
             ec.node_ip = "127.0.0.1".into();
             ec.host_path_allow.extend(a.host_path_allow.iter().cloned());
+            // One machine and its own user: `kubectl --server` on the MetaServer works.
+            ec.metaserver_anonymous_reads = true;
             ec.metaserver_listen = if a.metaserver_port == 0 {
                 "127.0.0.1:0".into()
             } else {

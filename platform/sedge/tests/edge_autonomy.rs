@@ -317,9 +317,11 @@ async fn edge_keeps_running_offline_and_converges_when_the_link_returns() {
         pids_with(&prefix, &mark_c).is_empty(),
         "c is not known offline"
     );
-    let listed: Value = reqwest_get(&format!(
-        "http://127.0.0.1:{ms_port}/api/v1/namespaces/default/pods"
-    ))
+    let admin = std::fs::read_to_string(edge_dir.join("metaserver.token")).unwrap();
+    let listed: Value = reqwest_get(
+        &format!("http://127.0.0.1:{ms_port}/api/v1/namespaces/default/pods"),
+        admin.trim(),
+    )
     .await;
     let names: Vec<&str> = listed["items"]
         .as_array()
@@ -336,9 +338,10 @@ async fn edge_keeps_running_offline_and_converges_when_the_link_returns() {
         let b_gone =
             pods.get_opt("b").await.ok()?.is_none() && pids_with(&prefix, &mark_b).is_empty();
         let c = pids_with(&prefix, &mark_c);
-        let cm: Value = reqwest_get(&format!(
-            "http://127.0.0.1:{ms_port}/api/v1/namespaces/default/configmaps/settings"
-        ))
+        let cm: Value = reqwest_get(
+            &format!("http://127.0.0.1:{ms_port}/api/v1/namespaces/default/configmaps/settings"),
+            admin.trim(),
+        )
         .await;
         (b_gone && c.len() == 1 && cm["data"]["V"] == "v2").then_some(())
     })
@@ -380,15 +383,18 @@ async fn edge_keeps_running_offline_and_converges_when_the_link_returns() {
     server.shutdown().await;
 }
 
-/// GET a JSON document over plain HTTP (the MetaServer), `Null` on any failure.
-async fn reqwest_get(url: &str) -> Value {
+/// GET a JSON document over plain HTTP (the MetaServer, as the node's administrator), `Null`
+/// on any failure.
+async fn reqwest_get(url: &str, token: &str) -> Value {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap());
     let Ok(mut s) = tokio::net::TcpStream::connect(host).await else {
         return Value::Null;
     };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
     if s.write_all(req.as_bytes()).await.is_err() {
         return Value::Null;
     }
