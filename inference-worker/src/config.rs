@@ -79,6 +79,24 @@ pub fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// Reads a boolean environment variable: `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any
+/// case); anything else is an error naming the variable and what it accepts.
+pub fn env_bool(name: &str) -> Result<Option<bool>, ConfigError> {
+    env(name).map(|v| parse_bool(name, &v)).transpose()
+}
+
+/// The value of the boolean variable `name` (see [`env_bool`]).
+pub fn parse_bool(name: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::Invalid {
+            origin: format!("environment variable {name}={v:?}"),
+            message: "not a boolean; use true or false (also 1/0, yes/no, on/off)".into(),
+        }),
+    }
+}
+
 /// Reads and parses an environment variable, naming it in the error.
 pub fn env_parse<T: std::str::FromStr>(name: &str) -> Result<Option<T>, ConfigError>
 where
@@ -122,10 +140,10 @@ pub fn apply_edge_env(c: &mut crate::edge::EdgeConfig) -> Result<(), ConfigError
     if let Some(v) = env_parse::<f64>("SEDGE_RATE")? {
         c.rate = Some(v);
     }
-    if let Some(v) = env("SEDGE_REPEAT") {
-        c.repeat = matches!(v.to_lowercase().as_str(), "1" | "true" | "yes");
+    if let Some(v) = env_bool("SEDGE_REPEAT")? {
+        c.repeat = v;
     }
-    if env(crate::hot_update::ENABLED_ENV).is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+    if env_bool(crate::hot_update::ENABLED_ENV)? == Some(true) {
         let path = env(crate::hot_update::CONFIG_ENV).ok_or_else(|| ConfigError::Invalid {
             origin: format!("environment variable {}", crate::hot_update::ENABLED_ENV),
             message: format!("is true but {} is not set", crate::hot_update::CONFIG_ENV),
@@ -230,5 +248,25 @@ mod tests {
         ));
         std::fs::write(&p, "").unwrap();
         assert_eq!(load::<EdgeConfig>(Some(&p)).unwrap(), EdgeConfig::default());
+    }
+
+    #[test]
+    fn booleans_in_the_environment_are_strict() {
+        let name = "SEDGE_REPEAT";
+        for (v, want) in [
+            ("true", true),
+            ("YES", true),
+            ("1", true),
+            ("off", false),
+            ("0", false),
+        ] {
+            assert_eq!(parse_bool(name, v).unwrap(), want, "{v}");
+        }
+        // Taken as false before: now an error naming the variable and what it accepts.
+        let e = parse_bool(name, "1000").unwrap_err().to_string();
+        assert!(
+            e.contains(name) && e.contains("\"1000\"") && e.contains("true or false"),
+            "{e}"
+        );
     }
 }

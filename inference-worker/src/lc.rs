@@ -33,22 +33,31 @@ pub struct LcReporter {
 pub const POD_TOKEN_ENV: &str = "SEDGE_POD_TOKEN";
 
 impl LcReporter {
-    /// From Sedna's environment; `None` unless `LC_SERVER` and `WORKER_NAME` are set.
-    pub fn from_env() -> Option<LcReporter> {
+    /// From Sedna's environment; `None` unless `LC_SERVER` and `WORKER_NAME` are set. An
+    /// `LC_PERIOD` that is not a positive number of seconds is an error naming it.
+    pub fn from_env() -> Result<Option<LcReporter>, crate::config::ConfigError> {
         let env = crate::config::env;
-        Some(LcReporter {
-            server: env("LC_SERVER")?.trim_end_matches('/').to_string(),
-            worker: env("WORKER_NAME")?,
+        let period = match crate::config::env_parse::<f64>("LC_PERIOD")? {
+            None => 30.0,
+            Some(p) if p > 0.0 && p.is_finite() => p,
+            Some(p) => {
+                return Err(crate::config::ConfigError::Invalid {
+                    origin: format!("environment variable LC_PERIOD={p}"),
+                    message: "must be a positive number of seconds".into(),
+                });
+            }
+        };
+        let (Some(server), Some(worker)) = (env("LC_SERVER"), env("WORKER_NAME")) else {
+            return Ok(None);
+        };
+        Ok(Some(LcReporter {
+            server: server.trim_end_matches('/').to_string(),
+            worker,
             namespace: env("NAMESPACE").unwrap_or_else(|| "default".into()),
             service: env("SERVICE_NAME").unwrap_or_default(),
-            period: Duration::from_secs_f64(
-                env("LC_PERIOD")
-                    .and_then(|p| p.parse::<f64>().ok())
-                    .filter(|p| *p > 0.0)
-                    .unwrap_or(30.0),
-            ),
+            period: Duration::from_secs_f64(period),
             token: env(POD_TOKEN_ENV),
-        })
+        }))
     }
 
     /// The owner a report names: the joint inference service (`SERVICE_NAME`), else the

@@ -56,6 +56,28 @@ pub mod kind {
 /// The label every edge node carries (KubeEdge's).
 pub const EDGE_LABEL: &str = "node-role.kubernetes.io/edge";
 
+/// The label every node registered through the channel carries, whatever its role (an edge node,
+/// or a node in the cloud running the agent to host cloud workers).
+pub const AGENT_LABEL: &str = "sedge.io/agent";
+
+/// The label naming a node's role (`edge` unless set, `cloud` for cloud nodes); shown as
+/// `node-role.kubernetes.io/<role>`, so `kubectl get nodes` lists it under ROLES.
+pub const ROLE_LABEL: &str = "sedge.io/role";
+
+/// Whether a node's labels say it is registered through the channel (managed by the hub).
+/// Nodes registered before [`AGENT_LABEL`] existed carry only [`EDGE_LABEL`].
+pub fn is_agent_node<'a>(mut labels: impl Iterator<Item = &'a String>) -> bool {
+    labels.any(|k| k == AGENT_LABEL || k == EDGE_LABEL)
+}
+
+/// The `node-role.kubernetes.io/...` label for a node whose role is `role` (`edge` when unset).
+pub fn role_label(role: Option<&str>) -> String {
+    format!(
+        "node-role.kubernetes.io/{}",
+        role.filter(|r| !r.is_empty()).unwrap_or("edge")
+    )
+}
+
 /// The namespace part of a cluster-scoped object's key.
 pub const CLUSTER_NS: &str = "null";
 
@@ -216,6 +238,22 @@ pub fn pod_references(spec: &serde_json::Value, kind: &str, name: &str) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_and_agent_nodes() {
+        assert_eq!(role_label(None), "node-role.kubernetes.io/edge");
+        assert_eq!(role_label(Some("")), "node-role.kubernetes.io/edge");
+        assert_eq!(role_label(Some("cloud")), "node-role.kubernetes.io/cloud");
+        let l = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert!(is_agent_node(
+            l(&[AGENT_LABEL, "node-role.kubernetes.io/cloud"]).iter()
+        ));
+        // Registered before the agent label existed.
+        assert!(is_agent_node(l(&[EDGE_LABEL]).iter()));
+        assert!(!is_agent_node(
+            l(&["node-role.kubernetes.io/control-plane"]).iter()
+        ));
+    }
 
     #[test]
     fn names_and_paths_from_a_pod_spec() {

@@ -278,7 +278,7 @@ impl Cache {
     pub fn is_edge(&self, node: &str) -> bool {
         self.nodes
             .get(&ObjectRef::new(node))
-            .is_some_and(|n| n.labels().contains_key(EDGE_LABEL))
+            .is_some_and(|n| sedge_api::is_agent_node(n.labels().keys()))
     }
 
     /// A pod from the cache.
@@ -381,7 +381,7 @@ pub async fn run_downstream(hub: Arc<Hub>, cache: Cache) {
                 .nodes
                 .state()
                 .iter()
-                .filter(|n| n.labels().contains_key(EDGE_LABEL))
+                .filter(|n| sedge_api::is_agent_node(n.labels().keys()))
                 .map(|n| n.name_any())
                 .collect();
         }
@@ -567,7 +567,15 @@ impl Upstream {
             .as_object()
             .cloned()
             .unwrap_or_default();
-        labels.insert(EDGE_LABEL.into(), json!(""));
+        // Whatever the node reported, it is an agent node; its role label is kept (`edge` when it
+        // reported none, as nodes from before roles did).
+        labels.insert(sedge_api::AGENT_LABEL.into(), json!(""));
+        if !labels
+            .keys()
+            .any(|k| k.starts_with("node-role.kubernetes.io/"))
+        {
+            labels.insert(EDGE_LABEL.into(), json!(""));
+        }
         labels.insert("kubernetes.io/hostname".into(), json!(node));
         labels.insert("kubernetes.io/os".into(), json!("linux"));
         match api.get_opt(node).await? {

@@ -13,7 +13,6 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
-use sedge_api::EDGE_LABEL;
 use serde_json::{Value, json};
 
 use crate::{Cache, TaintEffect};
@@ -121,7 +120,7 @@ async fn check(client: &kube::Client, cache: &Cache, s: &Settings) -> Result<(),
     let now = k8s_openapi::jiff::Timestamp::now();
     let api = Api::<Node>::all(client.clone());
     for node in cache.nodes.state() {
-        if !node.labels().contains_key(EDGE_LABEL) {
+        if !sedge_api::is_agent_node(node.labels().keys()) {
             continue;
         }
         let name = node.name_any();

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sedge_api::{EDGE_LABEL, Key, LeaseReport, LogRequest, group, kind};
+use sedge_api::{Key, LeaseReport, LogRequest, group, kind};
 use sedge_tunnel::{EdgeHub, EdgeOptions, Incoming, LinkEvent, Message, Policy, op};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -206,7 +206,9 @@ fn node_object(cfg: &EdgeCoreConfig, node: &str, ip: &str, runtime: &str) -> Val
         .iter()
         .map(|(k, v)| (k.clone(), json!(v)))
         .collect();
-    labels.insert(EDGE_LABEL.into(), json!(""));
+    let role = cfg.labels.get(sedge_api::ROLE_LABEL).map(String::as_str);
+    labels.insert(sedge_api::role_label(role), json!(""));
+    labels.insert(sedge_api::AGENT_LABEL.into(), json!(""));
     labels.insert("kubernetes.io/arch".into(), json!(arch));
     json!({
         "metadata": {"name": node, "labels": labels},

@@ -27,7 +27,9 @@ pub struct CloudArgs {
     #[arg(long)]
     print_default_config: bool,
     /// Kubeconfig of the cluster to run against (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
-    #[arg(long, env = "KUBECONFIG", conflicts_with = "embedded")]
+    /// Not read from $KUBECONFIG by the flag itself, so a shell that has it set can still run
+    /// `--embedded` (the variable is used only when neither is given).
+    #[arg(long, conflicts_with = "embedded")]
     kubeconfig: Option<PathBuf>,
     /// Also run the embedded API server (SQLite) in this process, with its data under --data-dir.
     #[arg(long)]
@@ -132,7 +134,7 @@ pub struct UpArgs {
 const API_SERVER_THREADS: usize = 2;
 
 /// The label `sedge up` puts on its cloud nodes.
-pub const ROLE_LABEL: &str = "sedge.io/role";
+pub const ROLE_LABEL: &str = sedge_api::ROLE_LABEL;
 
 fn load<T: Default + serde::Serialize + serde::de::DeserializeOwned>(
     file: Option<&Path>,

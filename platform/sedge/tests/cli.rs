@@ -100,7 +100,13 @@ fn infer_prints_predictions_and_accuracy() {
 #[test]
 fn bad_settings_fail_fast_with_the_reason() {
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 7] = [
+        (
+            &[("SEDGE_REPEAT", "1000")],
+            &[],
+            "SEDGE_REPEAT=\"1000\": not a boolean",
+        ),
+        (&[("LC_PERIOD", "soon")], &[], "LC_PERIOD=\"soon\""),
         (
             &[("HEM_NAME", "Entropy")],
             &[],
@@ -137,7 +143,21 @@ fn bad_settings_fail_fast_with_the_reason() {
         let (_, err) = text(&o);
         assert!(!o.status.success(), "{env:?} {flags:?} should fail");
         assert!(err.contains(expect), "{env:?}: got {err}");
+        // One line a user can read, not a backtrace (the environment sets RUST_BACKTRACE=1).
+        assert!(err.contains("error: "), "{err}");
+        assert!(
+            !err.contains("stack backtrace") && !err.contains("Stack backtrace"),
+            "{err}"
+        );
     }
+    // A shell with KUBECONFIG set can still run the embedded API server.
+    let o = sedge()
+        .args(["cloud", "--embedded", "--print-default-config"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("edge.yaml");
     std::fs::write(&cfg, "hem_nmae: IBT\n").unwrap();

@@ -146,6 +146,23 @@ fn joint_inference_through_kubectl() {
         "node/cloud-1",
         "--timeout=60s",
     ]);
+    // ROLES says which node is which: the cloud node is not an edge node.
+    let nodes = up.ok(&["get", "nodes"]);
+    let role_of = |name: &str| {
+        let line = nodes
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default();
+        line.split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        (role_of("cloud-1"), role_of("edge-1")),
+        ("cloud".to_string(), "edge".to_string()),
+        "{nodes}"
+    );
 
     // Models: the edge one by file://, the cloud one over http:// pinned by its SHA-256.
     let models = repo().join("models/fashion-mnist");
