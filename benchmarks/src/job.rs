@@ -203,6 +203,9 @@ pub struct LoadedJob {
     pub test_data: PathBuf,
     /// Each algorithm's name, file and content (module urls made absolute).
     pub algorithms: Vec<(String, PathBuf, Algorithm)>,
+    /// Algorithms that cannot run (a model file they name is missing), with the reason: the
+    /// others run, and these are listed in `failed.csv`.
+    pub broken: Vec<(String, String)>,
 }
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, top: &str) -> Result<T, BenchError> {
@@ -344,6 +347,7 @@ pub fn load(path: &Path) -> Result<LoadedJob, BenchError> {
     )?;
     let mut names = std::collections::BTreeSet::new();
     let mut algorithms = Vec::new();
+    let mut broken = Vec::new();
     for a in &job.test_object.algorithms {
         if !names.insert(a.name.clone()) {
             return Err(invalid(format!(
@@ -357,27 +361,12 @@ pub fn load(path: &Path) -> Result<LoadedJob, BenchError> {
             path,
         )?;
         let mut algo: Algorithm = read_yaml(&algo_path, "algorithm")?;
-        if let Some(u) = &algo.initial_model_url {
-            algo.initial_model_url = Some(
-                must_exist(resolve(&algo_path, u), "initial_model_url", &algo_path)?
-                    .display()
-                    .to_string(),
-            );
-        }
-        for m in &mut algo.modules {
-            if let Some(u) = &m.url {
-                m.url = Some(
-                    must_exist(
-                        resolve(&algo_path, u),
-                        &format!("module {:?} url", m.name),
-                        &algo_path,
-                    )?
-                    .display()
-                    .to_string(),
-                );
-            } else if m.kind == "basemodel" {
-                // Ianvs's initial_model_url is the base model when the module names none.
-                m.url.clone_from(&algo.initial_model_url);
+        // A model file that is not there breaks this algorithm only: the others still run.
+        match resolve_models(&mut algo, &algo_path) {
+            Ok(()) => {}
+            Err(e) => {
+                broken.push((a.name.clone(), e.to_string()));
+                continue;
             }
         }
         crate::paradigm::check(&algo).map_err(|message| BenchError::Invalid {
@@ -385,6 +374,11 @@ pub fn load(path: &Path) -> Result<LoadedJob, BenchError> {
             message,
         })?;
         algorithms.push((a.name.clone(), algo_path, algo));
+    }
+    if algorithms.is_empty()
+        && let Some((_, why)) = broken.first()
+    {
+        return Err(invalid(format!("no algorithm can run: {why}")));
     }
     let workspace = resolve(path, &job.workspace).join(&job.name);
     Ok(LoadedJob {
@@ -394,5 +388,34 @@ pub fn load(path: &Path) -> Result<LoadedJob, BenchError> {
         testenv,
         test_data,
         algorithms,
+        broken,
     })
+}
+
+/// Makes an algorithm's model paths absolute, each checked to exist.
+fn resolve_models(algo: &mut Algorithm, algo_path: &Path) -> Result<(), BenchError> {
+    if let Some(u) = &algo.initial_model_url {
+        algo.initial_model_url = Some(
+            must_exist(resolve(algo_path, u), "initial_model_url", algo_path)?
+                .display()
+                .to_string(),
+        );
+    }
+    for m in &mut algo.modules {
+        if let Some(u) = &m.url {
+            m.url = Some(
+                must_exist(
+                    resolve(algo_path, u),
+                    &format!("module {:?} url", m.name),
+                    algo_path,
+                )?
+                .display()
+                .to_string(),
+            );
+        } else if m.kind == "basemodel" {
+            // Ianvs's initial_model_url is the base model when the module names none.
+            m.url.clone_from(&algo.initial_model_url);
+        }
+    }
+    Ok(())
 }

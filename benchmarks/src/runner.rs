@@ -215,7 +215,21 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
             .await;
     bar.finish_and_clear();
     results.sort_by_key(|(i, _)| *i);
-    let results: Vec<CaseResult> = results.into_iter().map(|(_, r)| r).collect();
+    let mut results: Vec<CaseResult> = results.into_iter().map(|(_, r)| r).collect();
+    // Algorithms that could not be loaded: one failed row each, nothing run.
+    for (name, why) in &job.broken {
+        results.push(CaseResult {
+            case: TestCase {
+                id: format!("{name}-not-loaded"),
+                algorithm: name.clone(),
+                paradigm: String::new(),
+                modules: Default::default(),
+            },
+            metrics: Err(why.clone()),
+            time: utc_timestamp(SystemTime::now()),
+            dir: run_dir.join(name),
+        });
+    }
 
     let rank_dir = run_dir.join("rank");
     std::fs::create_dir_all(&rank_dir).map_err(|e| BenchError::Write {

@@ -678,6 +678,10 @@ async fn demo(a: DemoArgs) -> Result<()> {
 
 async fn bench(a: BenchArgs) -> Result<()> {
     let job = sedge_benchmarks::job::load(&a.file)?;
+    // Said before anything runs; the other algorithms' cases still run.
+    for (name, why) in &job.broken {
+        eprintln!("algorithm {name:?} cannot run and is skipped: {why}");
+    }
     let opts = sedge_benchmarks::runner::RunOptions {
         jobs: a.jobs,
         limit: a.limit,

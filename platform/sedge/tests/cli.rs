@@ -359,6 +359,41 @@ fn bench_runs_a_job_and_reports_bad_ones() {
             .exists()
     );
 
+    // One algorithm's model file is missing: said before anything runs, the others' cases run,
+    // and it is listed in failed.csv.
+    let cloud_algo = dir.path().join("algorithms/single-task-cloud.yaml");
+    let good = std::fs::read_to_string(&cloud_algo).unwrap();
+    std::fs::write(
+        &cloud_algo,
+        good.replace("cloud-cnn.onnx", "no-such-model.onnx"),
+    )
+    .unwrap();
+    let o = sedge()
+        .args(["bench", "--no-progress", "--limit", "20", "-f"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(
+        err.contains("algorithm \"single-task-cloud\" cannot run and is skipped")
+            && err.contains("no-such-model.onnx"),
+        "{err}"
+    );
+    assert!(
+        out.contains("joint-inference") && !out.contains("single-task-cloud"),
+        "{out}"
+    );
+    let failed = std::fs::read_to_string(
+        dir.path()
+            .join("workspace/fashion-mnist-sample/latest/rank/failed.csv"),
+    )
+    .unwrap();
+    assert!(
+        failed.contains("single-task-cloud") && failed.contains("no-such-model.onnx"),
+        "{failed}"
+    );
+    std::fs::write(&cloud_algo, good).unwrap();
+
     std::fs::write(
         &job,
         std::fs::read_to_string(&job).unwrap().replace(
