@@ -242,13 +242,6 @@ fn bad_job_files_name_the_file_and_the_problem() {
         (
             String::new(),
             String::new(),
-            JOINT.replace("edge-cnn.onnx", "nope.onnx"),
-            "algo.yaml",
-            "nope.onnx does not exist",
-        ),
-        (
-            String::new(),
-            String::new(),
             JOINT.replace("type: cloudmodel", "type: basemodel"),
             "algo.yaml",
             "module type \"basemodel\" does not belong to jointinference",
@@ -312,6 +305,17 @@ fn bad_job_files_name_the_file_and_the_problem() {
     }
     let err = job::load(&d.join("missing.yaml")).unwrap_err().to_string();
     assert!(err.contains("missing.yaml"), "{err}");
+    // A missing model file breaks only its algorithm: named, and the others load.
+    let path = write_job(d, "", "", &JOINT.replace("edge-cnn.onnx", "nope.onnx"));
+    let loaded = job::load(&path).unwrap();
+    assert_eq!(loaded.broken.len(), 1, "{:?}", loaded.broken);
+    let (name, why) = &loaded.broken[0];
+    assert!(
+        name == "a" && why.contains("algo.yaml") && why.contains("nope.onnx does not exist"),
+        "{why}"
+    );
+    assert!(loaded.algorithms.iter().all(|(n, _, _)| n != "a"));
+    assert!(!loaded.algorithms.is_empty());
 }
 
 #[test]
