@@ -75,6 +75,10 @@ pub struct ControllerConfig {
     pub big_model_port: u16,
     /// Local ports handed out to edge workers for their route to the cloud, `[first, last]`.
     pub route_ports: [u16; 2],
+    /// Where `sedge ai-controller` serves `/metrics` (reconciles and failures per controller),
+    /// `/healthz` and `/readyz`. Empty disables it. (`sedge up` serves these on the cloud
+    /// core's endpoint instead.)
+    pub metrics_listen: String,
 }
 
 impl Default for ControllerConfig {
@@ -85,6 +89,7 @@ impl Default for ControllerConfig {
             report_period_seconds: 5,
             big_model_port: 5000,
             route_ports: [39100, 39999],
+            metrics_listen: "127.0.0.1:10270".into(),
         }
     }
 }
@@ -209,6 +214,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
+            crate::metrics::JOINT_INFERENCE.count(&r);
             match r {
                 Ok((o, _)) => tracing::debug!(object = %o, "reconciled"),
                 Err(e) => tracing::debug!(error = %e, "reconcile failed"),

@@ -87,6 +87,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
+            crate::metrics::INCREMENTAL_LEARNING.count(&r);
             if let Err(e) = r {
                 tracing::debug!(error = %e, "incremental learning reconcile failed");
             }

@@ -28,5 +28,6 @@ pub mod edge;
 pub mod il;
 pub mod iljob;
 pub mod lc;
+pub mod metrics;
 pub mod trigger;
 pub mod wire;

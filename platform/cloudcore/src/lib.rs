@@ -76,6 +76,9 @@ pub struct CloudCoreConfig {
     pub scheduler: bool,
     /// How long `kubectl logs` waits for the node.
     pub log_timeout_ms: u64,
+    /// Where `sedge cloud` serves `/metrics` (the hub's counters, nodes connected and Ready,
+    /// objects queued), `/healthz` and `/readyz`. Empty disables it.
+    pub metrics_listen: String,
 }
 
 impl Default for CloudCoreConfig {
@@ -88,6 +91,7 @@ impl Default for CloudCoreConfig {
             workloads: true,
             scheduler: true,
             log_timeout_ms: 10_000,
+            metrics_listen: "127.0.0.1:10266".into(),
         }
     }
 }
@@ -136,6 +140,50 @@ pub struct CloudCore {
     pub cache: Cache,
     cfg: CloudCoreConfig,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl CloudCore {
+    /// The cloud core's metrics: the hub's, and its view of the agent nodes.
+    pub fn metrics(&self, e: &mut sedge_serve::Exposition) {
+        render_metrics(&self.hub, &self.cache, e);
+    }
+}
+
+/// [`CloudCore::metrics`], from the parts a `/metrics` handler can hold on to.
+pub fn render_metrics(hub: &Hub, cache: &Cache, e: &mut sedge_serve::Exposition) {
+    {
+        use kube::ResourceExt;
+        hub.metrics(e);
+        let nodes = cache.nodes.state();
+        let agents: Vec<_> = nodes
+            .iter()
+            .filter(|n| sedge_api::is_agent_node(n.labels().keys()))
+            .collect();
+        let ready = agents
+            .iter()
+            .filter(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .count();
+        e.gauge(
+            "cloudcore_agent_nodes",
+            "Nodes registered through the channel",
+            agents.len() as i64,
+        )
+        .gauge(
+            "cloudcore_agent_nodes_ready",
+            "Of those, Ready",
+            ready as i64,
+        )
+        .gauge(
+            "cloudcore_pods_cached",
+            "Pods in the cloud core's cache",
+            cache.pods.state().len() as i64,
+        );
+    }
 }
 
 impl std::fmt::Debug for CloudCore {

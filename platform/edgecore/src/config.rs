@@ -34,6 +34,9 @@ pub struct EdgeCoreConfig {
     /// `SEDGE_POD_TOKEN`) and its administrator (`metaserver.token`) read anything. Secrets
     /// always need a token. `sedge up` turns it on (one machine, its own user).
     pub metaserver_anonymous_reads: bool,
+    /// Where `/metrics` (channel counters, outbox depth, pods, container starts and restarts,
+    /// store writes), `/healthz` and `/readyz` are served. Empty disables it.
+    pub metrics_listen: String,
     /// Labels the node registers with (besides `node-role.kubernetes.io/edge`).
     pub labels: BTreeMap<String, String>,
     /// The address reported as the node's and its pods' IP; empty: the address that routes to
@@ -96,6 +99,7 @@ impl Default for EdgeCoreConfig {
             tunnel: EdgeConfig::default(),
             metaserver_listen: "127.0.0.1:10550".into(),
             metaserver_anonymous_reads: false,
+            metrics_listen: "127.0.0.1:10351".into(),
             labels: BTreeMap::new(),
             node_ip: String::new(),
             node_status_interval_ms: 60_000,

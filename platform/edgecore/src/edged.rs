@@ -52,6 +52,18 @@ struct Shared {
     facts: NodeFacts,
     settings: EdgedSettings,
     reports: Reports,
+    counters: EdgedCounters,
+}
+
+/// What edged has done, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct EdgedCounters {
+    /// Containers started (first starts and restarts).
+    pub container_starts: std::sync::atomic::AtomicU64,
+    /// Containers started again after they exited.
+    pub container_restarts: std::sync::atomic::AtomicU64,
+    /// Containers that could not be started (bad spec, missing image, runtime error).
+    pub start_failures: std::sync::atomic::AtomicU64,
 }
 
 struct Worker {
@@ -125,6 +137,7 @@ impl Edged {
                 facts,
                 settings,
                 reports,
+                counters: EdgedCounters::default(),
             }),
             workers: Mutex::new(HashMap::new()),
             cleaning: Arc::default(),
@@ -220,6 +233,34 @@ impl Edged {
                 });
             }
         }
+    }
+
+    /// The edged part of the agent's metrics: pods it runs, containers started and restarted.
+    pub fn metrics(&self, e: &mut sedge_serve::Exposition) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shared.counters;
+        let pods = self.workers.lock().unwrap_or_else(|p| p.into_inner()).len();
+        e.gauge("edged_pods", "Pods this node runs", pods as i64)
+            .counter(
+                "edged_container_starts",
+                "Containers started (first starts and restarts)",
+                c.container_starts.load(Relaxed),
+            )
+            .counter(
+                "edged_container_restarts",
+                "Containers started again after they exited",
+                c.container_restarts.load(Relaxed),
+            )
+            .counter(
+                "edged_container_start_failures",
+                "Containers that could not be started",
+                c.start_failures.load(Relaxed),
+            )
+            .counter(
+                "edge_store_writes",
+                "Objects stored or deleted in the node's SQLite store",
+                self.shared.store.writes(),
+            );
     }
 
     /// Stops every pod's containers (gracefully) and waits for it.
@@ -800,6 +841,7 @@ impl PodRun {
         let (env, working_dir) = match config {
             Ok(x) => x,
             Err(message) => {
+                self.start_failed();
                 self.wait_with(i, "CreateContainerConfigError", message);
                 return;
             }
@@ -829,9 +871,16 @@ impl PodRun {
         }
         match self.shared.runtime.start(&cs) {
             Ok(h) => {
+                let counters = &self.shared.counters;
+                counters
+                    .container_starts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let c = &mut self.ctrs[i];
                 if c.ever_started {
                     c.restarts += 1;
+                    counters
+                        .container_restarts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 c.ever_started = true;
                 c.handle = Some(h);
@@ -847,8 +896,18 @@ impl PodRun {
                 self.record(c);
                 self.event("Normal", "Started", &format!("Started container {name}"));
             }
-            Err(e) => self.wait_with(i, &e.reason, e.message),
+            Err(e) => {
+                self.start_failed();
+                self.wait_with(i, &e.reason, e.message)
+            }
         }
+    }
+
+    fn start_failed(&self) {
+        self.shared
+            .counters
+            .start_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The container cannot start yet: say why, and try again after the initial back-off.

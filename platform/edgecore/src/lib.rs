@@ -57,6 +57,14 @@ pub enum EdgeError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The metrics endpoint could not bind.
+    #[error("metrics endpoint on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// A setting is wrong.
     #[error("configuration: {0}")]
     Config(String),
@@ -146,6 +154,8 @@ pub struct EdgeCore {
     pub edged: Arc<Edged>,
     /// Where the MetaServer listens, when enabled.
     pub metaserver: Option<SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when enabled.
+    pub metrics: Option<SocketAddr>,
     node: String,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -425,12 +435,36 @@ impl EdgeCore {
             tasks.push(t);
             Some(addr)
         };
-        tracing::info!(%node, %ip, metaserver = ?metaserver, "edge agent running");
+        let metrics = if cfg.metrics_listen.is_empty() {
+            None
+        } else {
+            let (hub, edged) = (hub.clone(), edged.clone());
+            let render: sedge_serve::MetricsFn = Arc::new(move || {
+                let (hub, edged) = (hub.clone(), edged.clone());
+                Box::pin(async move {
+                    let mut e = sedge_serve::Exposition::new();
+                    hub.metrics(&mut e).await;
+                    edged.metrics(&mut e);
+                    e.encode()
+                })
+            });
+            // Up means able to work: pods run from the local store with or without the cloud.
+            let (addr, t) = sedge_serve::serve_ops(&cfg.metrics_listen, render, Arc::new(|| true))
+                .await
+                .map_err(|source| EdgeError::Metrics {
+                    addr: cfg.metrics_listen.clone(),
+                    source,
+                })?;
+            tasks.push(t);
+            Some(addr)
+        };
+        tracing::info!(%node, %ip, metaserver = ?metaserver, metrics = ?metrics, "edge agent running");
         Ok(EdgeCore {
             hub,
             store,
             edged,
             metaserver,
+            metrics,
             node,
             tasks,
         })

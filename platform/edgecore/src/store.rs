@@ -80,6 +80,7 @@ pub struct MetaStore {
     conn: Mutex<Connection>,
     path: String,
     changes: broadcast::Sender<Change>,
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for MetaStore {
@@ -118,7 +119,18 @@ impl MetaStore {
             conn: Mutex::new(conn),
             path: p,
             changes: broadcast::channel(4096).0,
+            writes: Default::default(),
         })
+    }
+
+    /// Objects stored or deleted since the store was opened (for `/metrics`).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn wrote(&self) {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -166,6 +178,7 @@ impl MetaStore {
         .map_err(self.err())?;
         let rev = bump(&tx).map_err(self.err())?;
         tx.commit().map_err(self.err())?;
+        self.wrote();
         drop(c);
         let _ = self.changes.send(Change {
             kind_of_change: if current.is_some() {
@@ -198,6 +211,7 @@ impl MetaStore {
         let rev = bump(&tx).map_err(self.err())?;
         tx.commit().map_err(self.err())?;
         drop(c);
+        self.wrote();
         let _ = self.changes.send(Change {
             kind_of_change: "DELETED",
             kind: kind.into(),

@@ -103,6 +103,10 @@ pub struct UpArgs {
     /// First MetaServer port (edge i gets port + i; 0 picks free ports).
     #[arg(long, default_value_t = 10550)]
     pub metaserver_port: u16,
+    /// `/metrics`, `/healthz`, `/readyz` of the cloud core and the AI controller on this port,
+    /// and of node agent i on port + 1 + i (0 picks free ports; all are in `up.json`).
+    #[arg(long, default_value_t = 10266)]
+    pub metrics_port: u16,
     /// Edge agent config file applied to every edge (node names and directories are set per edge).
     #[arg(long)]
     pub edge_config: Option<PathBuf>,
@@ -221,6 +225,11 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
     let core = CloudCore::start(client, cfg.clone(), cloud_modules())
         .await
         .context("cannot start the cloud core")?;
+    let (hub, cache) = (core.hub.clone(), core.cache.clone());
+    let ops = serve_metrics(&cfg.metrics_listen, move |e| {
+        sedge_cloudcore::render_metrics(&hub, &cache, e)
+    })
+    .await?;
     if let Some(s) = &server {
         attach_logs(s, &core, Duration::from_millis(cfg.log_timeout_ms));
         eprintln!(
@@ -238,11 +247,37 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
         core.hub.addr().port()
     );
     shutdown.await;
+    if let Some((_, t)) = ops {
+        t.abort();
+    }
     core.shutdown().await;
     if let Some(s) = server {
         s.shutdown().await;
     }
     Ok(())
+}
+
+/// Serves `/metrics` (rendered by `render` at each scrape), `/healthz` and `/readyz` on
+/// `listen`; none when `listen` is empty.
+async fn serve_metrics(
+    listen: &str,
+    render: impl Fn(&mut sedge_serve::Exposition) + Send + Sync + 'static,
+) -> Result<Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let render = Arc::new(render);
+    let f: sedge_serve::MetricsFn = Arc::new(move || {
+        let mut e = sedge_serve::Exposition::new();
+        render(&mut e);
+        let text = e.encode();
+        Box::pin(async move { text })
+    });
+    let (addr, t) = sedge_serve::serve_ops(listen, f, Arc::new(|| true))
+        .await
+        .with_context(|| format!("cannot serve /metrics on {listen}"))?;
+    eprintln!("metrics on http://{addr}/metrics");
+    Ok(Some((addr, t)))
 }
 
 fn edge_config(a: &EdgeAgentArgs) -> Result<EdgeCoreConfig> {
@@ -316,6 +351,7 @@ pub struct Up {
     /// The node agents: the edges, then the cloud nodes.
     pub edges: Vec<EdgeCore>,
     ai: Option<tokio::task::JoinHandle<()>>,
+    ops: Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 impl Up {
@@ -354,6 +390,19 @@ impl Up {
             .await
             .context("cannot start the cloud core")?;
         attach_logs(&server, &cloud, Duration::from_millis(cc.log_timeout_ms));
+        let port = |offset: usize| {
+            if a.metrics_port == 0 {
+                "127.0.0.1:0".to_string()
+            } else {
+                format!("127.0.0.1:{}", a.metrics_port as usize + offset)
+            }
+        };
+        let (hub, cache) = (cloud.hub.clone(), cloud.cache.clone());
+        let ops = serve_metrics(&port(0), move |e| {
+            sedge_cloudcore::render_metrics(&hub, &cache, e);
+            sedge_ai_controller::metrics::render(e);
+        })
+        .await?;
         let ai = if a.no_ai {
             None
         } else {
@@ -397,6 +446,7 @@ impl Up {
             ec.host_path_allow.extend(a.host_path_allow.iter().cloned());
             // One machine and its own user: `kubectl --server` on the MetaServer works.
             ec.metaserver_anonymous_reads = true;
+            ec.metrics_listen = port(1 + i);
             ec.metaserver_listen = if a.metaserver_port == 0 {
                 "127.0.0.1:0".into()
             } else {
@@ -421,7 +471,8 @@ impl Up {
             "kubeconfig": server.kubeconfig,
             "apiserver": server.url,
             "hub": cloud.hub.addr().to_string(),
-            "edges": edges.iter().map(|e| json!({"node": e.node(), "metaserver": e.metaserver.map(|a| format!("http://{a}"))})).collect::<Vec<_>>(),
+            "metrics": ops.as_ref().map(|(a, _)| format!("http://{a}/metrics")),
+            "edges": edges.iter().map(|e| json!({"node": e.node(), "metaserver": e.metaserver.map(|a| format!("http://{a}")), "metrics": e.metrics.map(|a| format!("http://{a}/metrics"))})).collect::<Vec<_>>(),
         });
         sedge_pki::write_file(
             &dir.join("up.json"),
@@ -433,6 +484,7 @@ impl Up {
             cloud,
             edges,
             ai,
+            ops,
         })
     }
 
@@ -441,6 +493,9 @@ impl Up {
         if let Some(t) = self.ai {
             t.abort();
             let _ = t.await;
+        }
+        if let Some((_, t)) = self.ops {
+            t.abort();
         }
         for e in self.edges {
             e.shutdown(true).await;
@@ -515,9 +570,14 @@ pub async fn ai_controller(
             .await
             .context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?,
     };
+    let ops = serve_metrics(&cfg.metrics_listen, sedge_ai_controller::metrics::render).await?;
     eprintln!(
         "AI controller running (sedna.io/v1alpha1: Dataset, Model, JointInferenceService, IncrementalLearningJob)"
     );
-    sedge_ai_controller::controller::run(client, cfg, shutdown).await?;
+    let r = sedge_ai_controller::controller::run(client, cfg, shutdown).await;
+    if let Some((_, t)) = ops {
+        t.abort();
+    }
+    r?;
     Ok(())
 }

@@ -207,7 +207,7 @@ async fn edge_keeps_running_offline_and_converges_when_the_link_returns() {
     std::fs::write(
         &cfg,
         format!(
-            "metaserver_listen: 127.0.0.1:{ms_port}\nnode_ip: 127.0.0.1\nsync_interval_ms: 200\nbackoff_initial_ms: 300\nlease_interval_ms: 500\n\
+            "metaserver_listen: 127.0.0.1:{ms_port}\nmetrics_listen: 127.0.0.1:0\nnode_ip: 127.0.0.1\nsync_interval_ms: 200\nbackoff_initial_ms: 300\nlease_interval_ms: 500\n\
              tunnel:\n  node_name: edge-1\n  cloud: {}\n  data_dir: {}\n  keepalive_interval_ms: 500\n  backoff_initial_ms: 100\n  backoff_max_ms: 300\n  ack_timeout_ms: 500\n",
             proxy.addr,
             edge_dir.display()

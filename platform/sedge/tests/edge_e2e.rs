@@ -186,6 +186,34 @@ fn deployment_on_an_edge_node_through_kubectl() {
         );
     }
 
+    // Every daemon has /metrics: the cloud core (with the AI controller's) and the edge agent.
+    let state = up.state().unwrap();
+    let cloud = http_get(state["metrics"].as_str().unwrap());
+    for want in [
+        "sedge_hub_nodes_connected 2",
+        "sedge_hub_sessions_opened_total",
+        "sedge_cloudcore_agent_nodes_ready 2",
+        "sedge_ai_jointinference_reconciles_total",
+        "# HELP sedge_hub_queued_objects",
+    ] {
+        assert!(cloud.contains(want), "{want} missing from\n{cloud}");
+    }
+    let edge = http_get(state["edges"][0]["metrics"].as_str().unwrap());
+    for want in [
+        "sedge_edge_connected 1",
+        "sedge_edge_outbox_depth",
+        "sedge_edged_container_starts_total",
+        "sedge_edge_store_writes_total",
+    ] {
+        assert!(edge.contains(want), "{want} missing from\n{edge}");
+    }
+    let pods: i64 = edge
+        .lines()
+        .find_map(|l| l.strip_prefix("sedge_edged_pods "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(pods >= 2, "the two web pods run on edge-1:\n{edge}");
+
     // Bad pods: clear reasons; the agent keeps running the good ones.
     up.apply(
         "
@@ -276,4 +304,23 @@ spec: {containers: [{name: c, image: busybox, command: [sleep, '1'], resources: 
         "--timeout=30s",
     ]);
     assert!(Path::new(&up.kubeconfig()).exists());
+}
+
+/// The body of `GET url` (plain HTTP).
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{url}: {out}");
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }

@@ -305,6 +305,111 @@ pub async fn serve_with_stats(
     while conns.join_next().await.is_some() {}
 }
 
+/// Metrics as a daemon reads them off its counters at scrape time: counters and gauges with
+/// their help text, in Prometheus' text format (through prometheus-client), under `sedge_`.
+#[derive(Default)]
+pub struct Exposition {
+    registry: prometheus_client::registry::Registry,
+}
+
+impl Exposition {
+    /// An empty exposition; names get the `sedge_` prefix.
+    pub fn new() -> Self {
+        Exposition {
+            registry: prometheus_client::registry::Registry::with_prefix("sedge"),
+        }
+    }
+
+    /// A counter (exported as `sedge_<name>_total`).
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) -> &mut Self {
+        self.registry.register(
+            name,
+            help,
+            prometheus_client::metrics::counter::ConstCounter::new(value),
+        );
+        self
+    }
+
+    /// A gauge.
+    pub fn gauge(&mut self, name: &str, help: &str, value: i64) -> &mut Self {
+        self.registry.register(
+            name,
+            help,
+            prometheus_client::metrics::gauge::ConstGauge::new(value),
+        );
+        self
+    }
+
+    /// The text to serve.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// How a daemon renders its metrics at scrape time.
+pub type MetricsFn =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// What a daemon's operations endpoint serves: `/metrics` from `metrics` (called per scrape),
+/// `/healthz` (the process answers), `/readyz` (`ready` says it can do its work).
+pub fn ops_router(metrics: MetricsFn, ready: Arc<dyn Fn() -> bool + Send + Sync>) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = metrics();
+                async move {
+                    let text = text.await;
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ok = ready();
+                async move {
+                    if ok {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        )
+}
+
+/// Serves [`ops_router`] on `listen` (bounded like every listener here) until the task is
+/// aborted; returns the bound address.
+pub async fn serve_ops(
+    listen: &str,
+    metrics: MetricsFn,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let l = TcpListener::bind(listen).await?;
+    let addr = l.local_addr()?;
+    let task = tokio::spawn(serve(
+        l,
+        ops_router(metrics, ready),
+        Limits {
+            max_connections: 64,
+            ..Limits::default()
+        },
+        std::future::pending(),
+    ));
+    Ok((addr, task))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,6 +577,50 @@ mod tests {
         );
         // And an ordinary request still works.
         assert!(get(addr).await.unwrap().ends_with("ok"));
+    }
+
+    #[tokio::test]
+    async fn the_ops_endpoint_serves_metrics_health_and_readiness() {
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = ready.clone();
+        let (addr, task) = serve_ops(
+            "127.0.0.1:0",
+            Arc::new(|| {
+                Box::pin(async {
+                    let mut e = Exposition::new();
+                    e.counter("widgets", "Widgets made", 3).gauge(
+                        "queue_depth",
+                        "Items waiting",
+                        7,
+                    );
+                    e.encode()
+                })
+            }),
+            Arc::new(move || r.load(Ordering::Relaxed)),
+        )
+        .await
+        .unwrap();
+        let m = get_path(addr, "/metrics").await;
+        assert!(m.contains("# HELP sedge_widgets Widgets made"), "{m}");
+        assert!(m.contains("sedge_widgets_total 3"), "{m}");
+        assert!(m.contains("sedge_queue_depth 7"), "{m}");
+        assert!(get_path(addr, "/healthz").await.ends_with("ok"));
+        assert!(get_path(addr, "/readyz").await.contains(" 503 "));
+        ready.store(true, Ordering::Relaxed);
+        assert!(get_path(addr, "/readyz").await.ends_with("ok"));
+        task.abort();
+    }
+
+    async fn get_path(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
     }
 
     #[tokio::test]

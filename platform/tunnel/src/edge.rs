@@ -426,6 +426,26 @@ impl EdgeHub {
         self.inner.requests.wait(&id, rx, timeout).await
     }
 
+    /// The edge side's metrics: its counters (`sedge_edge_*_total`), whether it is connected,
+    /// and the outbox's depth.
+    pub async fn metrics(&self, e: &mut sedge_serve::Exposition) {
+        for (name, help, v) in self.counters().described() {
+            e.counter(&format!("edge_{name}"), help, v);
+        }
+        e.gauge(
+            "edge_connected",
+            "1 while the session to the cloud is up",
+            i64::from(self.is_connected()),
+        );
+        if let Ok(n) = self.outbox_len().await {
+            e.gauge(
+                "edge_outbox_depth",
+                "Messages waiting in the durable outbox for the cloud",
+                n as i64,
+            );
+        }
+    }
+
     /// Messages in the outbox.
     pub async fn outbox_len(&self) -> Result<usize, TunnelError> {
         let ob = self.inner.outbox.clone();

@@ -397,6 +397,28 @@ impl Hub {
         v
     }
 
+    /// The hub's metrics: its counters (`sedge_hub_*_total`), nodes known and connected, and
+    /// objects waiting in the nodes' queues.
+    pub fn metrics(&self, e: &mut sedge_serve::Exposition) {
+        for (name, help, v) in self.inner.counters.described() {
+            e.counter(&format!("hub_{name}"), help, v);
+        }
+        let nodes = self.inner.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let connected = nodes.values().filter(|n| n.session().is_some()).count();
+        let queued: usize = nodes.values().map(|n| n.queue().len()).sum();
+        e.gauge("hub_nodes", "Nodes the hub knows", nodes.len() as i64)
+            .gauge(
+                "hub_nodes_connected",
+                "Nodes with a live session",
+                connected as i64,
+            )
+            .gauge(
+                "hub_queued_objects",
+                "Objects waiting for a node's acknowledgement, all nodes",
+                queued as i64,
+            );
+    }
+
     /// Whether `node` has a live session.
     pub fn is_connected(&self, node: &str) -> bool {
         self.inner

@@ -260,6 +260,37 @@ impl Counters {
         ]
     }
 
+    /// Each counter with its help text, for `/metrics`.
+    pub fn described(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.snapshot()
+            .into_iter()
+            .map(|(name, v)| {
+                let help = match name {
+                    "sessions_opened" => "Sessions opened",
+                    "sessions_closed" => "Sessions closed",
+                    "sessions_replaced" => "Sessions replaced by a newer one of the same node",
+                    "messages_sent" => "Messages sent",
+                    "messages_received" => "Messages received",
+                    "acks_received" => "Acknowledgements received",
+                    "retries" => "Messages sent again after no acknowledgement",
+                    "refused" => "Messages refused (not allowed for the sender)",
+                    "oversize_frames" => "Connections closed for an oversize frame",
+                    "garbage_frames" => "Connections closed for a frame that is not a message",
+                    "handshake_failures" => "TLS handshakes or hellos that failed or timed out",
+                    "handshakes_shed" => {
+                        "Connections closed at once with every handshake slot busy"
+                    }
+                    "handshakes_evicted" => "Silent connections closed to make room for a new one",
+                    "queue_full" => "Offers refused because a node's queue was full",
+                    "certificates_issued" => "Certificates issued or renewed",
+                    "joins_throttled" => "Certificate requests refused by the join rate limit",
+                    _ => "",
+                };
+                (name, help, v)
+            })
+            .collect()
+    }
+
     /// One counter by name (0 if unknown).
     pub fn get(&self, name: &str) -> u64 {
         self.snapshot()

@@ -85,6 +85,8 @@ pub fn up_with(extra: &[&str]) -> Up {
             "127.0.0.1:0",
             "--metaserver-port",
             "0",
+            "--metrics-port",
+            "0",
         ])
         .arg("--data-dir")
         .arg(dir.path().join("up"))
