@@ -4,7 +4,8 @@
 //!   local model's directory at `/home/data<dir>`) is found under `$SEDGE_ROOT`, the container's
 //!   root.
 //! - `file://<path>`: the same path.
-//! - `http://` or `https://`: downloaded with its `.json` description beside it into the cache
+//! - `http://` or `https://`: downloaded with its `.json` description beside it (when the server
+//!   has one; a 404 leaves the model to describe itself) into the cache
 //!   (`$SEDGE_MODEL_CACHE`, default `~/.cache/sedge/models`), keyed by the URL. The SHA-256 of the
 //!   model is recorded next to it; a cached copy whose content no longer matches is fetched again,
 //!   and with `MODEL_SHA256` set a download that does not match is refused. Downloads stream to
@@ -275,12 +276,24 @@ pub async fn resolve_capped(
         Some((stem, ext)) if !ext.contains('/') => format!("{stem}.json"),
         _ => format!("{url}.json"),
     };
+    // None there (404): the model describes itself (see `model::config_from_onnx`).
     let json_file = file.with_extension("json");
-    if let Err(e) = download(&client, &json_url, &json_file, MAX_DESCRIPTION_BYTES).await {
-        let _ = std::fs::remove_file(part_of(&file));
-        return Err(e);
-    }
+    let described = match download(&client, &json_url, &json_file, MAX_DESCRIPTION_BYTES).await {
+        Ok(_) => true,
+        Err(FetchError::Download { why, .. }) if why.starts_with("HTTP 404") => {
+            let _ = std::fs::remove_file(part_of(&json_file));
+            let _ = std::fs::remove_file(&json_file);
+            false
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(part_of(&file));
+            return Err(e);
+        }
+    };
     for path in [&json_file, &file] {
+        if path == &json_file && !described {
+            continue;
+        }
         std::fs::rename(part_of(path), path).map_err(|e| cache_err(path, e))?;
     }
     std::fs::write(&sum_file, &got).map_err(|e| cache_err(&sum_file, e))?;
@@ -307,16 +320,17 @@ mod tests {
                 let n = s.read(&mut buf).unwrap_or(0);
                 h.fetch_add(1, Ordering::SeqCst);
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let body: &[u8] = if req.starts_with("GET /m.onnx ") {
-                    model
-                } else if req.starts_with("GET /m.json ") {
-                    b"{}"
-                } else {
-                    let _ = s.write_all(
+                let body: &[u8] =
+                    if req.starts_with("GET /m.onnx ") || req.starts_with("GET /bare.onnx ") {
+                        model
+                    } else if req.starts_with("GET /m.json ") {
+                        b"{}"
+                    } else {
+                        let _ = s.write_all(
                         b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                     );
-                    continue;
-                };
+                        continue;
+                    };
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
@@ -362,6 +376,16 @@ mod tests {
         .await
         .unwrap_err();
         assert!(e.to_string().contains("404"), "{e}");
+        // A model served without a description: fetched alone (it describes itself).
+        let f = resolve_in(
+            &format!("http://127.0.0.1:{port}/bare.onnx"),
+            None,
+            other.path(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"model-bytes");
+        assert!(!f.with_extension("json").exists());
         let e = resolve_in("s3://b/m.onnx", None, other.path())
             .await
             .unwrap_err();
