@@ -51,3 +51,20 @@ pub enum BenchError {
         source: std::io::Error,
     },
 }
+
+/// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`; `self` for this one),
+/// 0 when it cannot be read.
+pub fn rss_kib(pid: Option<u32>) -> u64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -37,17 +37,6 @@ struct Args {
     sedge: PathBuf,
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -138,7 +127,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = rss_kib(agent.id());
+    let idle = sedge_benchmarks::rss_kib(Some(agent.id()));
 
     // Baseline: spawning the same process directly.
     let mut base = Vec::new();
@@ -175,7 +164,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let loaded = rss_kib(agent.id());
+    let loaded = sedge_benchmarks::rss_kib(Some(agent.id()));
 
     let (b50, b99) = (pct(&mut base.clone(), 0.5), pct(&mut base, 0.99));
     let (l50, l99) = (pct(&mut lat.clone(), 0.5), pct(&mut lat, 0.99));

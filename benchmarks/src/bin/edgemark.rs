@@ -67,17 +67,6 @@ struct Result1 {
     p99_ms: f64,
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.role.as_str() {
@@ -146,7 +135,7 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 async fn cloud(args: Args) -> Result<()> {
     let transport: Transport = args.transport.parse().map_err(anyhow::Error::msg)?;
     let dir = tempfile::tempdir()?;
-    let base_rss = rss_kib();
+    let base_rss = sedge_benchmarks::rss_kib(None);
     let cfg = HubConfig {
         data_dir: dir.path().join("hub"),
         pki_dir: dir.path().join("pki"),
@@ -218,7 +207,7 @@ async fn cloud(args: Args) -> Result<()> {
     let connect_secs = t0.elapsed().as_secs_f64();
     // Let the dust settle, then hold: every node must still be there one keepalive later.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss = rss_kib().saturating_sub(base_rss);
+    let rss = sedge_benchmarks::rss_kib(None).saturating_sub(base_rss);
     let held = hub.connected().len();
     // Throughput: `messages` reliable messages to every node, all acknowledged.
     let targets = hub.connected();

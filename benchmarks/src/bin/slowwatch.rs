@@ -39,17 +39,6 @@ struct Args {
 /// Users the watches are spread over (each may hold 1,000 watches).
 const USERS: usize = 4;
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The child: the API server, and a line `STAT <rss KiB> <queued bytes> <closed slow>` every
 /// 100 ms until stdin closes.
 async fn serve(dir: std::path::PathBuf) -> Result<()> {
@@ -79,7 +68,7 @@ async fn serve(dir: std::path::PathBuf) -> Result<()> {
     loop {
         println!(
             "STAT {} {} {}",
-            rss_kib(),
+            sedge_benchmarks::rss_kib(None),
             budget.queued(),
             budget
                 .closed_slow
