@@ -427,24 +427,10 @@ async fn accept_loop(
     let admission = sedge_serve::Admission::new(limits.max, Arc::default());
     loop {
         tokio::select! {
-            r = listener.accept() => {
-                let (tcp, peer) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Usually EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                // At the cap the oldest connection that has sent nothing makes room (idle
-                // sockets cannot lock clients out); with every slot busy the newest is closed, so
-                // the ones already served (nodes' controllers, kubectl) keep working.
-                let Some(ticket) = admission.admit(peer) else {
-                    drop(tcp);
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
+            // At the cap the oldest connection that has sent nothing makes room (idle sockets
+            // cannot lock clients out); with every slot busy the newest is closed, so the ones
+            // already served (nodes' controllers, kubectl) keep working.
+            (tcp, peer, ticket) = sedge_serve::accept(&listener, &admission) => {
                 let acceptor = acceptor.clone();
                 let app = app.clone();
                 let mut stop = shutdown.clone();

@@ -183,6 +183,30 @@ impl Admission {
     }
 }
 
+/// The next connection `admission` lets in. A failed accept (usually out of file descriptors)
+/// backs off 50 ms instead of spinning; a connection shed at the cap is closed here. Safe in
+/// `select!`: nothing is lost when it is dropped.
+pub async fn accept(
+    listener: &TcpListener,
+    admission: &Admission,
+) -> (tokio::net::TcpStream, std::net::SocketAddr, Ticket) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => match admission.admit(peer) {
+                Some(ticket) => {
+                    let _ = tcp.set_nodelay(true);
+                    return (tcp, peer, ticket);
+                }
+                None => drop(tcp),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 impl Ticket {
     /// Waits (within `deadline`) for the slot if it is being handed over, then for the peer's
     /// first byte, during which a newer connection may evict this one. `None`: close it (silent
@@ -259,21 +283,7 @@ pub async fn serve_with_stats(
     let mut shutdown = shutdown;
     loop {
         tokio::select! {
-            r = listener.accept() => {
-                let (tcp, peer) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Usually EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Some(ticket) = admission.admit(peer) else {
-                    drop(tcp);
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
+            (tcp, peer, ticket) = accept(&listener, &admission) => {
                 let builder = builder.clone();
                 let svc = TowerToHyperService::new(app.clone());
                 let mut stop = stop_rx.clone();
