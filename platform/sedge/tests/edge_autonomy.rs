@@ -4,13 +4,14 @@
 //! pod and creates another. When the link returns, the edge converges: nothing lost, nothing
 //! run twice. The cloud marks the node unreachable in between and evicts nothing.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use sedge_apiserver::{ApiServer, ApiServerConfig};
 use sedge_cloudcore::{CloudCore, CloudCoreConfig};
 use sedge_tunnel::fault::TcpFaultProxy;
 use serde_json::{Value, json};
@@ -155,20 +156,7 @@ async fn edge_keeps_running_offline_and_converges_when_the_link_returns() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("autonomy-{}-", std::process::id());
     let _reaper = Reaper(prefix.clone());
-    let server = ApiServer::start(ApiServerConfig {
-        data_dir: dir.path().join("apiserver"),
-        listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let kc = kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let (server, client) = common::apiserver(&dir.path().join("apiserver")).await;
     let mut cc = CloudCoreConfig::default();
     cc.hub.data_dir = dir.path().join("cloudhub");
     cc.hub.pki_dir = dir.path().join("apiserver/pki");

@@ -1,5 +1,7 @@
 //! `sedge token` and `sedge join` as users run them, against a real hub.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -154,25 +156,11 @@ async fn tokens_are_created_listed_used_and_revoked() {
 async fn a_node_deleted_while_the_cloud_core_was_down_is_revoked_when_it_returns() {
     use k8s_openapi::api::core::v1::Node;
     use kube::api::{Api, DeleteParams, PostParams};
-    use sedge_apiserver::{ApiServer, ApiServerConfig};
     use sedge_cloudcore::{CloudCore, CloudCoreConfig};
     use std::time::{Duration, Instant};
 
     let dir = tempfile::tempdir().unwrap();
-    let server = ApiServer::start(ApiServerConfig {
-        data_dir: dir.path().join("apiserver"),
-        listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let kc = kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let (server, client) = common::apiserver(&dir.path().join("apiserver")).await;
     let config = || {
         let mut cc = CloudCoreConfig::default();
         cc.hub.data_dir = dir.path().join("cloudhub");

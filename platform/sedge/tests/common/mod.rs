@@ -196,3 +196,22 @@ pub fn running_ready(p: &Value) -> bool {
                 .any(|c| c["type"] == "Ready" && c["status"] == "True")
         })
 }
+
+/// The embedded API server in this process, with its data under `dir`, and an admin client.
+pub async fn apiserver(dir: &std::path::Path) -> (sedge_apiserver::ApiServer, kube::Client) {
+    let server = sedge_apiserver::ApiServer::start(sedge_apiserver::ApiServerConfig {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kc = kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    (server, client)
+}
