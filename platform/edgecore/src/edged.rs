@@ -13,15 +13,16 @@ use std::time::{Duration, Instant};
 use sedge_api::{Key, LogRequest, PodStatusReport, group, kind};
 use sedge_tunnel::{Message, Policy, op};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::resolve::{self, NodeFacts};
 use crate::runtime::{Container, ContainerSpec, Exit, Runtime, Signal};
 use crate::store::{ContainerRecord, MetaStore};
 
-/// Reports on their way upstream (drained into the edge hub's durable outbox).
-pub type Reports = mpsc::UnboundedSender<(Message, Policy)>;
+/// Reports on their way upstream (drained into the edge hub's durable outbox; bounded, see
+/// [`crate::reports`]).
+pub type Reports = Arc<crate::reports::ReportQueue>;
 
 /// Edged's settings.
 #[derive(Debug, Clone)]
@@ -260,6 +261,16 @@ impl Edged {
                 "edge_store_writes",
                 "Objects stored or deleted in the node's SQLite store",
                 self.shared.store.writes(),
+            )
+            .gauge(
+                "edge_reports_waiting",
+                "Reports waiting to be written to the outbox",
+                self.shared.reports.len() as i64,
+            )
+            .counter(
+                "edge_reports_dropped",
+                "Reports dropped because the queue to the outbox was full",
+                self.shared.reports.dropped(),
             );
     }
 
@@ -493,7 +504,7 @@ async fn run_pod(
                     &key.to_string(),
                     serde_json::to_vec(&report).unwrap_or_default(),
                 );
-                let _ = shared.reports.send((msg, Policy::LatestWins));
+                shared.reports.send((msg, Policy::LatestWins));
                 finished_delete = true;
             }
             continue;
@@ -640,7 +651,7 @@ impl PodRun {
             &key.to_string(),
             serde_json::to_vec(&ev).unwrap_or_default(),
         );
-        let _ = self.shared.reports.send((msg, Policy::Append));
+        self.shared.reports.send((msg, Policy::Append));
     }
 
     /// A new version of the pod from the cloud: containers whose spec changed are replaced.
@@ -1094,6 +1105,6 @@ impl PodRun {
             &key.to_string(),
             serde_json::to_vec(&report).unwrap_or_default(),
         );
-        let _ = self.shared.reports.send((msg, Policy::LatestWins));
+        self.shared.reports.send((msg, Policy::LatestWins));
     }
 }

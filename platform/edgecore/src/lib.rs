@@ -19,6 +19,7 @@ pub mod metaserver;
 pub mod podcheck;
 pub mod podtoken;
 pub mod probe;
+pub mod reports;
 pub mod resolve;
 pub mod runtime;
 pub mod store;
@@ -33,7 +34,6 @@ use futures::future::BoxFuture;
 use sedge_api::{Key, LeaseReport, LogRequest, group, kind};
 use sedge_tunnel::{EdgeHub, EdgeOptions, Incoming, LinkEvent, Message, Policy, op};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use config::{EdgeCoreConfig, ImageEntry};
@@ -98,7 +98,7 @@ impl ModuleContext {
 
     /// Sends a report upstream through the durable outbox.
     pub fn send(&self, msg: Message, policy: Policy) {
-        let _ = self.reports.send((msg, policy));
+        self.reports.send((msg, policy));
     }
 
     fn hub(&self) -> Result<&Arc<EdgeHub>, sedge_tunnel::TunnelError> {
@@ -287,7 +287,7 @@ impl EdgeCore {
             Arc::new(podtoken::PodTokens::load_or_create(&data).map_err(|e| {
                 EdgeError::Config(format!("pod tokens in {}: {e}", data.display()))
             })?);
-        let (reports, mut report_rx) = mpsc::unbounded_channel::<(Message, Policy)>();
+        let reports: edged::Reports = Arc::default();
         let facts = resolve::NodeFacts {
             node: node.clone(),
             ip: ip.clone(),
@@ -344,9 +344,10 @@ impl EdgeCore {
         let _ = ctx.hub.set(hub.clone());
         let mut tasks = Vec::new();
         {
-            let hub = hub.clone();
+            let (hub, reports) = (hub.clone(), reports.clone());
             tasks.push(tokio::spawn(async move {
-                while let Some((msg, policy)) = report_rx.recv().await {
+                loop {
+                    let (msg, policy) = reports.recv().await;
                     if let Err(e) = hub.send(msg, policy).await {
                         tracing::warn!(error = %e, "report not queued");
                     }
@@ -373,7 +374,7 @@ impl EdgeCore {
                     tokio::time::interval(Duration::from_millis(cfg.lease_interval_ms.max(100)));
                 let send_node = |op_: &str, k: &str, body: Value| {
                     let key = Key::new(None, k, &node);
-                    let _ = reports.send((
+                    reports.send((
                         Message::new(group::CLOUD, op_, &key.to_string(), body.to_string()),
                         Policy::LatestWins,
                     ));
@@ -570,7 +571,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(MetaStore::open(&dir.path().join("meta.db")).unwrap());
         let pod_tokens = Arc::new(podtoken::PodTokens::load_or_create(dir.path()).unwrap());
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let tx: edged::Reports = Arc::default();
         let runtime = Arc::new(runtime::ProcessRuntime::new(
             EdgeCoreConfig::default().images,
             PathBuf::from("/bin/true"),
