@@ -114,16 +114,9 @@ fn pids_with(prefix: &str, mark: &str) -> Vec<u32> {
 async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
     limit: Duration,
-    mut f: impl FnMut() -> F,
+    f: impl FnMut() -> F,
 ) -> T {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sedge_testkit::wait::until_async(what, limit, Duration::from_millis(100), f).await
 }
 
 fn pod(name: &str, mark: &str, extra_env: Value) -> Pod {

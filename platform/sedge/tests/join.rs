@@ -157,7 +157,7 @@ async fn a_node_deleted_while_the_cloud_core_was_down_is_revoked_when_it_returns
     use k8s_openapi::api::core::v1::Node;
     use kube::api::{Api, DeleteParams, PostParams};
     use sedge_cloudcore::{CloudCore, CloudCoreConfig};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let dir = tempfile::tempdir().unwrap();
     let (server, client) = common::apiserver(&dir.path().join("apiserver")).await;
@@ -170,11 +170,13 @@ async fn a_node_deleted_while_the_cloud_core_was_down_is_revoked_when_it_returns
         cc
     };
     async fn until(what: &str, f: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !f() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        sedge_testkit::wait::until_async(
+            what,
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || std::future::ready(f().then_some(())),
+        )
+        .await
     }
     let cloud = CloudCore::start(client.clone(), config(), Vec::new())
         .await

@@ -5,5 +5,9 @@
 //! files). It is not a replacement for coverage-guided fuzzing (cargo-fuzz needs a nightly
 //! toolchain these machines do not have); it is the bounded corpus run the suite can afford on
 //! every change, and a failure prints the input that broke the decoder.
+//!
+//! [`wait`]: waiting for a condition with a deadline (blocking and async), which every crate's
+//! tests use.
 
 pub mod fuzz;
+pub mod wait;

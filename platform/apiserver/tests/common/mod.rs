@@ -136,15 +136,14 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sedge_testkit::wait::until_async(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(50),
+        || {
+            let c = cond();
+            async move { c.await.then_some(()) }
+        },
+    )
+    .await
 }

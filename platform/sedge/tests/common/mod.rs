@@ -177,15 +177,8 @@ pub fn tail(s: &str) -> String {
 }
 
 /// See the name.
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+pub fn wait_for<T>(what: &str, limit: Duration, f: impl FnMut() -> Option<T>) -> T {
+    sedge_testkit::wait::until(what, limit, Duration::from_millis(200), f)
 }
 
 /// See the name.

@@ -15,14 +15,13 @@ use sedge_tunnel::{
 
 /// Waits for `cond` with a deadline, checking every 20 ms.
 pub async fn wait_for<F: FnMut() -> bool>(what: &str, secs: u64, mut cond: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sedge_testkit::wait::until_async(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(20),
+        || std::future::ready(cond().then_some(())),
+    )
+    .await
 }
 
 /// Like [`wait_for`] with an async condition.
@@ -31,14 +30,16 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sedge_testkit::wait::until_async(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(20),
+        || {
+            let c = cond();
+            async move { c.await.then_some(()) }
+        },
+    )
+    .await
 }
 
 pub fn init_logs() {
