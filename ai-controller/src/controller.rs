@@ -35,6 +35,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
+use sedge_worker_contract::env;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -56,8 +57,8 @@ pub const ROUTE_PORT_ANNOTATION: &str = "sedge.io/route-port";
 pub const DIRECT_ADDRESS_ANNOTATION: &str = "sedge.io/big-model-address";
 /// Model annotation: the expected SHA-256 of the model file (checked by the worker).
 pub const MODEL_SHA256_ANNOTATION: &str = "sedge.io/model-sha256";
-/// Exit code of our workers when the model cannot be fetched or loaded.
-pub const EXIT_MODEL_UNAVAILABLE: i64 = 3;
+/// Exit code of our workers when the model cannot be fetched or loaded (the contract's).
+pub const EXIT_MODEL_UNAVAILABLE: i32 = sedge_worker_contract::exit::MODEL_UNAVAILABLE;
 
 const MANAGER: &str = "sedge-ai-controller";
 
@@ -344,7 +345,7 @@ async fn check(
         }
     }
     let hem = &ji.spec.edge_worker.hard_example_mining;
-    if let Err(e) = sedge_inference_worker::mining::HardExampleMining::from_env_strings(
+    if let Err(e) = sedge_worker_contract::mining::HardExampleMining::from_env_strings(
         &hem.name,
         &hem_parameters_json(&hem.parameters),
     ) {
@@ -528,30 +529,30 @@ fn common_env(
     let containers = containers(spec);
     set_env(
         containers,
-        "NAMESPACE",
+        env::NAMESPACE,
         json!(ji.namespace().unwrap_or_default()),
     );
-    set_env(containers, "SERVICE_NAME", json!(ji.name_any()));
+    set_env(containers, env::SERVICE_NAME, json!(ji.name_any()));
     set_env(
         containers,
-        "WORKER_NAME",
+        env::WORKER_NAME,
         json!({"fieldRef": {"fieldPath": "metadata.name"}}),
     );
-    set_env(containers, "MODEL_URL", json!(model_url));
+    set_env(containers, env::MODEL_URL, json!(model_url));
     if let Some(sum) = model.annotations().get(MODEL_SHA256_ANNOTATION) {
-        set_env(containers, "MODEL_SHA256", json!(sum));
+        set_env(containers, env::MODEL_SHA256, json!(sum));
     }
     set_env(
         containers,
-        "LC_SERVER",
+        env::LC_SERVER,
         json!(format!("http://127.0.0.1:{}", cfg.lc_port)),
     );
     set_env(
         containers,
-        "LC_PERIOD",
+        env::LC_PERIOD,
         json!(cfg.report_period_seconds.to_string()),
     );
-    set_env(containers, "DATA_PATH_PREFIX", json!("/home/data"));
+    set_env(containers, env::DATA_PATH_PREFIX, json!("/home/data"));
 }
 
 /// The route port of `ji`: its annotation, or a free one from the range (recorded on the service).
@@ -623,7 +624,7 @@ async fn apply_children(
         |spec, _meta| {
             set_env(
                 containers(spec),
-                "BIG_MODEL_BIND_PORT",
+                env::BIG_MODEL_BIND_PORT,
                 json!(port.to_string()),
             );
         },
@@ -647,14 +648,14 @@ async fn apply_children(
                 (None, None) => unreachable!("a route port without a direct address"),
             };
             let cs = containers(spec);
-            set_env(cs, "HEM_NAME", json!(hem.name));
+            set_env(cs, env::HEM_NAME, json!(hem.name));
             set_env(
                 cs,
-                "HEM_PARAMETERS",
+                env::HEM_PARAMETERS,
                 json!(hem_parameters_json(&hem.parameters)),
             );
-            set_env(cs, "BIG_MODEL_IP", json!(ip));
-            set_env(cs, "BIG_MODEL_PORT", json!(p));
+            set_env(cs, env::BIG_MODEL_IP, json!(ip));
+            set_env(cs, env::BIG_MODEL_PORT, json!(p));
             if let Some(lp) = route {
                 meta["annotations"][ROUTE_LISTEN_ANNOTATION] = json!(lp.to_string());
                 meta["annotations"][ROUTE_SERVICE_ANNOTATION] = json!(format!("{svc_name}:{port}"));
@@ -823,7 +824,7 @@ async fn observe(
         let line = last_log_line(&ctx.client, &ns, &pod)
             .await
             .unwrap_or_default();
-        let (reason, what) = if code == Some(EXIT_MODEL_UNAVAILABLE as i32) {
+        let (reason, what) = if code == Some(EXIT_MODEL_UNAVAILABLE) {
             ("ModelUnavailable", "cannot load its model")
         } else {
             ("WorkerCrashLooping", "keeps crashing")

@@ -31,6 +31,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
+use sedge_worker_contract::{env, hot_update};
 use serde_json::{Value, json};
 
 use crate::controller::{
@@ -271,7 +272,7 @@ async fn check(
         )));
     }
     let hem = &spec.deploy_spec.hard_example_mining;
-    if let Err(e) = sedge_inference_worker::mining::HardExampleMining::from_env_strings(
+    if let Err(e) = sedge_worker_contract::mining::HardExampleMining::from_env_strings(
         &hem.name,
         &hem_parameters_json(&hem.parameters),
     ) {
@@ -412,24 +413,28 @@ fn pod_spec(
         }
     }
     let cs = containers(&mut spec);
-    set_env(cs, "NAMESPACE", json!(job.namespace().unwrap_or_default()));
-    set_env(cs, "JOB_NAME", json!(name));
     set_env(
         cs,
-        "WORKER_NAME",
+        env::NAMESPACE,
+        json!(job.namespace().unwrap_or_default()),
+    );
+    set_env(cs, env::JOB_NAME, json!(name));
+    set_env(
+        cs,
+        env::WORKER_NAME,
         json!({"fieldRef": {"fieldPath": "metadata.name"}}),
     );
     set_env(
         cs,
-        "LC_SERVER",
+        env::LC_SERVER,
         json!(format!("http://127.0.0.1:{}", cfg.lc_port)),
     );
     set_env(
         cs,
-        "LC_PERIOD",
+        env::LC_PERIOD,
         json!(cfg.report_period_seconds.to_string()),
     );
-    set_env(cs, "ORIGINAL_DATASET_URL", json!(r.dataset));
+    set_env(cs, env::ORIGINAL_DATASET_URL, json!(r.dataset));
     (meta, spec)
 }
 
@@ -475,25 +480,25 @@ fn inference_deployment(
     let (meta, mut spec) = pod_spec(job, cfg, r, "inference", &job.spec.deploy_spec.template);
     let hem = &job.spec.deploy_spec.hard_example_mining;
     let cs = containers(&mut spec);
-    set_env(cs, "MODEL_URL", json!(r.deploy_model));
-    set_env(cs, "HEM_NAME", json!(hem.name));
+    set_env(cs, env::MODEL_URL, json!(r.deploy_model));
+    set_env(cs, env::HEM_NAME, json!(hem.name));
     set_env(
         cs,
-        "HEM_PARAMETERS",
+        env::HEM_PARAMETERS,
         json!(hem_parameters_json(&hem.parameters)),
     );
     // The worker appends each hard example, with the cloud's answer, to the Dataset's index.
-    set_env(cs, "HARD_EXAMPLES_INDEX", json!(r.dataset));
+    set_env(cs, env::HARD_EXAMPLES_INDEX, json!(r.dataset));
     if let Some(addr) = job.annotations().get(LABELLER_ANNOTATION) {
         let (ip, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "5000"));
-        set_env(cs, "BIG_MODEL_IP", json!(ip));
-        set_env(cs, "BIG_MODEL_PORT", json!(port));
+        set_env(cs, env::BIG_MODEL_IP, json!(ip));
+        set_env(cs, env::BIG_MODEL_PORT, json!(port));
     }
     if let Some(config) = hot_config(job) {
-        set_env(cs, "MODEL_HOT_UPDATE", json!("true"));
+        set_env(cs, hot_update::ENABLED_ENV, json!("true"));
         set_env(
             cs,
-            "MODEL_POLL_PERIOD_SECONDS",
+            hot_update::PERIOD_ENV,
             json!(
                 job.spec
                     .deploy_spec
@@ -503,7 +508,7 @@ fn inference_deployment(
                     .to_string()
             ),
         );
-        set_env(cs, "MODEL_HOT_UPDATE_CONFIG", json!(config));
+        set_env(cs, hot_update::CONFIG_ENV, json!(config));
     }
     // The state ConfigMap rides with the worker, so the node holds it (offline too).
     let vols = spec["volumes"]
@@ -565,13 +570,13 @@ fn stage_pod(
     let cs = containers(&mut spec);
     match stage {
         Stage::Train => {
-            set_env(cs, "BASE_MODEL_URL", json!(field("baseModelUrl")?));
-            set_env(cs, "MODEL_URL", json!(field("outputUrl")?));
-            set_env(cs, "TRAIN_DATASET_URL", json!(field("trainDatasetUrl")?));
+            set_env(cs, env::BASE_MODEL_URL, json!(field("baseModelUrl")?));
+            set_env(cs, env::MODEL_URL, json!(field("outputUrl")?));
+            set_env(cs, env::TRAIN_DATASET_URL, json!(field("trainDatasetUrl")?));
         }
         _ => {
-            set_env(cs, "MODEL_URLS", json!(field("modelUrls")?));
-            set_env(cs, "TEST_DATASET_URL", json!(field("testDatasetUrl")?));
+            set_env(cs, env::MODEL_URLS, json!(field("modelUrls")?));
+            set_env(cs, env::TEST_DATASET_URL, json!(field("testDatasetUrl")?));
         }
     }
     if spec["restartPolicy"].as_str().is_none_or(str::is_empty) {

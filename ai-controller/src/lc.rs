@@ -646,7 +646,7 @@ impl Runner {
                     }
                     _ => {
                         let now = chrono::Utc::now().to_rfc3339();
-                        if let Err(e) = sedge_inference_worker::hot_update::write_config(
+                        if let Err(e) = sedge_worker_contract::hot_update::write_config(
                             Path::new(&st.hot_update_config),
                             Path::new(&trained),
                             &now,

@@ -31,3 +31,14 @@ pub mod lc;
 pub mod metrics;
 pub mod trigger;
 pub mod wire;
+
+#[cfg(test)]
+mod contract_tests {
+    #[test]
+    fn the_pod_token_variable_is_the_platforms() {
+        assert_eq!(
+            sedge_worker_contract::env::POD_TOKEN,
+            sedge_edgecore::podtoken::ENV
+        );
+    }
+}

@@ -114,24 +114,24 @@ where
 
 /// Applies Sedna's edge-worker variables to an edge config.
 pub fn apply_edge_env(c: &mut crate::edge::EdgeConfig) -> Result<(), ConfigError> {
-    if let Some(v) = env("MODEL_URL") {
+    if let Some(v) = env(sedge_worker_contract::env::MODEL_URL) {
         c.model = v.into();
     }
-    if let Some(v) = env("HEM_NAME") {
+    if let Some(v) = env(sedge_worker_contract::env::HEM_NAME) {
         c.hem_name = v;
     }
-    if let Ok(v) = std::env::var("HEM_PARAMETERS") {
+    if let Ok(v) = std::env::var(sedge_worker_contract::env::HEM_PARAMETERS) {
         c.hem_parameters = v;
     }
     // Sedge's: where hard examples go (a directory, or a Dataset's `.txt` index), as an
     // IncrementalLearningJob's inference worker is told.
-    if let Some(v) = env("HARD_EXAMPLES_INDEX") {
+    if let Some(v) = env(sedge_worker_contract::env::HARD_EXAMPLES_INDEX) {
         c.hard_examples_dir = Some(v.into());
     }
     if let Some(v) = env_parse::<usize>("SEDGE_HARD_EXAMPLES_PENDING_MAX")? {
         c.hard_examples_pending_max = v;
     }
-    if let Some(v) = env_parse("MINING_MODE")? {
+    if let Some(v) = env_parse(sedge_worker_contract::env::MINING_MODE)? {
         c.mining_mode = v;
     }
     if let Some(v) = env_parse("BACKEND")? {
@@ -159,10 +159,13 @@ pub fn apply_edge_env(c: &mut crate::edge::EdgeConfig) -> Result<(), ConfigError
         }
         c.hot_update_period_seconds = v;
     }
-    if let Some(v) = env("BIG_MODEL_NAME") {
+    if let Some(v) = env(sedge_worker_contract::env::BIG_MODEL_NAME) {
         c.offload.model = v;
     }
-    match (env("BIG_MODEL_IP"), env_parse::<u16>("BIG_MODEL_PORT")?) {
+    match (
+        env(sedge_worker_contract::env::BIG_MODEL_IP),
+        env_parse::<u16>(sedge_worker_contract::env::BIG_MODEL_PORT)?,
+    ) {
         (Some(ip), port) => c.offload.address = Some(format!("{ip}:{}", port.unwrap_or(5000))),
         (None, Some(port)) => {
             return Err(ConfigError::Invalid {
@@ -202,16 +205,17 @@ impl Default for CloudConfig {
 
 /// Applies Sedna's cloud-worker variables to a cloud config.
 pub fn apply_cloud_env(c: &mut CloudConfig) -> Result<(), ConfigError> {
-    if let Some(v) = env("MODEL_URL") {
+    if let Some(v) = env(sedge_worker_contract::env::MODEL_URL) {
         c.model = v.into();
     }
     if let Some(v) = env_parse("BACKEND")? {
         c.backend.kind = v;
     }
-    if let Some(ip) = env_parse::<std::net::IpAddr>("BIG_MODEL_BIND_IP")? {
+    if let Some(ip) = env_parse::<std::net::IpAddr>(sedge_worker_contract::env::BIG_MODEL_BIND_IP)?
+    {
         c.listen.set_ip(ip);
     }
-    if let Some(port) = env_parse::<u16>("BIG_MODEL_BIND_PORT")? {
+    if let Some(port) = env_parse::<u16>(sedge_worker_contract::env::BIG_MODEL_BIND_PORT)? {
         c.listen.set_port(port);
     }
     Ok(())

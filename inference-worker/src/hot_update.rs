@@ -19,31 +19,14 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
 use crate::backend::{self, BackendOptions};
 use crate::model::Model;
 use crate::pipeline::EdgePipeline;
 
-/// `MODEL_HOT_UPDATE`: `true` turns polling on.
-pub const ENABLED_ENV: &str = "MODEL_HOT_UPDATE";
-/// `MODEL_POLL_PERIOD_SECONDS`.
-pub const PERIOD_ENV: &str = "MODEL_POLL_PERIOD_SECONDS";
-/// `MODEL_HOT_UPDATE_CONFIG`: the path of `model_config.json`.
-pub const CONFIG_ENV: &str = "MODEL_HOT_UPDATE_CONFIG";
-/// The largest config file read (it is a few hundred bytes; anything bigger is refused).
-pub const MAX_CONFIG_BYTES: u64 = 64 * 1024;
-
-#[derive(Debug, Deserialize)]
-struct File {
-    model_config: Entry,
-}
-
-#[derive(Debug, Deserialize)]
-struct Entry {
-    model_path: String,
-    model_update_time: String,
-}
+pub use sedge_worker_contract::hot_update::{
+    CONFIG_ENV, ENABLED_ENV, MAX_CONFIG_BYTES, PERIOD_ENV, write_config,
+};
+use sedge_worker_contract::hot_update::{Entry, File};
 
 /// What one poll did.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,16 +151,4 @@ impl HotUpdater {
             Err(e) => refuse(e),
         }
     }
-}
-
-/// Writes `model_config.json` the way Sedna's local controller does (to a temporary name, then
-/// renamed, so the worker never reads half a file).
-pub fn write_config(config: &Path, model_path: &Path, update_time: &str) -> std::io::Result<()> {
-    let body = serde_json::json!({
-        "model_config": {
-            "model_path": model_path.display().to_string(),
-            "model_update_time": update_time,
-        }
-    });
-    sedge_datasets::export::write_atomic(config, &serde_json::to_vec_pretty(&body).expect("json"))
 }

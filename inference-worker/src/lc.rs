@@ -30,14 +30,14 @@ pub struct LcReporter {
 }
 
 /// The variable the edge agent puts a pod's token in (`sedge_edgecore::podtoken::ENV`).
-pub const POD_TOKEN_ENV: &str = "SEDGE_POD_TOKEN";
+pub const POD_TOKEN_ENV: &str = sedge_worker_contract::env::POD_TOKEN;
 
 impl LcReporter {
     /// From Sedna's environment; `None` unless `LC_SERVER` and `WORKER_NAME` are set. An
     /// `LC_PERIOD` that is not a positive number of seconds is an error naming it.
     pub fn from_env() -> Result<Option<LcReporter>, crate::config::ConfigError> {
         let env = crate::config::env;
-        let period = match crate::config::env_parse::<f64>("LC_PERIOD")? {
+        let period = match crate::config::env_parse::<f64>(sedge_worker_contract::env::LC_PERIOD)? {
             None => 30.0,
             Some(p) if p > 0.0 && p.is_finite() => p,
             Some(p) => {
@@ -47,14 +47,18 @@ impl LcReporter {
                 });
             }
         };
-        let (Some(server), Some(worker)) = (env("LC_SERVER"), env("WORKER_NAME")) else {
+        let (Some(server), Some(worker)) = (
+            env(sedge_worker_contract::env::LC_SERVER),
+            env(sedge_worker_contract::env::WORKER_NAME),
+        ) else {
             return Ok(None);
         };
         Ok(Some(LcReporter {
             server: server.trim_end_matches('/').to_string(),
             worker,
-            namespace: env("NAMESPACE").unwrap_or_else(|| "default".into()),
-            service: env("SERVICE_NAME").unwrap_or_default(),
+            namespace: env(sedge_worker_contract::env::NAMESPACE)
+                .unwrap_or_else(|| "default".into()),
+            service: env(sedge_worker_contract::env::SERVICE_NAME).unwrap_or_default(),
             period: Duration::from_secs_f64(period),
             token: env(POD_TOKEN_ENV),
         }))
@@ -63,7 +67,7 @@ impl LcReporter {
     /// The owner a report names: the joint inference service (`SERVICE_NAME`), else the
     /// incremental learning job (`JOB_NAME`).
     fn owner(&self) -> (String, &'static str) {
-        match crate::config::env("JOB_NAME") {
+        match crate::config::env(sedge_worker_contract::env::JOB_NAME) {
             Some(job) if self.service.is_empty() => (job, "incrementallearningjob"),
             _ => (self.service.clone(), "jointinferenceservice"),
         }

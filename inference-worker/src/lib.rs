@@ -27,7 +27,7 @@ pub mod hard_examples;
 pub mod hot_update;
 pub mod lc;
 pub mod metrics;
-pub mod mining;
+pub use sedge_worker_contract::mining;
 pub mod model;
 pub mod oip;
 pub mod pipeline;

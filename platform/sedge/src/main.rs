@@ -373,7 +373,7 @@ async fn shutdown_signal() {
 /// The model named by `MODEL_URL` (path, file://, http(s)://) as a local file; a worker that
 /// cannot get or load its model exits with code 3 so that the controller can say so.
 async fn model_file(url: &std::path::Path) -> PathBuf {
-    let sum = config::env("MODEL_SHA256");
+    let sum = config::env(sedge_worker_contract::env::MODEL_SHA256);
     match sedge_inference_worker::fetch::resolve(&url.to_string_lossy(), sum.as_deref()).await {
         Ok(p) => p,
         Err(e) => model_unavailable(&e),
@@ -382,7 +382,7 @@ async fn model_file(url: &std::path::Path) -> PathBuf {
 
 fn model_unavailable(e: &dyn std::fmt::Display) -> ! {
     eprintln!("error: model unavailable: {e}");
-    std::process::exit(3)
+    std::process::exit(sedge_worker_contract::exit::MODEL_UNAVAILABLE)
 }
 
 fn print_summary(s: &EdgeSummary) -> Result<()> {
