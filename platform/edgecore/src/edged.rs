@@ -151,7 +151,20 @@ impl Edged {
         let mut changes = self.shared.store.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            self.reconcile();
+            // The store is SQLite: read it on the blocking pool, not on the runtime's threads.
+            let store = self.shared.store.clone();
+            match tokio::task::spawn_blocking(move || {
+                Ok::<_, String>((
+                    store.list(kind::POD, None).map_err(|e| e.to_string())?,
+                    store.recorded_pods().unwrap_or_default(),
+                ))
+            })
+            .await
+            {
+                Ok(Ok((pods, recorded))) => self.reconcile(pods, recorded),
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot read pods from the local store"),
+                Err(e) => tracing::error!(error = %e, "reading the local store failed"),
+            }
             tokio::select! {
                 r = changes.recv() => {
                     if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r { return; }
@@ -161,16 +174,10 @@ impl Edged {
         }
     }
 
-    /// Starts workers for new pods, passes updates on, stops workers of pods that are gone,
-    /// and cleans up pods that went away while the agent was down.
-    fn reconcile(&self) {
-        let pods = match self.shared.store.list(kind::POD, None) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read pods from the local store");
-                return;
-            }
-        };
+    /// Starts workers for new pods (`pods`: the store's), passes updates on, stops workers of
+    /// pods that are gone, and cleans up pods that went away while the agent was down
+    /// (`recorded`: pods with container records).
+    fn reconcile(&self, pods: Vec<Value>, recorded: Vec<String>) {
         let desired: HashMap<String, Value> = pods
             .into_iter()
             .filter(|p| p["spec"]["nodeName"].as_str() == Some(self.shared.facts.node.as_str()))
@@ -219,20 +226,18 @@ impl Edged {
             }
         }
         // Pods deleted while the agent was down: their processes may still run.
-        if let Ok(recorded) = self.shared.store.recorded_pods() {
-            for uid in recorded {
-                if desired.contains_key(&uid)
-                    || workers.contains_key(&uid)
-                    || !self.cleaning.lock().unwrap().insert(uid.clone())
-                {
-                    continue;
-                }
-                let (shared, cleaning) = (self.shared.clone(), self.cleaning.clone());
-                tokio::spawn(async move {
-                    cleanup_orphan(&shared, &uid).await;
-                    cleaning.lock().unwrap().remove(&uid);
-                });
+        for uid in recorded {
+            if desired.contains_key(&uid)
+                || workers.contains_key(&uid)
+                || !self.cleaning.lock().unwrap().insert(uid.clone())
+            {
+                continue;
             }
+            let (shared, cleaning) = (self.shared.clone(), self.cleaning.clone());
+            tokio::spawn(async move {
+                cleanup_orphan(&shared, &uid).await;
+                cleaning.lock().unwrap().remove(&uid);
+            });
         }
     }
 
