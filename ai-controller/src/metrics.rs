@@ -11,6 +11,14 @@ pub struct Reconciles {
 }
 
 impl Reconciles {
+    /// None counted yet (usable in a `static`).
+    pub const fn new() -> Self {
+        Reconciles {
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
     /// Counts one outcome.
     pub fn count<T, E>(&self, r: &Result<T, E>) {
         match r {
@@ -21,15 +29,9 @@ impl Reconciles {
 }
 
 /// JointInferenceService reconciles.
-pub static JOINT_INFERENCE: Reconciles = Reconciles {
-    ok: AtomicU64::new(0),
-    failed: AtomicU64::new(0),
-};
+pub static JOINT_INFERENCE: Reconciles = Reconciles::new();
 /// IncrementalLearningJob reconciles.
-pub static INCREMENTAL_LEARNING: Reconciles = Reconciles {
-    ok: AtomicU64::new(0),
-    failed: AtomicU64::new(0),
-};
+pub static INCREMENTAL_LEARNING: Reconciles = Reconciles::new();
 
 /// Adds the controller's counters to `e`.
 pub fn render(e: &mut sedge_serve::Exposition) {
@@ -56,7 +58,7 @@ mod tests {
 
     #[test]
     fn counts_show_up_under_their_names() {
-        let r = Reconciles::default();
+        let r = Reconciles::new();
         r.count::<(), ()>(&Ok(()));
         r.count::<(), ()>(&Err(()));
         r.count::<(), ()>(&Ok(()));

@@ -290,10 +290,12 @@ pub async fn resolve_capped(
             return Err(e);
         }
     };
-    for path in [&json_file, &file] {
-        if path == &json_file && !described {
-            continue;
-        }
+    let placed: &[&PathBuf] = if described {
+        &[&json_file, &file]
+    } else {
+        &[&file]
+    };
+    for path in placed {
         std::fs::rename(part_of(path), path).map_err(|e| cache_err(path, e))?;
     }
     std::fs::write(&sum_file, &got).map_err(|e| cache_err(&sum_file, e))?;

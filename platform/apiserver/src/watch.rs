@@ -319,6 +319,11 @@ impl Watcher {
 
     async fn send(&self, v: Value) -> Result<(), Stop> {
         self.before_encoding().await?;
+        self.encode_and_queue(v).await
+    }
+
+    /// Encodes `v` as one line and queues it (room was waited for before it was built).
+    async fn encode_and_queue(&self, v: Value) -> Result<(), Stop> {
         let mut line = serde_json::to_vec(&v).unwrap_or_default();
         drop(v);
         line.push(b'\n');
@@ -328,7 +333,8 @@ impl Watcher {
     async fn send_event(&mut self, kind: &str, obj: &Value) -> Result<(), Stop> {
         self.before_encoding().await?;
         let object = self.present(obj);
-        self.send(json!({"type": kind, "object": object})).await
+        self.encode_and_queue(json!({"type": kind, "object": object}))
+            .await
     }
 
     /// A change from the store: its object is encoded once for every watcher presenting it in

@@ -151,39 +151,37 @@ impl CloudCore {
 
 /// [`CloudCore::metrics`], from the parts a `/metrics` handler can hold on to.
 pub fn render_metrics(hub: &Hub, cache: &Cache, e: &mut sedge_serve::Exposition) {
-    {
-        use kube::ResourceExt;
-        hub.metrics(e);
-        let nodes = cache.nodes.state();
-        let agents: Vec<_> = nodes
-            .iter()
-            .filter(|n| sedge_api::is_agent_node(n.labels().keys()))
-            .collect();
-        let ready = agents
-            .iter()
-            .filter(|n| {
-                n.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
-            .count();
-        e.gauge(
-            "cloudcore_agent_nodes",
-            "Nodes registered through the channel",
-            agents.len() as i64,
-        )
-        .gauge(
-            "cloudcore_agent_nodes_ready",
-            "Of those, Ready",
-            ready as i64,
-        )
-        .gauge(
-            "cloudcore_pods_cached",
-            "Pods in the cloud core's cache",
-            cache.pods.state().len() as i64,
-        );
-    }
+    use kube::ResourceExt;
+    hub.metrics(e);
+    let nodes = cache.nodes.state();
+    let agents: Vec<_> = nodes
+        .iter()
+        .filter(|n| sedge_api::is_agent_node(n.labels().keys()))
+        .collect();
+    let ready = agents
+        .iter()
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    e.gauge(
+        "cloudcore_agent_nodes",
+        "Nodes registered through the channel",
+        agents.len() as i64,
+    )
+    .gauge(
+        "cloudcore_agent_nodes_ready",
+        "Of those, Ready",
+        ready as i64,
+    )
+    .gauge(
+        "cloudcore_pods_cached",
+        "Pods in the cloud core's cache",
+        cache.pods.state().len() as i64,
+    );
 }
 
 impl std::fmt::Debug for CloudCore {
