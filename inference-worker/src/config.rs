@@ -4,113 +4,12 @@
 //! environment layer is Sedna's worker contract, so Sedna-style pods configure our workers
 //! unchanged: `MODEL_URL`, `HEM_NAME`, `HEM_PARAMETERS`, `MINING_MODE`, `BIG_MODEL_IP`,
 //! `BIG_MODEL_PORT`, `BIG_MODEL_NAME` for the edge; `MODEL_URL`, `BIG_MODEL_BIND_IP`,
-//! `BIG_MODEL_BIND_PORT` for the cloud. Flags are applied by the binary on top.
-
-use std::path::Path;
+//! `BIG_MODEL_BIND_PORT` for the cloud, read on top of the generic layer of [`sedge_config`]
+//! (`SEDGE_EDGE_WORKER_...`, `SEDGE_CLOUD_WORKER_...`). Flags are applied by the binary on top.
 
 use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::Value;
 
-/// Why configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file or an environment variable holds a value of the wrong shape.
-    #[error("{origin}: {message}")]
-    Invalid {
-        /// The file or variable.
-        origin: String,
-        /// What was wrong.
-        message: String,
-    },
-}
-
-fn merge(base: &mut Value, over: Value) {
-    match (base, over) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(&k) {
-                    Some(slot) => merge(slot, v),
-                    None => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (slot, v) => *slot = v,
-    }
-}
-
-/// Defaults, then the file's fields on top.
-pub fn load<T: Default + Serialize + DeserializeOwned>(
-    file: Option<&Path>,
-) -> Result<T, ConfigError> {
-    let mut value = serde_json::to_value(T::default()).expect("defaults serialise");
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-        let over: Value = serde_yaml::from_str(&text).map_err(|e| ConfigError::Invalid {
-            origin: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        if !over.is_null() {
-            merge(&mut value, over);
-        }
-        return serde_json::from_value(value).map_err(|e| ConfigError::Invalid {
-            origin: path.display().to_string(),
-            message: e.to_string(),
-        });
-    }
-    Ok(serde_json::from_value(value).expect("defaults deserialise"))
-}
-
-/// Reads an environment variable, treating an empty value as unset.
-pub fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-/// Reads a boolean environment variable: `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any
-/// case); anything else is an error naming the variable and what it accepts.
-pub fn env_bool(name: &str) -> Result<Option<bool>, ConfigError> {
-    env(name).map(|v| parse_bool(name, &v)).transpose()
-}
-
-/// The value of the boolean variable `name` (see [`env_bool`]).
-pub fn parse_bool(name: &str, v: &str) -> Result<bool, ConfigError> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(ConfigError::Invalid {
-            origin: format!("environment variable {name}={v:?}"),
-            message: "not a boolean; use true or false (also 1/0, yes/no, on/off)".into(),
-        }),
-    }
-}
-
-/// Reads and parses an environment variable, naming it in the error.
-pub fn env_parse<T: std::str::FromStr>(name: &str) -> Result<Option<T>, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    env(name)
-        .map(|v| {
-            v.trim().parse::<T>().map_err(|e| ConfigError::Invalid {
-                origin: format!("environment variable {name}={v:?}"),
-                message: e.to_string(),
-            })
-        })
-        .transpose()
-}
+pub use sedge_config::{ConfigError, Loader, env, env_bool, env_parse, load, parse_bool};
 
 /// Applies Sedna's edge-worker variables to an edge config.
 pub fn apply_edge_env(c: &mut crate::edge::EdgeConfig) -> Result<(), ConfigError> {
@@ -252,25 +151,5 @@ mod tests {
         ));
         std::fs::write(&p, "").unwrap();
         assert_eq!(load::<EdgeConfig>(Some(&p)).unwrap(), EdgeConfig::default());
-    }
-
-    #[test]
-    fn booleans_in_the_environment_are_strict() {
-        let name = "SEDGE_REPEAT";
-        for (v, want) in [
-            ("true", true),
-            ("YES", true),
-            ("1", true),
-            ("off", false),
-            ("0", false),
-        ] {
-            assert_eq!(parse_bool(name, v).unwrap(), want, "{v}");
-        }
-        // Taken as false before: now an error naming the variable and what it accepts.
-        let e = parse_bool(name, "1000").unwrap_err().to_string();
-        assert!(
-            e.contains(name) && e.contains("\"1000\"") && e.contains("true or false"),
-            "{e}"
-        );
     }
 }

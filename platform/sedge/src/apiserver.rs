@@ -7,27 +7,32 @@ use anyhow::{Context, Result};
 use clap::Args;
 use sedge_apiserver::store::Durability;
 use sedge_apiserver::{ApiServer, ApiServerConfig};
+use serde::Serialize;
 
-/// Flags of `sedge apiserver` (each also readable from the environment).
-#[derive(Args)]
+/// Flags of `sedge apiserver`; each is named by the config field it sets (`SEDGE_APISERVER_<FIELD>`
+/// sets the same field from the environment).
+#[derive(Args, Serialize)]
 pub struct ApiserverArgs {
     /// Config file (YAML or JSON); layered as defaults < file < environment < flags.
     #[arg(long, short = 'c')]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// Print the default config and exit.
     #[arg(long)]
+    #[serde(skip)]
     print_default_config: bool,
     /// Directory for the database, PKI, tokens and kubeconfig.
-    #[arg(long, env = "SEDGE_APISERVER_DATA_DIR")]
+    #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Listen address, e.g. 127.0.0.1:6443 (port 0 picks a free one).
-    #[arg(long, env = "SEDGE_APISERVER_LISTEN")]
+    #[arg(long)]
     listen: Option<String>,
     /// Host written into the kubeconfig and the serving certificate.
-    #[arg(long, env = "SEDGE_APISERVER_ADVERTISE_ADDRESS")]
+    #[arg(long)]
     advertise_address: Option<String>,
     /// Extra DNS name or IP for the serving certificate (repeatable).
     #[arg(long = "tls-san")]
+    #[serde(rename = "extra_sans", skip_serializing_if = "Vec::is_empty")]
     tls_san: Vec<String>,
     /// Serving certificate (PEM) instead of one issued by the cluster CA.
     #[arg(long, requires = "tls_key_file")]
@@ -51,56 +56,26 @@ pub struct ApiserverArgs {
     #[arg(long)]
     history_events: Option<u64>,
     /// fsync every commit (full) or only at checkpoints (normal).
-    #[arg(long, value_parser = ["full", "normal"])]
-    durability: Option<String>,
+    #[arg(long, value_parser = parse_durability)]
+    durability: Option<Durability>,
     /// Seconds between watch bookmarks.
     #[arg(long)]
     bookmark_interval_seconds: Option<u64>,
 }
 
-/// Builds the config: defaults < file < environment/flags.
+fn parse_durability(v: &str) -> Result<Durability, String> {
+    match v {
+        "full" => Ok(Durability::Full),
+        "normal" => Ok(Durability::Normal),
+        _ => Err("use full or normal".into()),
+    }
+}
+
+/// Builds the config: defaults < file < environment (`SEDGE_APISERVER_...`) < flags.
 pub fn config(a: &ApiserverArgs) -> Result<ApiServerConfig> {
-    let mut c: ApiServerConfig = sedge_inference_worker::config::load(a.config.as_deref())?;
-    if let Some(v) = &a.data_dir {
-        c.data_dir = v.clone();
-    }
-    if let Some(v) = &a.listen {
-        c.listen = v.clone();
-    }
-    if let Some(v) = &a.advertise_address {
-        c.advertise_address = Some(v.clone());
-    }
-    c.extra_sans.extend(a.tls_san.iter().cloned());
-    if a.tls_cert_file.is_some() {
-        c.tls_cert_file = a.tls_cert_file.clone();
-        c.tls_key_file = a.tls_key_file.clone();
-    }
-    if let Some(v) = &a.client_ca_file {
-        c.client_ca_file = Some(v.clone());
-    }
-    if let Some(v) = &a.token_file {
-        c.token_file = Some(v.clone());
-    }
-    if let Some(v) = &a.kubeconfig {
-        c.kubeconfig = Some(v.clone());
-    }
-    if let Some(v) = a.max_request_bytes {
-        c.max_request_bytes = v;
-    }
-    if let Some(v) = a.history_events {
-        c.history_events = v;
-    }
-    if let Some(v) = &a.durability {
-        c.durability = if v == "normal" {
-            Durability::Normal
-        } else {
-            Durability::Full
-        };
-    }
-    if let Some(v) = a.bookmark_interval_seconds {
-        c.bookmark_interval_seconds = v;
-    }
-    Ok(c)
+    Ok(sedge_config::Loader::new("APISERVER")
+        .file(a.config.as_deref())
+        .load(a)?)
 }
 
 /// Runs until `shutdown` resolves.

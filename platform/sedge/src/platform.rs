@@ -14,69 +14,91 @@ use sedge_apiserver::ops::{PodLogRequest, PodLogSource};
 use sedge_apiserver::{ApiServer, ApiServerConfig};
 use sedge_cloudcore::CloudModule;
 use sedge_cloudcore::{CloudCore, CloudCoreConfig};
+use sedge_config::Loader;
 use sedge_edgecore::{EdgeCore, EdgeCoreConfig, EdgeModule};
+use serde::Serialize;
 use serde_json::json;
 
 /// Flags of `sedge cloud`.
-#[derive(Args)]
+#[derive(Args, Serialize)]
 pub struct CloudArgs {
-    /// Config file (YAML or JSON); layered as defaults < file < flags.
+    /// Config file (YAML or JSON); layered as defaults < file < environment < flags.
     #[arg(long, short = 'c')]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// Print the default config and exit.
     #[arg(long)]
+    #[serde(skip)]
     print_default_config: bool,
     /// Kubeconfig of the cluster to run against (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
     /// Not read from $KUBECONFIG by the flag itself, so a shell that has it set can still run
     /// `--embedded` (the variable is used only when neither is given).
     #[arg(long, conflicts_with = "embedded")]
+    #[serde(skip)]
     kubeconfig: Option<PathBuf>,
     /// Also run the embedded API server (SQLite) in this process, with its data under --data-dir.
     #[arg(long)]
+    #[serde(skip)]
     embedded: bool,
     /// Data directory for the embedded API server, the hub and the PKI.
     #[arg(long, env = "SEDGE_DATA_DIR", default_value = "sedge-data")]
+    #[serde(skip)]
     data_dir: PathBuf,
     /// The hub's TCP address (WebSocket and join).
     #[arg(long)]
+    #[serde(rename = "hub.listen")]
     listen: Option<String>,
     /// The hub's UDP address for QUIC (empty disables it).
     #[arg(long)]
+    #[serde(rename = "hub.listen_quic")]
     listen_quic: Option<String>,
     /// Names or IPs edges dial (put in the hub certificate; repeatable).
     #[arg(long = "advertise-address")]
+    #[serde(
+        rename = "hub.advertise_addresses",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     advertise: Vec<String>,
 }
 
 /// Flags of `sedge edge`.
-#[derive(Args)]
+#[derive(Args, Serialize)]
 pub struct EdgeAgentArgs {
-    /// Config file (YAML or JSON); layered as defaults < file < flags.
+    /// Config file (YAML or JSON); layered as defaults < file < environment < flags.
     #[arg(long, short = 'c')]
+    #[serde(skip)]
     config: Option<PathBuf>,
     /// Print the default config and exit.
     #[arg(long)]
+    #[serde(skip)]
     print_default_config: bool,
     /// Where the node keeps its credentials, store and pods.
     #[arg(long, env = "SEDGE_EDGE_DATA_DIR")]
+    #[serde(rename = "tunnel.data_dir")]
     data_dir: Option<PathBuf>,
     /// The cloud hub (host:port); needed to join, read from the config otherwise.
     #[arg(long, env = "SEDGE_CLOUD")]
+    #[serde(rename = "tunnel.cloud")]
     cloud: Option<String>,
     /// Join first with this token if the node has no credentials yet.
     #[arg(long, env = "SEDGE_JOIN_TOKEN")]
+    #[serde(skip)]
     token: Option<String>,
     /// This node's name (needed to join).
     #[arg(long, env = "SEDGE_NODE_NAME")]
+    #[serde(rename = "tunnel.node_name")]
     node_name: Option<String>,
     /// `websocket` or `quic`.
     #[arg(long)]
-    transport: Option<String>,
+    #[serde(rename = "tunnel.transport")]
+    transport: Option<sedge_tunnel::config::Transport>,
     /// The local MetaServer address (empty disables it).
     #[arg(long)]
+    #[serde(rename = "metaserver_listen")]
     metaserver: Option<String>,
     /// Address of the local-controller endpoint AI workers report to (`LC_SERVER`; empty disables it).
     #[arg(long, default_value = "127.0.0.1:9100")]
+    #[serde(skip)]
     lc_listen: String,
 }
 
@@ -140,10 +162,17 @@ const API_SERVER_THREADS: usize = 2;
 /// The label `sedge up` puts on its cloud nodes.
 pub const ROLE_LABEL: &str = sedge_api::ROLE_LABEL;
 
+/// The daemons' environment prefixes: `SEDGE_CLOUDCORE_...`, `SEDGE_EDGECORE_...`,
+/// `SEDGE_AI_CONTROLLER_...` (see `sedge_config`).
+const CLOUDCORE: &str = "CLOUDCORE";
+const EDGECORE: &str = "EDGECORE";
+const AI_CONTROLLER: &str = "AI_CONTROLLER";
+
 fn load<T: Default + serde::Serialize + serde::de::DeserializeOwned>(
+    daemon: &str,
     file: Option<&Path>,
 ) -> Result<T> {
-    Ok(sedge_inference_worker::config::load(file)?)
+    Ok(Loader::new(daemon).file(file).load(&())?)
 }
 
 /// A kube client from a kubeconfig file.
@@ -182,14 +211,7 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
         print!("{}", serde_yaml::to_string(&CloudCoreConfig::default())?);
         return Ok(());
     }
-    let mut cfg: CloudCoreConfig = load(a.config.as_deref())?;
-    if let Some(l) = a.listen {
-        cfg.hub.listen = l;
-    }
-    if let Some(l) = a.listen_quic {
-        cfg.hub.listen_quic = l;
-    }
-    cfg.hub.advertise_addresses.extend(a.advertise);
+    let mut cfg: CloudCoreConfig = Loader::new(CLOUDCORE).file(a.config.as_deref()).load(&a)?;
     let server = if a.embedded {
         cfg.hub.data_dir = a.data_dir.join("cloudhub");
         cfg.hub.pki_dir = a.data_dir.join("apiserver").join("pki");
@@ -280,26 +302,6 @@ async fn serve_metrics(
     Ok(Some((addr, t)))
 }
 
-fn edge_config(a: &EdgeAgentArgs) -> Result<EdgeCoreConfig> {
-    let mut c: EdgeCoreConfig = load(a.config.as_deref())?;
-    if let Some(d) = &a.data_dir {
-        c.tunnel.data_dir = d.clone();
-    }
-    if let Some(v) = &a.cloud {
-        c.tunnel.cloud = v.clone();
-    }
-    if let Some(v) = &a.node_name {
-        c.tunnel.node_name = v.clone();
-    }
-    if let Some(v) = &a.transport {
-        c.tunnel.transport = v.parse().map_err(anyhow::Error::msg)?;
-    }
-    if let Some(v) = &a.metaserver {
-        c.metaserver_listen = v.clone();
-    }
-    Ok(c)
-}
-
 /// Runs `sedge edge` until `shutdown` resolves. Pods keep running when it stops (as with a
 /// kubelet restart) and are adopted by the next start.
 pub async fn edge(a: EdgeAgentArgs, shutdown: impl Future<Output = ()>) -> Result<()> {
@@ -307,7 +309,7 @@ pub async fn edge(a: EdgeAgentArgs, shutdown: impl Future<Output = ()>) -> Resul
         print!("{}", serde_yaml::to_string(&EdgeCoreConfig::default())?);
         return Ok(());
     }
-    let cfg = edge_config(&a)?;
+    let cfg: EdgeCoreConfig = Loader::new(EDGECORE).file(a.config.as_deref()).load(&a)?;
     let joined = sedge_tunnel::edge::Identity::load(&cfg.tunnel.data_dir).is_ok();
     if !joined {
         let Some(token) = &a.token else {
@@ -370,7 +372,7 @@ impl Up {
         )
         .await
         .context("cannot start the API server")?;
-        let mut cc: CloudCoreConfig = load(a.cloud_config.as_deref())?;
+        let mut cc: CloudCoreConfig = load(CLOUDCORE, a.cloud_config.as_deref())?;
         cc.hub.data_dir = dir.join("cloudhub");
         cc.hub.pki_dir = dir.join("apiserver").join("pki");
         cc.hub.listen = a.hub_listen.clone();
@@ -406,7 +408,7 @@ impl Up {
         let ai = if a.no_ai {
             None
         } else {
-            let mut cfg: ControllerConfig = load(a.ai_config.as_deref())?;
+            let mut cfg: ControllerConfig = load(AI_CONTROLLER, a.ai_config.as_deref())?;
             cfg.lc_port = a.lc_port;
             sedge_ai_controller::controller::install_crds(&admin)
                 .await
@@ -435,7 +437,7 @@ impl Up {
             .chain((0..a.cloud_nodes).map(|i| (format!("cloud-{}", i + 1), Some("cloud"))));
         let mut edges = Vec::new();
         for (i, (node, role)) in nodes.enumerate() {
-            let mut ec: EdgeCoreConfig = load(a.edge_config.as_deref())?;
+            let mut ec: EdgeCoreConfig = load(EDGECORE, a.edge_config.as_deref())?;
             if let Some(role) = role {
                 ec.labels.insert(ROLE_LABEL.into(), role.into());
             }
@@ -536,7 +538,7 @@ pub async fn up(a: UpArgs, shutdown: impl Future<Output = ()>) -> Result<()> {
 /// Flags of `sedge ai-controller`.
 #[derive(Args)]
 pub struct AiControllerArgs {
-    /// Config file (YAML or JSON); layered as defaults < file.
+    /// Config file (YAML or JSON); layered as defaults < file < environment.
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
     /// Print the default config and exit.
@@ -563,7 +565,9 @@ pub async fn ai_controller(
         print!("{}", sedge_ai_controller::crd::crds_yaml());
         return Ok(());
     }
-    let cfg: ControllerConfig = load(a.config.as_deref())?;
+    let cfg: ControllerConfig = Loader::new(AI_CONTROLLER)
+        .file(a.config.as_deref())
+        .load(&())?;
     let client = match &a.kubeconfig {
         Some(p) => client_from(p).await?,
         None => kube::Client::try_default()

@@ -30,6 +30,7 @@ pub struct CloudDirs {
 pub enum TokenCmd {
     /// Create a join token and print it.
     Create {
+        /// The cloud's data and PKI directories.
         #[command(flatten)]
         dirs: CloudDirs,
         /// Lifetime: a number with s, m, h or d (e.g. 30m, 24h, 7d).
@@ -48,11 +49,13 @@ pub enum TokenCmd {
     },
     /// List the tokens that have not been revoked.
     List {
+        /// The cloud's data and PKI directories.
         #[command(flatten)]
         dirs: CloudDirs,
     },
     /// Revoke a token by id or by its full text.
     Revoke {
+        /// The cloud's data and PKI directories.
         #[command(flatten)]
         dirs: CloudDirs,
         /// Token id (from `sedge token list`) or the token itself.

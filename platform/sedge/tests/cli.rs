@@ -459,3 +459,82 @@ fn apiserver_refuses_bad_settings_with_the_reason() {
     );
     assert!(out.contains("max_request_bytes: 3145728"), "{out}");
 }
+
+#[test]
+fn every_daemon_reads_its_settings_from_the_environment() {
+    // A bad value is an error naming the variable, for each daemon's prefix.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let cases: [(&[&str], &str, &str, &str); 6] = [
+        (
+            &["apiserver", "--data-dir", &data],
+            "SEDGE_APISERVER_MAX_REQUEST_BYTES",
+            "lots",
+            "not a whole number",
+        ),
+        (
+            &["cloud", "--embedded", "--data-dir", &data],
+            "SEDGE_CLOUDCORE_LOG_TIMEOUT_MS",
+            "soon",
+            "not a whole number",
+        ),
+        (
+            &["edge", "--data-dir", &data],
+            "SEDGE_EDGECORE_TUNNEL_TRANSPORT",
+            "quick",
+            "unknown variant `quick`",
+        ),
+        (
+            &["ai-controller"],
+            "SEDGE_AI_CONTROLLER_LC_PORT",
+            "99999",
+            "expected u16",
+        ),
+        (
+            &["worker", "edge", &sample()],
+            "SEDGE_EDGE_WORKER_BATCH",
+            "eight",
+            "not a whole number",
+        ),
+        (
+            &["worker", "cloud"],
+            "SEDGE_CLOUD_WORKER_LISTEN",
+            "nowhere",
+            "invalid socket address",
+        ),
+    ];
+    for (args, var, value, why) in cases {
+        let o = sedge().args(args).env(var, value).output().unwrap();
+        let (_, err) = text(&o);
+        assert!(
+            !o.status.success(),
+            "{args:?} with {var}={value} should fail"
+        );
+        assert!(
+            err.contains(&format!("environment variable {var}")) && err.contains(why),
+            "{args:?} {var}={value}: {err}"
+        );
+    }
+    // Each layer overrides the one below: file < environment < flag.
+    let file = dir.path().join("edge.yaml");
+    std::fs::write(&file, "limit: 9\n").unwrap();
+    let samples = |env: Option<&str>, flag: Option<&str>| {
+        let mut c = sedge();
+        c.args(["worker", "edge", "-c"]).arg(&file).arg(sample());
+        if let Some(v) = env {
+            c.env("SEDGE_EDGE_WORKER_LIMIT", v);
+        }
+        if let Some(v) = flag {
+            c.args(["--limit", v]);
+        }
+        let o = c.output().unwrap();
+        let (_, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        let line = err.lines().find(|l| l.starts_with("summary: ")).unwrap();
+        let s: serde_json::Value = serde_json::from_str(&line["summary: ".len()..]).unwrap();
+        s["samples"].as_u64().unwrap()
+    };
+    assert_eq!(samples(None, None), 9);
+    assert_eq!(samples(Some("7"), None), 7);
+    assert_eq!(samples(Some("7"), Some("5")), 5);
+}

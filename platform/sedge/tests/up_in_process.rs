@@ -1,0 +1,76 @@
+//! `sedge up` started in process through the library (no binary): the embedded API server, the
+//! cloud core and one edge agent, each on a port the OS picks; the node registers and reports
+//! Ready, `up.json` names every endpoint, and stopping releases them.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use sedge::platform::{Up, UpArgs};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_starts_in_process_and_its_node_turns_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = UpArgs {
+        data_dir: dir.path().to_path_buf(),
+        edges: 1,
+        listen: "127.0.0.1:0".into(),
+        hub_listen: "127.0.0.1:0".into(),
+        metaserver_port: 0,
+        metrics_port: 0,
+        edge_config: None,
+        cloud_config: None,
+        cloud_nodes: 0,
+        no_ai: true,
+        ai_config: None,
+        lc_port: 0,
+        host_path_allow: vec![],
+    };
+    let up = Up::start(&args).await.unwrap();
+    let client = sedge::platform::client_from(&up.server.kubeconfig)
+        .await
+        .unwrap();
+    let nodes: Api<Node> = Api::all(client);
+    sedge_testkit::wait::until_async(
+        "edge-1 Ready",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let nodes = nodes.clone();
+            async move {
+                let n = nodes.get_opt("edge-1").await.ok()??;
+                let conds = n.status?.conditions?;
+                conds
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("up.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["edges"][0]["node"], "edge-1");
+    let metrics = state["edges"][0]["metrics"].as_str().unwrap();
+    let addr = metrics
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    let body = get(addr, "/metrics").await;
+    assert!(body.contains("edged_pods"), "{body}");
+    let hub = state["hub"].as_str().unwrap().to_string();
+    up.stop().await;
+    // Stopped means the hub's port is closed.
+    assert!(tokio::net::TcpStream::connect(&hub).await.is_err());
+}
+
+async fn get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
