@@ -15,8 +15,10 @@
 
 pub mod config;
 pub mod edged;
+pub mod lifecycle;
 pub mod metaserver;
 pub mod podcheck;
+mod podrun;
 pub mod podtoken;
 pub mod probe;
 pub mod reports;

@@ -6,37 +6,37 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::Value;
+use k8s_openapi::api::core::v1::{Container, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn port(p: &Value, container: &Value) -> Option<u16> {
-    if let Some(n) = p.as_u64() {
-        return u16::try_from(n).ok();
-    }
-    let name = p.as_str()?;
+fn port(p: &IntOrString, container: &Container) -> Option<u16> {
+    let name = match p {
+        IntOrString::Int(n) => return u16::try_from(*n).ok(),
+        IntOrString::String(s) => s,
+    };
     if let Ok(n) = name.parse() {
         return Some(n);
     }
-    container["ports"]
-        .as_array()?
+    container
+        .ports
+        .as_ref()?
         .iter()
-        .find(|x| x["name"].as_str() == Some(name))
-        .and_then(|x| x["containerPort"].as_u64())
-        .and_then(|n| u16::try_from(n).ok())
+        .find(|x| x.name.as_deref() == Some(name))
+        .and_then(|x| u16::try_from(x.container_port).ok())
 }
 
 /// Runs one probe; true on success. Every failure (timeout, refused, bad status) is false.
 pub async fn run(
-    probe: &Value,
-    container: &Value,
+    probe: &Probe,
+    container: &Container,
     node_ip: &str,
     root: &Path,
     timeout: Duration,
 ) -> bool {
     let work = async {
-        if let Some(cmd) = probe["exec"]["command"].as_array() {
-            let argv: Vec<&str> = cmd.iter().filter_map(Value::as_str).collect();
-            let Some((first, rest)) = argv.split_first() else {
+        if let Some(cmd) = probe.exec.as_ref().and_then(|e| e.command.as_ref()) {
+            let Some((first, rest)) = cmd.split_first() else {
                 return false;
             };
             return tokio::process::Command::new(first)
@@ -51,32 +51,33 @@ pub async fn run(
                 .await
                 .is_ok_and(|s| s.success());
         }
-        let (target, http) = if probe["httpGet"].is_object() {
-            (&probe["httpGet"], true)
-        } else if probe["tcpSocket"].is_object() {
-            (&probe["tcpSocket"], false)
+        let (port_ref, host, path) = if let Some(h) = &probe.http_get {
+            (
+                &h.port,
+                h.host.as_deref(),
+                Some(h.path.as_deref().unwrap_or("/")),
+            )
+        } else if let Some(t) = &probe.tcp_socket {
+            (&t.port, t.host.as_deref(), None)
         } else {
             return false;
         };
-        let Some(p) = port(&target["port"], container) else {
+        let Some(p) = port(port_ref, container) else {
             return false;
         };
-        let host =
-            target["host"]
-                .as_str()
-                .filter(|h| !h.is_empty())
-                .unwrap_or(if node_ip.is_empty() {
-                    "127.0.0.1"
-                } else {
-                    node_ip
-                });
+        let host = host
+            .filter(|h| !h.is_empty())
+            .unwrap_or(if node_ip.is_empty() {
+                "127.0.0.1"
+            } else {
+                node_ip
+            });
         let Ok(mut s) = tokio::net::TcpStream::connect((host, p)).await else {
             return false;
         };
-        if !http {
+        let Some(path) = path else {
             return true;
-        }
-        let path = target["path"].as_str().unwrap_or("/");
+        };
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}:{p}\r\nUser-Agent: kube-probe/1.33\r\nConnection: close\r\n\r\n"
         );
@@ -103,13 +104,19 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
+
+    async fn run(probe: &Value, c: &Value, ip: &str, root: &Path, t: Duration) -> bool {
+        let probe: Probe = serde_json::from_value(probe.clone()).unwrap();
+        let c: Container = serde_json::from_value(c.clone()).unwrap();
+        super::run(&probe, &c, ip, root, t).await
+    }
 
     #[tokio::test]
     async fn exec_http_and_tcp_probes() {
         let dir = tempfile::tempdir().unwrap();
         let t = Duration::from_secs(2);
-        let c = json!({"ports": [{"name": "web", "containerPort": 0}]});
+        let c = json!({"name": "c", "ports": [{"name": "web", "containerPort": 0}]});
         assert!(
             run(
                 &json!({"exec": {"command": ["true"]}}),
@@ -149,7 +156,7 @@ mod tests {
                 i += 1;
             }
         });
-        let c = json!({"ports": [{"name": "web", "containerPort": port}]});
+        let c = json!({"name": "c", "ports": [{"name": "web", "containerPort": port}]});
         let probe = json!({"httpGet": {"path": "/ready", "port": "web"}});
         assert!(run(&probe, &c, "127.0.0.1", dir.path(), t).await);
         assert!(
