@@ -235,21 +235,78 @@ pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// A condition the user should see: type, reason, message.
+/// What the user should see about a service: the one `True` condition, with its reason and
+/// message.
 #[derive(Debug, Clone, PartialEq)]
-struct Verdict {
-    type_: &'static str,
+enum Verdict {
+    /// Its workers are on their way.
+    Pending(Why),
+    /// Its workers serve.
+    Running(Why),
+    /// It cannot work until something is changed; the message says what.
+    Failed(Why),
+}
+
+/// A condition's reason and message.
+#[derive(Debug, Clone, PartialEq)]
+struct Why {
     reason: String,
     message: String,
 }
 
 impl Verdict {
-    fn failed(reason: &str, message: String) -> Verdict {
-        Verdict {
-            type_: "Failed",
+    /// The condition types, in the order they are listed.
+    const TYPES: [&'static str; 3] = ["Pending", "Running", "Failed"];
+
+    fn pending(reason: &str, message: String) -> Verdict {
+        Verdict::Pending(Why {
             reason: reason.into(),
             message,
+        })
+    }
+
+    fn running(reason: &str, message: String) -> Verdict {
+        Verdict::Running(Why {
+            reason: reason.into(),
+            message,
+        })
+    }
+
+    fn failed(reason: &str, message: String) -> Verdict {
+        Verdict::Failed(Why {
+            reason: reason.into(),
+            message,
+        })
+    }
+
+    /// The condition type it sets `True`.
+    fn type_(&self) -> &'static str {
+        match self {
+            Verdict::Pending(_) => "Pending",
+            Verdict::Running(_) => "Running",
+            Verdict::Failed(_) => "Failed",
         }
+    }
+
+    fn why(&self) -> &Why {
+        match self {
+            Verdict::Pending(w) | Verdict::Running(w) | Verdict::Failed(w) => w,
+        }
+    }
+
+    fn why_mut(&mut self) -> &mut Why {
+        match self {
+            Verdict::Pending(w) | Verdict::Running(w) | Verdict::Failed(w) => w,
+        }
+    }
+
+    /// When to look again: soon while pending, less often when failed, rarely when running.
+    fn requeue(&self) -> Duration {
+        Duration::from_secs(match self {
+            Verdict::Running(_) => 60,
+            Verdict::Failed(_) => 15,
+            Verdict::Pending(_) => 3,
+        })
     }
 }
 
@@ -851,20 +908,18 @@ async fn observe(
     } else if active == 2 {
         let m = metrics_map(&ji.status.as_ref().and_then(|s| s.metrics.clone()));
         if m.get("cloudReachable").map(String::as_str) == Some("false") {
-            Verdict {
-                type_: "Running",
-                reason: "CloudUnreachable".into(),
-                message: format!(
+            Verdict::running(
+                "CloudUnreachable",
+                format!(
                     "the edge worker cannot reach the cloud worker and answers edge-only: {}",
                     m.get("cloudError").cloned().unwrap_or_default()
                 ),
-            }
+            )
         } else {
-            Verdict {
-                type_: "Running",
-                reason: "WorkersReady".into(),
-                message: format!("edge {er}/{ew} and cloud {cr}/{cw} workers ready"),
-            }
+            Verdict::running(
+                "WorkersReady",
+                format!("edge {er}/{ew} and cloud {cr}/{cw} workers ready"),
+            )
         }
     } else {
         let unscheduled: Vec<String> = pods
@@ -886,11 +941,7 @@ async fn observe(
                 unscheduled.join(", ")
             ));
         }
-        Verdict {
-            type_: "Pending",
-            reason: "WorkersStarting".into(),
-            message,
-        }
+        Verdict::pending("WorkersStarting", message)
     };
     Ok((verdict, st))
 }
@@ -902,11 +953,11 @@ fn conditions(
     now: &str,
 ) -> Vec<JointInferenceCondition> {
     let mut out: Vec<JointInferenceCondition> = Vec::new();
-    for t in ["Pending", "Running", "Failed"] {
+    for t in Verdict::TYPES {
         let prev = old.iter().find(|c| c.type_ == t);
-        let status = if t == v.type_ { "True" } else { "False" };
-        let (reason, message) = if t == v.type_ {
-            (Some(v.reason.clone()), Some(v.message.clone()))
+        let status = if t == v.type_() { "True" } else { "False" };
+        let (reason, message) = if t == v.type_() {
+            (Some(v.why().reason.clone()), Some(v.why().message.clone()))
         } else {
             (
                 prev.and_then(|c| c.reason.clone()),
@@ -953,11 +1004,12 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Ctx>) -> Result<Acti
         },
     };
     let mut verdict = verdict;
-    if verdict.type_ != "Failed"
+    if !matches!(verdict, Verdict::Failed(_))
         && let Some(note) = hpa_note(&ji)
     {
-        verdict.message.push_str("; ");
-        verdict.message.push_str(&note);
+        let why = verdict.why_mut();
+        why.message.push_str("; ");
+        why.message.push_str(&note);
     }
     let old = ji.status.clone().unwrap_or_default();
     st.conditions = Some(conditions(
@@ -997,15 +1049,13 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Ctx>) -> Result<Acti
             .flatten()
             .find(|c| c.status == "True")
             .and_then(|c| c.reason.clone());
-        if verdict.type_ == "Failed" && was.as_deref() != Some(verdict.reason.as_str()) {
-            tracing::warn!(service = %format!("{ns}/{}", ji.name_any()), reason = %verdict.reason, message = %verdict.message, "joint inference service failed");
+        if let Verdict::Failed(why) = &verdict
+            && was.as_deref() != Some(why.reason.as_str())
+        {
+            tracing::warn!(service = %format!("{ns}/{}", ji.name_any()), reason = %why.reason, message = %why.message, "joint inference service failed");
         }
     }
-    Ok(match verdict.type_ {
-        "Running" => Action::requeue(Duration::from_secs(60)),
-        "Failed" => Action::requeue(Duration::from_secs(15)),
-        _ => Action::requeue(Duration::from_secs(3)),
-    })
+    Ok(Action::requeue(verdict.requeue()))
 }
 
 #[cfg(test)]
@@ -1095,20 +1145,8 @@ mod tests {
 
     #[test]
     fn one_true_condition_last_and_times_kept() {
-        let run = Verdict {
-            type_: "Running",
-            reason: "WorkersReady".into(),
-            message: "ok".into(),
-        };
-        let c1 = conditions(
-            &[],
-            &Verdict {
-                type_: "Pending",
-                reason: "WorkersStarting".into(),
-                message: "w".into(),
-            },
-            "t1",
-        );
+        let run = Verdict::running("WorkersReady", "ok".into());
+        let c1 = conditions(&[], &Verdict::pending("WorkersStarting", "w".into()), "t1");
         assert_eq!(c1.len(), 1);
         let c2 = conditions(&c1, &run, "t2");
         assert_eq!(
