@@ -3,7 +3,9 @@
 //!
 //! The runner reads Ianvs's three YAML layers ([`job`]), expands hyperparameters into test cases
 //! ([`expand`]), runs each case with a [`paradigm`], computes [`metrics`], and writes the
-//! leaderboard ([`rank`]) and a plot ([`plot`]); [`runner`] ties them together.
+//! leaderboard ([`rank`]) and a plot ([`plot`]); [`runner`] ties them together. The modules
+//! depend one way: `job` (files) <- `expand` (cases) <- `paradigm` (running them); [`load`] is
+//! where a job's algorithms are checked against their paradigms.
 
 pub mod expand;
 pub mod job;
@@ -13,7 +15,20 @@ pub mod plot;
 pub mod rank;
 pub mod runner;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Reads a benchmarking job ([`job::load`]) and checks each algorithm against its paradigm:
+/// everything that can be said before anything runs.
+pub fn load(path: &Path) -> Result<job::LoadedJob, BenchError> {
+    let job = job::load(path)?;
+    for (_, algo_path, algo) in &job.algorithms {
+        paradigm::check(algo).map_err(|message| BenchError::Invalid {
+            path: algo_path.clone(),
+            message,
+        })?;
+    }
+    Ok(job)
+}
 
 /// Why a benchmark job could not be read or its results written.
 #[derive(Debug, thiserror::Error)]

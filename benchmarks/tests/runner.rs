@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sedge_benchmarks::job::{self, LoadedJob};
+use sedge_benchmarks::job::LoadedJob;
 use sedge_benchmarks::runner::{self, RunOptions};
 
 fn repo() -> PathBuf {
@@ -40,7 +40,7 @@ fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_job_runs_and_ranks_on_the_sample() {
     let dir = tempfile::tempdir().unwrap();
-    let job = into_temp(job::load(&example()).unwrap(), dir.path());
+    let job = into_temp(sedge_benchmarks::load(&example()).unwrap(), dir.path());
     let report = runner::run(&job, &opts(2, None)).await.unwrap();
     assert_eq!(
         report.results.len(),
@@ -132,7 +132,7 @@ async fn the_example_job_runs_and_ranks_on_the_sample() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_never_mix_and_concurrency_changes_no_accuracy() {
     let dir = tempfile::tempdir().unwrap();
-    let job = into_temp(job::load(&example()).unwrap(), dir.path());
+    let job = into_temp(sedge_benchmarks::load(&example()).unwrap(), dir.path());
     let a = runner::run(&job, &opts(1, Some(100))).await.unwrap();
     let b = runner::run(&job, &opts(4, Some(100))).await.unwrap();
     assert_ne!(a.run_dir, b.run_dir);
@@ -297,17 +297,19 @@ fn bad_job_files_name_the_file_and_the_problem() {
     ];
     for (job_extra, testenv_extra, algo, file, expect) in cases {
         let path = write_job(d, &job_extra, &testenv_extra, &algo);
-        let err = job::load(&path).unwrap_err().to_string();
+        let err = sedge_benchmarks::load(&path).unwrap_err().to_string();
         assert!(
             err.contains(file) && err.contains(expect),
             "want {expect:?} in {file}, got {err}"
         );
     }
-    let err = job::load(&d.join("missing.yaml")).unwrap_err().to_string();
+    let err = sedge_benchmarks::load(&d.join("missing.yaml"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing.yaml"), "{err}");
     // A missing model file breaks only its algorithm: named, and the others load.
     let path = write_job(d, "", "", &JOINT.replace("edge-cnn.onnx", "nope.onnx"));
-    let loaded = job::load(&path).unwrap();
+    let loaded = sedge_benchmarks::load(&path).unwrap();
     assert_eq!(loaded.broken.len(), 1, "{:?}", loaded.broken);
     let (name, why) = &loaded.broken[0];
     assert!(
@@ -322,7 +324,7 @@ fn bad_job_files_name_the_file_and_the_problem() {
 fn paths_resolve_relative_to_each_file_whatever_the_working_directory() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_job(dir.path(), "", "", JOINT);
-    let job = job::load(&path).unwrap();
+    let job = sedge_benchmarks::load(&path).unwrap();
     assert_eq!(job.workspace, dir.path().join("ws/t"));
     assert!(
         job.algorithms
@@ -346,7 +348,7 @@ async fn a_failing_case_is_reported_and_the_others_are_saved() {
         .replace("values: [0.8]", "values: [0.7, 0.9]")
         .replace("MODELS/cloud-cnn.onnx", &broken.display().to_string());
     let path = write_job(dir.path(), "", "", &algo);
-    let job = job::load(&path).unwrap();
+    let job = sedge_benchmarks::load(&path).unwrap();
     let report = runner::run(&job, &opts(2, Some(50))).await.unwrap();
     assert_eq!(report.results.len(), 3);
     assert_eq!(report.failures().count(), 2);
@@ -368,7 +370,7 @@ async fn a_failing_case_is_reported_and_the_others_are_saved() {
 async fn initial_model_url_is_the_base_model_when_the_module_names_none() {
     let dir = tempfile::tempdir().unwrap();
     let algo = "algorithm:\n  paradigm_type: singletasklearning\n  initial_model_url: MODELS/cloud-cnn.onnx\n  modules:\n    - {type: basemodel, name: from-initial}\n";
-    let job = job::load(&write_job(dir.path(), "", "", algo)).unwrap();
+    let job = sedge_benchmarks::load(&write_job(dir.path(), "", "", algo)).unwrap();
     let report = runner::run(&job, &opts(1, Some(100))).await.unwrap();
     assert_eq!(report.failures().count(), 0);
     let acc = |name: &str| {

@@ -200,7 +200,7 @@ pub async fn demo(a: DemoArgs) -> Result<()> {
 
 /// Runs an Ianvs-style benchmarking job and prints its leaderboard.
 pub async fn bench(a: BenchArgs) -> Result<()> {
-    let job = sedge_benchmarks::job::load(&a.file)?;
+    let job = sedge_benchmarks::load(&a.file)?;
     // Said before anything runs; the other algorithms' cases still run.
     for (name, why) in &job.broken {
         eprintln!("algorithm {name:?} cannot run and is skipped: {why}");
