@@ -51,7 +51,7 @@ $(ORT_LIB):
 	rm -rf $(ORT_DIR)/wheel
 
 build:
-	$(CARGO) build --release -p sedge
+	$(CARGO) build --release -p sedge -p sedge-edge
 
 demo: data ort build
 	platform/sedge/examples/platform-demo.sh target/release/sedge
@@ -73,7 +73,7 @@ bench: ort
 	$(CARGO) run --release -p sedge-benchmarks --bin apiserver
 	$(CARGO) run --release -p sedge-benchmarks --bin slowwatch
 	$(CARGO) run --release -p sedge-benchmarks --bin edgemark -- --suite quick
-	$(CARGO) build --release -p sedge
+	$(CARGO) build --release -p sedge -p sedge-edge
 	$(CARGO) run --release -p sedge-benchmarks --bin edgefoot
 
 # The channel at scale: 1k/10k WebSocket and 10k/100k QUIC nodes (several minutes, ~6 GB RAM).

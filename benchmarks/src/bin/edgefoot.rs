@@ -1,15 +1,16 @@
 //! Edge agent footprint and pod start-up latency.
 //!
-//! Runs the embedded API server and the cloud core in this process and one `sedge edge` agent as
-//! its own process (so its memory is measured alone), then:
-//! 1. the agent's RSS idle, and with 20 running pods;
+//! Runs the embedded API server and the cloud core in this process and two edge agents, each as
+//! its own process (so its memory is measured alone): `sedge edge` of the all-in-one binary
+//! (edge-0, the baseline) and the slim `sedge-edge` (edge-1), then:
+//! 1. each agent's RSS idle, and the slim one's with 20 running pods;
 //! 2. the time from creating a pod through the API to seeing it `Running` through a watch
 //!    (scheduler -> cloud core -> channel -> SQLite -> edged -> process -> status back), p50/p99
 //!    over `--pods` pods created one after another, against the baseline of spawning the same
 //!    process directly here.
 //!
-//! `cargo run --release -p sedge-benchmarks --bin edgefoot` (builds and uses target/release/sedge;
-//! `--sedge <path>` for another binary).
+//! `make bench` builds target/release/sedge and target/release/sedge-edge first (`--sedge`,
+//! `--sedge-edge` for other binaries).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -32,9 +33,38 @@ struct Args {
     /// Pods kept running for the loaded footprint.
     #[arg(long, default_value_t = 20)]
     resident: usize,
-    /// The sedge binary to run the agent with.
+    /// The all-in-one binary (its `sedge edge` is the baseline).
     #[arg(long, default_value = "target/release/sedge")]
     sedge: PathBuf,
+    /// The slim edge agent.
+    #[arg(long, default_value = "target/release/sedge-edge")]
+    sedge_edge: PathBuf,
+}
+
+/// Starts an agent joined as `node` with `argv` (`[program, subcommand...]`).
+fn agent(
+    dir: &std::path::Path,
+    cloud: &str,
+    token: &str,
+    node: &str,
+    argv: &[&std::ffi::OsStr],
+) -> Result<std::process::Child> {
+    let cfg = dir.join(format!("{node}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "metaserver_listen: 127.0.0.1:0\nmetrics_listen: 127.0.0.1:0\nnode_ip: 127.0.0.1\ntunnel:\n  node_name: {node}\n  cloud: {cloud}\n  data_dir: {}\n",
+            dir.join(node).display()
+        ),
+    )?;
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .args(["--lc-listen", "127.0.0.1:0", "--token", token, "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {node}"))
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -74,11 +104,13 @@ async fn wait_running(pods: &Api<Pod>, name: &str, limit: Duration) -> Result<()
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
-    if !a.sedge.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p sedge`",
-            a.sedge.display()
-        );
+    for b in [&a.sedge, &a.sedge_edge] {
+        if !b.exists() {
+            bail!(
+                "{} not found: build it with `cargo build --release -p sedge -p sedge-edge`",
+                b.display()
+            );
+        }
     }
     let dir = tempfile::tempdir()?;
     let server = ApiServer::start(ApiServerConfig {
@@ -97,37 +129,44 @@ async fn main() -> Result<()> {
     cc.hub.listen = "127.0.0.1:0".into();
     cc.hub.listen_quic = String::new();
     let cloud = sedge_cloudcore::CloudCore::start(client.clone(), cc, Vec::new()).await?;
-    let (token, _) = cloud
-        .hub
-        .tokens()
-        .create(Duration::from_secs(300), "edgefoot")?;
-    let edge_dir = dir.path().join("edge-1");
-    let cfg = dir.path().join("edge.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "metaserver_listen: 127.0.0.1:0\nnode_ip: 127.0.0.1\ntunnel:\n  node_name: edge-1\n  cloud: {}\n  data_dir: {}\n",
-            cloud.hub.addr(),
-            edge_dir.display()
-        ),
+    let (token, _) =
+        cloud
+            .hub
+            .tokens()
+            .create_with(Duration::from_secs(300), "edgefoot", 2, None)?;
+    let hub = cloud.hub.addr().to_string();
+    let all_in_one = agent(
+        dir.path(),
+        &hub,
+        &token,
+        "edge-0",
+        &[a.sedge.as_os_str(), "edge".as_ref()],
     )?;
-    let mut agent = Command::new(&a.sedge)
-        .args(["edge", "--token", &token, "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting the edge agent")?;
+    let slim = agent(
+        dir.path(),
+        &hub,
+        &token,
+        "edge-1",
+        &[a.sedge_edge.as_os_str()],
+    )?;
     let nodes = Api::<Node>::all(client.clone());
     let t0 = Instant::now();
-    while nodes.get_opt("edge-1").await?.is_none() {
-        if t0.elapsed() > Duration::from_secs(30) {
-            bail!("edge-1 never registered");
+    for node in ["edge-0", "edge-1"] {
+        while nodes.get_opt(node).await?.is_none() {
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("{node} never registered");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = sedge_benchmarks::rss_kib(Some(agent.id()));
+    let idle_all = sedge_benchmarks::rss_kib(Some(all_in_one.id()));
+    let idle = sedge_benchmarks::rss_kib(Some(slim.id()));
+    let size = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .map(|m| m.len() as f64 / 1048576.0)
+            .unwrap_or(0.0)
+    };
 
     // Baseline: spawning the same process directly.
     let mut base = Vec::new();
@@ -164,23 +203,35 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let loaded = sedge_benchmarks::rss_kib(Some(agent.id()));
+    let loaded = sedge_benchmarks::rss_kib(Some(slim.id()));
 
     let (b50, b99) = (pct(&mut base.clone(), 0.5), pct(&mut base, 0.99));
     let (l50, l99) = (pct(&mut lat.clone(), 0.5), pct(&mut lat, 0.99));
-    println!("\nEdge agent footprint (RSS of the `sedge edge` process alone)\n");
-    println!("| state | agent RSS | vs KubeEdge edgecore (~70 MB advertised) |");
-    println!("|---|---:|---:|");
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!("\nEdge agent footprint (RSS of each agent process alone, same run)\n");
     println!(
-        "| idle, joined | {:.1} MiB | {:.2}x |",
-        idle as f64 / 1024.0,
-        idle as f64 / 1024.0 / 70.0
+        "| agent | state | binary | agent RSS | vs `sedge edge` idle | vs KubeEdge edgecore (~70 MB advertised) |"
+    );
+    println!("|---|---|---:|---:|---:|---:|");
+    println!(
+        "| `sedge edge` (all-in-one, baseline) | idle, joined | {:.1} MiB | {:.1} MiB | 1.00x | {:.2}x |",
+        size(&a.sedge),
+        mib(idle_all),
+        mib(idle_all) / 70.0
     );
     println!(
-        "| {} pods running | {:.1} MiB | {:.2}x |",
+        "| `sedge-edge` (slim) | idle, joined | {:.1} MiB | {:.1} MiB | {:.2}x | {:.2}x |",
+        size(&a.sedge_edge),
+        mib(idle),
+        idle as f64 / idle_all.max(1) as f64,
+        mib(idle) / 70.0
+    );
+    println!(
+        "| `sedge-edge` (slim) | {} pods running | | {:.1} MiB | {:.2}x | {:.2}x |",
         a.resident,
-        loaded as f64 / 1024.0,
-        loaded as f64 / 1024.0 / 70.0
+        mib(loaded),
+        loaded as f64 / idle_all.max(1) as f64,
+        mib(loaded) / 70.0
     );
     println!(
         "\nPod start-up: create through the API -> `Running` seen by a watch ({} pods, one at a time)\n",
@@ -204,8 +255,10 @@ async fn main() -> Result<()> {
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = agent.kill();
-    let _ = agent.wait();
+    for mut c in [all_in_one, slim] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     cloud.shutdown().await;
     server.shutdown().await;
     Ok(())

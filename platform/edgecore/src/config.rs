@@ -66,6 +66,10 @@ pub struct EdgeCoreConfig {
     /// the default, allows none. Images with `host_commands` are exempt: they run any host
     /// program already.
     pub host_path_allow: Vec<std::path::PathBuf>,
+    /// The program `@self` in the image map names (the `sedge` binary that runs `sedge/...`
+    /// images' workers). Empty: this agent's own binary (`sedge-edge` looks for `sedge` beside
+    /// itself).
+    pub sedge_binary: std::path::PathBuf,
 }
 
 impl Default for EdgeCoreConfig {
@@ -113,6 +117,7 @@ impl Default for EdgeCoreConfig {
             max_grace_seconds: 30,
             images,
             host_path_allow: Vec::new(),
+            sedge_binary: std::path::PathBuf::new(),
         }
     }
 }

@@ -282,7 +282,11 @@ impl EdgeCore {
         } else {
             cfg.node_ip.clone()
         };
-        let self_exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("sedge"));
+        let self_exe = if cfg.sedge_binary.as_os_str().is_empty() {
+            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("sedge"))
+        } else {
+            cfg.sedge_binary.clone()
+        };
         let runtime: Arc<dyn runtime::Runtime> =
             Arc::new(runtime::ProcessRuntime::new(cfg.images.clone(), self_exe));
         let pod_tokens =

@@ -42,7 +42,7 @@ enum Command {
     /// Run the cloud side: the hub for edge nodes and the controllers (against --kubeconfig, or --embedded).
     Cloud(platform::CloudArgs),
     /// Run the edge agent on this node (joins first when given --token).
-    Edge(platform::EdgeAgentArgs),
+    Edge(sedge_edge::EdgeAgentArgs),
     /// Everything on one machine: the embedded API server, the cloud side and N edge agents.
     Up(platform::UpArgs),
     /// Run the AI controller: sedna.io resources (JointInferenceService, Model, Dataset, ...).
@@ -86,7 +86,7 @@ fn run() -> Result<()> {
             Command::Token(c) => tunnel::token(c),
             Command::Join(a) => tunnel::join(a).await,
             Command::Cloud(a) => platform::cloud(a, shutdown_signal()).await,
-            Command::Edge(a) => platform::edge(a, shutdown_signal()).await,
+            Command::Edge(a) => sedge_edge::run(a, shutdown_signal()).await,
             Command::Up(a) => platform::up(a, shutdown_signal()).await,
             Command::AiController(a) => platform::ai_controller(a, shutdown_signal()).await,
         }

@@ -1,11 +1,12 @@
-//! `sedge cloud`, `sedge edge` and `sedge up`: the platform daemons.
+//! `sedge cloud`, `sedge up` and `sedge ai-controller`: the cloud-side daemons and the
+//! all-in-one (the edge agent, `sedge edge`, is the `sedge-edge` crate's).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use sedge_ai_controller::cloud::CloudAiModule;
 use sedge_ai_controller::controller::ControllerConfig;
@@ -59,47 +60,6 @@ pub struct CloudArgs {
         skip_serializing_if = "Vec::is_empty"
     )]
     advertise: Vec<String>,
-}
-
-/// Flags of `sedge edge`.
-#[derive(Args, Serialize)]
-pub struct EdgeAgentArgs {
-    /// Config file (YAML or JSON); layered as defaults < file < environment < flags.
-    #[arg(long, short = 'c')]
-    #[serde(skip)]
-    config: Option<PathBuf>,
-    /// Print the default config and exit.
-    #[arg(long)]
-    #[serde(skip)]
-    print_default_config: bool,
-    /// Where the node keeps its credentials, store and pods.
-    #[arg(long, env = "SEDGE_EDGE_DATA_DIR")]
-    #[serde(rename = "tunnel.data_dir")]
-    data_dir: Option<PathBuf>,
-    /// The cloud hub (host:port); needed to join, read from the config otherwise.
-    #[arg(long, env = "SEDGE_CLOUD")]
-    #[serde(rename = "tunnel.cloud")]
-    cloud: Option<String>,
-    /// Join first with this token if the node has no credentials yet.
-    #[arg(long, env = "SEDGE_JOIN_TOKEN")]
-    #[serde(skip)]
-    token: Option<String>,
-    /// This node's name (needed to join).
-    #[arg(long, env = "SEDGE_NODE_NAME")]
-    #[serde(rename = "tunnel.node_name")]
-    node_name: Option<String>,
-    /// `websocket` or `quic`.
-    #[arg(long)]
-    #[serde(rename = "tunnel.transport")]
-    transport: Option<sedge_tunnel::config::Transport>,
-    /// The local MetaServer address (empty disables it).
-    #[arg(long)]
-    #[serde(rename = "metaserver_listen")]
-    metaserver: Option<String>,
-    /// Address of the local-controller endpoint AI workers report to (`LC_SERVER`; empty disables it).
-    #[arg(long, default_value = "127.0.0.1:9100")]
-    #[serde(skip)]
-    lc_listen: String,
 }
 
 /// The modules the cloud core runs: the AI layer's.
@@ -165,7 +125,7 @@ pub const ROLE_LABEL: &str = sedge_api::ROLE_LABEL;
 /// The daemons' environment prefixes: `SEDGE_CLOUDCORE_...`, `SEDGE_EDGECORE_...`,
 /// `SEDGE_AI_CONTROLLER_...` (see `sedge_config`).
 const CLOUDCORE: &str = "CLOUDCORE";
-const EDGECORE: &str = "EDGECORE";
+use sedge_edge::EDGECORE;
 const AI_CONTROLLER: &str = "AI_CONTROLLER";
 
 fn load<T: Default + serde::Serialize + serde::de::DeserializeOwned>(
@@ -300,48 +260,6 @@ async fn serve_metrics(
         .with_context(|| format!("cannot serve /metrics on {listen}"))?;
     eprintln!("metrics on http://{addr}/metrics");
     Ok(Some((addr, t)))
-}
-
-/// Runs `sedge edge` until `shutdown` resolves. Pods keep running when it stops (as with a
-/// kubelet restart) and are adopted by the next start.
-pub async fn edge(a: EdgeAgentArgs, shutdown: impl Future<Output = ()>) -> Result<()> {
-    if a.print_default_config {
-        print!("{}", serde_yaml::to_string(&EdgeCoreConfig::default())?);
-        return Ok(());
-    }
-    let cfg: EdgeCoreConfig = Loader::new(EDGECORE).file(a.config.as_deref()).load(&a)?;
-    let joined = sedge_tunnel::edge::Identity::load(&cfg.tunnel.data_dir).is_ok();
-    if !joined {
-        let Some(token) = &a.token else {
-            bail!(
-                "{} holds no node credentials: run `sedge join --cloud <host:port> --token <token> --node-name <name> --data-dir {}` first, or pass --token",
-                cfg.tunnel.data_dir.display(),
-                cfg.tunnel.data_dir.display()
-            );
-        };
-        if cfg.tunnel.node_name.is_empty() {
-            bail!("joining needs --node-name");
-        }
-        let j = sedge_tunnel::join(&cfg.tunnel, token).await?;
-        eprintln!("joined as node {}", j.node);
-    }
-    let ai = EdgeAiModule::new(EdgeAiConfig {
-        lc_listen: a.lc_listen.clone(),
-        ..Default::default()
-    });
-    let core = EdgeCore::start(cfg, vec![Arc::new(ai) as Arc<dyn EdgeModule>])
-        .await
-        .context("cannot start the edge agent")?;
-    eprintln!(
-        "edge agent {} running; local API {}",
-        core.node(),
-        core.metaserver
-            .map(|a| format!("http://{a}"))
-            .unwrap_or_else(|| "off".into())
-    );
-    shutdown.await;
-    core.shutdown(false).await;
-    Ok(())
 }
 
 /// Everything `sedge up` started.
