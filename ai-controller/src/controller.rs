@@ -383,6 +383,15 @@ async fn check(
     ] {
         match models.get_opt(name).await? {
             Some(m) => match model_source(&m.spec.url) {
+                Ok(_)
+                    if let Err(e) =
+                        sedge_worker_contract::model::from_annotations(m.annotations()) =>
+                {
+                    return Ok(Err(Verdict::failed(
+                        "ModelInvalid",
+                        format!("{role} model {name:?}: {e}"),
+                    )));
+                }
                 Ok(source) => found.push((m, source)),
                 Err(e) => {
                     return Ok(Err(Verdict::failed(
@@ -576,6 +585,23 @@ fn deployment(
     })
 }
 
+/// What a worker learns from its Model's annotations: the SHA-256 its download must match, and
+/// how a model without a config sidecar is fed (checked in `check`; bad ones never get here).
+fn model_env(containers: &mut [Value], model: &Model) {
+    if let Some(sum) = model.annotations().get(MODEL_SHA256_ANNOTATION) {
+        set_env(containers, env::MODEL_SHA256, json!(sum));
+    }
+    if let Ok(meta) = sedge_worker_contract::model::from_annotations(model.annotations())
+        && !meta.is_empty()
+    {
+        set_env(
+            containers,
+            env::MODEL_METADATA,
+            json!(serde_json::to_string(&meta).unwrap_or_default()),
+        );
+    }
+}
+
 fn common_env(
     spec: &mut Value,
     ji: &JointInferenceService,
@@ -596,9 +622,7 @@ fn common_env(
         json!({"fieldRef": {"fieldPath": "metadata.name"}}),
     );
     set_env(containers, env::MODEL_URL, json!(model_url));
-    if let Some(sum) = model.annotations().get(MODEL_SHA256_ANNOTATION) {
-        set_env(containers, env::MODEL_SHA256, json!(sum));
-    }
+    model_env(containers, model);
     set_env(
         containers,
         env::LC_SERVER,
@@ -1104,6 +1128,40 @@ mod tests {
             model_source("/w/p/../../m/./a.onnx"),
             Ok(ModelSource::Local("/m/a.onnx".into()))
         );
+    }
+
+    #[test]
+    fn model_annotations_reach_the_worker() {
+        let model: Model = serde_json::from_value(json!({
+            "apiVersion": "sedna.io/v1alpha1", "kind": "Model",
+            "metadata": {"name": "m", "annotations": {
+                "model.sedge.io/labels": "cat,dog", "model.sedge.io/std": "0.5",
+                "sedge.io/model-sha256": "ab12", "other.io/x": "y"}},
+            "spec": {"url": "/opt/m.onnx", "format": "onnx"}
+        }))
+        .unwrap();
+        let mut spec = json!({"containers": [{"name": "w"}]});
+        model_env(containers(&mut spec), &model);
+        let env = spec["containers"][0]["env"].as_array().unwrap();
+        let get = |n: &str| {
+            env.iter()
+                .find(|e| e["name"] == n)
+                .map(|e| e["value"].clone())
+        };
+        assert_eq!(get("MODEL_SHA256"), Some(json!("ab12")));
+        let meta: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(get("SEDGE_MODEL_METADATA").unwrap().as_str().unwrap()).unwrap();
+        assert_eq!(meta.len(), 2);
+        assert_eq!(meta["labels"], "cat,dog");
+        // Without model annotations, no variable.
+        let plain: Model = serde_json::from_value(json!({
+            "apiVersion": "sedna.io/v1alpha1", "kind": "Model",
+            "metadata": {"name": "p"}, "spec": {"url": "/opt/p.onnx", "format": "onnx"}
+        }))
+        .unwrap();
+        let mut spec = json!({"containers": [{"name": "w"}]});
+        model_env(containers(&mut spec), &plain);
+        assert!(spec["containers"][0]["env"].is_null());
     }
 
     #[test]

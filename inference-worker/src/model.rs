@@ -7,7 +7,8 @@
 //! the graph, and from the model's metadata (`metadata_props`) the keys `labels` (a JSON list or
 //! comma-separated), `scale`, `mean`, `std` and `activation` (`softmax` | `none`); what is not
 //! there takes the documented defaults: pixels scaled by 1/255, mean 0, std 1, softmax, and the
-//! labels `"0"`..`"N-1"` for an output of N classes.
+//! labels `"0"`..`"N-1"` for an output of N classes. A Model's `model.sedge.io/<key>` annotations
+//! (passed to the worker in `SEDGE_MODEL_METADATA`) override the file's metadata key by key.
 
 use std::path::{Path, PathBuf};
 
@@ -141,8 +142,31 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `path` and the config beside it. `file://` prefixes are accepted.
+    /// Loads `path` and the config beside it. `file://` prefixes are accepted. Without a config
+    /// file, the model's own metadata is used, overridden by the worker's
+    /// `SEDGE_MODEL_METADATA` (the Model's annotations).
     pub fn load(path: impl AsRef<Path>) -> Result<Model, ModelError> {
+        let over = match std::env::var(sedge_worker_contract::env::MODEL_METADATA) {
+            Ok(v) if !v.trim().is_empty() => {
+                sedge_worker_contract::model::parse(&v).map_err(|message| ModelError::Config {
+                    path: PathBuf::from(format!(
+                        "environment variable {}",
+                        sedge_worker_contract::env::MODEL_METADATA
+                    )),
+                    message,
+                })?
+            }
+            _ => Default::default(),
+        };
+        Model::load_with(path, &over)
+    }
+
+    /// As [`Model::load`], with `over` (keys as in the file's metadata) laid over the file's
+    /// metadata when there is no config file.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        over: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Model, ModelError> {
         let raw = path.as_ref();
         let path = match raw.to_str().and_then(|s| s.strip_prefix("file://")) {
             Some(stripped) => PathBuf::from(stripped),
@@ -158,7 +182,7 @@ impl Model {
                 // No sidecar: what the ONNX file says about itself, and the defaults.
                 let config = std::fs::read(&path)
                     .map_err(|e| e.to_string())
-                    .and_then(|bytes| config_from_onnx(&path, &bytes))
+                    .and_then(|bytes| config_from_onnx(&path, &bytes, over))
                     .and_then(|c| c.validate().map(|()| c))
                     .map_err(|message| ModelError::Config {
                         path: config_path.clone(),
@@ -190,7 +214,11 @@ impl Model {
 /// A model's config read from its ONNX file (see the module documentation for the keys and the
 /// defaults). The first graph input that is not an initializer is the input; its shape without
 /// the batch dimension must be fixed. The first output is the output.
-pub fn config_from_onnx(path: &Path, bytes: &[u8]) -> Result<ModelConfig, String> {
+pub fn config_from_onnx(
+    path: &Path,
+    bytes: &[u8],
+    over: &std::collections::BTreeMap<String, String>,
+) -> Result<ModelConfig, String> {
     use prost::Message;
     use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
     use tract_onnx::pb::type_proto::Value as Type;
@@ -243,11 +271,12 @@ pub fn config_from_onnx(path: &Path, bytes: &[u8]) -> Result<ModelConfig, String
             ));
         }
     };
-    let meta: std::collections::HashMap<&str, &str> = proto
+    let mut meta: std::collections::HashMap<&str, &str> = proto
         .metadata_props
         .iter()
         .map(|p| (p.key.as_str(), p.value.as_str()))
         .collect();
+    meta.extend(over.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let number = |key: &str, default: f32| -> Result<f32, String> {
         meta.get(key).map_or(Ok(default), |v| {
             v.trim()
@@ -255,12 +284,13 @@ pub fn config_from_onnx(path: &Path, bytes: &[u8]) -> Result<ModelConfig, String
                 .map_err(|_| format!("metadata {key} = {v:?} is not a number"))
         })
     };
+    let classes = dims(output).last().copied().flatten();
     let labels: Vec<String> = match meta.get("labels") {
         Some(v) if v.trim_start().starts_with('[') => serde_json::from_str(v)
             .map_err(|e| format!("metadata labels is not a JSON list of strings: {e}"))?,
         Some(v) => v.split(',').map(|l| l.trim().to_string()).collect(),
         None => {
-            let classes = dims(output).last().copied().flatten().ok_or_else(|| {
+            let classes = classes.ok_or_else(|| {
                 format!(
                     "output {:?} has no fixed class dimension, and the metadata names no labels",
                     output.name
@@ -269,6 +299,15 @@ pub fn config_from_onnx(path: &Path, bytes: &[u8]) -> Result<ModelConfig, String
             (0..classes).map(|i| i.to_string()).collect()
         }
     };
+    if let Some(n) = classes
+        && labels.len() != n
+    {
+        return Err(format!(
+            "labels name {} classes but output {:?} has {n}",
+            labels.len(),
+            output.name
+        ));
+    }
     let activation = match meta.get("activation").map(|a| a.trim()) {
         None | Some("softmax") => Activation::Softmax,
         Some("none") => Activation::None,
@@ -377,6 +416,25 @@ mod tests {
             err.contains("metadata std = \"wide\" is not a number"),
             "{err}"
         );
+        // The Model's annotations override the file's metadata key by key.
+        let over = |kv: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let m = Model::load_with(
+            &tagged,
+            &over(&[("std", "0.25"), ("labels", "0,1,2,3,4,5,6,7,8,nine")]),
+        )
+        .unwrap();
+        assert_eq!(m.config.input.std, 0.25);
+        assert_eq!(m.config.input.mean, 0.5, "not overridden: the file's");
+        assert_eq!(m.config.labels[9], "nine");
+        // Labels that do not match the output's classes are refused, not indexed past.
+        let err = Model::load_with(&tagged, &over(&[("std", "1"), ("labels", "cat,dog")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("labels name 2 classes but output"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,9 @@
 pub const MODEL_URL: &str = "MODEL_URL";
 /// Sedge: the SHA-256 the model's download must match.
 pub const MODEL_SHA256: &str = "MODEL_SHA256";
+/// Sedge: how the model describes itself when it has no config sidecar (a JSON object from the
+/// Model's `model.sedge.io/...` annotations; see [`crate::model`]).
+pub const MODEL_METADATA: &str = "SEDGE_MODEL_METADATA";
 /// The pod's namespace.
 pub const NAMESPACE: &str = "NAMESPACE";
 /// The JointInferenceService a worker belongs to.

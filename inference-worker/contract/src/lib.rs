@@ -7,6 +7,7 @@
 pub mod env;
 pub mod hot_update;
 pub mod mining;
+pub mod model;
 
 /// Exit codes of the workers that the controller reads.
 pub mod exit {
