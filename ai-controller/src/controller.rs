@@ -43,6 +43,7 @@ use crate::crd::{
     JointInferenceCondition, JointInferenceService, JointInferenceServiceStatus, Model,
     hem_parameters_json, metrics_map,
 };
+use crate::podspec::{self, containers, set_env};
 use crate::wire::{EDGE_ROUTABLE_ANNOTATION, ROUTE_LISTEN_ANNOTATION, ROUTE_SERVICE_ANNOTATION};
 
 /// Label naming the service on every child (Sedna's).
@@ -431,42 +432,11 @@ async fn check(
 }
 
 fn owner_ref(ji: &JointInferenceService) -> Value {
-    json!({
-        "apiVersion": "sedna.io/v1alpha1", "kind": "JointInferenceService",
-        "name": ji.name_any(), "uid": ji.uid().unwrap_or_default(),
-        "controller": true, "blockOwnerDeletion": true,
-    })
-}
-
-/// The containers of a pod spec.
-pub(crate) fn containers(spec: &mut Value) -> &mut [Value] {
-    spec["containers"]
-        .as_array_mut()
-        .map(|v| v.as_mut_slice())
-        .unwrap_or(&mut [])
-}
-
-/// Sets `name` in every container unless the template already sets it (the user's value wins).
-pub(crate) fn set_env(containers: &mut [Value], name: &str, value: Value) {
-    for c in containers {
-        let env = c["env"].as_array_mut();
-        let env = match env {
-            Some(e) => e,
-            None => {
-                c["env"] = json!([]);
-                c["env"].as_array_mut().expect("just set")
-            }
-        };
-        if env.iter().any(|e| e["name"] == name) {
-            continue;
-        }
-        let mut e = json!({"name": name});
-        match value {
-            Value::Object(ref o) => e["valueFrom"] = Value::Object(o.clone()),
-            ref v => e["value"] = v.clone(),
-        }
-        env.push(e);
-    }
+    podspec::owner_ref(
+        "JointInferenceService",
+        &ji.name_any(),
+        &ji.uid().unwrap_or_default(),
+    )
 }
 
 /// Mounts a local model's directory (Sedna's layout: `/home/data<dir>`) and returns the path the
@@ -475,28 +445,10 @@ fn mount_model(spec: &mut Value, role: &str, source: &ModelSource) -> String {
     match source {
         ModelSource::Remote(url) => url.clone(),
         ModelSource::Local(path) => {
-            let p = std::path::Path::new(path);
-            let dir = p
-                .parent()
-                .map(|d| d.to_string_lossy().into_owned())
-                .filter(|d| !d.is_empty())
-                .unwrap_or_else(|| "/".into());
+            let dir = podspec::parent(path);
             let vol = format!("sedge-model-{role}");
             let mount = format!("/home/data{}", dir.trim_end_matches('/'));
-            if !spec["volumes"].is_array() {
-                spec["volumes"] = json!([]);
-            }
-            let vols = spec["volumes"].as_array_mut().expect("array");
-            vols.retain(|v| v["name"] != vol.as_str());
-            vols.push(json!({"name": vol, "hostPath": {"path": dir}}));
-            for c in spec["containers"].as_array_mut().into_iter().flatten() {
-                if !c["volumeMounts"].is_array() {
-                    c["volumeMounts"] = json!([]);
-                }
-                let m = c["volumeMounts"].as_array_mut().expect("array");
-                m.retain(|v| v["name"] != vol.as_str());
-                m.push(json!({"name": vol, "mountPath": mount, "readOnly": true}));
-            }
+            podspec::mount_host_dir(spec, &vol, &dir, &mount, true, None);
             format!("/home/data{path}")
         }
     }
@@ -555,17 +507,15 @@ fn deployment(
     edit: impl FnOnce(&mut Value, &mut Value),
 ) -> Value {
     let name = ji.name_any();
-    let mut tpl = serde_json::to_value(template).unwrap_or_else(|_| json!({}));
-    let mut labels = tpl["metadata"]["labels"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    labels.insert(NAME_LABEL.into(), json!(name));
-    labels.insert(UID_LABEL.into(), json!(ji.uid().unwrap_or_default()));
-    labels.insert(WORKER_TYPE_LABEL.into(), json!(role));
-    tpl["metadata"]["labels"] = Value::Object(labels);
-    let mut spec = tpl["spec"].take();
-    let mut meta = tpl["metadata"].take();
+    let uid = ji.uid().unwrap_or_default();
+    let (mut meta, mut spec) = podspec::from_template(
+        template,
+        &[
+            (NAME_LABEL, &name),
+            (UID_LABEL, &uid),
+            (WORKER_TYPE_LABEL, role),
+        ],
+    );
     let url = mount_model(&mut spec, role, source);
     common_env(&mut spec, ji, cfg, &url, model);
     edit(&mut spec, &mut meta);
@@ -610,29 +560,14 @@ fn common_env(
     model: &Model,
 ) {
     let containers = containers(spec);
-    set_env(
+    podspec::common_env(
         containers,
-        env::NAMESPACE,
-        json!(ji.namespace().unwrap_or_default()),
-    );
-    set_env(containers, env::SERVICE_NAME, json!(ji.name_any()));
-    set_env(
-        containers,
-        env::WORKER_NAME,
-        json!({"fieldRef": {"fieldPath": "metadata.name"}}),
+        cfg,
+        &ji.namespace().unwrap_or_default(),
+        (env::SERVICE_NAME, &ji.name_any()),
     );
     set_env(containers, env::MODEL_URL, json!(model_url));
     model_env(containers, model);
-    set_env(
-        containers,
-        env::LC_SERVER,
-        json!(format!("http://127.0.0.1:{}", cfg.lc_port)),
-    );
-    set_env(
-        containers,
-        env::LC_PERIOD,
-        json!(cfg.report_period_seconds.to_string()),
-    );
     set_env(containers, env::DATA_PATH_PREFIX, json!("/home/data"));
 }
 

@@ -34,14 +34,13 @@ use kube::{Client, Resource, ResourceExt};
 use sedge_worker_contract::{env, hot_update};
 use serde_json::{Value, json};
 
-use crate::controller::{
-    AiError, ControllerConfig, ModelSource, containers, model_source, now, set_env,
-};
+use crate::controller::{AiError, ControllerConfig, ModelSource, model_source, now};
 use crate::crd::{
     Dataset, IncrementalLearningCondition, IncrementalLearningJob, IncrementalLearningJobStatus,
     Model, hem_parameters_json,
 };
 use crate::il::{self, Action as IlAction, Event, Phase, Stage, State, Transition};
+use crate::podspec::{self, containers, parent, set_env};
 use crate::wire::{
     IL_JOB_LABEL, IL_STATE_KEY, IL_WORKER_TYPE_LABEL, IlEvent, IlNodeState, IlProgress,
     il_state_configmap,
@@ -330,38 +329,17 @@ async fn check(
     }))
 }
 
-fn parent(path: &str) -> String {
-    std::path::Path::new(path)
-        .parent()
-        .map(|p| p.to_string_lossy().into_owned())
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "/".into())
-}
-
 /// Mounts host directory `dir` at the same path (the workers see the node's paths unchanged).
 fn mount_host_dir(spec: &mut Value, name: &str, dir: &str, read_only: bool) {
-    if !spec["volumes"].is_array() {
-        spec["volumes"] = json!([]);
-    }
-    let vols = spec["volumes"].as_array_mut().expect("array");
-    vols.retain(|v| v["name"] != name);
-    vols.push(json!({"name": name, "hostPath": {"path": dir, "type": "DirectoryOrCreate"}}));
-    for c in spec["containers"].as_array_mut().into_iter().flatten() {
-        if !c["volumeMounts"].is_array() {
-            c["volumeMounts"] = json!([]);
-        }
-        let m = c["volumeMounts"].as_array_mut().expect("array");
-        m.retain(|v| v["name"] != name);
-        m.push(json!({"name": name, "mountPath": dir, "readOnly": read_only}));
-    }
+    podspec::mount_host_dir(spec, name, dir, dir, read_only, Some("DirectoryOrCreate"));
 }
 
 fn owner_ref(job: &IncrementalLearningJob) -> Value {
-    json!({
-        "apiVersion": "sedna.io/v1alpha1", "kind": "IncrementalLearningJob",
-        "name": job.name_any(), "uid": job.uid().unwrap_or_default(),
-        "controller": true, "blockOwnerDeletion": true,
-    })
+    podspec::owner_ref(
+        "IncrementalLearningJob",
+        &job.name_any(),
+        &job.uid().unwrap_or_default(),
+    )
 }
 
 fn hot_config(job: &IncrementalLearningJob) -> Option<String> {
@@ -383,16 +361,10 @@ fn pod_spec(
     template: &k8s_openapi::api::core::v1::PodTemplateSpec,
 ) -> (Value, Value) {
     let name = job.name_any();
-    let mut tpl = serde_json::to_value(template).unwrap_or_else(|_| json!({}));
-    let mut labels = tpl["metadata"]["labels"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    labels.insert(IL_JOB_LABEL.into(), json!(name));
-    labels.insert(IL_WORKER_TYPE_LABEL.into(), json!(role));
-    tpl["metadata"]["labels"] = Value::Object(labels);
-    let meta = tpl["metadata"].take();
-    let mut spec = tpl["spec"].take();
+    let (meta, mut spec) = podspec::from_template(
+        template,
+        &[(IL_JOB_LABEL, &name), (IL_WORKER_TYPE_LABEL, role)],
+    );
     spec["nodeName"] = json!(r.node);
     let out = job.spec.output_dir.trim_end_matches('/').to_string();
     mount_host_dir(&mut spec, "sedge-il-output", &out, false);
@@ -413,26 +385,11 @@ fn pod_spec(
         }
     }
     let cs = containers(&mut spec);
-    set_env(
+    podspec::common_env(
         cs,
-        env::NAMESPACE,
-        json!(job.namespace().unwrap_or_default()),
-    );
-    set_env(cs, env::JOB_NAME, json!(name));
-    set_env(
-        cs,
-        env::WORKER_NAME,
-        json!({"fieldRef": {"fieldPath": "metadata.name"}}),
-    );
-    set_env(
-        cs,
-        env::LC_SERVER,
-        json!(format!("http://127.0.0.1:{}", cfg.lc_port)),
-    );
-    set_env(
-        cs,
-        env::LC_PERIOD,
-        json!(cfg.report_period_seconds.to_string()),
+        cfg,
+        &job.namespace().unwrap_or_default(),
+        (env::JOB_NAME, &name),
     );
     set_env(cs, env::ORIGINAL_DATASET_URL, json!(r.dataset));
     (meta, spec)

@@ -29,6 +29,7 @@ pub mod il;
 pub mod iljob;
 pub mod lc;
 pub mod metrics;
+mod podspec;
 pub mod trigger;
 pub mod wire;
 
