@@ -644,7 +644,7 @@ async fn pod_event(
         }
         Some("Failed") => {
             let code = terminated.as_ref().map(|t| t.exit_code);
-            let log = crate::controller::last_log_line(&ctx.client, &ns, &name).await;
+            let log = crate::verdict::last_log_line(&ctx.client, &ns, &name).await;
             Some(Event::PodFailed {
                 reason: terminated
                     .as_ref()

@@ -31,6 +31,7 @@ pub mod lc;
 pub mod metrics;
 mod podspec;
 pub mod trigger;
+mod verdict;
 pub mod wire;
 
 #[cfg(test)]
