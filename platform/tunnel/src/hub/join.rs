@@ -1,0 +1,210 @@
+//! The join endpoints: `/ca.crt` and `/edge.crt` (a join token or a node certificate in, a
+//! node certificate out), rate-limited, each issue recorded against its token.
+
+use super::*;
+
+/// Joins allowed per second on average (bursts up to twice that), and refusal warnings logged
+/// per second at most (the rest are counted in the next warning): a flood of join requests can
+/// neither exhaust the CA's signing nor fill the log.
+pub(super) const JOINS_PER_SECOND: f64 = 20.0;
+
+/// A token bucket and a log limiter for the join endpoint.
+pub(super) struct JoinGate {
+    tokens: f64,
+    last: Instant,
+    last_warn: Option<Instant>,
+    suppressed: u64,
+}
+
+impl JoinGate {
+    /// A full bucket: a burst of two seconds' joins.
+    pub(super) fn new() -> JoinGate {
+        JoinGate {
+            tokens: JOINS_PER_SECOND * 2.0,
+            last: Instant::now(),
+            last_warn: None,
+            suppressed: 0,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let burst = JOINS_PER_SECOND * 2.0;
+        self.tokens = (self.tokens
+            + now.duration_since(self.last).as_secs_f64() * JOINS_PER_SECOND)
+            .min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// `Some(suppressed since the last warning)` when a warning may be logged now.
+    fn warn(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last_warn
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last_warn = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+pub(super) async fn sign(
+    inner: Arc<Inner>,
+    peer: Option<Result<Peer, String>>,
+    remote: SocketAddr,
+    req: Request<Body>,
+) -> Response<Full<Bytes>> {
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let node = header("nodename").unwrap_or_default();
+    let bearer =
+        header("authorization").and_then(|a| a.strip_prefix("Bearer ").map(str::to_string));
+    let refuse = |status: StatusCode, why: String| {
+        let warn = inner
+            .join_gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .warn();
+        if let Some(suppressed) = warn {
+            tracing::warn!(%remote, node = %node, reason = %why, suppressed, "certificate request refused");
+        }
+        text(status, why)
+    };
+    if !inner
+        .join_gate
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .allow()
+    {
+        Counters::inc(&inner.counters.joins_throttled);
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many certificate requests (more than {JOINS_PER_SECOND}/s); retry in a second"
+            ),
+        );
+    }
+    if !tls::valid_node_name(&node) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("NodeName header {node:?} is not a valid node name (lower-case DNS name)"),
+        );
+    }
+    // Renewal over mTLS needs the current certificate for the same node; otherwise a token
+    // that admits this name (single use, never a connected or registered name unless bound to
+    // it). `token` is what the new certificate is recorded under, so that revoking the token
+    // revokes it too.
+    let connected = inner.known(&node).is_some_and(|n| n.session().is_some());
+    let (how, token, rejoin) = match (&peer, &bearer) {
+        (Some(Ok(current)), _) if current.node == node => {
+            let tokens = inner.tokens.clone();
+            let der = current.der.clone();
+            let token = tokio::task::spawn_blocking(move || tokens.token_of_cert(&der))
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            ("renewal".to_string(), token, false)
+        }
+        (_, Some(token)) => {
+            let tokens = inner.tokens.clone();
+            let (t, n) = (token.clone(), node.clone());
+            match tokio::task::spawn_blocking(move || tokens.admit(&t, &n, connected)).await {
+                Ok(Ok(a)) => (format!("token {}", a.token), a.token, a.rejoin),
+                Ok(Err(e)) if e.is_conflict() => {
+                    return refuse(StatusCode::CONFLICT, e.to_string());
+                }
+                Ok(Err(e @ TokenError::BoundElsewhere { .. })) => {
+                    return refuse(StatusCode::FORBIDDEN, e.to_string());
+                }
+                Ok(Err(e)) => return refuse(StatusCode::UNAUTHORIZED, e.to_string()),
+                Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        (Some(Ok(current)), None) => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the client certificate is for node {}, not {node}; a node may only renew its own certificate",
+                    current.node
+                ),
+            );
+        }
+        _ => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "a join token (Authorization: Bearer <token>) or the node's current certificate is required".into(),
+            );
+        }
+    };
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("reading the CSR: {e}")),
+    };
+    let csr = String::from_utf8_lossy(&body);
+    let issued = inner.node_ca.sign_csr(
+        &csr,
+        &sedge_pki::IssueRequest {
+            common_name: format!("{}{node}", tls::NODE_PREFIX),
+            organizations: vec![tls::NODES_GROUP.into()],
+            sans: Vec::new(),
+            usage: sedge_pki::Usage::Client,
+            valid_for: Duration::from_secs(inner.cfg.node_cert_days.max(1) * 24 * 3600),
+        },
+    );
+    match issued {
+        Ok(i) => {
+            let recorded = record_issued(&inner, &i.cert_pem, &node, &token, rejoin).await;
+            if let Err(e) = recorded {
+                return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+            }
+            Counters::inc(&inner.counters.certificates_issued);
+            tracing::info!(%remote, %node, via = %how, rejoin, "issued node certificate");
+            text(StatusCode::OK, i.cert_pem)
+        }
+        Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// Records an issued certificate; a re-join first revokes the node's earlier certificates and
+/// closes the session they hold.
+pub(super) async fn record_issued(
+    inner: &Arc<Inner>,
+    cert_pem: &str,
+    node: &str,
+    token: &str,
+    rejoin: bool,
+) -> Result<(), TunnelError> {
+    let der = sedge_pki::certs_from_pem(cert_pem, "issued certificate")?
+        .into_iter()
+        .next()
+        .ok_or_else(|| TunnelError::Tls("the issued certificate is empty".into()))?;
+    let (_, not_after) = sedge_pki::validity(&der)?;
+    let tokens = inner.tokens.clone();
+    let (n, t) = (node.to_string(), token.to_string());
+    tokio::task::spawn_blocking(move || {
+        if rejoin {
+            tokens.revoke_node(&n)?;
+        }
+        tokens.record_cert(&der, &n, &t, not_after)
+    })
+    .await
+    .map_err(|e| TunnelError::Store(e.to_string()))??;
+    if rejoin {
+        inner.close_session(node);
+    }
+    Ok(())
+}
