@@ -193,6 +193,9 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let client = match (&server, &a.kubeconfig) {
         (Some(s), _) => {
+            // KubeEdge's device resources, installed as the administrator (against a real
+            // cluster, `kubectl apply -f platform/devices/crds/`).
+            sedge_devices::install_crds(&client_from(&s.kubeconfig).await?).await?;
             // The cloud core runs as itself, with its own role, not as the administrator.
             let path = a.data_dir.join("cloudcore.kubeconfig");
             s.kubeconfig_for(sedge_apiserver::authz::CLOUDCORE_USER, &[], &path)
@@ -306,6 +309,8 @@ impl Up {
         };
         let client = client_from(&identity(sedge_apiserver::authz::CLOUDCORE_USER)?).await?;
         let admin = client_from(&server.kubeconfig).await?;
+        // KubeEdge's device resources (DeviceModel, Device), so device manifests apply.
+        sedge_devices::install_crds(&admin).await?;
         let cloud = CloudCore::start(client.clone(), cc.clone(), cloud_modules())
             .await
             .context("cannot start the cloud core")?;

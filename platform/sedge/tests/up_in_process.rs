@@ -58,6 +58,59 @@ async fn up_starts_in_process_and_its_node_turns_ready() {
         .trim_end_matches("/metrics");
     let body = get(addr, "/metrics").await;
     assert!(body.contains("edged_pods"), "{body}");
+    // KubeEdge's device resources are served: a v1beta1 DeviceModel and Device apply unchanged
+    // and `kubectl get devices` answers "is it alive?" in its columns.
+    let kubeconfig = up.server.kubeconfig.clone();
+    let manifests = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../devices/tests/manifests/modbus-thermometer.yaml"
+    );
+    let kubectl = move |args: &[&str]| {
+        let out = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "kubectl {args:?}: {text}");
+        text
+    };
+    let applied = tokio::task::spawn_blocking(move || {
+        (
+            kubectl(&["apply", "-f", manifests]),
+            kubectl(&["get", "devices"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        applied
+            .0
+            .contains("device.devices.kubeedge.io/thermometer-1 created"),
+        "{}",
+        applied.0
+    );
+    let header = applied.1.lines().next().unwrap_or_default().to_string();
+    for column in [
+        "NAME",
+        "NODE",
+        "PROTOCOL",
+        "STATE",
+        "LAST-ONLINE",
+        "REPORTED",
+        "AGE",
+    ] {
+        assert!(header.contains(column), "{}", applied.1);
+    }
+    assert!(
+        applied.1.contains("thermometer-1")
+            && applied.1.contains("edge-1")
+            && applied.1.contains("modbus"),
+        "{}",
+        applied.1
+    );
     let hub = state["hub"].as_str().unwrap().to_string();
     up.stop().await;
     // Stopped means the hub's port is closed.
