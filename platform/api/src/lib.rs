@@ -51,6 +51,12 @@ pub mod kind {
     pub const EVENT: &str = "event";
     /// A pod log request.
     pub const POD_LOG: &str = "podlog";
+    /// A device (`devices.kubeedge.io` Device).
+    pub const DEVICE: &str = "device";
+    /// A device model.
+    pub const DEVICE_MODEL: &str = "devicemodel";
+    /// A device's twins and state, reported by its node.
+    pub const DEVICE_STATUS: &str = "devicestatus";
 }
 
 /// The label every edge node carries (KubeEdge's).
@@ -151,6 +157,18 @@ pub struct PodStatusReport {
     /// The pod's UID: a report for an older pod of the same name is ignored.
     pub uid: String,
     /// A core/v1 `PodStatus`.
+    pub status: serde_json::Value,
+}
+
+/// A device's twins and state as its node reports them (the Device's `status`, in KubeEdge's
+/// field names: `twins`, `state`, `lastOnlineTime`). Values are bounded by the node before it
+/// sends them and checked again by the cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStatusReport {
+    /// The Device's UID: a report for an older device of the same name is ignored.
+    pub uid: String,
+    /// The status fields to set.
     pub status: serde_json::Value,
 }
 

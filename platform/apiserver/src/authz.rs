@@ -733,6 +733,13 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
             "apps",
             &["deployments", "deployments/status"],
         ),
+        // Devices: sent to their nodes; their status written from the nodes' reports.
+        rule(&read, "devices.kubeedge.io", &["devices", "devicemodels"]),
+        rule(
+            &["get", "update", "patch"],
+            "devices.kubeedge.io",
+            &["devices/status"],
+        ),
         // The AI layer's cloud module runs inside the cloud core and writes service status.
         rule(
             &["get", "list", "watch", "update", "patch"],

@@ -13,7 +13,10 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
-use sedge_api::{EDGE_LABEL, Key, LeaseReport, LogRequest, PodStatusReport, group, kind};
+use sedge_api::{
+    DeviceStatusReport, EDGE_LABEL, Key, LeaseReport, LogRequest, PodStatusReport, group, kind,
+};
+use sedge_devices::{Device, DeviceModel};
 use sedge_tunnel::{Handler, Hub, Incoming, LinkEvent, Message, OwnerLookup, op};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -59,6 +62,10 @@ pub struct Cache {
     pub nodes: Store<Node>,
     /// Node leases (namespace `kube-node-lease`).
     pub leases: Store<Lease>,
+    /// Devices (`devices.kubeedge.io`; stays empty where the CRDs are not installed).
+    pub devices: Store<Device>,
+    /// Device models.
+    pub device_models: Store<DeviceModel>,
     dirty: Arc<Dirty>,
     /// Woken on any pod or node change (the scheduler waits on it).
     pub changed: Arc<Notify>,
@@ -232,6 +239,48 @@ impl Cache {
             |_| {},
         );
         tasks.push(t);
+
+        // Devices: mark the device's node, and the node it left when it moved or went away.
+        let d = dirty.clone();
+        let placed: Mutex<HashMap<String, String>> = Mutex::default();
+        let (devices, t) = reflect(Api::<Device>::all(client.clone()), move |ev| {
+            let Some(o) = event_object(ev) else {
+                return;
+            };
+            let key = format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
+            let node = o.spec.node_name.clone();
+            let before = {
+                let mut placed = placed.lock().unwrap();
+                if matches!(ev, watcher::Event::Delete(_)) {
+                    placed.remove(&key)
+                } else {
+                    placed.insert(key, node.clone())
+                }
+            };
+            if let Some(b) = before
+                && b != node
+            {
+                d.mark(&b);
+            }
+            d.mark(&node);
+        });
+        tasks.push(t);
+        // Device models: the nodes of the devices made from them.
+        let (d, devs) = (dirty.clone(), devices.clone());
+        let (device_models, t) = reflect(Api::<DeviceModel>::all(client.clone()), move |ev| {
+            if let Some(m) = event_object(ev) {
+                let (ns, name) = (m.namespace(), m.name_any());
+                for dev in devs.state() {
+                    if dev.namespace() == ns
+                        && dev.spec.device_model_ref.as_ref().map(|r| r.name.as_str())
+                            == Some(name.as_str())
+                    {
+                        d.mark(&dev.spec.node_name);
+                    }
+                }
+            }
+        });
+        tasks.push(t);
         (
             Cache {
                 pods,
@@ -239,6 +288,8 @@ impl Cache {
                 secrets,
                 nodes,
                 leases,
+                devices,
+                device_models,
                 dirty,
                 changed,
             },
@@ -294,6 +345,11 @@ impl Cache {
                 .pod(ns, name)
                 .map(|p| pod_node(&p).to_string())
                 .filter(|n| !n.is_empty()),
+            kind::DEVICE_STATUS => cache
+                .devices
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|d| d.spec.node_name.clone())
+                .filter(|n| !n.is_empty()),
             _ => None,
         })
     }
@@ -322,15 +378,39 @@ impl Cache {
                 insert(&mut out, kind::CONFIGMAP, c.as_ref());
             }
         }
+        // The node's devices and their models (the status stays in the cloud: the node is its
+        // source).
+        let mut models = HashSet::new();
+        for d in self.devices.state() {
+            if d.spec.node_name != node {
+                continue;
+            }
+            let ns = d.namespace().unwrap_or_default();
+            if let Some(r) = &d.spec.device_model_ref {
+                models.insert((ns, r.name.clone()));
+            }
+            let key = insert(&mut out, kind::DEVICE, d.as_ref());
+            if let Some((_, obj)) = out.get_mut(&key)
+                && let Some(o) = obj.as_object_mut()
+            {
+                o.remove("status");
+            }
+        }
+        for (ns, name) in models {
+            if let Some(m) = self.device_models.get(&ObjectRef::new(&name).within(&ns)) {
+                insert(&mut out, kind::DEVICE_MODEL, m.as_ref());
+            }
+        }
         out
     }
 }
 
+/// Adds `obj` under its resource key and returns the key.
 fn insert<K: Resource + serde::Serialize>(
     out: &mut BTreeMap<String, (String, Value)>,
     k: &str,
     obj: &K,
-) {
+) -> String {
     let meta = obj.meta();
     let key = Key::new(
         meta.namespace.as_deref(),
@@ -341,10 +421,12 @@ fn insert<K: Resource + serde::Serialize>(
     if let Some(m) = v["metadata"].as_object_mut() {
         m.remove("managedFields");
     }
+    let key = key.to_string();
     out.insert(
-        key.to_string(),
+        key.clone(),
         (meta.resource_version.clone().unwrap_or_default(), v),
     );
+    key
 }
 
 /// Keeps every edge node's object set in step with the cache: offers what each node should hold
@@ -430,7 +512,15 @@ async fn sync_node(
             continue;
         }
         let k = key.split('/').nth(1).unwrap_or_default();
-        if ![kind::POD, kind::CONFIGMAP, kind::SECRET].contains(&k) {
+        if ![
+            kind::POD,
+            kind::CONFIGMAP,
+            kind::SECRET,
+            kind::DEVICE,
+            kind::DEVICE_MODEL,
+        ]
+        .contains(&k)
+        {
             continue;
         }
         hub.send(
@@ -554,6 +644,13 @@ impl Upstream {
                 }
             },
             kind::EVENT => settle("event", self.event(&key, body).await),
+            kind::DEVICE_STATUS => match serde_json::from_value::<DeviceStatusReport>(body) {
+                Ok(r) => settle("device status", self.device_status(&key, r).await),
+                Err(e) => {
+                    tracing::warn!(node = %i.node, resource = %key, "malformed device status: {e}; dropped");
+                    Ok(None)
+                }
+            },
             other => {
                 tracing::warn!(node = %i.node, kind = other, "unknown report kind; dropped");
                 Ok(None)
@@ -605,6 +702,36 @@ impl Upstream {
             self.node_status(node, reported["status"].clone()).await?;
         }
         Ok(())
+    }
+
+    /// Writes a device's reported twins and state into its status, after checking them against
+    /// the device (a report that fails the check is dropped, with the reason logged).
+    async fn device_status(&self, key: &Key, r: DeviceStatusReport) -> Result<(), kube::Error> {
+        let Some(dev) = self
+            .cache
+            .devices
+            .get(&ObjectRef::new(&key.name).within(&key.namespace))
+        else {
+            return Ok(());
+        };
+        if dev.uid().as_deref() != Some(r.uid.as_str()) {
+            return Ok(());
+        }
+        let status = match sedge_devices::check_status(&dev, &r.status) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(device = %format!("{}/{}", key.namespace, key.name), "device status refused: {e}");
+                return Ok(());
+            }
+        };
+        Api::<Device>::namespaced(self.client.clone(), &key.namespace)
+            .patch_status(
+                &key.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await
+            .map(drop)
     }
 
     async fn node_status(&self, node: &str, status: Value) -> Result<(), kube::Error> {

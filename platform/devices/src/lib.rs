@@ -10,13 +10,17 @@
 //! `protocolConfigData`). Protocol and visitor `configData` is free-form, as in KubeEdge: a
 //! mapper reads it. What Sedge adds is printer columns that answer "is it alive?".
 //!
-//! Platform, not the AI layer: the device controller (cloud) and the device twin (edge) build
-//! on these types.
+//! Platform, not the AI layer: the cloud core's edge controller sends each node its devices and
+//! writes their reported status ([`check_status`] first); the edge's device twin ([`twin`])
+//! serves them to mappers over KubeEdge's DMI.
 
 // kube-derive takes printer columns as repeated attributes with the same keys.
 #![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;
+
+mod dmiconv;
+pub mod twin;
 
 use kube::{CustomResource, CustomResourceExt};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -449,4 +453,122 @@ pub async fn install_crds(client: &kube::Client) -> Result<(), InstallError> {
         }
     }
     Ok(())
+}
+
+/// Longest reported value KubeEdge's twin takes (bytes).
+pub const MAX_VALUE_BYTES: usize = 512;
+/// Longest property name or metadata key (bytes).
+pub const MAX_KEY_BYTES: usize = 128;
+/// Most metadata entries on one value.
+pub const MAX_METADATA: usize = 16;
+
+/// A node's report of `device`'s status, checked before it is written: only the device's own
+/// properties, values at most [`MAX_VALUE_BYTES`], keys at most [`MAX_KEY_BYTES`], at most
+/// [`MAX_METADATA`] metadata entries, one twin per property. The error names what was wrong.
+pub fn check_status(device: &Device, status: &Value) -> Result<DeviceStatus, String> {
+    let s: DeviceStatus =
+        serde_json::from_value(status.clone()).map_err(|e| format!("not a device status: {e}"))?;
+    let known: std::collections::HashSet<&str> = device
+        .spec
+        .properties
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for t in &s.twins {
+        if !known.contains(t.property_name.as_str()) {
+            return Err(format!(
+                "twin {:?} is not a property of the device",
+                t.property_name
+            ));
+        }
+        if !seen.insert(t.property_name.as_str()) {
+            return Err(format!("twin {:?} reported twice", t.property_name));
+        }
+        for (what, v) in [
+            ("reported", &t.reported),
+            ("observedDesired", &t.observed_desired),
+        ] {
+            let Some(v) = v else { continue };
+            if v.value.len() > MAX_VALUE_BYTES {
+                return Err(format!(
+                    "twin {:?} {what} value is {} bytes; at most {MAX_VALUE_BYTES}",
+                    t.property_name,
+                    v.value.len()
+                ));
+            }
+            if v.metadata.len() > MAX_METADATA
+                || v.metadata
+                    .iter()
+                    .any(|(k, m)| k.len() > MAX_KEY_BYTES || m.len() > MAX_VALUE_BYTES)
+            {
+                return Err(format!(
+                    "twin {:?} {what} metadata is over {MAX_METADATA} entries or {MAX_KEY_BYTES}-byte keys",
+                    t.property_name
+                ));
+            }
+        }
+    }
+    if s.state.len() > MAX_KEY_BYTES || s.last_online_time.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "state or lastOnlineTime is over {MAX_KEY_BYTES} bytes"
+        ));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn device() -> Device {
+        serde_json::from_value(json!({
+            "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "Device",
+            "metadata": {"name": "d", "namespace": "default"},
+            "spec": {"nodeName": "edge-1", "protocol": {"protocolName": "modbus"},
+                     "properties": [{"name": "temperature"}, {"name": "switch"}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_report_of_the_devices_own_properties_passes() {
+        let s = check_status(
+            &device(),
+            &json!({"state": "online", "lastOnlineTime": "2026-12-01T00:00:00Z",
+                    "twins": [{"propertyName": "temperature", "reported": {"value": "21", "metadata": {"timestamp": "1"}}}]}),
+        )
+        .unwrap();
+        assert_eq!(s.twins[0].reported.as_ref().unwrap().value, "21");
+    }
+
+    #[test]
+    fn attacks_on_the_status_are_named() {
+        let d = device();
+        let cases = [
+            (
+                json!({"twins": [{"propertyName": "pressure", "reported": {"value": "1"}}]}),
+                "not a property",
+            ),
+            (
+                json!({"twins": [{"propertyName": "switch"}, {"propertyName": "switch"}]}),
+                "twice",
+            ),
+            (
+                json!({"twins": [{"propertyName": "switch", "reported": {"value": "x".repeat(513)}}]}),
+                "at most 512",
+            ),
+            (
+                json!({"twins": [{"propertyName": "switch", "reported": {"value": "1", "metadata": (0..17).map(|i| (i.to_string(), "v".to_string())).collect::<BTreeMap<_, _>>()}}]}),
+                "metadata",
+            ),
+            (json!({"state": "s".repeat(200)}), "state"),
+            (json!({"twins": "all of them"}), "not a device status"),
+        ];
+        for (status, want) in cases {
+            let e = check_status(&d, &status).unwrap_err();
+            assert!(e.contains(want), "{status}: {e}");
+        }
+    }
 }

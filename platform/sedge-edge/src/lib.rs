@@ -1,6 +1,7 @@
 //! The edge agent as a library and as its own slim binary, `sedge-edge`: the edge core (edged,
-//! the SQLite store, the MetaServer, the edge hub) with the AI layer's edge module (Sedna's
-//! local-controller endpoint and the offload routes), and nothing else: no model runtime, no
+//! the SQLite store, the MetaServer, the edge hub) with the device twin (KubeEdge's DMI for
+//! mappers) and the AI layer's edge module (Sedna's local-controller endpoint and the offload
+//! routes), and nothing else: no model runtime, no
 //! API server, no benchmarks. `sedge edge` runs the same code inside the all-in-one binary.
 //!
 //! Like `platform/sedge`, this crate is a composition root: it is the one place on the edge
@@ -14,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use sedge_ai_controller::edge::{EdgeAiConfig, EdgeAiModule};
 use sedge_config::Loader;
+use sedge_devices::twin::{DeviceTwin, DeviceTwinConfig};
 use sedge_edgecore::{EdgeCore, EdgeCoreConfig, EdgeModule};
 use serde::Serialize;
 
@@ -55,6 +57,10 @@ pub struct EdgeAgentArgs {
     #[arg(long)]
     #[serde(rename = "metaserver_listen")]
     metaserver: Option<String>,
+    /// KubeEdge's DMI socket mappers talk to (default `<data dir>/dmi.sock`; `-` disables it).
+    #[arg(long)]
+    #[serde(skip)]
+    dmi_socket: Option<PathBuf>,
     /// Address of the local-controller endpoint AI workers report to (`LC_SERVER`; empty disables it).
     #[arg(long, default_value = "127.0.0.1:9100")]
     #[serde(skip)]
@@ -96,15 +102,34 @@ pub async fn run(a: EdgeAgentArgs, shutdown: impl Future<Output = ()>) -> Result
         lc_listen: a.lc_listen.clone(),
         ..Default::default()
     });
-    let core = EdgeCore::start(cfg, vec![Arc::new(ai) as Arc<dyn EdgeModule>])
-        .await
-        .context("cannot start the edge agent")?;
+    let dmi_socket = match &a.dmi_socket {
+        Some(p) if p.as_os_str() == "-" => PathBuf::new(),
+        Some(p) => p.clone(),
+        None => cfg.tunnel.data_dir.join("dmi.sock"),
+    };
+    let devices = DeviceTwin::new(DeviceTwinConfig {
+        dmi_socket: dmi_socket.clone(),
+    });
+    let core = EdgeCore::start(
+        cfg,
+        vec![
+            Arc::new(ai) as Arc<dyn EdgeModule>,
+            Arc::new(devices) as Arc<dyn EdgeModule>,
+        ],
+    )
+    .await
+    .context("cannot start the edge agent")?;
     eprintln!(
-        "edge agent {} running; local API {}",
+        "edge agent {} running; local API {}; DMI {}",
         core.node(),
         core.metaserver
             .map(|a| format!("http://{a}"))
-            .unwrap_or_else(|| "off".into())
+            .unwrap_or_else(|| "off".into()),
+        if dmi_socket.as_os_str().is_empty() {
+            "off".to_string()
+        } else {
+            dmi_socket.display().to_string()
+        }
     );
     shutdown.await;
     core.shutdown(false).await;

@@ -359,6 +359,7 @@ impl Up {
             .map(|i| (format!("edge-{}", i + 1), None))
             .chain((0..a.cloud_nodes).map(|i| (format!("cloud-{}", i + 1), Some("cloud"))));
         let mut edges = Vec::new();
+        let mut dmi = Vec::new();
         for (i, (node, role)) in nodes.enumerate() {
             let mut ec: EdgeCoreConfig = load(EDGECORE, a.edge_config.as_deref())?;
             if let Some(role) = role {
@@ -386,8 +387,14 @@ impl Up {
                     .await
                     .with_context(|| format!("joining {node}"))?;
             }
+            let dmi_socket = ec.tunnel.data_dir.join("dmi.sock");
+            let devices =
+                sedge_devices::twin::DeviceTwin::new(sedge_devices::twin::DeviceTwinConfig {
+                    dmi_socket: dmi_socket.clone(),
+                });
+            dmi.push(dmi_socket);
             edges.push(
-                EdgeCore::start(ec, vec![ai_module.clone()])
+                EdgeCore::start(ec, vec![ai_module.clone(), Arc::new(devices)])
                     .await
                     .with_context(|| format!("starting {node}"))?,
             );
@@ -397,7 +404,7 @@ impl Up {
             "apiserver": server.url,
             "hub": cloud.hub.addr().to_string(),
             "metrics": ops.as_ref().map(|(a, _)| format!("http://{a}/metrics")),
-            "edges": edges.iter().map(|e| json!({"node": e.node(), "metaserver": e.metaserver.map(|a| format!("http://{a}")), "metrics": e.metrics.map(|a| format!("http://{a}/metrics"))})).collect::<Vec<_>>(),
+            "edges": edges.iter().zip(&dmi).map(|(e, d)| json!({"node": e.node(), "metaserver": e.metaserver.map(|a| format!("http://{a}")), "metrics": e.metrics.map(|a| format!("http://{a}/metrics")), "dmi": d})).collect::<Vec<_>>(),
         });
         sedge_pki::write_file(
             &dir.join("up.json"),

@@ -1,0 +1,320 @@
+//! The edge's device twin: the node's devices (sent by the cloud into the node's SQLite store)
+//! served to mappers over KubeEdge's DMI (`DeviceManagerService`, gRPC on a Unix socket), and
+//! the twins and states mappers report, kept in the same store (so a restarted agent has them at
+//! once) and sent to the cloud through the durable outbox, the latest per device winning while
+//! the link is down.
+//!
+//! Every report is checked before it is stored or sent: the device must be on this node, the
+//! twins must name its properties, values and metadata are bounded ([`crate::check_status`]);
+//! a refusal is a gRPC status naming what was wrong.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use futures::future::BoxFuture;
+use sedge_api::{DeviceStatusReport, Key, group, kind};
+use sedge_edgecore::{EdgeModule, ModuleContext};
+use sedge_tunnel::{Message, Policy, op};
+use serde_json::{Map, Value, json};
+use tonic::{Request, Response, Status};
+
+use crate::{Device, DeviceModel, check_status};
+
+/// The DMI messages and services (KubeEdge's `v1beta1` package).
+pub mod dmi {
+    #![allow(missing_docs, clippy::doc_lazy_continuation)]
+    tonic::include_proto!("v1beta1");
+}
+
+use dmi::device_manager_service_server::{DeviceManagerService, DeviceManagerServiceServer};
+
+/// The store kind twins are kept under (`<ns>/<name>` of the device).
+pub const TWIN_KIND: &str = "devicetwin";
+/// Largest DMI request taken (bytes): a status of many twins fits, a flood does not.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Longest mapper name, protocol or state (bytes).
+const MAX_NAME_BYTES: usize = 128;
+
+/// The device twin's settings.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceTwinConfig {
+    /// The DMI socket (KubeEdge's `/etc/kubeedge/dmi.sock`); empty disables DMI.
+    pub dmi_socket: PathBuf,
+}
+
+/// The device twin as an edge-agent module.
+pub struct DeviceTwin {
+    cfg: DeviceTwinConfig,
+    ctx: OnceLock<ModuleContext>,
+}
+
+impl DeviceTwin {
+    /// A device twin with `cfg`.
+    pub fn new(cfg: DeviceTwinConfig) -> DeviceTwin {
+        DeviceTwin {
+            cfg,
+            ctx: OnceLock::new(),
+        }
+    }
+}
+
+impl EdgeModule for DeviceTwin {
+    fn group(&self) -> &str {
+        "devicetwin"
+    }
+
+    fn start(&self, ctx: ModuleContext) {
+        let _ = self.ctx.set(ctx.clone());
+        if self.cfg.dmi_socket.as_os_str().is_empty() {
+            return;
+        }
+        let path = self.cfg.dmi_socket.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_dmi(&path, Dmi { ctx }).await {
+                tracing::error!(socket = %path.display(), error = %e, "DMI server stopped");
+            }
+        });
+    }
+
+    fn handle(
+        &self,
+        _ctx: &ModuleContext,
+        _msg: Message,
+    ) -> BoxFuture<'static, Result<Option<Message>, String>> {
+        // Devices come through the store; nothing is sent to this group yet.
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// Serves DMI on a Unix socket (replacing a stale socket file) until the task is dropped.
+async fn serve_dmi(path: &std::path::Path, dmi: Dmi) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    // Only this machine's user (mappers run as pods on the node) reaches it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    tracing::info!(socket = %path.display(), "DMI (DeviceManagerService) serving");
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        let conn = l.accept().await.map(|(s, _)| s);
+        Some((conn, l))
+    });
+    tonic::transport::Server::builder()
+        .add_service(
+            DeviceManagerServiceServer::new(dmi)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(16 * 1024 * 1024),
+        )
+        .serve_with_incoming(incoming)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+struct Dmi {
+    ctx: ModuleContext,
+}
+
+fn bounded(field: &str, v: &str) -> Result<(), Status> {
+    if v.len() > MAX_NAME_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; at most {MAX_NAME_BYTES}",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Dmi {
+    /// The device `ns/name` from the node's store, or NotFound naming it.
+    async fn device(&self, ns: &str, name: &str) -> Result<Device, Status> {
+        bounded("deviceName", name)?;
+        bounded("deviceNamespace", ns)?;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("deviceName is empty"));
+        }
+        let ns = if ns.is_empty() { "default" } else { ns };
+        let store = self.ctx.store.clone();
+        let (n, k) = (ns.to_string(), name.to_string());
+        let obj = tokio::task::spawn_blocking(move || store.get(kind::DEVICE, &n, &k))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "device {ns}/{name} is not on node {}",
+                    self.ctx.node
+                ))
+            })?;
+        serde_json::from_value(obj).map_err(|e| Status::internal(format!("stored device: {e}")))
+    }
+
+    /// Merges `update` into the stored twin of `dev`, stores it, and sends the whole status up.
+    async fn update(&self, dev: &Device, update: Map<String, Value>) -> Result<(), Status> {
+        let ns = dev.metadata.namespace.clone().unwrap_or_default();
+        let name = dev.metadata.name.clone().unwrap_or_default();
+        let store = self.ctx.store.clone();
+        let (n, k) = (ns.clone(), name.clone());
+        let status = tokio::task::spawn_blocking(move || -> Result<Value, String> {
+            let mut twin = store
+                .get(TWIN_KIND, &n, &k)
+                .map_err(|e| e.to_string())?
+                .unwrap_or_else(|| json!({}));
+            for (key, v) in update {
+                twin[key] = v;
+            }
+            let rev = store.revision().map_err(|e| e.to_string())? + 1;
+            store
+                .upsert(TWIN_KIND, &n, &k, &rev.to_string(), &twin)
+                .map_err(|e| e.to_string())?;
+            Ok(twin)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::unavailable)?;
+        let report = DeviceStatusReport {
+            uid: dev.metadata.uid.clone().unwrap_or_default(),
+            status,
+        };
+        let key = Key::new(Some(&ns), kind::DEVICE_STATUS, &name);
+        self.ctx.send(
+            Message::new(
+                group::CLOUD,
+                op::UPDATE,
+                &key.to_string(),
+                serde_json::to_vec(&report).unwrap_or_default(),
+            ),
+            Policy::LatestWins,
+        );
+        Ok(())
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn twin_property(p: &Option<dmi::TwinProperty>) -> Option<Value> {
+    p.as_ref()
+        .map(|p| json!({"value": p.value, "metadata": p.metadata}))
+}
+
+#[tonic::async_trait]
+impl DeviceManagerService for Dmi {
+    async fn mapper_register(
+        &self,
+        req: Request<dmi::MapperRegisterRequest>,
+    ) -> Result<Response<dmi::MapperRegisterResponse>, Status> {
+        let req = req.into_inner();
+        let mapper = req
+            .mapper
+            .ok_or_else(|| Status::invalid_argument("mapper is missing"))?;
+        bounded("mapper.name", &mapper.name)?;
+        bounded("mapper.protocol", &mapper.protocol)?;
+        if mapper.protocol.is_empty() {
+            return Err(Status::invalid_argument(
+                "mapper.protocol is empty: say which protocol the mapper serves",
+            ));
+        }
+        let store = self.ctx.store.clone();
+        let (devices, models) = tokio::task::spawn_blocking(move || {
+            (
+                store.list(kind::DEVICE, None).unwrap_or_default(),
+                store.list(kind::DEVICE_MODEL, None).unwrap_or_default(),
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let devices: Vec<Device> = devices
+            .into_iter()
+            .filter_map(|d| serde_json::from_value(d).ok())
+            .filter(|d: &Device| d.spec.protocol.protocol_name == mapper.protocol)
+            .collect();
+        if devices.is_empty() {
+            tracing::info!(mapper = %mapper.name, protocol = %mapper.protocol, "a mapper registered for a protocol no device on this node uses");
+        } else {
+            tracing::info!(mapper = %mapper.name, protocol = %mapper.protocol, devices = devices.len(), "mapper registered");
+        }
+        if !req.with_data {
+            return Ok(Response::new(dmi::MapperRegisterResponse::default()));
+        }
+        let used: std::collections::HashSet<(String, String)> = devices
+            .iter()
+            .filter_map(|d| {
+                Some((
+                    d.metadata.namespace.clone().unwrap_or_default(),
+                    d.spec.device_model_ref.as_ref()?.name.clone(),
+                ))
+            })
+            .collect();
+        let model_list = models
+            .into_iter()
+            .filter_map(|m| serde_json::from_value::<DeviceModel>(m).ok())
+            .filter(|m| {
+                used.contains(&(
+                    m.metadata.namespace.clone().unwrap_or_default(),
+                    m.metadata.name.clone().unwrap_or_default(),
+                ))
+            })
+            .map(|m| crate::dmiconv::model(&m))
+            .collect();
+        let device_list = devices.iter().map(crate::dmiconv::device).collect();
+        Ok(Response::new(dmi::MapperRegisterResponse {
+            model_list,
+            device_list,
+        }))
+    }
+
+    async fn report_device_status(
+        &self,
+        req: Request<dmi::ReportDeviceStatusRequest>,
+    ) -> Result<Response<dmi::ReportDeviceStatusResponse>, Status> {
+        let req = req.into_inner();
+        let dev = self.device(&req.device_namespace, &req.device_name).await?;
+        let reported = req.reported_device.unwrap_or_default();
+        let twins: Vec<Value> = reported
+            .twins
+            .iter()
+            .map(|t| {
+                let mut v = json!({"propertyName": t.property_name});
+                if let Some(r) = twin_property(&t.reported) {
+                    v["reported"] = r;
+                }
+                if let Some(o) = twin_property(&t.observed_desired) {
+                    v["observedDesired"] = o;
+                }
+                v
+            })
+            .collect();
+        let status = json!({"twins": twins});
+        check_status(&dev, &status).map_err(Status::invalid_argument)?;
+        let mut update = Map::new();
+        update.insert("twins".into(), status["twins"].clone());
+        self.update(&dev, update).await?;
+        Ok(Response::new(dmi::ReportDeviceStatusResponse {}))
+    }
+
+    async fn report_device_states(
+        &self,
+        req: Request<dmi::ReportDeviceStatesRequest>,
+    ) -> Result<Response<dmi::ReportDeviceStatesResponse>, Status> {
+        let req = req.into_inner();
+        bounded("state", &req.state)?;
+        if req.state.is_empty() {
+            return Err(Status::invalid_argument("state is empty"));
+        }
+        let dev = self.device(&req.device_namespace, &req.device_name).await?;
+        let mut update = Map::new();
+        update.insert("state".into(), json!(req.state));
+        if req.state.eq_ignore_ascii_case("online") || req.state.eq_ignore_ascii_case("ok") {
+            update.insert("lastOnlineTime".into(), json!(now()));
+        }
+        self.update(&dev, update).await?;
+        Ok(Response::new(dmi::ReportDeviceStatesResponse {}))
+    }
+}
