@@ -7,6 +7,11 @@
 //! Every report is checked before it is stored or sent: the device must be on this node, the
 //! twins must name its properties, values and metadata are bounded ([`crate::check_status`]);
 //! a refusal is a gRPC status naming what was wrong.
+//!
+//! Downward, a mapper that registered with its own socket (`MapperInfo.address`) is told when a
+//! device of its protocol on this node is added, changed (a new desired value, say) or removed:
+//! `RegisterDevice`, `UpdateDevice`, `RemoveDevice` of its `DeviceMapperService`. Registered
+//! mappers are kept in the store, so a restarted agent still knows them.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -30,6 +35,12 @@ use dmi::device_manager_service_server::{DeviceManagerService, DeviceManagerServ
 
 /// The store kind twins are kept under (`<ns>/<name>` of the device).
 pub const TWIN_KIND: &str = "devicetwin";
+/// The store kind registered mappers are kept under (by protocol).
+pub const MAPPER_KIND: &str = "mapper";
+/// Longest mapper socket path (a Unix socket address holds 108 bytes).
+const MAX_SOCKET_BYTES: usize = 107;
+/// How long a call into a mapper may take.
+const MAPPER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Largest DMI request taken (bytes): a status of many twins fits, a flood does not.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// Longest mapper name, protocol or state (bytes).
@@ -65,6 +76,7 @@ impl EdgeModule for DeviceTwin {
 
     fn start(&self, ctx: ModuleContext) {
         let _ = self.ctx.set(ctx.clone());
+        tokio::spawn(tell_mappers(ctx.clone()));
         if self.cfg.dmi_socket.as_os_str().is_empty() {
             return;
         }
@@ -118,6 +130,94 @@ async fn serve_dmi(path: &std::path::Path, dmi: Dmi) -> Result<(), String> {
 
 struct Dmi {
     ctx: ModuleContext,
+}
+
+/// A mapper's `DeviceMapperService` on its Unix socket.
+async fn mapper_client(
+    socket: &str,
+) -> Result<
+    dmi::device_mapper_service_client::DeviceMapperServiceClient<tonic::transport::Channel>,
+    String,
+> {
+    let path = PathBuf::from(socket);
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .map_err(|e| e.to_string())?
+        .connect_timeout(MAPPER_CALL_TIMEOUT)
+        .timeout(MAPPER_CALL_TIMEOUT)
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot reach the mapper at {socket}: {e}"))?;
+    Ok(dmi::device_mapper_service_client::DeviceMapperServiceClient::new(channel))
+}
+
+/// Follows the store's device changes and tells the mapper of each device's protocol.
+async fn tell_mappers(ctx: ModuleContext) {
+    let mut changes = ctx.store.subscribe();
+    loop {
+        let change = match changes.recv().await {
+            Ok(c) => c,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "device changes missed; mappers catch up when they register again"
+                );
+                continue;
+            }
+            Err(_) => return,
+        };
+        if change.kind != kind::DEVICE {
+            continue;
+        }
+        let Ok(dev) = serde_json::from_value::<Device>(change.object.clone()) else {
+            continue;
+        };
+        let protocol = dev.spec.protocol.protocol_name.clone();
+        let store = ctx.store.clone();
+        let mapper = tokio::task::spawn_blocking(move || store.get(MAPPER_KIND, "", &protocol))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let Some(socket) = mapper.and_then(|m| m["address"].as_str().map(String::from)) else {
+            continue;
+        };
+        let who = format!("{}/{}", change.namespace, change.name);
+        let call = async {
+            let mut c = mapper_client(&socket).await?;
+            let r = match change.kind_of_change {
+                "ADDED" => c
+                    .register_device(dmi::RegisterDeviceRequest {
+                        device: Some(crate::dmiconv::device(&dev)),
+                    })
+                    .await
+                    .map(drop),
+                "DELETED" => c
+                    .remove_device(dmi::RemoveDeviceRequest {
+                        device_name: change.name.clone(),
+                        device_namespace: change.namespace.clone(),
+                    })
+                    .await
+                    .map(drop),
+                _ => c
+                    .update_device(dmi::UpdateDeviceRequest {
+                        device: Some(crate::dmiconv::device(&dev)),
+                    })
+                    .await
+                    .map(drop),
+            };
+            r.map_err(|s| format!("the mapper refused: {}", s.message()))
+        };
+        if let Err(e) = call.await {
+            tracing::warn!(device = %who, mapper = %socket, change = change.kind_of_change, "{e}");
+        }
+    }
 }
 
 fn bounded(field: &str, v: &str) -> Result<(), Status> {
@@ -220,6 +320,31 @@ impl DeviceManagerService for Dmi {
             return Err(Status::invalid_argument(
                 "mapper.protocol is empty: say which protocol the mapper serves",
             ));
+        }
+        // Where the mapper serves DeviceMapperService, if it does: told of device changes.
+        if !mapper.address.is_empty() {
+            let address = String::from_utf8(mapper.address.clone())
+                .ok()
+                .filter(|a| {
+                    a.starts_with('/') && a.len() <= MAX_SOCKET_BYTES && !a.contains('\0')
+                })
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "mapper.address must be the absolute path of a Unix socket, at most {MAX_SOCKET_BYTES} bytes"
+                    ))
+                })?;
+            let store = self.ctx.store.clone();
+            let record = json!({"name": mapper.name, "protocol": mapper.protocol, "address": address, "version": mapper.version});
+            let protocol = mapper.protocol.clone();
+            tokio::task::spawn_blocking(move || {
+                let rev = store.revision().map_err(|e| e.to_string())? + 1;
+                store
+                    .upsert(MAPPER_KIND, "", &protocol, &rev.to_string(), &record)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::unavailable)?;
         }
         let store = self.ctx.store.clone();
         let (devices, models) = tokio::task::spawn_blocking(move || {

@@ -12,8 +12,91 @@ use hyper_util::rt::TokioIo;
 use sedge::platform::{Up, UpArgs};
 use sedge_devices::twin::dmi;
 use sedge_devices::twin::dmi::device_manager_service_client::DeviceManagerServiceClient;
-use tonic::Code;
+use sedge_devices::twin::dmi::device_mapper_service_server::{
+    DeviceMapperService, DeviceMapperServiceServer,
+};
+use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+/// A mapper's side of DMI for the test: it records what the agent tells it.
+struct FakeMapper(mpsc::UnboundedSender<(String, dmi::Device)>);
+
+#[tonic::async_trait]
+impl DeviceMapperService for FakeMapper {
+    async fn register_device(
+        &self,
+        r: Request<dmi::RegisterDeviceRequest>,
+    ) -> Result<Response<dmi::RegisterDeviceResponse>, Status> {
+        let d = r.into_inner().device.unwrap_or_default();
+        let _ = self.0.send(("register".into(), d.clone()));
+        Ok(Response::new(dmi::RegisterDeviceResponse {
+            device_name: d.name,
+            device_namespace: d.namespace,
+        }))
+    }
+    async fn remove_device(
+        &self,
+        r: Request<dmi::RemoveDeviceRequest>,
+    ) -> Result<Response<dmi::RemoveDeviceResponse>, Status> {
+        let r = r.into_inner();
+        let d = dmi::Device {
+            name: r.device_name,
+            namespace: r.device_namespace,
+            ..Default::default()
+        };
+        let _ = self.0.send(("remove".into(), d));
+        Ok(Response::new(dmi::RemoveDeviceResponse {}))
+    }
+    async fn update_device(
+        &self,
+        r: Request<dmi::UpdateDeviceRequest>,
+    ) -> Result<Response<dmi::UpdateDeviceResponse>, Status> {
+        let _ = self
+            .0
+            .send(("update".into(), r.into_inner().device.unwrap_or_default()));
+        Ok(Response::new(dmi::UpdateDeviceResponse {}))
+    }
+    async fn create_device_model(
+        &self,
+        _: Request<dmi::CreateDeviceModelRequest>,
+    ) -> Result<Response<dmi::CreateDeviceModelResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+    async fn remove_device_model(
+        &self,
+        _: Request<dmi::RemoveDeviceModelRequest>,
+    ) -> Result<Response<dmi::RemoveDeviceModelResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+    async fn update_device_model(
+        &self,
+        _: Request<dmi::UpdateDeviceModelRequest>,
+    ) -> Result<Response<dmi::UpdateDeviceModelResponse>, Status> {
+        Ok(Response::new(Default::default()))
+    }
+    async fn get_device(
+        &self,
+        _: Request<dmi::GetDeviceRequest>,
+    ) -> Result<Response<dmi::GetDeviceResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+/// Serves the fake mapper on `socket`; what the agent tells it arrives on the receiver.
+fn fake_mapper(socket: &std::path::Path) -> mpsc::UnboundedReceiver<(String, dmi::Device)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        Some((l.accept().await.map(|(s, _)| s), l))
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DeviceMapperServiceServer::new(FakeMapper(tx)))
+            .serve_with_incoming(incoming),
+    );
+    rx
+}
 
 async fn dmi_client(socket: PathBuf) -> DeviceManagerServiceClient<Channel> {
     let channel = Endpoint::try_from("http://localhost")
@@ -105,12 +188,21 @@ async fn a_mapper_reports_through_dmi_and_kubectl_shows_the_device_status() {
     let socket = PathBuf::from(state["edges"][0]["dmi"].as_str().unwrap());
     let mut c = dmi_client(socket).await;
 
-    // The mapper registers for Modbus and gets the device (once the cloud has sent it).
+    // The mapper registers for Modbus, with its own socket, and gets the device (once the
+    // cloud has sent it).
+    let mapper_socket = dir.path().join("mapper.sock");
+    let mut told = fake_mapper(&mapper_socket);
+    let address = mapper_socket.display().to_string().into_bytes();
     let register = |protocol: &str| dmi::MapperRegisterRequest {
         with_data: true,
         mapper: Some(dmi::MapperInfo {
             name: "test-mapper".into(),
             protocol: protocol.into(),
+            address: if protocol == "modbus" {
+                address.clone()
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         }),
     };
@@ -154,6 +246,10 @@ async fn a_mapper_reports_through_dmi_and_kubectl_shows_the_device_status() {
     assert!(none.device_list.is_empty() && none.model_list.is_empty());
     let e = c.mapper_register(register("")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    let mut relative = register("modbus");
+    relative.mapper.as_mut().unwrap().address = b"mapper.sock".to_vec();
+    let e = c.mapper_register(relative).await.unwrap_err();
+    assert!(e.message().contains("absolute path"), "{e:?}");
 
     // Bad reports are refused with the reason.
     let e = c
@@ -235,5 +331,54 @@ async fn a_mapper_reports_through_dmi_and_kubectl_shows_the_device_status() {
     .await
     .unwrap();
     assert!(status.starts_with("23 20"), "{status}");
+
+    // A desired value set in the cloud reaches the mapper: UpdateDevice with the new value.
+    let k = kc.clone();
+    tokio::task::spawn_blocking(move || {
+        kubectl(
+            &k,
+            &[
+                "patch",
+                "device",
+                "thermometer-1",
+                "--type=json",
+                "-p",
+                r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"false"}]"#,
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let desired = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (what, d) = told.recv().await.expect("the fake mapper stopped");
+            let value = d
+                .spec
+                .as_ref()
+                .and_then(|s| s.properties.iter().find(|p| p.name == "temperature-enable"))
+                .and_then(|p| p.desired.as_ref())
+                .map(|v| v.value.clone());
+            if what == "update" && value.as_deref() == Some("false") {
+                return d;
+            }
+        }
+    })
+    .await
+    .expect("the mapper was told of the new desired value");
+    assert_eq!(desired.name, "thermometer-1");
+    // Deleting the device tells the mapper to let it go.
+    let k = kc.clone();
+    tokio::task::spawn_blocking(move || kubectl(&k, &["delete", "device", "thermometer-1"]))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some((what, d)) = told.recv().await {
+            if what == "remove" && d.name == "thermometer-1" {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the mapper was told the device went away");
     up.stop().await;
 }
