@@ -849,6 +849,78 @@ impl Upstream {
 mod tests {
     use super::*;
 
+    /// A cache holding `devices` and `models` (the other stores empty).
+    fn cache_with(devices: Vec<Device>, models: Vec<DeviceModel>) -> Cache {
+        fn filled<K>(items: Vec<K>) -> Store<K>
+        where
+            K: kube::Resource<DynamicType = ()> + Clone + 'static,
+        {
+            let (store, mut writer) = reflector::store::<K>();
+            for i in items {
+                writer.apply_watcher_event(&watcher::Event::Apply(i));
+            }
+            store
+        }
+        Cache {
+            pods: filled(vec![]),
+            configmaps: filled(vec![]),
+            secrets: filled(vec![]),
+            nodes: filled(vec![]),
+            leases: filled(vec![]),
+            devices: filled(devices),
+            device_models: filled(models),
+            dirty: Arc::default(),
+            changed: Arc::default(),
+        }
+    }
+
+    fn device(name: &str, node: &str) -> Device {
+        serde_json::from_value(json!({
+            "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "Device",
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": "7"},
+            "spec": {"nodeName": node, "deviceModelRef": {"name": "m"},
+                     "protocol": {"protocolName": "modbus"}},
+            "status": {"state": "online"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_node_gets_its_devices_and_their_models_and_reports_only_on_them() {
+        let model: DeviceModel = serde_json::from_value(json!({
+            "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "DeviceModel",
+            "metadata": {"name": "m", "namespace": "default", "resourceVersion": "3"},
+            "spec": {"protocol": "modbus"}
+        }))
+        .unwrap();
+        let cache = cache_with(
+            vec![device("mine", "edge-1"), device("theirs", "edge-2")],
+            vec![model],
+        );
+        let held = cache.desired("edge-1");
+        let keys: Vec<&str> = held.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["default/device/mine", "default/devicemodel/m"]);
+        // The status stays in the cloud: the node is its source, not its reader.
+        assert!(held["default/device/mine"].1.get("status").is_none());
+        // The hub lets a node report only on its own devices.
+        let lookup = cache.owner_lookup();
+        let report = |name: &str| {
+            Message::new(
+                group::CLOUD,
+                op::UPDATE,
+                &Key::new(Some("default"), kind::DEVICE_STATUS, name).to_string(),
+                Vec::new(),
+            )
+        };
+        assert!(sedge_tunnel::hub::authorize("edge-1", &report("mine"), Some(&lookup)).is_ok());
+        let e =
+            sedge_tunnel::hub::authorize("edge-1", &report("theirs"), Some(&lookup)).unwrap_err();
+        assert!(e.contains("belongs to node edge-2"), "{e}");
+        let e =
+            sedge_tunnel::hub::authorize("edge-1", &report("ghost"), Some(&lookup)).unwrap_err();
+        assert!(e.contains("no such object"), "{e}");
+    }
+
     #[test]
     fn references_cover_volumes_env_and_env_from() {
         let p: Pod = serde_json::from_value(json!({
