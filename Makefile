@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build bench bench-edgemark bench-example bench-learning ort data fonts
+.PHONY: help demo test lint fmt build bench bench-edgemark bench-example bench-learning ort data fonts mqtt
 
 help:
 	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then a Sedna"
@@ -33,6 +33,13 @@ fonts: $(FONT)
 $(FONT):
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq fonts-dejavu-core; \
 	else sudo apt-get update -qq && sudo apt-get install -y -qq fonts-dejavu-core; fi
+
+# mosquitto and its clients: the device tests talk MQTT with them (and start a mosquitto).
+MOSQUITTO := /usr/bin/mosquitto_pub
+mqtt: $(MOSQUITTO)
+$(MOSQUITTO):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto mosquitto-clients; fi
 
 # ONNX Runtime's shared library, unpacked from the onnxruntime wheel on PyPI (nothing is installed
 # into Python). The version is pinned with the `ort` crate (rc.15 wants ONNX Runtime >= 1.31).
@@ -65,7 +72,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: ort fonts lint
+test: ort fonts mqtt lint
 	$(CARGO) test --workspace
 
 bench: ort

@@ -19,7 +19,9 @@
 
 use std::collections::BTreeMap;
 
+pub mod broker;
 mod dmiconv;
+pub mod mqtt;
 pub mod twin;
 
 use kube::{CustomResource, CustomResourceExt};

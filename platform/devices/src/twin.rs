@@ -51,12 +51,18 @@ const MAX_NAME_BYTES: usize = 128;
 pub struct DeviceTwinConfig {
     /// The DMI socket (KubeEdge's `/etc/kubeedge/dmi.sock`); empty disables DMI.
     pub dmi_socket: PathBuf,
+    /// Where the embedded MQTT broker listens (KubeEdge's internal broker is
+    /// `127.0.0.1:1884`; port 0 picks one); empty runs none.
+    pub mqtt_listen: String,
+    /// An external broker (`host:port`, e.g. a `mosquitto`) to use instead of the embedded one.
+    pub mqtt_broker: String,
 }
 
 /// The device twin as an edge-agent module.
 pub struct DeviceTwin {
     cfg: DeviceTwinConfig,
     ctx: OnceLock<ModuleContext>,
+    mqtt: OnceLock<String>,
 }
 
 impl DeviceTwin {
@@ -65,7 +71,14 @@ impl DeviceTwin {
         DeviceTwin {
             cfg,
             ctx: OnceLock::new(),
+            mqtt: OnceLock::new(),
         }
+    }
+
+    /// The MQTT broker the twin uses, once started (the embedded one's bound address, or the
+    /// external one's).
+    pub fn mqtt_address(&self) -> Option<&str> {
+        self.mqtt.get().map(String::as_str)
     }
 }
 
@@ -77,12 +90,43 @@ impl EdgeModule for DeviceTwin {
     fn start(&self, ctx: ModuleContext) {
         let _ = self.ctx.set(ctx.clone());
         tokio::spawn(tell_mappers(ctx.clone()));
+        let twins = Twins { ctx: ctx.clone() };
+        let broker = if !self.cfg.mqtt_broker.is_empty() {
+            Some(self.cfg.mqtt_broker.clone())
+        } else if !self.cfg.mqtt_listen.is_empty() {
+            match self
+                .cfg
+                .mqtt_listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| format!("mqtt_listen {:?}: {e}", self.cfg.mqtt_listen))
+                .and_then(crate::broker::start)
+            {
+                Ok(bound) => Some(bound.to_string()),
+                Err(e) => {
+                    tracing::error!("{e}; the MQTT event bus is off");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(b) = broker {
+            let _ = self.mqtt.set(b.clone());
+            tokio::spawn(crate::mqtt::run(twins, b));
+        }
         if self.cfg.dmi_socket.as_os_str().is_empty() {
             return;
         }
         let path = self.cfg.dmi_socket.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_dmi(&path, Dmi { ctx }).await {
+            if let Err(e) = serve_dmi(
+                &path,
+                Dmi {
+                    twins: Twins { ctx },
+                },
+            )
+            .await
+            {
                 tracing::error!(socket = %path.display(), error = %e, "DMI server stopped");
             }
         });
@@ -128,8 +172,15 @@ async fn serve_dmi(path: &std::path::Path, dmi: Dmi) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-struct Dmi {
+/// The node's twins: the devices the cloud sent, the twins and states reported for them, and the
+/// way up to the cloud. Shared by the DMI server and the MQTT bus.
+#[derive(Clone)]
+pub struct Twins {
     ctx: ModuleContext,
+}
+
+struct Dmi {
+    twins: Twins,
 }
 
 /// A mapper's `DeviceMapperService` on its Unix socket.
@@ -230,9 +281,84 @@ fn bounded(field: &str, v: &str) -> Result<(), Status> {
     Ok(())
 }
 
-impl Dmi {
+impl Twins {
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.ctx.node
+    }
+
+    /// The store's changes (devices arriving, changing, going).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<sedge_edgecore::store::Change> {
+        self.ctx.store.subscribe()
+    }
+
+    /// The devices on this node.
+    pub async fn devices(&self) -> Vec<Device> {
+        let store = self.ctx.store.clone();
+        tokio::task::spawn_blocking(move || store.list(kind::DEVICE, None).unwrap_or_default())
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|d| serde_json::from_value(d).ok())
+            .collect()
+    }
+
+    /// The stored twin of `ns/name` (`{"twins": [...], "state", "lastOnlineTime"}`; empty if none).
+    pub async fn twin(&self, ns: &str, name: &str) -> Value {
+        let store = self.ctx.store.clone();
+        let (n, k) = (ns.to_string(), name.to_string());
+        tokio::task::spawn_blocking(move || store.get(TWIN_KIND, &n, &k).ok().flatten())
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| json!({}))
+    }
+
+    /// Reported values (`(property, value, metadata)`), checked against the device, merged
+    /// into its twin by property, stored and sent up.
+    pub async fn report(
+        &self,
+        dev: &Device,
+        reported: Vec<(String, String, std::collections::HashMap<String, String>)>,
+    ) -> Result<(), Status> {
+        let twins: Vec<Value> = reported
+            .into_iter()
+            .map(|(p, v, m)| json!({"propertyName": p, "reported": {"value": v, "metadata": m}}))
+            .collect();
+        self.merge_twins(dev, twins).await
+    }
+
+    /// Twins (status JSON) checked against the device, merged by property, stored, sent up.
+    async fn merge_twins(&self, dev: &Device, twins: Vec<Value>) -> Result<(), Status> {
+        check_status(dev, &json!({"twins": twins})).map_err(Status::invalid_argument)?;
+        let ns = dev.metadata.namespace.clone().unwrap_or_default();
+        let name = dev.metadata.name.clone().unwrap_or_default();
+        let mut merged: Vec<Value> = self.twin(&ns, &name).await["twins"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for t in twins {
+            merged.retain(|m| m["propertyName"] != t["propertyName"]);
+            merged.push(t);
+        }
+        let mut update = Map::new();
+        update.insert("twins".into(), Value::Array(merged));
+        self.update(dev, update).await
+    }
+
+    /// Sets the device's state (and `lastOnlineTime` when it is online), stored and sent up.
+    pub async fn set_state(&self, dev: &Device, state: &str) -> Result<(), Status> {
+        bounded("state", state)?;
+        let mut update = Map::new();
+        update.insert("state".into(), json!(state));
+        if state.eq_ignore_ascii_case("online") || state.eq_ignore_ascii_case("ok") {
+            update.insert("lastOnlineTime".into(), json!(now()));
+        }
+        self.update(dev, update).await
+    }
+
     /// The device `ns/name` from the node's store, or NotFound naming it.
-    async fn device(&self, ns: &str, name: &str) -> Result<Device, Status> {
+    pub async fn device(&self, ns: &str, name: &str) -> Result<Device, Status> {
         bounded("deviceName", name)?;
         bounded("deviceNamespace", ns)?;
         if name.is_empty() {
@@ -333,7 +459,7 @@ impl DeviceManagerService for Dmi {
                         "mapper.address must be the absolute path of a Unix socket, at most {MAX_SOCKET_BYTES} bytes"
                     ))
                 })?;
-            let store = self.ctx.store.clone();
+            let store = self.twins.ctx.store.clone();
             let record = json!({"name": mapper.name, "protocol": mapper.protocol, "address": address, "version": mapper.version});
             let protocol = mapper.protocol.clone();
             tokio::task::spawn_blocking(move || {
@@ -346,7 +472,7 @@ impl DeviceManagerService for Dmi {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(Status::unavailable)?;
         }
-        let store = self.ctx.store.clone();
+        let store = self.twins.ctx.store.clone();
         let (devices, models) = tokio::task::spawn_blocking(move || {
             (
                 store.list(kind::DEVICE, None).unwrap_or_default(),
@@ -400,7 +526,10 @@ impl DeviceManagerService for Dmi {
         req: Request<dmi::ReportDeviceStatusRequest>,
     ) -> Result<Response<dmi::ReportDeviceStatusResponse>, Status> {
         let req = req.into_inner();
-        let dev = self.device(&req.device_namespace, &req.device_name).await?;
+        let dev = self
+            .twins
+            .device(&req.device_namespace, &req.device_name)
+            .await?;
         let reported = req.reported_device.unwrap_or_default();
         let twins: Vec<Value> = reported
             .twins
@@ -416,11 +545,7 @@ impl DeviceManagerService for Dmi {
                 v
             })
             .collect();
-        let status = json!({"twins": twins});
-        check_status(&dev, &status).map_err(Status::invalid_argument)?;
-        let mut update = Map::new();
-        update.insert("twins".into(), status["twins"].clone());
-        self.update(&dev, update).await?;
+        self.twins.merge_twins(&dev, twins).await?;
         Ok(Response::new(dmi::ReportDeviceStatusResponse {}))
     }
 
@@ -433,13 +558,11 @@ impl DeviceManagerService for Dmi {
         if req.state.is_empty() {
             return Err(Status::invalid_argument("state is empty"));
         }
-        let dev = self.device(&req.device_namespace, &req.device_name).await?;
-        let mut update = Map::new();
-        update.insert("state".into(), json!(req.state));
-        if req.state.eq_ignore_ascii_case("online") || req.state.eq_ignore_ascii_case("ok") {
-            update.insert("lastOnlineTime".into(), json!(now()));
-        }
-        self.update(&dev, update).await?;
+        let dev = self
+            .twins
+            .device(&req.device_namespace, &req.device_name)
+            .await?;
+        self.twins.set_state(&dev, &req.state).await?;
         Ok(Response::new(dmi::ReportDeviceStatesResponse {}))
     }
 }

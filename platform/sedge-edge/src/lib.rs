@@ -61,6 +61,14 @@ pub struct EdgeAgentArgs {
     #[arg(long)]
     #[serde(skip)]
     dmi_socket: Option<PathBuf>,
+    /// Where the embedded MQTT broker listens for device topics (empty: none).
+    #[arg(long, default_value = "127.0.0.1:1884")]
+    #[serde(skip)]
+    mqtt_listen: String,
+    /// Use this MQTT broker (`host:port`, e.g. a mosquitto) instead of the embedded one.
+    #[arg(long)]
+    #[serde(skip)]
+    mqtt_broker: Option<String>,
     /// Address of the local-controller endpoint AI workers report to (`LC_SERVER`; empty disables it).
     #[arg(long, default_value = "127.0.0.1:9100")]
     #[serde(skip)]
@@ -109,6 +117,8 @@ pub async fn run(a: EdgeAgentArgs, shutdown: impl Future<Output = ()>) -> Result
     };
     let devices = DeviceTwin::new(DeviceTwinConfig {
         dmi_socket: dmi_socket.clone(),
+        mqtt_listen: a.mqtt_listen.clone(),
+        mqtt_broker: a.mqtt_broker.clone().unwrap_or_default(),
     });
     let core = EdgeCore::start(
         cfg,

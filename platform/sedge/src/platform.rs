@@ -89,6 +89,13 @@ pub struct UpArgs {
     /// and of node agent i on port + 1 + i (0 picks free ports; all are in `up.json`).
     #[arg(long, default_value_t = 10266)]
     pub metrics_port: u16,
+    /// First port of the nodes' embedded MQTT brokers for device topics (node i gets port + i; 0
+    /// picks free ports; all are in `up.json`).
+    #[arg(long, default_value_t = 1884)]
+    pub mqtt_port: u16,
+    /// Use this MQTT broker (`host:port`, e.g. a mosquitto) on every node instead of embedded ones.
+    #[arg(long)]
+    pub mqtt_broker: Option<String>,
     /// Edge agent config file applied to every edge (node names and directories are set per edge).
     #[arg(long)]
     pub edge_config: Option<PathBuf>,
@@ -388,23 +395,35 @@ impl Up {
                     .with_context(|| format!("joining {node}"))?;
             }
             let dmi_socket = ec.tunnel.data_dir.join("dmi.sock");
-            let devices =
-                sedge_devices::twin::DeviceTwin::new(sedge_devices::twin::DeviceTwinConfig {
+            let (mqtt_listen, mqtt_broker) = match &a.mqtt_broker {
+                Some(b) => (String::new(), b.clone()),
+                None if a.mqtt_port == 0 => ("127.0.0.1:0".to_string(), String::new()),
+                None => (
+                    format!("127.0.0.1:{}", a.mqtt_port as usize + i),
+                    String::new(),
+                ),
+            };
+            let devices = Arc::new(sedge_devices::twin::DeviceTwin::new(
+                sedge_devices::twin::DeviceTwinConfig {
                     dmi_socket: dmi_socket.clone(),
-                });
-            dmi.push(dmi_socket);
+                    mqtt_listen,
+                    mqtt_broker,
+                },
+            ));
             edges.push(
-                EdgeCore::start(ec, vec![ai_module.clone(), Arc::new(devices)])
+                EdgeCore::start(ec, vec![ai_module.clone(), devices.clone()])
                     .await
                     .with_context(|| format!("starting {node}"))?,
             );
+            let mqtt = devices.mqtt_address().unwrap_or_default().to_string();
+            dmi.push((dmi_socket, mqtt));
         }
         let state = json!({
             "kubeconfig": server.kubeconfig,
             "apiserver": server.url,
             "hub": cloud.hub.addr().to_string(),
             "metrics": ops.as_ref().map(|(a, _)| format!("http://{a}/metrics")),
-            "edges": edges.iter().zip(&dmi).map(|(e, d)| json!({"node": e.node(), "metaserver": e.metaserver.map(|a| format!("http://{a}")), "metrics": e.metrics.map(|a| format!("http://{a}/metrics")), "dmi": d})).collect::<Vec<_>>(),
+            "edges": edges.iter().zip(&dmi).map(|(e, (d, m))| json!({"node": e.node(), "metaserver": e.metaserver.map(|a| format!("http://{a}")), "metrics": e.metrics.map(|a| format!("http://{a}/metrics")), "dmi": d, "mqtt": m})).collect::<Vec<_>>(),
         });
         sedge_pki::write_file(
             &dir.join("up.json"),

@@ -163,6 +163,8 @@ async fn a_mapper_reports_through_dmi_and_kubectl_shows_the_device_status() {
         hub_listen: "127.0.0.1:0".into(),
         metaserver_port: 0,
         metrics_port: 0,
+        mqtt_port: 0,
+        mqtt_broker: None,
         edge_config: None,
         cloud_config: None,
         cloud_nodes: 0,

@@ -18,6 +18,8 @@ async fn up_starts_in_process_and_its_node_turns_ready() {
         hub_listen: "127.0.0.1:0".into(),
         metaserver_port: 0,
         metrics_port: 0,
+        mqtt_port: 0,
+        mqtt_broker: None,
         edge_config: None,
         cloud_config: None,
         cloud_nodes: 0,

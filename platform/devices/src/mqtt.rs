@@ -1,0 +1,348 @@
+//! The event bus: KubeEdge's device topics over MQTT. The agent either embeds a broker
+//! ([`crate::broker`], on localhost) or connects to an external one (Debian's `mosquitto`, say);
+//! either way the twin speaks to it as an MQTT client (rumqttc), so local apps and MQTT mappers
+//! use `mosquitto_pub`/`mosquitto_sub` or any client unchanged.
+//!
+//! Topics (`<id>` is `<namespace>/<name>`):
+//! - `$hw/events/device/<id>/twin/update`: `{"event_id","timestamp","twin":{"<prop>":{"actual":
+//!   {"value"},"expected":{"value"},"metadata":{"type"}}}}`; answered on `.../update/result`
+//!   (the accepted twin, or `{"code","reason"}`), then `.../update/document` (`last` and `current`
+//!   per property) and, where expected and actual differ, `.../update/delta`.
+//! - `$hw/events/device/<id>/twin/get` -> `.../twin/get/result`.
+//! - `$hw/events/device/<id>/state/update` `{"state"}` -> `.../state/update/result`.
+//! - `$hw/events/node/<node>/membership/get` -> `.../membership/get/result` (this node's devices).
+//!
+//! Actual values go into the Device's status in the cloud (as DMI reports do); a desired value
+//! set in the cloud is published on `.../twin/update/delta`. Payloads are bounded by the
+//! broker's and the client's packet size; a bad one gets a `{"code":400,"reason":...}` result
+//! naming the problem, an unknown device 404, and nothing is stored.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Map, Value, json};
+
+use crate::twin::Twins;
+use crate::{Device, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+
+/// Largest MQTT packet the bus takes or sends (bytes).
+pub const MAX_PACKET_BYTES: usize = 64 * 1024;
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn error_doc(event_id: &str, code: u16, reason: &str) -> Value {
+    json!({"event_id": event_id, "timestamp": now_ms(), "code": code, "reason": reason})
+}
+
+/// A topic of a device: `(namespace, name, rest)`.
+fn device_topic(topic: &str) -> Option<(&str, &str, &str)> {
+    let rest = topic.strip_prefix("$hw/events/device/")?;
+    let mut parts = rest.splitn(3, '/');
+    Some((parts.next()?, parts.next()?, parts.next()?))
+}
+
+/// Serves the device topics on the broker at `broker` (`host:port`) for this node's twins.
+pub async fn run(twins: Twins, broker: String) {
+    let (host, port) = match broker
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse().ok()?)))
+    {
+        Some(x) => x,
+        None => {
+            tracing::error!(%broker, "the MQTT broker address is not host:port; the event bus is off");
+            return;
+        }
+    };
+    let mut opts = MqttOptions::new(format!("sedge-devicetwin-{}", twins.node()), host, port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    let (client, mut events) = AsyncClient::new(opts, 256);
+    let node = twins.node().to_string();
+    let topics = [
+        "$hw/events/device/+/+/twin/update".to_string(),
+        "$hw/events/device/+/+/twin/get".to_string(),
+        "$hw/events/device/+/+/state/update".to_string(),
+        format!("$hw/events/node/{node}/membership/get"),
+    ];
+    // Desired values set in the cloud go out as deltas.
+    tokio::spawn(publish_cloud_deltas(twins.clone(), client.clone()));
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                tracing::info!(%broker, "device twin on the MQTT bus");
+                for t in &topics {
+                    if let Err(e) = client.subscribe(t, QoS::AtLeastOnce).await {
+                        tracing::warn!(topic = %t, error = %e, "cannot subscribe");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let replies = handle(&twins, &node, &p.topic, &p.payload).await;
+                for (topic, doc) in replies {
+                    let _ = client
+                        .publish(topic, QoS::AtLeastOnce, false, doc.to_string())
+                        .await;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%broker, error = %e, "MQTT connection lost; reconnecting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// What to publish in answer to `payload` on `topic`.
+pub async fn handle(
+    twins: &Twins,
+    node: &str,
+    topic: &str,
+    payload: &[u8],
+) -> Vec<(String, Value)> {
+    if topic == format!("$hw/events/node/{node}/membership/get") {
+        let event_id = serde_json::from_slice::<Value>(payload)
+            .ok()
+            .and_then(|v| v["event_id"].as_str().map(String::from))
+            .unwrap_or_default();
+        let devices: Vec<Value> = twins
+            .devices()
+            .await
+            .iter()
+            .map(|d| {
+                json!({"id": format!("{}/{}", d.metadata.namespace.clone().unwrap_or_default(), d.metadata.name.clone().unwrap_or_default()),
+                       "name": d.metadata.name, "protocol": d.spec.protocol.protocol_name})
+            })
+            .collect();
+        return vec![(
+            format!("{topic}/result"),
+            json!({"event_id": event_id, "timestamp": now_ms(), "devices": devices}),
+        )];
+    }
+    let Some((ns, name, what)) = device_topic(topic) else {
+        return vec![];
+    };
+    let result_topic = format!("$hw/events/device/{ns}/{name}/{what}/result");
+    let doc: Value = match serde_json::from_slice(payload) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return vec![(
+                result_topic,
+                error_doc("", 400, "the payload is not a JSON object"),
+            )];
+        }
+        Err(e) => {
+            return vec![(
+                result_topic,
+                error_doc("", 400, &format!("the payload is not JSON: {e}")),
+            )];
+        }
+    };
+    let event_id = doc["event_id"].as_str().unwrap_or_default().to_string();
+    if event_id.len() > MAX_KEY_BYTES {
+        return vec![(
+            result_topic,
+            error_doc("", 400, "event_id is over 128 bytes"),
+        )];
+    }
+    let dev = match twins.device(ns, name).await {
+        Ok(d) => d,
+        Err(s) => {
+            let code = if s.code() == tonic::Code::NotFound {
+                404
+            } else {
+                400
+            };
+            return vec![(result_topic, error_doc(&event_id, code, s.message()))];
+        }
+    };
+    match what {
+        "twin/update" => twin_update(twins, &dev, ns, name, &event_id, &doc, result_topic).await,
+        "twin/get" => {
+            let current = twins.twin(ns, name).await;
+            vec![(
+                result_topic,
+                json!({"event_id": event_id, "timestamp": now_ms(), "twin": mqtt_twin(&dev, &current)}),
+            )]
+        }
+        "state/update" => {
+            let state = doc["state"].as_str().unwrap_or_default();
+            if state.is_empty() || state.len() > MAX_KEY_BYTES {
+                return vec![(
+                    result_topic,
+                    error_doc(&event_id, 400, "state must be a string of 1 to 128 bytes"),
+                )];
+            }
+            match twins.set_state(&dev, state).await {
+                Ok(()) => vec![(
+                    result_topic,
+                    json!({"event_id": event_id, "timestamp": now_ms(), "state": state}),
+                )],
+                Err(s) => vec![(result_topic, error_doc(&event_id, 500, s.message()))],
+            }
+        }
+        _ => vec![],
+    }
+}
+
+/// The twin as KubeEdge's documents show it: per property `expected` (the cloud's desired
+/// value), `actual` (the reported one) and `metadata`.
+fn mqtt_twin(dev: &Device, stored: &Value) -> Value {
+    let mut out = Map::new();
+    for p in &dev.spec.properties {
+        let mut t = Map::new();
+        if let Some(d) = &p.desired {
+            t.insert("expected".into(), json!({"value": d.value}));
+        }
+        if let Some(r) = stored["twins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["propertyName"] == p.name.as_str())
+            .map(|t| &t["reported"])
+            .filter(|r| r.is_object())
+        {
+            t.insert("actual".into(), json!({"value": r["value"]}));
+            if let Some(ty) = r["metadata"]["type"].as_str() {
+                t.insert("metadata".into(), json!({"type": ty}));
+            }
+        }
+        out.insert(p.name.clone(), Value::Object(t));
+    }
+    Value::Object(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn twin_update(
+    twins: &Twins,
+    dev: &Device,
+    ns: &str,
+    name: &str,
+    event_id: &str,
+    doc: &Value,
+    result_topic: String,
+) -> Vec<(String, Value)> {
+    let Some(update) = doc["twin"].as_object() else {
+        return vec![(
+            result_topic,
+            error_doc(event_id, 400, "twin is missing or not an object"),
+        )];
+    };
+    // Actual values become reported twins; each is checked like a DMI report.
+    let mut reported = Vec::new();
+    for (prop, t) in update {
+        let Some(value) = t["actual"]["value"].as_str() else {
+            if t.get("actual").is_some() {
+                return vec![(
+                    result_topic,
+                    error_doc(
+                        event_id,
+                        400,
+                        &format!("twin {prop:?}: actual.value must be a string"),
+                    ),
+                )];
+            }
+            continue;
+        };
+        if value.len() > MAX_VALUE_BYTES {
+            return vec![(
+                result_topic,
+                error_doc(
+                    event_id,
+                    400,
+                    &format!(
+                        "twin {prop:?}: the value is {} bytes; at most {MAX_VALUE_BYTES}",
+                        value.len()
+                    ),
+                ),
+            )];
+        }
+        let mut metadata: HashMap<String, String> = HashMap::new();
+        metadata.insert("timestamp".into(), now_ms().to_string());
+        if let Some(ty) = t["metadata"]["type"].as_str() {
+            metadata.insert("type".into(), ty.chars().take(MAX_KEY_BYTES).collect());
+        }
+        reported.push((prop.clone(), value.to_string(), metadata));
+    }
+    let before = twins.twin(ns, name).await;
+    if let Err(s) = twins.report(dev, reported).await {
+        let code = if s.code() == tonic::Code::InvalidArgument {
+            400
+        } else {
+            500
+        };
+        return vec![(result_topic, error_doc(event_id, code, s.message()))];
+    }
+    let after = twins.twin(ns, name).await;
+    let (last, current) = (mqtt_twin(dev, &before), mqtt_twin(dev, &after));
+    let mut document = Map::new();
+    for prop in update.keys() {
+        document.insert(
+            prop.clone(),
+            json!({"last": last.get(prop), "current": current.get(prop)}),
+        );
+    }
+    let base = format!("$hw/events/device/{ns}/{name}/twin/update");
+    let mut out = vec![
+        (
+            result_topic,
+            json!({"event_id": event_id, "timestamp": now_ms(), "twin": Value::Object(update.clone())}),
+        ),
+        (
+            format!("{base}/document"),
+            json!({"event_id": event_id, "timestamp": now_ms(), "twin": document}),
+        ),
+    ];
+    if let Some(delta) = delta_of(dev, &after) {
+        out.push((format!("{base}/delta"), delta));
+    }
+    out
+}
+
+/// The delta document when a desired value differs from the reported one.
+fn delta_of(dev: &Device, stored: &Value) -> Option<Value> {
+    let twin = mqtt_twin(dev, stored);
+    let mut delta = Map::new();
+    for (prop, t) in twin.as_object()? {
+        let expected = t["expected"]["value"].as_str();
+        if let Some(e) = expected
+            && t["actual"]["value"].as_str() != Some(e)
+        {
+            delta.insert(prop.clone(), json!(e));
+        }
+    }
+    (!delta.is_empty()).then(|| {
+        json!({"event_id": uuid::Uuid::new_v4().to_string(), "timestamp": now_ms(), "twin": twin, "delta": delta})
+    })
+}
+
+/// Publishes a delta whenever the cloud changes a device's desired values.
+async fn publish_cloud_deltas(twins: Twins, client: AsyncClient) {
+    let mut changes = twins.subscribe();
+    loop {
+        let change = match changes.recv().await {
+            Ok(c) => c,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        if change.kind != sedge_api::kind::DEVICE || change.kind_of_change == "DELETED" {
+            continue;
+        }
+        let Ok(dev) = serde_json::from_value::<Device>(change.object) else {
+            continue;
+        };
+        let stored = twins.twin(&change.namespace, &change.name).await;
+        if let Some(delta) = delta_of(&dev, &stored) {
+            let topic = format!(
+                "$hw/events/device/{}/{}/twin/update/delta",
+                change.namespace, change.name
+            );
+            let _ = client
+                .publish(topic, QoS::AtLeastOnce, false, delta.to_string())
+                .await;
+        }
+    }
+}
