@@ -258,6 +258,95 @@ fn route(state: &State, p: &Publish) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttc::mqttbytes::v4::{Connect, Subscribe};
+
+    async fn write(s: &mut TcpStream, p: Packet) {
+        let mut b = BytesMut::new();
+        p.write(&mut b, 1 << 20).unwrap();
+        s.write_all(&b).await.unwrap();
+    }
+
+    async fn read(s: &mut TcpStream, buf: &mut BytesMut) -> Option<Packet> {
+        tokio::time::timeout(Duration::from_secs(5), next_packet(s, buf))
+            .await
+            .expect("an answer or a close")
+            .ok()
+            .flatten()
+    }
+
+    async fn connected(addr: SocketAddr) -> (TcpStream, BytesMut) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut buf = BytesMut::new();
+        write(&mut s, Packet::Connect(Connect::new("t"))).await;
+        assert!(matches!(
+            read(&mut s, &mut buf).await,
+            Some(Packet::ConnAck(_))
+        ));
+        (s, buf)
+    }
+
+    #[tokio::test]
+    async fn attacks_close_only_the_attackers_connection() {
+        let addr = start("127.0.0.1:0".parse().unwrap()).unwrap();
+        // A subscriber that must keep working throughout.
+        let (mut sub, mut sbuf) = connected(addr).await;
+        write(
+            &mut sub,
+            Packet::Subscribe(Subscribe::new("$hw/#", QoS::AtMostOnce)),
+        )
+        .await;
+        assert!(matches!(
+            read(&mut sub, &mut sbuf).await,
+            Some(Packet::SubAck(_))
+        ));
+        // Garbage instead of CONNECT: closed.
+        let mut g = TcpStream::connect(addr).await.unwrap();
+        g.write_all(&[0xff; 64]).await.unwrap();
+        assert!(read(&mut g, &mut BytesMut::new()).await.is_none());
+        // A publish over the packet limit: closed before it is read whole.
+        let (mut big, mut bbuf) = connected(addr).await;
+        let huge = Publish::new("$hw/x", QoS::AtMostOnce, vec![b'x'; MAX_PACKET_BYTES + 1]);
+        let mut b = BytesMut::new();
+        Packet::Publish(huge).write(&mut b, 1 << 20).unwrap();
+        let _ = big.write_all(&b).await;
+        assert!(read(&mut big, &mut bbuf).await.is_none());
+        // A wildcard in a publish topic, and QoS 2: closed.
+        for p in [
+            Publish::new("$hw/+/x", QoS::AtMostOnce, "v"),
+            Publish::new("$hw/x", QoS::ExactlyOnce, "v"),
+        ] {
+            let (mut c, mut cbuf) = connected(addr).await;
+            let mut p = p;
+            p.pkid = 1;
+            write(&mut c, Packet::Publish(p)).await;
+            assert!(read(&mut c, &mut cbuf).await.is_none());
+        }
+        // An invalid filter is refused in the SUBACK, the connection stays.
+        let (mut c, mut cbuf) = connected(addr).await;
+        write(
+            &mut c,
+            Packet::Subscribe(Subscribe::new("a/#/b", QoS::AtMostOnce)),
+        )
+        .await;
+        match read(&mut c, &mut cbuf).await {
+            Some(Packet::SubAck(a)) => {
+                assert_eq!(a.return_codes, [SubscribeReasonCode::Failure])
+            }
+            other => panic!("{other:?}"),
+        }
+        // The subscriber still gets what is published.
+        write(
+            &mut c,
+            Packet::Publish(Publish::new("$hw/ok", QoS::AtMostOnce, "v")),
+        )
+        .await;
+        match read(&mut sub, &mut sbuf).await {
+            Some(Packet::Publish(p)) => {
+                assert_eq!((p.topic.as_str(), &p.payload[..]), ("$hw/ok", &b"v"[..]))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn filters_match_as_mqtt_says() {
