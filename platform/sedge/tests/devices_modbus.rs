@@ -1,0 +1,146 @@
+//! The Modbus mapper end to end on `sedge up`: a simulated Modbus TCP thermometer, the KubeEdge
+//! device manifests applied with kubectl, the mapper registered with edge-1 over DMI. The
+//! register's value shows in `kubectl get device` with the device `online`, follows the device
+//! when it changes, and a desired value patched with kubectl is written to the device's coil.
+
+use std::time::Duration;
+
+use sedge::platform::{Up, UpArgs};
+use sedge_modbus_mapper::{MapperConfig, Simulator};
+
+fn kubectl(kubeconfig: &std::path::Path, a: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut c = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(a)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {a:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn until_row(kc: &std::path::Path, what: &str, want: impl Fn(&str) -> bool) -> String {
+    let kc = kc.to_path_buf();
+    sedge_testkit::wait::until_async(
+        what,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let kc = kc.clone();
+            let row = tokio::task::spawn_blocking(move || {
+                kubectl(
+                    &kc,
+                    &["get", "device", "thermometer-1", "--no-headers"],
+                    None,
+                )
+            });
+            let ok = &want;
+            async move {
+                let row = row.await.ok()?;
+                ok(&row).then_some(row)
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_modbus_thermometer_through_the_mapper_and_kubectl() {
+    let sim = Simulator::default();
+    sim.set_holding(0, 21);
+    sim.set_coil(3, true);
+    let device = sim.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(&UpArgs {
+        data_dir: dir.path().to_path_buf(),
+        edges: 1,
+        listen: "127.0.0.1:0".into(),
+        hub_listen: "127.0.0.1:0".into(),
+        metaserver_port: 0,
+        metrics_port: 0,
+        mqtt_port: 0,
+        mqtt_broker: None,
+        edge_config: None,
+        cloud_config: None,
+        cloud_nodes: 0,
+        no_ai: true,
+        ai_config: None,
+        lc_port: 0,
+        host_path_allow: vec![],
+    })
+    .await
+    .unwrap();
+    let kc = up.server.kubeconfig.clone();
+    // KubeEdge's manifest, pointed at the simulator, with fast cycles for the test.
+    let manifest = include_str!("../../devices/tests/manifests/modbus-thermometer.yaml")
+        .replace("port: 1502", &format!("port: {}", device.port()))
+        .replace("collectCycle: 2000", "collectCycle: 200")
+        .replace("reportCycle: 5000", "reportCycle: 200");
+    let k = kc.clone();
+    tokio::task::spawn_blocking(move || kubectl(&k, &["apply", "-f", "-"], Some(&manifest)))
+        .await
+        .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("up.json")).unwrap())
+            .unwrap();
+    let dmi = std::path::PathBuf::from(state["edges"][0]["dmi"].as_str().unwrap());
+    let socket = dir.path().join("modbus-mapper.sock");
+    // Registered before or after the node holds the device, the mapper gets it: in the
+    // registration's list, or told by RegisterDevice when it arrives.
+    let mapper = tokio::spawn(sedge_modbus_mapper::run(MapperConfig {
+        name: "modbus-test".into(),
+        dmi_socket: dmi,
+        socket,
+    }));
+
+    let row = until_row(&kc, "21 reported", |r| {
+        r.contains("online") && r.contains("21,true")
+    })
+    .await;
+    assert!(row.contains("edge-1") && row.contains("modbus"), "{row}");
+    // The device's value changes; the status follows.
+    sim.set_holding(0, 25);
+    until_row(&kc, "25 reported", |r| r.contains("25,")).await;
+    // A desired value set in the cloud is written to the device.
+    let k = kc.clone();
+    tokio::task::spawn_blocking(move || {
+        kubectl(
+            &k,
+            &[
+                "patch",
+                "device",
+                "thermometer-1",
+                "--type=json",
+                "-p",
+                r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"false"}]"#,
+            ],
+            None,
+        )
+    })
+    .await
+    .unwrap();
+    sedge_testkit::wait::until_async(
+        "the coil written",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || std::future::ready((!sim.coil(3)).then_some(())),
+    )
+    .await;
+    until_row(&kc, "false reported", |r| r.contains("25,false")).await;
+    assert!(!mapper.is_finished(), "the mapper stopped");
+    mapper.abort();
+    up.stop().await;
+}
