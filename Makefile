@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build bench bench-edgemark bench-example bench-learning ort data fonts mqtt
+.PHONY: help demo test lint fmt build bench bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt
 
 help:
 	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then a Sedna"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench  - benchmark tables: inference pipeline, API server, channel (quick)"
 	@echo "make bench-edgemark - the channel with up to 100,000 simulated QUIC edge nodes"
 	@echo "make bench-example - the Ianvs-style Fashion-MNIST job on all 10,000 test images"
+	@echo "make bench-devices - device twins: MQTT and cloud round trips, 1,000 devices, embedded broker vs mosquitto"
 	@echo "make bench-learning - incremental learning under a camera shift: 3 rounds, zero human labels"
 
 # Debian's Fashion-MNIST (the demo's data; tests use the sample committed in datasets/).
@@ -92,5 +93,8 @@ bench-example: data ort fonts build
 
 # Incremental learning: the edge model retrained from cloud-labelled hard examples of a shifted
 # Fashion-MNIST stream, round by round (train, eval, deploy), with forgetting on the original set.
+bench-devices: mqtt
+	$(CARGO) run --release -p sedge-benchmarks --bin devicemark
+
 bench-learning: data ort
 	$(CARGO) run --release -p sedge-benchmarks --bin learning

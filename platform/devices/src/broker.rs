@@ -8,8 +8,9 @@
 //! external broker (`mosquitto`) can be used instead (`mqtt_broker`).
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] clients, [`MAX_SUBSCRIPTIONS`] filters each, packets of
-//! at most [`crate::mqtt::MAX_PACKET_BYTES`], [`OUTBOX`] messages waiting per client (a slow
-//! client loses the newest message beyond that, counted, rather than slowing the others), and a
+//! at most [`crate::mqtt::MAX_PACKET_BYTES`], [`OUTBOX_BYTES`] of messages waiting per client (a
+//! slow client loses the newest messages beyond that, counted, rather than slowing the others),
+//! and a
 //! client silent for one and a half keep-alives is disconnected. Not supported: QoS 2 (the
 //! connection is closed), retained messages, persistent sessions, authentication (bind the
 //! broker to localhost).
@@ -34,14 +35,37 @@ use crate::mqtt::MAX_PACKET_BYTES;
 pub const MAX_CONNECTIONS: usize = 1000;
 /// Most filters one client may subscribe to.
 pub const MAX_SUBSCRIPTIONS: usize = 256;
-/// Messages waiting for one client.
-pub const OUTBOX: usize = 1024;
+/// Bytes of messages waiting for one client; beyond that new ones for it are dropped.
+pub const OUTBOX_BYTES: usize = 8 * 1024 * 1024;
+
+/// A client's outgoing queue, bounded by the bytes it holds.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::UnboundedSender<Packet>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Outbox {
+    /// Queues `p` unless the client already has [`OUTBOX_BYTES`] waiting.
+    fn send(&self, p: Packet) -> bool {
+        let size = p.size();
+        if self.queued.fetch_add(size, Ordering::Relaxed) + size > OUTBOX_BYTES {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        if self.tx.send(p).is_err() {
+            self.queued.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
 
 struct Sub {
     conn: u64,
     filter: String,
     qos: QoS,
-    tx: mpsc::Sender<Packet>,
+    tx: Outbox,
 }
 
 #[derive(Default)]
@@ -97,6 +121,7 @@ pub fn start(listen: SocketAddr) -> Result<SocketAddr, String> {
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
+            let _ = stream.set_nodelay(true);
             if state.conns.load(Ordering::Relaxed) as usize >= MAX_CONNECTIONS {
                 tracing::warn!(%peer, "MQTT broker full; connection refused");
                 continue;
@@ -144,12 +169,18 @@ async fn serve(state: &Arc<State>, id: u64, stream: TcpStream) -> Result<(), Str
         return Err("the first packet was not CONNECT".into());
     };
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive).max(1) * 3 / 2 + 1);
-    let (tx, mut rx) = mpsc::channel::<Packet>(OUTBOX);
+    let (raw_tx, mut rx) = mpsc::unbounded_channel::<Packet>();
+    let tx = Outbox {
+        tx: raw_tx,
+        queued: Arc::default(),
+    };
+    let queued = tx.queued.clone();
     // One writer per client: replies and routed messages in order.
     let writer = tokio::spawn(async move {
         let mut out = BytesMut::new();
         let mut pkid: u16 = 0;
         while let Some(mut p) = rx.recv().await {
+            queued.fetch_sub(p.size(), Ordering::Relaxed);
             if let Packet::Publish(publish) = &mut p
                 && publish.qos != QoS::AtMostOnce
             {
@@ -163,8 +194,9 @@ async fn serve(state: &Arc<State>, id: u64, stream: TcpStream) -> Result<(), Str
         }
     });
     let send = |p: Packet| {
-        tx.try_send(p)
-            .map_err(|_| "the client is not reading".to_string())
+        tx.send(p)
+            .then_some(())
+            .ok_or_else(|| "the client is not reading".to_string())
     };
     send(Packet::ConnAck(ConnAck::new(
         ConnectReturnCode::Success,
@@ -249,7 +281,7 @@ fn route(state: &State, p: &Publish) {
             QoS::AtLeastOnce
         };
         let out = Publish::new(p.topic.clone(), qos, p.payload.clone());
-        if s.tx.try_send(Packet::Publish(out)).is_err() {
+        if !s.tx.send(Packet::Publish(out)) {
             state.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -17,7 +17,8 @@
 //! broker's and the client's packet size; a bad one gets a `{"code":400,"reason":...}` result
 //! naming the problem, an unknown device 404, and nothing is stored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -28,6 +29,9 @@ use crate::{Device, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 
 /// Largest MQTT packet the bus takes or sends (bytes).
 pub const MAX_PACKET_BYTES: usize = 64 * 1024;
+/// Topics with a message waiting to be handled (one per topic, the latest); a new topic beyond
+/// that is dropped and counted.
+pub const INBOX: usize = 16 * 1024;
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -59,7 +63,11 @@ pub async fn run(twins: Twins, broker: String) {
     let mut opts = MqttOptions::new(format!("sedge-devicetwin-{}", twins.node()), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-    let (client, mut events) = AsyncClient::new(opts, 256);
+    let (client, mut events) = AsyncClient::new(opts, 1024);
+    // Small request/answer messages: no Nagle delay (40 ms against delayed ACKs otherwise).
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    events.set_network_options(net);
     let node = twins.node().to_string();
     let topics = [
         "$hw/events/device/+/+/twin/update".to_string(),
@@ -69,6 +77,25 @@ pub async fn run(twins: Twins, broker: String) {
     ];
     // Desired values set in the cloud go out as deltas.
     tokio::spawn(publish_cloud_deltas(twins.clone(), client.clone()));
+    // Messages are handled (and answered) by their own task, so the connection keeps being
+    // polled while answers queue: awaiting a publish here, in the loop that drains the client's
+    // queue, would deadlock once the queue filled. Waiting messages coalesce per topic (the
+    // latest update of a device wins when they come faster than they are handled, so its last
+    // value is never the one lost); at most INBOX topics wait, a new one beyond that is dropped
+    // and counted.
+    let inbox = Arc::new(Inbox::default());
+    let (t, c, n, ib) = (twins.clone(), client.clone(), node.clone(), inbox.clone());
+    tokio::spawn(async move {
+        loop {
+            let (topic, payload) = ib.pop().await;
+            for (topic, doc) in handle(&t, &n, &topic, &payload).await {
+                let _ = c
+                    .publish(topic, QoS::AtLeastOnce, false, doc.to_string())
+                    .await;
+            }
+        }
+    });
+    let mut dropped: u64 = 0;
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -80,11 +107,14 @@ pub async fn run(twins: Twins, broker: String) {
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let replies = handle(&twins, &node, &p.topic, &p.payload).await;
-                for (topic, doc) in replies {
-                    let _ = client
-                        .publish(topic, QoS::AtLeastOnce, false, doc.to_string())
-                        .await;
+                if !inbox.push(p.topic.clone(), p.payload.clone()) {
+                    dropped += 1;
+                    if dropped.is_power_of_two() {
+                        tracing::warn!(
+                            dropped,
+                            "device messages arrive faster than they are handled; dropped"
+                        );
+                    }
                 }
             }
             Ok(_) => {}
@@ -92,6 +122,47 @@ pub async fn run(twins: Twins, broker: String) {
                 tracing::warn!(%broker, error = %e, "MQTT connection lost; reconnecting");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// Messages waiting to be handled, one per topic (the latest), in arrival order of topics.
+#[derive(Default)]
+struct Inbox {
+    waiting: std::sync::Mutex<(VecDeque<String>, HashMap<String, bytes::Bytes>)>,
+    ready: tokio::sync::Notify,
+}
+
+impl Inbox {
+    /// Queues `payload` for `topic`, replacing one waiting for the same topic; false if
+    /// [`INBOX`] other topics are waiting.
+    fn push(&self, topic: String, payload: bytes::Bytes) -> bool {
+        let mut w = self.waiting.lock().unwrap();
+        let (order, latest) = &mut *w;
+        if let Some(p) = latest.get_mut(&topic) {
+            *p = payload;
+        } else if order.len() >= INBOX {
+            return false;
+        } else {
+            order.push_back(topic.clone());
+            latest.insert(topic, payload);
+        }
+        drop(w);
+        self.ready.notify_one();
+        true
+    }
+
+    async fn pop(&self) -> (String, bytes::Bytes) {
+        loop {
+            {
+                let mut w = self.waiting.lock().unwrap();
+                let (order, latest) = &mut *w;
+                if let Some(t) = order.pop_front() {
+                    let p = latest.remove(&t).unwrap_or_default();
+                    return (t, p);
+                }
+            }
+            self.ready.notified().await;
         }
     }
 }
