@@ -183,18 +183,12 @@ struct Dmi {
     twins: Twins,
 }
 
-/// A mapper's `DeviceMapperService` on its Unix socket.
-async fn mapper_client(
-    socket: &str,
-) -> Result<
-    dmi::device_mapper_service_client::DeviceMapperServiceClient<tonic::transport::Channel>,
-    String,
-> {
-    let path = PathBuf::from(socket);
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+/// A gRPC channel over the Unix socket at `socket` (DMI runs on Unix sockets both ways).
+pub async fn uds_channel(socket: &std::path::Path) -> Result<tonic::transport::Channel, String> {
+    let path = socket.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://localhost")
         .map_err(|e| e.to_string())?
         .connect_timeout(MAPPER_CALL_TIMEOUT)
-        .timeout(MAPPER_CALL_TIMEOUT)
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
@@ -204,7 +198,17 @@ async fn mapper_client(
             }
         }))
         .await
-        .map_err(|e| format!("cannot reach the mapper at {socket}: {e}"))?;
+        .map_err(|e| format!("cannot reach {}: {e}", socket.display()))
+}
+
+/// A mapper's `DeviceMapperService` on its Unix socket.
+async fn mapper_client(
+    socket: &str,
+) -> Result<
+    dmi::device_mapper_service_client::DeviceMapperServiceClient<tonic::transport::Channel>,
+    String,
+> {
+    let channel = uds_channel(std::path::Path::new(socket)).await?;
     Ok(dmi::device_mapper_service_client::DeviceMapperServiceClient::new(channel))
 }
 

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use sedge_devices::twin::dmi::device_mapper_service_server::{
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_modbus::client::{Reader, Writer};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// The protocol this mapper serves.
@@ -234,22 +234,6 @@ fn parse_bool(s: &str) -> Option<bool> {
         "false" | "0" | "off" => Some(false),
         _ => None,
     }
-}
-
-async fn dmi_channel(socket: &Path) -> Result<Channel, String> {
-    let path = socket.to_path_buf();
-    Endpoint::try_from("http://localhost")
-        .map_err(|e| e.to_string())?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .map_err(|e| e.to_string())
 }
 
 /// One device's loop: connect, read on each collect cycle, report on the report cycle, write
@@ -504,7 +488,9 @@ pub async fn run(cfg: MapperConfig) -> Result<(), MapperError> {
         socket: agent_socket.clone(),
         message,
     };
-    let channel = dmi_channel(&cfg.dmi_socket).await.map_err(agent_err)?;
+    let channel = sedge_devices::twin::uds_channel(&cfg.dmi_socket)
+        .await
+        .map_err(agent_err)?;
     let mut agent = DeviceManagerServiceClient::new(channel);
     let devices = Devices {
         agent: Some(agent.clone()),

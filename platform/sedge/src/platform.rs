@@ -122,6 +122,30 @@ pub struct UpArgs {
     pub host_path_allow: Vec<PathBuf>,
 }
 
+impl UpArgs {
+    /// One edge node under `dir`, every port chosen by the OS, no cloud nodes, no AI controller:
+    /// what a test or a tool that starts `sedge up` in process usually wants.
+    pub fn local(dir: &Path) -> UpArgs {
+        UpArgs {
+            data_dir: dir.to_path_buf(),
+            edges: 1,
+            listen: "127.0.0.1:0".into(),
+            hub_listen: "127.0.0.1:0".into(),
+            metaserver_port: 0,
+            metrics_port: 0,
+            mqtt_port: 0,
+            mqtt_broker: None,
+            edge_config: None,
+            cloud_config: None,
+            cloud_nodes: 0,
+            no_ai: true,
+            ai_config: None,
+            lc_port: 0,
+            host_path_allow: vec![],
+        }
+    }
+}
+
 /// Worker threads of the embedded API server's own runtime (apart from the hub's and the
 /// controllers', so a costly request never delays a node's keepalive).
 const API_SERVER_THREADS: usize = 2;

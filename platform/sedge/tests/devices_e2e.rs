@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use sedge::platform::{Up, UpArgs};
 use sedge_devices::twin::dmi;
 use sedge_devices::twin::dmi::device_manager_service_client::DeviceManagerServiceClient;
@@ -16,7 +15,7 @@ use sedge_devices::twin::dmi::device_mapper_service_server::{
     DeviceMapperService, DeviceMapperServiceServer,
 };
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 /// A mapper's side of DMI for the test: it records what the agent tells it.
@@ -99,19 +98,7 @@ fn fake_mapper(socket: &std::path::Path) -> mpsc::UnboundedReceiver<(String, dmi
 }
 
 async fn dmi_client(socket: PathBuf) -> DeviceManagerServiceClient<Channel> {
-    let channel = Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    DeviceManagerServiceClient::new(channel)
+    DeviceManagerServiceClient::new(sedge_devices::twin::uds_channel(&socket).await.unwrap())
 }
 
 fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
@@ -156,25 +143,7 @@ fn status(device: &str, twins: Vec<dmi::Twin>) -> dmi::ReportDeviceStatusRequest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mapper_reports_through_dmi_and_kubectl_shows_the_device_status() {
     let dir = tempfile::tempdir().unwrap();
-    let up = Up::start(&UpArgs {
-        data_dir: dir.path().to_path_buf(),
-        edges: 1,
-        listen: "127.0.0.1:0".into(),
-        hub_listen: "127.0.0.1:0".into(),
-        metaserver_port: 0,
-        metrics_port: 0,
-        mqtt_port: 0,
-        mqtt_broker: None,
-        edge_config: None,
-        cloud_config: None,
-        cloud_nodes: 0,
-        no_ai: true,
-        ai_config: None,
-        lc_port: 0,
-        host_path_allow: vec![],
-    })
-    .await
-    .unwrap();
+    let up = Up::start(&UpArgs::local(dir.path())).await.unwrap();
     let kc = up.server.kubeconfig.clone();
     let manifests = concat!(
         env!("CARGO_MANIFEST_DIR"),

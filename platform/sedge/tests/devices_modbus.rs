@@ -64,25 +64,7 @@ async fn a_simulated_modbus_thermometer_through_the_mapper_and_kubectl() {
     let device = sim.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let up = Up::start(&UpArgs {
-        data_dir: dir.path().to_path_buf(),
-        edges: 1,
-        listen: "127.0.0.1:0".into(),
-        hub_listen: "127.0.0.1:0".into(),
-        metaserver_port: 0,
-        metrics_port: 0,
-        mqtt_port: 0,
-        mqtt_broker: None,
-        edge_config: None,
-        cloud_config: None,
-        cloud_nodes: 0,
-        no_ai: true,
-        ai_config: None,
-        lc_port: 0,
-        host_path_allow: vec![],
-    })
-    .await
-    .unwrap();
+    let up = Up::start(&UpArgs::local(dir.path())).await.unwrap();
     let kc = up.server.kubeconfig.clone();
     // KubeEdge's manifest, pointed at the simulator, with fast cycles for the test.
     let manifest = include_str!("../../devices/tests/manifests/modbus-thermometer.yaml")

@@ -12,21 +12,8 @@ use sedge::platform::{Up, UpArgs};
 
 fn args(dir: &Path, mqtt_broker: Option<String>) -> UpArgs {
     UpArgs {
-        data_dir: dir.to_path_buf(),
-        edges: 1,
-        listen: "127.0.0.1:0".into(),
-        hub_listen: "127.0.0.1:0".into(),
-        metaserver_port: 0,
-        metrics_port: 0,
-        mqtt_port: 0,
         mqtt_broker,
-        edge_config: None,
-        cloud_config: None,
-        cloud_nodes: 0,
-        no_ai: true,
-        ai_config: None,
-        lc_port: 0,
-        host_path_allow: vec![],
+        ..UpArgs::local(dir)
     }
 }
 

@@ -9,7 +9,6 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use sedge_cloudcore::{CloudCore, CloudCoreConfig};
 use sedge_devices::twin::dmi;
@@ -18,7 +17,6 @@ use sedge_devices::twin::{DeviceTwin, DeviceTwinConfig};
 use sedge_devices::{Device, DeviceModel};
 use sedge_edgecore::{EdgeCore, EdgeCoreConfig, EdgeModule};
 use sedge_tunnel::fault::TcpFaultProxy;
-use tonic::transport::Endpoint;
 
 async fn agent(cfg: &EdgeCoreConfig, dmi_socket: &std::path::Path) -> EdgeCore {
     let twin = DeviceTwin::new(DeviceTwinConfig {
@@ -32,17 +30,7 @@ async fn agent(cfg: &EdgeCoreConfig, dmi_socket: &std::path::Path) -> EdgeCore {
 
 /// What the node serves a Modbus mapper: its device, if it has it.
 async fn node_device(socket: &std::path::Path) -> Option<dmi::Device> {
-    let path = socket.to_path_buf();
-    let channel = Endpoint::try_from("http://localhost")
-        .ok()?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .ok()?;
+    let channel = sedge_devices::twin::uds_channel(socket).await.ok()?;
     let r = DeviceManagerServiceClient::new(channel)
         .mapper_register(dmi::MapperRegisterRequest {
             with_data: true,
@@ -67,17 +55,7 @@ fn desired(d: &dmi::Device) -> String {
 }
 
 async fn report(socket: &std::path::Path, value: &str) {
-    let path = socket.to_path_buf();
-    let channel = Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = sedge_devices::twin::uds_channel(socket).await.unwrap();
     DeviceManagerServiceClient::new(channel)
         .report_device_status(dmi::ReportDeviceStatusRequest {
             device_name: "thermometer-1".into(),

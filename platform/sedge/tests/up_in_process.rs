@@ -11,23 +11,7 @@ use sedge::platform::{Up, UpArgs};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_starts_in_process_and_its_node_turns_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let args = UpArgs {
-        data_dir: dir.path().to_path_buf(),
-        edges: 1,
-        listen: "127.0.0.1:0".into(),
-        hub_listen: "127.0.0.1:0".into(),
-        metaserver_port: 0,
-        metrics_port: 0,
-        mqtt_port: 0,
-        mqtt_broker: None,
-        edge_config: None,
-        cloud_config: None,
-        cloud_nodes: 0,
-        no_ai: true,
-        ai_config: None,
-        lc_port: 0,
-        host_path_allow: vec![],
-    };
+    let args = UpArgs::local(dir.path());
     let up = Up::start(&args).await.unwrap();
     let client = sedge::platform::client_from(&up.server.kubeconfig)
         .await
