@@ -6,7 +6,8 @@
 //! `offset`, optional `scale`), reports the twins on its `reportCycle` and the device state
 //! (`online` while reads succeed, `offline` when they fail), and writes desired values of
 //! holding registers and coils to the device, at start and whenever the agent says a device
-//! changed (`UpdateDevice`).
+//! changed (`UpdateDevice`). A property with `pushMethod.mqtt` also has each reading published
+//! there (its `topic`, or KubeEdge's `$ke/events/device/<ns>/<name>/data/update`).
 //!
 //! [`Simulator`] is a Modbus TCP device in memory (holding registers, input registers, coils)
 //! for tests and the demo.
@@ -127,6 +128,8 @@ pub struct Property {
     pub collect_ms: i64,
     /// The desired value the cloud set, if any.
     pub desired: Option<String>,
+    /// Where each read value is also published (`pushMethod.mqtt`): broker `host:port` and topic.
+    pub push_mqtt: Option<(String, String)>,
 }
 
 /// A device as the mapper drives it.
@@ -203,6 +206,24 @@ pub fn device_config(d: &dmi::Device) -> Result<DeviceConfig, String> {
                 .as_ref()
                 .map(|d| d.value.clone())
                 .filter(|v| !v.is_empty()),
+            push_mqtt: p
+                .push_method
+                .as_ref()
+                .and_then(|m| m.mqtt.as_ref())
+                .map(|m| {
+                    let broker = m
+                        .address
+                        .trim_start_matches("tcp://")
+                        .trim_start_matches("mqtt://")
+                        .to_string();
+                    let topic = if m.topic.is_empty() {
+                        data_topic(&d.namespace, &d.name)
+                    } else {
+                        m.topic.clone()
+                    };
+                    (broker, topic)
+                })
+                .filter(|(b, _)| !b.is_empty()),
         });
     }
     Ok(DeviceConfig {
@@ -217,6 +238,47 @@ pub fn device_config(d: &dmi::Device) -> Result<DeviceConfig, String> {
         },
         properties,
     })
+}
+
+/// KubeEdge's topic for a device's property data (`TopicDataUpdate`).
+pub fn data_topic(ns: &str, name: &str) -> String {
+    format!("$ke/events/device/{ns}/{name}/data/update")
+}
+
+/// MQTT clients by broker, for `pushMethod.mqtt`.
+#[derive(Default)]
+struct Pushers(HashMap<String, rumqttc::AsyncClient>);
+
+impl Pushers {
+    /// Publishes `{"event_id","timestamp","data":{"<prop>":{"value","metadata":{"timestamp"}}}}`
+    /// (QoS 0: a missed reading is followed by the next).
+    fn publish(&mut self, broker: &str, topic: &str, property: &str, value: &str) {
+        let client = self.0.entry(broker.to_string()).or_insert_with(|| {
+            let (h, p) = broker.rsplit_once(':').unwrap_or((broker, "1883"));
+            let mut o = rumqttc::MqttOptions::new(
+                format!("sedge-modbus-{}", std::process::id()),
+                h,
+                p.parse().unwrap_or(1883),
+            );
+            o.set_max_packet_size(64 * 1024, 64 * 1024);
+            let (c, mut ev) = rumqttc::AsyncClient::new(o, 1024);
+            tokio::spawn(async move {
+                loop {
+                    if ev.poll().await.is_err() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            });
+            c
+        });
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let doc = serde_json::json!({"event_id": "", "timestamp": now,
+            "data": {property: {"value": value, "metadata": {"timestamp": now.to_string()}}}});
+        let _ = client.try_publish(topic, rumqttc::QoS::AtMostOnce, false, doc.to_string());
+    }
 }
 
 fn format_word(w: u16, scale: f64) -> String {
@@ -246,6 +308,7 @@ async fn drive(
     let mut written: HashMap<String, String> = HashMap::new();
     let mut online: Option<bool> = None;
     let mut ctx: Option<tokio_modbus::client::Context> = None;
+    let mut pushers = Pushers::default();
     let mut report = tokio::time::interval(Duration::from_millis(DEFAULT_CYCLE_MS as u64));
     let mut read = tokio::time::interval(Duration::from_millis(DEFAULT_CYCLE_MS as u64));
     loop {
@@ -356,6 +419,9 @@ async fn drive(
                 };
                 match value {
                     Ok(Some(v)) => {
+                        if let Some((broker, topic)) = &p.push_mqtt {
+                            pushers.publish(broker, topic, &p.name, &v);
+                        }
                         last.insert(p.name.clone(), v);
                     }
                     Ok(None) => {}

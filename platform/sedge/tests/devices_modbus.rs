@@ -1,7 +1,8 @@
 //! The Modbus mapper end to end on `sedge up`: a simulated Modbus TCP thermometer, the KubeEdge
 //! device manifests applied with kubectl, the mapper registered with edge-1 over DMI. The
-//! register's value shows in `kubectl get device` with the device `online`, follows the device
-//! when it changes, and a desired value patched with kubectl is written to the device's coil.
+//! register's value shows in `kubectl get device` with the device `online` and on the property's
+//! MQTT push topic, follows the device when it changes, and a desired value patched with kubectl
+//! is written to the device's coil.
 
 use std::time::Duration;
 
@@ -66,18 +67,20 @@ async fn a_simulated_modbus_thermometer_through_the_mapper_and_kubectl() {
     let dir = tempfile::tempdir().unwrap();
     let up = Up::start(&UpArgs::local(dir.path())).await.unwrap();
     let kc = up.server.kubeconfig.clone();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("up.json")).unwrap())
+            .unwrap();
+    let broker = state["edges"][0]["mqtt"].as_str().unwrap().to_string();
     // KubeEdge's manifest, pointed at the simulator, with fast cycles for the test.
     let manifest = include_str!("../../devices/tests/manifests/modbus-thermometer.yaml")
         .replace("port: 1502", &format!("port: {}", device.port()))
         .replace("collectCycle: 2000", "collectCycle: 200")
-        .replace("reportCycle: 5000", "reportCycle: 200");
+        .replace("reportCycle: 5000", "reportCycle: 200")
+        .replace("tcp://127.0.0.1:1883", &format!("tcp://{broker}"));
     let k = kc.clone();
     tokio::task::spawn_blocking(move || kubectl(&k, &["apply", "-f", "-"], Some(&manifest)))
         .await
         .unwrap();
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("up.json")).unwrap())
-            .unwrap();
     let dmi = std::path::PathBuf::from(state["edges"][0]["dmi"].as_str().unwrap());
     let socket = dir.path().join("modbus-mapper.sock");
     // Registered before or after the node holds the device, the mapper gets it: in the
@@ -93,6 +96,34 @@ async fn a_simulated_modbus_thermometer_through_the_mapper_and_kubectl() {
     })
     .await;
     assert!(row.contains("edge-1") && row.contains("modbus"), "{row}");
+    // Each reading is also pushed to the property's MQTT topic (pushMethod.mqtt), seen with
+    // mosquitto_sub on the node's broker.
+    let (h, p) = broker.rsplit_once(':').unwrap();
+    let (h, p) = (h.to_string(), p.to_string());
+    let pushed = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                &h,
+                "-p",
+                &p,
+                "-t",
+                "thermometer/temperature",
+                "-C",
+                "1",
+                "-W",
+                "30",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let pushed = String::from_utf8_lossy(&pushed.stdout);
+    assert!(
+        pushed.contains(r#""temperature":{"metadata""#) && pushed.contains(r#""value":"21""#),
+        "{pushed}"
+    );
     // The device's value changes; the status follows.
     sim.set_holding(0, 25);
     until_row(&kc, "25 reported", |r| r.contains("25,")).await;
