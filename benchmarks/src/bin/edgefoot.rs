@@ -162,6 +162,21 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_all = sedge_benchmarks::rss_kib(Some(all_in_one.id()));
     let idle = sedge_benchmarks::rss_kib(Some(slim.id()));
+    // Where the idle RSS is: anonymous (heap, stacks) or file-backed (the binary's pages).
+    let split = |pid: u32| {
+        let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+        let kib = |k: &str| {
+            t.lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
+        };
+        (kib("Anonymous:"), kib("Rss:") - kib("Anonymous:"))
+    };
+    let (anon_all, file_all) = split(all_in_one.id());
+    let (anon, file) = split(slim.id());
     let size = |p: &PathBuf| {
         std::fs::metadata(p)
             .map(|m| m.len() as f64 / 1048576.0)
@@ -232,6 +247,9 @@ async fn main() -> Result<()> {
         mib(loaded),
         loaded as f64 / idle_all.max(1) as f64,
         mib(loaded) / 70.0
+    );
+    println!(
+        "\nIdle RSS split: all-in-one {anon_all:.1} MiB anonymous + {file_all:.1} MiB file-backed; slim {anon:.1} MiB anonymous + {file:.1} MiB file-backed\n"
     );
     println!(
         "\nPod start-up: create through the API -> `Running` seen by a watch ({} pods, one at a time)\n",
