@@ -24,7 +24,7 @@ mkdir -p "$DEMO"/{initial,deployed,hard}
 for d in initial deployed; do cp "$ROOT"/models/fashion-mnist/edge-cnn.{onnx,json} "$DEMO/$d/"; done
 "$SEDGE" worker cloud --model "$ROOT/models/fashion-mnist/cloud-cnn.onnx" --listen 127.0.0.1:5070 2> "$DIR/cloud.log" &
 CLOUD=$!
-"$SEDGE" up --edges 1 --listen 127.0.0.1:0 --metaserver-port 0 --metrics-port 0 --data-dir "$DIR/up" \
+"$SEDGE" up --edges 1 --listen 127.0.0.1:0 --metaserver-port 0 --metrics-port 0 --mqtt-port 0 --data-dir "$DIR/up" \
   --host-path-allow /tmp 2> "$DIR/up.log" &
 UP=$!
 for _ in $(seq 100); do [ -f "$DIR/up/up.json" ] && break; sleep 0.2; done

@@ -5,7 +5,7 @@ set -euo pipefail
 SEDGE=${1:-target/release/sedge}
 DIR=$(mktemp -d)
 trap 'kill -INT $UP 2>/dev/null || true; wait $UP 2>/dev/null || true; rm -rf "$DIR"' EXIT
-"$SEDGE" up --edges 2 --listen 127.0.0.1:0 --metaserver-port 0 --metrics-port 0 --data-dir "$DIR/up" 2> "$DIR/up.log" &
+"$SEDGE" up --edges 2 --listen 127.0.0.1:0 --metaserver-port 0 --metrics-port 0 --mqtt-port 0 --data-dir "$DIR/up" 2> "$DIR/up.log" &
 UP=$!
 for _ in $(seq 100); do [ -f "$DIR/up/up.json" ] && break; sleep 0.2; done
 [ -f "$DIR/up/up.json" ] || { cat "$DIR/up.log"; echo "sedge up did not start" >&2; exit 1; }

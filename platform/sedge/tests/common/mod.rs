@@ -87,6 +87,8 @@ pub fn up_with(extra: &[&str]) -> Up {
             "0",
             "--metrics-port",
             "0",
+            "--mqtt-port",
+            "0",
         ])
         .arg("--data-dir")
         .arg(dir.path().join("up"))
