@@ -282,7 +282,13 @@ fn route(state: &State, p: &Publish) {
         };
         let out = Publish::new(p.topic.clone(), qos, p.payload.clone());
         if !s.tx.send(Packet::Publish(out)) {
-            state.dropped.fetch_add(1, Ordering::Relaxed);
+            let dropped = state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped,
+                    "an MQTT client is not reading; messages for it dropped"
+                );
+            }
         }
     }
 }

@@ -25,7 +25,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Map, Value, json};
 
 use crate::twin::Twins;
-use crate::{Device, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::{Device, MAX_KEY_BYTES};
 
 /// Largest MQTT packet the bus takes or sends (bytes).
 pub const MAX_PACKET_BYTES: usize = 64 * 1024;
@@ -302,7 +302,8 @@ async fn twin_update(
             error_doc(event_id, 400, "twin is missing or not an object"),
         )];
     };
-    // Actual values become reported twins; each is checked like a DMI report.
+    // Actual values become reported twins, checked (names, sizes) like a DMI report by
+    // `Twins::report`.
     let mut reported = Vec::new();
     for (prop, t) in update {
         let Some(value) = t["actual"]["value"].as_str() else {
@@ -318,19 +319,6 @@ async fn twin_update(
             }
             continue;
         };
-        if value.len() > MAX_VALUE_BYTES {
-            return vec![(
-                result_topic,
-                error_doc(
-                    event_id,
-                    400,
-                    &format!(
-                        "twin {prop:?}: the value is {} bytes; at most {MAX_VALUE_BYTES}",
-                        value.len()
-                    ),
-                ),
-            )];
-        }
         let mut metadata: HashMap<String, String> = HashMap::new();
         metadata.insert("timestamp".into(), now_ms().to_string());
         if let Some(ty) = t["metadata"]["type"].as_str() {
@@ -338,16 +326,17 @@ async fn twin_update(
         }
         reported.push((prop.clone(), value.to_string(), metadata));
     }
-    let before = twins.twin(ns, name).await;
-    if let Err(s) = twins.report(dev, reported).await {
-        let code = if s.code() == tonic::Code::InvalidArgument {
-            400
-        } else {
-            500
-        };
-        return vec![(result_topic, error_doc(event_id, code, s.message()))];
-    }
-    let after = twins.twin(ns, name).await;
+    let (before, after) = match twins.report(dev, reported).await {
+        Ok(x) => x,
+        Err(s) => {
+            let code = if s.code() == tonic::Code::InvalidArgument {
+                400
+            } else {
+                500
+            };
+            return vec![(result_topic, error_doc(event_id, code, s.message()))];
+        }
+    };
     let (last, current) = (mqtt_twin(dev, &before), mqtt_twin(dev, &after));
     let mut document = Map::new();
     for prop in update.keys() {

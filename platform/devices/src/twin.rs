@@ -14,13 +14,13 @@
 //! mappers are kept in the store, so a restarted agent still knows them.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::future::BoxFuture;
 use sedge_api::{DeviceStatusReport, Key, group, kind};
 use sedge_edgecore::{EdgeModule, ModuleContext};
 use sedge_tunnel::{Message, Policy, op};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 
 use crate::{Device, DeviceModel, check_status};
@@ -61,7 +61,6 @@ pub struct DeviceTwinConfig {
 /// The device twin as an edge-agent module.
 pub struct DeviceTwin {
     cfg: DeviceTwinConfig,
-    ctx: OnceLock<ModuleContext>,
     mqtt: OnceLock<String>,
 }
 
@@ -70,7 +69,6 @@ impl DeviceTwin {
     pub fn new(cfg: DeviceTwinConfig) -> DeviceTwin {
         DeviceTwin {
             cfg,
-            ctx: OnceLock::new(),
             mqtt: OnceLock::new(),
         }
     }
@@ -88,9 +86,11 @@ impl EdgeModule for DeviceTwin {
     }
 
     fn start(&self, ctx: ModuleContext) {
-        let _ = self.ctx.set(ctx.clone());
         tokio::spawn(tell_mappers(ctx.clone()));
-        let twins = Twins { ctx: ctx.clone() };
+        let twins = Twins {
+            ctx,
+            writes: Arc::default(),
+        };
         let broker = if !self.cfg.mqtt_broker.is_empty() {
             Some(self.cfg.mqtt_broker.clone())
         } else if !self.cfg.mqtt_listen.is_empty() {
@@ -112,21 +112,14 @@ impl EdgeModule for DeviceTwin {
         };
         if let Some(b) = broker {
             let _ = self.mqtt.set(b.clone());
-            tokio::spawn(crate::mqtt::run(twins, b));
+            tokio::spawn(crate::mqtt::run(twins.clone(), b));
         }
         if self.cfg.dmi_socket.as_os_str().is_empty() {
             return;
         }
         let path = self.cfg.dmi_socket.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_dmi(
-                &path,
-                Dmi {
-                    twins: Twins { ctx },
-                },
-            )
-            .await
-            {
+            if let Err(e) = serve_dmi(&path, Dmi { twins }).await {
                 tracing::error!(socket = %path.display(), error = %e, "DMI server stopped");
             }
         });
@@ -177,6 +170,8 @@ async fn serve_dmi(path: &std::path::Path, dmi: Dmi) -> Result<(), String> {
 #[derive(Clone)]
 pub struct Twins {
     ctx: ModuleContext,
+    /// Held while a twin is read, changed and written back.
+    writes: Arc<Mutex<()>>,
 }
 
 struct Dmi {
@@ -319,12 +314,12 @@ impl Twins {
     }
 
     /// Reported values (`(property, value, metadata)`), checked against the device, merged
-    /// into its twin by property, stored and sent up.
+    /// into its twin by property, stored and sent up; the twin before and after.
     pub async fn report(
         &self,
         dev: &Device,
         reported: Vec<(String, String, std::collections::HashMap<String, String>)>,
-    ) -> Result<(), Status> {
+    ) -> Result<(Value, Value), Status> {
         let twins: Vec<Value> = reported
             .into_iter()
             .map(|(p, v, m)| json!({"propertyName": p, "reported": {"value": v, "metadata": m}}))
@@ -333,32 +328,32 @@ impl Twins {
     }
 
     /// Twins (status JSON) checked against the device, merged by property, stored, sent up.
-    async fn merge_twins(&self, dev: &Device, twins: Vec<Value>) -> Result<(), Status> {
+    async fn merge_twins(&self, dev: &Device, twins: Vec<Value>) -> Result<(Value, Value), Status> {
         check_status(dev, &json!({"twins": twins})).map_err(Status::invalid_argument)?;
-        let ns = dev.metadata.namespace.clone().unwrap_or_default();
-        let name = dev.metadata.name.clone().unwrap_or_default();
-        let mut merged: Vec<Value> = self.twin(&ns, &name).await["twins"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        for t in twins {
-            merged.retain(|m| m["propertyName"] != t["propertyName"]);
-            merged.push(t);
-        }
-        let mut update = Map::new();
-        update.insert("twins".into(), Value::Array(merged));
-        self.update(dev, update).await
+        self.update(dev, move |twin| {
+            let mut merged: Vec<Value> = twin["twins"].as_array().cloned().unwrap_or_default();
+            for t in twins {
+                merged.retain(|m| m["propertyName"] != t["propertyName"]);
+                merged.push(t);
+            }
+            twin["twins"] = Value::Array(merged);
+        })
+        .await
     }
 
     /// Sets the device's state (and `lastOnlineTime` when it is online), stored and sent up.
     pub async fn set_state(&self, dev: &Device, state: &str) -> Result<(), Status> {
         bounded("state", state)?;
-        let mut update = Map::new();
-        update.insert("state".into(), json!(state));
-        if state.eq_ignore_ascii_case("online") || state.eq_ignore_ascii_case("ok") {
-            update.insert("lastOnlineTime".into(), json!(now()));
-        }
-        self.update(dev, update).await
+        let online = state.eq_ignore_ascii_case("online") || state.eq_ignore_ascii_case("ok");
+        let state = state.to_string();
+        self.update(dev, move |twin| {
+            twin["state"] = json!(state);
+            if online {
+                twin["lastOnlineTime"] = json!(now());
+            }
+        })
+        .await
+        .map(drop)
     }
 
     /// The device `ns/name` from the node's store, or NotFound naming it.
@@ -384,32 +379,35 @@ impl Twins {
         serde_json::from_value(obj).map_err(|e| Status::internal(format!("stored device: {e}")))
     }
 
-    /// Merges `update` into the stored twin of `dev`, stores it, and sends the whole status up.
-    async fn update(&self, dev: &Device, update: Map<String, Value>) -> Result<(), Status> {
+    /// Applies `change` to the stored twin of `dev` (read, changed and written in one blocking
+    /// section, so the DMI and MQTT paths never lose each other's properties), stores it, and
+    /// sends the whole status up; the twin before and after.
+    async fn update(
+        &self,
+        dev: &Device,
+        change: impl FnOnce(&mut Value) + Send + 'static,
+    ) -> Result<(Value, Value), Status> {
         let ns = dev.metadata.namespace.clone().unwrap_or_default();
         let name = dev.metadata.name.clone().unwrap_or_default();
-        let store = self.ctx.store.clone();
+        let (store, writes) = (self.ctx.store.clone(), self.writes.clone());
         let (n, k) = (ns.clone(), name.clone());
-        let status = tokio::task::spawn_blocking(move || -> Result<Value, String> {
-            let mut twin = store
+        let (before, status) = tokio::task::spawn_blocking(move || {
+            let _one = writes.lock().unwrap_or_else(|p| p.into_inner());
+            let before = store
                 .get(TWIN_KIND, &n, &k)
                 .map_err(|e| e.to_string())?
                 .unwrap_or_else(|| json!({}));
-            for (key, v) in update {
-                twin[key] = v;
-            }
-            let rev = store.revision().map_err(|e| e.to_string())? + 1;
-            store
-                .upsert(TWIN_KIND, &n, &k, &rev.to_string(), &twin)
-                .map_err(|e| e.to_string())?;
-            Ok(twin)
+            let mut twin = before.clone();
+            change(&mut twin);
+            store_local(&store, TWIN_KIND, &n, &k, &twin)?;
+            Ok::<_, String>((before, twin))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(Status::unavailable)?;
         let report = DeviceStatusReport {
             uid: dev.metadata.uid.clone().unwrap_or_default(),
-            status,
+            status: status.clone(),
         };
         let key = Key::new(Some(&ns), kind::DEVICE_STATUS, &name);
         self.ctx.send(
@@ -421,8 +419,24 @@ impl Twins {
             ),
             Policy::LatestWins,
         );
-        Ok(())
+        Ok((before, status))
     }
+}
+
+/// Writes an object only this node keeps (twins, registered mappers) into its store, with the
+/// store's next revision as its version.
+fn store_local(
+    store: &sedge_edgecore::store::MetaStore,
+    kind: &str,
+    ns: &str,
+    name: &str,
+    obj: &Value,
+) -> Result<(), String> {
+    let rev = store.revision().map_err(|e| e.to_string())? + 1;
+    store
+        .upsert(kind, ns, name, &rev.to_string(), obj)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 fn now() -> String {
@@ -467,10 +481,7 @@ impl DeviceManagerService for Dmi {
             let record = json!({"name": mapper.name, "protocol": mapper.protocol, "address": address, "version": mapper.version});
             let protocol = mapper.protocol.clone();
             tokio::task::spawn_blocking(move || {
-                let rev = store.revision().map_err(|e| e.to_string())? + 1;
-                store
-                    .upsert(MAPPER_KIND, "", &protocol, &rev.to_string(), &record)
-                    .map_err(|e| e.to_string())
+                store_local(&store, MAPPER_KIND, "", &protocol, &record)
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))?

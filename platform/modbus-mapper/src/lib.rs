@@ -447,9 +447,9 @@ async fn drive(
 }
 
 /// The devices being driven, by `namespace/name`.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Devices {
-    agent: Option<DeviceManagerServiceClient<Channel>>,
+    agent: DeviceManagerServiceClient<Channel>,
     running: Arc<Mutex<HashMap<String, watch::Sender<DeviceConfig>>>>,
 }
 
@@ -464,9 +464,7 @@ impl Devices {
             return Ok(());
         }
         let (tx, rx) = watch::channel(cfg);
-        if let Some(agent) = &self.agent {
-            tokio::spawn(drive(agent.clone(), rx));
-        }
+        tokio::spawn(drive(self.agent.clone(), rx));
         running.insert(key, tx);
         Ok(())
     }
@@ -559,7 +557,7 @@ pub async fn run(cfg: MapperConfig) -> Result<(), MapperError> {
         .map_err(agent_err)?;
     let mut agent = DeviceManagerServiceClient::new(channel);
     let devices = Devices {
-        agent: Some(agent.clone()),
+        agent: agent.clone(),
         running: Arc::default(),
     };
     let _ = std::fs::remove_file(&cfg.socket);
