@@ -5,6 +5,10 @@
 //! Reports the node must refuse (another node's or an unknown device, a property the device does
 //! not have, an oversize value) are refused with the reason, and nothing of them reaches the cloud.
 
+mod common;
+
+use common::kubectl_at as kubectl;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -99,22 +103,6 @@ fn fake_mapper(socket: &std::path::Path) -> mpsc::UnboundedReceiver<(String, dmi
 
 async fn dmi_client(socket: PathBuf) -> DeviceManagerServiceClient<Channel> {
     DeviceManagerServiceClient::new(sedge_devices::twin::uds_channel(&socket).await.unwrap())
-}
-
-fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 fn twin(name: &str, value: &str) -> dmi::Twin {

@@ -4,33 +4,14 @@
 //! MQTT push topic, follows the device when it changes, and a desired value patched with kubectl
 //! is written to the device's coil.
 
+mod common;
+
+use common::kubectl_stdin as kubectl;
+
 use std::time::Duration;
 
 use sedge::platform::{Up, UpArgs};
 use sedge_modbus_mapper::{MapperConfig, Simulator};
-
-fn kubectl(kubeconfig: &std::path::Path, a: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut c = std::process::Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(a)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    let out = c.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {a:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 async fn until_row(kc: &std::path::Path, what: &str, want: impl Fn(&str) -> bool) -> String {
     let kc = kc.to_path_buf();

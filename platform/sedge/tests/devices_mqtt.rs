@@ -4,6 +4,10 @@
 //! reaches `kubectl get device`; bad payloads, an unknown device and an oversize value get an
 //! error result naming the problem; a desired value set with kubectl comes out as a `/delta`.
 
+mod common;
+
+use common::kubectl_at as kubectl;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,21 +19,6 @@ fn args(dir: &Path, mqtt_broker: Option<String>) -> UpArgs {
         mqtt_broker,
         ..UpArgs::local(dir)
     }
-}
-
-fn kubectl(kubeconfig: &Path, a: &[&str]) -> String {
-    let out = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(a)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {a:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn host_port(addr: &str) -> (String, String) {

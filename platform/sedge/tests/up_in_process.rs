@@ -2,6 +2,8 @@
 //! cloud core and one edge agent, each on a port the OS picks; the node registers and reports
 //! Ready, `up.json` names every endpoint, and stopping releases them.
 
+mod common;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
@@ -51,18 +53,7 @@ async fn up_starts_in_process_and_its_node_turns_ready() {
         env!("CARGO_MANIFEST_DIR"),
         "/../devices/tests/manifests/modbus-thermometer.yaml"
     );
-    let kubectl = move |args: &[&str]| {
-        let out = std::process::Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "kubectl {args:?}: {text}");
-        text
-    };
+    let kubectl = move |args: &[&str]| common::kubectl_at(&kubeconfig, args);
     let applied = tokio::task::spawn_blocking(move || {
         (
             kubectl(&["apply", "-f", manifests]),

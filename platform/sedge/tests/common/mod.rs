@@ -123,17 +123,7 @@ impl Up {
     }
     /// See the name.
     pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        run_kubectl(&self.kubeconfig(), args, None)
     }
     /// See the name.
     pub fn ok(&self, args: &[&str]) -> String {
@@ -209,4 +199,46 @@ pub async fn apiserver(dir: &std::path::Path) -> (sedge_apiserver::ApiServer, ku
     )
     .unwrap();
     (server, client)
+}
+
+/// `kubectl --kubeconfig <kubeconfig> <args>`, with `stdin` piped in if given: (success, stdout,
+/// stderr).
+pub fn run_kubectl(
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String, String) {
+    use std::io::Write;
+    let mut c = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = c.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = c.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`run_kubectl`] that must succeed (the panic says what kubectl said); its stdout.
+pub fn kubectl_at(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    kubectl_stdin(kubeconfig, args, None)
+}
+
+/// [`kubectl_at`] with `stdin` piped in.
+pub fn kubectl_stdin(kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>) -> String {
+    let (ok, out, err) = run_kubectl(kubeconfig, args, stdin);
+    assert!(ok, "kubectl {args:?}: {out}{err}");
+    out
 }
