@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 
 pub mod broker;
-mod dmiconv;
+pub mod dmiconv;
 pub mod mqtt;
 pub mod twin;
 

@@ -687,3 +687,92 @@ impl Simulator {
         *self.coils.lock().unwrap().get(&addr).unwrap_or(&false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(protocol: Value, visitor: Value) -> dmi::Device {
+        let pack = |v: &Value| dmi::CustomizedValue {
+            data: v
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), sedge_devices::dmiconv::any(v)))
+                .collect(),
+        };
+        dmi::Device {
+            name: "d".into(),
+            namespace: "default".into(),
+            spec: Some(dmi::DeviceSpec {
+                protocol: Some(dmi::ProtocolConfig {
+                    protocol_name: "modbus".into(),
+                    config_data: Some(pack(&protocol)),
+                }),
+                properties: vec![dmi::DeviceProperty {
+                    name: "t".into(),
+                    visitors: Some(dmi::VisitorConfig {
+                        protocol_name: "modbus".into(),
+                        config_data: Some(pack(&visitor)),
+                    }),
+                    collect_cycle: 5,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    #[test]
+    fn a_good_device_reads_and_bad_configs_name_the_field() {
+        let ok = device(
+            serde_json::json!({"ip": "127.0.0.1", "port": 1502, "slaveID": 2}),
+            serde_json::json!({"register": "CoilRegister", "offset": 3}),
+        );
+        let c = device_config(&ok).unwrap();
+        assert_eq!(c.address.port(), 1502);
+        assert_eq!(c.slave, 2);
+        assert_eq!(c.properties[0].register, Register::Coil);
+        assert_eq!(c.properties[0].offset, 3);
+        assert_eq!(
+            c.properties[0].collect_ms, MIN_CYCLE_MS,
+            "a 5 ms cycle is raised"
+        );
+        for (protocol, visitor, want) in [
+            (
+                serde_json::json!({"port": 502}),
+                serde_json::json!({"register": "CoilRegister", "offset": 0}),
+                "configData.ip is missing",
+            ),
+            (
+                serde_json::json!({"ip": "not an ip"}),
+                serde_json::json!({"register": "CoilRegister", "offset": 0}),
+                "ip/port",
+            ),
+            (
+                serde_json::json!({"ip": "127.0.0.1"}),
+                serde_json::json!({"register": "Fancy", "offset": 0}),
+                "is not HoldingRegister",
+            ),
+            (
+                serde_json::json!({"ip": "127.0.0.1"}),
+                serde_json::json!({"register": "CoilRegister", "offset": 70000}),
+                "offset must be 0..65535",
+            ),
+            (
+                serde_json::json!({"ip": "127.0.0.1"}),
+                serde_json::json!({"register": "CoilRegister"}),
+                "offset must be 0..65535",
+            ),
+        ] {
+            let e = device_config(&device(protocol, visitor)).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        assert!(
+            device_config(&dmi::Device::default())
+                .unwrap_err()
+                .contains("no spec")
+        );
+    }
+}
