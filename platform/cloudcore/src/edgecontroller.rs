@@ -66,9 +66,53 @@ pub struct Cache {
     pub devices: Store<Device>,
     /// Device models.
     pub device_models: Store<DeviceModel>,
+    /// Per device (`<ns>/<name>`): its node, and the resourceVersion of its last spec change.
+    device_specs: Arc<Mutex<HashMap<String, DeviceSpecAt>>>,
     dirty: Arc<Dirty>,
     /// Woken on any pod or node change (the scheduler waits on it).
     pub changed: Arc<Notify>,
+}
+
+/// Where a device is and which version of its spec the nodes get: the resourceVersion at its
+/// last spec change (`metadata.generation`), so a status-only change (the node's own reports,
+/// many a second) is not sent back to the node.
+#[derive(Debug, Clone)]
+struct DeviceSpecAt {
+    node: String,
+    uid: String,
+    generation: i64,
+    version: String,
+}
+
+/// Records where `o` is and the version of its last spec change (forgets it when `deleted`);
+/// what was recorded before.
+fn note_device(
+    specs: &Mutex<HashMap<String, DeviceSpecAt>>,
+    o: &Device,
+    deleted: bool,
+) -> Option<DeviceSpecAt> {
+    let key = format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
+    let mut specs = specs.lock().unwrap_or_else(|p| p.into_inner());
+    if deleted {
+        return specs.remove(&key);
+    }
+    let (uid, generation) = (
+        o.uid().unwrap_or_default(),
+        o.metadata.generation.unwrap_or(0),
+    );
+    let version = match specs.get(&key) {
+        Some(s) if s.uid == uid && s.generation == generation => s.version.clone(),
+        _ => o.resource_version().unwrap_or_default(),
+    };
+    specs.insert(
+        key,
+        DeviceSpecAt {
+            node: o.spec.node_name.clone(),
+            uid,
+            generation,
+            version,
+        },
+    )
 }
 
 fn reflect<K>(
@@ -240,27 +284,21 @@ impl Cache {
         );
         tasks.push(t);
 
-        // Devices: mark the device's node, and the node it left when it moved or went away.
+        // Devices: mark the device's node, and the node it left when it moved or went away;
+        // remember the version of its last spec change.
         let d = dirty.clone();
-        let placed: Mutex<HashMap<String, String>> = Mutex::default();
+        let device_specs: Arc<Mutex<HashMap<String, DeviceSpecAt>>> = Arc::default();
+        let specs = device_specs.clone();
         let (devices, t) = reflect(Api::<Device>::all(client.clone()), move |ev| {
             let Some(o) = event_object(ev) else {
                 return;
             };
-            let key = format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
             let node = o.spec.node_name.clone();
-            let before = {
-                let mut placed = placed.lock().unwrap();
-                if matches!(ev, watcher::Event::Delete(_)) {
-                    placed.remove(&key)
-                } else {
-                    placed.insert(key, node.clone())
-                }
-            };
+            let before = note_device(&specs, o, matches!(ev, watcher::Event::Delete(_)));
             if let Some(b) = before
-                && b != node
+                && b.node != node
             {
-                d.mark(&b);
+                d.mark(&b.node);
             }
             d.mark(&node);
         });
@@ -290,6 +328,7 @@ impl Cache {
                 leases,
                 devices,
                 device_models,
+                device_specs,
                 dirty,
                 changed,
             },
@@ -378,22 +417,42 @@ impl Cache {
                 insert(&mut out, kind::CONFIGMAP, c.as_ref());
             }
         }
-        // The node's devices and their models (the status stays in the cloud: the node is its
-        // source).
+        // The node's devices and their models, each device at the version of its last spec
+        // change. The status stays in the cloud (the node is its source) but for the desired
+        // values the node reported in force: the versions there are the cloud's view of the
+        // node's own changes (the conflict rule of `sedge_devices::versions`).
         let mut models = HashSet::new();
+        let specs = self
+            .device_specs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for d in self.devices.state() {
             if d.spec.node_name != node {
                 continue;
             }
             let ns = d.namespace().unwrap_or_default();
             if let Some(r) = &d.spec.device_model_ref {
-                models.insert((ns, r.name.clone()));
+                models.insert((ns.clone(), r.name.clone()));
             }
             let key = insert(&mut out, kind::DEVICE, d.as_ref());
-            if let Some((_, obj)) = out.get_mut(&key)
-                && let Some(o) = obj.as_object_mut()
-            {
-                o.remove("status");
+            if let Some((rv, obj)) = out.get_mut(&key) {
+                if let Some(at) = specs.get(&format!("{ns}/{}", d.name_any())) {
+                    *rv = at.version.clone();
+                }
+                let observed: Vec<Value> = obj["status"]["twins"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| t.get("observedDesired").is_some())
+                    .map(|t| json!({"propertyName": t["propertyName"], "observedDesired": t["observedDesired"]}))
+                    .collect();
+                if let Some(o) = obj.as_object_mut() {
+                    o.remove("status");
+                    if !observed.is_empty() {
+                        o.insert("status".into(), json!({"twins": observed}));
+                    }
+                }
             }
         }
         for (ns, name) in models {
@@ -869,6 +928,7 @@ mod tests {
             leases: filled(vec![]),
             devices: filled(devices),
             device_models: filled(models),
+            device_specs: Arc::default(),
             dirty: Arc::default(),
             changed: Arc::default(),
         }
@@ -883,6 +943,43 @@ mod tests {
             "status": {"state": "online"}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_device_goes_out_at_its_last_spec_change_with_only_the_desired_values_in_force() {
+        let at = |rv: &str, generation: i64, uid: &str| -> Device {
+            let mut d = device("valve", "edge-1");
+            d.metadata.resource_version = Some(rv.into());
+            d.metadata.generation = Some(generation);
+            d.metadata.uid = Some(uid.into());
+            d.status = serde_json::from_value(json!({"state": "online", "twins": [
+                {"propertyName": "setpoint", "reported": {"value": "19"},
+                 "observedDesired": {"value": "25", "metadata": {"edgeVersion": "1"}}},
+                {"propertyName": "temperature", "reported": {"value": "21"}}]}))
+            .unwrap();
+            d
+        };
+        let specs = Mutex::default();
+        note_device(&specs, &at("7", 1, "u1"), false);
+        // A status-only change (the node's own report): the spec version stays.
+        note_device(&specs, &at("9", 1, "u1"), false);
+        let cache = cache_with(vec![at("9", 1, "u1")], vec![]);
+        *cache.device_specs.lock().unwrap() = specs.lock().unwrap().clone();
+        let (rv, obj) = &cache.desired("edge-1")["default/device/valve"];
+        assert_eq!(rv, "7");
+        assert_eq!(
+            obj["status"],
+            json!({"twins": [{"propertyName": "setpoint",
+                "observedDesired": {"value": "25", "metadata": {"edgeVersion": "1"}}}]})
+        );
+        // A spec change, and a device created again, are new versions.
+        note_device(&specs, &at("11", 2, "u1"), false);
+        assert_eq!(specs.lock().unwrap()["default/valve"].version, "11");
+        note_device(&specs, &at("15", 2, "u2"), false);
+        assert_eq!(specs.lock().unwrap()["default/valve"].version, "15");
+        let gone = note_device(&specs, &at("15", 2, "u2"), true).unwrap();
+        assert_eq!(gone.node, "edge-1");
+        assert!(specs.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -22,7 +22,9 @@ use std::collections::BTreeMap;
 pub mod broker;
 pub mod dmiconv;
 pub mod mqtt;
+pub mod record;
 pub mod twin;
+pub mod versions;
 
 use kube::{CustomResource, CustomResourceExt};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};

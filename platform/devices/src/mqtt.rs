@@ -7,13 +7,16 @@
 //! - `$hw/events/device/<id>/twin/update`: `{"event_id","timestamp","twin":{"<prop>":{"actual":
 //!   {"value"},"expected":{"value"},"metadata":{"type"}}}}`; answered on `.../update/result`
 //!   (the accepted twin, or `{"code","reason"}`), then `.../update/document` (`last` and `current`
-//!   per property) and, where expected and actual differ, `.../update/delta`.
+//!   per property) and, where expected and actual differ, `.../update/delta`. An `expected`
+//!   value is a local change of the desired value: it bumps the edge version and goes to the
+//!   mapper (see [`crate::versions`] for how it meets the cloud's).
 //! - `$hw/events/device/<id>/twin/get` -> `.../twin/get/result`.
 //! - `$hw/events/device/<id>/state/update` `{"state"}` -> `.../state/update/result`.
 //! - `$hw/events/node/<node>/membership/get` -> `.../membership/get/result` (this node's devices).
 //!
 //! Actual values go into the Device's status in the cloud (as DMI reports do); a desired value
-//! set in the cloud is published on `.../twin/update/delta`. Payloads are bounded by the
+//! set in the cloud is published on `.../twin/update/delta`. Documents carry KubeEdge's
+//! `expected_version`/`actual_version` per property. Payloads are bounded by the
 //! broker's and the client's packet size; a bad one gets a `{"code":400,"reason":...}` result
 //! naming the problem, an unknown device 404, and nothing is stored.
 
@@ -24,6 +27,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Map, Value, json};
 
+use crate::record::Record;
 use crate::twin::Twins;
 use crate::{Device, MAX_KEY_BYTES};
 
@@ -259,25 +263,28 @@ pub async fn handle(
     }
 }
 
-/// The twin as KubeEdge's documents show it: per property `expected` (the cloud's desired
-/// value), `actual` (the reported one) and `metadata`.
-fn mqtt_twin(dev: &Device, stored: &Value) -> Value {
+/// The twin as KubeEdge's documents show it: per property `expected` (the desired value in
+/// force: the cloud's, or a local app's), `actual` (the reported one), `metadata` and the
+/// versions (`expected_version`, `actual_version`, each `{cloud, edge}`).
+fn mqtt_twin(dev: &Device, stored: &Record) -> Value {
     let mut out = Map::new();
     for p in &dev.spec.properties {
         let mut t = Map::new();
-        if let Some(d) = &p.desired {
-            t.insert("expected".into(), json!({"value": d.value}));
+        if let Some(d) = stored.desired(dev, &p.name) {
+            t.insert("expected".into(), json!({"value": d}));
         }
-        if let Some(r) = stored["twins"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|t| t["propertyName"] == p.name.as_str())
-            .map(|t| &t["reported"])
-            .filter(|r| r.is_object())
-        {
-            t.insert("actual".into(), json!({"value": r["value"]}));
-            if let Some(ty) = r["metadata"]["type"].as_str() {
+        let (ev, av) = stored.versions(&p.name);
+        t.insert(
+            "expected_version".into(),
+            json!({"cloud": ev.cloud, "edge": ev.edge}),
+        );
+        if let Some(r) = stored.reported(&p.name) {
+            t.insert("actual".into(), json!({"value": r.value}));
+            t.insert(
+                "actual_version".into(),
+                json!({"cloud": av.cloud, "edge": av.edge}),
+            );
+            if let Some(ty) = r.metadata.get("type") {
                 t.insert("metadata".into(), json!({"type": ty}));
             }
         }
@@ -302,31 +309,37 @@ async fn twin_update(
             error_doc(event_id, 400, "twin is missing or not an object"),
         )];
     };
-    // Actual values become reported twins, checked (names, sizes) like a DMI report by
-    // `Twins::report`.
+    // Actual values become reported twins, and expected values the desired values in force
+    // (the edge's change, KubeEdge's version rule), checked (names, sizes) like a DMI report by
+    // `Twins::edge_update`.
     let mut reported = Vec::new();
+    let mut expected = Vec::new();
     for (prop, t) in update {
-        let Some(value) = t["actual"]["value"].as_str() else {
-            if t.get("actual").is_some() {
+        for (field, is_actual) in [("actual", true), ("expected", false)] {
+            let Some(v) = t.get(field) else { continue };
+            let Some(value) = v["value"].as_str() else {
                 return vec![(
                     result_topic,
                     error_doc(
                         event_id,
                         400,
-                        &format!("twin {prop:?}: actual.value must be a string"),
+                        &format!("twin {prop:?}: {field}.value must be a string"),
                     ),
                 )];
+            };
+            if !is_actual {
+                expected.push((prop.clone(), value.to_string()));
+                continue;
             }
-            continue;
-        };
-        let mut metadata: HashMap<String, String> = HashMap::new();
-        metadata.insert("timestamp".into(), now_ms().to_string());
-        if let Some(ty) = t["metadata"]["type"].as_str() {
-            metadata.insert("type".into(), ty.chars().take(MAX_KEY_BYTES).collect());
+            let mut metadata: HashMap<String, String> = HashMap::new();
+            metadata.insert("timestamp".into(), now_ms().to_string());
+            if let Some(ty) = t["metadata"]["type"].as_str() {
+                metadata.insert("type".into(), ty.chars().take(MAX_KEY_BYTES).collect());
+            }
+            reported.push((prop.clone(), value.to_string(), metadata));
         }
-        reported.push((prop.clone(), value.to_string(), metadata));
     }
-    let (before, after) = match twins.report(dev, reported).await {
+    let (before, after) = match twins.edge_update(dev, reported, expected).await {
         Ok(x) => x,
         Err(s) => {
             let code = if s.code() == tonic::Code::InvalidArgument {
@@ -362,36 +375,32 @@ async fn twin_update(
     out
 }
 
-/// The delta document when a desired value differs from the reported one.
-fn delta_of(dev: &Device, stored: &Value) -> Option<Value> {
-    let twin = mqtt_twin(dev, stored);
+/// The delta document when a desired value in force differs from the reported one.
+fn delta_of(dev: &Device, stored: &Record) -> Option<Value> {
     let mut delta = Map::new();
-    for (prop, t) in twin.as_object()? {
-        let expected = t["expected"]["value"].as_str();
-        if let Some(e) = expected
-            && t["actual"]["value"].as_str() != Some(e)
+    for p in &dev.spec.properties {
+        if let Some(e) = stored.desired(dev, &p.name)
+            && stored.reported(&p.name).map(|r| r.value.as_str()) != Some(e)
         {
-            delta.insert(prop.clone(), json!(e));
+            delta.insert(p.name.clone(), json!(e));
         }
     }
     (!delta.is_empty()).then(|| {
-        json!({"event_id": uuid::Uuid::new_v4().to_string(), "timestamp": now_ms(), "twin": twin, "delta": delta})
+        json!({"event_id": uuid::Uuid::new_v4().to_string(), "timestamp": now_ms(), "twin": mqtt_twin(dev, stored), "delta": delta})
     })
 }
 
-/// Publishes a delta whenever the cloud changes a device's desired values.
+/// Publishes a delta whenever the cloud changes a desired value in force (a local app's change
+/// is answered with its delta where it is made).
 async fn publish_cloud_deltas(twins: Twins, client: AsyncClient) {
-    let mut changes = twins.subscribe();
+    let mut changes = twins.desired_changes();
     loop {
         let change = match changes.recv().await {
-            Ok(c) => c,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Ok(c) if !c.from_edge => c,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(_) => return,
         };
-        if change.kind != sedge_api::kind::DEVICE || change.kind_of_change == "DELETED" {
-            continue;
-        }
-        let Ok(dev) = serde_json::from_value::<Device>(change.object) else {
+        let Ok(dev) = twins.device(&change.namespace, &change.name).await else {
             continue;
         };
         let stored = twins.twin(&change.namespace, &change.name).await;

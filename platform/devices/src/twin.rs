@@ -23,7 +23,9 @@ use sedge_tunnel::{Message, Policy, op};
 use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 
-use crate::{Device, DeviceModel, check_status};
+use crate::record::Record;
+use crate::versions::CloudUpdate;
+use crate::{Device, DeviceModel, Twin, TwinProperty, check_status};
 
 /// The DMI messages and services (KubeEdge's `v1beta1` package).
 pub mod dmi {
@@ -86,11 +88,12 @@ impl EdgeModule for DeviceTwin {
     }
 
     fn start(&self, ctx: ModuleContext) {
-        tokio::spawn(tell_mappers(ctx.clone()));
         let twins = Twins {
             ctx,
             writes: Arc::default(),
+            desired: tokio::sync::broadcast::channel(DESIRED_CHANGES).0,
         };
+        tokio::spawn(follow_devices(twins.clone()));
         let broker = if !self.cfg.mqtt_broker.is_empty() {
             Some(self.cfg.mqtt_broker.clone())
         } else if !self.cfg.mqtt_listen.is_empty() {
@@ -172,6 +175,23 @@ pub struct Twins {
     ctx: ModuleContext,
     /// Held while a twin is read, changed and written back.
     writes: Arc<Mutex<()>>,
+    /// Desired values in force that changed.
+    desired: tokio::sync::broadcast::Sender<DesiredChange>,
+}
+
+/// Desired-value changes waiting for their listeners (mappers, the MQTT bus); one that lags
+/// further misses changes and catches up at the next one of the device.
+const DESIRED_CHANGES: usize = 1024;
+
+/// A device whose desired values in force changed.
+#[derive(Debug, Clone)]
+pub struct DesiredChange {
+    /// The device's namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Set by a local app (the MQTT bus has answered it already), not by the cloud.
+    pub from_edge: bool,
 }
 
 struct Dmi {
@@ -207,29 +227,54 @@ async fn mapper_client(
     Ok(dmi::device_mapper_service_client::DeviceMapperServiceClient::new(channel))
 }
 
-/// Follows the store's device changes and tells the mapper of each device's protocol.
-async fn tell_mappers(ctx: ModuleContext) {
-    let mut changes = ctx.store.subscribe();
+/// Follows the node's devices: applies each cloud change to the desired values in force (the
+/// version rule, [`crate::versions`]) and tells the mapper of the device's protocol about it,
+/// and tells it too when a local app changes a desired value. A deleted device's twin goes.
+async fn follow_devices(twins: Twins) {
+    let mut changes = twins.ctx.store.subscribe();
+    let mut desired = twins.desired.subscribe();
+    // Devices that arrived while no one was following (idempotent: applied values stay).
+    for dev in twins.devices().await {
+        let _ = twins.apply_cloud(&dev).await;
+    }
     loop {
-        let change = match changes.recv().await {
-            Ok(c) => c,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    missed = n,
-                    "device changes missed; mappers catch up when they register again"
-                );
-                continue;
+        let (dev, ns, name, what) = tokio::select! {
+            change = changes.recv() => {
+                let change = match change {
+                    Ok(c) => c,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "device changes missed; mappers catch up when they register again");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                if change.kind != kind::DEVICE {
+                    continue;
+                }
+                let Ok(dev) = serde_json::from_value::<Device>(change.object.clone()) else {
+                    continue;
+                };
+                if change.kind_of_change == "DELETED" {
+                    let (store, n, k) = (twins.ctx.store.clone(), change.namespace.clone(), change.name.clone());
+                    let _ = tokio::task::spawn_blocking(move || store.delete(TWIN_KIND, &n, &k)).await;
+                } else if let Err(e) = twins.apply_cloud(&dev).await {
+                    tracing::warn!(device = %format!("{}/{}", change.namespace, change.name), "desired values not applied: {}", e.message());
+                }
+                (dev, change.namespace, change.name, change.kind_of_change)
             }
-            Err(_) => return,
-        };
-        if change.kind != kind::DEVICE {
-            continue;
-        }
-        let Ok(dev) = serde_json::from_value::<Device>(change.object.clone()) else {
-            continue;
+            d = desired.recv() => {
+                let d = match d {
+                    Ok(d) if d.from_edge => d,
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                let Ok(dev) = twins.device(&d.namespace, &d.name).await else { continue };
+                (dev, d.namespace, d.name, "MODIFIED")
+            }
         };
         let protocol = dev.spec.protocol.protocol_name.clone();
-        let store = ctx.store.clone();
+        let store = twins.ctx.store.clone();
         let mapper = tokio::task::spawn_blocking(move || store.get(MAPPER_KIND, "", &protocol))
             .await
             .ok()
@@ -238,10 +283,11 @@ async fn tell_mappers(ctx: ModuleContext) {
         let Some(socket) = mapper.and_then(|m| m["address"].as_str().map(String::from)) else {
             continue;
         };
-        let who = format!("{}/{}", change.namespace, change.name);
+        let dev = twins.effective(&dev).await;
+        let who = format!("{ns}/{name}");
         let call = async {
             let mut c = mapper_client(&socket).await?;
-            let r = match change.kind_of_change {
+            let r = match what {
                 "ADDED" => c
                     .register_device(dmi::RegisterDeviceRequest {
                         device: Some(crate::dmiconv::device(&dev)),
@@ -250,8 +296,8 @@ async fn tell_mappers(ctx: ModuleContext) {
                     .map(drop),
                 "DELETED" => c
                     .remove_device(dmi::RemoveDeviceRequest {
-                        device_name: change.name.clone(),
-                        device_namespace: change.namespace.clone(),
+                        device_name: name.clone(),
+                        device_namespace: ns.clone(),
                     })
                     .await
                     .map(drop),
@@ -265,7 +311,7 @@ async fn tell_mappers(ctx: ModuleContext) {
             r.map_err(|s| format!("the mapper refused: {}", s.message()))
         };
         if let Err(e) = call.await {
-            tracing::warn!(device = %who, mapper = %socket, change = change.kind_of_change, "{e}");
+            tracing::warn!(device = %who, mapper = %socket, change = what, "{e}");
         }
     }
 }
@@ -286,9 +332,9 @@ impl Twins {
         &self.ctx.node
     }
 
-    /// The store's changes (devices arriving, changing, going).
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<sedge_edgecore::store::Change> {
-        self.ctx.store.subscribe()
+    /// Changes of the desired values in force (from the cloud or a local app).
+    pub fn desired_changes(&self) -> tokio::sync::broadcast::Receiver<DesiredChange> {
+        self.desired.subscribe()
     }
 
     /// The devices on this node.
@@ -302,15 +348,23 @@ impl Twins {
             .collect()
     }
 
-    /// The stored twin of `ns/name` (`{"twins": [...], "state", "lastOnlineTime"}`; empty if none).
-    pub async fn twin(&self, ns: &str, name: &str) -> Value {
+    /// The stored twin of `ns/name` (an empty record if none).
+    pub async fn twin(&self, ns: &str, name: &str) -> Record {
         let store = self.ctx.store.clone();
         let (n, k) = (ns.to_string(), name.to_string());
-        tokio::task::spawn_blocking(move || store.get(TWIN_KIND, &n, &k).ok().flatten())
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| json!({}))
+        Record::from_value(
+            tokio::task::spawn_blocking(move || store.get(TWIN_KIND, &n, &k).ok().flatten())
+                .await
+                .ok()
+                .flatten(),
+        )
+    }
+
+    /// `dev` with the desired values in force on the node.
+    pub async fn effective(&self, dev: &Device) -> Device {
+        let ns = dev.metadata.namespace.clone().unwrap_or_default();
+        let name = dev.metadata.name.clone().unwrap_or_default();
+        self.twin(&ns, &name).await.effective(dev)
     }
 
     /// Reported values (`(property, value, metadata)`), checked against the device, merged
@@ -319,26 +373,104 @@ impl Twins {
         &self,
         dev: &Device,
         reported: Vec<(String, String, std::collections::HashMap<String, String>)>,
-    ) -> Result<(Value, Value), Status> {
-        let twins: Vec<Value> = reported
-            .into_iter()
-            .map(|(p, v, m)| json!({"propertyName": p, "reported": {"value": v, "metadata": m}}))
-            .collect();
-        self.merge_twins(dev, twins).await
+    ) -> Result<(Record, Record), Status> {
+        self.edge_update(dev, reported, Vec::new()).await
     }
 
-    /// Twins (status JSON) checked against the device, merged by property, stored, sent up.
-    async fn merge_twins(&self, dev: &Device, twins: Vec<Value>) -> Result<(Value, Value), Status> {
+    /// A local app's update: reported values (as [`Twins::report`]) and desired values
+    /// (`(property, value)`, KubeEdge's `expected`), taken in one step; each desired value bumps
+    /// the property's edge version and goes to the device's mapper. The twin before and after.
+    pub async fn edge_update(
+        &self,
+        dev: &Device,
+        reported: Vec<(String, String, std::collections::HashMap<String, String>)>,
+        expected: Vec<(String, String)>,
+    ) -> Result<(Record, Record), Status> {
+        let twins: Vec<Twin> = reported
+            .into_iter()
+            .map(|(p, v, m)| Twin {
+                property_name: p,
+                reported: Some(TwinProperty {
+                    value: v,
+                    metadata: m.into_iter().collect(),
+                }),
+                observed_desired: None,
+            })
+            .collect();
+        let asked: Vec<Twin> = expected
+            .iter()
+            .map(|(p, v)| Twin {
+                property_name: p.clone(),
+                reported: None,
+                observed_desired: Some(TwinProperty {
+                    value: v.clone(),
+                    metadata: Default::default(),
+                }),
+            })
+            .collect();
+        check_status(dev, &json!({"twins": asked})).map_err(Status::invalid_argument)?;
         check_status(dev, &json!({"twins": twins})).map_err(Status::invalid_argument)?;
-        self.update(dev, move |twin| {
-            let mut merged: Vec<Value> = twin["twins"].as_array().cloned().unwrap_or_default();
-            for t in twins {
-                merged.retain(|m| m["propertyName"] != t["propertyName"]);
-                merged.push(t);
+        let now = chrono::Utc::now().timestamp_millis();
+        let any_expected = !expected.is_empty();
+        let r = self
+            .update(dev, move |r| {
+                r.merge(twins);
+                for (p, v) in &expected {
+                    r.set_expected(p, v, now);
+                }
+            })
+            .await?;
+        if any_expected {
+            let _ = self.desired.send(DesiredChange {
+                namespace: dev.metadata.namespace.clone().unwrap_or_default(),
+                name: dev.metadata.name.clone().unwrap_or_default(),
+                from_edge: true,
+            });
+        }
+        Ok(r)
+    }
+
+    /// Applies the cloud's desired values of `dev` under the version rule (see
+    /// [`crate::versions`]), and tells the listeners when a value in force changed.
+    pub async fn apply_cloud(&self, dev: &Device) -> Result<(), Status> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let d = dev.clone();
+        let outcome = Arc::new(Mutex::new(Vec::new()));
+        let o = outcome.clone();
+        self.update(dev, move |r| *o.lock().unwrap() = r.apply_cloud(&d, now))
+            .await?;
+        let outcome = std::mem::take(&mut *outcome.lock().unwrap());
+        let who = format!(
+            "{}/{}",
+            dev.metadata.namespace.clone().unwrap_or_default(),
+            dev.metadata.name.clone().unwrap_or_default()
+        );
+        let mut applied = false;
+        for (prop, what) in outcome {
+            match what {
+                CloudUpdate::Applied => applied = true,
+                CloudUpdate::EdgeNewer => tracing::info!(device = %who, property = %prop,
+                    "the cloud's desired value is ignored: the node changed it since the cloud last heard (set it again once the node's value shows in the status)"),
+                CloudUpdate::Stale => {
+                    tracing::debug!(device = %who, property = %prop, "an older cloud desired value is ignored")
+                }
+                CloudUpdate::Unchanged => {}
             }
-            twin["twins"] = Value::Array(merged);
-        })
-        .await
+        }
+        if applied {
+            let _ = self.desired.send(DesiredChange {
+                namespace: dev.metadata.namespace.clone().unwrap_or_default(),
+                name: dev.metadata.name.clone().unwrap_or_default(),
+                from_edge: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Twins a mapper reported, checked against the device, merged by property, stored, sent up.
+    async fn merge_twins(&self, dev: &Device, twins: Vec<Twin>) -> Result<(), Status> {
+        check_status(dev, &json!({"twins": twins})).map_err(Status::invalid_argument)?;
+        self.update(dev, move |r| r.merge(twins)).await.map(drop)
     }
 
     /// Sets the device's state (and `lastOnlineTime` when it is online), stored and sent up.
@@ -346,10 +478,10 @@ impl Twins {
         bounded("state", state)?;
         let online = state.eq_ignore_ascii_case("online") || state.eq_ignore_ascii_case("ok");
         let state = state.to_string();
-        self.update(dev, move |twin| {
-            twin["state"] = json!(state);
+        self.update(dev, move |r| {
+            r.state = state;
             if online {
-                twin["lastOnlineTime"] = json!(now());
+                r.last_online_time = now();
             }
         })
         .await
@@ -380,34 +512,39 @@ impl Twins {
     }
 
     /// Applies `change` to the stored twin of `dev` (read, changed and written in one blocking
-    /// section, so the DMI and MQTT paths never lose each other's properties), stores it, and
-    /// sends the whole status up; the twin before and after.
+    /// section, so the DMI and MQTT paths never lose each other's properties), stores it and
+    /// sends the status up if it changed; the twin before and after.
     async fn update(
         &self,
         dev: &Device,
-        change: impl FnOnce(&mut Value) + Send + 'static,
-    ) -> Result<(Value, Value), Status> {
+        change: impl FnOnce(&mut Record) + Send + 'static,
+    ) -> Result<(Record, Record), Status> {
         let ns = dev.metadata.namespace.clone().unwrap_or_default();
         let name = dev.metadata.name.clone().unwrap_or_default();
         let (store, writes) = (self.ctx.store.clone(), self.writes.clone());
         let (n, k) = (ns.clone(), name.clone());
-        let (before, status) = tokio::task::spawn_blocking(move || {
+        let d = dev.clone();
+        let (before, after) = tokio::task::spawn_blocking(move || {
             let _one = writes.lock().unwrap_or_else(|p| p.into_inner());
-            let before = store
-                .get(TWIN_KIND, &n, &k)
-                .map_err(|e| e.to_string())?
-                .unwrap_or_else(|| json!({}));
-            let mut twin = before.clone();
-            change(&mut twin);
-            store_local(&store, TWIN_KIND, &n, &k, &twin)?;
-            Ok::<_, String>((before, twin))
+            let before =
+                Record::from_value(store.get(TWIN_KIND, &n, &k).map_err(|e| e.to_string())?);
+            let mut r = before.clone();
+            r.own(&d);
+            change(&mut r);
+            if r != before {
+                store_local(&store, TWIN_KIND, &n, &k, &r.to_value())?;
+            }
+            Ok::<_, String>((before, r))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(Status::unavailable)?;
+        if before.status() == after.status() {
+            return Ok((before, after));
+        }
         let report = DeviceStatusReport {
             uid: dev.metadata.uid.clone().unwrap_or_default(),
-            status: status.clone(),
+            status: serde_json::to_value(after.status()).unwrap_or_default(),
         };
         let key = Key::new(Some(&ns), kind::DEVICE_STATUS, &name);
         self.ctx.send(
@@ -419,7 +556,7 @@ impl Twins {
             ),
             Policy::LatestWins,
         );
-        Ok((before, status))
+        Ok((before, after))
     }
 }
 
@@ -443,9 +580,11 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-fn twin_property(p: &Option<dmi::TwinProperty>) -> Option<Value> {
-    p.as_ref()
-        .map(|p| json!({"value": p.value, "metadata": p.metadata}))
+fn twin_property(p: &Option<dmi::TwinProperty>) -> Option<TwinProperty> {
+    p.as_ref().map(|p| TwinProperty {
+        value: p.value.clone(),
+        metadata: p.metadata.clone().into_iter().collect(),
+    })
 }
 
 #[tonic::async_trait]
@@ -529,7 +668,10 @@ impl DeviceManagerService for Dmi {
             })
             .map(|m| crate::dmiconv::model(&m))
             .collect();
-        let device_list = devices.iter().map(crate::dmiconv::device).collect();
+        let mut device_list = Vec::with_capacity(devices.len());
+        for d in &devices {
+            device_list.push(crate::dmiconv::device(&self.twins.effective(d).await));
+        }
         Ok(Response::new(dmi::MapperRegisterResponse {
             model_list,
             device_list,
@@ -546,18 +688,13 @@ impl DeviceManagerService for Dmi {
             .device(&req.device_namespace, &req.device_name)
             .await?;
         let reported = req.reported_device.unwrap_or_default();
-        let twins: Vec<Value> = reported
+        let twins: Vec<Twin> = reported
             .twins
             .iter()
-            .map(|t| {
-                let mut v = json!({"propertyName": t.property_name});
-                if let Some(r) = twin_property(&t.reported) {
-                    v["reported"] = r;
-                }
-                if let Some(o) = twin_property(&t.observed_desired) {
-                    v["observedDesired"] = o;
-                }
-                v
+            .map(|t| Twin {
+                property_name: t.property_name.clone(),
+                reported: twin_property(&t.reported),
+                observed_desired: twin_property(&t.observed_desired),
             })
             .collect();
         self.twins.merge_twins(&dev, twins).await?;

@@ -160,8 +160,8 @@ async fn twins_over_the_embedded_broker_with_mosquitto_clients() {
         let r = ask(&b, ghost, r#"{"event_id":"e5","twin":{}}"#, &format!("{ghost}/result"));
         assert!(r.contains(r#""code":404"#) && r.contains("default/ghost"), "{r}");
         assert_eq!(reported(&k), "19", "a refused update changed nothing");
-        // A desired value set in the cloud comes out as a delta (each later change of the
-        // Device publishes it again, so a subscription that came late still gets one).
+        // A desired value set in the cloud comes out as a delta (and again after each report
+        // of an actual value that differs, so a subscription that came late still gets one).
         let (h, p) = host_port(&b);
         let mut sub = Command::new("mosquitto_sub")
             .args(["-h", &h, "-p", &p, "-t", &format!("{TWIN}/delta"), "-C", "1", "-W", "30"])
@@ -181,11 +181,23 @@ async fn twins_over_the_embedded_broker_with_mosquitto_clients() {
                 break;
             }
             assert!(Instant::now() < deadline, "no delta");
-            kubectl(&k, &["annotate", "--overwrite", "device", "thermometer-1", &format!("poke={i}")]);
+            let report = format!(
+                r#"{{"event_id":"p{i}","twin":{{"temperature-enable":{{"actual":{{"value":"true"}}}}}}}}"#
+            );
+            let sent = Command::new("mosquitto_pub")
+                .args(["-h", &h, "-p", &p, "-t", TWIN, "-m", &report])
+                .status()
+                .unwrap();
+            assert!(sent.success());
         }
         let out = sub.wait_with_output().unwrap();
         let delta = String::from_utf8_lossy(&out.stdout);
         assert!(delta.contains(r#""temperature-enable":"false""#), "{delta}");
+        // With KubeEdge's versions: the cloud's change is generation 2, no local change yet.
+        assert!(
+            delta.contains(r#""expected_version":{"cloud":2,"edge":0}"#),
+            "{delta}"
+        );
     })
     .await
     .unwrap();

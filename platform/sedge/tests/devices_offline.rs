@@ -3,6 +3,10 @@
 //! desired value, and the agent is stopped and started again, serving its devices from SQLite
 //! at once. When the link returns, the reported value reaches the Device's status and the new
 //! desired value reaches the node.
+//!
+//! And KubeEdge's conflict rule for desired values: a value a local app sets over MQTT reaches
+//! the mapper and the Device's status; set on the node and in the cloud at once (across a link
+//! cut), the node's newer value stays; the cloud's next value, once it has seen the node's, wins.
 
 mod common;
 
@@ -18,14 +22,79 @@ use sedge_devices::{Device, DeviceModel};
 use sedge_edgecore::{EdgeCore, EdgeCoreConfig, EdgeModule};
 use sedge_tunnel::fault::TcpFaultProxy;
 
-async fn agent(cfg: &EdgeCoreConfig, dmi_socket: &std::path::Path) -> EdgeCore {
-    let twin = DeviceTwin::new(DeviceTwinConfig {
+async fn agent(cfg: &EdgeCoreConfig, dmi_socket: &std::path::Path) -> (EdgeCore, Arc<DeviceTwin>) {
+    let twin = Arc::new(DeviceTwin::new(DeviceTwinConfig {
         dmi_socket: dmi_socket.to_path_buf(),
+        mqtt_listen: "127.0.0.1:0".into(),
         ..Default::default()
-    });
-    EdgeCore::start(cfg.clone(), vec![Arc::new(twin) as Arc<dyn EdgeModule>])
+    }));
+    let core = EdgeCore::start(cfg.clone(), vec![twin.clone() as Arc<dyn EdgeModule>])
         .await
-        .unwrap()
+        .unwrap();
+    (core, twin)
+}
+
+/// A cloud core on its own API server, a fault proxy in front of its hub, and a joined agent
+/// (DMI socket and embedded MQTT broker) behind the proxy.
+struct Site {
+    dir: tempfile::TempDir,
+    client: kube::Client,
+    cloud: CloudCore,
+    proxy: TcpFaultProxy,
+    cfg: EdgeCoreConfig,
+    socket: std::path::PathBuf,
+    _server: sedge_apiserver::ApiServer,
+}
+
+async fn site() -> (Site, EdgeCore, Arc<DeviceTwin>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client) = common::apiserver(&dir.path().join("apiserver")).await;
+    sedge_devices::install_crds(&client).await.unwrap();
+    let mut cc = CloudCoreConfig::default();
+    cc.hub.data_dir = dir.path().join("cloudhub");
+    cc.hub.pki_dir = dir.path().join("apiserver/pki");
+    cc.hub.listen = "127.0.0.1:0".into();
+    cc.hub.listen_quic = String::new();
+    cc.hub.keepalive_interval_ms = 500;
+    cc.hub.ack_timeout_ms = 500;
+    let cloud = CloudCore::start(client.clone(), cc, Vec::new())
+        .await
+        .unwrap();
+    let proxy = TcpFaultProxy::start(cloud.hub.addr()).await.unwrap();
+    let edge_dir = dir.path().join("edge-1");
+    let cfg: EdgeCoreConfig = serde_yaml::from_str(&format!(
+        "metaserver_listen: ''\nmetrics_listen: ''\nnode_ip: 127.0.0.1\nlease_interval_ms: 500\n\
+         tunnel:\n  node_name: edge-1\n  cloud: {}\n  data_dir: {}\n  keepalive_interval_ms: 500\n  backoff_initial_ms: 100\n  backoff_max_ms: 300\n  ack_timeout_ms: 500\n",
+        proxy.addr,
+        edge_dir.display()
+    ))
+    .unwrap();
+    let (token, _) = cloud
+        .hub
+        .tokens()
+        .create(Duration::from_secs(300), "test")
+        .unwrap();
+    sedge_tunnel::join(&cfg.tunnel, &token).await.unwrap();
+    let socket = dir.path().join("dmi.sock");
+    let (core, twin) = agent(&cfg, &socket).await;
+    let site = Site {
+        dir,
+        client,
+        cloud,
+        proxy,
+        cfg,
+        socket,
+        _server: server,
+    };
+    (site, core, twin)
+}
+
+impl Site {
+    fn cut(&self) {
+        self.proxy.faults.set_down(true);
+        self.proxy.faults.set_refuse(true);
+        self.proxy.faults.cut();
+    }
 }
 
 /// What the node serves a Modbus mapper: its device, if it has it.
@@ -78,36 +147,8 @@ async fn report(socket: &std::path::Path, value: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_and_desired_values_cross_a_link_cut_and_an_agent_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_server, client) = common::apiserver(&dir.path().join("apiserver")).await;
-    sedge_devices::install_crds(&client).await.unwrap();
-    let mut cc = CloudCoreConfig::default();
-    cc.hub.data_dir = dir.path().join("cloudhub");
-    cc.hub.pki_dir = dir.path().join("apiserver/pki");
-    cc.hub.listen = "127.0.0.1:0".into();
-    cc.hub.listen_quic = String::new();
-    cc.hub.keepalive_interval_ms = 500;
-    cc.hub.ack_timeout_ms = 500;
-    let cloud = CloudCore::start(client.clone(), cc, Vec::new())
-        .await
-        .unwrap();
-    let proxy = TcpFaultProxy::start(cloud.hub.addr()).await.unwrap();
-    let edge_dir = dir.path().join("edge-1");
-    let cfg: EdgeCoreConfig = serde_yaml::from_str(&format!(
-        "metaserver_listen: ''\nmetrics_listen: ''\nnode_ip: 127.0.0.1\nlease_interval_ms: 500\n\
-         tunnel:\n  node_name: edge-1\n  cloud: {}\n  data_dir: {}\n  keepalive_interval_ms: 500\n  backoff_initial_ms: 100\n  backoff_max_ms: 300\n  ack_timeout_ms: 500\n",
-        proxy.addr,
-        edge_dir.display()
-    ))
-    .unwrap();
-    let (token, _) = cloud
-        .hub
-        .tokens()
-        .create(Duration::from_secs(300), "test")
-        .unwrap();
-    sedge_tunnel::join(&cfg.tunnel, &token).await.unwrap();
-    let socket = dir.path().join("dmi.sock");
-    let core = agent(&cfg, &socket).await;
+    let (site, core, _twin) = site().await;
+    let (client, socket, cfg) = (site.client.clone(), site.socket.clone(), site.cfg.clone());
 
     // The KubeEdge manifests, created in the cloud.
     let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(include_str!(
@@ -137,9 +178,7 @@ async fn reports_and_desired_values_cross_a_link_cut_and_an_agent_restart() {
     assert_eq!(desired(&held), "true");
 
     // The link goes down (cut, and new connections black-holed).
-    proxy.faults.set_down(true);
-    proxy.faults.set_refuse(true);
-    proxy.faults.cut();
+    site.cut();
     // The mapper reports while offline: taken.
     report(&socket, "30").await;
     // The cloud changes a desired value meanwhile.
@@ -158,7 +197,7 @@ async fn reports_and_desired_values_cross_a_link_cut_and_an_agent_restart() {
         .unwrap();
     // The agent restarts while offline and serves its device from SQLite at once.
     core.shutdown(false).await;
-    let core = agent(&cfg, &socket).await;
+    let (core, _twin) = agent(&cfg, &socket).await;
     let again = sedge_testkit::wait::until_async(
         "the restarted node serves its device",
         Duration::from_secs(10),
@@ -173,12 +212,15 @@ async fn reports_and_desired_values_cross_a_link_cut_and_an_agent_restart() {
     );
     let status = devices.get_status("thermometer-1").await.unwrap();
     assert!(
-        status.status.map(|s| s.twins.is_empty()).unwrap_or(true),
-        "offline: nothing reached the cloud yet"
+        status
+            .status
+            .map(|s| s.twins.iter().all(|t| t.reported.is_none()))
+            .unwrap_or(true),
+        "offline: no report reached the cloud yet"
     );
 
     // The link returns: the value reported offline reaches the cloud, the desired value the node.
-    proxy.faults.heal();
+    site.proxy.faults.heal();
     sedge_testkit::wait::until_async(
         "the offline report in the cloud",
         Duration::from_secs(30),
@@ -201,5 +243,198 @@ async fn reports_and_desired_values_cross_a_link_cut_and_an_agent_restart() {
     )
     .await;
     core.shutdown(false).await;
-    cloud.shutdown().await;
+    site.cloud.shutdown().await;
+    drop(site.dir);
+}
+
+/// What the node tells a mapper the desired value of `prop` of `device` is.
+async fn node_desired(socket: &std::path::Path, device: &str, prop: &str) -> Option<String> {
+    let channel = sedge_devices::twin::uds_channel(socket).await.ok()?;
+    let r = DeviceManagerServiceClient::new(channel)
+        .mapper_register(dmi::MapperRegisterRequest {
+            with_data: true,
+            mapper: Some(dmi::MapperInfo {
+                name: "m".into(),
+                protocol: "modbus".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let d = r.device_list.into_iter().find(|d| d.name == device)?;
+    d.spec?
+        .properties
+        .into_iter()
+        .find(|p| p.name == prop)?
+        .desired
+        .map(|v| v.value)
+}
+
+/// A local app sets `value` as the desired (`expected`) value of `prop`, with mosquitto_pub.
+fn app_sets(broker: &str, device: &str, prop: &str, value: &str) {
+    let (h, p) = broker.rsplit_once(':').unwrap();
+    let payload = serde_json::json!({"event_id": "e1", "timestamp": 0,
+        "twin": {prop: {"expected": {"value": value}}}})
+    .to_string();
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-h", h, "-p", p, "-q", "1", "-m", &payload, "-t"])
+        .arg(format!("$hw/events/device/default/{device}/twin/update"))
+        .status()
+        .expect("mosquitto_pub (make test installs mosquitto-clients)");
+    assert!(status.success());
+}
+
+/// The desired value in force the node reported for `prop`: `(value, source, edgeVersion)`.
+async fn observed(
+    devices: &Api<Device>,
+    device: &str,
+    prop: &str,
+) -> Option<(String, String, String)> {
+    let d = devices.get_status(device).await.ok()?;
+    let o = d
+        .status?
+        .twins
+        .into_iter()
+        .find(|t| t.property_name == prop)?
+        .observed_desired?;
+    Some((
+        o.value,
+        o.metadata.get("source").cloned().unwrap_or_default(),
+        o.metadata.get("edgeVersion").cloned().unwrap_or_default(),
+    ))
+}
+
+async fn wait_observed(devices: &Api<Device>, want: (&str, &str, &str)) {
+    let what = format!("the Device status shows {want:?} in force");
+    sedge_testkit::wait::until_async(
+        &what,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            observed(devices, "valve-1", "setpoint")
+                .await
+                .filter(|o| (o.0.as_str(), o.1.as_str(), o.2.as_str()) == want)
+        },
+    )
+    .await;
+}
+
+async fn wait_node_desired(socket: &std::path::Path, want: &str) {
+    let what = format!("the mapper is told setpoint {want}");
+    sedge_testkit::wait::until_async(
+        &what,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            node_desired(socket, "valve-1", "setpoint")
+                .await
+                .filter(|v| v == want)
+        },
+    )
+    .await;
+}
+
+fn set_desired(value: &str) -> Patch<()> {
+    Patch::Json::<()>(
+        serde_json::from_value(serde_json::json!([
+            {"op": "replace", "path": "/spec/properties/0/desired/value", "value": value}
+        ]))
+        .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desired_value_set_on_the_node_and_in_the_cloud_at_once_keeps_the_nodes_newer_one() {
+    let (site, core, twin) = site().await;
+    let broker = twin
+        .mqtt_address()
+        .expect("the embedded broker")
+        .to_string();
+    let models = Api::<DeviceModel>::namespaced(site.client.clone(), "default");
+    let devices = Api::<Device>::namespaced(site.client.clone(), "default");
+    models
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "DeviceModel",
+                "metadata": {"name": "valve-model", "namespace": "default"},
+                "spec": {"protocol": "modbus", "properties": [
+                    {"name": "setpoint", "type": "INT", "accessMode": "ReadWrite"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    devices
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "Device",
+                "metadata": {"name": "valve-1", "namespace": "default"},
+                "spec": {"deviceModelRef": {"name": "valve-model"}, "nodeName": "edge-1",
+                         "protocol": {"protocolName": "modbus"},
+                         "properties": [{"name": "setpoint", "desired": {"value": "20"}}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    wait_node_desired(&site.socket, "20").await;
+    wait_observed(&devices, ("20", "cloud", "0")).await;
+
+    // A local app sets 25: the mapper is told, the cloud sees it (edge version 1).
+    app_sets(&broker, "valve-1", "setpoint", "25");
+    wait_node_desired(&site.socket, "25").await;
+    wait_observed(&devices, ("25", "edge", "1")).await;
+
+    // Across a link cut, the app sets 26 and the cloud 30, neither seeing the other.
+    site.cut();
+    app_sets(&broker, "valve-1", "setpoint", "26");
+    wait_node_desired(&site.socket, "26").await;
+    devices
+        .patch("valve-1", &PatchParams::default(), &set_desired("30"))
+        .await
+        .unwrap();
+    site.proxy.faults.heal();
+    // The cloud's change arrives (generation 2) and is ignored: the node's change is newer
+    // than any the cloud had seen. The node's value is what the cloud is told.
+    let store = core.store.clone();
+    sedge_testkit::wait::until_async(
+        "the cloud's change on the node",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let store = store.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    store.get(sedge_api::kind::DEVICE, "default", "valve-1")
+                })
+                .await
+                .ok()?
+                .ok()
+                .flatten()
+                .filter(|d| d["metadata"]["generation"] == 2)
+            }
+        },
+    )
+    .await;
+    wait_observed(&devices, ("26", "edge", "2")).await;
+    assert_eq!(
+        node_desired(&site.socket, "valve-1", "setpoint")
+            .await
+            .as_deref(),
+        Some("26"),
+        "the node's newer value stays"
+    );
+
+    // The cloud, having seen the node's change, sets 31: it wins.
+    devices
+        .patch("valve-1", &PatchParams::default(), &set_desired("31"))
+        .await
+        .unwrap();
+    wait_node_desired(&site.socket, "31").await;
+    wait_observed(&devices, ("31", "cloud", "2")).await;
+    core.shutdown(false).await;
+    site.cloud.shutdown().await;
 }
