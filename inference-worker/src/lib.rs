@@ -20,6 +20,7 @@ pub mod batcher;
 pub mod breaker;
 pub mod client;
 pub mod config;
+pub mod device_source;
 pub mod edge;
 pub mod eval;
 pub mod fetch;

@@ -1,5 +1,5 @@
-//! Where the edge worker's samples come from: an IDX file, a Sedna index file (`.txt`/`.csv`), or
-//! a directory of images. Image files are read here and decoded later, in the pipeline, so that
+//! Where the edge worker's samples come from: an IDX file, a Sedna index file (`.txt`/`.csv`), a
+//! directory of images, or a device's data topic over MQTT ([`crate::device_source`]). Image files are read here and decoded later, in the pipeline, so that
 //! decoding is measured as part of the edge's work.
 
 use std::path::{Path, PathBuf};
@@ -44,13 +44,22 @@ pub enum Source {
     Dir(PathBuf),
     /// One image file.
     Image(PathBuf),
+    /// A device's data topic (`mqtt://<host>:<port>/<topic>`): frames as they arrive.
+    Device(crate::device_source::DeviceTopic),
 }
 
 impl Source {
     /// Picks the kind from the path: a directory, a `.txt`/`.csv` index, a `.png`/`.jpg`/`.jpeg`
-    /// image, else IDX.
+    /// image, else IDX. An `mqtt://` input is a device topic, checked by [`Source::parse`].
     pub fn from_path(path: impl AsRef<Path>) -> Source {
         let path = path.as_ref().to_path_buf();
+        if let Some(Ok(t)) = path
+            .to_str()
+            .filter(|p| p.starts_with("mqtt://"))
+            .map(crate::device_source::DeviceTopic::parse)
+        {
+            return Source::Device(t);
+        }
         let ext = path
             .extension()
             .and_then(|e| e.to_str())
@@ -66,6 +75,15 @@ impl Source {
         }
     }
 
+    /// The input as a user wrote it: a device topic (`mqtt://...`, whose errors are named here)
+    /// or a path ([`Source::from_path`]).
+    pub fn parse(input: &str) -> Result<Source, String> {
+        if input.starts_with("mqtt://") {
+            return crate::device_source::DeviceTopic::parse(input).map(Source::Device);
+        }
+        Ok(Source::from_path(input))
+    }
+
     /// Loads the listing (and, for IDX, the pixels); image files are read lazily by the iterator.
     pub fn open(
         &self,
@@ -73,6 +91,7 @@ impl Source {
     ) -> Result<Box<dyn Iterator<Item = Sample> + Send>, DatasetError> {
         let limit = limit.unwrap_or(usize::MAX);
         match self {
+            Source::Device(t) => Ok(t.open(Some(limit))),
             Source::Idx(path) => {
                 let data = idx::read_labeled(path)?;
                 let name = path

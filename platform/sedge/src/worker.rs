@@ -229,8 +229,15 @@ pub async fn edge(a: EdgeArgs) -> Result<()> {
         .or_else(|| config::env("SEDGE_INPUT").map(PathBuf::from))
     else {
         bail!(
-            "no input: give an IDX file, an index file, a directory or an image (or set SEDGE_INPUT)"
+            "no input: give an IDX file, an index file, a directory, an image or a device topic mqtt://<host>:<port>/<topic> (or set SEDGE_INPUT)"
         );
+    };
+    // A device topic is checked now, before the model loads; a path is found later.
+    let input = input.to_string_lossy().into_owned();
+    let device = if input.starts_with("mqtt://") {
+        Some(Source::parse(&input).map_err(|e| anyhow::anyhow!("input {e}"))?)
+    } else {
+        None
     };
     c.model = model_file(&c.model).await;
     let listen = c.metrics_listen;
@@ -252,7 +259,10 @@ pub async fn edge(a: EdgeArgs) -> Result<()> {
         }
         None => None,
     };
-    let input = sedge_inference_worker::fetch::local_path(&input.to_string_lossy());
+    let source = match device {
+        Some(d) => d,
+        None => Source::from_path(sedge_inference_worker::fetch::local_path(&input)),
+    };
     // Started together with the cloud worker: give it a moment before the first sample.
     if let (Some(c), Some(secs)) = (
         worker.client(),
@@ -273,9 +283,7 @@ pub async fn edge(a: EdgeArgs) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let summary = worker
-        .run(&Source::from_path(&input), stopped(stop_rx.clone()))
-        .await?;
+    let summary = worker.run(&source, stopped(stop_rx.clone())).await?;
     print_summary(&summary)?;
     // A pod's worker stays up after its input (a Deployment would restart it and count again):
     // counters keep being reported and served until it is told to stop.
