@@ -48,6 +48,21 @@ pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// Longest mapper name, protocol or state (bytes).
 const MAX_NAME_BYTES: usize = 128;
 
+/// Where a node's DMI socket is by default: `<data dir>/dmi/dmi.sock`. The directory holds only
+/// sockets (the agent's, and mappers' beside it), so the agent lets pods mount it by hostPath
+/// ([`dmi_dir_for_pods`]): that is how a mapper running as a pod reaches DMI.
+pub fn default_dmi_socket(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("dmi").join("dmi.sock")
+}
+
+/// The directory pods may mount for DMI when the socket is the default one (none otherwise: an
+/// operator who puts the socket elsewhere decides what pods may mount).
+pub fn dmi_dir_for_pods(data_dir: &std::path::Path, socket: &std::path::Path) -> Option<PathBuf> {
+    (socket == default_dmi_socket(data_dir))
+        .then(|| socket.parent().map(PathBuf::from))
+        .flatten()
+}
+
 /// The device twin's settings.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceTwinConfig {

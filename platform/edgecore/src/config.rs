@@ -99,6 +99,15 @@ impl Default for EdgeCoreConfig {
                 host_commands: false,
             },
         );
+        // KubeEdge's mappers run as pods on the node; ours is in the `sedge` binary.
+        images.insert(
+            "sedge/modbus-mapper".into(),
+            ImageEntry {
+                entrypoint: vec!["@self".into(), "mapper".into(), "modbus".into()],
+                cmd: vec![],
+                host_commands: false,
+            },
+        );
         EdgeCoreConfig {
             tunnel: EdgeConfig::default(),
             metaserver_listen: "127.0.0.1:10550".into(),

@@ -57,12 +57,82 @@ pub enum MapperError {
     },
 }
 
+/// The mapper's command line (`sedge-modbus-mapper`, and `sedge mapper modbus` for the
+/// `sedge/modbus-mapper` image that runs it as a pod on the node).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MapperArgs {
+    /// The edge agent's DMI socket (`<node data dir>/dmi/dmi.sock`; `up.json` lists it). In a
+    /// pod: where the hostPath of the agent's DMI directory is mounted, e.g.
+    /// `/etc/kubeedge/dmi.sock`.
+    #[arg(long, env = "SEDGE_DMI_SOCKET")]
+    pub dmi_socket: PathBuf,
+    /// This mapper's socket, where the agent tells it of device changes (in a pod: beside the
+    /// DMI socket, e.g. `/etc/kubeedge/modbus-mapper.sock`).
+    #[arg(long, default_value = "/tmp/sedge-modbus-mapper.sock")]
+    pub socket: PathBuf,
+    /// The name it registers with.
+    #[arg(long, default_value = "sedge-modbus-mapper")]
+    pub name: String,
+    /// Also serve a simulated Modbus TCP device on this address (for the demo).
+    #[arg(long)]
+    pub simulate: Option<std::net::SocketAddr>,
+}
+
+/// Runs the mapper as its command line says (the simulator first, when asked for).
+pub async fn run_args(args: MapperArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(addr) = args.simulate {
+        let sim = Simulator::default();
+        let bound = sim
+            .start(addr)
+            .await
+            .with_context(|| format!("simulating on {addr}"))?;
+        eprintln!("simulated Modbus TCP device on {bound}");
+    }
+    run(MapperConfig {
+        name: args.name,
+        dmi_socket: pod_path(&args.dmi_socket),
+        socket: pod_path(&args.socket),
+    })
+    .await?;
+    Ok(())
+}
+
+/// Longest Unix socket path (a socket address holds 108 bytes with the final NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// A path as a container sees it, on the host. Under edged's process runtime a container's
+/// files live under `$SEDGE_ROOT` and its volume mounts are links there (a hostPath links to the
+/// host directory); where the path's directory exists under the root, the path is that
+/// directory with its links followed (a socket's address must be short and real), else the path
+/// as given (the mapper runs outside a pod).
+pub fn pod_path(p: &std::path::Path) -> PathBuf {
+    let root = std::env::var_os("SEDGE_ROOT").filter(|r| !r.is_empty());
+    pod_path_in(root.as_deref().map(std::path::Path::new), p)
+}
+
+/// [`pod_path`] with the container's root given.
+pub fn pod_path_in(root: Option<&std::path::Path>, p: &std::path::Path) -> PathBuf {
+    let Some(root) = root else {
+        return p.to_path_buf();
+    };
+    let rel: PathBuf = p
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    let under = root.join(rel);
+    match (under.parent().map(std::fs::canonicalize), under.file_name()) {
+        (Some(Ok(dir)), Some(name)) => dir.join(name),
+        _ => p.to_path_buf(),
+    }
+}
+
 /// The mapper's settings.
 #[derive(Debug, Clone)]
 pub struct MapperConfig {
     /// The mapper's name, as registered.
     pub name: String,
-    /// The agent's DMI socket (`<node data dir>/dmi.sock`).
+    /// The agent's DMI socket (`<node data dir>/dmi/dmi.sock`).
     pub dmi_socket: PathBuf,
     /// The mapper's own socket, where the agent tells it of device changes.
     pub socket: PathBuf,
@@ -552,6 +622,15 @@ pub async fn run(cfg: MapperConfig) -> Result<(), MapperError> {
         socket: agent_socket.clone(),
         message,
     };
+    if socket.len() > MAX_SOCKET_PATH {
+        return Err(MapperError::Serve {
+            message: format!(
+                "the path is {} bytes; a Unix socket's is at most {MAX_SOCKET_PATH} (give --socket a shorter one)",
+                socket.len()
+            ),
+            socket,
+        });
+    }
     let channel = sedge_devices::twin::uds_channel(&cfg.dmi_socket)
         .await
         .map_err(agent_err)?;
@@ -691,6 +770,38 @@ impl Simulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_paths_resolve_under_the_root_through_the_mount_link() {
+        let host = std::env::temp_dir().join(format!("sedge-mapper-test-{}", std::process::id()));
+        let dmi = host.join("dmi");
+        let root = host.join("root");
+        std::fs::create_dir_all(&dmi).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        // The runtime's volume mount: <root>/etc/kubeedge -> the node's DMI directory.
+        std::os::unix::fs::symlink(&dmi, root.join("etc/kubeedge")).unwrap();
+        let p = std::path::Path::new("/etc/kubeedge/dmi.sock");
+        let real = std::fs::canonicalize(&dmi).unwrap().join("dmi.sock");
+        assert_eq!(pod_path_in(Some(&root), p), real);
+        // Outside a pod, or where the pod has no such directory: as given.
+        assert_eq!(pod_path_in(None, p), p);
+        let elsewhere = std::path::Path::new("/nowhere/m.sock");
+        assert_eq!(pod_path_in(Some(&root), elsewhere), elsewhere);
+        std::fs::remove_dir_all(&host).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_too_long_for_unix_is_named() {
+        let e = run(MapperConfig {
+            name: "m".into(),
+            dmi_socket: "/nonexistent/dmi.sock".into(),
+            socket: format!("/tmp/{}.sock", "x".repeat(120)).into(),
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("at most 107"), "{e}");
+    }
 
     fn device(protocol: Value, visitor: Value) -> dmi::Device {
         let pack = |v: &Value| dmi::CustomizedValue {

@@ -1,7 +1,5 @@
 //! `sedge-modbus-mapper`: the Modbus TCP mapper (see the library). Parses flags and runs it.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::Parser;
 
@@ -9,18 +7,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "sedge-modbus-mapper", version)]
 struct Cli {
-    /// The edge agent's DMI socket (`<node data dir>/dmi.sock`; `up.json` lists it).
-    #[arg(long, env = "SEDGE_DMI_SOCKET")]
-    dmi_socket: PathBuf,
-    /// This mapper's socket, where the agent tells it of device changes.
-    #[arg(long, default_value = "/tmp/sedge-modbus-mapper.sock")]
-    socket: PathBuf,
-    /// The name it registers with.
-    #[arg(long, default_value = "sedge-modbus-mapper")]
-    name: String,
-    /// Also serve a simulated Modbus TCP device on this address (for the demo).
-    #[arg(long)]
-    simulate: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    args: sedge_modbus_mapper::MapperArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,23 +21,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let run = || -> anyhow::Result<()> {
         let rt = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
-        rt.block_on(async {
-            if let Some(addr) = cli.simulate {
-                let sim = sedge_modbus_mapper::Simulator::default();
-                let bound = sim
-                    .start(addr)
-                    .await
-                    .with_context(|| format!("simulating on {addr}"))?;
-                eprintln!("simulated Modbus TCP device on {bound}");
-            }
-            sedge_modbus_mapper::run(sedge_modbus_mapper::MapperConfig {
-                name: cli.name,
-                dmi_socket: cli.dmi_socket,
-                socket: cli.socket,
-            })
-            .await?;
-            Ok(())
-        })
+        rt.block_on(sedge_modbus_mapper::run_args(cli.args))
     };
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,

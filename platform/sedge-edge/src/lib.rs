@@ -57,7 +57,8 @@ pub struct EdgeAgentArgs {
     #[arg(long)]
     #[serde(rename = "metaserver_listen")]
     metaserver: Option<String>,
-    /// KubeEdge's DMI socket mappers talk to (default `<data dir>/dmi.sock`; `-` disables it).
+    /// KubeEdge's DMI socket mappers talk to (default `<data dir>/dmi/dmi.sock`, a directory pods
+    /// may mount by hostPath; `-` disables it).
     #[arg(long)]
     #[serde(skip)]
     dmi_socket: Option<PathBuf>,
@@ -113,8 +114,12 @@ pub async fn run(a: EdgeAgentArgs, shutdown: impl Future<Output = ()>) -> Result
     let dmi_socket = match &a.dmi_socket {
         Some(p) if p.as_os_str() == "-" => PathBuf::new(),
         Some(p) => p.clone(),
-        None => cfg.tunnel.data_dir.join("dmi.sock"),
+        None => sedge_devices::twin::default_dmi_socket(&cfg.tunnel.data_dir),
     };
+    // Mappers run as pods mount the DMI directory.
+    if let Some(d) = sedge_devices::twin::dmi_dir_for_pods(&cfg.tunnel.data_dir, &dmi_socket) {
+        cfg.host_path_allow.push(d);
+    }
     let devices = DeviceTwin::new(DeviceTwinConfig {
         dmi_socket: dmi_socket.clone(),
         mqtt_listen: a.mqtt_listen.clone(),

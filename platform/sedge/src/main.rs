@@ -47,6 +47,15 @@ enum Command {
     Up(platform::UpArgs),
     /// Run the AI controller: sedna.io resources (JointInferenceService, Model, Dataset, ...).
     AiController(platform::AiControllerArgs),
+    /// Run a device mapper (what the `sedge/modbus-mapper` image runs as a pod on a node).
+    #[command(subcommand)]
+    Mapper(Mapper),
+}
+
+#[derive(Subcommand)]
+enum Mapper {
+    /// Modbus TCP devices, over the edge agent's DMI (as `sedge-modbus-mapper`).
+    Modbus(sedge_modbus_mapper::MapperArgs),
 }
 
 /// Runs the command; a failure is one line on stderr, `error: <what>: <why>...` (never a
@@ -89,6 +98,7 @@ fn run() -> Result<()> {
             Command::Edge(a) => sedge_edge::run(a, shutdown_signal()).await,
             Command::Up(a) => platform::up(a, shutdown_signal()).await,
             Command::AiController(a) => platform::ai_controller(a, shutdown_signal()).await,
+            Command::Mapper(Mapper::Modbus(a)) => sedge_modbus_mapper::run_args(a).await,
         }
     })
 }

@@ -418,7 +418,13 @@ impl Up {
                     .await
                     .with_context(|| format!("joining {node}"))?;
             }
-            let dmi_socket = ec.tunnel.data_dir.join("dmi.sock");
+            let dmi_socket = sedge_devices::twin::default_dmi_socket(&ec.tunnel.data_dir);
+            // Mappers run as pods mount the DMI directory.
+            ec.host_path_allow
+                .extend(sedge_devices::twin::dmi_dir_for_pods(
+                    &ec.tunnel.data_dir,
+                    &dmi_socket,
+                ));
             let (mqtt_listen, mqtt_broker) = match &a.mqtt_broker {
                 Some(b) => (String::new(), b.clone()),
                 None if a.mqtt_port == 0 => ("127.0.0.1:0".to_string(), String::new()),
