@@ -85,16 +85,17 @@ struct DeviceSpecAt {
 }
 
 /// Records where `o` is and the version of its last spec change (forgets it when `deleted`);
-/// what was recorded before.
+/// what was recorded before, and whether the node has anything new to hear (the device is new,
+/// moved, gone, or its spec changed).
 fn note_device(
     specs: &Mutex<HashMap<String, DeviceSpecAt>>,
     o: &Device,
     deleted: bool,
-) -> Option<DeviceSpecAt> {
+) -> (Option<DeviceSpecAt>, bool) {
     let key = format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
     let mut specs = specs.lock().unwrap_or_else(|p| p.into_inner());
     if deleted {
-        return specs.remove(&key);
+        return (specs.remove(&key), true);
     }
     let (uid, generation) = (
         o.uid().unwrap_or_default(),
@@ -104,15 +105,16 @@ fn note_device(
         Some(s) if s.uid == uid && s.generation == generation => s.version.clone(),
         _ => o.resource_version().unwrap_or_default(),
     };
-    specs.insert(
-        key,
-        DeviceSpecAt {
-            node: o.spec.node_name.clone(),
-            uid,
-            generation,
-            version,
-        },
-    )
+    let now = DeviceSpecAt {
+        node: o.spec.node_name.clone(),
+        uid,
+        generation,
+        version,
+    };
+    let changed = specs
+        .get(&key)
+        .is_none_or(|b| b.node != now.node || b.version != now.version);
+    (specs.insert(key, now), changed)
 }
 
 fn reflect<K>(
@@ -294,7 +296,12 @@ impl Cache {
                 return;
             };
             let node = o.spec.node_name.clone();
-            let before = note_device(&specs, o, matches!(ev, watcher::Event::Delete(_)));
+            let (before, spec_changed) =
+                note_device(&specs, o, matches!(ev, watcher::Event::Delete(_)));
+            // A status-only change (the node's own reports) has nothing for the node.
+            if !spec_changed {
+                return;
+            }
             if let Some(b) = before
                 && b.node != node
             {
@@ -395,7 +402,24 @@ impl Cache {
 
     /// What `node` should hold: resource key -> (resourceVersion, object JSON).
     pub fn desired(&self, node: &str) -> BTreeMap<String, (String, Value)> {
-        let mut out = BTreeMap::new();
+        self.desired_since(node, &HashMap::new())
+            .into_iter()
+            .map(|(k, (rv, v))| (k, (rv, v.unwrap_or(Value::Null))))
+            .collect()
+    }
+
+    /// What `node` should hold, the objects at the version in `known` (what was offered last)
+    /// left unserialised (`None`): a node's change costs the objects that changed, not the
+    /// node's whole set.
+    pub fn desired_since(
+        &self,
+        node: &str,
+        known: &HashMap<String, String>,
+    ) -> BTreeMap<String, (String, Option<Value>)> {
+        let mut out = Objects {
+            map: BTreeMap::new(),
+            known,
+        };
         let mut refs: HashSet<(String, bool, String)> = HashSet::new();
         for p in self.pods.state() {
             if pod_node(&p) != node {
@@ -405,16 +429,16 @@ impl Cache {
             let (cms, secrets) = pod_references(&p);
             refs.extend(cms.into_iter().map(|c| (ns.clone(), false, c)));
             refs.extend(secrets.into_iter().map(|s| (ns.clone(), true, s)));
-            insert(&mut out, kind::POD, p.as_ref());
+            out.insert(kind::POD, p.as_ref(), None);
         }
         for (ns, secret, name) in refs {
             let r = ObjectRef::new(&name).within(&ns);
             if secret {
                 if let Some(s) = self.secrets.get(&ObjectRef::new(&name).within(&ns)) {
-                    insert(&mut out, kind::SECRET, s.as_ref());
+                    out.insert(kind::SECRET, s.as_ref(), None);
                 }
             } else if let Some(c) = self.configmaps.get(&r) {
-                insert(&mut out, kind::CONFIGMAP, c.as_ref());
+                out.insert(kind::CONFIGMAP, c.as_ref(), None);
             }
         }
         // The node's devices and their models, each device at the version of its last spec
@@ -435,11 +459,11 @@ impl Cache {
             if let Some(r) = &d.spec.device_model_ref {
                 models.insert((ns.clone(), r.name.clone()));
             }
-            let key = insert(&mut out, kind::DEVICE, d.as_ref());
-            if let Some((rv, obj)) = out.get_mut(&key) {
-                if let Some(at) = specs.get(&format!("{ns}/{}", d.name_any())) {
-                    *rv = at.version.clone();
-                }
+            let at = specs
+                .get(&format!("{ns}/{}", d.name_any()))
+                .map(|a| a.version.clone());
+            let key = out.insert(kind::DEVICE, d.as_ref(), at);
+            if let Some((_, Some(obj))) = out.map.get_mut(&key) {
                 let observed: Vec<Value> = obj["status"]["twins"]
                     .as_array()
                     .into_iter()
@@ -457,35 +481,46 @@ impl Cache {
         }
         for (ns, name) in models {
             if let Some(m) = self.device_models.get(&ObjectRef::new(&name).within(&ns)) {
-                insert(&mut out, kind::DEVICE_MODEL, m.as_ref());
+                out.insert(kind::DEVICE_MODEL, m.as_ref(), None);
             }
         }
-        out
+        out.map
     }
 }
 
-/// Adds `obj` under its resource key and returns the key.
-fn insert<K: Resource + serde::Serialize>(
-    out: &mut BTreeMap<String, (String, Value)>,
-    k: &str,
-    obj: &K,
-) -> String {
-    let meta = obj.meta();
-    let key = Key::new(
-        meta.namespace.as_deref(),
-        k,
-        meta.name.as_deref().unwrap_or_default(),
-    );
-    let mut v = serde_json::to_value(obj).unwrap_or(Value::Null);
-    if let Some(m) = v["metadata"].as_object_mut() {
-        m.remove("managedFields");
+/// A node's objects being gathered: key -> (version, JSON unless the version is known).
+struct Objects<'a> {
+    map: BTreeMap<String, (String, Option<Value>)>,
+    known: &'a HashMap<String, String>,
+}
+
+impl Objects<'_> {
+    /// Adds `obj` under its resource key at `version` (its resourceVersion if none) and returns
+    /// the key; serialised only if that version is not the known one.
+    fn insert<K: Resource + serde::Serialize>(
+        &mut self,
+        k: &str,
+        obj: &K,
+        version: Option<String>,
+    ) -> String {
+        let meta = obj.meta();
+        let key = Key::new(
+            meta.namespace.as_deref(),
+            k,
+            meta.name.as_deref().unwrap_or_default(),
+        )
+        .to_string();
+        let rv = version.unwrap_or_else(|| meta.resource_version.clone().unwrap_or_default());
+        let value = (self.known.get(&key) != Some(&rv)).then(|| {
+            let mut v = serde_json::to_value(obj).unwrap_or(Value::Null);
+            if let Some(m) = v["metadata"].as_object_mut() {
+                m.remove("managedFields");
+            }
+            v
+        });
+        self.map.insert(key.clone(), (rv, value));
+        key
     }
-    let key = key.to_string();
-    out.insert(
-        key.clone(),
-        (meta.resource_version.clone().unwrap_or_default(), v),
-    );
-    key
 }
 
 /// Keeps every edge node's object set in step with the cache: offers what each node should hold
@@ -501,22 +536,36 @@ pub async fn run_downstream(hub: Arc<Hub>, cache: Cache) {
     // A (re)connecting node is re-offered everything (cheap: the hub skips what it holds).
     let mut links = hub.subscribe();
     let dirty = cache.dirty.clone();
+    let forget: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let f = forget.clone();
     tokio::spawn(async move {
         loop {
-            match links.recv().await {
-                Ok(LinkEvent::Connected { node, .. }) => dirty.mark(&node),
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => dirty.mark("*"),
+            let node = match links.recv().await {
+                Ok(LinkEvent::Connected { node, .. }) => node,
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => "*".to_string(),
                 Err(_) => return,
-            }
+            };
+            f.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.clone());
+            dirty.mark(&node);
         }
     });
-    // What was offered to each node and not yet known to be acknowledged.
-    let mut offered: HashMap<String, HashSet<String>> = HashMap::new();
+    // What was offered to each node, at which version: only what changed since is serialised
+    // and offered again.
+    let mut offered: HashMap<String, HashMap<String, String>> = HashMap::new();
     cache.dirty.mark("*");
     loop {
         let notified = cache.dirty.notify.notified();
         let mut nodes = cache.dirty.take();
+        for n in std::mem::take(&mut *forget.lock().unwrap_or_else(|p| p.into_inner())) {
+            if n == "*" {
+                offered.clear();
+            } else {
+                offered.remove(&n);
+            }
+        }
         if nodes.iter().any(|n| n == "*") {
             nodes = cache
                 .nodes
@@ -548,11 +597,13 @@ async fn sync_node(
     hub: &Hub,
     cache: &Cache,
     node: &str,
-    offered: &mut HashSet<String>,
+    offered: &mut HashMap<String, String>,
 ) -> Result<(), sedge_tunnel::TunnelError> {
-    let desired = cache.desired(node);
-    tracing::debug!(%node, objects = desired.len(), "syncing node");
+    let desired = cache.desired_since(node, offered);
+    let mut sent = 0usize;
     for (key, (rv, obj)) in &desired {
+        // Offered at this version already (the hub delivers it, reliably).
+        let Some(obj) = obj else { continue };
         let msg = Message::new(
             group::META,
             op::UPDATE,
@@ -561,15 +612,19 @@ async fn sync_node(
         )
         .with_version(rv.clone());
         hub.send(node, msg).await?;
-        offered.insert(key.clone());
+        offered.insert(key.clone(), rv.clone());
+        sent += 1;
     }
+    tracing::debug!(%node, objects = desired.len(), offered = sent, "synced node");
     let acked = hub.acked(node).await?;
-    let held: HashSet<String> = acked.into_keys().chain(offered.drain()).collect();
-    for key in held {
-        if desired.contains_key(&key) {
-            offered.insert(key);
-            continue;
-        }
+    let gone: HashSet<String> = acked
+        .keys()
+        .chain(offered.keys())
+        .filter(|k| !desired.contains_key(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        offered.remove(&key);
         let k = key.split('/').nth(1).unwrap_or_default();
         if ![
             kind::POD,
@@ -960,24 +1015,33 @@ mod tests {
             d
         };
         let specs = Mutex::default();
-        note_device(&specs, &at("7", 1, "u1"), false);
-        // A status-only change (the node's own report): the spec version stays.
-        note_device(&specs, &at("9", 1, "u1"), false);
+        assert!(note_device(&specs, &at("7", 1, "u1"), false).1);
+        // A status-only change (the node's own report): the spec version stays, and the node
+        // has nothing new to hear.
+        assert!(!note_device(&specs, &at("9", 1, "u1"), false).1);
         let cache = cache_with(vec![at("9", 1, "u1")], vec![]);
         *cache.device_specs.lock().unwrap() = specs.lock().unwrap().clone();
         let (rv, obj) = &cache.desired("edge-1")["default/device/valve"];
         assert_eq!(rv, "7");
+        // Offered at that version before: not serialised again.
+        let known = HashMap::from([("default/device/valve".to_string(), "7".to_string())]);
+        assert_eq!(
+            cache.desired_since("edge-1", &known)["default/device/valve"],
+            ("7".to_string(), None)
+        );
         assert_eq!(
             obj["status"],
             json!({"twins": [{"propertyName": "setpoint",
                 "observedDesired": {"value": "25", "metadata": {"edgeVersion": "1"}}}]})
         );
         // A spec change, and a device created again, are new versions.
-        note_device(&specs, &at("11", 2, "u1"), false);
+        assert!(note_device(&specs, &at("11", 2, "u1"), false).1);
         assert_eq!(specs.lock().unwrap()["default/valve"].version, "11");
-        note_device(&specs, &at("15", 2, "u2"), false);
+        assert!(note_device(&specs, &at("15", 2, "u2"), false).1);
         assert_eq!(specs.lock().unwrap()["default/valve"].version, "15");
-        let gone = note_device(&specs, &at("15", 2, "u2"), true).unwrap();
+        let (gone, changed) = note_device(&specs, &at("15", 2, "u2"), true);
+        assert!(changed);
+        let gone = gone.unwrap();
         assert_eq!(gone.node, "edge-1");
         assert!(specs.lock().unwrap().is_empty());
     }
