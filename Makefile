@@ -9,14 +9,15 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build bench bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt
+.PHONY: help demo test lint fmt build edge-agent bench bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt
 
 help:
 	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then a Sedna"
 	@echo "              JointInferenceService on Fashion-MNIST: edge pod -> channel -> cloud pod,"
 	@echo "              reported against edge-only and cloud-only"
 	@echo "make test   - everything CI runs: fmt check, clippy, the whole test suite (ORT included)"
-	@echo "make bench  - benchmark tables: inference pipeline, API server, channel (quick)"
+	@echo "make bench  - benchmark tables: inference pipeline, API server, channel (quick), agent footprint"
+	@echo "make edge-agent - the slim edge agent built for size: target/edge/sedge-edge"
 	@echo "make bench-edgemark - the channel with up to 100,000 simulated QUIC edge nodes"
 	@echo "make bench-example - the Ianvs-style Fashion-MNIST job on all 10,000 test images"
 	@echo "make bench-devices - device twins: MQTT and cloud round trips, 1,000 devices, embedded broker vs mosquitto"
@@ -61,6 +62,11 @@ $(ORT_LIB):
 build:
 	$(CARGO) build --release -p sedge -p sedge-edge
 
+# The slim edge agent as shipped to nodes: built for size (Cargo.toml's `edge` profile) into
+# target/edge/sedge-edge; copy the `sedge` binary beside it for pods of sedge/* images.
+edge-agent:
+	$(CARGO) build --profile edge -p sedge-edge
+
 demo: data ort build
 	platform/sedge/examples/platform-demo.sh target/release/sedge
 	ai-controller/examples/joint-inference/demo.sh target/release/sedge
@@ -81,7 +87,8 @@ bench: ort
 	$(CARGO) run --release -p sedge-benchmarks --bin apiserver
 	$(CARGO) run --release -p sedge-benchmarks --bin slowwatch
 	$(CARGO) run --release -p sedge-benchmarks --bin edgemark -- --suite quick
-	$(CARGO) build --release -p sedge -p sedge-edge
+	$(CARGO) build --release -p sedge
+	$(CARGO) build --profile edge -p sedge-edge
 	$(CARGO) run --release -p sedge-benchmarks --bin edgefoot
 
 # The channel at scale: 1k/10k WebSocket and 10k/100k QUIC nodes (several minutes, ~6 GB RAM).

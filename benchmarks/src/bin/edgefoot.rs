@@ -9,8 +9,9 @@
 //!    over `--pods` pods created one after another, against the baseline of spawning the same
 //!    process directly here.
 //!
-//! `make bench` builds target/release/sedge and target/release/sedge-edge first (`--sedge`,
-//! `--sedge-edge` for other binaries).
+//! `make bench` builds target/release/sedge and the slim agent as shipped,
+//! target/edge/sedge-edge (the `edge` profile: size over speed, LTO), first (`--sedge`,
+//! `--sedge-edge` for other binaries). Each agent runs its own MQTT broker on a free port.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -36,8 +37,8 @@ struct Args {
     /// The all-in-one binary (its `sedge edge` is the baseline).
     #[arg(long, default_value = "target/release/sedge")]
     sedge: PathBuf,
-    /// The slim edge agent.
-    #[arg(long, default_value = "target/release/sedge-edge")]
+    /// The slim edge agent (`make edge-agent` builds it).
+    #[arg(long, default_value = "target/edge/sedge-edge")]
     sedge_edge: PathBuf,
 }
 
@@ -59,7 +60,8 @@ fn agent(
     )?;
     Command::new(argv[0])
         .args(&argv[1..])
-        .args(["--lc-listen", "127.0.0.1:0", "--token", token, "--config"])
+        .args(["--lc-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+        .args(["--token", token, "--config"])
         .arg(&cfg)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -107,7 +109,7 @@ async fn main() -> Result<()> {
     for b in [&a.sedge, &a.sedge_edge] {
         if !b.exists() {
             bail!(
-                "{} not found: build it with `cargo build --release -p sedge -p sedge-edge`",
+                "{} not found: build it with `make edge-agent` (the slim agent) or `cargo build --release -p sedge`",
                 b.display()
             );
         }
