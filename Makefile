@@ -100,8 +100,9 @@ bench-example: data ort fonts build
 
 # Incremental learning: the edge model retrained from cloud-labelled hard examples of a shifted
 # Fashion-MNIST stream, round by round (train, eval, deploy), with forgetting on the original set.
-bench-devices: mqtt
+bench-devices: mqtt edge-agent
 	$(CARGO) run --release -p sedge-benchmarks --bin devicemark
+	$(CARGO) run --release -p sedge-benchmarks --bin devicemark -- --agent target/edge/sedge-edge
 
 bench-learning: data ort
 	$(CARGO) run --release -p sedge-benchmarks --bin learning

@@ -11,7 +11,11 @@
 //!    broker, the lag until every device's last value is in the cloud, and this process's CPU and
 //!    RSS growth (everything runs here, so they are the whole stack's).
 //!
-//! `cargo run --release -p sedge-benchmarks --bin devicemark` (needs `mosquitto`: `make mqtt`).
+//! With `--agent <sedge-edge>` the edge agent runs as its own process instead (joined with a
+//! token, its embedded broker on a free port, or the mosquitto), and the table adds the agent's
+//! own CPU under the load and its RSS idle (devices held) and at the end of the load.
+//!
+//! `make bench-devices` runs it with the slim agent as shipped (needs `mosquitto`: `make mqtt`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,6 +44,10 @@ struct Args {
     /// Round trips per measurement.
     #[arg(long, default_value_t = 200)]
     samples: usize,
+    /// Run the edge agent as its own process from this binary (`sedge-edge`, e.g.
+    /// target/edge/sedge-edge), to measure it alone.
+    #[arg(long)]
+    agent: Option<std::path::PathBuf>,
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -51,7 +59,12 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds_of("self")
+}
+
+/// CPU seconds (user + system) of `/proc/<pid>`.
+fn cpu_seconds_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, r)| r.split_whitespace().collect())
@@ -74,6 +87,27 @@ struct Row {
     lag_s: f64,
     cpu_per_s: f64,
     rss_mib: f64,
+    /// The agent alone, when it ran as its own process: CPU per second under the load, RSS
+    /// idle (devices held) and after the load (MiB).
+    agent: Option<(f64, f64, f64)>,
+}
+
+/// Where the edge agent runs.
+enum Agent {
+    InProcess(EdgeCore),
+    Process(Child),
+}
+
+/// The broker for a run: the agent's embedded one (on `port`) or an external one.
+enum Broker {
+    Embedded(u16),
+    External(String),
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// An MQTT client whose incoming publishes arrive on a channel.
@@ -120,7 +154,7 @@ async fn reported(devices: &Api<Device>, name: &str) -> Option<String> {
         .map(|r| r.value)
 }
 
-async fn run_one(label: &str, broker_cfg: DeviceTwinConfig, a: &Args, dir: &Path) -> Result<Row> {
+async fn run_one(label: &str, broker: Broker, a: &Args, dir: &Path) -> Result<Row> {
     let server = sedge_apiserver::ApiServer::start(sedge_apiserver::ApiServerConfig {
         data_dir: dir.join("apiserver"),
         listen: "127.0.0.1:0".into(),
@@ -138,22 +172,63 @@ async fn run_one(label: &str, broker_cfg: DeviceTwinConfig, a: &Args, dir: &Path
     cc.hub.listen = "127.0.0.1:0".into();
     cc.hub.listen_quic = String::new();
     let cloud = sedge_cloudcore::CloudCore::start(client_k.clone(), cc, Vec::new()).await?;
-    let cfg: EdgeCoreConfig = serde_yaml::from_str(&format!(
+    let yaml = format!(
         "metaserver_listen: ''\nmetrics_listen: ''\nnode_ip: 127.0.0.1\ntunnel:\n  node_name: edge-1\n  cloud: {}\n  data_dir: {}\n",
         cloud.hub.addr(),
         dir.join("edge-1").display()
-    ))?;
+    );
     let (token, _) = cloud
         .hub
         .tokens()
         .create(Duration::from_secs(300), "devicemark")?;
-    sedge_tunnel::join(&cfg.tunnel, &token).await?;
-    let twin = Arc::new(DeviceTwin::new(broker_cfg));
-    let core = EdgeCore::start(cfg, vec![twin.clone() as Arc<dyn EdgeModule>]).await?;
-    let broker = twin
-        .mqtt_address()
-        .context("the device twin has no broker")?
-        .to_string();
+    let (agent, broker) = match &a.agent {
+        None => {
+            let cfg: EdgeCoreConfig = serde_yaml::from_str(&yaml)?;
+            sedge_tunnel::join(&cfg.tunnel, &token).await?;
+            let twin = Arc::new(DeviceTwin::new(match &broker {
+                Broker::Embedded(port) => DeviceTwinConfig {
+                    mqtt_listen: format!("127.0.0.1:{port}"),
+                    ..Default::default()
+                },
+                Broker::External(b) => DeviceTwinConfig {
+                    mqtt_broker: b.clone(),
+                    ..Default::default()
+                },
+            }));
+            let core = EdgeCore::start(cfg, vec![twin.clone() as Arc<dyn EdgeModule>]).await?;
+            let addr = twin
+                .mqtt_address()
+                .context("the device twin has no broker")?
+                .to_string();
+            (Agent::InProcess(core), addr)
+        }
+        Some(bin) => {
+            std::fs::create_dir_all(dir)?;
+            let cfg = dir.join("edge-1.yaml");
+            std::fs::write(&cfg, &yaml)?;
+            let (flag, addr) = match &broker {
+                Broker::Embedded(port) => ("--mqtt-listen", format!("127.0.0.1:{port}")),
+                Broker::External(b) => ("--mqtt-broker", b.clone()),
+            };
+            let child = Command::new(bin)
+                .args(["--token", &token, "--lc-listen", "127.0.0.1:0", flag, &addr])
+                .arg("--config")
+                .arg(&cfg)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting the agent {}", bin.display()))?;
+            // Its broker (or the external one) takes connections once it is up.
+            let t0 = Instant::now();
+            while tokio::net::TcpStream::connect(&addr).await.is_err() {
+                if t0.elapsed() > Duration::from_secs(30) {
+                    bail!("the agent's broker {addr} never came up");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (Agent::Process(child), addr)
+        }
+    };
 
     let models = Api::<DeviceModel>::namespaced(client_k.clone(), "default");
     let devices = Api::<Device>::namespaced(client_k.clone(), "default");
@@ -262,6 +337,12 @@ async fn run_one(label: &str, broker_cfg: DeviceTwinConfig, a: &Args, dir: &Path
         down.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // 4. Load: every device once a second.
+    let agent_pid = match &agent {
+        Agent::Process(c) => Some(c.id()),
+        Agent::InProcess(_) => None,
+    };
+    let agent_cpu0 = agent_pid.map(|p| cpu_seconds_of(&p.to_string()));
+    let agent_idle = agent_pid.map(|p| sedge_benchmarks::rss_kib(Some(p)));
     let (cpu0, rss0) = (cpu_seconds(), sedge_benchmarks::rss_kib(None));
     let t_load = Instant::now();
     let mut results = 0usize;
@@ -296,7 +377,21 @@ async fn run_one(label: &str, broker_cfg: DeviceTwinConfig, a: &Args, dir: &Path
     }
     let lag = t_lag.elapsed().as_secs_f64();
     let (cpu1, rss1) = (cpu_seconds(), sedge_benchmarks::rss_kib(None));
-    core.shutdown(false).await;
+    let agent_row = match (agent_pid, agent_cpu0, agent_idle) {
+        (Some(p), Some(c0), Some(idle)) => Some((
+            (cpu_seconds_of(&p.to_string()) - c0) / (load_s + lag),
+            idle as f64 / 1024.0,
+            sedge_benchmarks::rss_kib(Some(p)) as f64 / 1024.0,
+        )),
+        _ => None,
+    };
+    match agent {
+        Agent::InProcess(core) => core.shutdown(false).await,
+        Agent::Process(mut c) => {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
     cloud.shutdown().await;
     server.shutdown().await;
     Ok(Row {
@@ -308,6 +403,7 @@ async fn run_one(label: &str, broker_cfg: DeviceTwinConfig, a: &Args, dir: &Path
         lag_s: lag,
         cpu_per_s: (cpu1 - cpu0) / (load_s + lag),
         rss_mib: (rss1 as f64 - rss0 as f64) / 1024.0,
+        agent: agent_row,
     })
 }
 
@@ -339,26 +435,18 @@ async fn main() -> Result<()> {
     rows.push(
         run_one(
             "embedded",
-            DeviceTwinConfig {
-                mqtt_listen: "127.0.0.1:0".into(),
-                ..Default::default()
-            },
+            Broker::Embedded(free_port()?),
             &a,
             &dir.path().join("embedded"),
         )
         .await?,
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port()?;
     let mut m = mosquitto(port)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = run_one(
         "mosquitto",
-        DeviceTwinConfig {
-            mqtt_broker: format!("127.0.0.1:{port}"),
-            ..Default::default()
-        },
+        Broker::External(format!("127.0.0.1:{port}")),
         &a,
         &dir.path().join("mosquitto"),
     )
@@ -370,13 +458,32 @@ async fn main() -> Result<()> {
         "\nDevice twins: {} devices on one node, each updated once a second for {} s ({} round trips per measurement)\n",
         a.devices, a.seconds, a.samples
     );
+    let alone = a.agent.is_some();
+    let (what, stack) = if alone {
+        (
+            " | agent CPU under load | agent RSS idle / after load",
+            "API server + cloud core",
+        )
+    } else {
+        ("", "whole stack")
+    };
     println!(
-        "| broker | MQTT update -> result p50 / p99 | device -> cloud status p50 / p99 | cloud desired -> MQTT delta p50 / p99 | answers received/s under load | last value in the cloud after load | CPU (whole stack) | RSS growth (whole stack) |"
+        "| broker | MQTT update -> result p50 / p99 | device -> cloud status p50 / p99 | cloud desired -> MQTT delta p50 / p99 | answers received/s under load | last value in the cloud after load | CPU ({stack}) | RSS growth ({stack}){what} |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "|---|---:|---:|---:|---:|---:|---:|---:{}|",
+        if alone { "|---:|---:" } else { "" }
+    );
     for r in &rows {
+        let agent = match r.agent {
+            Some((cpu, idle, end)) => format!(
+                " | {:.0}% of a core | {idle:.1} / {end:.1} MiB",
+                cpu * 100.0
+            ),
+            None => String::new(),
+        };
         println!(
-            "| {} | {:.2} / {:.2} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.0} | {:.2} s | {:.0}% of a core | {:.1} MiB |",
+            "| {} | {:.2} / {:.2} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.0} | {:.2} s | {:.0}% of a core | {:.1} MiB{agent} |",
             r.broker,
             r.round_trip.0,
             r.round_trip.1,
