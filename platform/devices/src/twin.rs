@@ -248,9 +248,12 @@ async fn mapper_client(
 async fn follow_devices(twins: Twins) {
     let mut changes = twins.ctx.store.subscribe();
     let mut desired = twins.desired.subscribe();
-    // Devices that arrived while no one was following (idempotent: applied values stay).
+    // Devices that arrived while no one was following (idempotent: applied values stay), and
+    // every twin's status once more (a report answered just before the agent was killed may not
+    // have reached the outbox).
     for dev in twins.devices().await {
         let _ = twins.apply_cloud(&dev).await;
+        twins.resend_status(&dev).await;
     }
     loop {
         let (dev, ns, name, what) = tokio::select! {
@@ -554,12 +557,20 @@ impl Twins {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(Status::unavailable)?;
-        if before.status() == after.status() {
-            return Ok((before, after));
+        if before.status() != after.status() {
+            self.send_status(dev, &after);
         }
+        Ok((before, after))
+    }
+
+    /// Sends `dev`'s status from `record` up through the outbox (the latest per device wins
+    /// while the link is down).
+    fn send_status(&self, dev: &Device, record: &Record) {
+        let ns = dev.metadata.namespace.clone().unwrap_or_default();
+        let name = dev.metadata.name.clone().unwrap_or_default();
         let report = DeviceStatusReport {
             uid: dev.metadata.uid.clone().unwrap_or_default(),
-            status: serde_json::to_value(after.status()).unwrap_or_default(),
+            status: serde_json::to_value(record.status()).unwrap_or_default(),
         };
         let key = Key::new(Some(&ns), kind::DEVICE_STATUS, &name);
         self.ctx.send(
@@ -571,7 +582,19 @@ impl Twins {
             ),
             Policy::LatestWins,
         );
-        Ok((before, after))
+    }
+
+    /// Sends the stored status of `dev` up again. A report is answered once it is in SQLite; its
+    /// way into the outbox is a queue, so an agent killed in between would lose it but for this,
+    /// at start, for every device with a twin.
+    async fn resend_status(&self, dev: &Device) {
+        let ns = dev.metadata.namespace.clone().unwrap_or_default();
+        let name = dev.metadata.name.clone().unwrap_or_default();
+        let r = self.twin(&ns, &name).await;
+        if r.uid == dev.metadata.uid.clone().unwrap_or_default() && r.status() != Default::default()
+        {
+            self.send_status(dev, &r);
+        }
     }
 }
 

@@ -497,8 +497,11 @@ impl EdgeCore {
         for t in self.tasks {
             let _ = t.await;
         }
-        if let Ok(hub) = Arc::try_unwrap(self.hub) {
-            hub.shutdown().await;
+        // Modules' tasks may still hold the hub: then it is told to stop rather than awaited
+        // (before, it went on running, a second agent of the node in this process).
+        match Arc::try_unwrap(self.hub) {
+            Ok(hub) => hub.shutdown().await,
+            Err(hub) => hub.stop(),
         }
     }
 }

@@ -123,15 +123,15 @@ fn desired(d: &dmi::Device) -> String {
         .unwrap_or_default()
 }
 
-async fn report(socket: &std::path::Path, value: &str) {
+async fn report(socket: &std::path::Path, device: &str, prop: &str, value: &str) {
     let channel = sedge_devices::twin::uds_channel(socket).await.unwrap();
     DeviceManagerServiceClient::new(channel)
         .report_device_status(dmi::ReportDeviceStatusRequest {
-            device_name: "thermometer-1".into(),
+            device_name: device.into(),
             device_namespace: "default".into(),
             reported_device: Some(dmi::DeviceStatus {
                 twins: vec![dmi::Twin {
-                    property_name: "temperature".into(),
+                    property_name: prop.into(),
                     reported: Some(dmi::TwinProperty {
                         value: value.into(),
                         metadata: Default::default(),
@@ -180,7 +180,7 @@ async fn reports_and_desired_values_cross_a_link_cut_and_an_agent_restart() {
     // The link goes down (cut, and new connections black-holed).
     site.cut();
     // The mapper reports while offline: taken.
-    report(&socket, "30").await;
+    report(&socket, "thermometer-1", "temperature", "30").await;
     // The cloud changes a desired value meanwhile.
     devices
         .patch(
@@ -306,18 +306,21 @@ async fn observed(
 }
 
 async fn wait_observed(devices: &Api<Device>, want: (&str, &str, &str)) {
-    let what = format!("the Device status shows {want:?} in force");
-    sedge_testkit::wait::until_async(
-        &what,
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || async {
-            observed(devices, "valve-1", "setpoint")
-                .await
-                .filter(|o| (o.0.as_str(), o.1.as_str(), o.2.as_str()) == want)
-        },
-    )
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = observed(devices, "valve-1", "setpoint").await;
+        if seen
+            .as_ref()
+            .is_some_and(|o| (o.0.as_str(), o.1.as_str(), o.2.as_str()) == want)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Device status does not show {want:?} in force: it shows {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn wait_node_desired(socket: &std::path::Path, want: &str) {
@@ -344,15 +347,10 @@ fn set_desired(value: &str) -> Patch<()> {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_desired_value_set_on_the_node_and_in_the_cloud_at_once_keeps_the_nodes_newer_one() {
-    let (site, core, twin) = site().await;
-    let broker = twin
-        .mqtt_address()
-        .expect("the embedded broker")
-        .to_string();
-    let models = Api::<DeviceModel>::namespaced(site.client.clone(), "default");
-    let devices = Api::<Device>::namespaced(site.client.clone(), "default");
+/// Creates the valve's model and the valve (`setpoint`, desired 20) on edge-1.
+async fn valve(client: &kube::Client) -> Api<Device> {
+    let models = Api::<DeviceModel>::namespaced(client.clone(), "default");
+    let devices = Api::<Device>::namespaced(client.clone(), "default");
     models
         .create(
             &PostParams::default(),
@@ -380,6 +378,17 @@ async fn a_desired_value_set_on_the_node_and_in_the_cloud_at_once_keeps_the_node
         )
         .await
         .unwrap();
+    devices
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desired_value_set_on_the_node_and_in_the_cloud_at_once_keeps_the_nodes_newer_one() {
+    let (site, core, twin) = site().await;
+    let broker = twin
+        .mqtt_address()
+        .expect("the embedded broker")
+        .to_string();
+    let devices = valve(&site.client).await;
     wait_node_desired(&site.socket, "20").await;
     wait_observed(&devices, ("20", "cloud", "0")).await;
 
@@ -436,5 +445,99 @@ async fn a_desired_value_set_on_the_node_and_in_the_cloud_at_once_keeps_the_node
     wait_node_desired(&site.socket, "31").await;
     wait_observed(&devices, ("31", "cloud", "2")).await;
     core.shutdown(false).await;
+    site.cloud.shutdown().await;
+}
+
+/// The agent as its own process (`sedge edge`), from `cfg`, its broker on `mqtt`.
+fn agent_process(
+    cfg: &EdgeCoreConfig,
+    dir: &std::path::Path,
+    socket: &std::path::Path,
+    mqtt: &str,
+) -> std::process::Child {
+    let file = dir.join("edge-1.yaml");
+    std::fs::write(&file, serde_yaml::to_string(cfg).unwrap()).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_sedge"))
+        .args(["edge", "--lc-listen", "127.0.0.1:0", "--mqtt-listen", mqtt])
+        .arg("--dmi-socket")
+        .arg(socket)
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            std::fs::File::options()
+                .append(true)
+                .create(true)
+                .open(dir.join("agent.log"))
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_stream_offline_loses_no_answered_report_and_keeps_its_versions() {
+    // The in-process agent joined the node; it stops, and the node runs as its own process.
+    let (site, core, _twin) = site().await;
+    core.shutdown(false).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker = format!("127.0.0.1:{port}");
+    let mut agent = agent_process(&site.cfg, site.dir.path(), &site.socket, &broker);
+    let devices = valve(&site.client).await;
+    wait_node_desired(&site.socket, "20").await;
+
+    // Offline: a local app sets 25 (edge version 1), the mapper streams readings 1..=30, each
+    // answered; the agent is SIGKILLed right after the last answer.
+    site.cut();
+    app_sets(&broker, "valve-1", "setpoint", "25");
+    wait_node_desired(&site.socket, "25").await;
+    for v in 1..=30 {
+        report(&site.socket, "valve-1", "setpoint", &v.to_string()).await;
+    }
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+
+    // Restarted, still offline: the node's value is served from SQLite at once.
+    let mut agent = agent_process(&site.cfg, site.dir.path(), &site.socket, &broker);
+    wait_node_desired(&site.socket, "25").await;
+
+    // The link returns: the last answered reading and the node's value, with its versions,
+    // are in the cloud.
+    site.proxy.faults.heal();
+    sedge_testkit::wait::until_async(
+        "reading 30 in the cloud",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let devices = devices.clone();
+            async move {
+                let d = devices.get_status("valve-1").await.ok()?;
+                let v = d
+                    .status?
+                    .twins
+                    .into_iter()
+                    .find(|t| t.property_name == "setpoint")?
+                    .reported?
+                    .value;
+                (v == "30").then_some(())
+            }
+        },
+    )
+    .await;
+    wait_observed(&devices, ("25", "edge", "1")).await;
+    // And the cloud, having seen edge version 1, sets 31: it wins.
+    devices
+        .patch("valve-1", &PatchParams::default(), &set_desired("31"))
+        .await
+        .unwrap();
+    wait_node_desired(&site.socket, "31").await;
+    wait_observed(&devices, ("31", "cloud", "1")).await;
+    agent.kill().unwrap();
+    agent.wait().unwrap();
     site.cloud.shutdown().await;
 }

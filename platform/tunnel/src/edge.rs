@@ -459,6 +459,12 @@ impl EdgeHub {
         let _ = self.inner.shutdown.send(true);
         let _ = self.task.await;
     }
+
+    /// Tells the link to stop (close the session, stop reconnecting) without waiting for it:
+    /// for an owner that cannot take the hub back from everyone holding it.
+    pub fn stop(&self) {
+        let _ = self.inner.shutdown.send(true);
+    }
 }
 
 impl EdgeInner {
