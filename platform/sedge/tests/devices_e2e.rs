@@ -302,7 +302,7 @@ async fn a_mapper_reports_through_dmi_and_kubectl_shows_the_device_status() {
                 "thermometer-1",
                 "--type=json",
                 "-p",
-                r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"false"}]"#,
+                common::ENABLE_OFF,
             ],
         )
     })

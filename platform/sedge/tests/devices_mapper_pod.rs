@@ -89,7 +89,7 @@ fn the_modbus_mapper_runs_as_a_pod_and_drives_the_device() {
         "thermometer-1",
         "--type=json",
         "-p",
-        r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"false"}]"#,
+        common::ENABLE_OFF,
     ]);
     wait_for("the coil written", Duration::from_secs(30), || {
         (!sim.coil(3)).then_some(())

@@ -119,7 +119,7 @@ async fn a_simulated_modbus_thermometer_through_the_mapper_and_kubectl() {
                 "thermometer-1",
                 "--type=json",
                 "-p",
-                r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"false"}]"#,
+                common::ENABLE_OFF,
             ],
             None,
         )

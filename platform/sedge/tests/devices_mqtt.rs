@@ -172,7 +172,7 @@ async fn twins_over_the_embedded_broker_with_mosquitto_clients() {
             &k,
             &[
                 "patch", "device", "thermometer-1", "--type=json", "-p",
-                r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"false"}]"#,
+                common::ENABLE_OFF,
             ],
         );
         let deadline = Instant::now() + Duration::from_secs(30);

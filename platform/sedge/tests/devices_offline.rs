@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use sedge_cloudcore::{CloudCore, CloudCoreConfig};
+use sedge_cloudcore::CloudCore;
 use sedge_devices::twin::dmi;
 use sedge_devices::twin::dmi::device_manager_service_client::DeviceManagerServiceClient;
 use sedge_devices::twin::{DeviceTwin, DeviceTwinConfig};
@@ -50,13 +50,7 @@ async fn site() -> (Site, EdgeCore, Arc<DeviceTwin>) {
     let dir = tempfile::tempdir().unwrap();
     let (server, client) = common::apiserver(&dir.path().join("apiserver")).await;
     sedge_devices::install_crds(&client).await.unwrap();
-    let mut cc = CloudCoreConfig::default();
-    cc.hub.data_dir = dir.path().join("cloudhub");
-    cc.hub.pki_dir = dir.path().join("apiserver/pki");
-    cc.hub.listen = "127.0.0.1:0".into();
-    cc.hub.listen_quic = String::new();
-    cc.hub.keepalive_interval_ms = 500;
-    cc.hub.ack_timeout_ms = 500;
+    let cc = common::cloudcore_config(dir.path());
     let cloud = CloudCore::start(client.clone(), cc, Vec::new())
         .await
         .unwrap();
@@ -97,8 +91,8 @@ impl Site {
     }
 }
 
-/// What the node serves a Modbus mapper: its device, if it has it.
-async fn node_device(socket: &std::path::Path) -> Option<dmi::Device> {
+/// What the node serves a Modbus mapper: its devices.
+async fn node_devices(socket: &std::path::Path) -> Option<Vec<dmi::Device>> {
     let channel = sedge_devices::twin::uds_channel(socket).await.ok()?;
     let r = DeviceManagerServiceClient::new(channel)
         .mapper_register(dmi::MapperRegisterRequest {
@@ -112,7 +106,12 @@ async fn node_device(socket: &std::path::Path) -> Option<dmi::Device> {
         .await
         .ok()?
         .into_inner();
-    r.device_list.into_iter().next()
+    Some(r.device_list)
+}
+
+/// The first device the node serves a Modbus mapper, if it has one.
+async fn node_device(socket: &std::path::Path) -> Option<dmi::Device> {
+    node_devices(socket).await?.into_iter().next()
 }
 
 fn desired(d: &dmi::Device) -> String {
@@ -249,20 +248,10 @@ async fn reports_and_desired_values_cross_a_link_cut_and_an_agent_restart() {
 
 /// What the node tells a mapper the desired value of `prop` of `device` is.
 async fn node_desired(socket: &std::path::Path, device: &str, prop: &str) -> Option<String> {
-    let channel = sedge_devices::twin::uds_channel(socket).await.ok()?;
-    let r = DeviceManagerServiceClient::new(channel)
-        .mapper_register(dmi::MapperRegisterRequest {
-            with_data: true,
-            mapper: Some(dmi::MapperInfo {
-                name: "m".into(),
-                protocol: "modbus".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .ok()?
-        .into_inner();
-    let d = r.device_list.into_iter().find(|d| d.name == device)?;
+    let d = node_devices(socket)
+        .await?
+        .into_iter()
+        .find(|d| d.name == device)?;
     d.spec?
         .properties
         .into_iter()

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use sedge_cloudcore::{CloudCore, CloudCoreConfig};
+use sedge_cloudcore::CloudCore;
 use sedge_tunnel::fault::TcpFaultProxy;
 use serde_json::{Value, json};
 
@@ -150,13 +150,7 @@ async fn edge_keeps_running_offline_and_converges_when_the_link_returns() {
     let prefix = format!("autonomy-{}-", std::process::id());
     let _reaper = Reaper(prefix.clone());
     let (server, client) = common::apiserver(&dir.path().join("apiserver")).await;
-    let mut cc = CloudCoreConfig::default();
-    cc.hub.data_dir = dir.path().join("cloudhub");
-    cc.hub.pki_dir = dir.path().join("apiserver/pki");
-    cc.hub.listen = "127.0.0.1:0".into();
-    cc.hub.listen_quic = String::new();
-    cc.hub.keepalive_interval_ms = 500;
-    cc.hub.ack_timeout_ms = 500;
+    let mut cc = common::cloudcore_config(dir.path());
     cc.hub.max_retry_backoff_ms = 1_000;
     cc.node_grace_seconds = 3;
     cc.node_monitor_period_ms = 300;

@@ -242,3 +242,21 @@ pub fn kubectl_stdin(kubeconfig: &std::path::Path, args: &[&str], stdin: Option<
     assert!(ok, "kubectl {args:?}: {out}{err}");
     out
 }
+
+/// A cloud core for a test under `dir` (beside `common::apiserver`'s PKI in `dir/apiserver`):
+/// its hub on a free port, WebSocket only, keepalive and ack timeouts of 500 ms so link cuts are
+/// noticed fast.
+pub fn cloudcore_config(dir: &std::path::Path) -> sedge_cloudcore::CloudCoreConfig {
+    let mut cc = sedge_cloudcore::CloudCoreConfig::default();
+    cc.hub.data_dir = dir.join("cloudhub");
+    cc.hub.pki_dir = dir.join("apiserver/pki");
+    cc.hub.listen = "127.0.0.1:0".into();
+    cc.hub.listen_quic = String::new();
+    cc.hub.keepalive_interval_ms = 500;
+    cc.hub.ack_timeout_ms = 500;
+    cc
+}
+
+/// The JSON patch that turns the KubeEdge example thermometer's `temperature-enable` off.
+pub const ENABLE_OFF: &str =
+    r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"false"}]"#;
