@@ -110,13 +110,21 @@ fn valid_filter(filter: &str) -> bool {
 
 /// Starts the broker on `listen` (port 0 picks one); returns the address it listens on.
 pub fn start(listen: SocketAddr) -> Result<SocketAddr, String> {
+    start_owned(listen).map(|(a, _)| a)
+}
+
+/// [`start`], also returning the accept loop: aborting it closes the listener (connections
+/// already open run until their clients go).
+pub fn start_owned(
+    listen: SocketAddr,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), String> {
     let std = std::net::TcpListener::bind(listen)
         .map_err(|e| format!("MQTT broker cannot listen on {listen}: {e}"))?;
     std.set_nonblocking(true).map_err(|e| e.to_string())?;
     let bound = std.local_addr().map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::from_std(std).map_err(|e| e.to_string())?;
     let state = Arc::new(State::default());
-    tokio::spawn(async move {
+    let accept = tokio::spawn(async move {
         loop {
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
@@ -139,7 +147,7 @@ pub fn start(listen: SocketAddr) -> Result<SocketAddr, String> {
         }
     });
     tracing::info!(%bound, "MQTT broker listening");
-    Ok(bound)
+    Ok((bound, accept))
 }
 
 /// Reads one packet, reading more from `r` as needed; `None` at end of stream.

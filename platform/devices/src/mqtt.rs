@@ -79,8 +79,10 @@ pub async fn run(twins: Twins, broker: String) {
         "$hw/events/device/+/+/state/update".to_string(),
         format!("$hw/events/node/{node}/membership/get"),
     ];
-    // Desired values set in the cloud go out as deltas.
-    tokio::spawn(publish_cloud_deltas(twins.clone(), client.clone()));
+    // Desired values set in the cloud go out as deltas. The bus's tasks end with it (a
+    // JoinSet aborts them when dropped).
+    let mut own = tokio::task::JoinSet::new();
+    own.spawn(publish_cloud_deltas(twins.clone(), client.clone()));
     // Messages are handled (and answered) by their own task, so the connection keeps being
     // polled while answers queue: awaiting a publish here, in the loop that drains the client's
     // queue, would deadlock once the queue filled. Waiting messages coalesce per topic (the
@@ -89,7 +91,7 @@ pub async fn run(twins: Twins, broker: String) {
     // and counted.
     let inbox = Arc::new(Inbox::default());
     let (t, c, n, ib) = (twins.clone(), client.clone(), node.clone(), inbox.clone());
-    tokio::spawn(async move {
+    own.spawn(async move {
         loop {
             let (topic, payload) = ib.pop().await;
             for (topic, doc) in handle(&t, &n, &topic, &payload).await {

@@ -79,6 +79,8 @@ pub struct DeviceTwinConfig {
 pub struct DeviceTwin {
     cfg: DeviceTwinConfig,
     mqtt: OnceLock<String>,
+    /// What `start` spawned (the broker, the bus, DMI, the device follower); aborted by `stop`.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl DeviceTwin {
@@ -87,6 +89,7 @@ impl DeviceTwin {
         DeviceTwin {
             cfg,
             mqtt: OnceLock::new(),
+            tasks: Mutex::default(),
         }
     }
 
@@ -108,7 +111,7 @@ impl EdgeModule for DeviceTwin {
             writes: Arc::default(),
             desired: tokio::sync::broadcast::channel(DESIRED_CHANGES).0,
         };
-        tokio::spawn(follow_devices(twins.clone()));
+        let mut tasks = vec![tokio::spawn(follow_devices(twins.clone()))];
         let broker = if !self.cfg.mqtt_broker.is_empty() {
             Some(self.cfg.mqtt_broker.clone())
         } else if !self.cfg.mqtt_listen.is_empty() {
@@ -117,9 +120,12 @@ impl EdgeModule for DeviceTwin {
                 .mqtt_listen
                 .parse::<std::net::SocketAddr>()
                 .map_err(|e| format!("mqtt_listen {:?}: {e}", self.cfg.mqtt_listen))
-                .and_then(crate::broker::start)
+                .and_then(crate::broker::start_owned)
             {
-                Ok(bound) => Some(bound.to_string()),
+                Ok((bound, accept)) => {
+                    tasks.push(accept);
+                    Some(bound.to_string())
+                }
                 Err(e) => {
                     tracing::error!("{e}; the MQTT event bus is off");
                     None
@@ -130,17 +136,31 @@ impl EdgeModule for DeviceTwin {
         };
         if let Some(b) = broker {
             let _ = self.mqtt.set(b.clone());
-            tokio::spawn(crate::mqtt::run(twins.clone(), b));
+            tasks.push(tokio::spawn(crate::mqtt::run(twins.clone(), b)));
         }
-        if self.cfg.dmi_socket.as_os_str().is_empty() {
-            return;
+        if !self.cfg.dmi_socket.as_os_str().is_empty() {
+            let path = self.cfg.dmi_socket.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = serve_dmi(&path, Dmi { twins }).await {
+                    tracing::error!(socket = %path.display(), error = %e, "DMI server stopped");
+                }
+            }));
         }
-        let path = self.cfg.dmi_socket.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_dmi(&path, Dmi { twins }).await {
-                tracing::error!(socket = %path.display(), error = %e, "DMI server stopped");
-            }
-        });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(tasks);
+    }
+
+    fn stop(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
     }
 
     fn handle(

@@ -137,6 +137,9 @@ pub trait EdgeModule: Send + Sync {
     fn group(&self) -> &str;
     /// Called once at start.
     fn start(&self, _ctx: ModuleContext) {}
+    /// Called once when the agent shuts down: stop what `start` spawned (servers, loops), so an
+    /// agent stopped and started again in one process does not run two of them.
+    fn stop(&self) {}
     /// Handles a message of its group from the cloud. `Ok` acknowledges it (persist first if it
     /// must survive a restart); `Ok(Some(reply))` also replies.
     fn handle(
@@ -160,6 +163,7 @@ pub struct EdgeCore {
     pub metrics: Option<SocketAddr>,
     node: String,
     tasks: Vec<JoinHandle<()>>,
+    modules: Vec<Arc<dyn EdgeModule>>,
 }
 
 impl std::fmt::Debug for EdgeCore {
@@ -329,6 +333,7 @@ impl EdgeCore {
         for m in modules.values() {
             m.start(ctx.clone());
         }
+        let started: Vec<Arc<dyn EdgeModule>> = modules.values().cloned().collect();
         let handler = {
             let (store, edged, ctx) = (store.clone(), edged.clone(), ctx.clone());
             sedge_tunnel::handler(move |i: Incoming| {
@@ -474,6 +479,7 @@ impl EdgeCore {
             metrics,
             node,
             tasks,
+            modules: started,
         })
     }
 
@@ -490,6 +496,9 @@ impl EdgeCore {
             self.edged.stop_all().await;
         } else {
             self.edged.detach();
+        }
+        for m in &self.modules {
+            m.stop();
         }
         for t in &self.tasks {
             t.abort();

@@ -146,8 +146,9 @@ async fn report(socket: &std::path::Path, device: &str, prop: &str, value: &str)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_and_desired_values_cross_a_link_cut_and_an_agent_restart() {
-    let (site, core, _twin) = site().await;
+    let (site, core, twin) = site().await;
     let (client, socket, cfg) = (site.client.clone(), site.socket.clone(), site.cfg.clone());
+    let first_broker = twin.mqtt_address().unwrap().to_string();
 
     // The KubeEdge manifests, created in the cloud.
     let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(include_str!(
@@ -194,8 +195,21 @@ async fn reports_and_desired_values_cross_a_link_cut_and_an_agent_restart() {
         )
         .await
         .unwrap();
-    // The agent restarts while offline and serves its device from SQLite at once.
+    // The agent restarts while offline and serves its device from SQLite at once. Stopped, it
+    // stopped its modules too: its broker takes no more connections.
     core.shutdown(false).await;
+    sedge_testkit::wait::until_async(
+        "the stopped agent's broker closed",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            tokio::net::TcpStream::connect(&first_broker)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
     let (core, _twin) = agent(&cfg, &socket).await;
     let again = sedge_testkit::wait::until_async(
         "the restarted node serves its device",
