@@ -113,6 +113,17 @@ pub fn resources(snap: &Snapshot, group: &str, version: &str) -> Option<Value> {
                 "verbs": ["create"],
             }));
         }
+        if crate::ops::scale::has_scale(rt) {
+            list.push(json!({
+                "name": format!("{}/scale", rt.plural),
+                "singularName": "",
+                "namespaced": rt.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
         if rt.status_subresource {
             list.push(json!({
                 "name": format!("{}/status", rt.plural),

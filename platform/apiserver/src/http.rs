@@ -4,6 +4,7 @@
 mod auth;
 mod body;
 mod options;
+mod scale;
 
 use auth::*;
 use body::*;
@@ -382,6 +383,7 @@ fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResu
     let sa_sub = |s: &str| rt.kind == "ServiceAccount" && rt.group.is_empty() && s == "token";
     if let Some(s) = &sub
         && !(s == "status" && rt.status_subresource)
+        && !(s == "scale" && ops::scale::has_scale(&rt))
         && !pod_sub(s)
         && !sa_sub(s)
     {
@@ -568,6 +570,22 @@ async fn resource(
             format!("{label}/token"),
             json_response(StatusCode::CREATED, &issued),
         ));
+    }
+    if let (Some("scale"), Some(name)) = (sub.as_deref(), t.name.clone()) {
+        let resp = scale::serve(
+            app,
+            rt,
+            version,
+            ns,
+            name,
+            method.clone(),
+            headers,
+            body,
+            params,
+            &identity,
+        )
+        .await?;
+        return Ok((format!("{label}/scale"), resp));
     }
     if let (Some(s), Some(name), Some(ns)) = (sub.as_deref(), t.name.clone(), ns.clone())
         && (s == "log" || s == "binding")

@@ -9,7 +9,7 @@
 //! What is not implemented (requests for it get a clear error, or the behaviour is documented):
 //! RBAC role aggregation, admission webhooks, CRD version
 //! conversion (versions share one schema), protobuf bodies beyond ConfigMap/Secret/Namespace/
-//! ServiceAccount (what kubectl's typed `create` commands send), the `scale` subresource, `pattern`/`format`
+//! ServiceAccount (what kubectl's typed `create` commands send), the `scale` subresource of custom resources (Deployments, ReplicaSets and StatefulSets have it), `pattern`/`format`
 //! and CEL rules in CRD schemas, event TTLs, and aggregated discovery (clients fall back to the
 //! unaggregated documents).
 //!

@@ -6,6 +6,7 @@
 
 mod delete;
 mod list;
+pub mod scale;
 mod update;
 
 pub use delete::delete;
