@@ -446,11 +446,6 @@ impl Cache {
         // values the node reported in force: the versions there are the cloud's view of the
         // node's own changes (the conflict rule of `sedge_devices::versions`).
         let mut models = HashSet::new();
-        let specs = self
-            .device_specs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         for d in self.devices.state() {
             if d.spec.node_name != node {
                 continue;
@@ -459,7 +454,10 @@ impl Cache {
             if let Some(r) = &d.spec.device_model_ref {
                 models.insert((ns.clone(), r.name.clone()));
             }
-            let at = specs
+            let at = self
+                .device_specs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
                 .get(&format!("{ns}/{}", d.name_any()))
                 .map(|a| a.version.clone());
             let key = out.insert(kind::DEVICE, d.as_ref(), at);

@@ -450,7 +450,7 @@ impl Twins {
         check_status(dev, &json!({"twins": twins})).map_err(Status::invalid_argument)?;
         let now = chrono::Utc::now().timestamp_millis();
         let any_expected = !expected.is_empty();
-        let r = self
+        let (before, after, ()) = self
             .update(dev, move |r| {
                 r.merge(twins);
                 for (p, v) in &expected {
@@ -465,7 +465,7 @@ impl Twins {
                 from_edge: true,
             });
         }
-        Ok(r)
+        Ok((before, after))
     }
 
     /// Applies the cloud's desired values of `dev` under the version rule (see
@@ -473,11 +473,7 @@ impl Twins {
     pub async fn apply_cloud(&self, dev: &Device) -> Result<(), Status> {
         let now = chrono::Utc::now().timestamp_millis();
         let d = dev.clone();
-        let outcome = Arc::new(Mutex::new(Vec::new()));
-        let o = outcome.clone();
-        self.update(dev, move |r| *o.lock().unwrap() = r.apply_cloud(&d, now))
-            .await?;
-        let outcome = std::mem::take(&mut *outcome.lock().unwrap());
+        let (_, _, outcome) = self.update(dev, move |r| r.apply_cloud(&d, now)).await?;
         let who = format!(
             "{}/{}",
             dev.metadata.namespace.clone().unwrap_or_default(),
@@ -552,27 +548,27 @@ impl Twins {
     /// Applies `change` to the stored twin of `dev` (read, changed and written in one blocking
     /// section, so the DMI and MQTT paths never lose each other's properties), stores it and
     /// sends the status up if it changed; the twin before and after.
-    async fn update(
+    async fn update<T: Send + 'static>(
         &self,
         dev: &Device,
-        change: impl FnOnce(&mut Record) + Send + 'static,
-    ) -> Result<(Record, Record), Status> {
+        change: impl FnOnce(&mut Record) -> T + Send + 'static,
+    ) -> Result<(Record, Record, T), Status> {
         let ns = dev.metadata.namespace.clone().unwrap_or_default();
         let name = dev.metadata.name.clone().unwrap_or_default();
         let (store, writes) = (self.ctx.store.clone(), self.writes.clone());
         let (n, k) = (ns.clone(), name.clone());
         let d = dev.clone();
-        let (before, after) = tokio::task::spawn_blocking(move || {
+        let (before, after, out) = tokio::task::spawn_blocking(move || {
             let _one = writes.lock().unwrap_or_else(|p| p.into_inner());
             let before =
                 Record::from_value(store.get(TWIN_KIND, &n, &k).map_err(|e| e.to_string())?);
             let mut r = before.clone();
             r.own(&d);
-            change(&mut r);
+            let out = change(&mut r);
             if r != before {
                 store_local(&store, TWIN_KIND, &n, &k, &r.to_value())?;
             }
-            Ok::<_, String>((before, r))
+            Ok::<_, String>((before, r, out))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -580,7 +576,7 @@ impl Twins {
         if before.status() != after.status() {
             self.send_status(dev, &after);
         }
-        Ok((before, after))
+        Ok((before, after, out))
     }
 
     /// Sends `dev`'s status from `record` up through the outbox (the latest per device wins
