@@ -12,7 +12,7 @@ use common::kubectl_at as kubectl;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sedge::platform::{Up, UpArgs};
+use sedge::platform::UpArgs;
 use sedge_devices::twin::dmi;
 use sedge_devices::twin::dmi::device_manager_service_client::DeviceManagerServiceClient;
 use sedge_devices::twin::dmi::device_mapper_service_server::{
@@ -131,19 +131,7 @@ fn status(device: &str, twins: Vec<dmi::Twin>) -> dmi::ReportDeviceStatusRequest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mapper_reports_through_dmi_and_kubectl_shows_the_device_status() {
     let dir = tempfile::tempdir().unwrap();
-    let up = Up::start(&UpArgs::local(dir.path())).await.unwrap();
-    let kc = up.server.kubeconfig.clone();
-    let manifests = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../devices/tests/manifests/modbus-thermometer.yaml"
-    );
-    let k = kc.clone();
-    tokio::task::spawn_blocking(move || kubectl(&k, &["apply", "-f", manifests]))
-        .await
-        .unwrap();
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("up.json")).unwrap())
-            .unwrap();
+    let (up, kc, state) = common::up_with_thermometer(&UpArgs::local(dir.path())).await;
     let socket = PathBuf::from(state["edges"][0]["dmi"].as_str().unwrap());
     let mut c = dmi_client(socket).await;
 
@@ -293,21 +281,9 @@ async fn a_mapper_reports_through_dmi_and_kubectl_shows_the_device_status() {
 
     // A desired value set in the cloud reaches the mapper: UpdateDevice with the new value.
     let k = kc.clone();
-    tokio::task::spawn_blocking(move || {
-        kubectl(
-            &k,
-            &[
-                "patch",
-                "device",
-                "thermometer-1",
-                "--type=json",
-                "-p",
-                common::ENABLE_OFF,
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || kubectl(&k, &common::PATCH_ENABLE_OFF))
+        .await
+        .unwrap();
     let desired = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let (what, d) = told.recv().await.expect("the fake mapper stopped");

@@ -83,14 +83,7 @@ fn the_modbus_mapper_runs_as_a_pod_and_drives_the_device() {
     });
 
     // A desired value set with kubectl reaches the device through the pod.
-    up.ok(&[
-        "patch",
-        "device",
-        "thermometer-1",
-        "--type=json",
-        "-p",
-        common::ENABLE_OFF,
-    ]);
+    up.ok(&common::PATCH_ENABLE_OFF);
     wait_for("the coil written", Duration::from_secs(30), || {
         (!sim.coil(3)).then_some(())
     });

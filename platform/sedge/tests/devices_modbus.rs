@@ -110,22 +110,9 @@ async fn a_simulated_modbus_thermometer_through_the_mapper_and_kubectl() {
     until_row(&kc, "25 reported", |r| r.contains("25,")).await;
     // A desired value set in the cloud is written to the device.
     let k = kc.clone();
-    tokio::task::spawn_blocking(move || {
-        kubectl(
-            &k,
-            &[
-                "patch",
-                "device",
-                "thermometer-1",
-                "--type=json",
-                "-p",
-                common::ENABLE_OFF,
-            ],
-            None,
-        )
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || kubectl(&k, &common::PATCH_ENABLE_OFF, None))
+        .await
+        .unwrap();
     sedge_testkit::wait::until_async(
         "the coil written",
         Duration::from_secs(30),

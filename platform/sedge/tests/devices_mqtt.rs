@@ -71,18 +71,7 @@ fn wait_exit(c: &mut Child, limit: Duration) -> Option<bool> {
 const TWIN: &str = "$hw/events/device/default/thermometer-1/twin/update";
 
 async fn applied(dir: &Path, mqtt_broker: Option<String>) -> (Up, PathBuf, String) {
-    let up = Up::start(&args(dir, mqtt_broker)).await.unwrap();
-    let kc = up.server.kubeconfig.clone();
-    let manifests = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../devices/tests/manifests/modbus-thermometer.yaml"
-    );
-    let k = kc.clone();
-    tokio::task::spawn_blocking(move || kubectl(&k, &["apply", "-f", manifests]))
-        .await
-        .unwrap();
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("up.json")).unwrap()).unwrap();
+    let (up, kc, state) = common::up_with_thermometer(&args(dir, mqtt_broker)).await;
     let broker = state["edges"][0]["mqtt"].as_str().unwrap().to_string();
     // The node holds the device once its membership lists it.
     let b = broker.clone();
@@ -146,6 +135,8 @@ async fn twins_over_the_embedded_broker_with_mosquitto_clients() {
             ("not json", r#""code":400"#),
             (r#"{"event_id":"e2","twin":{"pressure":{"actual":{"value":"1"}}}}"#, "pressure"),
             (r#"{"event_id":"e3","twin":{"temperature":{"actual":{"value":7}}}}"#, "must be a string"),
+            (r#"{"event_id":"e6","twin":{"temperature-enable":{"expected":{"value":false}}}}"#, "expected.value must be a string"),
+            (r#"{"event_id":"e7","twin":{"pressure":{"expected":{"value":"1"}}}}"#, "pressure"),
         ] {
             let r = ask(&b, TWIN, payload, &format!("{TWIN}/result"));
             assert!(r.contains(want) && r.contains("code"), "{payload}: {r}");
@@ -170,10 +161,7 @@ async fn twins_over_the_embedded_broker_with_mosquitto_clients() {
             .unwrap();
         kubectl(
             &k,
-            &[
-                "patch", "device", "thermometer-1", "--type=json", "-p",
-                common::ENABLE_OFF,
-            ],
+            &common::PATCH_ENABLE_OFF,
         );
         let deadline = Instant::now() + Duration::from_secs(30);
         for i in 0.. {

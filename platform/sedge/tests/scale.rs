@@ -72,6 +72,16 @@ fn kubectl_scale_moves_a_deployment_through_its_scale_subresource() {
     ]);
     assert!(!ok && err.contains("spec.replicas"), "{err}");
     let (ok, _, err) = up.kubectl(&[
+        "patch",
+        "deployment",
+        "web",
+        "--subresource=scale",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":"three"}}"#,
+    ]);
+    assert!(!ok && err.contains("must be an integer"), "{err}");
+    let (ok, _, err) = up.kubectl(&[
         "scale",
         "deployment",
         "web",

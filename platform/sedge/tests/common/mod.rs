@@ -260,3 +260,34 @@ pub fn cloudcore_config(dir: &std::path::Path) -> sedge_cloudcore::CloudCoreConf
 /// The JSON patch that turns the KubeEdge example thermometer's `temperature-enable` off.
 pub const ENABLE_OFF: &str =
     r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"false"}]"#;
+
+/// kubectl's arguments that patch the example thermometer's `temperature-enable` off.
+pub const PATCH_ENABLE_OFF: [&str; 6] = [
+    "patch",
+    "device",
+    "thermometer-1",
+    "--type=json",
+    "-p",
+    ENABLE_OFF,
+];
+
+/// The KubeEdge example thermometer's manifests (its DeviceModel and Device on edge-1).
+pub const THERMOMETER: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../devices/tests/manifests/modbus-thermometer.yaml"
+);
+
+/// `sedge up` in this process with `args`, the example thermometer applied with kubectl; its
+/// kubeconfig and what it wrote to up.json.
+pub async fn up_with_thermometer(
+    args: &sedge::platform::UpArgs,
+) -> (sedge::platform::Up, PathBuf, Value) {
+    let up = sedge::platform::Up::start(args).await.unwrap();
+    let kc = up.server.kubeconfig.clone();
+    let k = kc.clone();
+    tokio::task::spawn_blocking(move || kubectl_at(&k, &["apply", "-f", THERMOMETER]))
+        .await
+        .unwrap();
+    let state = std::fs::read_to_string(args.data_dir.join("up.json")).unwrap();
+    (up, kc, serde_json::from_str(&state).unwrap())
+}
