@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build edge-agent bench bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt
+.PHONY: help demo test lint fmt build edge-agent images bench bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt cri
 
 help:
 	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then a Sedna"
@@ -18,6 +18,8 @@ help:
 	@echo "make test   - everything CI runs: fmt check, clippy, the whole test suite (ORT included)"
 	@echo "make bench  - benchmark tables: inference pipeline, API server, channel (quick), agent footprint"
 	@echo "make edge-agent - the slim edge agent built for size: target/edge/sedge-edge"
+	@echo "make images - Sedge's container images (worker, busybox, pause) as OCI archives in target/images,"
+	@echo "              imported into the containerd at CRI_SOCKET when it is there"
 	@echo "make bench-edgemark - the channel with up to 100,000 simulated QUIC edge nodes"
 	@echo "make bench-example - the Ianvs-style Fashion-MNIST job on all 10,000 test images"
 	@echo "make bench-devices - device twins: MQTT and cloud round trips, 1,000 devices, embedded broker vs mosquitto"
@@ -43,6 +45,14 @@ $(MOSQUITTO):
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients; \
 	else sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto mosquitto-clients; fi
 
+# containerd for CRI nodes (and the CRI tests, which start a private one as root), runc, the CNI
+# plugins, and a static busybox for the busybox and pause images.
+CONTAINERD := /usr/bin/containerd
+cri: $(CONTAINERD) /bin/busybox
+$(CONTAINERD) /bin/busybox:
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq containerd runc containernetworking-plugins busybox-static; \
+	else sudo apt-get update -qq && sudo apt-get install -y -qq containerd runc containernetworking-plugins busybox-static; fi
+
 # ONNX Runtime's shared library, unpacked from the onnxruntime wheel on PyPI (nothing is installed
 # into Python). The version is pinned with the `ort` crate (rc.15 wants ONNX Runtime >= 1.31).
 ort: $(ORT_LIB)
@@ -67,6 +77,13 @@ build:
 edge-agent:
 	$(CARGO) build --profile edge -p sedge-edge
 
+# Images for CRI nodes: target/images/{worker,busybox,pause}.tar (OCI archives, no registry), imported
+# into the containerd at CRI_SOCKET (namespace k8s.io) when that socket exists.
+CRI_SOCKET ?= /run/containerd/containerd.sock
+images: ort cri
+	$(CARGO) build --release -p sedge
+	target/release/sedge images build --out target/images $$([ -S $(CRI_SOCKET) ] && echo --import $(CRI_SOCKET))
+
 demo: data ort build
 	platform/sedge/examples/platform-demo.sh target/release/sedge
 	ai-controller/examples/joint-inference/demo.sh target/release/sedge
@@ -79,8 +96,9 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: ort fonts mqtt lint
-	$(CARGO) test --workspace
+# As root, the CRI tests must run (they start a private containerd); elsewhere they say they skipped.
+test: ort fonts mqtt cri lint
+	SEDGE_REQUIRE_CRI=$$([ "$$(id -u)" = 0 ] && echo 1 || echo 0) $(CARGO) test --workspace
 
 bench: ort
 	$(CARGO) run --release -p sedge-benchmarks --bin pipeline

@@ -19,6 +19,8 @@
 //! Other groups are free for edge modules (see `sedge_edgecore::EdgeModule`); the cloud side hands
 //! them to whoever registered the group.
 
+pub mod quantity;
+
 use serde::{Deserialize, Serialize};
 
 /// Message groups.

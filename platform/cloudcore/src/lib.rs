@@ -18,7 +18,7 @@
 
 pub mod edgecontroller;
 pub mod lifecycle;
-pub mod quantity;
+pub use sedge_api::quantity;
 pub mod scheduler;
 pub mod workload;
 

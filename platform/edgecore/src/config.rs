@@ -19,6 +19,29 @@ pub struct ImageEntry {
     pub host_commands: bool,
 }
 
+/// Which container runtime edged uses.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// Containers as supervised host processes, images through the `images` map (the default:
+    /// works where no container runtime is installed).
+    #[default]
+    Process,
+    /// Real containers through a CRI runtime (containerd) at `cri_socket`.
+    Cri,
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "process" => Ok(RuntimeKind::Process),
+            "cri" => Ok(RuntimeKind::Cri),
+            _ => Err(format!("runtime {s:?}: expected \"process\" or \"cri\"")),
+        }
+    }
+}
+
 /// Settings of the edge agent.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -60,7 +83,11 @@ pub struct EdgeCoreConfig {
     pub max_log_bytes: u64,
     /// Cap on `terminationGracePeriodSeconds` when stopping containers.
     pub max_grace_seconds: u64,
-    /// Image name (without tag, or with it for one tag) -> how to run it.
+    /// The container runtime: `process` (host processes, the default) or `cri`.
+    pub runtime: RuntimeKind,
+    /// The CRI runtime's socket (`runtime: cri`).
+    pub cri_socket: std::path::PathBuf,
+    /// The process runtime's images: name (without tag, or with it for one tag) -> how to run it.
     pub images: BTreeMap<String, ImageEntry>,
     /// Host directories that a pod's `hostPath` volume may name (it or anything below). Empty,
     /// the default, allows none. Images with `host_commands` are exempt: they run any host
@@ -124,6 +151,8 @@ impl Default for EdgeCoreConfig {
             backoff_reset_ms: 600_000,
             max_log_bytes: 10 * 1024 * 1024,
             max_grace_seconds: 30,
+            runtime: RuntimeKind::Process,
+            cri_socket: "/run/containerd/containerd.sock".into(),
             images,
             host_path_allow: Vec::new(),
             sedge_binary: std::path::PathBuf::new(),

@@ -122,6 +122,7 @@ impl Edged {
     async fn run(self: Arc<Self>) {
         let mut changes = self.shared.store.subscribe();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut swept = false;
         loop {
             // The store is SQLite: read it on the blocking pool, not on the runtime's threads.
             let store = self.shared.store.clone();
@@ -133,7 +134,21 @@ impl Edged {
             })
             .await
             {
-                Ok(Ok((pods, recorded))) => self.reconcile(pods, recorded),
+                Ok(Ok((pods, recorded))) => {
+                    if !swept {
+                        // Once per start: what the runtime holds for pods this node no longer
+                        // knows at all goes (a CRI's containers of a pod deleted meanwhile).
+                        swept = true;
+                        let keep: std::collections::HashSet<String> = pods
+                            .iter()
+                            .filter_map(|p| p["metadata"]["uid"].as_str().map(String::from))
+                            .chain(recorded.iter().cloned())
+                            .collect();
+                        let runtime = self.shared.runtime.clone();
+                        tokio::spawn(async move { runtime.remove_others(&keep).await });
+                    }
+                    self.reconcile(pods, recorded)
+                }
                 Ok(Err(e)) => tracing::error!(error = %e, "cannot read pods from the local store"),
                 Err(e) => tracing::error!(error = %e, "reading the local store failed"),
             }
@@ -299,7 +314,14 @@ impl Edged {
         } else {
             req.uid.clone()
         };
-        read_log(&self.shared.settings.pods_dir, &uid, &req.container, req)
+        let cri = self.shared.runtime.cri();
+        read_log(
+            &self.shared.settings.pods_dir,
+            &uid,
+            &req.container,
+            req,
+            cri,
+        )
     }
 }
 
@@ -311,12 +333,14 @@ pub fn log_path(pods_dir: &Path, uid: &str, container: &str) -> PathBuf {
         .join(format!("{container}.log"))
 }
 
-/// A container's log, honouring `previous`, `tailLines` and `limitBytes`.
+/// A container's log, honouring `previous`, `tailLines` and `limitBytes`; `cri`: the files are in
+/// the CRI's format (what the container wrote is returned).
 pub fn read_log(
     pods_dir: &Path,
     uid: &str,
     container: &str,
     req: &LogRequest,
+    cri: bool,
 ) -> Result<Vec<u8>, String> {
     crate::podcheck::uid(uid)?;
     if !crate::podcheck::dns_label(container) {
@@ -345,12 +369,21 @@ pub fn read_log(
             }
         }
     }
+    if cri {
+        out = from_cri_log(&out);
+    }
+    limit_log(&mut out, req);
+    Ok(out)
+}
+
+/// Applies `tailLines` and `limitBytes` to a log.
+fn limit_log(out: &mut Vec<u8>, req: &LogRequest) {
     if let Some(n) = req.tail_lines {
-        let text = out;
+        let text = std::mem::take(out);
         let mut lines: Vec<&[u8]> = text.split_inclusive(|b| *b == b'\n').collect();
         let keep = lines.len().saturating_sub(n as usize);
         lines.drain(..keep);
-        out = lines.concat();
+        *out = lines.concat();
     }
     if let Some(n) = req.limit_bytes {
         let n = n as usize;
@@ -358,7 +391,30 @@ pub fn read_log(
             out.drain(..out.len() - n);
         }
     }
-    Ok(out)
+}
+
+/// A log in the CRI's format (`<RFC 3339 time> <stdout|stderr> <P|F> <text>` per line, `P` for
+/// a line the runtime split) as the container wrote it. A line not in that format is kept as it is.
+pub fn from_cri_log(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    for line in raw.split_inclusive(|b| *b == b'\n') {
+        let body = line.strip_suffix(b"\n").unwrap_or(line);
+        let mut parts = body.splitn(4, |b| *b == b' ');
+        let (Some(_time), Some(stream), Some(tag)) = (parts.next(), parts.next(), parts.next())
+        else {
+            out.extend_from_slice(line);
+            continue;
+        };
+        if !(stream == b"stdout" || stream == b"stderr") || !(tag == b"P" || tag == b"F") {
+            out.extend_from_slice(line);
+            continue;
+        }
+        out.extend_from_slice(parts.next().unwrap_or_default());
+        if tag == b"F" {
+            out.push(b'\n');
+        }
+    }
+    out
 }
 
 async fn cleanup_orphan(shared: &Shared, uid: &str) {
@@ -371,11 +427,12 @@ async fn cleanup_orphan(shared: &Shared, uid: &str) {
         return;
     };
     for r in &recs {
-        if let Some(c) = shared.runtime.adopt(r) {
+        if let Some(c) = shared.runtime.adopt(r).await {
             tracing::info!(pod_uid = uid, container = %r.name, "stopping a container of a pod deleted while the agent was down");
             stop_container(c, shared.settings.max_grace).await;
         }
     }
+    shared.runtime.remove_pod(uid).await;
     let (store, key) = (shared.store.clone(), uid.to_string());
     let dir = shared.settings.pods_dir.join(uid);
     let _ = tokio::task::spawn_blocking(move || {

@@ -14,9 +14,11 @@
 //! uses this; the platform knows nothing about it.
 
 pub mod config;
+pub mod cri;
 pub mod edged;
 pub mod lifecycle;
 pub mod metaserver;
+pub mod oci;
 pub mod podcheck;
 mod podrun;
 pub mod podtoken;
@@ -59,6 +61,9 @@ pub enum EdgeError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The container runtime is not usable (`runtime: cri` and its socket does not answer).
+    #[error("container runtime: {0}")]
+    Runtime(String),
     /// The metrics endpoint could not bind.
     #[error("metrics endpoint on {addr}: {source}")]
     Metrics {
@@ -291,8 +296,20 @@ impl EdgeCore {
         } else {
             cfg.sedge_binary.clone()
         };
-        let runtime: Arc<dyn runtime::Runtime> =
-            Arc::new(runtime::ProcessRuntime::new(cfg.images.clone(), self_exe));
+        let runtime: Arc<dyn runtime::Runtime> = match cfg.runtime {
+            config::RuntimeKind::Process => {
+                Arc::new(runtime::ProcessRuntime::new(cfg.images.clone(), self_exe))
+            }
+            config::RuntimeKind::Cri => Arc::new(
+                cri::CriRuntime::connect(cri::CriSettings {
+                    socket: cfg.cri_socket.clone(),
+                    node: node.clone(),
+                    poll_interval: Duration::from_millis(cfg.sync_interval_ms.clamp(100, 1000)),
+                })
+                .await
+                .map_err(EdgeError::Runtime)?,
+            ),
+        };
         let pod_tokens =
             Arc::new(podtoken::PodTokens::load_or_create(&data).map_err(|e| {
                 EdgeError::Config(format!("pod tokens in {}: {e}", data.display()))

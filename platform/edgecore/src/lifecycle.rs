@@ -160,6 +160,7 @@ pub fn transition(from: &State, event: Event) -> Result<State, Illegal> {
             let code = exit.code();
             let reason = match exit {
                 Exit::Unknown => "Unknown",
+                Exit::OomKilled(_) => "OOMKilled",
                 _ if code == 0 => "Completed",
                 _ => "Error",
             };

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::edged::{Shared, log_path, now, stop_container};
 use crate::lifecycle::{Event, State, Termination, transition};
-use crate::runtime::{Container, ContainerSpec, Exit};
+use crate::runtime::{Container, ContainerSpec, Exit, Limits, Mount, PodInfo};
 use crate::store::ContainerRecord;
 
 /// A pod as the store holds it (`raw`: what podcheck and resolve validate, and what the
@@ -206,6 +206,7 @@ pub(crate) async fn run_pod(
                 if r.is_err() || *stop.borrow() {
                     // Gone from the store: stop, clean up, done.
                     run.terminate("the pod is no longer assigned to this node").await;
+                    shared.runtime.remove_pod(&run.uid).await;
                     let (store, uid, dir) = (shared.store.clone(), run.uid.clone(), run.dir.clone());
                     let _ = tokio::task::spawn_blocking(move || {
                         let _ = store.forget_containers(&uid);
@@ -219,6 +220,7 @@ pub(crate) async fn run_pod(
         if run.spec.pod.metadata.deletion_timestamp.is_some() {
             if !finished_delete {
                 run.terminate("the pod is being deleted").await;
+                shared.runtime.remove_pod(&run.uid).await;
                 run.report();
                 let status = run.status();
                 run.send_status(op::DELETE, status);
@@ -263,7 +265,7 @@ impl PodRun {
                 if r.started_at < start_time && !r.started_at.is_empty() {
                     start_time = r.started_at.clone();
                 }
-                match shared.runtime.adopt(r) {
+                match shared.runtime.adopt(r).await {
                     Some(h) if r.spec_hash == ctr.spec_hash => {
                         tracing::info!(pod = %who, container = %ctr.name, pid = %h.id(), "adopted a running container");
                         ctr.handle = Some(h);
@@ -279,7 +281,7 @@ impl PodRun {
                         // Started from an older spec: replace it.
                         tokio::spawn(stop_container(h, shared.settings.max_grace));
                     }
-                    None if r.pid != 0 => {
+                    None if r.pid != 0 || !r.container_id.is_empty() => {
                         // It ended while the agent was away (or the machine rebooted).
                         ctr.apply(
                             &who,
@@ -340,11 +342,11 @@ impl PodRun {
     /// Writes the container's record (for adoption after an agent restart) on the blocking pool.
     fn record(&self, i: usize) -> impl Future<Output = ()> + Send + 'static {
         let c = &self.ctrs[i];
-        let (pid, ticks) = c
+        let (pid, ticks, container_id) = c
             .handle
             .as_ref()
-            .map(|h| (h.id().parse().unwrap_or(0), h.start_ticks()))
-            .unwrap_or((0, 0));
+            .map(|h| (h.id().parse().unwrap_or(0), h.start_ticks(), h.id()))
+            .unwrap_or_default();
         let rec = ContainerRecord {
             pod_uid: self.uid.clone(),
             name: c.name.clone(),
@@ -354,6 +356,7 @@ impl PodRun {
             restarts: c.restarts,
             last_terminated: c.last_terminated.as_ref().map(Termination::to_record),
             spec_hash: c.spec_hash.clone(),
+            container_id,
         };
         let store = self.shared.store.clone();
         async move {
@@ -560,7 +563,11 @@ impl PodRun {
             .await
             .unwrap_or_else(|e| Err(format!("preparing the container failed: {e}")))
         };
-        let (env, working_dir) = match prepared {
+        let Prepared {
+            env,
+            working_dir,
+            mounts,
+        } = match prepared {
             Ok(x) => x,
             Err(message) => {
                 self.start_failed();
@@ -569,23 +576,42 @@ impl PodRun {
             }
         };
         let spec = &self.ctrs[i].spec;
+        let limits = match limits(spec) {
+            Ok(l) => l,
+            Err(message) => {
+                self.start_failed();
+                self.wait_with(i, "CreateContainerConfigError", message);
+                return;
+            }
+        };
         let cs = ContainerSpec {
             pod_uid: self.uid.clone(),
             pod: self.who(),
             name: name.clone(),
             image: spec.image.clone().unwrap_or_default(),
+            pull_policy: spec.image_pull_policy.clone().unwrap_or_default(),
             command: spec.command.clone().unwrap_or_default(),
             args: spec.args.clone().unwrap_or_default(),
             env,
             root,
             working_dir,
             log_path: log.clone(),
+            mounts,
+            container_working_dir: spec.working_dir.clone().filter(|w| !w.is_empty()),
+            limits,
+            attempt: self.ctrs[i].restarts as u32 + u32::from(self.ctrs[i].ever_started),
+        };
+        let pod = PodInfo {
+            uid: self.uid.clone(),
+            namespace: self.ns.clone(),
+            name: self.name.clone(),
+            log_dir: log.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
         };
         // The previous instance's log stays readable with `kubectl logs --previous`.
         if self.ctrs[i].ever_started && log.exists() {
             let _ = std::fs::rename(&log, log.with_extension("previous.log"));
         }
-        match self.shared.runtime.start(&cs) {
+        match self.shared.runtime.start(&pod, &cs).await {
             Ok(h) => {
                 let counters = &self.shared.counters;
                 counters
@@ -644,7 +670,13 @@ impl PodRun {
         c.next_start = Instant::now() + retry;
         if c.state != before {
             tracing::warn!(pod = %who, container = %c.name, %reason, %message, "container cannot start");
-            self.event("Warning", "Failed", &format!("Error: {message}"));
+            // As the kubelet says it: an image problem is the CRI's message, then the reason.
+            if reason.starts_with("ErrImage") || reason == "ImagePullBackOff" {
+                self.event("Warning", "Failed", &message);
+                self.event("Warning", "Failed", &format!("Error: {reason}"));
+            } else {
+                self.event("Warning", "Failed", &format!("Error: {message}"));
+            }
         }
     }
 
@@ -724,7 +756,10 @@ impl PodRun {
             restart_count: c.restarts,
             state: Some(state),
             last_state: Some(last_state),
-            container_id: c.handle.as_ref().map(|h| format!("process://{}", h.id())),
+            container_id: c
+                .handle
+                .as_ref()
+                .map(|h| format!("{}://{}", self.shared.runtime.id_scheme(), h.id())),
             ..Default::default()
         }
     }
@@ -839,7 +874,7 @@ fn prepare(
     dir: &std::path::Path,
     root: &std::path::Path,
     working_dir: Option<String>,
-) -> Result<(Vec<(String, String)>, PathBuf), String> {
+) -> Result<Prepared, String> {
     let runtime = &shared.runtime;
     crate::podcheck::pod(pod, &shared.settings.host_path_allow, |image| {
         runtime.runs_host_commands(image)
@@ -850,10 +885,48 @@ fn prepare(
     env.retain(|(k, _)| k != crate::podtoken::ENV);
     env.push((crate::podtoken::ENV.to_string(), token));
     let vols = crate::resolve::volumes(&shared.store, pod, dir, facts)?;
-    crate::resolve::mounts(container, &vols, root)?;
+    let mounts = crate::resolve::mount_list(container, &vols)?;
+    // A host process finds its volumes linked under its root; a CRI container gets them bound.
+    if !runtime.cri() {
+        crate::resolve::link_mounts(&mounts, root)?;
+    }
     let wd = match working_dir {
         Some(w) if !w.is_empty() => crate::runtime::under_root(root, &w),
         _ => root.to_path_buf(),
     };
-    Ok((env, wd))
+    Ok(Prepared {
+        env,
+        working_dir: wd,
+        mounts,
+    })
+}
+
+/// What [`prepare`] resolved for a container.
+struct Prepared {
+    env: Vec<(String, String)>,
+    working_dir: PathBuf,
+    mounts: Vec<Mount>,
+}
+
+/// `resources.limits` (and the CPU request) as a runtime enforces them; a quantity that does not
+/// parse says which.
+fn limits(c: &k8s::Container) -> Result<Limits, String> {
+    let get =
+        |m: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+         key: &str,
+         scale: f64|
+         -> Result<i64, String> {
+            match m.and_then(|m| m.get(key)) {
+                Some(q) => sedge_api::quantity::parse(&q.0)
+                    .map(|v| (v * scale).ceil() as i64)
+                    .map_err(|e| format!("resources of container {:?}: {key}: {e}", c.name)),
+                None => Ok(0),
+            }
+        };
+    let r = c.resources.as_ref();
+    Ok(Limits {
+        memory_bytes: get(r.and_then(|r| r.limits.as_ref()), "memory", 1.0)?,
+        cpu_millis: get(r.and_then(|r| r.limits.as_ref()), "cpu", 1000.0)?,
+        cpu_request_millis: get(r.and_then(|r| r.requests.as_ref()), "cpu", 1000.0)?,
+    })
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use serde_json::Value;
 
+use crate::runtime::Mount;
 use crate::store::MetaStore;
 
 /// Node facts the downward API exposes.
@@ -283,7 +284,7 @@ pub fn volumes(
                 .and_then(|o| o.keys().find(|k| *k != "name").cloned())
                 .unwrap_or_default();
             return Err(format!(
-                "volume {name:?}: type {kind:?} is not supported by the process runtime"
+                "volume {name:?}: type {kind:?} is not supported on this node"
             ));
         }
         out.insert(name, dir);
@@ -291,18 +292,64 @@ pub fn volumes(
     Ok(out)
 }
 
-/// Links each `volumeMount` under the container's root (`<root>/<mountPath>` -> volume).
-pub fn mounts(c: &Value, vols: &HashMap<String, PathBuf>, root: &Path) -> Result<(), String> {
+/// The container's `volumeMounts` as mounts: the volume (or, for `subPath`, the file or
+/// directory under it, made if missing) and where it goes. A `subPath` never goes through a
+/// symbolic link: a container that plants a link in a shared volume cannot make another mount
+/// name a path outside it.
+pub fn mount_list(c: &Value, vols: &HashMap<String, PathBuf>) -> Result<Vec<Mount>, String> {
+    let mut out = Vec::new();
     for m in c["volumeMounts"].as_array().into_iter().flatten() {
         let name = m["name"].as_str().unwrap_or_default();
-        let target = vols
+        let volume = vols
             .get(name)
             .ok_or_else(|| format!("volumeMount {name:?} names no volume of the pod"))?;
-        let target = match m["subPath"].as_str().filter(|s| !s.is_empty()) {
-            Some(sp) => crate::runtime::under_root(target, sp),
-            None => target.clone(),
+        let host_path = match m["subPath"].as_str().filter(|s| !s.is_empty()) {
+            Some(sp) => sub_path(volume, sp)?,
+            None => volume.clone(),
         };
-        let mount_path = m["mountPath"].as_str().unwrap_or_default();
+        let container_path = m["mountPath"].as_str().unwrap_or_default().to_string();
+        out.push(Mount {
+            host_path,
+            container_path,
+            read_only: m["readOnly"] == true,
+        });
+    }
+    Ok(out)
+}
+
+/// `subPath` under a volume: directories on the way are made without following links, the last
+/// part is used as it is (a file of a config map) or made as a directory; no part is a link.
+fn sub_path(volume: &Path, sp: &str) -> Result<PathBuf, String> {
+    let rel: PathBuf = Path::new(sp)
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    let Some(last) = rel.file_name() else {
+        return Ok(volume.to_path_buf());
+    };
+    let parent = crate::podcheck::dirs_under(volume, rel.parent().unwrap_or(Path::new("")))?;
+    let at = parent.join(last);
+    match std::fs::symlink_metadata(&at) {
+        Ok(m) if m.file_type().is_symlink() => Err(format!(
+            "subPath {sp:?}: {} is a symbolic link; a mount may not go through it",
+            at.display()
+        )),
+        Ok(_) => Ok(at),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(&at)
+                .map_err(|e| format!("subPath {sp:?}: {}: {e}", at.display()))?;
+            Ok(at)
+        }
+        Err(e) => Err(format!("subPath {sp:?}: {}: {e}", at.display())),
+    }
+}
+
+/// Links each mount under the container's root (`<root>/<mountPath>` -> the node's path): how
+/// the process runtime gives a host process its volumes.
+pub fn link_mounts(mounts: &[Mount], root: &Path) -> Result<(), String> {
+    for m in mounts {
+        let mount_path = m.container_path.as_str();
+        let target = &m.host_path;
         let link = crate::runtime::under_root(root, mount_path);
         if link == root {
             return Err(format!(
@@ -328,7 +375,7 @@ pub fn mounts(c: &Value, vols: &HashMap<String, PathBuf>, root: &Path) -> Result
             }
             Err(_) => {}
         }
-        std::os::unix::fs::symlink(&target, &link)
+        std::os::unix::fs::symlink(target, &link)
             .map_err(|e| format!("mount {}: {e}", link.display()))?;
     }
     Ok(())
@@ -487,5 +534,36 @@ mod tests {
         mounts(&c, &vols, &root).unwrap();
         mounts(&c, &vols, &root).unwrap();
         assert!(root.join("etc/app/MODE").exists());
+    }
+
+    fn mounts(c: &Value, vols: &HashMap<String, PathBuf>, root: &Path) -> Result<(), String> {
+        link_mounts(&mount_list(c, vols)?, root)
+    }
+
+    #[test]
+    fn a_sub_path_never_goes_through_a_link_a_container_planted() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("volumes/shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        // One container of the pod made `escape -> /` in the shared emptyDir.
+        std::os::unix::fs::symlink("/", shared.join("escape")).unwrap();
+        let vols: HashMap<String, PathBuf> = [("shared".to_string(), shared.clone())].into();
+        for sp in ["escape", "escape/etc", "../escape", "/escape/"] {
+            let c = json!({"volumeMounts": [{"name": "shared", "mountPath": "/x", "subPath": sp}]});
+            let e = mount_list(&c, &vols).unwrap_err();
+            assert!(e.contains("symbolic link"), "{sp}: {e}");
+        }
+        // A plain subPath is made under the volume, read-only kept.
+        let c = json!({"volumeMounts": [{"name": "shared", "mountPath": "/x", "subPath": "../../a/b", "readOnly": true}]});
+        let m = mount_list(&c, &vols).unwrap();
+        assert_eq!(
+            m,
+            vec![Mount {
+                host_path: shared.join("a/b"),
+                container_path: "/x".into(),
+                read_only: true
+            }]
+        );
+        assert!(shared.join("a/b").is_dir());
     }
 }

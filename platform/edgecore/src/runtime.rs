@@ -1,8 +1,9 @@
 //! Container runtimes. Edged talks to a [`Runtime`] only: start a container from a resolved
-//! spec, find a container again after an agent restart, poll it, signal it. The first
-//! implementation, [`ProcessRuntime`], runs each container as a supervised host process; a CRI
-//! (containerd) runtime fits the same trait (start = create + start, adopt = container status by
-//! id, poll = status, signal = StopContainer).
+//! spec, find a container again after an agent restart, poll it, signal it, and let a pod's
+//! resources go. [`ProcessRuntime`] runs each container as a supervised host process;
+//! [`crate::cri::CriRuntime`] runs real containers through a CRI runtime such as containerd
+//! (start = sandbox + create + start, adopt = the CRI's listing by labels, poll = status,
+//! signal = StopContainer).
 //!
 //! The process runtime resolves `image` through the image map ([`crate::config::ImageEntry`]):
 //! an unmapped image is `ErrImagePull` with the known images listed, not a crash. Processes get
@@ -15,8 +16,32 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use futures::future::BoxFuture;
+
 use crate::config::ImageEntry;
 use crate::store::ContainerRecord;
+
+/// A volume mount: a directory or file of the node at a path in the container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mount {
+    /// The node's path (a volume's directory, or a file or directory under it for `subPath`).
+    pub host_path: PathBuf,
+    /// `mountPath`.
+    pub container_path: String,
+    /// `readOnly`.
+    pub read_only: bool,
+}
+
+/// Resource limits of a container (`resources.limits`), as a runtime enforces them.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Limits {
+    /// Memory in bytes, 0 for none.
+    pub memory_bytes: i64,
+    /// CPU in millicores, 0 for none.
+    pub cpu_millis: i64,
+    /// CPU requests in millicores (the container's share under contention), 0 for none.
+    pub cpu_request_millis: i64,
+}
 
 /// A container, resolved by edged and ready to start.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +54,8 @@ pub struct ContainerSpec {
     pub name: String,
     /// Image reference.
     pub image: String,
+    /// `imagePullPolicy` (empty: Kubernetes' default for the image's tag).
+    pub pull_policy: String,
     /// `command` (replaces the image's entrypoint).
     pub command: Vec<String>,
     /// `args` (replaces the image's cmd).
@@ -41,6 +68,14 @@ pub struct ContainerSpec {
     pub working_dir: PathBuf,
     /// Where stdout and stderr go.
     pub log_path: PathBuf,
+    /// Volume mounts (the process runtime links them under `root` before it starts).
+    pub mounts: Vec<Mount>,
+    /// `workingDir` as the pod spec gives it (a path inside the container), if any.
+    pub container_working_dir: Option<String>,
+    /// `resources.limits` (and CPU requests).
+    pub limits: Limits,
+    /// How many times this container was started before (the CRI's `attempt`).
+    pub attempt: u32,
 }
 
 /// A start that failed, with the reason Kubernetes users know from `kubectl get pods`.
@@ -60,6 +95,8 @@ pub enum Exit {
     Code(i32),
     /// Killed by a signal.
     Signal(i32),
+    /// Killed by the kernel for exceeding its memory limit (with the code it ended with).
+    OomKilled(i32),
     /// Gone, but not our child any more (the agent restarted): its exit status is lost.
     Unknown,
 }
@@ -70,6 +107,7 @@ impl Exit {
         match self {
             Exit::Code(c) => c,
             Exit::Signal(s) => 128 + s,
+            Exit::OomKilled(c) => c,
             Exit::Unknown => 255,
         }
     }
@@ -96,14 +134,56 @@ pub trait Container: Send {
     fn signal(&self, s: Signal);
 }
 
+/// The pod a container belongs to, as a runtime needs it for the pod's sandbox.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PodInfo {
+    /// Pod UID.
+    pub uid: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Where the pod's container logs live (a directory of this node).
+    pub log_dir: PathBuf,
+}
+
 /// What edged needs from a container runtime.
 pub trait Runtime: Send + Sync {
-    /// Starts a container.
-    fn start(&self, spec: &ContainerSpec) -> Result<Box<dyn Container>, StartError>;
+    /// Starts a container of `pod`.
+    fn start<'a>(
+        &'a self,
+        pod: &'a PodInfo,
+        spec: &'a ContainerSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Container>, StartError>>;
     /// Finds a container started before an agent restart; `None` if it is gone.
-    fn adopt(&self, rec: &ContainerRecord) -> Option<Box<dyn Container>>;
+    fn adopt<'a>(&'a self, rec: &'a ContainerRecord) -> BoxFuture<'a, Option<Box<dyn Container>>>;
+    /// The pod is gone from this node and its containers are stopped: release what the
+    /// runtime holds for it (a CRI sandbox). Never fails; what cannot be released is logged.
+    fn remove_pod<'a>(&'a self, pod_uid: &'a str) -> BoxFuture<'a, ()> {
+        let _ = pod_uid;
+        Box::pin(async {})
+    }
+    /// Removes everything the runtime holds for pods not in `keep` (UIDs): after an agent
+    /// restart, what belonged to pods deleted meanwhile.
+    fn remove_others<'a>(
+        &'a self,
+        keep: &'a std::collections::HashSet<String>,
+    ) -> BoxFuture<'a, ()> {
+        let _ = keep;
+        Box::pin(async {})
+    }
     /// A version string for the node status (`containerRuntimeVersion`).
     fn version(&self) -> String;
+    /// The `containerID` scheme of this runtime's containers in a pod's status.
+    fn id_scheme(&self) -> &'static str {
+        "process"
+    }
+    /// Whether this is a CRI runtime: containers have their own root file system (mounts are
+    /// bound by the runtime, not linked under `root`) and log in the CRI's format
+    /// (`<time> <stream> <P|F> <line>`).
+    fn cri(&self) -> bool {
+        false
+    }
     /// Whether containers of `image` may run any program of the host anyway (for them a
     /// `hostPath` grants nothing new, so the node's host-path allowlist does not apply).
     fn runs_host_commands(&self, image: &str) -> bool {
@@ -300,8 +380,8 @@ impl Container for Process {
     }
 }
 
-impl Runtime for ProcessRuntime {
-    fn start(&self, spec: &ContainerSpec) -> Result<Box<dyn Container>, StartError> {
+impl ProcessRuntime {
+    fn start_process(&self, spec: &ContainerSpec) -> Result<Box<dyn Container>, StartError> {
         let argv = self.argv(spec)?;
         let path = spec
             .env
@@ -356,16 +436,28 @@ impl Runtime for ProcessRuntime {
             child: Some(child),
         }))
     }
+}
 
-    fn adopt(&self, rec: &ContainerRecord) -> Option<Box<dyn Container>> {
-        if rec.pid == 0 || start_ticks(rec.pid) != Some(rec.start_ticks) {
-            return None;
-        }
-        Some(Box::new(Process {
-            pid: rec.pid,
-            ticks: rec.start_ticks,
-            child: None,
-        }))
+impl Runtime for ProcessRuntime {
+    fn start<'a>(
+        &'a self,
+        _pod: &'a PodInfo,
+        spec: &'a ContainerSpec,
+    ) -> BoxFuture<'a, Result<Box<dyn Container>, StartError>> {
+        Box::pin(async move { self.start_process(spec) })
+    }
+
+    fn adopt<'a>(&'a self, rec: &'a ContainerRecord) -> BoxFuture<'a, Option<Box<dyn Container>>> {
+        Box::pin(async move {
+            if rec.pid == 0 || start_ticks(rec.pid) != Some(rec.start_ticks) {
+                return None;
+            }
+            Some(Box::new(Process {
+                pid: rec.pid,
+                ticks: rec.start_ticks,
+                child: None,
+            }) as Box<dyn Container>)
+        })
     }
 
     fn version(&self) -> String {
@@ -403,12 +495,17 @@ mod tests {
             pod: "default/p".into(),
             name: "c".into(),
             image: image.into(),
+            pull_policy: String::new(),
             command: command.iter().map(|s| s.to_string()).collect(),
             args: args.iter().map(|s| s.to_string()).collect(),
             env: vec![("WHO".into(), "edge".into())],
             root: "/r".into(),
             working_dir: "/r".into(),
             log_path: "/r/log".into(),
+            mounts: vec![],
+            container_working_dir: None,
+            limits: Limits::default(),
+            attempt: 0,
         }
     }
 
@@ -478,7 +575,7 @@ mod tests {
             s.root = dir.path().into();
             s.working_dir = dir.path().into();
             s.log_path = dir.path().join("c.log");
-            let mut c = r.start(&s).unwrap();
+            let mut c = r.start_process(&s).unwrap();
             let exit = loop {
                 if let Some(e) = c.poll_exit() {
                     break e;
@@ -493,7 +590,7 @@ mod tests {
 
             let mut s2 = s.clone();
             s2.command = vec!["sleep".into(), "30".into()];
-            let c = r.start(&s2).unwrap();
+            let c = r.start_process(&s2).unwrap();
             let rec = ContainerRecord {
                 pod_uid: "u".into(),
                 name: "c".into(),
@@ -503,21 +600,25 @@ mod tests {
                 restarts: 0,
                 last_terminated: None,
                 spec_hash: String::new(),
+                container_id: String::new(),
             };
-            let mut adopted = r.adopt(&rec).expect("running process is adopted");
+            let mut adopted = r.adopt(&rec).await.expect("running process is adopted");
             assert_eq!(adopted.poll_exit(), None);
             adopted.signal(Signal::Kill);
             drop(c);
             let mut stale = rec.clone();
             stale.start_ticks += 1;
-            assert!(r.adopt(&stale).is_none(), "a recycled pid is not adopted");
+            assert!(
+                r.adopt(&stale).await.is_none(),
+                "a recycled pid is not adopted"
+            );
             let t0 = std::time::Instant::now();
             while adopted.poll_exit().is_none() {
                 assert!(t0.elapsed().as_secs() < 5, "killed process never went away");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
             let e = r
-                .start(&spec("busybox", &["no-such-program-x"], &[]))
+                .start_process(&spec("busybox", &["no-such-program-x"], &[]))
                 .err()
                 .unwrap();
             assert!(e.message.contains("executable file not found"), "{e}");

@@ -73,6 +73,10 @@ pub struct ContainerRecord {
     pub last_terminated: Option<Value>,
     /// Hash of the container spec it was started from.
     pub spec_hash: String,
+    /// The runtime's id of the running instance (a CRI container id), empty when none or for
+    /// processes (their pid and start time say it).
+    #[serde(default)]
+    pub container_id: String,
 }
 
 /// The edge's SQLite store.
@@ -383,6 +387,7 @@ mod tests {
             restarts: 2,
             last_terminated: None,
             spec_hash: "h".into(),
+            container_id: String::new(),
         };
         s.save_container(&rec).unwrap();
         assert_eq!(s.containers("u").unwrap(), vec![rec]);

@@ -57,6 +57,15 @@ pub struct EdgeAgentArgs {
     #[arg(long)]
     #[serde(rename = "metaserver_listen")]
     metaserver: Option<String>,
+    /// The container runtime: `process` (host processes) or `cri` (real containers through
+    /// containerd at `--cri-socket`).
+    #[arg(long)]
+    #[serde(rename = "runtime")]
+    runtime: Option<sedge_edgecore::config::RuntimeKind>,
+    /// The CRI runtime's socket (default `/run/containerd/containerd.sock`).
+    #[arg(long)]
+    #[serde(rename = "cri_socket")]
+    cri_socket: Option<PathBuf>,
     /// KubeEdge's DMI socket mappers talk to (default `<data dir>/dmi/dmi.sock`, a directory pods
     /// may mount by hostPath; `-` disables it).
     #[arg(long)]

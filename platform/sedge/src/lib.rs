@@ -2,6 +2,7 @@
 //! so that tests can start any role in process; `main.rs` only parses the command line.
 
 pub mod apiserver;
+pub mod images;
 pub mod platform;
 pub mod tools;
 pub mod tunnel;

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use sedge::{apiserver, platform, shutdown_signal, tools, tunnel, worker};
+use sedge::{apiserver, images, platform, shutdown_signal, tools, tunnel, worker};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +47,9 @@ enum Command {
     Up(platform::UpArgs),
     /// Run the AI controller: sedna.io resources (JointInferenceService, Model, Dataset, ...).
     AiController(platform::AiControllerArgs),
+    /// Container images for CRI nodes: build Sedge's as OCI archives and import them.
+    #[command(subcommand)]
+    Images(images::ImagesCmd),
     /// Run a device mapper (what the `sedge/modbus-mapper` image runs as a pod on a node).
     #[command(subcommand)]
     Mapper(Mapper),
@@ -98,6 +101,7 @@ fn run() -> Result<()> {
             Command::Edge(a) => sedge_edge::run(a, shutdown_signal()).await,
             Command::Up(a) => platform::up(a, shutdown_signal()).await,
             Command::AiController(a) => platform::ai_controller(a, shutdown_signal()).await,
+            Command::Images(images::ImagesCmd::Build(a)) => images::build(a),
             Command::Mapper(Mapper::Modbus(a)) => sedge_modbus_mapper::run_args(a).await,
         }
     })

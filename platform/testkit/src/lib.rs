@@ -9,5 +9,6 @@
 //! [`wait`]: waiting for a condition with a deadline (blocking and async), which every crate's
 //! tests use.
 
+pub mod containerd;
 pub mod fuzz;
 pub mod wait;

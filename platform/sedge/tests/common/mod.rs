@@ -12,6 +12,7 @@ pub struct Up {
     child: Child,
     /// The test's directory (sedge up's data is under `up/`).
     pub dir: tempfile::TempDir,
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Drop for Up {
@@ -72,42 +73,78 @@ pub fn up() -> Up {
 
 /// `sedge up` with one edge node and `extra` flags.
 pub fn up_with(extra: &[&str]) -> Up {
+    up_configured("", extra)
+}
+
+/// `sedge up` with one edge node whose config is [`EDGE_CONFIG`] plus `edge_config` (YAML keys
+/// at the top level), and `extra` flags.
+pub fn up_configured(edge_config: &str, extra: &[&str]) -> Up {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("edge.yaml");
-    std::fs::write(&cfg, EDGE_CONFIG).unwrap();
-    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_sedge"))
-        .args([
-            "up",
-            "--edges",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--metaserver-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--mqtt-port",
-            "0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("up"))
-        .arg("--edge-config")
-        .arg(&cfg)
-        .args(extra)
-        .env("RUST_LOG", "info,kube=warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let up = Up { child, dir };
+    std::fs::write(&cfg, format!("{EDGE_CONFIG}{edge_config}")).unwrap();
+    let mut args: Vec<std::ffi::OsString> = [
+        "up",
+        "--edges",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--metaserver-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--mqtt-port",
+        "0",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    args.push("--data-dir".into());
+    args.push(dir.path().join("up").into());
+    args.push("--edge-config".into());
+    args.push(cfg.into());
+    args.extend(extra.iter().map(Into::into));
+    let child = spawn_up(dir.path(), &args);
+    let up = Up { child, dir, args };
     wait_for("sedge up to write up.json", Duration::from_secs(60), || {
         up.state().is_some().then_some(())
     });
     up
 }
 
+fn spawn_up(dir: &std::path::Path, args: &[std::ffi::OsString]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("up.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_sedge"))
+        .args(args)
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 impl Up {
+    /// Kills `sedge up` (cloud and agent) with SIGKILL: what it started outside itself (CRI
+    /// containers) keeps running.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.dir.path().join("up/up.json"));
+    }
+
+    /// Starts `sedge up` again on the same data, as before, and waits for it.
+    pub fn start_again(&mut self) {
+        self.child = spawn_up(self.dir.path(), &self.args);
+        wait_for(
+            "sedge up to write up.json again",
+            Duration::from_secs(60),
+            || self.state().is_some().then_some(()),
+        );
+    }
+
     /// See the name.
     pub fn state(&self) -> Option<Value> {
         let s = std::fs::read_to_string(self.dir.path().join("up/up.json")).ok()?;

@@ -1,0 +1,253 @@
+//! Edge pods as real containers: `sedge up` with its edge node on the CRI runtime, against a
+//! private containerd, driven with the real kubectl. Deploy with env, a config map volume and a
+//! working directory; logs (and `--previous`); a crash loop with back-off; a bad image
+//! (`ErrImagePull`, then `ImagePullBackOff`); a memory limit exceeded (`OOMKilled`); a hostPath
+//! outside the allowlist refused; a delete that removes the sandbox. Then `sedge up` is killed
+//! with SIGKILL and started again: running containers are adopted (same container, not started
+//! twice), and one killed while the agent was down is restarted by its policy with its real exit
+//! code.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Up, up_configured, wait_for};
+use sedge_testkit::containerd::Containerd;
+use serde_json::Value;
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: greeting}
+data: {message: "hello from a config map"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hello}
+spec:
+  nodeName: edge-1
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sh", "-c"]
+    args: ["echo who=$(WHO); cat /etc/greeting/message; echo; pwd; echo pid=$$$$; exec sleep 3600"]
+    workingDir: /tmp
+    env: [{name: WHO, value: edge}]
+    volumeMounts: [{name: cfg, mountPath: /etc/greeting, readOnly: true}]
+  volumes: [{name: cfg, configMap: {name: greeting}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: crash}
+spec:
+  nodeName: edge-1
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sh", "-c", "echo boom $(date +%s%N); exit 3"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: badimage}
+spec:
+  nodeName: edge-1
+  containers:
+  - name: main
+    image: localhost/no-such-image:1
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hungry}
+spec:
+  nodeName: edge-1
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: busybox:1.36
+    # 64 MiB in a shell variable, under a 16 MiB limit.
+    command: ["sh", "-c", "x=$(head -c 67108864 /dev/zero | tr '\\0' x); echo survived ${#x}"]
+    resources: {limits: {memory: 16Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hostpath}
+spec:
+  nodeName: edge-1
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sh", "-c", "cat /host/shadow"]
+    volumeMounts: [{name: etc, mountPath: /host}]
+  volumes: [{name: etc, hostPath: {path: /etc}}]
+"#;
+
+fn images(ctd: &Containerd) {
+    let dir = ctd.dir().join("images");
+    let bb = std::path::Path::new("/bin/busybox");
+    sedge::images::busybox_image(bb)
+        .and_then(|i| i.write(&dir.join("busybox.tar")))
+        .unwrap();
+    sedge_edgecore::oci::pause(bb, sedge_testkit::containerd::PAUSE_IMAGE)
+        .and_then(|i| i.write(&dir.join("pause.tar")))
+        .unwrap();
+    ctd.import(&dir.join("busybox.tar")).unwrap();
+    ctd.import(&dir.join("pause.tar")).unwrap();
+}
+
+fn container(p: &Value) -> &Value {
+    &p["status"]["containerStatuses"][0]
+}
+
+fn pod(up: &Up, name: &str) -> Value {
+    up.pod(name).unwrap_or(Value::Null)
+}
+
+fn running_tasks(ctd: &Containerd) -> usize {
+    ctd.tasks().iter().filter(|(_, s)| s == "RUNNING").count()
+}
+
+#[test]
+fn pods_run_as_containers_on_a_cri_node_and_survive_an_agent_kill() {
+    let Some(ctd) = Containerd::for_test("cri_e2e") else {
+        return;
+    };
+    images(&ctd);
+    let cfg = format!("runtime: cri\ncri_socket: {}\n", ctd.socket.display());
+    let mut up = up_configured(&cfg, &["--cloud-nodes", "0"]);
+    let long = Duration::from_secs(90);
+
+    // The node says which runtime it runs.
+    let node: Value =
+        serde_json::from_str(&up.ok(&["get", "node", "edge-1", "-o", "json"])).unwrap();
+    let rtv = node["status"]["nodeInfo"]["containerRuntimeVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(rtv.starts_with("containerd://1."), "{rtv}");
+
+    up.apply(PODS);
+
+    // Deploy: env expanded, the config map mounted, the working directory set, logs read.
+    let hello = wait_for("hello to run", long, || {
+        let p = pod(&up, "hello");
+        common::running_ready(&p).then_some(p)
+    });
+    let id = container(&hello)["containerID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(id.starts_with("containerd://"), "{id}");
+    let logs = wait_for("hello's log", long, || {
+        let (ok, out, _) = up.kubectl(&["logs", "hello"]);
+        (ok && out.contains("pid=")).then_some(out)
+    });
+    assert!(logs.contains("who=edge\n"), "{logs}");
+    assert!(logs.contains("hello from a config map\n"), "{logs}");
+    assert!(logs.contains("/tmp\n"), "{logs}");
+    // Its own PID namespace: the shell is process 1 of the container, not a host pid.
+    assert!(logs.contains("pid=1\n"), "{logs}");
+    assert_eq!(up.ok(&["logs", "hello", "--tail", "1"]), "pid=1\n");
+
+    // A crash loop: exit code 3, restarts with back-off, the previous instance's log.
+    let crash = wait_for("crash to restart twice", long, || {
+        let p = pod(&up, "crash");
+        (container(&p)["restartCount"].as_i64().unwrap_or(0) >= 2).then_some(p)
+    });
+    let last = &container(&crash)["lastState"]["terminated"];
+    assert_eq!(last["exitCode"], 3, "{crash}");
+    assert_eq!(last["reason"], "Error", "{crash}");
+    wait_for("CrashLoopBackOff", long, || {
+        let p = pod(&up, "crash");
+        (container(&p)["state"]["waiting"]["reason"] == "CrashLoopBackOff").then_some(())
+    });
+    let prev = up.ok(&["logs", "crash", "--previous"]);
+    assert!(prev.starts_with("boom "), "{prev}");
+
+    // A bad image: the CRI's pull error, then the back-off.
+    let bad = wait_for("ImagePullBackOff", long, || {
+        let p = pod(&up, "badimage");
+        (container(&p)["state"]["waiting"]["reason"] == "ImagePullBackOff").then_some(p)
+    });
+    let msg = container(&bad)["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("localhost/no-such-image:1"), "{msg}");
+    let events = up.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=badimage",
+    ]);
+    assert!(events.contains("ErrImagePull"), "{events}");
+
+    // The memory limit is enforced by the kernel, and said so.
+    let hungry = wait_for("hungry to be OOMKilled", long, || {
+        let p = pod(&up, "hungry");
+        let t = &container(&p)["state"]["terminated"];
+        t.is_object().then(|| p.clone())
+    });
+    let t = &container(&hungry)["state"]["terminated"];
+    assert_eq!(t["reason"], "OOMKilled", "{hungry}");
+    assert_eq!(hungry["status"]["phase"], "Failed");
+
+    // A hostPath outside the node's allowlist never reaches the runtime.
+    let hp = wait_for("hostpath refused", long, || {
+        let p = pod(&up, "hostpath");
+        let w = &container(&p)["state"]["waiting"];
+        (w["reason"] == "CreateContainerConfigError").then(|| w["message"].clone())
+    });
+    assert!(hp.to_string().contains("/etc"), "{hp}");
+
+    // Delete: the container and its sandbox go.
+    let before = running_tasks(&ctd);
+    up.ok(&["delete", "pod", "crash", "--wait=true", "--timeout=60s"]);
+    wait_for("crash's sandbox to go", long, || {
+        (running_tasks(&ctd) < before).then_some(())
+    });
+
+    // The agent is killed with SIGKILL; the container keeps running.
+    let tasks_before = running_tasks(&ctd);
+    let hello_log_lines = up.ok(&["logs", "hello"]).lines().count();
+    up.kill9();
+    assert_eq!(
+        running_tasks(&ctd),
+        tasks_before,
+        "containers outlive the agent"
+    );
+    up.start_again();
+    wait_for("hello adopted", long, || {
+        let p = pod(&up, "hello");
+        (common::running_ready(&p) && container(&p)["containerID"].as_str() == Some(id.as_str()))
+            .then_some(())
+    });
+    // Adopted, not started twice: same container, no restart, no second task, the log not rerun.
+    let p = pod(&up, "hello");
+    assert_eq!(container(&p)["restartCount"], 0, "{p}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(running_tasks(&ctd), tasks_before);
+    assert_eq!(up.ok(&["logs", "hello"]).lines().count(), hello_log_lines);
+
+    // Killed while the agent is down: restarted after it comes back, the exit recorded.
+    let cid = id.trim_start_matches("containerd://").to_string();
+    up.kill9();
+    ctd.kill_task(&cid).unwrap();
+    up.start_again();
+    let p = wait_for("hello restarted", long, || {
+        let p = pod(&up, "hello");
+        (common::running_ready(&p) && container(&p)["restartCount"] == 1).then_some(p)
+    });
+    assert_eq!(
+        container(&p)["lastState"]["terminated"]["exitCode"],
+        137,
+        "{p}"
+    );
+    assert_ne!(container(&p)["containerID"].as_str(), Some(id.as_str()));
+
+    // Delete after the restart: the adopted container and its sandbox go.
+    let running = running_tasks(&ctd);
+    up.ok(&["delete", "pod", "hello", "--wait=true", "--timeout=60s"]);
+    wait_for("hello's sandbox removed", long, || {
+        (running_tasks(&ctd) < running).then_some(())
+    });
+}
