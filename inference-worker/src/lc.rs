@@ -128,7 +128,14 @@ impl LcReporter {
             let http = match crate::fetch::http_client(Duration::from_secs(10)) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(error = %e, "no HTTP client; counters are not reported");
+                    // reqwest's Display hides the cause (no CA certificates, ...): say it.
+                    let mut why = e.to_string();
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(c) = src {
+                        why = format!("{why}: {c}");
+                        src = c.source();
+                    }
+                    tracing::error!(error = %why, "no HTTP client; counters are not reported");
                     return;
                 }
             };

@@ -14,7 +14,9 @@ trap 'kill -INT $UP 2>/dev/null || true; wait $UP 2>/dev/null || true; rm -rf "$
 # The Model manifests name /tmp/sedge-demo/models (a path on the node).
 mkdir -p /tmp/sedge-demo/models
 cp "$ROOT"/models/fashion-mnist/{edge,cloud}-cnn.{onnx,json} /tmp/sedge-demo/models/
-"$SEDGE" up --edges 1 --listen 127.0.0.1:0 --metaserver-port 0 --metrics-port 0 --mqtt-port 0 --data-dir "$DIR/up" 2> "$DIR/up.log" &
+# The edge worker reads Debian's Fashion-MNIST through a hostPath volume; the models are under /tmp.
+"$SEDGE" up --edges 1 --listen 127.0.0.1:0 --metaserver-port 0 --metrics-port 0 --mqtt-port 0 --data-dir "$DIR/up" \
+    --host-path-allow /tmp --host-path-allow /usr/share/datasets/fashion-mnist 2> "$DIR/up.log" &
 UP=$!
 for _ in $(seq 100); do [ -f "$DIR/up/up.json" ] && break; sleep 0.2; done
 [ -f "$DIR/up/up.json" ] || { cat "$DIR/up.log"; echo "sedge up did not start" >&2; exit 1; }

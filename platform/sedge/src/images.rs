@@ -69,6 +69,13 @@ pub fn worker_image(sedge: &Path, onnxruntime: Option<&Path>) -> Result<Image, S
         img.env
             .push("ORT_DYLIB_PATH=/usr/local/lib/libonnxruntime.so".into());
     }
+    // The host's CA certificates: the workers' HTTPS clients (model downloads, the LC
+    // endpoint's client) load the system roots and refuse to start without any.
+    let cas = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if cas.exists() {
+        img.files
+            .insert(cas.display().to_string(), Entry::File(cas.to_path_buf()));
+    }
     for d in ["/tmp", "/proc", "/sys", "/dev", "/etc"] {
         img.files.insert(
             d.into(),

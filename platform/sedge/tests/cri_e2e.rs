@@ -251,3 +251,143 @@ fn pods_run_as_containers_on_a_cri_node_and_survive_an_agent_kill() {
         (running_tasks(&ctd) < running).then_some(())
     });
 }
+
+/// The joint-inference example, unchanged, with both workers as containers of the `sedge/worker`
+/// image on CRI nodes (the edge node and the cloud node): the edge worker reads the dataset through
+/// its hostPath volume and the model through the mount the AI controller adds, and offloads hard
+/// examples to the cloud container through the channel.
+#[test]
+fn the_joint_inference_example_runs_unchanged_on_cri_nodes() {
+    const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+    if !std::path::Path::new(FASHION).is_dir() {
+        let required = std::env::var("SEDGE_REQUIRE_CRI").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "{FASHION} missing: `make data` installs dataset-fashion-mnist"
+        );
+        eprintln!("\n*** SKIPPED: {FASHION} missing (make data) ***\n");
+        return;
+    }
+    let Some(ctd) = Containerd::for_test("cri_e2e joint inference") else {
+        return;
+    };
+    let dir = ctd.dir().join("images");
+    let sedge = std::path::Path::new(env!("CARGO_BIN_EXE_sedge"));
+    let ort = std::env::var_os("ORT_DYLIB_PATH").map(std::path::PathBuf::from);
+    sedge::images::worker_image(sedge, ort.as_deref())
+        .and_then(|i| i.write(&dir.join("worker.tar")))
+        .unwrap();
+    sedge_edgecore::oci::pause(
+        std::path::Path::new("/bin/busybox"),
+        sedge_testkit::containerd::PAUSE_IMAGE,
+    )
+    .and_then(|i| i.write(&dir.join("pause.tar")))
+    .unwrap();
+    ctd.import(&dir.join("worker.tar")).unwrap();
+    ctd.import(&dir.join("pause.tar")).unwrap();
+
+    // What the demo script does: the Model manifests name /tmp/sedge-demo/models.
+    let models = std::path::Path::new("/tmp/sedge-demo/models");
+    std::fs::create_dir_all(models).unwrap();
+    for f in [
+        "edge-cnn.onnx",
+        "edge-cnn.json",
+        "cloud-cnn.onnx",
+        "cloud-cnn.json",
+    ] {
+        let tmp = models.join(format!(".{f}.{}", common::rand_suffix()));
+        std::fs::copy(common::repo().join("models/fashion-mnist").join(f), &tmp).unwrap();
+        std::fs::rename(&tmp, models.join(f)).unwrap();
+    }
+    let lc_port = common::free_port().to_string();
+    let route = common::free_port();
+    let ai = ctd.dir().join("ai.yaml");
+    std::fs::write(
+        &ai,
+        format!(
+            "report_period_seconds: 1\nroute_ports: [{route}, {}]\n",
+            route.saturating_add(20)
+        ),
+    )
+    .unwrap();
+    let cfg = format!("runtime: cri\ncri_socket: {}\n", ctd.socket.display());
+    let up = up_configured(
+        &cfg,
+        &[
+            "--lc-port",
+            &lc_port,
+            "--ai-config",
+            ai.to_str().unwrap(),
+            "--host-path-allow",
+            "/tmp",
+            "--host-path-allow",
+            FASHION,
+        ],
+    );
+    up.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "node/cloud-1",
+        "node/edge-1",
+        "--timeout=60s",
+    ]);
+    let example = common::repo().join("ai-controller/examples/joint-inference");
+    up.ok(&["apply", "-f", example.to_str().unwrap()]);
+    let long = Duration::from_secs(120);
+    wait_for("the service to be Running", long, || {
+        up.ok(&[
+            "get",
+            "ji",
+            "fashion-mnist",
+            "-o",
+            "jsonpath={.status.conditions[?(@.status==\"True\")].type}",
+        ])
+        .contains("Running")
+        .then_some(())
+    });
+    let cloud_answered = wait_for("cloud answers counted", long, || {
+        let n: f64 = up
+            .ok(&[
+                "get",
+                "ji",
+                "fashion-mnist",
+                "-o",
+                "jsonpath={.status.metrics[?(@.key==\"cloudAnsweredNumber\")].value}",
+            ])
+            .trim()
+            .parse()
+            .ok()?;
+        (n > 0.0).then_some(n)
+    });
+    assert!(cloud_answered > 0.0);
+    // Both workers are containers of containerd, not host processes.
+    let pods = wait_for("two workers with containerd ids", long, || {
+        let pods: Value = serde_json::from_str(&up.ok(&["get", "pods", "-o", "json"])).unwrap();
+        let items = pods["items"].as_array()?.clone();
+        (items.len() == 2
+            && items.iter().all(|p| {
+                container(p)["containerID"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("containerd://"))
+            }))
+        .then_some(items)
+    });
+    for p in &pods {
+        assert_eq!(container(p)["restartCount"], 0, "{p}");
+    }
+    // The edge worker's log comes from the CRI log file, in the worker's own words.
+    let log = up.ok(&[
+        "logs",
+        "-l",
+        "jointinferenceservice.sedna.io/worker-type=edge",
+        "--tail=5",
+    ]);
+    assert!(
+        !log.contains(" stdout F ") && !log.contains(" stderr F "),
+        "{log}"
+    );
+    up.ok(&["delete", "-f", example.to_str().unwrap(), "--wait=true"]);
+    wait_for("the workers' containers to go", long, || {
+        (running_tasks(&ctd) == 0).then_some(())
+    });
+}
