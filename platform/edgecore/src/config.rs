@@ -87,6 +87,10 @@ pub struct EdgeCoreConfig {
     pub runtime: RuntimeKind,
     /// The CRI runtime's socket (`runtime: cri`).
     pub cri_socket: std::path::PathBuf,
+    /// `runtime: cri`: pods get a network namespace of their own through containerd's CNI
+    /// configuration (a bridge, say), unless `hostNetwork: true`; their status shows that IP.
+    /// Off (the default): every pod uses the node's network, as with the process runtime.
+    pub cri_pod_network: bool,
     /// The process runtime's images: name (without tag, or with it for one tag) -> how to run it.
     pub images: BTreeMap<String, ImageEntry>,
     /// Host directories that a pod's `hostPath` volume may name (it or anything below). Empty,
@@ -153,6 +157,7 @@ impl Default for EdgeCoreConfig {
             max_grace_seconds: 30,
             runtime: RuntimeKind::Process,
             cri_socket: "/run/containerd/containerd.sock".into(),
+            cri_pod_network: false,
             images,
             host_path_allow: Vec::new(),
             sedge_binary: std::path::PathBuf::new(),

@@ -1,7 +1,8 @@
 //! The CRI runtime: edged's containers as real containers of a CRI runtime (containerd), over
 //! CRI v1 gRPC on its Unix socket.
 //!
-//! One pod sandbox per pod (host network, the pod's log directory), one CRI container per
+//! One pod sandbox per pod (the node's network, or with `pod_network` a network namespace of its
+//! own that the runtime's CNI configuration sets up; the pod's log directory), one CRI container per
 //! container, labelled with the pod's UID, the container's name and this node, as the kubelet
 //! labels them: a restarted agent finds its containers again in the CRI's own listing and
 //! removes sandboxes of pods it no longer knows. Images are used when present; one that is
@@ -21,7 +22,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tonic::transport::Channel;
 
-use crate::runtime::{Container, ContainerSpec, Exit, PodInfo, Runtime, Signal, StartError};
+use crate::runtime::{
+    Container, ContainerSpec, ExecOutput, Exit, PodInfo, Runtime, Signal, StartError,
+};
 use crate::store::ContainerRecord;
 
 /// The generated CRI v1 client types (`runtime.v1`).
@@ -59,6 +62,9 @@ pub struct CriSettings {
     pub node: String,
     /// How often container states are polled.
     pub poll_interval: Duration,
+    /// Pods get their own network namespace through the runtime's CNI configuration (unless
+    /// `hostNetwork: true`); off: every pod uses the node's network.
+    pub pod_network: bool,
 }
 
 struct Inner {
@@ -73,6 +79,9 @@ struct Inner {
     exits: Mutex<HashMap<String, Option<Exit>>>,
     /// Images whose last pull failed (the next failure is `ImagePullBackOff`).
     pull_failed: Mutex<HashSet<String>>,
+    pod_network: bool,
+    /// Pod UID -> its IP on the pod network.
+    pod_ips: Mutex<HashMap<String, String>>,
 }
 
 /// Runs containers through a CRI runtime.
@@ -144,6 +153,8 @@ impl CriRuntime {
             sandboxes: Default::default(),
             exits: Default::default(),
             pull_failed: Default::default(),
+            pod_network: settings.pod_network,
+            pod_ips: Default::default(),
         });
         tokio::spawn(poll(Arc::downgrade(&inner), settings.poll_interval));
         Ok(CriRuntime { inner })
@@ -344,9 +355,13 @@ impl Drop for CriContainer {
     }
 }
 
-fn host_namespaces() -> proto::NamespaceOption {
+fn namespaces(host_network: bool) -> proto::NamespaceOption {
     proto::NamespaceOption {
-        network: proto::NamespaceMode::Node as i32,
+        network: if host_network {
+            proto::NamespaceMode::Node as i32
+        } else {
+            proto::NamespaceMode::Pod as i32
+        },
         pid: proto::NamespaceMode::Container as i32,
         ipc: proto::NamespaceMode::Pod as i32,
         ..Default::default()
@@ -378,12 +393,30 @@ impl Inner {
             }),
             // A host-network sandbox must not set a hostname (runc: "unable to set hostname
             // without a private UTS namespace").
-            hostname: String::new(),
+            hostname: if pod.host_network {
+                String::new()
+            } else {
+                pod.name.clone()
+            },
             log_directory: pod.log_dir.display().to_string(),
+            port_mappings: pod
+                .host_ports
+                .iter()
+                .map(|(proto_, c, h)| proto::PortMapping {
+                    protocol: match proto_.as_str() {
+                        "UDP" => proto::Protocol::Udp as i32,
+                        "SCTP" => proto::Protocol::Sctp as i32,
+                        _ => proto::Protocol::Tcp as i32,
+                    },
+                    container_port: *c,
+                    host_port: *h,
+                    host_ip: String::new(),
+                })
+                .collect(),
             labels: self.labels(pod, None),
             linux: Some(proto::LinuxPodSandboxConfig {
                 security_context: Some(proto::LinuxSandboxSecurityContext {
-                    namespace_options: Some(host_namespaces()),
+                    namespace_options: Some(namespaces(pod.host_network)),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -430,6 +463,7 @@ impl Inner {
         let ready = proto::PodSandboxState::SandboxReady as i32;
         if let Some(s) = existing.iter().find(|s| s.state == ready) {
             map.insert(pod.uid.clone(), s.id.clone());
+            self.learn_ip(&pod.uid, &s.id).await;
             return Ok(s.id.clone());
         }
         // Sandboxes left not ready (a failed start, a reboot) go first.
@@ -453,7 +487,38 @@ impl Inner {
             .into_inner()
             .pod_sandbox_id;
         map.insert(pod.uid.clone(), id.clone());
+        self.learn_ip(&pod.uid, &id).await;
         Ok(id)
+    }
+
+    /// Remembers the sandbox's IP on the pod network (none on the host network).
+    async fn learn_ip(&self, pod_uid: &str, sandbox: &str) {
+        let status = self
+            .rt
+            .clone()
+            .pod_sandbox_status(req(
+                proto::PodSandboxStatusRequest {
+                    pod_sandbox_id: sandbox.into(),
+                    verbose: false,
+                },
+                CALL_TIMEOUT,
+            ))
+            .await;
+        let ip = status.ok().and_then(|r| {
+            let s = r.into_inner().status?;
+            let host = s
+                .linux
+                .and_then(|l| l.namespaces)
+                .and_then(|n| n.options)
+                .is_none_or(|o| o.network == proto::NamespaceMode::Node as i32);
+            let ip = s.network?.ip;
+            (!host && !ip.is_empty()).then_some(ip)
+        });
+        let mut ips = self.pod_ips.lock().unwrap();
+        match ip {
+            Some(ip) => ips.insert(pod_uid.to_string(), ip),
+            None => ips.remove(pod_uid),
+        };
     }
 
     async fn drop_sandbox(&self, id: &str) {
@@ -623,7 +688,7 @@ impl Inner {
             linux: Some(proto::LinuxContainerConfig {
                 resources: Some(resources),
                 security_context: Some(proto::LinuxContainerSecurityContext {
-                    namespace_options: Some(host_namespaces()),
+                    namespace_options: Some(namespaces(pod.host_network)),
                     ..Default::default()
                 }),
             }),
@@ -769,6 +834,7 @@ impl Runtime for CriRuntime {
     fn remove_pod<'a>(&'a self, pod_uid: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             self.inner.sandboxes.lock().await.remove(pod_uid);
+            self.inner.pod_ips.lock().unwrap().remove(pod_uid);
             match self.inner.sandboxes_of(Some(pod_uid)).await {
                 Ok(list) => {
                     for s in list {
@@ -799,8 +865,46 @@ impl Runtime for CriRuntime {
         })
     }
 
+    fn exec_sync<'a>(
+        &'a self,
+        id: &'a str,
+        cmd: &'a [String],
+        timeout: Duration,
+    ) -> Option<BoxFuture<'a, Result<ExecOutput, String>>> {
+        Some(Box::pin(async move {
+            let r = self
+                .inner
+                .rt
+                .clone()
+                .exec_sync(req(
+                    proto::ExecSyncRequest {
+                        container_id: id.into(),
+                        cmd: cmd.to_vec(),
+                        timeout: timeout.as_secs().max(1) as i64,
+                    },
+                    timeout + Duration::from_secs(5),
+                ))
+                .await
+                .map_err(|e| says(&e))?
+                .into_inner();
+            Ok(ExecOutput {
+                code: r.exit_code,
+                stdout: r.stdout,
+                stderr: r.stderr,
+            })
+        }))
+    }
+
     fn version(&self) -> String {
         self.inner.version.clone()
+    }
+
+    fn pod_ip(&self, pod_uid: &str) -> Option<String> {
+        self.inner.pod_ips.lock().unwrap().get(pod_uid).cloned()
+    }
+
+    fn pod_network(&self) -> bool {
+        self.inner.pod_network
     }
 
     fn id_scheme(&self) -> &'static str {
@@ -838,6 +942,7 @@ mod tests {
             socket: "/nonexistent/containerd.sock".into(),
             node: "n".into(),
             poll_interval: Duration::from_millis(100),
+            pod_network: false,
         })
         .await
         .unwrap_err();

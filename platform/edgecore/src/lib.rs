@@ -305,6 +305,7 @@ impl EdgeCore {
                     socket: cfg.cri_socket.clone(),
                     node: node.clone(),
                     poll_interval: Duration::from_millis(cfg.sync_interval_ms.clamp(100, 1000)),
+                    pod_network: cfg.cri_pod_network,
                 })
                 .await
                 .map_err(EdgeError::Runtime)?,

@@ -321,6 +321,29 @@ impl PodRun {
         format!("{}/{}", self.ns, self.name)
     }
 
+    /// Whether the pod uses the node's network: it asks to, or the runtime gives pods none.
+    fn host_network(&self) -> bool {
+        !self.shared.runtime.pod_network()
+            || self
+                .spec
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false)
+    }
+
+    /// The pod's IP: its own on a pod network, the node's otherwise.
+    fn pod_ip(&self) -> String {
+        if self.host_network() {
+            return self.shared.facts.ip.clone();
+        }
+        self.shared
+            .runtime
+            .pod_ip(&self.uid)
+            .unwrap_or_else(|| self.shared.facts.ip.clone())
+    }
+
     fn restart_policy(&self) -> &str {
         self.spec
             .pod
@@ -606,6 +629,22 @@ impl PodRun {
             namespace: self.ns.clone(),
             name: self.name.clone(),
             log_dir: log.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+            host_network: self.host_network(),
+            host_ports: self
+                .spec
+                .pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| {
+                    Some((
+                        p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                        p.container_port,
+                        p.host_port.filter(|h| *h > 0)?,
+                    ))
+                })
+                .collect(),
         };
         // The previous instance's log stays readable with `kubectl logs --previous`.
         if self.ctrs[i].ever_started && log.exists() {
@@ -695,14 +734,19 @@ impl PodRun {
         }
         let period = probe.period_seconds.unwrap_or(10).max(1) as u64;
         let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
-        let ok = crate::probe::run(
-            &probe,
-            &c.spec,
-            &self.shared.facts.ip,
-            &self.dir.join("root").join(&c.name),
-            timeout,
-        )
-        .await;
+        // An exec probe runs inside the container when the runtime can (CRI's ExecSync).
+        let id = c.handle.as_ref().map(|h| h.id()).unwrap_or_default();
+        let (spec, root) = (c.spec.clone(), self.dir.join("root").join(&c.name));
+        let runtime = self.shared.runtime.clone();
+        let exec = probe
+            .exec
+            .as_ref()
+            .and_then(|e| e.command.as_ref())
+            .and_then(|cmd| runtime.exec_sync(&id, cmd, timeout));
+        let ok = match exec {
+            Some(f) => f.await.is_ok_and(|o| o.code == 0),
+            None => crate::probe::run(&probe, &spec, &self.pod_ip(), &root, timeout).await,
+        };
         let c = &mut self.ctrs[i];
         c.next_probe = Instant::now() + Duration::from_secs(period);
         if ok {
@@ -824,13 +868,14 @@ impl PodRun {
             });
         }
         let ip = self.shared.facts.ip.clone();
+        let pod_ip = self.pod_ip();
         k8s::PodStatus {
             phase: Some(self.phase().into()),
             conditions: Some(conditions),
             host_ip: Some(ip.clone()),
-            host_ips: Some(vec![k8s::HostIP { ip: ip.clone() }]),
-            pod_ip: Some(ip.clone()),
-            pod_ips: Some(vec![k8s::PodIP { ip }]),
+            host_ips: Some(vec![k8s::HostIP { ip }]),
+            pod_ip: Some(pod_ip.clone()),
+            pod_ips: Some(vec![k8s::PodIP { ip: pod_ip }]),
             start_time: time(&self.start_time),
             container_statuses: Some(statuses),
             qos_class: Some("BestEffort".into()),

@@ -134,6 +134,17 @@ pub trait Container: Send {
     fn signal(&self, s: Signal);
 }
 
+/// What a command run in a container with [`Runtime::exec_sync`] did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExecOutput {
+    /// Exit code.
+    pub code: i32,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+}
+
 /// The pod a container belongs to, as a runtime needs it for the pod's sandbox.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct PodInfo {
@@ -145,6 +156,10 @@ pub struct PodInfo {
     pub name: String,
     /// Where the pod's container logs live (a directory of this node).
     pub log_dir: PathBuf,
+    /// Whether the pod uses the node's network (`hostNetwork`, or a node without a pod network).
+    pub host_network: bool,
+    /// `hostPort`s of its containers: (protocol, container port, host port).
+    pub host_ports: Vec<(String, i32, i32)>,
 }
 
 /// What edged needs from a container runtime.
@@ -171,6 +186,27 @@ pub trait Runtime: Send + Sync {
     ) -> BoxFuture<'a, ()> {
         let _ = keep;
         Box::pin(async {})
+    }
+    /// Runs `cmd` in the running container `id` and waits for it (at most `timeout`): its exit
+    /// code and output. `None` for a runtime whose containers are host processes (an `exec`
+    /// probe then runs the command on the host, in the container's root).
+    fn exec_sync<'a>(
+        &'a self,
+        id: &'a str,
+        cmd: &'a [String],
+        timeout: std::time::Duration,
+    ) -> Option<BoxFuture<'a, Result<ExecOutput, String>>> {
+        let _ = (id, cmd, timeout);
+        None
+    }
+    /// The pod's own IP when it has one (a CRI sandbox on a pod network); `None`: the node's.
+    fn pod_ip(&self, pod_uid: &str) -> Option<String> {
+        let _ = pod_uid;
+        None
+    }
+    /// Whether pods get a network of their own unless they ask for the host's.
+    fn pod_network(&self) -> bool {
+        false
     }
     /// A version string for the node status (`containerRuntimeVersion`).
     fn version(&self) -> String;

@@ -81,6 +81,26 @@ spec:
   volumes: [{name: etc, hostPath: {path: /etc}}]
 "#;
 
+const WEB: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: main
+        image: busybox:1.36
+        command: ["sh", "-c", "echo $(VERSION) $(POD_NAME); touch /tmp/ready-in-container; exec sleep 3600"]
+        env:
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        - {name: VERSION, value: v1}
+        readinessProbe: {exec: {command: [test, -f, /tmp/ready-in-container]}, periodSeconds: 1}
+"#;
+
 fn images(ctd: &Containerd) {
     let dir = ctd.dir().join("images");
     let bb = std::path::Path::new("/bin/busybox");
@@ -198,6 +218,39 @@ fn pods_run_as_containers_on_a_cri_node_and_survive_an_agent_kill() {
         (w["reason"] == "CreateContainerConfigError").then(|| w["message"].clone())
     });
     assert!(hp.to_string().contains("/etc"), "{hp}");
+
+    // A Deployment: ready by an exec probe that runs inside the container (the file exists only
+    // there), healed when a pod is deleted, rolled on a template change.
+    up.apply(WEB);
+    let web = |want: &str| {
+        let want = want.to_string();
+        wait_for(&format!("2 web pods of {want} ready"), long, || {
+            let pods = up.pods("app=web");
+            let ok = pods.len() == 2
+                && pods.iter().all(|p| {
+                    common::running_ready(p)
+                        && p["metadata"]["deletionTimestamp"].is_null()
+                        && p["spec"]["containers"][0]["env"][1]["value"] == want.as_str()
+                });
+            ok.then_some(pods)
+        })
+    };
+    let pods = web("v1");
+    let victim = pods[0]["metadata"]["name"].as_str().unwrap().to_string();
+    up.ok(&["delete", "pod", &victim, "--wait=false"]);
+    let healed = web("v1");
+    assert!(
+        healed
+            .iter()
+            .all(|p| p["metadata"]["name"] != victim.as_str())
+    );
+    up.ok(&["set", "env", "deployment/web", "VERSION=v2"]);
+    let rolled = web("v2");
+    let name = rolled[0]["metadata"]["name"].as_str().unwrap();
+    wait_for("the rolled pod's log", long, || {
+        up.ok(&["logs", name]).contains("v2 ").then_some(())
+    });
+    up.ok(&["delete", "deployment", "web", "--wait=true"]);
 
     // Delete: the container and its sandbox go.
     let before = running_tasks(&ctd);
@@ -388,6 +441,77 @@ fn the_joint_inference_example_runs_unchanged_on_cri_nodes() {
     );
     up.ok(&["delete", "-f", example.to_str().unwrap(), "--wait=true"]);
     wait_for("the workers' containers to go", long, || {
+        (running_tasks(&ctd) == 0).then_some(())
+    });
+}
+
+/// A CRI node with a pod network (`cri_pod_network`, a CNI bridge in containerd's config): a pod
+/// gets its own IP and hostname, its httpGet readiness probe reaches it there, the host reaches
+/// its server at that IP, and a `hostNetwork: true` pod keeps the node's IP.
+#[test]
+fn pods_get_their_own_network_through_cni() {
+    let Some(ctd) = Containerd::for_test_with("cri_e2e pod network", true) else {
+        return;
+    };
+    images(&ctd);
+    let (_, subnet) = ctd.pod_network.clone().unwrap();
+    let prefix = subnet.rsplit_once('.').unwrap().0.to_string();
+    let cfg = format!(
+        "runtime: cri\ncri_socket: {}\ncri_pod_network: true\n",
+        ctd.socket.display()
+    );
+    let up = up_configured(&cfg, &["--cloud-nodes", "0"]);
+    up.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  nodeName: edge-1
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sh", "-c", "mkdir -p /www && echo hi from $(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    ports: [{containerPort: 8080}]
+    readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hostnet}
+spec:
+  nodeName: edge-1
+  hostNetwork: true
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sleep", "3600"]
+"#,
+    );
+    let long = Duration::from_secs(90);
+    let web = wait_for("web ready (its probe reaches the pod IP)", long, || {
+        let p = pod(&up, "web");
+        common::running_ready(&p).then_some(p)
+    });
+    let ip = web["status"]["podIP"].as_str().unwrap().to_string();
+    assert!(
+        ip.starts_with(&format!("{prefix}.")),
+        "{ip} not in {subnet}"
+    );
+    assert_eq!(web["status"]["hostIP"], "127.0.0.1");
+    // The host reaches the pod's server at its IP; the pod's hostname is its name.
+    let mut s = std::net::TcpStream::connect((ip.as_str(), 8080)).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.ends_with("hi from web\n"), "{reply}");
+    let hostnet = wait_for("hostnet running", long, || {
+        let p = pod(&up, "hostnet");
+        common::running_ready(&p).then_some(p)
+    });
+    assert_eq!(hostnet["status"]["podIP"], "127.0.0.1");
+    up.ok(&["delete", "pod", "web", "hostnet", "--wait=true"]);
+    wait_for("sandboxes gone", long, || {
         (running_tasks(&ctd) == 0).then_some(())
     });
 }

@@ -20,6 +20,8 @@ pub struct Containerd {
     child: Option<Child>,
     /// Its CRI (and containerd API) socket.
     pub socket: PathBuf,
+    /// The pod network's bridge and subnet, when started with one.
+    pub pod_network: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for Containerd {
@@ -61,8 +63,13 @@ impl Containerd {
     /// machine cannot run one and `SEDGE_REQUIRE_CRI` is not `1`. With it set, a machine that
     /// cannot is a failure.
     pub fn for_test(name: &str) -> Option<Containerd> {
+        Containerd::for_test_with(name, false)
+    }
+
+    /// [`Containerd::for_test`], with a pod network (a CNI bridge of its own) when `cni`.
+    pub fn for_test_with(name: &str, cni: bool) -> Option<Containerd> {
         let required = std::env::var("SEDGE_REQUIRE_CRI").is_ok_and(|v| v == "1");
-        match Containerd::start() {
+        match Containerd::start_with(cni) {
             Ok(c) => Some(c),
             Err(e) if required => {
                 panic!("{name}: containerd is required (SEDGE_REQUIRE_CRI=1): {e}")
@@ -78,6 +85,13 @@ impl Containerd {
 
     /// Starts one and waits for its socket.
     pub fn start() -> Result<Containerd, String> {
+        Containerd::start_with(false)
+    }
+
+    /// Starts one, with a pod network when `cni`: a bridge of its own (`sedge` + 6 hex digits)
+    /// with a /24 of 10.200.0.0/13 picked at random, host-local addresses, and portmap for
+    /// `hostPort`s.
+    pub fn start_with(cni: bool) -> Result<Containerd, String> {
         if let Some(m) = Containerd::missing() {
             return Err(m);
         }
@@ -114,6 +128,27 @@ state = "{state}"
         );
         let cfg = d.join("config.toml");
         std::fs::write(&cfg, config).map_err(|e| e.to_string())?;
+        let pod_network = if cni {
+            let r = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|t| t.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ (std::process::id() as u64) << 20;
+            let bridge = format!("sedge{:06x}", r & 0xff_ffff);
+            let subnet = format!("10.{}.{}.0/24", 200 + (r >> 8) % 8, r % 256);
+            let conf = format!(
+                r#"{{"cniVersion": "0.4.0", "name": "sedge-test", "plugins": [
+  {{"type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{subnet}"}}]], "dataDir": "{ipam}"}}}},
+  {{"type": "portmap", "capabilities": {{"portMappings": true}}}}
+]}}"#,
+                ipam = d.join("ipam").display()
+            );
+            std::fs::write(d.join("net.d/10-sedge.conflist"), conf).map_err(|e| e.to_string())?;
+            Some((bridge, subnet))
+        } else {
+            None
+        };
         let log = std::fs::File::create(d.join("containerd.log")).map_err(|e| e.to_string())?;
         let child = Command::new("containerd")
             .arg("--config")
@@ -127,6 +162,7 @@ state = "{state}"
             dir,
             child: Some(child),
             socket,
+            pod_network,
         };
         let t0 = Instant::now();
         loop {
@@ -273,6 +309,10 @@ impl Drop for Containerd {
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in mounts {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        // Its pod network's bridge (the veths went with the sandboxes' namespaces).
+        if let Some((bridge, _)) = &self.pod_network {
+            let _ = Command::new("ip").args(["link", "del", bridge]).status();
         }
         // Its containers' cgroups (`k8s.io/<id>` in each hierarchy); `k8s.io` itself goes when
         // no other containerd uses it.
