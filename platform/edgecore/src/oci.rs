@@ -309,6 +309,13 @@ pub fn busybox(busybox: &Path, reference: &str) -> Result<Image, String> {
     Ok(img)
 }
 
+/// The busybox image examples and tests use: `busybox:1.36`, also tagged `latest`.
+pub fn busybox_image(busybox: &Path) -> Result<Image, String> {
+    let mut img = self::busybox(busybox, "docker.io/library/busybox:1.36")?;
+    img.also = vec!["docker.io/library/busybox:latest".into()];
+    Ok(img)
+}
+
 /// The pause image for pod sandboxes: busybox's `sleep infinity`.
 pub fn pause(busybox: &Path, reference: &str) -> Result<Image, String> {
     let mut img = self::busybox(busybox, reference)?;

@@ -85,13 +85,6 @@ pub fn worker_image(sedge: &Path, onnxruntime: Option<&Path>) -> Result<Image, S
     Ok(img)
 }
 
-/// The busybox image examples and tests use.
-pub fn busybox_image(busybox: &Path) -> Result<Image, String> {
-    let mut img = oci::busybox(busybox, "docker.io/library/busybox:1.36")?;
-    img.also = vec!["docker.io/library/busybox:latest".into()];
-    Ok(img)
-}
-
 /// Imports an archive into the containerd at `socket`, for its CRI.
 pub fn import(socket: &Path, archive: &Path) -> Result<(), String> {
     let out = std::process::Command::new("ctr")
@@ -129,7 +122,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     }
     if want("busybox") {
         let p = a.out.join("busybox.tar");
-        busybox_image(&a.busybox)
+        oci::busybox_image(&a.busybox)
             .and_then(|i| i.write(&p))
             .map_err(anyhow::Error::msg)?;
         built.push(p);

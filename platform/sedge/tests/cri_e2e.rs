@@ -102,16 +102,7 @@ spec:
 "#;
 
 fn images(ctd: &Containerd) {
-    let dir = ctd.dir().join("images");
-    let bb = std::path::Path::new("/bin/busybox");
-    sedge::images::busybox_image(bb)
-        .and_then(|i| i.write(&dir.join("busybox.tar")))
-        .unwrap();
-    sedge_edgecore::oci::pause(bb, sedge_testkit::containerd::PAUSE_IMAGE)
-        .and_then(|i| i.write(&dir.join("pause.tar")))
-        .unwrap();
-    ctd.import(&dir.join("busybox.tar")).unwrap();
-    ctd.import(&dir.join("pause.tar")).unwrap();
+    ctd.import_test_images().unwrap();
 }
 
 fn container(p: &Value) -> &Value {
@@ -330,14 +321,8 @@ fn the_joint_inference_example_runs_unchanged_on_cri_nodes() {
     sedge::images::worker_image(sedge, ort.as_deref())
         .and_then(|i| i.write(&dir.join("worker.tar")))
         .unwrap();
-    sedge_edgecore::oci::pause(
-        std::path::Path::new("/bin/busybox"),
-        sedge_testkit::containerd::PAUSE_IMAGE,
-    )
-    .and_then(|i| i.write(&dir.join("pause.tar")))
-    .unwrap();
     ctd.import(&dir.join("worker.tar")).unwrap();
-    ctd.import(&dir.join("pause.tar")).unwrap();
+    images(&ctd);
 
     // What the demo script does: the Model manifests name /tmp/sedge-demo/models.
     let models = std::path::Path::new("/tmp/sedge-demo/models");

@@ -2,7 +2,8 @@
 //! started again while offline; it rebuilds its pods from SQLite (adopting the process that
 //! survived, restarting the one that died). Meanwhile the cloud changes a config map, deletes a
 //! pod and creates another. When the link returns, the edge converges: nothing lost, nothing
-//! run twice. The cloud marks the node unreachable in between and evicts nothing.
+//! run twice. The cloud marks the node unreachable in between and evicts nothing. Run twice: on
+//! the process runtime, and on a CRI node with a private containerd.
 
 mod common;
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use sedge_cloudcore::CloudCore;
+use sedge_testkit::containerd::Containerd;
 use sedge_tunnel::fault::TcpFaultProxy;
 use serde_json::{Value, json};
 
@@ -146,8 +148,25 @@ fn ready(n: &Node) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_keeps_running_offline_and_converges_when_the_link_returns() {
+    autonomy(None).await;
+}
+
+/// The same scenario on a CRI node: the pods are containers of a private containerd (their
+/// processes, seen from the host, carry the same marks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cri_node_keeps_running_offline_and_converges_when_the_link_returns() {
+    let Some(ctd) = Containerd::for_test("edge_autonomy on CRI") else {
+        return;
+    };
+    ctd.import_test_images().unwrap();
+    autonomy(Some(&ctd)).await;
+}
+
+async fn autonomy(cri: Option<&Containerd>) {
     let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("autonomy-{}-", std::process::id());
+    // Both variants run in this process at once: their marks must differ.
+    let variant = if cri.is_some() { "cri" } else { "process" };
+    let prefix = format!("autonomy-{}-{variant}-", std::process::id());
     let _reaper = Reaper(prefix.clone());
     let (server, client) = common::apiserver(&dir.path().join("apiserver")).await;
     let mut cc = common::cloudcore_config(dir.path());
@@ -183,9 +202,11 @@ async fn edge_keeps_running_offline_and_converges_when_the_link_returns() {
         &cfg,
         format!(
             "metaserver_listen: 127.0.0.1:{ms_port}\nmetrics_listen: 127.0.0.1:0\nnode_ip: 127.0.0.1\nsync_interval_ms: 200\nbackoff_initial_ms: 300\nlease_interval_ms: 500\n\
-             tunnel:\n  node_name: edge-1\n  cloud: {}\n  data_dir: {}\n  keepalive_interval_ms: 500\n  backoff_initial_ms: 100\n  backoff_max_ms: 300\n  ack_timeout_ms: 500\n",
+             tunnel:\n  node_name: edge-1\n  cloud: {}\n  data_dir: {}\n  keepalive_interval_ms: 500\n  backoff_initial_ms: 100\n  backoff_max_ms: 300\n  ack_timeout_ms: 500\n{}",
             proxy.addr,
-            edge_dir.display()
+            edge_dir.display(),
+            cri.map(|c| format!("runtime: cri\ncri_socket: {}\n", c.socket.display()))
+                .unwrap_or_default()
         ),
     )
     .unwrap();

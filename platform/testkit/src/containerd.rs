@@ -222,6 +222,19 @@ state = "{state}"
         self.ctr(&["images", "import", &a]).map(|_| ())
     }
 
+    /// Builds the busybox (`busybox:1.36` and `:latest`) and pause images from this host's
+    /// busybox and imports them.
+    pub fn import_test_images(&self) -> Result<(), String> {
+        let dir = self.dir.path().join("images");
+        let bb = Path::new("/bin/busybox");
+        let busybox = dir.join("busybox.tar");
+        let pause = dir.join("pause.tar");
+        sedge_edgecore::oci::busybox_image(bb).and_then(|i| i.write(&busybox))?;
+        sedge_edgecore::oci::pause(bb, PAUSE_IMAGE).and_then(|i| i.write(&pause))?;
+        self.import(&busybox)?;
+        self.import(&pause)
+    }
+
     /// Ids of its tasks (running or stopped containers, sandboxes included).
     pub fn tasks(&self) -> Vec<(String, String)> {
         self.ctr(&["tasks", "ls"])
