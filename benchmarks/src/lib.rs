@@ -10,6 +10,7 @@
 pub mod expand;
 pub mod job;
 pub mod metrics;
+pub mod nodes;
 pub mod paradigm;
 pub mod plot;
 pub mod rank;

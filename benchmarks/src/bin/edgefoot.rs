@@ -17,13 +17,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
-use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
-use sedge_apiserver::{ApiServer, ApiServerConfig};
+use sedge_benchmarks::nodes::{self, agent, pct, wait_running};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -42,38 +40,6 @@ struct Args {
     sedge_edge: PathBuf,
 }
 
-/// Starts an agent joined as `node` with `argv` (`[program, subcommand...]`).
-fn agent(
-    dir: &std::path::Path,
-    cloud: &str,
-    token: &str,
-    node: &str,
-    argv: &[&std::ffi::OsStr],
-) -> Result<std::process::Child> {
-    let cfg = dir.join(format!("{node}.yaml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "metaserver_listen: 127.0.0.1:0\nmetrics_listen: 127.0.0.1:0\nnode_ip: 127.0.0.1\ntunnel:\n  node_name: {node}\n  cloud: {cloud}\n  data_dir: {}\n",
-            dir.join(node).display()
-        ),
-    )?;
-    Command::new(argv[0])
-        .args(&argv[1..])
-        .args(["--lc-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
-        .args(["--token", token, "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {node}"))
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn pod(name: &str) -> Pod {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -82,25 +48,6 @@ fn pod(name: &str) -> Pod {
                  "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]}
     }))
     .unwrap()
-}
-
-async fn wait_running(pods: &Api<Pod>, name: &str, limit: Duration) -> Result<()> {
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let stream = watcher(pods.clone(), cfg).applied_objects();
-    futures::pin_mut!(stream);
-    let found = tokio::time::timeout(limit, async {
-        while let Some(p) = stream.try_next().await? {
-            if p.status.and_then(|s| s.phase).as_deref() == Some("Running") {
-                return Ok::<_, anyhow::Error>(true);
-            }
-        }
-        Ok(false)
-    })
-    .await;
-    match found {
-        Ok(Ok(true)) => Ok(()),
-        _ => bail!("pod {name} not Running within {limit:?}"),
-    }
 }
 
 #[tokio::main]
@@ -115,22 +62,7 @@ async fn main() -> Result<()> {
         }
     }
     let dir = tempfile::tempdir()?;
-    let server = ApiServer::start(ApiServerConfig {
-        data_dir: dir.path().join("apiserver"),
-        listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    })
-    .await?;
-    let kc = kube::config::Kubeconfig::read_from(&server.kubeconfig)?;
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
-    )?;
-    let mut cc = sedge_cloudcore::CloudCoreConfig::default();
-    cc.hub.data_dir = dir.path().join("cloudhub");
-    cc.hub.pki_dir = dir.path().join("apiserver/pki");
-    cc.hub.listen = "127.0.0.1:0".into();
-    cc.hub.listen_quic = String::new();
-    let cloud = sedge_cloudcore::CloudCore::start(client.clone(), cc, Vec::new()).await?;
+    let (server, client, cloud) = nodes::cloud(dir.path()).await?;
     let (token, _) =
         cloud
             .hub
@@ -143,6 +75,7 @@ async fn main() -> Result<()> {
         &token,
         "edge-0",
         &[a.sedge.as_os_str(), "edge".as_ref()],
+        "",
     )?;
     let slim = agent(
         dir.path(),
@@ -150,6 +83,7 @@ async fn main() -> Result<()> {
         &token,
         "edge-1",
         &[a.sedge_edge.as_os_str()],
+        "",
     )?;
     let nodes = Api::<Node>::all(client.clone());
     let t0 = Instant::now();

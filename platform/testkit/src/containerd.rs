@@ -235,6 +235,30 @@ state = "{state}"
         self.import(&pause)
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Pids of its shims (one per sandbox; they name its socket).
+    pub fn shim_pids(&self) -> Vec<u32> {
+        let sock = self.socket.display().to_string();
+        let mut out = Vec::new();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd);
+                if cmd.contains("containerd-shim") && cmd.contains(&sock) {
+                    out.push(pid);
+                }
+            }
+        }
+        out
+    }
+
     /// Ids of its tasks (running or stopped containers, sandboxes included).
     pub fn tasks(&self) -> Vec<(String, String)> {
         self.ctr(&["tasks", "ls"])
@@ -294,22 +318,12 @@ impl Drop for Containerd {
             let _ = ch.kill();
             let _ = ch.wait();
         }
-        // Shims of this daemon (they name its socket) that outlived it.
-        let sock = self.socket.display().to_string();
-        if let Ok(procs) = std::fs::read_dir("/proc") {
-            for p in procs.flatten() {
-                let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-                let cmd = String::from_utf8_lossy(&cmd);
-                if cmd.contains("containerd-shim") && cmd.contains(&sock) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
+        // Shims of this daemon that outlived it.
+        for pid in self.shim_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         // Mounts under its directory (rootfs overlays, sandbox shm), deepest first.
         let dir = self.dir.path().display().to_string();
