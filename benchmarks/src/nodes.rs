@@ -64,6 +64,21 @@ pub fn agent(
         .with_context(|| format!("starting {node}"))
 }
 
+/// Waits until every node of `names` is registered (at most 30 s).
+pub async fn wait_registered(client: &kube::Client, names: &[&str]) -> Result<()> {
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    let t0 = std::time::Instant::now();
+    for node in names {
+        while nodes.get_opt(node).await?.is_none() {
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("{node} never registered");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 /// The `p` quantile (0..=1) of `v` (sorted in place).
 pub fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -98,16 +98,7 @@ async fn main() -> Result<()> {
         &argv,
         &format!("runtime: cri\ncri_socket: {}\n", ctd.socket.display()),
     )?;
-    let nodes = Api::<Node>::all(client.clone());
-    let t0 = Instant::now();
-    for node in ["edge-proc", "edge-cri"] {
-        while nodes.get_opt(node).await?.is_none() {
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("{node} never registered");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    nodes::wait_registered(&client, &["edge-proc", "edge-cri"]).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = (
         sedge_benchmarks::rss_kib(Some(proc_agent.id())),
@@ -156,7 +147,7 @@ async fn main() -> Result<()> {
     println!("| process (baseline) | {p50:.1} ms | {p99:.1} ms | {pmax:.1} ms | 1.00x |");
     println!(
         "| CRI ({}) | {c50:.1} ms | {c99:.1} ms | {cmax:.1} ms | {:.2}x |",
-        nodes
+        Api::<Node>::all(client.clone())
             .get("edge-cri")
             .await?
             .status

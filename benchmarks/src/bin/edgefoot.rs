@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use sedge_benchmarks::nodes::{self, agent, pct, wait_running};
 use serde_json::json;
@@ -85,16 +85,7 @@ async fn main() -> Result<()> {
         &[a.sedge_edge.as_os_str()],
         "",
     )?;
-    let nodes = Api::<Node>::all(client.clone());
-    let t0 = Instant::now();
-    for node in ["edge-0", "edge-1"] {
-        while nodes.get_opt(node).await?.is_none() {
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("{node} never registered");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    nodes::wait_registered(&client, &["edge-0", "edge-1"]).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_all = sedge_benchmarks::rss_kib(Some(all_in_one.id()));
     let idle = sedge_benchmarks::rss_kib(Some(slim.id()));

@@ -235,20 +235,7 @@ struct Dmi {
 
 /// A gRPC channel over the Unix socket at `socket` (DMI runs on Unix sockets both ways).
 pub async fn uds_channel(socket: &std::path::Path) -> Result<tonic::transport::Channel, String> {
-    let path = socket.to_path_buf();
-    tonic::transport::Endpoint::try_from("http://localhost")
-        .map_err(|e| e.to_string())?
-        .connect_timeout(MAPPER_CALL_TIMEOUT)
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .map_err(|e| format!("cannot reach {}: {e}", socket.display()))
+    sedge_edgecore::uds_channel(socket, MAPPER_CALL_TIMEOUT).await
 }
 
 /// A mapper's `DeviceMapperService` on its Unix socket.

@@ -91,6 +91,9 @@ pub struct EdgeCoreConfig {
     /// configuration (a bridge, say), unless `hostNetwork: true`; their status shows that IP.
     /// Off (the default): every pod uses the node's network, as with the process runtime.
     pub cri_pod_network: bool,
+    /// `runtime: cri`: containers may ask for `securityContext.privileged` (the node's devices
+    /// and kernel). Off by default: such a pod is `CreateContainerConfigError`, naming this key.
+    pub cri_allow_privileged: bool,
     /// The process runtime's images: name (without tag, or with it for one tag) -> how to run it.
     pub images: BTreeMap<String, ImageEntry>,
     /// Host directories that a pod's `hostPath` volume may name (it or anything below). Empty,
@@ -158,6 +161,7 @@ impl Default for EdgeCoreConfig {
             runtime: RuntimeKind::Process,
             cri_socket: "/run/containerd/containerd.sock".into(),
             cri_pod_network: false,
+            cri_allow_privileged: false,
             images,
             host_path_allow: Vec::new(),
             sedge_binary: std::path::PathBuf::new(),

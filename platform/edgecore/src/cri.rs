@@ -15,7 +15,7 @@
 //! containers, a `ContainerStatus` only for a container that just exited (its code and reason).
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -65,6 +65,8 @@ pub struct CriSettings {
     /// Pods get their own network namespace through the runtime's CNI configuration (unless
     /// `hostNetwork: true`); off: every pod uses the node's network.
     pub pod_network: bool,
+    /// Containers may be `privileged` (full access to the node's devices and kernel).
+    pub allow_privileged: bool,
 }
 
 struct Inner {
@@ -80,6 +82,7 @@ struct Inner {
     /// Images whose last pull failed (the next failure is `ImagePullBackOff`).
     pull_failed: Mutex<HashSet<String>>,
     pod_network: bool,
+    allow_privileged: bool,
     /// Pod UID -> its IP on the pod network.
     pod_ips: Mutex<HashMap<String, String>>,
 }
@@ -118,9 +121,11 @@ impl CriRuntime {
     /// not there, or a runtime that does not speak CRI v1, is an error naming the socket.
     pub async fn connect(settings: CriSettings) -> Result<CriRuntime, String> {
         let sock = settings.socket.clone();
-        let channel = uds_channel(&sock).await.map_err(|e| {
-            format!("cannot reach the CRI runtime at {}: {e} (is containerd running, and is this its socket?)", sock.display())
-        })?;
+        let channel = crate::uds_channel(&sock, Duration::from_secs(5))
+            .await
+            .map_err(|e| {
+                format!("CRI runtime: {e} (is containerd running, and is this its socket?)")
+            })?;
         let mut rt = RuntimeServiceClient::new(channel.clone());
         let v = rt
             .version(req(
@@ -154,38 +159,12 @@ impl CriRuntime {
             exits: Default::default(),
             pull_failed: Default::default(),
             pod_network: settings.pod_network,
+            allow_privileged: settings.allow_privileged,
             pod_ips: Default::default(),
         });
         tokio::spawn(poll(Arc::downgrade(&inner), settings.poll_interval));
         Ok(CriRuntime { inner })
     }
-}
-
-/// A gRPC channel over a Unix socket.
-async fn uds_channel(socket: &Path) -> Result<Channel, String> {
-    let path = socket.to_path_buf();
-    tonic::transport::Endpoint::try_from("http://localhost")
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .map_err(|e| {
-            use std::error::Error;
-            let mut s = e.to_string();
-            let mut src = e.source();
-            while let Some(c) = src {
-                s = format!("{s}: {c}");
-                src = c.source();
-            }
-            s
-        })
 }
 
 /// Finds exits of watched containers until the runtime is dropped.
@@ -687,13 +666,43 @@ impl Inner {
                 .unwrap_or_default(),
             linux: Some(proto::LinuxContainerConfig {
                 resources: Some(resources),
-                security_context: Some(proto::LinuxContainerSecurityContext {
-                    namespace_options: Some(namespaces(pod.host_network)),
-                    ..Default::default()
-                }),
+                security_context: Some(security(&spec.security, pod.host_network)),
             }),
             ..Default::default()
         }
+    }
+}
+
+fn security(
+    s: &crate::runtime::Security,
+    host_network: bool,
+) -> proto::LinuxContainerSecurityContext {
+    let caps = |v: &[String]| -> Vec<String> {
+        // Kubernetes names them without the prefix; CRI runtimes accept both.
+        v.iter()
+            .map(|c| {
+                if c.starts_with("CAP_") {
+                    c.clone()
+                } else {
+                    format!("CAP_{c}")
+                }
+            })
+            .collect()
+    };
+    proto::LinuxContainerSecurityContext {
+        namespace_options: Some(namespaces(host_network)),
+        run_as_user: s.run_as_user.map(|value| proto::Int64Value { value }),
+        run_as_group: s.run_as_group.map(|value| proto::Int64Value { value }),
+        supplemental_groups: s.supplemental_groups.clone(),
+        readonly_rootfs: s.read_only_root,
+        no_new_privs: s.no_new_privileges,
+        privileged: s.privileged,
+        capabilities: Some(proto::Capability {
+            add_capabilities: caps(&s.add_capabilities),
+            drop_capabilities: caps(&s.drop_capabilities),
+            add_ambient_capabilities: vec![],
+        }),
+        ..Default::default()
     }
 }
 
@@ -736,6 +745,15 @@ impl Runtime for CriRuntime {
     ) -> BoxFuture<'a, Result<Box<dyn Container>, StartError>> {
         Box::pin(async move {
             let inner = &self.inner;
+            if spec.security.privileged && !inner.allow_privileged {
+                return Err(StartError {
+                    reason: "CreateContainerConfigError".into(),
+                    message: format!(
+                        "container {:?}: securityContext.privileged is not allowed on this node (the edge agent's `cri_allow_privileged`)",
+                        spec.name
+                    ),
+                });
+            }
             inner
                 .ensure_image(&spec.image, PullPolicy::of(&spec.pull_policy, &spec.image))
                 .await?;
@@ -943,6 +961,7 @@ mod tests {
             node: "n".into(),
             poll_interval: Duration::from_millis(100),
             pod_network: false,
+            allow_privileged: false,
         })
         .await
         .unwrap_err();

@@ -306,6 +306,7 @@ impl EdgeCore {
                     node: node.clone(),
                     poll_interval: Duration::from_millis(cfg.sync_interval_ms.clamp(100, 1000)),
                     pod_network: cfg.cri_pod_network,
+                    allow_privileged: cfg.cri_allow_privileged,
                 })
                 .await
                 .map_err(EdgeError::Runtime)?,
@@ -596,6 +597,36 @@ async fn route(
             }
         },
     }
+}
+
+/// A gRPC channel over a Unix socket (CRI to containerd, DMI between the agent and mappers); the
+/// error names the socket and says why, down to the cause.
+pub async fn uds_channel(
+    socket: &std::path::Path,
+    connect_timeout: Duration,
+) -> Result<tonic::transport::Channel, String> {
+    let path = socket.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://localhost")
+        .map_err(|e| e.to_string())?
+        .connect_timeout(connect_timeout)
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| {
+            let mut s = format!("cannot reach {}: {e}", socket.display());
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                s = format!("{s}: {c}");
+                src = c.source();
+            }
+            s
+        })
 }
 
 #[cfg(test)]

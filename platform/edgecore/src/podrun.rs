@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::edged::{Shared, log_path, now, stop_container};
 use crate::lifecycle::{Event, State, Termination, transition};
-use crate::runtime::{Container, ContainerSpec, Exit, Limits, Mount, PodInfo};
+use crate::runtime::{Container, ContainerSpec, Exit, Limits, Mount, PodInfo, Security};
 use crate::store::ContainerRecord;
 
 /// A pod as the store holds it (`raw`: what podcheck and resolve validate, and what the
@@ -623,6 +623,7 @@ impl PodRun {
             container_working_dir: spec.working_dir.clone().filter(|w| !w.is_empty()),
             limits,
             attempt: self.ctrs[i].restarts as u32 + u32::from(self.ctrs[i].ever_started),
+            security: security(self.spec.pod.spec.as_ref(), spec),
         };
         let pod = PodInfo {
             uid: self.uid.clone(),
@@ -951,6 +952,33 @@ struct Prepared {
     env: Vec<(String, String)>,
     working_dir: PathBuf,
     mounts: Vec<Mount>,
+}
+
+/// The container's security settings: its `securityContext` over the pod's.
+fn security(pod: Option<&k8s::PodSpec>, c: &k8s::Container) -> Security {
+    let p = pod.and_then(|p| p.security_context.as_ref());
+    let s = c.security_context.as_ref();
+    let mut groups: Vec<i64> = p
+        .and_then(|p| p.supplemental_groups.clone())
+        .unwrap_or_default();
+    if let Some(g) = p.and_then(|p| p.fs_group) {
+        groups.push(g);
+    }
+    let caps = s.and_then(|s| s.capabilities.as_ref());
+    Security {
+        run_as_user: s
+            .and_then(|s| s.run_as_user)
+            .or(p.and_then(|p| p.run_as_user)),
+        run_as_group: s
+            .and_then(|s| s.run_as_group)
+            .or(p.and_then(|p| p.run_as_group)),
+        supplemental_groups: groups,
+        read_only_root: s.and_then(|s| s.read_only_root_filesystem) == Some(true),
+        no_new_privileges: s.and_then(|s| s.allow_privilege_escalation) == Some(false),
+        privileged: s.and_then(|s| s.privileged) == Some(true),
+        add_capabilities: caps.and_then(|c| c.add.clone()).unwrap_or_default(),
+        drop_capabilities: caps.and_then(|c| c.drop.clone()).unwrap_or_default(),
+    }
 }
 
 /// `resources.limits` (and the CPU request) as a runtime enforces them; a quantity that does not

@@ -32,6 +32,28 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// A container's security settings (pod `securityContext` overlaid with the container's), as a
+/// CRI runtime applies them. The process runtime runs every container as the agent's user.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Security {
+    /// `runAsUser`.
+    pub run_as_user: Option<i64>,
+    /// `runAsGroup`.
+    pub run_as_group: Option<i64>,
+    /// `fsGroup` and `supplementalGroups`.
+    pub supplemental_groups: Vec<i64>,
+    /// `readOnlyRootFilesystem`.
+    pub read_only_root: bool,
+    /// `allowPrivilegeEscalation: false`.
+    pub no_new_privileges: bool,
+    /// `privileged` (refused unless the node allows it).
+    pub privileged: bool,
+    /// `capabilities.add`.
+    pub add_capabilities: Vec<String>,
+    /// `capabilities.drop`.
+    pub drop_capabilities: Vec<String>,
+}
+
 /// Resource limits of a container (`resources.limits`), as a runtime enforces them.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Limits {
@@ -76,6 +98,8 @@ pub struct ContainerSpec {
     pub limits: Limits,
     /// How many times this container was started before (the CRI's `attempt`).
     pub attempt: u32,
+    /// Security settings.
+    pub security: Security,
 }
 
 /// A start that failed, with the reason Kubernetes users know from `kubectl get pods`.
@@ -542,6 +566,7 @@ mod tests {
             container_working_dir: None,
             limits: Limits::default(),
             attempt: 0,
+            security: Security::default(),
         }
     }
 

@@ -2,7 +2,8 @@
 //! private containerd, driven with the real kubectl. Deploy with env, a config map volume and a
 //! working directory; logs (and `--previous`); a crash loop with back-off; a bad image
 //! (`ErrImagePull`, then `ImagePullBackOff`); a memory limit exceeded (`OOMKilled`); a hostPath
-//! outside the allowlist refused; a delete that removes the sandbox. Then `sedge up` is killed
+//! outside the allowlist refused; securityContext applied (user, group, read-only root) and
+//! `privileged` refused; a delete that removes the sandbox. Then `sedge up` is killed
 //! with SIGKILL and started again: running containers are adopted (same container, not started
 //! twice), and one killed while the agent was down is restarted by its policy with its real exit
 //! code.
@@ -79,6 +80,29 @@ spec:
     command: ["sh", "-c", "cat /host/shadow"]
     volumeMounts: [{name: etc, mountPath: /host}]
   volumes: [{name: etc, hostPath: {path: /etc}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: secure}
+spec:
+  nodeName: edge-1
+  securityContext: {runAsUser: 1000, runAsGroup: 2000}
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sh", "-c", "echo uid=$(id -u) gid=$(id -g); touch /x 2>/dev/null || echo read-only; exec sleep 3600"]
+    securityContext: {readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: privileged}
+spec:
+  nodeName: edge-1
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: ["sleep", "3600"]
+    securityContext: {privileged: true}
 "#;
 
 const WEB: &str = r#"
@@ -209,6 +233,19 @@ fn pods_run_as_containers_on_a_cri_node_and_survive_an_agent_kill() {
         (w["reason"] == "CreateContainerConfigError").then(|| w["message"].clone())
     });
     assert!(hp.to_string().contains("/etc"), "{hp}");
+
+    // securityContext is applied: the user and group, a read-only root; privileged is refused.
+    let secure = wait_for("secure's log", long, || {
+        let (ok, out, _) = up.kubectl(&["logs", "secure"]);
+        (ok && out.contains("uid=")).then_some(out)
+    });
+    assert_eq!(secure, "uid=1000 gid=2000\nread-only\n");
+    let pr = wait_for("privileged refused", long, || {
+        let p = pod(&up, "privileged");
+        let w = &container(&p)["state"]["waiting"];
+        (w["reason"] == "CreateContainerConfigError").then(|| w["message"].clone())
+    });
+    assert!(pr.to_string().contains("cri_allow_privileged"), "{pr}");
 
     // A Deployment: ready by an exec probe that runs inside the container (the file exists only
     // there), healed when a pod is deleted, rolled on a template change.
