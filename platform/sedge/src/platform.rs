@@ -120,6 +120,13 @@ pub struct UpArgs {
     /// with a local path are mounted as host paths, hence the default.
     #[arg(long = "host-path-allow", default_value = "/tmp")]
     pub host_path_allow: Vec<PathBuf>,
+    /// The nodes' container runtime: `process` (host processes) or `cri` (containers of the
+    /// containerd at `--cri-socket`); overrides the edge config's `runtime`.
+    #[arg(long)]
+    pub runtime: Option<sedge_edgecore::config::RuntimeKind>,
+    /// The CRI runtime's socket for `--runtime cri`.
+    #[arg(long)]
+    pub cri_socket: Option<PathBuf>,
 }
 
 impl UpArgs {
@@ -142,6 +149,8 @@ impl UpArgs {
             ai_config: None,
             lc_port: 0,
             host_path_allow: vec![],
+            runtime: None,
+            cri_socket: None,
         }
     }
 }
@@ -401,6 +410,12 @@ impl Up {
             ec.tunnel.data_dir = dir.join(&node);
             ec.node_ip = "127.0.0.1".into();
             ec.host_path_allow.extend(a.host_path_allow.iter().cloned());
+            if let Some(r) = a.runtime {
+                ec.runtime = r;
+            }
+            if let Some(s) = &a.cri_socket {
+                ec.cri_socket = s.clone();
+            }
             // One machine and its own user: `kubectl --server` on the MetaServer works.
             ec.metaserver_anonymous_reads = true;
             ec.metrics_listen = port(1 + i);

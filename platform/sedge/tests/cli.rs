@@ -170,6 +170,53 @@ fn bad_settings_fail_fast_with_the_reason() {
             .unwrap(),
     );
     assert!(err.contains("unknown field `hem_nmae`"), "{err}");
+    // The edge agent's runtime: a name it does not know, and a CRI socket nobody serves.
+    let (_, err) = text(
+        &sedge()
+            .args(["edge", "--runtime", "docker"])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("runtime \"docker\": expected \"process\" or \"cri\""),
+        "{err}"
+    );
+    let (_, err) = text(
+        &sedge()
+            .args([
+                "up",
+                "--edges",
+                "1",
+                "--cloud-nodes",
+                "0",
+                "--no-ai",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--metaserver-port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--mqtt-port",
+                "0",
+            ])
+            .args([
+                "--runtime",
+                "cri",
+                "--cri-socket",
+                "/nonexistent/cri.sock",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("up"))
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("/nonexistent/cri.sock") && err.contains("is containerd running"),
+        "{err}"
+    );
+    assert!(!err.contains("stack backtrace"), "{err}");
 }
 
 #[test]

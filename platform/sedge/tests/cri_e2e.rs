@@ -478,11 +478,19 @@ fn pods_get_their_own_network_through_cni() {
     images(&ctd);
     let (_, subnet) = ctd.pod_network.clone().unwrap();
     let prefix = subnet.rsplit_once('.').unwrap().0.to_string();
-    let cfg = format!(
-        "runtime: cri\ncri_socket: {}\ncri_pod_network: true\n",
-        ctd.socket.display()
+    // The runtime and its socket as `sedge up` flags; the pod network from the edge config.
+    let sock = ctd.socket.display().to_string();
+    let up = up_configured(
+        "cri_pod_network: true\n",
+        &[
+            "--cloud-nodes",
+            "0",
+            "--runtime",
+            "cri",
+            "--cri-socket",
+            &sock,
+        ],
     );
-    let up = up_configured(&cfg, &["--cloud-nodes", "0"]);
     up.apply(
         r#"
 apiVersion: v1
