@@ -917,6 +917,10 @@ impl Runtime for CriRuntime {
         self.inner.version.clone()
     }
 
+    fn prepare_pod<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, Result<(), StartError>> {
+        Box::pin(async move { self.inner.sandbox(pod).await.map(|_| ()) })
+    }
+
     fn pod_ip(&self, pod_uid: &str) -> Option<String> {
         self.inner.pod_ips.lock().unwrap().get(pod_uid).cloned()
     }

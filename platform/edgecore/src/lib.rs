@@ -320,6 +320,7 @@ impl EdgeCore {
         let facts = resolve::NodeFacts {
             node: node.clone(),
             ip: ip.clone(),
+            pod_ip: None,
         };
         let edged = Edged::start(
             store.clone(),
@@ -646,6 +647,7 @@ mod tests {
         let facts = resolve::NodeFacts {
             node: "edge-1".into(),
             ip: "127.0.0.1".into(),
+            pod_ip: None,
         };
         let settings = edged::EdgedSettings {
             pods_dir: dir.path().join("pods"),

@@ -321,6 +321,32 @@ impl PodRun {
         format!("{}/{}", self.ns, self.name)
     }
 
+    /// The pod as a runtime's sandbox needs it.
+    fn pod_info(&self, log_dir: &std::path::Path) -> PodInfo {
+        PodInfo {
+            uid: self.uid.clone(),
+            namespace: self.ns.clone(),
+            name: self.name.clone(),
+            log_dir: log_dir.to_path_buf(),
+            host_network: self.host_network(),
+            host_ports: self
+                .spec
+                .pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| {
+                    Some((
+                        p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                        p.container_port,
+                        p.host_port.filter(|h| *h > 0)?,
+                    ))
+                })
+                .collect(),
+        }
+    }
+
     /// Whether the pod uses the node's network: it asks to, or the runtime gives pods none.
     fn host_network(&self) -> bool {
         !self.shared.runtime.pod_network()
@@ -568,8 +594,19 @@ impl PodRun {
         let name = self.ctrs[i].name.clone();
         let root = self.dir.join("root").join(&name);
         let log = log_path(&self.shared.settings.pods_dir, &self.uid, &name);
+        let pod = self.pod_info(log.parent().unwrap_or(&self.dir));
+        // On a pod network the sandbox comes first: its IP is the pod's `status.podIP` in env.
+        let mut facts = self.shared.facts.clone();
+        if !pod.host_network {
+            if let Err(e) = self.shared.runtime.prepare_pod(&pod).await {
+                self.start_failed();
+                self.wait_with(i, &e.reason, e.message);
+                return;
+            }
+            facts.pod_ip = self.shared.runtime.pod_ip(&self.uid);
+        }
         let prepared = {
-            let (shared, pod, raw) = (
+            let (shared, raw_pod, raw) = (
                 self.shared.clone(),
                 self.spec.raw.clone(),
                 self.ctrs[i].raw.clone(),
@@ -581,7 +618,16 @@ impl PodRun {
                 self.ctrs[i].spec.working_dir.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                prepare(&shared, &pod, &raw, &uid, &dir, &root, working_dir)
+                prepare(
+                    &shared,
+                    &facts,
+                    &raw_pod,
+                    &raw,
+                    &uid,
+                    &dir,
+                    &root,
+                    working_dir,
+                )
             })
             .await
             .unwrap_or_else(|e| Err(format!("preparing the container failed: {e}")))
@@ -624,28 +670,6 @@ impl PodRun {
             limits,
             attempt: self.ctrs[i].restarts as u32 + u32::from(self.ctrs[i].ever_started),
             security: security(self.spec.pod.spec.as_ref(), spec),
-        };
-        let pod = PodInfo {
-            uid: self.uid.clone(),
-            namespace: self.ns.clone(),
-            name: self.name.clone(),
-            log_dir: log.parent().map(|p| p.to_path_buf()).unwrap_or_default(),
-            host_network: self.host_network(),
-            host_ports: self
-                .spec
-                .pod
-                .spec
-                .iter()
-                .flat_map(|s| s.containers.iter())
-                .flat_map(|c| c.ports.iter().flatten())
-                .filter_map(|p| {
-                    Some((
-                        p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                        p.container_port,
-                        p.host_port.filter(|h| *h > 0)?,
-                    ))
-                })
-                .collect(),
         };
         // The previous instance's log stays readable with `kubectl logs --previous`.
         if self.ctrs[i].ever_started && log.exists() {
@@ -912,8 +936,10 @@ impl PodRun {
 
 /// What starting a container needs from the store and the file system: the pod spec checked
 /// again on the node, its env (ConfigMaps, Secrets, the pod token), its volumes and mounts.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     shared: &Shared,
+    facts: &crate::resolve::NodeFacts,
     pod: &Value,
     container: &Value,
     uid: &str,
@@ -925,7 +951,6 @@ fn prepare(
     crate::podcheck::pod(pod, &shared.settings.host_path_allow, |image| {
         runtime.runs_host_commands(image)
     })?;
-    let facts = &shared.facts;
     let mut env = crate::resolve::env(&shared.store, pod, container, facts)?;
     let token = shared.settings.pod_tokens.token(uid);
     env.retain(|(k, _)| k != crate::podtoken::ENV);

@@ -18,8 +18,10 @@ use crate::store::MetaStore;
 pub struct NodeFacts {
     /// Node name.
     pub node: String,
-    /// Node (and, with the process runtime, pod) IP.
+    /// Node (and, unless `pod_ip` says otherwise, pod) IP.
     pub ip: String,
+    /// The pod's own IP on a pod network (a CRI sandbox's), for `status.podIP`.
+    pub pod_ip: Option<String>,
 }
 
 fn lookup(store: &MetaStore, kind: &str, ns: &str, name: &str) -> Result<Option<Value>, String> {
@@ -82,7 +84,10 @@ fn field(pod: &Value, path: &str, facts: &NodeFacts) -> Result<String, String> {
         "metadata.uid" => s(&m["uid"]),
         "spec.nodeName" => facts.node.clone(),
         "spec.serviceAccountName" => s(&pod["spec"]["serviceAccountName"]),
-        "status.podIP" | "status.hostIP" | "status.podIPs" | "status.hostIPs" => facts.ip.clone(),
+        "status.podIP" | "status.podIPs" => {
+            facts.pod_ip.clone().unwrap_or_else(|| facts.ip.clone())
+        }
+        "status.hostIP" | "status.hostIPs" => facts.ip.clone(),
         _ => {
             if let Some(v) = keyed("metadata.labels", &m["labels"]) {
                 v
@@ -414,6 +419,7 @@ mod tests {
         let facts = NodeFacts {
             node: "edge-1".into(),
             ip: "10.0.0.5".into(),
+            pod_ip: None,
         };
         let pod =
             json!({"metadata": {"name": "p", "namespace": "default", "labels": {"app": "web"}}});
@@ -455,6 +461,7 @@ mod tests {
         let facts = NodeFacts {
             node: "edge-1".into(),
             ip: "10.0.0.5".into(),
+            pod_ip: None,
         };
         let pod = json!({"metadata": {"name": "p", "namespace": "default"}, "spec": {"volumes": [
             {"name": "config", "configMap": {"name": "cfg", "items": [{"key": "app.yaml", "path": "conf/app.yaml"}]}},
@@ -498,6 +505,7 @@ mod tests {
         let facts = NodeFacts {
             node: "edge-1".into(),
             ip: "10.0.0.5".into(),
+            pod_ip: None,
         };
         // The host: a directory with a file the attacker wants gone.
         let host = d.path().join("host");

@@ -223,6 +223,12 @@ pub trait Runtime: Send + Sync {
         let _ = (id, cmd, timeout);
         None
     }
+    /// Makes what a pod's containers share (a CRI sandbox) before its first container is
+    /// resolved, so the pod's own IP is known for its env. Nothing to do for host processes.
+    fn prepare_pod<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, Result<(), StartError>> {
+        let _ = pod;
+        Box::pin(async { Ok(()) })
+    }
     /// The pod's own IP when it has one (a CRI sandbox on a pod network); `None`: the node's.
     fn pod_ip(&self, pod_uid: &str) -> Option<String> {
         let _ = pod_uid;

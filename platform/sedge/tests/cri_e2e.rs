@@ -468,7 +468,7 @@ fn the_joint_inference_example_runs_unchanged_on_cri_nodes() {
 }
 
 /// A CRI node with a pod network (`cri_pod_network`, a CNI bridge in containerd's config): a pod
-/// gets its own IP and hostname, its httpGet readiness probe reaches it there, the host reaches
+/// gets its own IP (also in its downward-API env) and hostname, its httpGet readiness probe reaches it there, the host reaches
 /// its server at that IP, and a `hostNetwork: true` pod keeps the node's IP.
 #[test]
 fn pods_get_their_own_network_through_cni() {
@@ -501,7 +501,8 @@ spec:
   containers:
   - name: main
     image: busybox:1.36
-    command: ["sh", "-c", "mkdir -p /www && echo hi from $(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    command: ["sh", "-c", "mkdir -p /www && echo hi from $(hostname) at $POD_IP > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    env: [{name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]
     ports: [{containerPort: 8080}]
     readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
 ---
@@ -534,7 +535,11 @@ spec:
     s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
-    assert!(reply.ends_with("hi from web\n"), "{reply}");
+    // Its downward-API `status.podIP` is that IP, not the node's.
+    assert!(
+        reply.ends_with(&format!("hi from web at {ip}\n")),
+        "{reply}"
+    );
     let hostnet = wait_for("hostnet running", long, || {
         let p = pod(&up, "hostnet");
         common::running_ready(&p).then_some(p)
