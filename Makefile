@@ -98,7 +98,8 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # As root, the CRI tests must run (they start a private containerd); elsewhere they say they skipped.
-test: ort fonts mqtt cri lint
+# `data`: the joint-inference example, run unchanged on CRI nodes, reads Debian's Fashion-MNIST.
+test: ort fonts mqtt cri data lint
 	SEDGE_REQUIRE_CRI=$$([ "$$(id -u)" = 0 ] && echo 1 || echo 0) $(CARGO) test --workspace
 
 bench: ort
