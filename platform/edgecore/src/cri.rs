@@ -442,7 +442,7 @@ impl Inner {
         let ready = proto::PodSandboxState::SandboxReady as i32;
         if let Some(s) = existing.iter().find(|s| s.state == ready) {
             map.insert(pod.uid.clone(), s.id.clone());
-            self.learn_ip(&pod.uid, &s.id).await;
+            self.learn_ip(pod, &s.id).await;
             return Ok(s.id.clone());
         }
         // Sandboxes left not ready (a failed start, a reboot) go first.
@@ -466,12 +466,17 @@ impl Inner {
             .into_inner()
             .pod_sandbox_id;
         map.insert(pod.uid.clone(), id.clone());
-        self.learn_ip(&pod.uid, &id).await;
+        self.learn_ip(pod, &id).await;
         Ok(id)
     }
 
-    /// Remembers the sandbox's IP on the pod network (none on the host network).
-    async fn learn_ip(&self, pod_uid: &str, sandbox: &str) {
+    /// Remembers the sandbox's IP on the pod network (none on the host network: nothing to ask).
+    async fn learn_ip(&self, pod: &PodInfo, sandbox: &str) {
+        let pod_uid = pod.uid.as_str();
+        if pod.host_network {
+            self.pod_ips.lock().unwrap().remove(pod_uid);
+            return;
+        }
         let status = self
             .rt
             .clone()

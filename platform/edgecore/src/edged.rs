@@ -136,16 +136,17 @@ impl Edged {
             {
                 Ok(Ok((pods, recorded))) => {
                     if !swept {
-                        // Once per start: what the runtime holds for pods this node no longer
-                        // knows at all goes (a CRI's containers of a pod deleted meanwhile).
+                        // Once per start, before any pod starts (so no sandbox made meanwhile
+                        // can be taken for a leftover): what the runtime holds for pods this
+                        // node no longer knows at all goes (a CRI's sandbox of a pod deleted
+                        // meanwhile).
                         swept = true;
                         let keep: std::collections::HashSet<String> = pods
                             .iter()
                             .filter_map(|p| p["metadata"]["uid"].as_str().map(String::from))
                             .chain(recorded.iter().cloned())
                             .collect();
-                        let runtime = self.shared.runtime.clone();
-                        tokio::spawn(async move { runtime.remove_others(&keep).await });
+                        self.shared.runtime.remove_others(&keep).await;
                     }
                     self.reconcile(pods, recorded)
                 }

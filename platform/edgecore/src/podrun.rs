@@ -761,16 +761,16 @@ impl PodRun {
         let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
         // An exec probe runs inside the container when the runtime can (CRI's ExecSync).
         let id = c.handle.as_ref().map(|h| h.id()).unwrap_or_default();
-        let (spec, root) = (c.spec.clone(), self.dir.join("root").join(&c.name));
-        let runtime = self.shared.runtime.clone();
+        let (root, pod_ip) = (self.dir.join("root").join(&c.name), self.pod_ip());
+        let spec = &self.ctrs[i].spec;
         let exec = probe
             .exec
             .as_ref()
             .and_then(|e| e.command.as_ref())
-            .and_then(|cmd| runtime.exec_sync(&id, cmd, timeout));
+            .and_then(|cmd| self.shared.runtime.exec_sync(&id, cmd, timeout));
         let ok = match exec {
             Some(f) => f.await.is_ok_and(|o| o.code == 0),
-            None => crate::probe::run(&probe, &spec, &self.pod_ip(), &root, timeout).await,
+            None => crate::probe::run(&probe, spec, &pod_ip, &root, timeout).await,
         };
         let c = &mut self.ctrs[i];
         c.next_probe = Instant::now() + Duration::from_secs(period);
