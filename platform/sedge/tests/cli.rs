@@ -217,6 +217,39 @@ fn bad_settings_fail_fast_with_the_reason() {
         "{err}"
     );
     assert!(!err.contains("stack backtrace"), "{err}");
+    // `sedge images build`: an image it does not make, a busybox that is not there; nothing written.
+    let out = dir.path().join("images");
+    let (_, err) = text(
+        &sedge()
+            .args(["images", "build", "--only", "nginx", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("--only \"nginx\": the images are worker, busybox and pause"),
+        "{err}"
+    );
+    let (_, err) = text(
+        &sedge()
+            .args([
+                "images",
+                "build",
+                "--only",
+                "busybox",
+                "--busybox",
+                "/nonexistent/busybox",
+                "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("/nonexistent/busybox not found") && err.contains("busybox-static"),
+        "{err}"
+    );
+    assert!(std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0) == 0);
 }
 
 #[test]
