@@ -645,8 +645,11 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
         "deployments/status",
         "deployments/scale",
         "replicasets",
+        "replicasets/status",
+        "replicasets/scale",
         "statefulsets",
         "daemonsets",
+        "daemonsets/status",
     ];
     let view_other = [
         ("batch", &["jobs", "cronjobs"][..]),
@@ -682,6 +685,7 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
             "deployments",
             "deployments/scale",
             "replicasets",
+            "replicasets/scale",
             "statefulsets",
             "daemonsets",
         ],
@@ -728,10 +732,24 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
         ),
         rule(&["create", "update", "patch"], "", &["events"]),
         rule(&all, "coordination.k8s.io", &["leases"]),
+        // The workload controllers: Deployments own ReplicaSets, which own pods; DaemonSets
+        // and Jobs own pods.
         rule(
             &["get", "list", "watch", "update", "patch"],
             "apps",
-            &["deployments", "deployments/status"],
+            &[
+                "deployments",
+                "deployments/status",
+                "daemonsets",
+                "daemonsets/status",
+                "replicasets/status",
+            ],
+        ),
+        rule(&all, "apps", &["replicasets"]),
+        rule(
+            &["get", "list", "watch", "update", "patch"],
+            "batch",
+            &["jobs", "jobs/status"],
         ),
         // Devices: sent to their nodes; their status written from the nodes' reports.
         rule(&read, "devices.kubeedge.io", &["devices", "devicemodels"]),

@@ -35,6 +35,26 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value, rev: i64) {
                 default_pod_spec(&mut spec["template"]["spec"]);
             }
         }
+        ("apps", "ReplicaSet") => {
+            let spec = &mut obj["spec"];
+            set_default(spec, "replicas", json!(1));
+            if spec["template"]["spec"].is_object() {
+                default_pod_spec(&mut spec["template"]["spec"]);
+            }
+        }
+        ("apps", "DaemonSet") => {
+            let spec = &mut obj["spec"];
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+            );
+            if spec["template"]["spec"].is_object() {
+                default_pod_spec(&mut spec["template"]["spec"]);
+            }
+        }
+        ("batch", "Job") => default_job(obj),
         ("", "Service") => {
             let spec = &mut obj["spec"];
             if !spec.is_object() {
@@ -78,6 +98,108 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value, rev: i64) {
             }
         }
         _ => {}
+    }
+}
+
+/// kube-apiserver's Job defaults: counts, and (unless `manualSelector`) a selector on the Job's
+/// uid with the labels that make its pods findable (`batch.kubernetes.io/job-name`, ...).
+fn default_job(obj: &mut Value) {
+    let uid = obj["metadata"]["uid"].clone();
+    let name = obj["metadata"]["name"].clone();
+    let spec = &mut obj["spec"];
+    if !spec.is_object() {
+        return;
+    }
+    if spec["completions"].is_null() && spec["parallelism"].is_null() {
+        spec["completions"] = json!(1);
+        spec["parallelism"] = json!(1);
+    }
+    set_default(spec, "parallelism", json!(1));
+    set_default(spec, "backoffLimit", json!(6));
+    set_default(spec, "completionMode", json!("NonIndexed"));
+    set_default(spec, "suspend", json!(false));
+    set_default(spec, "podReplacementPolicy", json!("TerminatingOrFailed"));
+    if spec["manualSelector"] != true && spec["selector"].is_null() && uid.is_string() {
+        spec["selector"] = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+        let labels = &mut spec["template"]["metadata"]["labels"];
+        if !labels.is_object() {
+            *labels = json!({});
+        }
+        for (k, v) in [
+            ("batch.kubernetes.io/controller-uid", &uid),
+            ("batch.kubernetes.io/job-name", &name),
+            ("controller-uid", &uid),
+            ("job-name", &name),
+        ] {
+            labels[k] = v.clone();
+        }
+    }
+    if spec["template"]["spec"].is_object() {
+        let rp = spec["template"]["spec"]["restartPolicy"].clone();
+        default_pod_spec(&mut spec["template"]["spec"]);
+        // Kubernetes has no default here: a Job's pods must say Never or OnFailure.
+        if rp.is_null()
+            && let Some(m) = spec["template"]["spec"].as_object_mut()
+        {
+            m.remove("restartPolicy");
+        }
+    }
+}
+
+/// A workload's selector must be set and match its template's labels.
+fn selector_matches_template(spec: &Value, causes: &mut Vec<Cause>) {
+    match LabelSelector::from_object(&spec["selector"]) {
+        Ok(sel) if !sel.0.is_empty() => {
+            let tmpl = json!({"metadata": {"labels": spec["template"]["metadata"]["labels"]}});
+            if !sel.matches(&tmpl) {
+                causes.push(Cause::invalid(
+                    "spec.template.metadata.labels",
+                    &spec["template"]["metadata"]["labels"],
+                    "`selector` does not match template `labels`",
+                ));
+            }
+        }
+        Ok(_) => causes.push(Cause::required("spec.selector")),
+        Err(e) => causes.push(Cause::invalid("spec.selector", &spec["selector"], e)),
+    }
+}
+
+/// `field` must be absent or a whole number >= 0.
+fn non_negative(spec: &Value, field: &str, causes: &mut Vec<Cause>) {
+    if let Some(r) = spec[field].as_i64()
+        && r < 0
+    {
+        causes.push(Cause::invalid(
+            format!("spec.{field}"),
+            &spec[field],
+            "must be greater than or equal to 0",
+        ));
+    }
+}
+
+/// The template's `restartPolicy` must be one of `allowed`.
+fn template_restart_policy(spec: &Value, allowed: &[&str], causes: &mut Vec<Cause>) {
+    let rp = &spec["template"]["spec"]["restartPolicy"];
+    let values: Vec<Value> = allowed.iter().map(|a| json!(a)).collect();
+    if rp.is_null() {
+        causes.push(Cause {
+            reason: "FieldValueRequired",
+            field: "spec.template.spec.restartPolicy".into(),
+            message: format!(
+                "Required value: valid values: {}",
+                allowed
+                    .iter()
+                    .map(|a| format!("{a:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    } else if !values.contains(rp) {
+        causes.push(Cause::not_supported(
+            "spec.template.spec.restartPolicy",
+            rp,
+            &values,
+        ));
     }
 }
 
@@ -368,41 +490,67 @@ pub fn validate(rt: &ResourceType, obj: &Value, old: Option<&Value>) -> Vec<Caus
                 }
             }
         }
-        ("apps", "Deployment") => {
+        ("apps", "Deployment" | "ReplicaSet" | "DaemonSet") | ("batch", "Job") => {
             let spec = &obj["spec"];
-            match LabelSelector::from_object(&spec["selector"]) {
-                Ok(sel) if !sel.0.is_empty() => {
-                    let tmpl =
-                        json!({"metadata": {"labels": spec["template"]["metadata"]["labels"]}});
-                    if !sel.matches(&tmpl) {
-                        causes.push(Cause::invalid(
-                            "spec.template.metadata.labels",
-                            &spec["template"]["metadata"]["labels"],
-                            "`selector` does not match template `labels`",
-                        ));
-                    }
-                }
-                Ok(_) => causes.push(Cause::required("spec.selector")),
-                Err(e) => causes.push(Cause::invalid("spec.selector", &spec["selector"], e)),
+            selector_matches_template(spec, &mut causes);
+            for f in [
+                "replicas",
+                "completions",
+                "parallelism",
+                "backoffLimit",
+                "revisionHistoryLimit",
+                "minReadySeconds",
+            ] {
+                non_negative(spec, f, &mut causes);
             }
-            if let Some(r) = spec["replicas"].as_i64()
-                && r < 0
+            if let Some(d) = spec["activeDeadlineSeconds"].as_i64()
+                && d <= 0
             {
                 causes.push(Cause::invalid(
-                    "spec.replicas",
-                    &spec["replicas"],
-                    "must be greater than or equal to 0",
+                    "spec.activeDeadlineSeconds",
+                    &spec["activeDeadlineSeconds"],
+                    "must be greater than 0",
                 ));
+            }
+            match rt.kind.as_str() {
+                "Job" => template_restart_policy(spec, &["OnFailure", "Never"], &mut causes),
+                "DaemonSet" => template_restart_policy(spec, &["Always"], &mut causes),
+                _ => {}
+            }
+            if rt.kind == "DaemonSet" {
+                let u = &spec["updateStrategy"]["type"];
+                let allowed = [json!("RollingUpdate"), json!("OnDelete")];
+                if !u.is_null() && !allowed.contains(u) {
+                    causes.push(Cause::not_supported(
+                        "spec.updateStrategy.type",
+                        u,
+                        &allowed,
+                    ));
+                }
             }
             pod_spec(&spec["template"]["spec"], "spec.template.spec", &mut causes);
-            if let Some(old) = old
-                && old["spec"]["selector"] != spec["selector"]
-            {
-                causes.push(Cause::invalid(
-                    "spec.selector",
-                    &spec["selector"],
-                    "field is immutable",
-                ));
+            if let Some(old) = old {
+                if old["spec"]["selector"] != spec["selector"] {
+                    causes.push(Cause::invalid(
+                        "spec.selector",
+                        &spec["selector"],
+                        "field is immutable",
+                    ));
+                }
+                if rt.kind == "Job" && old["spec"]["template"] != spec["template"] {
+                    causes.push(Cause::invalid(
+                        "spec.template",
+                        &spec["template"],
+                        "field is immutable",
+                    ));
+                }
+                if rt.kind == "Job" && old["spec"]["completions"] != spec["completions"] {
+                    causes.push(Cause::invalid(
+                        "spec.completions",
+                        &spec["completions"],
+                        "field is immutable",
+                    ));
+                }
             }
         }
         ("", "Service") => {
@@ -518,6 +666,9 @@ pub fn check_types(rt: &ResourceType, obj: &Value) -> Result<(), String> {
         "ServiceAccount" => typed::<core::ServiceAccount>(obj),
         "Lease" => typed::<coordination::Lease>(obj),
         "Deployment" => typed::<apps::Deployment>(obj),
+        "ReplicaSet" => typed::<apps::ReplicaSet>(obj),
+        "DaemonSet" => typed::<apps::DaemonSet>(obj),
+        "Job" => typed::<k8s_openapi::api::batch::v1::Job>(obj),
         "Role" => typed::<rbac::Role>(obj),
         "ClusterRole" => typed::<rbac::ClusterRole>(obj),
         "RoleBinding" => typed::<rbac::RoleBinding>(obj),

@@ -545,8 +545,10 @@ fn after_write(core: &Core, rt: &ResourceType) {
     }
 }
 
-/// Creates the default roles and bindings ([`crate::authz::bootstrap_policy`]) that are absent;
-/// ones already stored (perhaps edited by an administrator) are left alone.
+/// Creates the default roles and bindings ([`crate::authz::bootstrap_policy`]) that are absent.
+/// A stored ClusterRole that still carries `rbac.authorization.kubernetes.io/autoupdate: "true"`
+/// gains the rules a newer version added (as kube-apiserver reconciles its bootstrap roles: rules
+/// an administrator added stay); one whose annotation was removed or set to false is left alone.
 pub fn ensure_bootstrap_policy(core: &Core) -> ApiResult<()> {
     let snap = core.registry.snapshot();
     let ctx = WriteCtx {
@@ -559,11 +561,39 @@ pub fn ensure_bootstrap_policy(core: &Core) -> ApiResult<()> {
             .get(crate::authz::RBAC_GROUP, "v1", plural)
             .expect("RBAC kinds are built in");
         let name = obj["metadata"]["name"].as_str().unwrap_or_default();
-        if core.store.get(&rt.storage_key(), "", name)?.is_none() {
-            match create(core, &rt, "v1", None, obj, &ctx) {
+        match core.store.get(&rt.storage_key(), "", name)? {
+            None => match create(core, &rt, "v1", None, obj, &ctx) {
                 Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
                 Err(e) => return Err(e),
+            },
+            Some(mut stored)
+                if plural == "clusterroles"
+                    && stored["metadata"]["annotations"]["rbac.authorization.kubernetes.io/autoupdate"]
+                        == "true" =>
+            {
+                let have = stored["rules"].as_array().cloned().unwrap_or_default();
+                let missing: Vec<Value> = obj["rules"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| !have.contains(r))
+                    .cloned()
+                    .collect();
+                if missing.is_empty() {
+                    continue;
+                }
+                tracing::info!(
+                    role = name,
+                    added = missing.len(),
+                    "reconciling a bootstrap role"
+                );
+                stored["rules"] = json!(have.into_iter().chain(missing).collect::<Vec<_>>());
+                match update::update(core, &rt, "v1", None, name, stored, None, &ctx) {
+                    Ok(_) | Err(ApiError::Conflict { .. }) => {}
+                    Err(e) => return Err(e),
+                }
             }
+            Some(_) => {}
         }
     }
     Ok(())

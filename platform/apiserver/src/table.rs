@@ -292,36 +292,103 @@ fn columns(rt: &ResourceType) -> Vec<Value> {
             col("Holder", "string", 0, "The holder of the lease."),
             age,
         ],
-        ("apps", "Deployment") => vec![
-            name,
-            col("Ready", "string", 0, "Number of the pod with ready state"),
-            col(
-                "Up-to-date",
-                "string",
-                0,
-                "Total number of non-terminated pods targeted by this deployment that have the desired template spec.",
-            ),
-            col(
-                "Available",
-                "string",
-                0,
-                "Total number of available pods (ready for at least minReadySeconds) targeted by this deployment.",
-            ),
-            age,
-            col(
-                "Containers",
-                "string",
-                1,
-                "Names of each container in the template.",
-            ),
-            col(
-                "Images",
-                "string",
-                1,
-                "Images referenced by each container in the template.",
-            ),
-            col("Selector", "string", 1, "Label selector for pods."),
-        ],
+        ("apps", "Deployment") => {
+            let mut v = vec![
+                name,
+                col("Ready", "string", 0, "Number of the pod with ready state"),
+                col(
+                    "Up-to-date",
+                    "string",
+                    0,
+                    "Total number of non-terminated pods targeted by this deployment that have the desired template spec.",
+                ),
+                col(
+                    "Available",
+                    "string",
+                    0,
+                    "Total number of available pods (ready for at least minReadySeconds) targeted by this deployment.",
+                ),
+                age,
+            ];
+            v.extend(template_columns());
+            v
+        }
+        ("apps", "ReplicaSet") => {
+            let mut v = vec![
+                name,
+                col("Desired", "integer", 0, "Number of desired pods."),
+                col("Current", "integer", 0, "Number of actual pods."),
+                col("Ready", "integer", 0, "Number of pods ready."),
+                age,
+            ];
+            v.extend(template_columns());
+            v
+        }
+        ("apps", "DaemonSet") => {
+            let mut v = vec![
+                name,
+                col(
+                    "Desired",
+                    "integer",
+                    0,
+                    "The total number of nodes that should be running the daemon pod.",
+                ),
+                col(
+                    "Current",
+                    "integer",
+                    0,
+                    "The number of nodes that are running at least 1 daemon pod and are supposed to run the daemon pod.",
+                ),
+                col(
+                    "Ready",
+                    "integer",
+                    0,
+                    "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and ready.",
+                ),
+                col(
+                    "Up-to-date",
+                    "integer",
+                    0,
+                    "The total number of nodes that are running updated daemon pod",
+                ),
+                col(
+                    "Available",
+                    "integer",
+                    0,
+                    "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and available.",
+                ),
+                col(
+                    "Node Selector",
+                    "string",
+                    0,
+                    "NodeSelector is a selector which must be true for the pod to fit on a node.",
+                ),
+                age,
+            ];
+            v.extend(template_columns());
+            v
+        }
+        ("batch", "Job") => {
+            let mut v = vec![
+                name,
+                col("Status", "string", 0, "Status of the job."),
+                col(
+                    "Completions",
+                    "string",
+                    0,
+                    "The completion status of the job.",
+                ),
+                col(
+                    "Duration",
+                    "string",
+                    0,
+                    "Time required to complete the job.",
+                ),
+                age,
+            ];
+            v.extend(template_columns());
+            v
+        }
         ("apiextensions.k8s.io", "CustomResourceDefinition") => {
             vec![
                 name,
@@ -341,6 +408,63 @@ fn columns(rt: &ResourceType) -> Vec<Value> {
             }
             cols
         }
+    }
+}
+
+/// The wide columns of the workload kinds.
+fn template_columns() -> Vec<Value> {
+    vec![
+        col(
+            "Containers",
+            "string",
+            1,
+            "Names of each container in the template.",
+        ),
+        col(
+            "Images",
+            "string",
+            1,
+            "Images referenced by each container in the template.",
+        ),
+        col("Selector", "string", 1, "Label selector for pods."),
+    ]
+}
+
+/// The cells of [`template_columns`].
+fn template_cells(o: &Value) -> Vec<Value> {
+    let containers = o["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<String> = containers.iter().map(|c| s(&c["name"])).collect();
+    let images: Vec<String> = containers.iter().map(|c| s(&c["image"])).collect();
+    let selector: Vec<String> = o["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
+        .unwrap_or_default();
+    vec![
+        json!(names.join(",")),
+        json!(images.join(",")),
+        json!(selector.join(",")),
+    ]
+}
+
+/// kube-apiserver's Job status column: the terminal condition, else Suspended/Running.
+fn job_status(o: &Value) -> &'static str {
+    let conds = o["status"]["conditions"].as_array();
+    let has = |t: &str| {
+        conds.is_some_and(|cs| cs.iter().any(|c| c["type"] == t && c["status"] == "True"))
+    };
+    if has("Complete") {
+        "Complete"
+    } else if has("Failed") {
+        "Failed"
+    } else if o["metadata"]["deletionTimestamp"].is_string() {
+        "Terminating"
+    } else if has("Suspended") {
+        "Suspended"
+    } else {
+        "Running"
     }
 }
 
@@ -571,17 +695,7 @@ fn cells(rt: &ResourceType, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
         ("apps", "Deployment") => {
             let st = &o["status"];
             let n = |v: &Value| v.as_i64().unwrap_or(0);
-            let containers = o["spec"]["template"]["spec"]["containers"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let names: Vec<String> = containers.iter().map(|c| s(&c["name"])).collect();
-            let images: Vec<String> = containers.iter().map(|c| s(&c["image"])).collect();
-            let selector: Vec<String> = o["spec"]["selector"]["matchLabels"]
-                .as_object()
-                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
-                .unwrap_or_default();
-            vec![
+            let mut v = vec![
                 name,
                 json!(format!(
                     "{}/{}",
@@ -591,10 +705,72 @@ fn cells(rt: &ResourceType, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                 json!(n(&st["updatedReplicas"])),
                 json!(n(&st["availableReplicas"])),
                 created,
-                json!(names.join(",")),
-                json!(images.join(",")),
-                json!(selector.join(",")),
-            ]
+            ];
+            v.extend(template_cells(o));
+            v
+        }
+        ("apps", "ReplicaSet") => {
+            let st = &o["status"];
+            let n = |v: &Value| v.as_i64().unwrap_or(0);
+            let mut v = vec![
+                name,
+                json!(n(&o["spec"]["replicas"])),
+                json!(n(&st["replicas"])),
+                json!(n(&st["readyReplicas"])),
+                created,
+            ];
+            v.extend(template_cells(o));
+            v
+        }
+        ("apps", "DaemonSet") => {
+            let st = &o["status"];
+            let n = |v: &Value| v.as_i64().unwrap_or(0);
+            let selector: Vec<String> = o["spec"]["template"]["spec"]["nodeSelector"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
+                .unwrap_or_default();
+            let mut v = vec![
+                name,
+                json!(n(&st["desiredNumberScheduled"])),
+                json!(n(&st["currentNumberScheduled"])),
+                json!(n(&st["numberReady"])),
+                json!(n(&st["updatedNumberScheduled"])),
+                json!(n(&st["numberAvailable"])),
+                or_none(&json!(selector.join(","))),
+                created,
+            ];
+            v.extend(template_cells(o));
+            v
+        }
+        ("batch", "Job") => {
+            let st = &o["status"];
+            let succeeded = st["succeeded"].as_i64().unwrap_or(0);
+            let completions = match o["spec"]["completions"].as_i64() {
+                Some(c) => format!("{succeeded}/{c}"),
+                None => match o["spec"]["parallelism"].as_i64().unwrap_or(1) {
+                    p if p > 1 => format!("{succeeded}/1 of {p}"),
+                    _ => format!("{succeeded}/1"),
+                },
+            };
+            let ts = |v: &Value| {
+                v.as_str()
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&Utc))
+            };
+            let duration = match (ts(&st["startTime"]), ts(&st["completionTime"])) {
+                (Some(a), Some(b)) => human_duration((b - a).num_seconds()),
+                (Some(a), None) => human_duration((now - a).num_seconds()),
+                _ => String::new(),
+            };
+            let mut v = vec![
+                name,
+                json!(job_status(o)),
+                json!(completions),
+                json!(duration),
+                created,
+            ];
+            v.extend(template_cells(o));
+            v
         }
         ("apiextensions.k8s.io", "CustomResourceDefinition") => {
             vec![name, o["metadata"]["creationTimestamp"].clone()]

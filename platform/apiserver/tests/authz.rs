@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, PostParams};
+use sedge_apiserver::ApiServer;
 
 const TOKENS: &str = "tok-admin,sedge-admin,sedge-admin,\"system:masters\"
 tok-alice,alice,2
@@ -676,5 +678,62 @@ async fn an_isolated_server_answers_while_its_callers_runtime_is_blocked() {
             .unwrap()
             .contains("gitVersion")
     );
+    server.shutdown().await;
+}
+
+/// An upgrade: a bootstrap ClusterRole stored by an older version (fewer rules) gains the new
+/// rules on the next start and keeps what an administrator added; one whose `autoupdate`
+/// annotation was set to false is left exactly as it is.
+#[tokio::test]
+async fn stored_bootstrap_roles_gain_new_rules_on_restart_unless_opted_out() {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let t = start().await;
+    let roles: Api<ClusterRole> = Api::all(t.client().await);
+    let mut cc = roles.get("sedge:cloudcore").await.unwrap();
+    let full = cc.rules.clone().unwrap();
+    // An older version's role: without the workload rules, plus a rule the administrator added.
+    let mut old: Vec<_> = full
+        .iter()
+        .filter(|r| !r.api_groups.iter().flatten().any(|g| g == "batch"))
+        .cloned()
+        .collect();
+    assert!(
+        old.len() < full.len(),
+        "the cloud core's role has a batch rule"
+    );
+    let extra: k8s_openapi::api::rbac::v1::PolicyRule = serde_json::from_value(
+        serde_json::json!({"verbs": ["get"], "apiGroups": ["example.com"], "resources": ["things"]}),
+    )
+    .unwrap();
+    old.push(extra.clone());
+    cc.rules = Some(old.clone());
+    roles
+        .replace("sedge:cloudcore", &PostParams::default(), &cc)
+        .await
+        .unwrap();
+    let mut view = roles.get("view").await.unwrap();
+    view.annotations_mut().insert(
+        "rbac.authorization.kubernetes.io/autoupdate".into(),
+        "false".into(),
+    );
+    let view_rules = vec![extra.clone()];
+    view.rules = Some(view_rules.clone());
+    roles
+        .replace("view", &PostParams::default(), &view)
+        .await
+        .unwrap();
+
+    let dir = t.dir;
+    t.server.shutdown().await;
+    let server = ApiServer::start(config(dir.path(), "127.0.0.1:0"))
+        .await
+        .unwrap();
+    let roles: Api<ClusterRole> = Api::all(client_for(&server.kubeconfig, None).await);
+    let rules = roles.get("sedge:cloudcore").await.unwrap().rules.unwrap();
+    for r in &full {
+        assert!(rules.contains(r), "{r:?} was not restored");
+    }
+    assert!(rules.contains(&extra), "the administrator's rule stays");
+    assert_eq!(roles.get("view").await.unwrap().rules.unwrap(), view_rules);
     server.shutdown().await;
 }

@@ -11,8 +11,8 @@
 //! - [`lifecycle`]: marks an edge node `Ready=Unknown` and taints it
 //!   `node.kubernetes.io/unreachable` when its lease is older than the grace; pods stay (no
 //!   eviction by default, see [`TaintEffect`]).
-//! - [`workload`]: a minimal Deployment controller (pods straight from the template, rolling
-//!   replacement when the template changes).
+//! - [`workload`]: Deployments (through ReplicaSets, with revisions for `kubectl rollout`),
+//!   ReplicaSets, DaemonSets and Jobs.
 //! - [`scheduler`]: binds pending pods in the embedded mode (node selector, required node
 //!   affinity, taints/tolerations, requests against allocatable).
 
@@ -70,7 +70,8 @@ pub struct CloudCoreConfig {
     pub node_monitor_period_ms: u64,
     /// What the unreachable taint does (see [`TaintEffect`]).
     pub unreachable_taint_effect: TaintEffect,
-    /// Run the Deployment controller (off against a real cluster, which has its own).
+    /// Run the workload controllers: Deployments, ReplicaSets, DaemonSets, Jobs (off against a
+    /// real cluster, which has its own).
     pub workloads: bool,
     /// Run the scheduler (off against a real cluster, which has its own).
     pub scheduler: bool,

@@ -96,7 +96,7 @@ fn requirement_matches(r: &NodeSelectorRequirement, value: Option<&str>) -> bool
     }
 }
 
-fn affinity_matches(p: &Pod, n: &Node) -> bool {
+pub(crate) fn affinity_matches(p: &Pod, n: &Node) -> bool {
     let labels = n.labels();
     let spec = p.spec.as_ref();
     if let Some(sel) = spec.and_then(|s| s.node_selector.as_ref())
@@ -129,7 +129,7 @@ fn affinity_matches(p: &Pod, n: &Node) -> bool {
     })
 }
 
-fn tolerates(ts: &[Toleration], taint: &Taint) -> bool {
+pub(crate) fn tolerates(ts: &[Toleration], taint: &Taint) -> bool {
     ts.iter().any(|t| {
         let key_ok = match t.key.as_deref() {
             None | Some("") => t.operator.as_deref() == Some("Exists"),
