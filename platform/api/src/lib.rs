@@ -8,7 +8,7 @@
 //! |---|---|---|---|---|
 //! | cloud -> edge | `meta` | `update` | `<ns>/pod|configmap|secret/<name>` | the object (resourceVersion on the message) |
 //! | cloud -> edge | `meta` | `delete` | same | empty |
-//! | cloud -> edge | `edged` | `query` | `<ns>/podlog/<name>` | [`LogRequest`]; reply: the log bytes |
+//! | cloud -> edge | `edged` | `query` | `<ns>/podlog/<name>` | [`LogRequest`]; reply: the log bytes (after a [`LogCursor`] when following) |
 //! | edge -> cloud | `cloud` | `insert` | `null/node/<node>` | the Node the edge registers (labels, status) |
 //! | edge -> cloud | `cloud` | `update` | `null/nodestatus/<node>` | `NodeStatus` |
 //! | edge -> cloud | `cloud` | `update` | `kube-node-lease/lease/<node>` | [`LeaseReport`] |
@@ -150,6 +150,45 @@ pub struct LogRequest {
     /// The previous (terminated) instance's log.
     #[serde(default)]
     pub previous: bool,
+    /// `kubectl logs -f`: the reply starts with a [`LogCursor`] (16 bytes) saying where the
+    /// next request continues. Without `cursor`, the log so far (with `tailLines`/`limitBytes`);
+    /// with one, only what was written after it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub follow: bool,
+    /// Where a follow continues (from the previous reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<LogCursor>,
+}
+
+/// A position in a container's log on the node: the current file's identity (inode) and the
+/// byte offset in it. A rotation changes the identity; the node then sends the rest of the
+/// rotated file and the new one from its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LogCursor {
+    /// The file's inode.
+    pub file: u64,
+    /// Bytes of it already sent.
+    pub offset: u64,
+}
+
+impl LogCursor {
+    /// The cursor as it leads a follow reply (big-endian file, then offset).
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.file.to_be_bytes());
+        b[8..].copy_from_slice(&self.offset.to_be_bytes());
+        b
+    }
+
+    /// Splits a follow reply into its cursor and the log bytes.
+    pub fn split(reply: &[u8]) -> Option<(LogCursor, &[u8])> {
+        if reply.len() < 16 {
+            return None;
+        }
+        let file = u64::from_be_bytes(reply[..8].try_into().ok()?);
+        let offset = u64::from_be_bytes(reply[8..16].try_into().ok()?);
+        Some((LogCursor { file, offset }, &reply[16..]))
+    }
 }
 
 /// A pod's status as the edge sees it.

@@ -59,7 +59,16 @@ pub struct App {
     pub slow_watch_grace: Duration,
     /// Open watches by user.
     pub watches: Arc<WatchCounts>,
+    /// Open `kubectl logs -f` streams by node.
+    pub log_follows: Arc<WatchCounts>,
 }
+
+/// `kubectl logs -f` streams one node may serve at once: each polls the node through the
+/// channel, so they are bounded like every other per-node resource.
+pub const MAX_LOG_FOLLOWS_PER_NODE: usize = 32;
+
+/// How often a followed log asks the node for more.
+pub const LOG_FOLLOW_INTERVAL: Duration = Duration::from_millis(300);
 
 /// Watches one user may hold open at once (kubectl, controllers and nodes hold a few each).
 pub const MAX_WATCHES_PER_USER: usize = 1000;
@@ -78,9 +87,14 @@ pub struct WatchSlot {
 impl WatchCounts {
     /// A slot for `user`, unless the user holds [`MAX_WATCHES_PER_USER`] already.
     pub fn enter(self: &Arc<Self>, user: &str) -> Option<WatchSlot> {
+        self.enter_max(user, MAX_WATCHES_PER_USER)
+    }
+
+    /// A slot for `key`, unless it holds `max` already.
+    pub fn enter_max(self: &Arc<Self>, user: &str, max: usize) -> Option<WatchSlot> {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(user.to_string()).or_default();
-        if *n >= MAX_WATCHES_PER_USER {
+        if *n >= max {
             return None;
         }
         *n += 1;
@@ -466,6 +480,8 @@ async fn pod_log(
             tail_lines: number("tailLines")?,
             limit_bytes: number("limitBytes")?,
             previous: flag(params, "previous"),
+            follow: false,
+            cursor: None,
         },
     };
     let source = app.core.pod_logs.get().cloned().ok_or_else(|| {
@@ -473,8 +489,148 @@ async fn pod_log(
             "cannot get logs from node {node}: no cloud core is attached to this API server (run `sedge up`, or `sedge cloud` with the embedded API server)"
         ))
     })?;
+    let state = container_state(&pod, &req.log.container);
+    if flag(params, "follow") && !req.log.previous && state.is_some_and(|s| !s.ended) {
+        return follow_log(app, pod, req, source, state.unwrap_or_default()).await;
+    }
     let text = (source.0)(req).await.map_err(ApiError::Unavailable)?;
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text).into_response())
+}
+
+/// What a follow watches of a container in the pod's status.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct ContainerState {
+    restarts: i64,
+    ended: bool,
+}
+
+/// The container's state in `pod`'s status; `None` when the pod reports nothing of it yet
+/// (a follow then waits for it to start).
+fn container_state(pod: &Value, container: &str) -> Option<ContainerState> {
+    let st = pod["status"]["containerStatuses"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == container)?;
+    Some(ContainerState {
+        restarts: st["restartCount"].as_i64().unwrap_or(0),
+        ended: st["state"]["terminated"].is_object(),
+    })
+}
+
+/// `kubectl logs -f`: the log so far, then what the container writes, asked from the node every
+/// [`LOG_FOLLOW_INTERVAL`] through the channel (one request at a time per stream, so a client
+/// that reads slowly only slows its own stream). It ends when the container ends (once what it
+/// wrote last is sent), when the pod is deleted or replaced, or when the client goes away; a
+/// node that cannot be reached ends it with an error.
+async fn follow_log(
+    app: &Arc<App>,
+    pod: Value,
+    mut req: ops::PodLogRequest,
+    source: ops::PodLogSource,
+    start: ContainerState,
+) -> ApiResult<Response> {
+    let slot = app
+        .log_follows
+        .enter_max(&req.node, MAX_LOG_FOLLOWS_PER_NODE)
+        .ok_or_else(|| {
+            ApiError::TooManyRequests(format!(
+                "node {} already serves {MAX_LOG_FOLLOWS_PER_NODE} followed logs; try again later",
+                req.node
+            ))
+        })?;
+    req.log.follow = true;
+    let first = (source.0)(req.clone())
+        .await
+        .map_err(ApiError::Unavailable)?;
+    let (cursor, body) = sedge_api::LogCursor::split(&first)
+        .ok_or_else(|| ApiError::Unavailable(format!("node {}: malformed log reply", req.node)))?;
+    req.log.cursor = Some(cursor);
+    req.log.tail_lines = None;
+    req.log.limit_bytes = None;
+    let uid = pod["metadata"]["uid"].clone();
+    let rt = app
+        .core
+        .registry
+        .snapshot()
+        .get("", "v1", "pods")
+        .ok_or_else(|| ApiError::internal("pods are not served"))?;
+    struct Follow {
+        core: Arc<Core>,
+        rt: Arc<ResourceType>,
+        req: ops::PodLogRequest,
+        source: ops::PodLogSource,
+        first: Option<bytes::Bytes>,
+        last: bool,
+        done: bool,
+        _slot: WatchSlot,
+    }
+    let state = Follow {
+        core: app.core.clone(),
+        rt,
+        req,
+        source,
+        first: Some(bytes::Bytes::copy_from_slice(body)),
+        last: false,
+        done: false,
+        _slot: slot,
+    };
+    let shutdown = app.shutdown.clone();
+    let stream = futures::stream::unfold(state, move |mut f| {
+        let uid = uid.clone();
+        let mut shutdown = shutdown.clone();
+        async move {
+            if let Some(b) = f.first.take() {
+                return Some((Ok::<_, std::io::Error>(b), f));
+            }
+            loop {
+                if f.done {
+                    return None;
+                }
+                if !f.last {
+                    tokio::select! {
+                        _ = tokio::time::sleep(LOG_FOLLOW_INTERVAL) => {}
+                        _ = shutdown.changed() => return None,
+                    }
+                    // Has the container ended, or the pod gone? Then one last read.
+                    let (core, rt) = (f.core.clone(), f.rt.clone());
+                    let (ns, name) = (f.req.namespace.clone(), f.req.pod.clone());
+                    let now = blocking(move || ops::get(&core, &rt, "v1", Some(&ns), &name)).await;
+                    f.last = match &now {
+                        Ok(p) if p["metadata"]["uid"] == uid => {
+                            container_state(p, &f.req.log.container)
+                                .is_some_and(|s| s.ended || s.restarts != start.restarts)
+                        }
+                        _ => true,
+                    };
+                } else {
+                    f.done = true;
+                }
+                match (f.source.0)(f.req.clone()).await {
+                    Ok(reply) => {
+                        let Some((cursor, body)) = sedge_api::LogCursor::split(&reply) else {
+                            return Some((Err(std::io::Error::other("malformed log reply")), f));
+                        };
+                        f.req.log.cursor = Some(cursor);
+                        if !body.is_empty() {
+                            let b = bytes::Bytes::copy_from_slice(body);
+                            return Some((Ok(b), f));
+                        }
+                    }
+                    Err(e) => {
+                        f.done = true;
+                        tracing::info!(node = %f.req.node, error = %e, "followed log ended");
+                        return Some((Err(std::io::Error::other(e)), f));
+                    }
+                }
+            }
+        }
+    });
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -290,6 +290,7 @@ impl ApiServer {
             watch_budget: watch_budget.clone(),
             slow_watch_grace: Duration::from_secs(cfg.slow_watch_grace_seconds.max(1)),
             watches: Default::default(),
+            log_follows: Default::default(),
         });
         let gc = tokio::spawn(crate::gc::run(core.clone(), shutdown_rx.clone()));
         let limits = ConnLimits {

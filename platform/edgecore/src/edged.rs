@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sedge_api::{LogRequest, kind};
+use sedge_api::{LogCursor, LogRequest, kind};
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -316,6 +316,15 @@ impl Edged {
             req.uid.clone()
         };
         let cri = self.shared.runtime.cri();
+        if req.follow {
+            return follow_log(
+                &self.shared.settings.pods_dir,
+                &uid,
+                &req.container,
+                req,
+                cri,
+            );
+        }
         read_log(
             &self.shared.settings.pods_dir,
             &uid,
@@ -374,6 +383,102 @@ pub fn read_log(
         out = from_cri_log(&out);
     }
     limit_log(&mut out, req);
+    Ok(out)
+}
+
+/// The most one follow reply carries; the rest comes with the next request.
+pub const FOLLOW_CHUNK: u64 = 1 << 20;
+
+/// One step of `kubectl logs -f`: the reply is a [`LogCursor`] then log bytes. The first step
+/// (no cursor) is the log so far, as [`read_log`] gives it, and a cursor at the current file's
+/// end; later steps are what was written after the cursor (at most [`FOLLOW_CHUNK`]), across a
+/// rotation. In the CRI's format only whole lines are sent (a partial last line waits).
+pub fn follow_log(
+    pods_dir: &Path,
+    uid: &str,
+    container: &str,
+    req: &LogRequest,
+    cri: bool,
+) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
+    let current = log_path(pods_dir, uid, container);
+    let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.ino(), m.len()));
+    let Some(cursor) = req.cursor else {
+        let mut first = LogRequest {
+            follow: false,
+            ..req.clone()
+        };
+        first.cursor = None;
+        let (file, len) = identity(&current).unwrap_or((0, 0));
+        let body = match read_log(pods_dir, uid, container, &first, cri) {
+            Ok(b) => b,
+            // Not started yet: the follow waits for it.
+            Err(_) if file == 0 => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut out = LogCursor { file, offset: len }.to_bytes().to_vec();
+        out.extend(body);
+        return Ok(out);
+    };
+    crate::podcheck::uid(uid)?;
+    if !crate::podcheck::dns_label(container) {
+        return Err(format!(
+            "container name {container:?} is not a DNS-1123 label"
+        ));
+    }
+    let read_from = |p: &Path, offset: u64, max: u64| -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(p)
+            && f.seek(SeekFrom::Start(offset)).is_ok()
+        {
+            let _ = f.take(max).read_to_end(&mut buf);
+        }
+        buf
+    };
+    // What is left of a rotated file the cursor was in, then the current file from `from`.
+    let mut tail = Vec::new();
+    let (file, from) = match identity(&current) {
+        None => return Ok(cursor.to_bytes().to_vec()),
+        // Same file, shorter than the cursor: rotated by copy and truncate (edged's
+        // rotation); the rest is in `.log.1` at the same offsets.
+        Some((file, len)) if file == cursor.file && len < cursor.offset => {
+            tail = read_from(&current.with_extension("log.1"), cursor.offset, u64::MAX);
+            (file, 0)
+        }
+        Some((file, _)) if file == cursor.file => (file, cursor.offset),
+        Some((file, _)) => {
+            let rotated = current.with_extension("log.1");
+            if identity(&rotated).is_some_and(|(f, _)| f == cursor.file) {
+                tail = read_from(&rotated, cursor.offset, FOLLOW_CHUNK);
+                if tail.len() as u64 >= FOLLOW_CHUNK {
+                    // Still inside the rotated file.
+                    let next = LogCursor {
+                        file: cursor.file,
+                        offset: cursor.offset + tail.len() as u64,
+                    };
+                    let mut out = next.to_bytes().to_vec();
+                    out.extend(if cri { from_cri_log(&tail) } else { tail });
+                    return Ok(out);
+                }
+            }
+            (file, 0)
+        }
+    };
+    let room = FOLLOW_CHUNK.saturating_sub(tail.len() as u64).max(1);
+    let mut fresh = read_from(&current, from, room);
+    if cri {
+        // Whole lines only: a partial last line waits for the next request.
+        let keep = fresh.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        fresh.truncate(keep);
+    }
+    let next = LogCursor {
+        file,
+        offset: from + fresh.len() as u64,
+    };
+    tail.extend(fresh);
+    let mut out = next.to_bytes().to_vec();
+    out.extend(if cri { from_cri_log(&tail) } else { tail });
     Ok(out)
 }
 
@@ -463,4 +568,95 @@ pub(crate) async fn stop_container(mut c: Box<dyn Container>, grace: Duration) -
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Exit::Unknown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0f4c3b1e-1111-2222-3333-444455556666";
+
+    fn step(dir: &Path, cursor: Option<LogCursor>, cri: bool) -> (LogCursor, String) {
+        let req = LogRequest {
+            uid: UID.into(),
+            container: "main".into(),
+            follow: true,
+            cursor,
+            ..Default::default()
+        };
+        let out = follow_log(dir, UID, "main", &req, cri).unwrap();
+        let (c, body) = LogCursor::split(&out).unwrap();
+        (c, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    fn append(p: &Path, s: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .unwrap();
+        f.write_all(s.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_follow_sees_each_line_once_across_a_rotation() {
+        let d = tempfile::tempdir().unwrap();
+        let log = log_path(d.path(), UID, "main");
+        // Before the container wrote anything: an empty start, then its first lines.
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        let (c, body) = step(d.path(), None, false);
+        assert_eq!(body, "");
+        append(&log, "one\ntwo\n");
+        let (c, body) = step(d.path(), Some(c), false);
+        assert_eq!(body, "one\ntwo\n");
+        let (c, body) = step(d.path(), Some(c), false);
+        assert_eq!(body, "", "nothing new");
+        append(&log, "three\n");
+        // edged's rotation: copy to .log.1, truncate; then more lines.
+        std::fs::copy(&log, log.with_extension("log.1")).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        append(&log, "four\n");
+        let (c, body) = step(d.path(), Some(c), false);
+        assert_eq!(body, "three\nfour\n");
+        append(&log, "five\n");
+        let (_, body) = step(d.path(), Some(c), false);
+        assert_eq!(body, "five\n");
+    }
+
+    #[test]
+    fn a_cri_follow_waits_for_whole_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let log = log_path(d.path(), UID, "main");
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        append(&log, "2026-01-01T00:00:00Z stdout F old\n");
+        let (c, body) = step(d.path(), None, true);
+        assert_eq!(body, "old\n");
+        append(
+            &log,
+            "2026-01-01T00:00:01Z stdout F new\n2026-01-01T00:00:02Z stdout P par",
+        );
+        let (c, body) = step(d.path(), Some(c), true);
+        assert_eq!(body, "new\n");
+        append(&log, "tial\n");
+        let (_, body) = step(d.path(), Some(c), true);
+        assert_eq!(body, "partial", "the P line comes once it is whole");
+    }
+
+    #[test]
+    fn a_bad_container_name_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let req = LogRequest {
+            follow: true,
+            cursor: Some(LogCursor::default()),
+            ..Default::default()
+        };
+        let e = follow_log(d.path(), UID, "../../etc", &req, false).unwrap_err();
+        assert!(e.contains("DNS-1123"), "{e}");
+    }
 }
