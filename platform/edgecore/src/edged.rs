@@ -335,6 +335,17 @@ impl Edged {
     }
 }
 
+/// A log request's pod UID and container name must be what they claim to be (they become a path).
+fn check_names(uid: &str, container: &str) -> Result<(), String> {
+    crate::podcheck::uid(uid)?;
+    if !crate::podcheck::dns_label(container) {
+        return Err(format!(
+            "container name {container:?} is not a DNS-1123 label"
+        ));
+    }
+    Ok(())
+}
+
 /// Where a container's log lives.
 pub fn log_path(pods_dir: &Path, uid: &str, container: &str) -> PathBuf {
     pods_dir
@@ -352,12 +363,7 @@ pub fn read_log(
     req: &LogRequest,
     cri: bool,
 ) -> Result<Vec<u8>, String> {
-    crate::podcheck::uid(uid)?;
-    if !crate::podcheck::dns_label(container) {
-        return Err(format!(
-            "container name {container:?} is not a DNS-1123 label"
-        ));
-    }
+    check_names(uid, container)?;
     let current = log_path(pods_dir, uid, container);
     let mut out = Vec::new();
     if req.previous {
@@ -402,6 +408,7 @@ pub fn follow_log(
 ) -> Result<Vec<u8>, String> {
     use std::io::{Read, Seek, SeekFrom};
     use std::os::unix::fs::MetadataExt;
+    check_names(uid, container)?;
     let current = log_path(pods_dir, uid, container);
     let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.ino(), m.len()));
     let Some(cursor) = req.cursor else {
@@ -421,12 +428,6 @@ pub fn follow_log(
         out.extend(body);
         return Ok(out);
     };
-    crate::podcheck::uid(uid)?;
-    if !crate::podcheck::dns_label(container) {
-        return Err(format!(
-            "container name {container:?} is not a DNS-1123 label"
-        ));
-    }
     let read_from = |p: &Path, offset: u64, max: u64| -> Vec<u8> {
         let mut buf = Vec::new();
         if let Ok(mut f) = std::fs::File::open(p)
@@ -658,5 +659,12 @@ mod tests {
         };
         let e = follow_log(d.path(), UID, "../../etc", &req, false).unwrap_err();
         assert!(e.contains("DNS-1123"), "{e}");
+        // The first step too, before it looks at any file.
+        let first = LogRequest {
+            cursor: None,
+            ..req
+        };
+        let e = follow_log(d.path(), "../x", "main", &first, false).unwrap_err();
+        assert!(e.contains("uid") || e.contains("UID"), "{e}");
     }
 }
