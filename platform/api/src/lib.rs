@@ -150,7 +150,7 @@ pub struct LogRequest {
     /// The previous (terminated) instance's log.
     #[serde(default)]
     pub previous: bool,
-    /// `kubectl logs -f`: the reply starts with a [`LogCursor`] (16 bytes) saying where the
+    /// `kubectl logs -f`: the reply starts with a [`LogCursor`] ([`LogCursor::LEN`] bytes) saying where the
     /// next request continues. Without `cursor`, the log so far (with `tailLines`/`limitBytes`);
     /// with one, only what was written after it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -172,9 +172,12 @@ pub struct LogCursor {
 }
 
 impl LogCursor {
+    /// Its length at the head of a follow reply.
+    pub const LEN: usize = 16;
+
     /// The cursor as it leads a follow reply (big-endian file, then offset).
-    pub fn to_bytes(self) -> [u8; 16] {
-        let mut b = [0u8; 16];
+    pub fn to_bytes(self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
         b[..8].copy_from_slice(&self.file.to_be_bytes());
         b[8..].copy_from_slice(&self.offset.to_be_bytes());
         b
@@ -182,12 +185,12 @@ impl LogCursor {
 
     /// Splits a follow reply into its cursor and the log bytes.
     pub fn split(reply: &[u8]) -> Option<(LogCursor, &[u8])> {
-        if reply.len() < 16 {
+        if reply.len() < Self::LEN {
             return None;
         }
         let file = u64::from_be_bytes(reply[..8].try_into().ok()?);
-        let offset = u64::from_be_bytes(reply[8..16].try_into().ok()?);
-        Some((LogCursor { file, offset }, &reply[16..]))
+        let offset = u64::from_be_bytes(reply[8..Self::LEN].try_into().ok()?);
+        Some((LogCursor { file, offset }, &reply[Self::LEN..]))
     }
 }
 

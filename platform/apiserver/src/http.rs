@@ -489,16 +489,18 @@ async fn pod_log(
             "cannot get logs from node {node}: no cloud core is attached to this API server (run `sedge up`, or `sedge cloud` with the embedded API server)"
         ))
     })?;
-    let state = container_state(&pod, &req.log.container);
-    if flag(params, "follow") && !req.log.previous && state.is_some_and(|s| !s.ended) {
-        return follow_log(app, pod, req, source, state.unwrap_or_default()).await;
+    if flag(params, "follow")
+        && !req.log.previous
+        && let Some(start) = container_state(&pod, &req.log.container).filter(|s| !s.ended)
+    {
+        return follow_log(app, pod, req, source, start).await;
     }
     let text = (source.0)(req).await.map_err(ApiError::Unavailable)?;
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text).into_response())
 }
 
 /// What a follow watches of a container in the pod's status.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct ContainerState {
     restarts: i64,
     ended: bool,
@@ -519,9 +521,9 @@ fn container_state(pod: &Value, container: &str) -> Option<ContainerState> {
 
 /// `kubectl logs -f`: the log so far, then what the container writes, asked from the node every
 /// [`LOG_FOLLOW_INTERVAL`] through the channel (one request at a time per stream, so a client
-/// that reads slowly only slows its own stream). It ends when the container ends (once what it
-/// wrote last is sent), when the pod is deleted or replaced, or when the client goes away; a
-/// node that cannot be reached ends it with an error.
+/// that reads slowly only slows its own stream). It ends when the container ends (once the node
+/// has nothing more to send), when the pod is deleted or replaced, or when the client goes away;
+/// a node that cannot be reached ends it with an error.
 async fn follow_log(
     app: &Arc<App>,
     pod: Value,
@@ -542,7 +544,7 @@ async fn follow_log(
     let first = (source.0)(req.clone())
         .await
         .map_err(ApiError::Unavailable)?;
-    let (cursor, body) = sedge_api::LogCursor::split(&first)
+    let (cursor, _) = sedge_api::LogCursor::split(&first)
         .ok_or_else(|| ApiError::Unavailable(format!("node {}: malformed log reply", req.node)))?;
     req.log.cursor = Some(cursor);
     req.log.tail_lines = None;
@@ -560,7 +562,9 @@ async fn follow_log(
         req: ops::PodLogRequest,
         source: ops::PodLogSource,
         first: Option<bytes::Bytes>,
-        last: bool,
+        /// The container ended: read until the node has nothing more, then stop.
+        ending: bool,
+        /// Stop now (the node failed).
         done: bool,
         _slot: WatchSlot,
     }
@@ -569,8 +573,8 @@ async fn follow_log(
         rt,
         req,
         source,
-        first: Some(bytes::Bytes::copy_from_slice(body)),
-        last: false,
+        first: Some(first.slice(sedge_api::LogCursor::LEN..)),
+        ending: false,
         done: false,
         _slot: slot,
     };
@@ -586,34 +590,36 @@ async fn follow_log(
                 if f.done {
                     return None;
                 }
-                if !f.last {
+                if !f.ending {
                     tokio::select! {
                         _ = tokio::time::sleep(LOG_FOLLOW_INTERVAL) => {}
                         _ = shutdown.changed() => return None,
                     }
-                    // Has the container ended, or the pod gone? Then one last read.
+                    // Has the container ended, or the pod gone? Then read what is left.
                     let (core, rt) = (f.core.clone(), f.rt.clone());
                     let (ns, name) = (f.req.namespace.clone(), f.req.pod.clone());
                     let now = blocking(move || ops::get(&core, &rt, "v1", Some(&ns), &name)).await;
-                    f.last = match &now {
+                    f.ending = match &now {
                         Ok(p) if p["metadata"]["uid"] == uid => {
                             container_state(p, &f.req.log.container)
                                 .is_some_and(|s| s.ended || s.restarts != start.restarts)
                         }
                         _ => true,
                     };
-                } else {
-                    f.done = true;
                 }
                 match (f.source.0)(f.req.clone()).await {
                     Ok(reply) => {
                         let Some((cursor, body)) = sedge_api::LogCursor::split(&reply) else {
+                            f.done = true;
                             return Some((Err(std::io::Error::other("malformed log reply")), f));
                         };
                         f.req.log.cursor = Some(cursor);
                         if !body.is_empty() {
-                            let b = bytes::Bytes::copy_from_slice(body);
+                            let b = reply.slice(sedge_api::LogCursor::LEN..);
                             return Some((Ok(b), f));
+                        }
+                        if f.ending {
+                            return None;
                         }
                     }
                     Err(e) => {

@@ -31,16 +31,12 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value, rev: i64) {
                 "strategy",
                 json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}),
             );
-            if spec["template"]["spec"].is_object() {
-                default_pod_spec(&mut spec["template"]["spec"]);
-            }
+            default_template(spec);
         }
         ("apps", "ReplicaSet") => {
             let spec = &mut obj["spec"];
             set_default(spec, "replicas", json!(1));
-            if spec["template"]["spec"].is_object() {
-                default_pod_spec(&mut spec["template"]["spec"]);
-            }
+            default_template(spec);
         }
         ("apps", "DaemonSet") => {
             let spec = &mut obj["spec"];
@@ -50,9 +46,7 @@ pub fn apply_defaults(rt: &ResourceType, obj: &mut Value, rev: i64) {
                 "updateStrategy",
                 json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
             );
-            if spec["template"]["spec"].is_object() {
-                default_pod_spec(&mut spec["template"]["spec"]);
-            }
+            default_template(spec);
         }
         ("batch", "Job") => default_job(obj),
         ("", "Service") => {
@@ -200,6 +194,13 @@ fn template_restart_policy(spec: &Value, allowed: &[&str], causes: &mut Vec<Caus
             rp,
             &values,
         ));
+    }
+}
+
+/// Pod defaults for a workload's `spec.template`, when it has a pod spec.
+fn default_template(spec: &mut Value) {
+    if spec["template"]["spec"].is_object() {
+        default_pod_spec(&mut spec["template"]["spec"]);
     }
 }
 

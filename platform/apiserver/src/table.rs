@@ -165,6 +165,18 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// A map of strings as kubectl prints selectors: `k=v,k2=v2` (empty when there is none).
+pub(crate) fn pairs(m: &Value) -> String {
+    m.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", s(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
 fn or_none(v: &Value) -> Value {
     let t = s(v);
     Value::String(if t.is_empty() { "<none>".into() } else { t })
@@ -438,14 +450,10 @@ fn template_cells(o: &Value) -> Vec<Value> {
         .unwrap_or_default();
     let names: Vec<String> = containers.iter().map(|c| s(&c["name"])).collect();
     let images: Vec<String> = containers.iter().map(|c| s(&c["image"])).collect();
-    let selector: Vec<String> = o["spec"]["selector"]["matchLabels"]
-        .as_object()
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
-        .unwrap_or_default();
     vec![
         json!(names.join(",")),
         json!(images.join(",")),
-        json!(selector.join(",")),
+        json!(pairs(&o["spec"]["selector"]["matchLabels"])),
     ]
 }
 
@@ -608,10 +616,7 @@ fn cells(rt: &ResourceType, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                         .collect()
                 })
                 .unwrap_or_default();
-            let selector: Vec<String> = o["spec"]["selector"]
-                .as_object()
-                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
-                .unwrap_or_default();
+            let selector = pairs(&o["spec"]["selector"]);
             let external: Vec<String> = o["spec"]["externalIPs"]
                 .as_array()
                 .map(|a| a.iter().map(s).collect())
@@ -631,11 +636,7 @@ fn cells(rt: &ResourceType, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                     ports.join(",")
                 }),
                 created,
-                json!(if selector.is_empty() {
-                    "<none>".to_string()
-                } else {
-                    selector.join(",")
-                }),
+                or_none(&json!(selector)),
             ]
         }
         ("", "Endpoints") => {
@@ -725,10 +726,7 @@ fn cells(rt: &ResourceType, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
         ("apps", "DaemonSet") => {
             let st = &o["status"];
             let n = |v: &Value| v.as_i64().unwrap_or(0);
-            let selector: Vec<String> = o["spec"]["template"]["spec"]["nodeSelector"]
-                .as_object()
-                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
-                .unwrap_or_default();
+            let selector = pairs(&o["spec"]["template"]["spec"]["nodeSelector"]);
             let mut v = vec![
                 name,
                 json!(n(&st["desiredNumberScheduled"])),
@@ -736,7 +734,7 @@ fn cells(rt: &ResourceType, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
                 json!(n(&st["numberReady"])),
                 json!(n(&st["updatedNumberScheduled"])),
                 json!(n(&st["numberAvailable"])),
-                or_none(&json!(selector.join(","))),
+                or_none(&json!(selector)),
                 created,
             ];
             v.extend(template_cells(o));

@@ -316,16 +316,8 @@ impl Edged {
             req.uid.clone()
         };
         let cri = self.shared.runtime.cri();
-        if req.follow {
-            return follow_log(
-                &self.shared.settings.pods_dir,
-                &uid,
-                &req.container,
-                req,
-                cri,
-            );
-        }
-        read_log(
+        let read = if req.follow { follow_log } else { read_log };
+        read(
             &self.shared.settings.pods_dir,
             &uid,
             &req.container,
@@ -411,22 +403,21 @@ pub fn follow_log(
     check_names(uid, container)?;
     let current = log_path(pods_dir, uid, container);
     let identity = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.ino(), m.len()));
+    // The reply: the cursor, then the bytes (converted from the CRI's format).
+    let reply = |next: LogCursor, raw: Vec<u8>, convert: bool| {
+        let mut out = next.to_bytes().to_vec();
+        out.extend(if convert { from_cri_log(&raw) } else { raw });
+        out
+    };
     let Some(cursor) = req.cursor else {
-        let mut first = LogRequest {
-            follow: false,
-            ..req.clone()
-        };
-        first.cursor = None;
         let (file, len) = identity(&current).unwrap_or((0, 0));
-        let body = match read_log(pods_dir, uid, container, &first, cri) {
+        let body = match read_log(pods_dir, uid, container, req, cri) {
             Ok(b) => b,
             // Not started yet: the follow waits for it.
             Err(_) if file == 0 => Vec::new(),
             Err(e) => return Err(e),
         };
-        let mut out = LogCursor { file, offset: len }.to_bytes().to_vec();
-        out.extend(body);
-        return Ok(out);
+        return Ok(reply(LogCursor { file, offset: len }, body, false));
     };
     let read_from = |p: &Path, offset: u64, max: u64| -> Vec<u8> {
         let mut buf = Vec::new();
@@ -458,9 +449,7 @@ pub fn follow_log(
                         file: cursor.file,
                         offset: cursor.offset + tail.len() as u64,
                     };
-                    let mut out = next.to_bytes().to_vec();
-                    out.extend(if cri { from_cri_log(&tail) } else { tail });
-                    return Ok(out);
+                    return Ok(reply(next, tail, cri));
                 }
             }
             (file, 0)
@@ -478,9 +467,7 @@ pub fn follow_log(
         offset: from + fresh.len() as u64,
     };
     tail.extend(fresh);
-    let mut out = next.to_bytes().to_vec();
-    out.extend(if cri { from_cri_log(&tail) } else { tail });
-    Ok(out)
+    Ok(reply(next, tail, cri))
 }
 
 /// Applies `tailLines` and `limitBytes` to a log.

@@ -23,15 +23,7 @@ pub fn has_scale(rt: &ResourceType) -> bool {
 /// The Scale of `obj`.
 pub fn scale_of(obj: &Value) -> Value {
     let m = &obj["metadata"];
-    let selector = obj["spec"]["selector"]["matchLabels"]
-        .as_object()
-        .map(|l| {
-            l.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
+    let selector = crate::table::pairs(&obj["spec"]["selector"]["matchLabels"]);
     json!({
         "apiVersion": "autoscaling/v1",
         "kind": "Scale",

@@ -232,7 +232,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let mut wake: Option<Duration> = None;
     let mut counts = (0usize, 0usize, 0usize, 0usize); // current, ready, available, updated
     let mut unavailable_nodes = missing.len() as i32;
-    let mut old_pods: Vec<&Pod> = Vec::new();
+    let mut old_pods: Vec<(&Pod, bool)> = Vec::new(); // with whether it is available
     for node in wanted.keys() {
         let Some(p) = by_node
             .get(node)
@@ -253,7 +253,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         if p.labels().get(REVISION_LABEL) == Some(&hash) {
             counts.3 += 1;
         } else {
-            old_pods.push(p);
+            old_pods.push((p, ok));
         }
     }
     if !on_delete {
@@ -271,13 +271,9 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .max(1);
         let mut budget = max_unavailable - unavailable_nodes;
         // Old pods that are not available anyway go at once.
-        for p in &old_pods {
-            if !available(p, min_ready).0 {
-                doomed.push(p);
-            }
-        }
-        for p in &old_pods {
-            if available(p, min_ready).0 && budget > 0 {
+        doomed.extend(old_pods.iter().filter(|(_, ok)| !ok).map(|(p, _)| *p));
+        for (p, _) in old_pods.iter().filter(|(_, ok)| *ok) {
+            if budget > 0 {
                 doomed.push(p);
                 budget -= 1;
             }

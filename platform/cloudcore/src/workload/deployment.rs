@@ -164,9 +164,11 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         )
     });
     let max_rev = sets.iter().map(revision).max().unwrap_or(0);
-    let new_idx = sets
-        .iter()
-        .position(|r| r.labels().get(HASH_LABEL) == Some(&hash));
+    // The ReplicaSet of the current template, and the older ones (oldest first).
+    let (mut current, olds): (Vec<ReplicaSet>, Vec<ReplicaSet>) = sets
+        .into_iter()
+        .partition(|r| r.labels().get(HASH_LABEL) == Some(&hash));
+    let new_rs = current.pop();
 
     // Annotations the ReplicaSet of the current template carries.
     let mut annotations: BTreeMap<String, String> = d
@@ -178,34 +180,34 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     annotations.insert(DESIRED.into(), replicas.to_string());
     annotations.insert(MAX.into(), (replicas + surge).to_string());
 
-    let old_spec: i32 = sets
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| Some(*i) != new_idx)
-        .map(|(_, r)| spec_replicas(r))
-        .sum();
-    let old_pods: i32 = sets
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| Some(*i) != new_idx)
-        .map(|(_, r)| status_of(r).0)
-        .sum();
+    let old_spec: i32 = olds.iter().map(spec_replicas).sum();
+    let old_pods: i32 = olds.iter().map(|r| status_of(r).0).sum();
+    // The size of the current template's ReplicaSet, now `cur`: `Recreate` waits for the old
+    // pods to be gone; a rolling update grows within `replicas + maxSurge`; paused, it only
+    // follows a scale change once nothing else is left.
+    let target = |cur: i32| {
+        if paused {
+            if old_spec == 0 { replicas } else { cur }
+        } else if recreate {
+            if old_pods > 0 || old_spec > 0 {
+                0
+            } else {
+                replicas
+            }
+        } else if cur > replicas {
+            replicas
+        } else {
+            let room = replicas + surge - (old_spec + cur);
+            (cur + room.max(0)).min(replicas)
+        }
+    };
     let mut changed = false;
 
     // The ReplicaSet of the current template: created, or brought back with a new revision.
     let new_rev;
-    match new_idx {
+    match &new_rs {
         None if !paused => {
             new_rev = max_rev + 1;
-            let initial = if recreate {
-                if old_pods > 0 || old_spec > 0 {
-                    0
-                } else {
-                    replicas
-                }
-            } else {
-                (replicas + surge - old_spec).clamp(0, replicas)
-            };
             let mut rs_template = template.clone();
             rs_template["metadata"]["labels"][HASH_LABEL] = json!(hash);
             let mut selector = spec_v["selector"].clone();
@@ -220,7 +222,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                     "annotations": annotations, "ownerReferences": [controller_ref(d.as_ref())],
                 },
                 "spec": {
-                    "replicas": initial, "selector": selector, "template": rs_template,
+                    "replicas": target(0), "selector": selector, "template": rs_template,
                     "minReadySeconds": spec_v["minReadySeconds"],
                 },
             }))
@@ -234,8 +236,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             changed = true;
         }
         None => new_rev = max_rev,
-        Some(i) => {
-            let rs = &sets[i];
+        Some(rs) => {
             new_rev = if revision(rs) < max_rev && !paused {
                 max_rev + 1
             } else {
@@ -245,25 +246,11 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 || annotations
                     .iter()
                     .any(|(k, v)| rs.annotations().get(k) != Some(v));
-            // The new ReplicaSet's size.
             let cur = spec_replicas(rs);
-            let target = if paused {
-                if old_spec == 0 { replicas } else { cur }
-            } else if recreate {
-                if old_pods > 0 || old_spec > 0 {
-                    0
-                } else {
-                    replicas
-                }
-            } else if cur > replicas {
-                replicas
-            } else {
-                let room = replicas + surge - (old_spec + cur);
-                (cur + room.max(0)).min(replicas)
-            };
-            if target != cur || want_ann {
+            let size = target(cur);
+            if size != cur || want_ann {
                 annotations.insert(REVISION.into(), new_rev.to_string());
-                scale_rs(client, rs, target, json!(annotations)).await?;
+                scale_rs(client, rs, size, json!(annotations)).await?;
                 changed = true;
             }
         }
@@ -271,16 +258,6 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 
     // Old ReplicaSets shrink.
     if !paused {
-        let new_now: Option<(i32, i32)> = new_idx.map(|i| {
-            let r = &sets[i];
-            (spec_replicas(r), status_of(r).2)
-        });
-        let olds: Vec<&ReplicaSet> = sets
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| Some(*i) != new_idx)
-            .map(|(_, r)| r)
-            .collect();
         if recreate {
             for r in &olds {
                 if spec_replicas(r) > 0 {
@@ -289,12 +266,13 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 }
             }
         } else {
+            let new_now = new_rs.as_ref().map(|r| (spec_replicas(r), status_of(r).2));
             let min_available = replicas - unavailable;
             let all_spec = old_spec + new_now.map_or(0, |n| n.0);
             let new_unavailable = new_now.map_or(0, |(s, a)| (s - a).max(0));
             // First the old pods that are not available anyway.
             let mut budget = (all_spec - min_available - new_unavailable).max(0);
-            let mut sizes: Vec<i32> = olds.iter().map(|r| spec_replicas(r)).collect();
+            let mut sizes: Vec<i32> = olds.iter().map(spec_replicas).collect();
             for (k, r) in olds.iter().enumerate() {
                 let unhealthy = (sizes[k] - status_of(r).2).max(0);
                 let cut = unhealthy.min(budget);
@@ -319,7 +297,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
         // History beyond revisionHistoryLimit goes, oldest first.
         let limit = spec_v["revisionHistoryLimit"].as_i64().unwrap_or(10).max(0) as usize;
-        let idle: Vec<&&ReplicaSet> = olds
+        let idle: Vec<&ReplicaSet> = olds
             .iter()
             .filter(|r| spec_replicas(r) == 0 && status_of(r).0 == 0)
             .collect();
@@ -339,7 +317,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     // Pods an older Sedge created straight from the template, owned by the Deployment: they go
     // once the ReplicaSet has the replicas available.
     let legacy: Vec<Pod> = owned_pods(client, &ns, &spec_v["selector"], &uid).await?;
-    let new_available = new_idx.map_or(0, |i| status_of(&sets[i]).2);
+    let (updated, _, new_available) = new_rs.as_ref().map(status_of).unwrap_or_default();
     if !legacy.is_empty() && new_available >= replicas {
         for p in &legacy {
             delete_pod(client, p).await?;
@@ -361,21 +339,21 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
 
     // Status, from what the ReplicaSets report.
     let (mut total, mut ready, mut avail) = (legacy.len() as i32, 0, 0);
-    for r in &sets {
+    for r in olds.iter().chain(&new_rs) {
         let (t, rd, a) = status_of(r);
         total += t;
         ready += rd;
         avail += a;
     }
-    let updated = new_idx.map_or(0, |i| status_of(&sets[i]).0);
     let old_left = total - updated;
     let complete = !changed
-        && new_idx.is_some()
+        && new_rs.is_some()
         && updated == replicas
         && new_available >= replicas
         && old_left == 0;
     let prev = serde_json::to_value(d.status.clone().unwrap_or_default()).unwrap_or(Value::Null);
     let available_ok = avail >= replicas - unavailable;
+    let rs_name = format!("{name}-{hash}");
     let progressing = if paused {
         condition(
             &prev,
@@ -385,7 +363,6 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             "Deployment is paused",
         )
     } else if complete {
-        let rs_name = format!("{name}-{hash}");
         condition(
             &prev,
             "Progressing",
@@ -394,7 +371,6 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             &format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
         )
     } else {
-        let rs_name = format!("{name}-{hash}");
         condition(
             &prev,
             "Progressing",
