@@ -11,6 +11,7 @@
 //! - [`edge`]: the edge side (join, reconnect, outbox, certificate rotation).
 //! - [`token`]: join tokens that can be listed and revoked.
 //! - [`queue`], [`records`], [`outbox`]: the reliability pieces.
+//! - [`stream`]: byte streams with per-stream back-pressure (exec, attach) over a session.
 //! - [`fault`]: a fault-injecting TCP/UDP proxy for tests and benchmarks.
 
 pub mod config;
@@ -24,6 +25,7 @@ pub mod outbox;
 pub mod queue;
 pub mod records;
 pub mod session;
+pub mod stream;
 pub mod tls;
 pub mod token;
 
