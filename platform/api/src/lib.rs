@@ -53,6 +53,8 @@ pub mod kind {
     pub const EVENT: &str = "event";
     /// A pod log request.
     pub const POD_LOG: &str = "podlog";
+    /// A command run in a pod's container (`kubectl exec`, `attach`).
+    pub const POD_EXEC: &str = "podexec";
     /// A device (`devices.kubeedge.io` Device).
     pub const DEVICE: &str = "device";
     /// A device model.
@@ -158,6 +160,62 @@ pub struct LogRequest {
     /// Where a follow continues (from the previous reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<LogCursor>,
+}
+
+/// What the cloud asks a node for when a user runs `kubectl exec` or `kubectl attach`: sent as
+/// the open request of a channel stream (`sedge_tunnel::stream`), whose frames then carry
+/// Kubernetes' channel protocol (`v5.channel.k8s.io`): a first byte naming the channel
+/// ([`exec_channel`]), the data after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecRequest {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// The pod's UID (a recreated pod of the same name is another pod).
+    pub uid: String,
+    /// The container.
+    pub container: String,
+    /// The command and its arguments (empty for attach).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Attach to the container's main process instead of running a command.
+    #[serde(default)]
+    pub attach: bool,
+    /// The client sends standard input.
+    #[serde(default)]
+    pub stdin: bool,
+    /// The client wants standard output.
+    #[serde(default)]
+    pub stdout: bool,
+    /// The client wants standard error (not with `tty`).
+    #[serde(default)]
+    pub stderr: bool,
+    /// Run the command on a terminal.
+    #[serde(default)]
+    pub tty: bool,
+    /// Only check that the command could run (pod, container, image), and run nothing: how
+    /// the API server answers a client that asks in a protocol it does not serve with the
+    /// error the user needs to see first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check_only: bool,
+}
+
+/// Channel numbers of Kubernetes' streaming protocol, as exec stream frames carry them.
+pub mod exec_channel {
+    /// Standard input, client to container.
+    pub const STDIN: u8 = 0;
+    /// Standard output.
+    pub const STDOUT: u8 = 1;
+    /// Standard error.
+    pub const STDERR: u8 = 2;
+    /// The outcome: a `meta/v1` Status (Success, or Failure with the exit code).
+    pub const ERROR: u8 = 3;
+    /// Terminal size changes: `{"Width": w, "Height": h}`.
+    pub const RESIZE: u8 = 4;
+    /// `v5.channel.k8s.io`: `[255, channel]` closes that channel (stdin's end of file).
+    pub const CLOSE: u8 = 255;
 }
 
 /// A position in a container's log on the node: the current file's identity (inode) and the

@@ -678,6 +678,12 @@ pub fn bootstrap_policy() -> Vec<(&'static str, Value)> {
     // Tokens for the ServiceAccounts of the namespace (`kubectl create token`), as Kubernetes'
     // `edit` allows.
     edit_rules.push(rule(&["create"], "", &["serviceaccounts/token"]));
+    // Commands in the namespace's pods (`kubectl exec`), as Kubernetes' `edit` allows.
+    edit_rules.push(rule(
+        &["get", "create"],
+        "",
+        &["pods/exec", "pods/attach", "pods/portforward"],
+    ));
     edit_rules.push(rule(
         &all_read_write,
         "apps",

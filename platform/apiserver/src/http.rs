@@ -3,6 +3,7 @@
 
 mod auth;
 mod body;
+mod exec;
 mod options;
 mod scale;
 
@@ -143,7 +144,11 @@ async fn blocking<T: Send + 'static>(
 
 /// Entry point for every request.
 pub async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let upgrade = Upgrade {
+        on: parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+        query: parts.uri.query().unwrap_or_default().to_string(),
+    };
     let path = parts.uri.path().to_string();
     let params: Params = Query::<Params>::try_from_uri(&parts.uri)
         .map(|q| q.0)
@@ -174,6 +179,7 @@ pub async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
         &params,
         body,
         identity,
+        upgrade,
     )
     .await
     {
@@ -222,6 +228,7 @@ fn only_get(method: &Method) -> ApiResult<()> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn route(
     app: &Arc<App>,
     method: &Method,
@@ -230,6 +237,7 @@ async fn route(
     params: &Params,
     body: Body,
     identity: Option<Identity>,
+    upgrade: Upgrade,
 ) -> ApiResult<(String, Response)> {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let resource_request = matches!(
@@ -324,7 +332,10 @@ async fn route(
             ok(discovery::resources(&snap, "", "v1").ok_or(ApiError::NoRoute)?)
         }
         ["api", "v1", rest @ ..] => {
-            resource(app, method, headers, params, body, "", "v1", rest, identity).await
+            resource(
+                app, method, headers, params, body, "", "v1", rest, identity, upgrade,
+            )
+            .await
         }
         ["apis"] => {
             only_get(method)?;
@@ -339,10 +350,20 @@ async fn route(
             ok(discovery::resources(&snap, g, v).ok_or(ApiError::NoRoute)?)
         }
         ["apis", g, v, rest @ ..] => {
-            resource(app, method, headers, params, body, g, v, rest, identity).await
+            resource(
+                app, method, headers, params, body, g, v, rest, identity, upgrade,
+            )
+            .await
         }
         _ => Err(ApiError::NoRoute),
     }
+}
+
+/// What a streaming subresource (exec) needs beyond the parsed request: the connection's
+/// upgrade, and the raw query (its `command` parameter repeats).
+pub(crate) struct Upgrade {
+    on: Option<hyper::upgrade::OnUpgrade>,
+    query: String,
 }
 
 /// A parsed resource URL.
@@ -392,8 +413,9 @@ fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResu
         }
         [] => return Err(ApiError::NoRoute),
     };
-    let pod_sub =
-        |s: &str| rt.kind == "Pod" && rt.group.is_empty() && (s == "log" || s == "binding");
+    let pod_sub = |s: &str| {
+        rt.kind == "Pod" && rt.group.is_empty() && matches!(s, "log" | "binding" | "exec")
+    };
     let sa_sub = |s: &str| rt.kind == "ServiceAccount" && rt.group.is_empty() && s == "token";
     if let Some(s) = &sub
         && !(s == "status" && rt.status_subresource)
@@ -430,29 +452,7 @@ async fn pod_log(
     let core = app.core.clone();
     let (ns2, name2) = (ns.to_string(), name.to_string());
     let pod = blocking(move || ops::get(&core, &rt, "v1", Some(&ns2), &name2)).await?;
-    let containers: Vec<String> = pod["spec"]["containers"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c["name"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    let container = match params.get("container").filter(|c| !c.is_empty()) {
-        Some(c) if containers.contains(c) => c.clone(),
-        Some(c) => {
-            return Err(ApiError::bad_request(format!(
-                "container {c} is not valid for pod {name}"
-            )));
-        }
-        None if containers.len() == 1 => containers[0].clone(),
-        None => {
-            return Err(ApiError::bad_request(format!(
-                "a container name must be specified for pod {name}, choose one of: [{}]",
-                containers.join(" ")
-            )));
-        }
-    };
+    let container = pick_container(&pod, params, name)?;
     let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
     if node.is_empty() {
         return Err(ApiError::bad_request(format!(
@@ -497,6 +497,29 @@ async fn pod_log(
     }
     let text = (source.0)(req).await.map_err(ApiError::Unavailable)?;
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text).into_response())
+}
+
+/// The container a pod subresource (log, exec) names with `?container=`, or the pod's only one.
+fn pick_container(pod: &Value, params: &Params, name: &str) -> ApiResult<String> {
+    let containers: Vec<String> = pod["spec"]["containers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    match params.get("container").filter(|c| !c.is_empty()) {
+        Some(c) if containers.contains(c) => Ok(c.clone()),
+        Some(c) => Err(ApiError::bad_request(format!(
+            "container {c} is not valid for pod {name}"
+        ))),
+        None if containers.len() == 1 => Ok(containers[0].clone()),
+        None => Err(ApiError::bad_request(format!(
+            "a container name must be specified for pod {name}, choose one of: [{}]",
+            containers.join(" ")
+        ))),
+    }
 }
 
 /// What a follow watches of a container in the pod's status.
@@ -650,13 +673,18 @@ async fn resource(
     version: &str,
     rest: &[&str],
     identity: Option<Identity>,
+    upgrade: Upgrade,
 ) -> ApiResult<(String, Response)> {
     let t = parse_target(app, group, version, rest)?;
     let label = t.rt.qualified();
     check_acceptable(headers)?;
     let is_watch = t.watch_path || flag(params, "watch");
     if let Some(id) = &identity {
+        let streaming = t.rt.kind == "Pod" && t.sub.as_deref() == Some("exec");
         let verb = match (method.clone(), t.name.is_some()) {
+            // Kubernetes asks for `create` on pods/exec whatever the method (a WebSocket
+            // upgrade is a GET).
+            (Method::GET | Method::POST, true) if streaming => "create",
             (Method::GET | Method::HEAD, _) if is_watch => "watch",
             (Method::GET | Method::HEAD, true) => "get",
             (Method::GET | Method::HEAD, false) => "list",
@@ -748,6 +776,10 @@ async fn resource(
         )
         .await?;
         return Ok((format!("{label}/scale"), resp));
+    }
+    if let (Some("exec"), Some(name), Some(ns)) = (sub.as_deref(), t.name.clone(), ns.clone()) {
+        let resp = exec::pod_exec(app, rt, &ns, &name, headers, upgrade).await?;
+        return Ok((format!("{label}/exec"), resp));
     }
     if let (Some(s), Some(name), Some(ns)) = (sub.as_deref(), t.name.clone(), ns.clone())
         && (s == "log" || s == "binding")

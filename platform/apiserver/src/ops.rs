@@ -52,6 +52,8 @@ pub struct Core {
     /// Where `pods/{name}/log` is forwarded: set by the cloud core when it runs in the same
     /// process (`sedge up`); unset, the subresource answers 503 saying so.
     pub pod_logs: std::sync::OnceLock<PodLogSource>,
+    /// Where `pods/{name}/exec` is forwarded, set the same way.
+    pub pod_exec: std::sync::OnceLock<PodExecSource>,
     /// RBAC and the Node authorizer, with the policy cached until a role or binding changes.
     pub authz: crate::authz::Authorizer,
 }
@@ -81,6 +83,47 @@ pub struct PodLogSource(pub Arc<PodLogFn>);
 impl std::fmt::Debug for PodLogSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("PodLogSource")
+    }
+}
+
+/// What `kubectl exec` asks for, with the pod resolved to where it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodExecRequest {
+    /// The node the pod is bound to.
+    pub node: String,
+    /// What the node is asked to run.
+    pub exec: sedge_api::ExecRequest,
+}
+
+/// An exec stream opened on the pod's node: frames in Kubernetes' channel protocol (first byte
+/// the channel, [`sedge_api::exec_channel`]).
+#[derive(Debug)]
+pub struct PodExecStream {
+    /// Frames from the container; `None` once the node closed the stream cleanly, one `Err`
+    /// naming why when it failed (the link dropped).
+    pub from_node: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
+    /// Frames for the container, each at most [`PodExecStream::MAX_FRAME`] bytes; dropping it
+    /// ends the stream and the command.
+    pub to_node: tokio::sync::mpsc::Sender<bytes::Bytes>,
+}
+
+impl PodExecStream {
+    /// The largest frame `to_node` takes (the channel's stream frame).
+    pub const MAX_FRAME: usize = 32 * 1024;
+}
+
+/// Opens exec streams wherever pods run; errors are the API errors the client gets.
+pub type PodExecFn = dyn Fn(PodExecRequest) -> futures::future::BoxFuture<'static, Result<PodExecStream, ApiError>>
+    + Send
+    + Sync;
+
+/// A [`PodExecFn`] behind a `Debug` wrapper.
+#[derive(Clone)]
+pub struct PodExecSource(pub Arc<PodExecFn>);
+
+impl std::fmt::Debug for PodExecSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PodExecSource")
     }
 }
 

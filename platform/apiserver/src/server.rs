@@ -174,6 +174,7 @@ impl ApiServer {
             store: Arc::new(store),
             registry: Registry::default(),
             pod_logs: Default::default(),
+            pod_exec: Default::default(),
             authz: Default::default(),
         });
         {

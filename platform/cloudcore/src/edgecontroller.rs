@@ -678,6 +678,7 @@ pub struct Upstream {
     client: kube::Client,
     cache: Cache,
     modules: HashMap<String, Arc<dyn crate::CloudModule>>,
+    streams: sedge_tunnel::stream::Streams,
 }
 
 /// The outcome of one report: `Err` is retried by the edge later, a permanent refusal is logged
@@ -701,11 +702,13 @@ impl Upstream {
         client: kube::Client,
         cache: Cache,
         modules: HashMap<String, Arc<dyn crate::CloudModule>>,
+        streams: sedge_tunnel::stream::Streams,
     ) -> Upstream {
         Upstream {
             client,
             cache,
             modules,
+            streams,
         }
     }
 
@@ -719,6 +722,12 @@ impl Upstream {
 
     async fn handle(&self, i: Incoming) -> Outcome {
         let m = &i.message;
+        if m.route.group == sedge_tunnel::stream::GROUP {
+            if let Err(e) = self.streams.handle(&i.node, m) {
+                tracing::warn!(node = %i.node, error = %e, "stream frame refused");
+            }
+            return Ok(None);
+        }
         if m.route.group != group::CLOUD {
             if let Some(module) = self.modules.get(&m.route.group) {
                 return module.handle(&i.node, i.message).await;

@@ -17,6 +17,7 @@
 //!   affinity, taints/tolerations, requests against allocatable).
 
 pub mod edgecontroller;
+pub mod exec;
 pub mod lifecycle;
 pub use sedge_api::quantity;
 pub mod scheduler;
@@ -139,6 +140,8 @@ pub struct CloudCore {
     pub hub: Arc<Hub>,
     /// The shared informer cache.
     pub cache: Cache,
+    /// Open exec streams, over all nodes.
+    pub streams: sedge_tunnel::stream::Streams,
     cfg: CloudCoreConfig,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -204,7 +207,14 @@ impl CloudCore {
         let mut groups = std::collections::HashMap::new();
         for m in modules {
             let g = m.group().to_string();
-            if [group::META, group::EDGED, group::CLOUD].contains(&g.as_str()) {
+            if [
+                group::META,
+                group::EDGED,
+                group::CLOUD,
+                sedge_tunnel::stream::GROUP,
+            ]
+            .contains(&g.as_str())
+            {
                 return Err(CloudError::Config(format!(
                     "a cloud module may not claim the built-in group {g:?}"
                 )));
@@ -223,10 +233,12 @@ impl CloudCore {
                 base(k, ns, name).or_else(|| modules.iter().find_map(|m| m.owner(k, ns, name)))
             })
         };
+        let streams = sedge_tunnel::stream::Streams::default();
         let upstream = Arc::new(edgecontroller::Upstream::new(
             client.clone(),
             cache.clone(),
             groups.clone(),
+            streams.clone(),
         ));
         let hub = Hub::start(
             cfg.hub.clone(),
@@ -244,6 +256,10 @@ impl CloudCore {
                 cache: cache.clone(),
             });
         }
+        tasks.push(tokio::spawn(exec::close_on_disconnect(
+            hub.clone(),
+            streams.clone(),
+        )));
         tasks.push(tokio::spawn(edgecontroller::run_downstream(
             hub.clone(),
             cache.clone(),
@@ -271,6 +287,7 @@ impl CloudCore {
         Ok(CloudCore {
             hub,
             cache,
+            streams,
             cfg,
             tasks,
         })
@@ -289,6 +306,22 @@ impl CloudCore {
             node,
             namespace,
             pod,
+            req,
+            Duration::from_millis(self.cfg.log_timeout_ms),
+        )
+        .await
+    }
+
+    /// Opens an exec stream to the node the pod runs on (see [`exec::open`]).
+    pub async fn pod_exec(
+        &self,
+        node: &str,
+        req: &sedge_api::ExecRequest,
+    ) -> Result<exec::ExecChannels, exec::ExecError> {
+        exec::open(
+            &self.hub,
+            &self.streams,
+            node,
             req,
             Duration::from_millis(self.cfg.log_timeout_ms),
         )

@@ -299,6 +299,11 @@ impl Edged {
         }
     }
 
+    /// The container runtime.
+    pub fn runtime(&self) -> Arc<dyn Runtime> {
+        self.shared.runtime.clone()
+    }
+
     /// Reads a container log for `kubectl logs`.
     pub fn logs(&self, ns: &str, name: &str, req: &LogRequest) -> Result<Vec<u8>, String> {
         let pod = self

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod cri;
 pub mod edged;
+pub mod exec;
 pub mod lifecycle;
 pub mod metaserver;
 pub mod oci;
@@ -35,7 +36,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sedge_api::{Key, LeaseReport, LogRequest, group, kind};
+use sedge_api::{ExecRequest, Key, LeaseReport, LogRequest, group, kind};
+use sedge_tunnel::stream::{self, Streams};
 use sedge_tunnel::{EdgeHub, EdgeOptions, Incoming, LinkEvent, Message, Policy, op};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -87,6 +89,7 @@ pub struct ModuleContext {
     reports: edged::Reports,
     hub: Arc<std::sync::OnceLock<Arc<EdgeHub>>>,
     pod_tokens: Arc<podtoken::PodTokens>,
+    streams: Streams,
 }
 
 impl ModuleContext {
@@ -270,7 +273,7 @@ impl EdgeCore {
             )));
         }
         for m in &modules {
-            if [group::META, group::EDGED, group::CLOUD].contains(&m.group()) {
+            if [group::META, group::EDGED, group::CLOUD, stream::GROUP].contains(&m.group()) {
                 return Err(EdgeError::Config(format!(
                     "an edge module may not claim the built-in group {:?}",
                     m.group()
@@ -345,6 +348,7 @@ impl EdgeCore {
             reports: reports.clone(),
             hub: Arc::new(std::sync::OnceLock::new()),
             pod_tokens: pod_tokens.clone(),
+            streams: Streams::default(),
         };
         let modules: HashMap<String, Arc<dyn EdgeModule>> = modules
             .into_iter()
@@ -374,6 +378,21 @@ impl EdgeCore {
         );
         let _ = ctx.hub.set(hub.clone());
         let mut tasks = Vec::new();
+        // Exec streams do not outlive the link they ride on: their commands are killed.
+        {
+            let (mut links, streams) = (hub.subscribe(), ctx.streams.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    match links.recv().await {
+                        Ok(LinkEvent::Disconnected { reason, .. }) => {
+                            streams.close_all(&format!("the link to the cloud dropped: {reason}"))
+                        }
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
         {
             let (hub, reports) = (hub.clone(), reports.clone());
             tasks.push(tokio::spawn(async move {
@@ -590,6 +609,7 @@ async fn route(
                     .map_err(|e| e.to_string())??;
             Ok(Some(m.reply(op::RESPONSE, bytes)))
         }
+        sedge_tunnel::stream::GROUP => open_stream(m, edged, ctx).await,
         g => match modules.get(g) {
             Some(module) => module.handle(ctx, m).await,
             None => {
@@ -599,6 +619,61 @@ async fn route(
         },
     }
 }
+
+/// A stream message from the cloud: frames of an open stream, or an open (exec) to accept.
+async fn open_stream(
+    m: Message,
+    edged: &Arc<Edged>,
+    ctx: &ModuleContext,
+) -> Result<Option<Message>, String> {
+    if m.route.operation != stream::op::OPEN {
+        if let Err(e) = ctx.streams.handle(CLOUD_PEER, &m) {
+            tracing::warn!(error = %e, "stream frame refused");
+        }
+        return Ok(None);
+    }
+    let refuse = |why: String| Ok(Some(m.reply(op::ERROR, why)));
+    let req: ExecRequest = match serde_json::from_slice(&m.content) {
+        Ok(r) => r,
+        Err(e) => return refuse(format!("malformed exec request: {e}")),
+    };
+    if ctx.streams.len() >= exec::MAX_STREAMS {
+        return refuse(format!(
+            "node {} already serves {} exec streams; try again later",
+            ctx.node,
+            exec::MAX_STREAMS
+        ));
+    }
+    let (store, runtime) = (ctx.store.clone(), edged.runtime());
+    let target = {
+        let (req, runtime) = (req.clone(), runtime.clone());
+        tokio::task::spawn_blocking(move || exec::resolve(&store, runtime.as_ref(), &req))
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(why) => return refuse(why),
+    };
+    if req.check_only {
+        return Ok(Some(m.reply(op::RESPONSE, "")));
+    }
+    let send: stream::Sender = {
+        let ctx = ctx.clone();
+        Arc::new(move |msg| {
+            let ctx = ctx.clone();
+            Box::pin(async move { ctx.send_now(msg).await })
+        })
+    };
+    let Some(s) = ctx.streams.register(&m.route.resource, CLOUD_PEER, send) else {
+        return refuse(format!("stream {:?} is open already", m.route.resource));
+    };
+    tokio::spawn(exec::run(runtime, target, req, s));
+    Ok(Some(m.reply(op::RESPONSE, "")))
+}
+
+/// The peer name of the cloud in the edge's streams.
+const CLOUD_PEER: &str = "cloud";
 
 /// A gRPC channel over a Unix socket (CRI to containerd, DMI between the agent and mappers); the
 /// error names the socket and says why, down to the cause.
@@ -667,6 +742,7 @@ mod tests {
             reports: tx,
             hub: Arc::new(std::sync::OnceLock::new()),
             pod_tokens,
+            streams: Streams::default(),
         };
         let modules = HashMap::new();
         // Delivers one message from the cloud to the agent's router.

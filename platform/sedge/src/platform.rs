@@ -11,7 +11,9 @@ use clap::Args;
 use sedge_ai_controller::cloud::CloudAiModule;
 use sedge_ai_controller::controller::ControllerConfig;
 use sedge_ai_controller::edge::{EdgeAiConfig, EdgeAiModule};
-use sedge_apiserver::ops::{PodLogRequest, PodLogSource};
+use sedge_apiserver::ops::{
+    PodExecRequest, PodExecSource, PodExecStream, PodLogRequest, PodLogSource,
+};
 use sedge_apiserver::{ApiServer, ApiServerConfig};
 use sedge_cloudcore::CloudModule;
 use sedge_cloudcore::{CloudCore, CloudCoreConfig};
@@ -185,7 +187,7 @@ pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(cfg)?)
 }
 
-/// Lets the embedded API server answer `kubectl logs` through the cloud core.
+/// Lets the embedded API server answer `kubectl logs` and `kubectl exec` through the cloud core.
 fn attach_logs(server: &ApiServer, cloud: &CloudCore, timeout: Duration) {
     let hub = cloud.hub.clone();
     let source = PodLogSource(Arc::new(move |r: PodLogRequest| {
@@ -203,6 +205,35 @@ fn attach_logs(server: &ApiServer, cloud: &CloudCore, timeout: Duration) {
         })
     }));
     let _ = server.core.pod_logs.set(source);
+    let (hub, streams) = (cloud.hub.clone(), cloud.streams.clone());
+    let exec = PodExecSource(Arc::new(move |r: PodExecRequest| {
+        let (hub, streams) = (hub.clone(), streams.clone());
+        Box::pin(async move {
+            use sedge_apiserver::error::ApiError;
+            use sedge_cloudcore::exec::{self, ExecError};
+            let opened = if r.exec.check_only {
+                // Nothing runs: the caller only wants the node's verdict.
+                exec::check(&hub, &r.node, &r.exec, timeout)
+                    .await
+                    .map(|()| exec::ExecChannels {
+                        from_node: tokio::sync::mpsc::channel(1).1,
+                        to_node: tokio::sync::mpsc::channel(1).0,
+                    })
+            } else {
+                exec::open(&hub, &streams, &r.node, &r.exec, timeout).await
+            };
+            match opened {
+                Ok(c) => Ok(PodExecStream {
+                    from_node: c.from_node,
+                    to_node: c.to_node,
+                }),
+                Err(e @ ExecError::Busy { .. }) => Err(ApiError::TooManyRequests(e.to_string())),
+                Err(ExecError::Refused(why)) => Err(ApiError::BadRequest(why)),
+                Err(ExecError::Unavailable(why)) => Err(ApiError::Unavailable(why)),
+            }
+        })
+    }));
+    let _ = server.core.pod_exec.set(exec);
 }
 
 /// Runs `sedge cloud` until `shutdown` resolves.

@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{EDGE_CONFIG, Up, up, wait_for};
+use common::{Up, up, wait_for};
 use serde_json::Value;
 
 fn deployment(version: &str) -> String {
@@ -190,65 +189,6 @@ spec:
         env: [{name: GEN, value: one}]
 ";
 
-/// Another edge agent joining `up`'s hub as `name`; killed on drop.
-struct Edge(Child);
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn join_edge(up: &Up, name: &str) -> Edge {
-    let data = up.dir.path().join("up");
-    let token = Command::new(env!("CARGO_BIN_EXE_sedge"))
-        .args(["token", "create", "--ttl", "1h", "--data-dir"])
-        .arg(data.join("cloudhub"))
-        .arg("--pki-dir")
-        .arg(data.join("apiserver/pki"))
-        .output()
-        .unwrap();
-    assert!(
-        token.status.success(),
-        "{}",
-        String::from_utf8_lossy(&token.stderr)
-    );
-    let token = String::from_utf8(token.stdout).unwrap();
-    let cfg = up.dir.path().join(format!("{name}.yaml"));
-    std::fs::write(&cfg, EDGE_CONFIG).unwrap();
-    let hub = up.state().unwrap()["hub"].as_str().unwrap().to_string();
-    let log = std::fs::File::create(up.dir.path().join(format!("{name}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_sedge"))
-        .args(["edge", "-c"])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(up.dir.path().join(name))
-        .args([
-            "--cloud",
-            &hub,
-            "--token",
-            token.trim(),
-            "--node-name",
-            name,
-        ])
-        .args([
-            "--metaserver",
-            "",
-            "--mqtt-listen",
-            "",
-            "--lc-listen",
-            "",
-            "--dmi-socket",
-            "-",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Edge(child)
-}
-
 /// The pods of DaemonSet `agent`: (node, GEN, running and ready).
 fn daemon_pods(up: &Up) -> Vec<(String, String, bool)> {
     let mut v: Vec<(String, String, bool)> = up
@@ -287,7 +227,7 @@ fn a_daemon_set_lands_on_a_node_that_joins_later_and_rolls_node_by_node() {
         .then_some(())
     });
 
-    let _edge2 = join_edge(&up, "edge-2");
+    let _edge2 = common::join_edge(&up, "edge-2");
     wait_for("edge-2 registered", Duration::from_secs(60), || {
         up.kubectl(&["get", "node", "edge-2"]).0.then_some(())
     });

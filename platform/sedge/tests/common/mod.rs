@@ -328,3 +328,95 @@ pub async fn up_with_thermometer(
     let state = std::fs::read_to_string(args.data_dir.join("up.json")).unwrap();
     (up, kc, serde_json::from_str(&state).unwrap())
 }
+
+/// Another edge agent joining `up`'s hub as `name`, a process of its own; killed on drop.
+pub struct Edge {
+    child: Option<Child>,
+    /// `sedge edge` arguments, without the join token (used once).
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+impl Edge {
+    /// Kills the agent with SIGKILL (its pods' processes keep running, as on a crash).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent again on its data (joined already).
+    pub fn start_again(&mut self) {
+        self.kill9();
+        self.child = Some(spawn_edge(&self.args, &[], &self.log));
+    }
+}
+
+fn spawn_edge(args: &[std::ffi::OsString], extra: &[&str], log: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_sedge"))
+        .args(args)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Joins a new edge node `name` to `up` with a fresh token and starts its agent.
+pub fn join_edge(up: &Up, name: &str) -> Edge {
+    let data = up.dir.path().join("up");
+    let token = Command::new(env!("CARGO_BIN_EXE_sedge"))
+        .args(["token", "create", "--ttl", "1h", "--data-dir"])
+        .arg(data.join("cloudhub"))
+        .arg("--pki-dir")
+        .arg(data.join("apiserver/pki"))
+        .output()
+        .unwrap();
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout).unwrap();
+    let cfg = up.dir.path().join(format!("{name}.yaml"));
+    std::fs::write(&cfg, EDGE_CONFIG).unwrap();
+    let hub = up.state().unwrap()["hub"].as_str().unwrap().to_string();
+    let log = up.dir.path().join(format!("{name}.log"));
+    let mut args: Vec<std::ffi::OsString> = vec!["edge".into(), "-c".into(), cfg.into()];
+    args.push("--data-dir".into());
+    args.push(up.dir.path().join(name).into());
+    for a in [
+        "--cloud",
+        &hub,
+        "--node-name",
+        name,
+        "--metaserver",
+        "",
+        "--mqtt-listen",
+        "",
+        "--lc-listen",
+        "",
+        "--dmi-socket",
+        "-",
+    ] {
+        args.push(a.into());
+    }
+    let child = spawn_edge(&args, &["--token", token.trim()], &log);
+    Edge {
+        child: Some(child),
+        args,
+        log,
+    }
+}
