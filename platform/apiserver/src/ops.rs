@@ -109,7 +109,7 @@ pub struct PodExecStream {
 
 impl PodExecStream {
     /// The largest frame `to_node` takes (the channel's stream frame).
-    pub const MAX_FRAME: usize = 32 * 1024;
+    pub const MAX_FRAME: usize = 64 * 1024;
 }
 
 /// Opens exec streams wherever pods run; errors are the API errors the client gets.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The platform part of `make demo`: `sedge up` with two edge nodes, a Deployment applied with
-# kubectl, its pods' logs through the channel, and a clean stop. Usage: platform-demo.sh <sedge>
+# kubectl, its pods' logs and exec through the channel, and a clean stop. Usage: platform-demo.sh <sedge>
 set -euo pipefail
 SEDGE=${1:-target/release/sedge}
 DIR=$(mktemp -d)
@@ -19,6 +19,7 @@ k get pods -o wide
 sleep 2
 POD=$(kubectl get pods -l app=hello -o jsonpath='{.items[0].metadata.name}')
 k logs "$POD" --tail=2
+k exec "$POD" -- sh -c 'echo "hello from $HOSTNAME on the edge"'
 MS=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['edges'][0]['metaserver'])" "$DIR/up/up.json")
 echo "\$ kubectl --server $MS get pods   # edge-1's local API, served from its SQLite store"
 kubectl --kubeconfig /dev/null --server "$MS" get pods -o name

@@ -187,6 +187,9 @@ pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(cfg)?)
 }
 
+// The API server splits client frames at its own constant; it must be the channel's.
+const _: () = assert!(PodExecStream::MAX_FRAME == sedge_tunnel::stream::MAX_FRAME);
+
 /// Lets the embedded API server answer `kubectl logs` and `kubectl exec` through the cloud core.
 fn attach_logs(server: &ApiServer, cloud: &CloudCore, timeout: Duration) {
     let hub = cloud.hub.clone();

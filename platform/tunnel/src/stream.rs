@@ -42,10 +42,10 @@ pub mod op {
 }
 
 /// Bytes a side may have in flight, unread by the other side, per stream.
-pub const WINDOW: usize = 256 * 1024;
+pub const WINDOW: usize = 1024 * 1024;
 
 /// The largest frame (callers split their data into frames this size or smaller).
-pub const MAX_FRAME: usize = 32 * 1024;
+pub const MAX_FRAME: usize = 64 * 1024;
 
 /// How a frame goes to the peer: the session's unacknowledged, in-order send.
 pub type Sender = Arc<dyn Fn(Message) -> BoxFuture<'static, Result<(), TunnelError>> + Send + Sync>;
