@@ -58,7 +58,14 @@ fn start_up(sedge: &std::path::Path) -> Result<Up> {
     let log = std::fs::File::create(dir.path().join("up.log"))?;
     let child = Command::new(sedge)
         .args(["up", "--edges", "1", "--listen", "127.0.0.1:0"])
-        .args(["--metaserver-port", "0", "--metrics-port", "0", "--mqtt-port", "0"])
+        .args([
+            "--metaserver-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--mqtt-port",
+            "0",
+        ])
         .arg("--data-dir")
         .arg(dir.path().join("up"))
         .stdout(Stdio::null())
@@ -109,7 +116,10 @@ async fn main() -> Result<()> {
         let running = p
             .status
             .and_then(|s| s.container_statuses)
-            .is_some_and(|c| c.iter().all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some())));
+            .is_some_and(|c| {
+                c.iter()
+                    .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            });
         if running {
             break;
         }
@@ -174,7 +184,10 @@ async fn main() -> Result<()> {
     p.join().await?;
     let via_secs = t.elapsed().as_secs_f64();
     if n_local != a.bytes || n_via != a.bytes {
-        bail!("short read: local {n_local}, through the channel {n_via} of {} ({st:?})", a.bytes);
+        bail!(
+            "short read: local {n_local}, through the channel {n_via} of {} ({st:?})",
+            a.bytes
+        );
     }
 
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());

@@ -414,7 +414,9 @@ fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResu
         [] => return Err(ApiError::NoRoute),
     };
     let pod_sub = |s: &str| {
-        rt.kind == "Pod" && rt.group.is_empty() && matches!(s, "log" | "binding" | "exec")
+        rt.kind == "Pod"
+            && rt.group.is_empty()
+            && matches!(s, "log" | "binding" | "exec" | "attach")
     };
     let sa_sub = |s: &str| rt.kind == "ServiceAccount" && rt.group.is_empty() && s == "token";
     if let Some(s) = &sub
@@ -680,10 +682,10 @@ async fn resource(
     check_acceptable(headers)?;
     let is_watch = t.watch_path || flag(params, "watch");
     if let Some(id) = &identity {
-        let streaming = t.rt.kind == "Pod" && t.sub.as_deref() == Some("exec");
+        let streaming = t.rt.kind == "Pod" && matches!(t.sub.as_deref(), Some("exec" | "attach"));
         let verb = match (method.clone(), t.name.is_some()) {
-            // Kubernetes asks for `create` on pods/exec whatever the method (a WebSocket
-            // upgrade is a GET).
+            // Kubernetes asks for `create` on pods/exec and pods/attach whatever the method
+            // (a WebSocket upgrade is a GET).
             (Method::GET | Method::POST, true) if streaming => "create",
             (Method::GET | Method::HEAD, _) if is_watch => "watch",
             (Method::GET | Method::HEAD, true) => "get",
@@ -777,9 +779,11 @@ async fn resource(
         .await?;
         return Ok((format!("{label}/scale"), resp));
     }
-    if let (Some("exec"), Some(name), Some(ns)) = (sub.as_deref(), t.name.clone(), ns.clone()) {
-        let resp = exec::pod_exec(app, rt, &ns, &name, headers, upgrade).await?;
-        return Ok((format!("{label}/exec"), resp));
+    if let (Some(s @ ("exec" | "attach")), Some(name), Some(ns)) =
+        (sub.as_deref(), t.name.clone(), ns.clone())
+    {
+        let resp = exec::pod_exec(app, rt, &ns, &name, headers, upgrade, s == "attach").await?;
+        return Ok((format!("{label}/{s}"), resp));
     }
     if let (Some(s), Some(name), Some(ns)) = (sub.as_deref(), t.name.clone(), ns.clone())
         && (s == "log" || s == "binding")

@@ -299,6 +299,11 @@ impl Edged {
         }
     }
 
+    /// The local store.
+    pub fn store(&self) -> &Arc<MetaStore> {
+        &self.shared.store
+    }
+
     /// The container runtime.
     pub fn runtime(&self) -> Arc<dyn Runtime> {
         self.shared.runtime.clone()

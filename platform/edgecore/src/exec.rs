@@ -26,6 +26,7 @@ use sedge_tunnel::stream::{MAX_FRAME, Stream, StreamReader, StreamWriter};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+use crate::Edged;
 use crate::runtime::Runtime;
 use crate::store::MetaStore;
 
@@ -50,6 +51,11 @@ pub enum Target {
         /// The runtime's container id.
         id: String,
     },
+    /// No command: the running instance's output (`kubectl attach`), from its log.
+    Attach {
+        /// The instance attached to (its end ends the attach).
+        instance: crate::store::ContainerRecord,
+    },
 }
 
 /// Checks an exec request against what the node runs: the pod by UID, the container running,
@@ -66,7 +72,14 @@ pub fn resolve(
             req.container
         ));
     }
-    if req.command.is_empty() {
+    if req.attach {
+        if req.stdin || req.tty {
+            return Err(format!(
+                "container {} was not started with stdin or a terminal (Sedge's runtimes start containers without them); attach without -i/-t to see its output",
+                req.container
+            ));
+        }
+    } else if req.command.is_empty() {
         return Err("you must specify at least one command for the container".into());
     }
     let (ns, name) = (&req.namespace, &req.pod);
@@ -97,6 +110,17 @@ pub fn resolve(
         )
     };
     let rec = rec.ok_or_else(not_running)?;
+    if req.attach {
+        let alive = if runtime.cri() {
+            !rec.container_id.is_empty()
+        } else {
+            rec.pid != 0 && crate::runtime::start_ticks(rec.pid) == Some(rec.start_ticks)
+        };
+        if !alive {
+            return Err(not_running());
+        }
+        return Ok(Target::Attach { instance: rec });
+    }
     if runtime.cri() {
         if rec.container_id.is_empty() {
             return Err(not_running());
@@ -173,9 +197,11 @@ fn frame(channel: u8, data: &[u8]) -> Bytes {
 
 /// Runs the command of `req` at `target`, its streams on `stream`, until it exits (then its
 /// status goes out and the stream closes) or the stream ends (then it is killed).
-pub async fn run(runtime: Arc<dyn Runtime>, target: Target, req: ExecRequest, stream: Stream) {
+pub async fn run(edged: Arc<Edged>, target: Target, req: ExecRequest, stream: Stream) {
+    let runtime = edged.runtime();
     let Stream { reader, writer } = stream;
     let outcome = match target {
+        Target::Attach { instance } => attach(&edged, instance, &req, reader, &writer).await,
         Target::Cri { id } => match runtime.exec_sync(&id, &req.command, CRI_EXEC_TIMEOUT) {
             Some(f) => match f.await {
                 Ok(out) => {
@@ -381,6 +407,79 @@ async fn run_pipes(
         kill_group(pid);
     }
     r
+}
+
+/// How often an attach looks for new output.
+const ATTACH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// `kubectl attach`: what the container writes from now on (its log, so stdout and stderr
+/// arrive together on stdout), until it ends or the client leaves.
+async fn attach(
+    edged: &Arc<Edged>,
+    instance: crate::store::ContainerRecord,
+    req: &ExecRequest,
+    mut reader: StreamReader,
+    writer: &StreamWriter,
+) -> Result<Value, String> {
+    let mut log = sedge_api::LogRequest {
+        uid: req.uid.clone(),
+        container: req.container.clone(),
+        tail_lines: Some(0),
+        follow: true,
+        ..Default::default()
+    };
+    let read = |log: sedge_api::LogRequest| {
+        let (edged, ns, pod) = (edged.clone(), req.namespace.clone(), req.pod.clone());
+        async move {
+            tokio::task::spawn_blocking(move || edged.logs(&ns, &pod, &log))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+    };
+    let same_instance = |edged: &Arc<Edged>| {
+        edged
+            .store()
+            .containers(&instance.pod_uid)
+            .ok()
+            .and_then(|rs| rs.into_iter().find(|r| r.name == instance.name))
+            .is_some_and(|r| {
+                r.pid == instance.pid
+                    && r.container_id == instance.container_id
+                    && r.started_at == instance.started_at
+                    && (r.pid == 0 || crate::runtime::start_ticks(r.pid) == Some(r.start_ticks))
+            })
+    };
+    let output = async {
+        loop {
+            let running = same_instance(edged);
+            let reply = read(log.clone()).await?;
+            let (cursor, data) = sedge_api::LogCursor::split(&reply)
+                .ok_or_else(|| "malformed log reply".to_string())?;
+            log.cursor = Some(cursor);
+            log.tail_lines = None;
+            for chunk in data.chunks(MAX_FRAME - 1) {
+                writer.send(frame(ch::STDOUT, chunk)).await?;
+            }
+            // Once it has ended, what it wrote last has just been read.
+            if !running {
+                return Ok(status(0));
+            }
+            if data.is_empty() {
+                tokio::time::sleep(ATTACH_POLL).await;
+            }
+        }
+    };
+    let client = async {
+        loop {
+            if let Err(e) = input(&mut reader).await {
+                return e;
+            }
+        }
+    };
+    tokio::select! {
+        r = output => r,
+        e = client => Err(e),
+    }
 }
 
 /// A pseudo-terminal: the master side for us, the slave for the command.

@@ -668,7 +668,7 @@ async fn open_stream(
     let Some(s) = ctx.streams.register(&m.route.resource, CLOUD_PEER, send) else {
         return refuse(format!("stream {:?} is open already", m.route.resource));
     };
-    tokio::spawn(exec::run(runtime, target, req, s));
+    tokio::spawn(exec::run(edged.clone(), target, req, s));
     Ok(Some(m.reply(op::RESPONSE, "")))
 }
 

@@ -327,3 +327,50 @@ fn a_link_cut_during_exec_ends_it_with_an_error_and_the_node_keeps_working() {
         (code == 0 && out == "back\n").then_some(())
     });
 }
+
+#[test]
+fn attach_shows_what_the_container_writes_from_then_on_and_ends_with_it() {
+    let up = up();
+    up.apply(
+        "
+apiVersion: v1
+kind: Pod
+metadata: {name: talker}
+spec:
+  restartPolicy: Never
+  nodeName: edge-1
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: [sh, -c, 'i=0; while [ $i -lt 80 ]; do echo line-$i; i=$((i+1)); sleep 0.1; done; echo last >&2']
+",
+    );
+    wait_for(
+        "talker to have written line-5",
+        Duration::from_secs(60),
+        || {
+            up.kubectl(&["logs", "talker"])
+                .1
+                .contains("line-5\n")
+                .then_some(())
+        },
+    );
+    let (code, out, err) = run(&up, &["attach", "talker"], None);
+    assert_eq!(code, 0, "{err}");
+    // What came after the attach, in order, from both streams, and the attach ended with the
+    // container.
+    let lines: Vec<&str> = out.lines().collect();
+    let first: usize = lines[0].strip_prefix("line-").unwrap().parse().unwrap();
+    assert!(first > 5, "the attach began at the log's start: {out}");
+    let expected: Vec<String> = (first..80)
+        .map(|i| format!("line-{i}"))
+        .chain(["last".to_string()])
+        .collect();
+    assert_eq!(lines, expected);
+
+    // Standard input cannot be attached to: the runtimes start containers without it.
+    shell_pod(&up, "shell", "edge-1");
+    let (code, _, err) = run(&up, &["attach", "-i", "shell", "-c", "main"], Some(b""));
+    assert_ne!(code, 0);
+    assert!(err.contains("not started with stdin"), "{err}");
+}

@@ -33,7 +33,7 @@ pub(super) struct ExecQuery {
 }
 
 impl ExecQuery {
-    pub(super) fn parse(query: &str) -> ApiResult<ExecQuery> {
+    pub(super) fn parse(query: &str, attach: bool) -> ApiResult<ExecQuery> {
         let mut q = ExecQuery::default();
         for (k, v) in url_pairs(query) {
             let yes = || -> ApiResult<bool> {
@@ -55,7 +55,7 @@ impl ExecQuery {
                 _ => {}
             }
         }
-        if q.command.is_empty() {
+        if q.command.is_empty() && !attach {
             return Err(ApiError::bad_request(
                 "you must specify at least one command for the container",
             ));
@@ -152,7 +152,7 @@ fn failure_status(message: &str) -> Vec<u8> {
     f
 }
 
-/// `GET|POST pods/{name}/exec` with a WebSocket upgrade.
+/// `GET|POST pods/{name}/exec` (or `attach`) with a WebSocket upgrade.
 pub(super) async fn pod_exec(
     app: &Arc<App>,
     rt: Arc<ResourceType>,
@@ -160,12 +160,13 @@ pub(super) async fn pod_exec(
     name: &str,
     headers: &HeaderMap,
     upgrade: Upgrade,
+    attach: bool,
 ) -> ApiResult<Response> {
     // kubectl tries WebSocket first and falls back to SPDY on any error: a SPDY request gets
     // the same checks (running nothing), so the user reads the error that matters.
     let websocket = is_websocket(headers);
     let protocol = if websocket { negotiate(headers)? } else { "" };
-    let q = ExecQuery::parse(&upgrade.query)?;
+    let q = ExecQuery::parse(&upgrade.query, attach)?;
     let core = app.core.clone();
     let (ns2, name2) = (ns.to_string(), name.to_string());
     let pod = blocking(move || ops::get(&core, &rt, "v1", Some(&ns2), &name2)).await?;
@@ -182,7 +183,8 @@ pub(super) async fn pod_exec(
     }
     if let Some(phase @ ("Succeeded" | "Failed")) = pod["status"]["phase"].as_str() {
         return Err(ApiError::bad_request(format!(
-            "cannot exec into a container in a completed pod; current phase is {phase}"
+            "cannot {} a container in a completed pod; current phase is {phase}",
+            if attach { "attach to" } else { "exec into" }
         )));
     }
     let source = app.core.pod_exec.get().cloned().ok_or_else(|| {
@@ -215,8 +217,8 @@ pub(super) async fn pod_exec(
                 .unwrap_or_default()
                 .to_string(),
             container,
-            command: q.command,
-            attach: false,
+            command: if attach { Vec::new() } else { q.command },
+            attach,
             stdin: q.stdin,
             stdout: q.stdout,
             stderr: q.stderr,
@@ -227,7 +229,7 @@ pub(super) async fn pod_exec(
     .await?;
     let Some(on_upgrade) = on_upgrade.filter(|_| websocket) else {
         return Err(ApiError::bad_request(
-            "pods/exec is served over WebSocket (v5.channel.k8s.io), not SPDY: use kubectl 1.30 or newer",
+            "pods/exec and pods/attach are served over WebSocket (v5.channel.k8s.io), not SPDY: use kubectl 1.30 or newer",
         ));
     };
     let v5 = protocol == PROTOCOLS[0];
@@ -354,6 +356,7 @@ mod tests {
     fn a_query_keeps_every_argument_in_order() {
         let q = ExecQuery::parse(
             "command=sh&command=-c&command=echo+%24HOSTNAME%3B+exit+3&stdout=true&stderr=true&container=c1",
+            false,
         )
         .unwrap();
         assert_eq!(q.command, ["sh", "-c", "echo $HOSTNAME; exit 3"]);
@@ -363,7 +366,9 @@ mod tests {
 
     #[test]
     fn bad_queries_are_refused_naming_what_is_wrong() {
-        let e = |q: &str| ExecQuery::parse(q).unwrap_err().to_string();
+        let e = |q: &str| ExecQuery::parse(q, false).unwrap_err().to_string();
+        // Attach runs no command.
+        assert!(ExecQuery::parse("stdout=true", true).is_ok());
         assert!(e("stdout=true").contains("at least one command"));
         assert!(e("command=ls").contains("at least 1 of stdin"));
         assert!(e("command=ls&stdout=maybe").contains("stdout"));
