@@ -202,6 +202,57 @@ pub struct ExecRequest {
     pub check_only: bool,
 }
 
+/// What the cloud asks a node for when a user runs `kubectl port-forward`: a TCP connection to
+/// the pod's port, carried by a channel stream whose frames are `[0, data...]` (bytes for the
+/// pod) and `[255]` (the client sends no more: the node shuts down its side of the connection
+/// for writing); bytes from the pod come back as `[0, data...]` and the stream closes when the
+/// pod closes the connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PortForwardRequest {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// The pod's UID.
+    pub uid: String,
+    /// The pod's TCP port.
+    pub port: u16,
+    /// Only check that the pod is there and running; connect nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check_only: bool,
+}
+
+/// The open request of a channel stream: what the node is asked to run or connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum StreamOpen {
+    /// `kubectl exec` or `attach`.
+    Exec(ExecRequest),
+    /// `kubectl port-forward`.
+    PortForward(PortForwardRequest),
+}
+
+impl StreamOpen {
+    /// Whether nothing should run or connect, only be checked.
+    pub fn check_only(&self) -> bool {
+        match self {
+            StreamOpen::Exec(r) => r.check_only,
+            StreamOpen::PortForward(r) => r.check_only,
+        }
+    }
+
+    /// The same request, marked as a check.
+    pub fn as_check(&self) -> StreamOpen {
+        let mut s = self.clone();
+        match &mut s {
+            StreamOpen::Exec(r) => r.check_only = true,
+            StreamOpen::PortForward(r) => r.check_only = true,
+        }
+        s
+    }
+}
+
 /// Channel numbers of Kubernetes' streaming protocol, as exec stream frames carry them.
 pub mod exec_channel {
     /// Standard input, client to container.

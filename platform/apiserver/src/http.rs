@@ -5,6 +5,7 @@ mod auth;
 mod body;
 mod exec;
 mod options;
+mod portforward;
 mod scale;
 
 use auth::*;
@@ -416,7 +417,7 @@ fn parse_target(app: &App, group: &str, version: &str, rest: &[&str]) -> ApiResu
     let pod_sub = |s: &str| {
         rt.kind == "Pod"
             && rt.group.is_empty()
-            && matches!(s, "log" | "binding" | "exec" | "attach")
+            && matches!(s, "log" | "binding" | "exec" | "attach" | "portforward")
     };
     let sa_sub = |s: &str| rt.kind == "ServiceAccount" && rt.group.is_empty() && s == "token";
     if let Some(s) = &sub
@@ -684,7 +685,7 @@ async fn resource(
     if let Some(id) = &identity {
         let streaming = t.rt.kind == "Pod" && matches!(t.sub.as_deref(), Some("exec" | "attach"));
         let verb = match (method.clone(), t.name.is_some()) {
-            // Kubernetes asks for `create` on pods/exec and pods/attach whatever the method
+            // Kubernetes asks for `create` on pods/exec, attach and portforward whatever the method
             // (a WebSocket upgrade is a GET).
             (Method::GET | Method::POST, true) if streaming => "create",
             (Method::GET | Method::HEAD, _) if is_watch => "watch",
@@ -778,6 +779,12 @@ async fn resource(
         )
         .await?;
         return Ok((format!("{label}/scale"), resp));
+    }
+    if let (Some("portforward"), Some(name), Some(ns)) =
+        (sub.as_deref(), t.name.clone(), ns.clone())
+    {
+        let resp = portforward::pod_port_forward(app, rt, &ns, &name, headers, upgrade).await?;
+        return Ok((format!("{label}/portforward"), resp));
     }
     if let (Some(s @ ("exec" | "attach")), Some(name), Some(ns)) =
         (sub.as_deref(), t.name.clone(), ns.clone())

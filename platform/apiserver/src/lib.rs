@@ -35,6 +35,7 @@ pub mod registry;
 pub mod satoken;
 pub mod selector;
 pub mod server;
+pub mod spdy;
 pub mod store;
 pub mod table;
 pub mod validate;

@@ -91,8 +91,8 @@ impl std::fmt::Debug for PodLogSource {
 pub struct PodExecRequest {
     /// The node the pod is bound to.
     pub node: String,
-    /// What the node is asked to run.
-    pub exec: sedge_api::ExecRequest,
+    /// What the node is asked to run or connect.
+    pub open: sedge_api::StreamOpen,
 }
 
 /// An exec stream opened on the pod's node: frames in Kubernetes' channel protocol (first byte

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sedge_api::ExecRequest;
+use sedge_api::StreamOpen;
 use sedge_tunnel::stream::{self, Streams};
 use sedge_tunnel::{Hub, LinkEvent, Message, TunnelError, op};
 use tokio::sync::mpsc;
@@ -48,17 +48,14 @@ pub struct ExecChannels {
     pub to_node: mpsc::Sender<Bytes>,
 }
 
-/// Asks `node` whether `req` could run, and runs nothing (see `ExecRequest::check_only`).
+/// Asks `node` whether `req` could run (or connect), and runs nothing.
 pub async fn check(
     hub: &Arc<Hub>,
     node: &str,
-    req: &ExecRequest,
+    req: &StreamOpen,
     timeout: Duration,
 ) -> Result<(), ExecError> {
-    let req = ExecRequest {
-        check_only: true,
-        ..req.clone()
-    };
+    let req = req.as_check();
     let open = Message::new(
         stream::GROUP,
         stream::op::OPEN,
@@ -86,13 +83,13 @@ fn refusal(node: &str, reply: Result<Message, TunnelError>) -> Option<ExecError>
     }
 }
 
-/// Opens an exec stream to `node`: the node checks the request and starts the command before
-/// this returns.
+/// Opens a stream to `node` (exec, attach, port-forward): the node checks the request and
+/// starts the command (or connects) before this returns.
 pub async fn open(
     hub: &Arc<Hub>,
     streams: &Streams,
     node: &str,
-    req: &ExecRequest,
+    req: &StreamOpen,
     timeout: Duration,
 ) -> Result<ExecChannels, ExecError> {
     if streams.count(node) >= MAX_STREAMS_PER_NODE {

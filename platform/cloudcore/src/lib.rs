@@ -316,7 +316,7 @@ impl CloudCore {
     pub async fn pod_exec(
         &self,
         node: &str,
-        req: &sedge_api::ExecRequest,
+        req: &sedge_api::StreamOpen,
     ) -> Result<exec::ExecChannels, exec::ExecError> {
         exec::open(
             &self.hub,

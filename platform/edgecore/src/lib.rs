@@ -23,6 +23,7 @@ pub mod oci;
 pub mod podcheck;
 mod podrun;
 pub mod podtoken;
+pub mod portforward;
 pub mod probe;
 pub mod reports;
 pub mod resolve;
@@ -36,7 +37,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sedge_api::{ExecRequest, Key, LeaseReport, LogRequest, group, kind};
+use sedge_api::{
+    ExecRequest, Key, LeaseReport, LogRequest, PortForwardRequest, StreamOpen, group, kind,
+};
 use sedge_tunnel::stream::{self, Streams};
 use sedge_tunnel::{EdgeHub, EdgeOptions, Incoming, LinkEvent, Message, Policy, op};
 use serde_json::{Value, json};
@@ -633,29 +636,40 @@ async fn open_stream(
         return Ok(None);
     }
     let refuse = |why: String| Ok(Some(m.reply(op::ERROR, why)));
-    let req: ExecRequest = match serde_json::from_slice(&m.content) {
+    let open: StreamOpen = match serde_json::from_slice(&m.content) {
         Ok(r) => r,
-        Err(e) => return refuse(format!("malformed exec request: {e}")),
+        Err(e) => return refuse(format!("malformed stream request: {e}")),
     };
     if ctx.streams.len() >= exec::MAX_STREAMS {
         return refuse(format!(
-            "node {} already serves {} exec streams; try again later",
+            "node {} already serves {} exec and port-forward streams; try again later",
             ctx.node,
             exec::MAX_STREAMS
         ));
     }
     let (store, runtime) = (ctx.store.clone(), edged.runtime());
+    enum Target {
+        Exec(exec::Target, ExecRequest),
+        Port(std::net::SocketAddr, PortForwardRequest),
+    }
     let target = {
-        let (req, runtime) = (req.clone(), runtime.clone());
-        tokio::task::spawn_blocking(move || exec::resolve(&store, runtime.as_ref(), &req))
-            .await
-            .map_err(|e| e.to_string())?
+        let (open, runtime) = (open.clone(), runtime.clone());
+        tokio::task::spawn_blocking(move || match open {
+            StreamOpen::Exec(r) => {
+                exec::resolve(&store, runtime.as_ref(), &r).map(|t| Target::Exec(t, r))
+            }
+            StreamOpen::PortForward(r) => {
+                portforward::resolve(&store, runtime.as_ref(), &r).map(|a| Target::Port(a, r))
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?
     };
     let target = match target {
         Ok(t) => t,
         Err(why) => return refuse(why),
     };
-    if req.check_only {
+    if open.check_only() {
         return Ok(Some(m.reply(op::RESPONSE, "")));
     }
     let send: stream::Sender = {
@@ -668,7 +682,11 @@ async fn open_stream(
     let Some(s) = ctx.streams.register(&m.route.resource, CLOUD_PEER, send) else {
         return refuse(format!("stream {:?} is open already", m.route.resource));
     };
-    tokio::spawn(exec::run(edged.clone(), target, req, s));
+    match target {
+        Target::Exec(t, r) => tokio::spawn(exec::run(edged.clone(), t, r, s)),
+        // Connecting happens in the stream's task: the session's handler never waits on a pod.
+        Target::Port(addr, r) => tokio::spawn(portforward::run(addr, r, s)),
+    };
     Ok(Some(m.reply(op::RESPONSE, "")))
 }
 

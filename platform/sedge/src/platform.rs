@@ -214,16 +214,16 @@ fn attach_logs(server: &ApiServer, cloud: &CloudCore, timeout: Duration) {
         Box::pin(async move {
             use sedge_apiserver::error::ApiError;
             use sedge_cloudcore::exec::{self, ExecError};
-            let opened = if r.exec.check_only {
+            let opened = if r.open.check_only() {
                 // Nothing runs: the caller only wants the node's verdict.
-                exec::check(&hub, &r.node, &r.exec, timeout)
+                exec::check(&hub, &r.node, &r.open, timeout)
                     .await
                     .map(|()| exec::ExecChannels {
                         from_node: tokio::sync::mpsc::channel(1).1,
                         to_node: tokio::sync::mpsc::channel(1).0,
                     })
             } else {
-                exec::open(&hub, &streams, &r.node, &r.exec, timeout).await
+                exec::open(&hub, &streams, &r.node, &r.open, timeout).await
             };
             match opened {
                 Ok(c) => Ok(PodExecStream {

@@ -132,12 +132,13 @@ fn exec_returns_output_exit_codes_and_stdin_and_only_to_users_allowed_it() {
     assert!(rest.bytes().all(|b| b == b'x'));
 
     // A terminal: kubectl uses one only on a terminal of its own, so it runs under `script`.
-    // The command sees a terminal of the size kubectl's has, and its output comes back
-    // through it.
+    // The command sees a terminal, which takes the size kubectl's has (kubectl sends it just
+    // after the start, as to the kubelet, so the command waits for it), and its output comes
+    // back through it.
     let o = Command::new("script")
         .args(["-qec"])
         .arg(format!(
-            "stty cols 91 rows 27; kubectl --kubeconfig {} exec -it shell -c side -- sh -c 'test -t 0 && test -t 1 && echo on-a-tty; stty size'",
+            "stty cols 91 rows 27; kubectl --kubeconfig {} exec -it shell -c side -- sh -c 'test -t 0 && test -t 1 && echo on-a-tty; while [ \"$(stty size)\" = \"0 0\" ]; do sleep 0.1; done; stty size'",
             up.kubeconfig().display()
         ))
         .arg("/dev/null")

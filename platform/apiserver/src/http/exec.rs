@@ -209,7 +209,7 @@ pub(super) async fn pod_exec(
     // a refusal is an HTTP error kubectl prints as it is.
     let stream = (source.0)(ops::PodExecRequest {
         node: node.to_string(),
-        exec: sedge_api::ExecRequest {
+        open: sedge_api::StreamOpen::Exec(sedge_api::ExecRequest {
             namespace: ns.to_string(),
             pod: name.to_string(),
             uid: pod["metadata"]["uid"]
@@ -224,7 +224,7 @@ pub(super) async fn pod_exec(
             stderr: q.stderr,
             tty: q.tty,
             check_only: !websocket,
-        },
+        }),
     })
     .await?;
     let Some(on_upgrade) = on_upgrade.filter(|_| websocket) else {
