@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build edge-agent images bench bench-cri bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt cri
+.PHONY: help demo test lint fmt build edge-agent images bench bench-exec bench-cri bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt cri
 
 help:
 	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then a Sedna"
@@ -22,6 +22,7 @@ help:
 	@echo "              imported into the containerd at CRI_SOCKET when it is there"
 	@echo "make bench-edgemark - the channel with up to 100,000 simulated QUIC edge nodes"
 	@echo "make bench-example - the Ianvs-style Fashion-MNIST job on all 10,000 test images"
+	@echo "make bench-exec - kubectl exec and port-forward through the channel against local spawn and loopback"
 	@echo "make bench-cri - pod start-up and memory: containers through containerd against processes (root)"
 	@echo "make bench-devices - device twins: MQTT and cloud round trips, 1,000 devices, embedded broker vs mosquitto"
 	@echo "make bench-learning - incremental learning under a camera shift: 3 rounds, zero human labels"
@@ -123,6 +124,10 @@ bench-example: data ort fonts build
 bench-devices: mqtt edge-agent
 	$(CARGO) run --release -p sedge-benchmarks --bin devicemark
 	$(CARGO) run --release -p sedge-benchmarks --bin devicemark -- --agent target/edge/sedge-edge
+
+# kubectl exec round trips and stdout throughput, port-forward downloads, through the channel.
+bench-exec: build
+	$(CARGO) run --release -p sedge-benchmarks --bin execmark -- --sedge target/release/sedge
 
 # Pods as containers (a private containerd) against pods as processes: start-up p50/p99, RSS.
 bench-cri: cri
