@@ -183,6 +183,31 @@ fn pods_run_as_containers_on_a_cri_node_and_survive_an_agent_kill() {
     assert!(logs.contains("pid=1\n"), "{logs}");
     assert_eq!(up.ok(&["logs", "hello", "--tail", "1"]), "pid=1\n");
 
+    // kubectl exec runs in the container (CRI ExecSync): its file system, its exit code.
+    let o = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(up.kubeconfig())
+        .args([
+            "exec",
+            "hello",
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/hostname >/dev/null; echo in-ctr; exit 4",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "in-ctr\n");
+    // Standard input is not there yet on CRI: refused with the reason.
+    let (ok, _, err) = up.kubectl(&["exec", "-i", "hello", "--", "cat"]);
+    assert!(!ok && err.contains("not supported yet"), "{err}");
+
     // A crash loop: exit code 3, restarts with back-off, the previous instance's log.
     let crash = wait_for("crash to restart twice", long, || {
         let p = pod(&up, "crash");
