@@ -41,6 +41,8 @@ pub mod kind {
     pub const CONFIGMAP: &str = "configmap";
     /// A secret.
     pub const SECRET: &str = "secret";
+    /// A Service of a namespace the node has pods in.
+    pub const SERVICE: &str = "service";
     /// Node registration.
     pub const NODE: &str = "node";
     /// Node status.
@@ -223,6 +225,20 @@ pub struct PortForwardRequest {
     pub check_only: bool,
 }
 
+/// What a node asks the cloud for when a pod connects to a Service through the node's service
+/// proxy: a connection to one of the Service's ready endpoints, wherever it runs, carried with
+/// the frames of [`PortForwardRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceConnectRequest {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub service: String,
+    /// The Service's port (`spec.ports[].port`).
+    pub port: u16,
+}
+
 /// The open request of a channel stream: what the node is asked to run or connect.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
@@ -231,6 +247,8 @@ pub enum StreamOpen {
     Exec(ExecRequest),
     /// `kubectl port-forward`.
     PortForward(PortForwardRequest),
+    /// A pod's connection to a Service (edge to cloud).
+    Service(ServiceConnectRequest),
 }
 
 impl StreamOpen {
@@ -239,6 +257,7 @@ impl StreamOpen {
         match self {
             StreamOpen::Exec(r) => r.check_only,
             StreamOpen::PortForward(r) => r.check_only,
+            StreamOpen::Service(_) => false,
         }
     }
 
@@ -248,6 +267,7 @@ impl StreamOpen {
         match &mut s {
             StreamOpen::Exec(r) => r.check_only = true,
             StreamOpen::PortForward(r) => r.check_only = true,
+            StreamOpen::Service(_) => {}
         }
         s
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -58,6 +58,8 @@ pub struct Cache {
     pub configmaps: Store<ConfigMap>,
     /// Secrets.
     pub secrets: Store<Secret>,
+    /// Services (a node gets those of the namespaces its pods are in).
+    pub services: Store<Service>,
     /// Nodes.
     pub nodes: Store<Node>,
     /// Node leases (namespace `kube-node-lease`).
@@ -247,6 +249,19 @@ impl Cache {
             }
         });
         tasks.push(t);
+        // Services: every node with a pod in the namespace.
+        let (pods_of, d) = (pods.clone(), dirty.clone());
+        let (services, t) = reflect(Api::<Service>::all(client.clone()), move |ev| {
+            if let Some(o) = event_object(ev) {
+                let ns = o.namespace();
+                for p in pods_of.state() {
+                    if p.namespace() == ns {
+                        d.mark(pod_node(&p));
+                    }
+                }
+            }
+        });
+        tasks.push(t);
 
         let (d, c) = (dirty.clone(), changed.clone());
         let pod_stream = reflector::reflector(
@@ -331,6 +346,7 @@ impl Cache {
                 pods,
                 configmaps,
                 secrets,
+                services,
                 nodes,
                 leases,
                 devices,
@@ -353,6 +369,7 @@ impl Cache {
                 self.nodes.wait_until_ready().await?;
                 self.configmaps.wait_until_ready().await?;
                 self.secrets.wait_until_ready().await?;
+                self.services.wait_until_ready().await?;
                 self.leases.wait_until_ready().await
             };
             match tokio::time::timeout(Duration::from_millis(500), all).await {
@@ -421,11 +438,13 @@ impl Cache {
             known,
         };
         let mut refs: HashSet<(String, bool, String)> = HashSet::new();
+        let mut namespaces = HashSet::new();
         for p in self.pods.state() {
             if pod_node(&p) != node {
                 continue;
             }
             let ns = p.namespace().unwrap_or_default();
+            namespaces.insert(ns.clone());
             let (cms, secrets) = pod_references(&p);
             refs.extend(cms.into_iter().map(|c| (ns.clone(), false, c)));
             refs.extend(secrets.into_iter().map(|s| (ns.clone(), true, s)));
@@ -439,6 +458,13 @@ impl Cache {
                 }
             } else if let Some(c) = self.configmaps.get(&r) {
                 out.insert(kind::CONFIGMAP, c.as_ref(), None);
+            }
+        }
+        // The Services of those namespaces: their pods reach them by name through the node's
+        // service proxy.
+        for svc in self.services.state() {
+            if namespaces.contains(&svc.namespace().unwrap_or_default()) {
+                out.insert(kind::SERVICE, svc.as_ref(), None);
             }
         }
         // The node's devices and their models, each device at the version of its last spec
@@ -628,6 +654,7 @@ async fn sync_node(
             kind::POD,
             kind::CONFIGMAP,
             kind::SECRET,
+            kind::SERVICE,
             kind::DEVICE,
             kind::DEVICE_MODEL,
         ]
@@ -679,6 +706,8 @@ pub struct Upstream {
     cache: Cache,
     modules: HashMap<String, Arc<dyn crate::CloudModule>>,
     streams: sedge_tunnel::stream::Streams,
+    /// The hub, once started (streams a node opens to a Service go on to another node).
+    pub hub: std::sync::OnceLock<Arc<sedge_tunnel::Hub>>,
 }
 
 /// The outcome of one report: `Err` is retried by the edge later, a permanent refusal is logged
@@ -709,6 +738,7 @@ impl Upstream {
             cache,
             modules,
             streams,
+            hub: std::sync::OnceLock::new(),
         }
     }
 
@@ -723,6 +753,18 @@ impl Upstream {
     async fn handle(&self, i: Incoming) -> Outcome {
         let m = &i.message;
         if m.route.group == sedge_tunnel::stream::GROUP {
+            if m.route.operation == sedge_tunnel::stream::op::OPEN {
+                let Some(hub) = self.hub.get() else {
+                    return Ok(Some(m.reply(op::ERROR, "the cloud core is starting")));
+                };
+                return Ok(Some(crate::services::accept(
+                    hub,
+                    &self.streams,
+                    &self.cache,
+                    &i.node,
+                    m,
+                )));
+            }
             if let Err(e) = self.streams.handle(&i.node, m) {
                 tracing::warn!(node = %i.node, error = %e, "stream frame refused");
             }
@@ -986,6 +1028,7 @@ mod tests {
             pods: filled(vec![]),
             configmaps: filled(vec![]),
             secrets: filled(vec![]),
+            services: filled(vec![]),
             nodes: filled(vec![]),
             leases: filled(vec![]),
             devices: filled(devices),

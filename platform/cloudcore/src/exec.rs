@@ -13,8 +13,9 @@ use sedge_tunnel::stream::{self, Streams};
 use sedge_tunnel::{Hub, LinkEvent, Message, TunnelError, op};
 use tokio::sync::mpsc;
 
-/// Exec streams one node may have open through this cloud core.
-pub const MAX_STREAMS_PER_NODE: usize = 32;
+/// Streams (exec, attach, port-forward, Service connections) one node may have open through
+/// this cloud core; each holds at most two credit windows of buffer.
+pub const MAX_STREAMS_PER_NODE: usize = 128;
 
 /// Frames buffered between the API server and a stream, each way.
 const RELAY_FRAMES: usize = 8;
@@ -23,7 +24,7 @@ const RELAY_FRAMES: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     /// The node has [`MAX_STREAMS_PER_NODE`] open already.
-    #[error("node {node} already has {MAX_STREAMS_PER_NODE} exec streams open; try again later")]
+    #[error("node {node} already has {MAX_STREAMS_PER_NODE} streams open; try again later")]
     Busy {
         /// The node.
         node: String,

@@ -21,6 +21,7 @@ pub mod exec;
 pub mod lifecycle;
 pub use sedge_api::quantity;
 pub mod scheduler;
+pub mod services;
 pub mod workload;
 
 use std::sync::Arc;
@@ -249,6 +250,7 @@ impl CloudCore {
         )
         .await?;
         let hub = Arc::new(hub);
+        let _ = upstream.hub.set(hub.clone());
         for m in groups.values() {
             m.start(CloudModuleContext {
                 client: client.clone(),

@@ -30,8 +30,8 @@ use crate::Edged;
 use crate::runtime::Runtime;
 use crate::store::MetaStore;
 
-/// Exec streams one node serves at once.
-pub const MAX_STREAMS: usize = 64;
+/// Streams (exec, attach, port-forward, Service connections) one node has open at once.
+pub const MAX_STREAMS: usize = 256;
 
 /// How long a CRI `ExecSync` may run.
 const CRI_EXEC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);

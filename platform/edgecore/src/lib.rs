@@ -28,6 +28,7 @@ pub mod probe;
 pub mod reports;
 pub mod resolve;
 pub mod runtime;
+pub mod services;
 pub mod store;
 
 use std::collections::HashMap;
@@ -381,6 +382,8 @@ impl EdgeCore {
         );
         let _ = ctx.hub.set(hub.clone());
         let mut tasks = Vec::new();
+        // The node's service proxy: Services by their address, connections through the cloud.
+        tasks.push(tokio::spawn(services::run(ctx.clone())));
         // Exec streams do not outlive the link they ride on: their commands are killed.
         {
             let (mut links, streams) = (hub.subscribe(), ctx.streams.clone());
@@ -661,6 +664,9 @@ async fn open_stream(
             StreamOpen::PortForward(r) => {
                 portforward::resolve(&store, runtime.as_ref(), &r).map(|a| Target::Port(a, r))
             }
+            StreamOpen::Service(_) => {
+                Err("a node opens Service streams; it does not accept them".into())
+            }
         })
         .await
         .map_err(|e| e.to_string())?
@@ -691,7 +697,7 @@ async fn open_stream(
 }
 
 /// The peer name of the cloud in the edge's streams.
-const CLOUD_PEER: &str = "cloud";
+pub(crate) const CLOUD_PEER: &str = "cloud";
 
 /// A gRPC channel over a Unix socket (CRI to containerd, DMI between the agent and mappers); the
 /// error names the socket and says why, down to the cause.

@@ -109,7 +109,8 @@ pub fn env(
     facts: &NodeFacts,
 ) -> Result<Vec<(String, String)>, String> {
     let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default");
-    let mut out: Vec<(String, String)> = Vec::new();
+    // Services' variables first: the container's own win.
+    let mut out: Vec<(String, String)> = crate::services::env(store, pod);
     let set = |out: &mut Vec<(String, String)>, k: String, v: String| {
         out.retain(|(x, _)| *x != k);
         out.push((k, v));
