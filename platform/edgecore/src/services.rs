@@ -5,8 +5,9 @@
 //! one of the Service's ready endpoints, wherever that runs.
 //!
 //! A Service's address is a loopback address of its own, `127.a.b.c` from a hash of its
-//! namespace and name (Linux routes all of 127/8 to the loopback interface), so every Service
-//! keeps its own ports. Pods on the node's network reach it (the process runtime's, and CRI
+//! namespace and name (Linux routes all of 127/8 to the loopback interface), and each of its
+//! ports a proxy port in 30000-32767 from a hash too (see [`proxy_port`]): the variables carry
+//! both, so `<SVC>_SERVICE_PORT` is the proxy's port, not the Service's. Pods on the node's network reach it (the process runtime's, and CRI
 //! pods with `hostNetwork`); a CRI pod network does not reach the node's loopback. Offline, a
 //! connection is refused at once: the endpoints are known to the cloud only.
 
@@ -35,15 +36,29 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const DATA: u8 = 0;
 const CLOSE_WRITE: u8 = 255;
 
+/// FNV-1a: stable across builds and restarts.
+fn fnv(parts: &[&str]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for (i, p) in parts.iter().enumerate() {
+        for b in p.bytes().chain((i + 1 < parts.len()).then_some(b'/')) {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    h
+}
+
+/// The port the node's proxy serves a Service port on: one of 30000-32767 (Kubernetes'
+/// NodePort range), not the Service's own port. Pods on the node's network bind their ports on
+/// all addresses, and a listener of ours on the same port, even on another loopback address,
+/// would keep them from it.
+pub fn proxy_port(namespace: &str, name: &str, port: u16) -> u16 {
+    30000 + (fnv(&[namespace, name, &port.to_string()]) % 2768) as u16
+}
+
 /// The node-local address of Service `namespace/name`.
 pub fn address(namespace: &str, name: &str) -> Ipv4Addr {
-    // FNV-1a: stable across builds and restarts.
-    let mut h: u32 = 0x811c_9dc5;
-    for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    let [a, b, c, _] = h.to_be_bytes();
+    let [a, b, c, _] = fnv(&[namespace, name]).to_be_bytes();
     // Never 127.0.x.x (127.0.0.1 is the node's own) nor a .0 or .255 host.
     Ipv4Addr::new(127, 1 + a % 254, b, 1 + c % 254)
 }
@@ -82,20 +97,25 @@ pub fn env(store: &MetaStore, pod: &Value) -> Vec<(String, String)> {
         }
         let ip = address(ns, name);
         let up = name.to_ascii_uppercase().replace('-', "_");
+        let at = |port: u16| proxy_port(ns, name, port);
         out.push((format!("{up}_SERVICE_HOST"), ip.to_string()));
-        out.push((format!("{up}_SERVICE_PORT"), ports[0].0.to_string()));
+        out.push((format!("{up}_SERVICE_PORT"), at(ports[0].0).to_string()));
         for (port, pname) in &ports {
             if !pname.is_empty() {
                 let p = pname.to_ascii_uppercase().replace('-', "_");
-                out.push((format!("{up}_SERVICE_PORT_{p}"), port.to_string()));
+                out.push((format!("{up}_SERVICE_PORT_{p}"), at(*port).to_string()));
             }
         }
-        out.push((format!("{up}_PORT"), format!("tcp://{ip}:{}", ports[0].0)));
+        out.push((
+            format!("{up}_PORT"),
+            format!("tcp://{ip}:{}", at(ports[0].0)),
+        ));
+        // Named by the Service's port, as Kubernetes names them; the values are the proxy's.
         for (port, _) in &ports {
             let base = format!("{up}_PORT_{port}_TCP");
-            out.push((base.clone(), format!("tcp://{ip}:{port}")));
+            out.push((base.clone(), format!("tcp://{ip}:{}", at(*port))));
             out.push((format!("{base}_PROTO"), "tcp".into()));
-            out.push((format!("{base}_PORT"), port.to_string()));
+            out.push((format!("{base}_PORT"), at(*port).to_string()));
             out.push((format!("{base}_ADDR"), ip.to_string()));
         }
     }
@@ -133,7 +153,8 @@ pub async fn run(ctx: ModuleContext) {
             if listeners.contains_key(&key) {
                 continue;
             }
-            let addr = SocketAddr::from((address(&key.0, &key.1), key.2));
+            let addr =
+                SocketAddr::from((address(&key.0, &key.1), proxy_port(&key.0, &key.1, key.2)));
             match listen(addr) {
                 Ok(l) => {
                     tracing::debug!(service = %format!("{}/{}", key.0, key.1), %addr, "service proxy listening");
@@ -277,10 +298,12 @@ mod tests {
         let pod = serde_json::json!({"metadata": {"namespace": "default"}, "spec": {}});
         let env: HashMap<String, String> = env(&store, &pod).into_iter().collect();
         let ip = address("default", "my-web").to_string();
+        let port = proxy_port("default", "my-web", 80);
+        assert!((30000..=32767).contains(&port));
         assert_eq!(env["MY_WEB_SERVICE_HOST"], ip);
-        assert_eq!(env["MY_WEB_SERVICE_PORT"], "80");
-        assert_eq!(env["MY_WEB_SERVICE_PORT_HTTP"], "80");
-        assert_eq!(env["MY_WEB_PORT"], format!("tcp://{ip}:80"));
+        assert_eq!(env["MY_WEB_SERVICE_PORT"], port.to_string());
+        assert_eq!(env["MY_WEB_SERVICE_PORT_HTTP"], port.to_string());
+        assert_eq!(env["MY_WEB_PORT"], format!("tcp://{ip}:{port}"));
         assert_eq!(env["MY_WEB_PORT_80_TCP_ADDR"], ip);
         assert!(!env.contains_key("DB_SERVICE_HOST"));
         assert!(!env.keys().any(|k| k.contains("81")));
