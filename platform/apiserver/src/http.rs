@@ -148,7 +148,7 @@ pub async fn dispatch(State(app): State<Arc<App>>, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     let upgrade = Upgrade {
         on: parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
-        query: parts.uri.query().unwrap_or_default().to_string(),
+        uri: parts.uri.clone(),
     };
     let path = parts.uri.path().to_string();
     let params: Params = Query::<Params>::try_from_uri(&parts.uri)
@@ -361,10 +361,10 @@ async fn route(
 }
 
 /// What a streaming subresource (exec) needs beyond the parsed request: the connection's
-/// upgrade, and the raw query (its `command` parameter repeats).
+/// upgrade, and the URI (exec's `command` parameter repeats, which [`Params`] cannot hold).
 pub(crate) struct Upgrade {
     on: Option<hyper::upgrade::OnUpgrade>,
-    query: String,
+    uri: axum::http::Uri,
 }
 
 /// A parsed resource URL.

@@ -33,9 +33,16 @@ pub(super) struct ExecQuery {
 }
 
 impl ExecQuery {
-    pub(super) fn parse(query: &str, attach: bool) -> ApiResult<ExecQuery> {
+    /// From a request's URI (decoded as every query is, repeats kept in order).
+    pub(super) fn from_uri(uri: &axum::http::Uri, attach: bool) -> ApiResult<ExecQuery> {
+        let pairs = Query::<Vec<(String, String)>>::try_from_uri(uri)
+            .map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
+        ExecQuery::parse(pairs.0, attach)
+    }
+
+    fn parse(pairs: Vec<(String, String)>, attach: bool) -> ApiResult<ExecQuery> {
         let mut q = ExecQuery::default();
-        for (k, v) in url_pairs(query) {
+        for (k, v) in pairs {
             let yes = || -> ApiResult<bool> {
                 match v.as_str() {
                     "true" | "1" => Ok(true),
@@ -76,39 +83,6 @@ impl ExecQuery {
         }
         Ok(q)
     }
-}
-
-/// `key=value` pairs of a query string, decoded, repeats kept.
-fn url_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
-}
-
-fn decode(s: &str) -> String {
-    let s = s.replace('+', " ");
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The subprotocol to speak: the best one of ours the client offers.
@@ -166,7 +140,7 @@ pub(super) async fn pod_exec(
     // the same checks (running nothing), so the user reads the error that matters.
     let websocket = is_websocket(headers);
     let protocol = if websocket { negotiate(headers)? } else { "" };
-    let q = ExecQuery::parse(&upgrade.query, attach)?;
+    let q = ExecQuery::from_uri(&upgrade.uri, attach)?;
     let core = app.core.clone();
     let (ns2, name2) = (ns.to_string(), name.to_string());
     let pod = blocking(move || ops::get(&core, &rt, "v1", Some(&ns2), &name2)).await?;
@@ -352,9 +326,14 @@ where
 mod tests {
     use super::*;
 
+    /// The query of a request for `/…?{q}`.
+    fn query(q: &str, attach: bool) -> ApiResult<ExecQuery> {
+        ExecQuery::from_uri(&format!("/exec?{q}").parse().unwrap(), attach)
+    }
+
     #[test]
     fn a_query_keeps_every_argument_in_order() {
-        let q = ExecQuery::parse(
+        let q = query(
             "command=sh&command=-c&command=echo+%24HOSTNAME%3B+exit+3&stdout=true&stderr=true&container=c1",
             false,
         )
@@ -366,17 +345,18 @@ mod tests {
 
     #[test]
     fn bad_queries_are_refused_naming_what_is_wrong() {
-        let e = |q: &str| ExecQuery::parse(q, false).unwrap_err().to_string();
+        let e = |q: &str| query(q, false).unwrap_err().to_string();
         // Attach runs no command.
-        assert!(ExecQuery::parse("stdout=true", true).is_ok());
+        assert!(query("stdout=true", true).is_ok());
         assert!(e("stdout=true").contains("at least one command"));
         assert!(e("command=ls").contains("at least 1 of stdin"));
         assert!(e("command=ls&stdout=maybe").contains("stdout"));
         let long = "command=x&".repeat(1100) + "stdout=true";
         assert!(e(&long).contains("too long"));
         // A truncated escape stays as written.
-        assert_eq!(decode("a%2"), "a%2");
-        assert_eq!(decode("%zz"), "%zz");
+        let cmd = |q: &str| query(&format!("{q}&stdout=true"), false).unwrap().command;
+        assert_eq!(cmd("command=a%2"), ["a%2"]);
+        assert_eq!(cmd("command=%zz"), ["%zz"]);
     }
 
     #[test]
