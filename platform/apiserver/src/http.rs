@@ -452,16 +452,10 @@ async fn pod_log(
     name: &str,
     params: &Params,
 ) -> ApiResult<Response> {
-    let core = app.core.clone();
-    let (ns2, name2) = (ns.to_string(), name.to_string());
-    let pod = blocking(move || ops::get(&core, &rt, "v1", Some(&ns2), &name2)).await?;
-    let container = pick_container(&pod, params, name)?;
-    let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
-    if node.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "pod {name} does not have a host assigned"
-        )));
-    }
+    let pod = get_pod(app, rt, ns, name).await?;
+    let container = pick_container(&pod, params.get("container").map(String::as_str), name)?;
+    let node = bound_node(&pod, name)?;
+    let node = node.as_str();
     let number = |k: &str| -> ApiResult<Option<u64>> {
         match params.get(k).filter(|v| !v.is_empty()) {
             Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
@@ -502,8 +496,25 @@ async fn pod_log(
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text).into_response())
 }
 
+/// The pod `ns/name`, read off the runtime (for its subresources served by its node).
+async fn get_pod(app: &Arc<App>, rt: Arc<ResourceType>, ns: &str, name: &str) -> ApiResult<Value> {
+    let core = app.core.clone();
+    let (ns, name) = (ns.to_string(), name.to_string());
+    blocking(move || ops::get(&core, &rt, "v1", Some(&ns), &name)).await
+}
+
+/// The node pod `name` is bound to: its log, exec and port-forward are served there.
+fn bound_node(pod: &Value, name: &str) -> ApiResult<String> {
+    match pod["spec"]["nodeName"].as_str().unwrap_or_default() {
+        "" => Err(ApiError::bad_request(format!(
+            "pod {name} does not have a host assigned"
+        ))),
+        node => Ok(node.to_string()),
+    }
+}
+
 /// The container a pod subresource (log, exec) names with `?container=`, or the pod's only one.
-fn pick_container(pod: &Value, params: &Params, name: &str) -> ApiResult<String> {
+fn pick_container(pod: &Value, container: Option<&str>, name: &str) -> ApiResult<String> {
     let containers: Vec<String> = pod["spec"]["containers"]
         .as_array()
         .map(|a| {
@@ -512,8 +523,8 @@ fn pick_container(pod: &Value, params: &Params, name: &str) -> ApiResult<String>
                 .collect()
         })
         .unwrap_or_default();
-    match params.get("container").filter(|c| !c.is_empty()) {
-        Some(c) if containers.contains(c) => Ok(c.clone()),
+    match container.filter(|c| !c.is_empty()) {
+        Some(c) if containers.iter().any(|x| x == c) => Ok(c.to_string()),
         Some(c) => Err(ApiError::bad_request(format!(
             "container {c} is not valid for pod {name}"
         ))),

@@ -126,6 +126,16 @@ fn failure_status(message: &str) -> Vec<u8> {
     f
 }
 
+/// Where streams to pods' nodes are opened; 503 naming what would be done on `node` when no
+/// cloud core is attached.
+pub(super) fn stream_source(app: &App, node: &str, what: &str) -> ApiResult<ops::PodExecSource> {
+    app.core.pod_exec.get().cloned().ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "cannot {what} on node {node}: no cloud core is attached to this API server (run `sedge up`, or `sedge cloud` with the embedded API server)"
+        ))
+    })
+}
+
 /// `GET|POST pods/{name}/exec` (or `attach`) with a WebSocket upgrade.
 pub(super) async fn pod_exec(
     app: &Arc<App>,
@@ -141,31 +151,16 @@ pub(super) async fn pod_exec(
     let websocket = is_websocket(headers);
     let protocol = if websocket { negotiate(headers)? } else { "" };
     let q = ExecQuery::from_uri(&upgrade.uri, attach)?;
-    let core = app.core.clone();
-    let (ns2, name2) = (ns.to_string(), name.to_string());
-    let pod = blocking(move || ops::get(&core, &rt, "v1", Some(&ns2), &name2)).await?;
-    let mut params = Params::new();
-    if let Some(c) = &q.container {
-        params.insert("container".into(), c.clone());
-    }
-    let container = pick_container(&pod, &params, name)?;
-    let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
-    if node.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "pod {name} does not have a host assigned"
-        )));
-    }
+    let pod = get_pod(app, rt, ns, name).await?;
+    let container = pick_container(&pod, q.container.as_deref(), name)?;
+    let node = bound_node(&pod, name)?;
     if let Some(phase @ ("Succeeded" | "Failed")) = pod["status"]["phase"].as_str() {
         return Err(ApiError::bad_request(format!(
             "cannot {} a container in a completed pod; current phase is {phase}",
             if attach { "attach to" } else { "exec into" }
         )));
     }
-    let source = app.core.pod_exec.get().cloned().ok_or_else(|| {
-        ApiError::Unavailable(format!(
-            "cannot exec on node {node}: no cloud core is attached to this API server (run `sedge up`, or `sedge cloud` with the embedded API server)"
-        ))
-    })?;
+    let source = stream_source(app, &node, "exec")?;
     let on_upgrade = match upgrade.on {
         Some(u) => Some(u),
         None if !websocket => None,
@@ -182,7 +177,7 @@ pub(super) async fn pod_exec(
     // The node checks the container and starts the command before the client is answered, so
     // a refusal is an HTTP error kubectl prints as it is.
     let stream = (source.0)(ops::PodExecRequest {
-        node: node.to_string(),
+        node,
         open: sedge_api::StreamOpen::Exec(sedge_api::ExecRequest {
             namespace: ns.to_string(),
             pod: name.to_string(),

@@ -83,23 +83,9 @@ pub(super) async fn pod_port_forward(
     upgrade: Upgrade,
 ) -> ApiResult<Response> {
     let transport = transport(headers)?;
-    let core = app.core.clone();
-    let (ns2, name2) = (ns.to_string(), name.to_string());
-    let pod = blocking(move || ops::get(&core, &rt, "v1", Some(&ns2), &name2)).await?;
-    let node = pod["spec"]["nodeName"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    if node.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "pod {name} does not have a host assigned"
-        )));
-    }
-    let source = app.core.pod_exec.get().cloned().ok_or_else(|| {
-        ApiError::Unavailable(format!(
-            "cannot forward ports on node {node}: no cloud core is attached to this API server (run `sedge up`, or `sedge cloud` with the embedded API server)"
-        ))
-    })?;
+    let pod = get_pod(app, rt, ns, name).await?;
+    let node = bound_node(&pod, name)?;
+    let source = super::exec::stream_source(app, &node, "forward ports")?;
     let on_upgrade = upgrade.on.ok_or_else(|| {
         ApiError::bad_request("this connection cannot be upgraded (HTTP/1.1 is needed)")
     })?;
