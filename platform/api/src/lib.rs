@@ -225,6 +225,15 @@ pub struct PortForwardRequest {
     pub check_only: bool,
 }
 
+/// The first byte of each frame of a TCP connection carried by a channel stream (port-forward
+/// and Service connections, see [`PortForwardRequest`]).
+pub mod tcp_frame {
+    /// Bytes for the other end: `[DATA, bytes...]`.
+    pub const DATA: u8 = 0;
+    /// `[CLOSE_WRITE]`: this side sends no more (the other end shuts down its writing side).
+    pub const CLOSE_WRITE: u8 = 255;
+}
+
 /// What a node asks the cloud for when a pod connects to a Service through the node's service
 /// proxy: a connection to one of the Service's ready endpoints, wherever it runs, carried with
 /// the frames of [`PortForwardRequest`].

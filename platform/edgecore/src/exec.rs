@@ -58,6 +58,16 @@ pub enum Target {
     },
 }
 
+/// Whether `rec` names an instance running now: a CRI container id, or a process whose pid
+/// still has the start time recorded (never a recycled pid).
+pub(crate) fn running(rec: &crate::store::ContainerRecord, cri: bool) -> bool {
+    if cri {
+        !rec.container_id.is_empty()
+    } else {
+        rec.pid != 0 && crate::runtime::start_ticks(rec.pid) == Some(rec.start_ticks)
+    }
+}
+
 /// Checks an exec request against what the node runs: the pod by UID, the container running,
 /// an image that allows it. The error says what is wrong, for the user.
 pub fn resolve(
@@ -109,22 +119,13 @@ pub fn resolve(
             req.container
         )
     };
-    let rec = rec.ok_or_else(not_running)?;
+    let rec = rec
+        .filter(|r| running(r, runtime.cri()))
+        .ok_or_else(not_running)?;
     if req.attach {
-        let alive = if runtime.cri() {
-            !rec.container_id.is_empty()
-        } else {
-            rec.pid != 0 && crate::runtime::start_ticks(rec.pid) == Some(rec.start_ticks)
-        };
-        if !alive {
-            return Err(not_running());
-        }
         return Ok(Target::Attach { instance: rec });
     }
     if runtime.cri() {
-        if rec.container_id.is_empty() {
-            return Err(not_running());
-        }
         if req.stdin || req.tty {
             return Err(format!(
                 "exec with standard input or a terminal (-i, -t) into a CRI container is not supported yet on node runtime {}; run the command without -i/-t",
@@ -134,9 +135,6 @@ pub fn resolve(
         return Ok(Target::Cri {
             id: rec.container_id,
         });
-    }
-    if rec.pid == 0 || crate::runtime::start_ticks(rec.pid) != Some(rec.start_ticks) {
-        return Err(not_running());
     }
     if !runtime.runs_host_commands(&image) {
         return Err(format!(
@@ -272,6 +270,24 @@ fn exit_code(st: std::process::ExitStatus) -> i32 {
     st.code().or(st.signal().map(|s| 128 + s)).unwrap_or(255)
 }
 
+/// The command's status once `output` (its output sent, then its exit code) ends. If the
+/// client goes first (`client` ends with the reason) or the output cannot be sent, the
+/// command's process group is killed.
+async fn until_exit(
+    pid: Option<u32>,
+    output: impl std::future::Future<Output = Result<i32, String>>,
+    client: impl std::future::Future<Output = String>,
+) -> Result<Value, String> {
+    let r = tokio::select! {
+        code = output => code.map(status),
+        e = client => Err(e),
+    };
+    if r.is_err() {
+        kill_group(pid);
+    }
+    r
+}
+
 fn kill_group(pid: Option<u32>) {
     if let Some(pid) = pid {
         let _ = nix::sys::signal::killpg(
@@ -399,14 +415,7 @@ async fn run_pipes(
             }
         }
     };
-    let r = tokio::select! {
-        code = output => code.map(status),
-        e = client => Err(e),
-    };
-    if r.is_err() {
-        kill_group(pid);
-    }
-    r
+    until_exit(pid, output, client).await
 }
 
 /// How often an attach looks for new output.
@@ -436,6 +445,7 @@ async fn attach(
                 .map_err(|e| e.to_string())?
         }
     };
+    let cri = edged.runtime().cri();
     let same_instance = |edged: &Arc<Edged>| {
         edged
             .store()
@@ -446,7 +456,7 @@ async fn attach(
                 r.pid == instance.pid
                     && r.container_id == instance.container_id
                     && r.started_at == instance.started_at
-                    && (r.pid == 0 || crate::runtime::start_ticks(r.pid) == Some(r.start_ticks))
+                    && running(&r, cri)
             })
     };
     let output = async {
@@ -598,14 +608,7 @@ async fn run_tty(
             }
         }
     };
-    let r = tokio::select! {
-        code = output => code.map(status),
-        e = client => Err(e),
-    };
-    if r.is_err() {
-        kill_group(pid);
-    }
-    r
+    until_exit(pid, output, client).await
 }
 
 #[cfg(test)]

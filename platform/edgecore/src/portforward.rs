@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
+use sedge_api::tcp_frame::{CLOSE_WRITE, DATA};
 use sedge_api::{PortForwardRequest, kind};
-use sedge_tunnel::stream::{MAX_FRAME, Stream};
+use sedge_tunnel::stream::{MAX_FRAME, Stream, StreamWriter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::runtime::Runtime;
@@ -16,11 +17,6 @@ use crate::store::MetaStore;
 
 /// How long connecting to the pod may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A data frame's first byte.
-const DATA: u8 = 0;
-/// The frame that says the client sends no more.
-const CLOSE_WRITE: u8 = 255;
 
 /// Checks the request against what the node runs: the pod by UID, one of its containers
 /// running, a port. The address to connect to.
@@ -43,10 +39,7 @@ pub fn resolve(
         .containers(&req.uid)
         .map_err(|e| e.to_string())?
         .iter()
-        .any(|r| {
-            !r.container_id.is_empty()
-                || (r.pid != 0 && crate::runtime::start_ticks(r.pid) == Some(r.start_ticks))
-        });
+        .any(|r| crate::exec::running(r, runtime.cri()));
     if !running {
         return Err(format!(
             "unable to forward port because pod {ns}/{name} has no running container"
@@ -58,6 +51,38 @@ pub fn resolve(
     format!("{ip}:{}", req.port)
         .parse()
         .map_err(|e| format!("pod address {ip}: {e}"))
+}
+
+/// How [`tcp_to_stream`] ended.
+pub(crate) enum Pumped {
+    /// The connection's reading side ended.
+    Eof,
+    /// Reading failed.
+    ReadFailed(std::io::Error),
+    /// The stream is closed: nobody takes the bytes any more.
+    StreamClosed,
+}
+
+/// Copies what `rd` reads into `DATA` frames on `writer` until one of them ends.
+pub(crate) async fn tcp_to_stream(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    writer: &StreamWriter,
+) -> Pumped {
+    let mut buf = vec![0u8; MAX_FRAME - 1];
+    loop {
+        match rd.read(&mut buf).await {
+            Ok(0) => return Pumped::Eof,
+            Ok(n) => {
+                let mut f = BytesMut::with_capacity(n + 1);
+                f.put_u8(DATA);
+                f.put_slice(&buf[..n]);
+                if writer.send(f.freeze()).await.is_err() {
+                    return Pumped::StreamClosed;
+                }
+            }
+            Err(e) => return Pumped::ReadFailed(e),
+        }
+    }
 }
 
 /// Connects to `addr` and relays until the pod closes the connection or the stream ends.
@@ -88,20 +113,9 @@ pub async fn run(addr: SocketAddr, req: PortForwardRequest, stream: Stream) {
     let _ = conn.set_nodelay(true);
     let (mut rd, mut wr) = conn.into_split();
     let from_pod = async {
-        let mut buf = vec![0u8; MAX_FRAME - 1];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) => return None,
-                Ok(n) => {
-                    let mut f = BytesMut::with_capacity(n + 1);
-                    f.put_u8(DATA);
-                    f.put_slice(&buf[..n]);
-                    if writer.send(f.freeze()).await.is_err() {
-                        return None;
-                    }
-                }
-                Err(e) => return Some(failed(format!("reading from the pod: {e}"))),
-            }
+        match tcp_to_stream(&mut rd, &writer).await {
+            Pumped::Eof | Pumped::StreamClosed => None,
+            Pumped::ReadFailed(e) => Some(failed(format!("reading from the pod: {e}"))),
         }
     };
     let to_pod = async {

@@ -13,17 +13,19 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use sedge_api::tcp_frame::{CLOSE_WRITE, DATA};
 use sedge_api::{ServiceConnectRequest, StreamOpen, kind};
-use sedge_tunnel::stream::{self, MAX_FRAME};
+use sedge_tunnel::stream;
 use sedge_tunnel::{Message, op};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 
 use crate::ModuleContext;
+use crate::portforward::Pumped;
 use crate::store::MetaStore;
 
 /// How often the proxy compares its listeners with the Services the node holds.
@@ -31,10 +33,6 @@ const RESYNC: Duration = Duration::from_secs(1);
 
 /// How long the cloud may take to accept a connection.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A data frame's first byte, and the frame that says this side sends no more.
-const DATA: u8 = 0;
-const CLOSE_WRITE: u8 = 255;
 
 /// FNV-1a: stable across builds and restarts.
 fn fnv(parts: &[&str]) -> u32 {
@@ -232,22 +230,12 @@ async fn connect(conn: tokio::net::TcpStream, ctx: ModuleContext, req: ServiceCo
     let _ = conn.set_nodelay(true);
     let (mut rd, mut wr) = conn.into_split();
     let out = async {
-        let mut buf = vec![0u8; MAX_FRAME - 1];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    // The pod sends no more; the answer may still come.
-                    let _ = writer.send(bytes::Bytes::from_static(&[CLOSE_WRITE])).await;
-                    std::future::pending::<()>().await;
-                }
-                Ok(n) => {
-                    let mut f = BytesMut::with_capacity(n + 1);
-                    f.put_u8(DATA);
-                    f.put_slice(&buf[..n]);
-                    if writer.send(f.freeze()).await.is_err() {
-                        return;
-                    }
-                }
+        match crate::portforward::tcp_to_stream(&mut rd, &writer).await {
+            Pumped::StreamClosed => {}
+            Pumped::Eof | Pumped::ReadFailed(_) => {
+                // The pod sends no more; the answer may still come.
+                let _ = writer.send(bytes::Bytes::from_static(&[CLOSE_WRITE])).await;
+                std::future::pending::<()>().await;
             }
         }
     };
@@ -265,8 +253,6 @@ async fn connect(conn: tokio::net::TcpStream, ctx: ModuleContext, req: ServiceCo
     }
     writer.close(None).await;
 }
-
-use std::sync::Arc;
 
 #[cfg(test)]
 mod tests {

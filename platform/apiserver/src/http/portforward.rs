@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 
 use super::*;
 use crate::spdy::{self, Frame, Writer};
+use sedge_api::tcp_frame::{CLOSE_WRITE, DATA};
 
 /// The WebSocket subprotocol kubectl tunnels SPDY in.
 const WS_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
@@ -30,10 +31,6 @@ const MAX_CONNECTIONS: usize = 64;
 
 /// Frames queued for the client, and per connection towards the node.
 const QUEUE: usize = 16;
-
-/// The data frame's first byte towards the node, and the client's end of sending.
-const DATA: u8 = 0;
-const CLOSE_WRITE: u8 = 255;
 
 enum Transport {
     WebSocket,
