@@ -1,5 +1,8 @@
 //! The edge worker: runs the edge model over a source of samples, offloads hard examples to the
-//! cloud, and writes one JSON line per sample.
+//! cloud, and writes one JSON line per sample; and serves the Open Inference Protocol to
+//! applications, answering each request with joint inference ([`EdgeWorker::serve`],
+//! [`crate::joint`]). Both may run at once; they share the model, the rule, the cloud client, the
+//! counters and the hard-example store.
 //!
 //! The pipeline runs on its own thread and hands decisions to the async side through a bounded
 //! channel (256 decisions; when full, the pipeline thread waits, so memory stays bounded). Hard
@@ -10,7 +13,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -70,6 +73,8 @@ pub struct EdgeConfig {
     pub hot_update_config: Option<PathBuf>,
     /// How often to poll it (`MODEL_POLL_PERIOD_SECONDS`).
     pub hot_update_period_seconds: f64,
+    /// The Open Inference Protocol endpoint for applications (`serve.listen`).
+    pub serve: crate::joint::ServeConfig,
 }
 
 impl Default for EdgeConfig {
@@ -91,6 +96,7 @@ impl Default for EdgeConfig {
             rate: None,
             hot_update_config: None,
             hot_update_period_seconds: 60.0,
+            serve: Default::default(),
         }
     }
 }
@@ -195,6 +201,30 @@ pub struct EdgeWorker {
     config: EdgeConfig,
     /// Counters, also served on `/metrics`.
     pub metrics: Arc<EdgeMetrics>,
+    store: Option<Arc<Mutex<HardExampleStore>>>,
+    /// The hot-update poller and the late labeller, shared by whatever runs (input, endpoint).
+    background: Mutex<Weak<Background>>,
+}
+
+/// The worker's background work: polling for hot model updates and labelling the hard examples
+/// that waited for the cloud. It runs while anyone holds it; the last holder's drop stops it.
+struct Background {
+    stop_polling: Arc<std::sync::atomic::AtomicBool>,
+    poller: Option<std::thread::JoinHandle<()>>,
+    stop_drain: Option<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop_polling
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(p) = &self.poller {
+            p.thread().unpark();
+        }
+        if let Some(stop) = &self.stop_drain {
+            let _ = stop.send(true);
+        }
+    }
 }
 
 impl EdgeWorker {
@@ -215,14 +245,88 @@ impl EdgeWorker {
             )),
             None => None,
         };
+        let (rows, cols) = model.config.input.image_dims();
         let pipeline = EdgePipeline::new(backend, model.config, mining, config.mining_mode)
             .map_err(WorkerError::Config)?;
+        let store = match &config.hard_examples_dir {
+            Some(dir) => Some(Arc::new(Mutex::new(
+                HardExampleStore::open(dir, rows, cols)?
+                    .with_max_pending(config.hard_examples_pending_max),
+            ))),
+            None => None,
+        };
         Ok(EdgeWorker {
             pipeline: Arc::new(pipeline),
             client,
             config,
             metrics: Arc::new(EdgeMetrics::default()),
+            store,
+            background: Mutex::new(Weak::new()),
         })
+    }
+
+    /// Joins the background work, starting it if nothing runs it yet (needs a tokio runtime).
+    fn background(&self) -> Result<Arc<Background>, WorkerError> {
+        let mut slot = self.background.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = slot.upgrade() {
+            return Ok(running);
+        }
+        let stop_polling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = self.spawn_hot_update(stop_polling.clone())?;
+        // Labels the examples that waited for the cloud, in the background, as it answers again.
+        let stop_drain = match (&self.store, &self.client) {
+            (Some(store), Some(client)) => {
+                self.publish_store(&store.lock().unwrap_or_else(|p| p.into_inner()));
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                tokio::spawn(drain_loop(
+                    store.clone(),
+                    client.clone(),
+                    self.metrics.clone(),
+                    activation_of(&self.pipeline),
+                    stopped,
+                ));
+                Some(stop)
+            }
+            _ => None,
+        };
+        let running = Arc::new(Background {
+            stop_polling,
+            poller,
+            stop_drain,
+        });
+        *slot = Arc::downgrade(&running);
+        Ok(running)
+    }
+
+    /// The endpoint's model: the edge model in service behind a batcher, then joint inference.
+    pub fn service(&self) -> Arc<crate::server::ServedModel> {
+        let joint = crate::joint::Joint::new(
+            self.pipeline.clone(),
+            self.client.clone(),
+            self.metrics.clone(),
+            self.store.clone(),
+            self.config.offload.concurrency,
+            &self.config.serve,
+        );
+        crate::server::ServedModel::joint(joint, self.config.serve.server.batch.clone())
+    }
+
+    /// Serves the Open Inference Protocol (REST and gRPC on one port, `/metrics` beside them) on
+    /// `listener` until `shutdown` resolves, answering each request with joint inference. Hot
+    /// updates and late labelling run meanwhile.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), WorkerError> {
+        let _background = self.background()?;
+        let model = self.service();
+        crate::server::serve(listener, model, self.config.serve.server.clone(), shutdown)
+            .await
+            .map_err(|e| WorkerError::Io {
+                what: "serving the inference endpoint".into(),
+                source: e,
+            })
     }
 
     /// Polls the hot-update config on its own thread until `stop` is set (none without one).
@@ -349,30 +453,8 @@ impl EdgeWorker {
                 })?,
             ))),
         };
-        let (rows, cols) = self.pipeline.config().input.image_dims();
-        let store = match &self.config.hard_examples_dir {
-            Some(dir) => Some(Arc::new(Mutex::new(
-                HardExampleStore::open(dir, rows, cols)?
-                    .with_max_pending(self.config.hard_examples_pending_max),
-            ))),
-            None => None,
-        };
-        // Labels the examples that waited for the cloud, in the background, as it answers again.
-        let drainer = match (&store, &self.client) {
-            (Some(store), Some(client)) => {
-                self.publish_store(&store.lock().unwrap_or_else(|p| p.into_inner()));
-                let (stop, stopped) = tokio::sync::watch::channel(false);
-                let task = tokio::spawn(drain_loop(
-                    store.clone(),
-                    client.clone(),
-                    self.metrics.clone(),
-                    activation_of(&self.pipeline),
-                    stopped,
-                ));
-                Some((stop, task))
-            }
-            _ => None,
-        };
+        let store = self.store.clone();
+        let background = self.background()?;
 
         let (tx, rx) = tokio::sync::mpsc::channel::<Decision>(DECISION_QUEUE);
         let pipeline = self.pipeline.clone();
@@ -397,9 +479,6 @@ impl EdgeWorker {
                 what: "cannot start the pipeline thread".into(),
                 source: e,
             })?;
-
-        let stop_polling = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let poller = self.spawn_hot_update(stop_polling.clone())?;
 
         let client = self.client.clone();
         let concurrency = self.config.offload.concurrency.max(1);
@@ -525,19 +604,11 @@ impl EdgeWorker {
         m.update_ratio();
         drop(results);
         let _ = producer.join();
-        if let Some((stop, task)) = drainer {
-            let _ = stop.send(true);
-            let _ = task.await;
-            // A finite input: one last pass for what still waits (stops at the first failure, so
-            // a cloud that is still away costs one offload budget at most).
-            if !stopped_early && let (Some(store), Some(client)) = (&store, &self.client) {
-                drain_once(store, client, &self.metrics, activation, usize::MAX).await;
-            }
-        }
-        stop_polling.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(p) = poller {
-            p.thread().unpark();
-            let _ = p.join();
+        drop(background);
+        // A finite input: one last pass for what still waits (stops at the first failure, so
+        // a cloud that is still away costs one offload budget at most).
+        if !stopped_early && let (Some(store), Some(client)) = (&store, &self.client) {
+            drain_once(store, client, &self.metrics, activation, usize::MAX).await;
         }
         summary.model_version = self.pipeline.model_version();
         if let Some(w) = out.as_mut() {
@@ -576,7 +647,8 @@ impl EdgeWorker {
     }
 }
 
-fn publish(m: &EdgeMetrics, s: &HardExampleStore) {
+/// The hard-example queue's size and drops, on `/metrics`.
+pub(crate) fn publish(m: &EdgeMetrics, s: &HardExampleStore) {
     m.hard_examples_pending.set(s.pending() as i64);
     let dropped = s.dropped();
     let seen = m.hard_examples_dropped.get();

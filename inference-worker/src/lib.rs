@@ -26,6 +26,7 @@ pub mod eval;
 pub mod fetch;
 pub mod hard_examples;
 pub mod hot_update;
+pub mod joint;
 pub mod lc;
 pub mod metrics;
 pub use sedge_worker_contract::mining;

@@ -50,6 +50,12 @@ pub struct EdgeMetrics {
     pub hard_examples_dropped: Counter,
     /// Hard examples labelled after waiting for the cloud.
     pub hard_examples_labelled_late: Counter,
+    /// Hard examples of served requests answered by the edge because the request's deadline
+    /// could not wait for the cloud.
+    pub deadline_fallbacks: Counter,
+    /// Hard examples of served requests answered by the edge because too many already waited
+    /// for an offload slot.
+    pub offload_busy: Counter,
 }
 
 impl Default for EdgeMetrics {
@@ -70,6 +76,8 @@ impl Default for EdgeMetrics {
             hard_examples_pending: Gauge::default(),
             hard_examples_dropped: Counter::default(),
             hard_examples_labelled_late: Counter::default(),
+            deadline_fallbacks: Counter::default(),
+            offload_busy: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -142,6 +150,16 @@ impl Default for EdgeMetrics {
             "Hard examples labelled after waiting for the cloud",
             m.hard_examples_labelled_late.clone(),
         );
+        registry.register(
+            "deadline_fallbacks",
+            "Hard examples answered by the edge because the request's deadline could not wait for the cloud",
+            m.deadline_fallbacks.clone(),
+        );
+        registry.register(
+            "offload_busy",
+            "Hard examples answered by the edge because the offload queue was full",
+            m.offload_busy.clone(),
+        );
         EdgeMetrics { registry, ..m }
     }
 }
@@ -188,7 +206,15 @@ pub struct CloudMetrics {
 
 impl Default for CloudMetrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("sedge_cloud");
+        CloudMetrics::with_prefix("sedge_cloud")
+    }
+}
+
+impl CloudMetrics {
+    /// The metrics with names starting `prefix` (`sedge_cloud` for the cloud worker,
+    /// `sedge_edge_server` for the edge worker's endpoint).
+    pub fn with_prefix(prefix: &str) -> Self {
+        let mut registry = Registry::with_prefix(prefix);
         let requests = Family::<RequestLabels, Counter>::default();
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
         let request_seconds = latency_histogram();
@@ -213,9 +239,7 @@ impl Default for CloudMetrics {
             samples,
         }
     }
-}
 
-impl CloudMetrics {
     /// Counts one request.
     pub fn count(&self, protocol: &'static str, result: &'static str) {
         self.requests

@@ -315,6 +315,9 @@ pub struct InferenceResponse {
     /// The request's id, if it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Response parameters (the edge endpoint's `answered_by`).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub parameters: Map<String, Value>,
     /// The outputs.
     pub outputs: Vec<ResponseOutput>,
 }

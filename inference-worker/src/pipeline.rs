@@ -153,6 +153,19 @@ impl EdgePipeline {
         &self.mining
     }
 
+    /// When mining happens.
+    pub fn mining_mode(&self) -> MiningMode {
+        self.mode
+    }
+
+    /// The model in service now.
+    fn current(&self) -> Arc<dyn Backend> {
+        self.backend
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn decode(&self, sample: Sample) -> (Decision, bool) {
         let (rows, cols) = self.config.input.image_dims();
         let mut d = Decision {
@@ -207,12 +220,7 @@ impl EdgePipeline {
             for &i in &to_infer {
                 self.norm.extend(&decisions[i].pixels, &mut input);
             }
-            let backend = self
-                .backend
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            match backend.run(&input, to_infer.len()) {
+            match self.current().run(&input, to_infer.len()) {
                 Ok(mut out) => {
                     let per = out.len() / to_infer.len();
                     for (row, &i) in out.chunks_mut(per.max(1)).zip(&to_infer) {
@@ -238,5 +246,21 @@ impl EdgePipeline {
             d.edge_time = each;
         }
         decisions
+    }
+}
+
+/// The pipeline as an engine runs whichever model is in service when a batch starts, so a server
+/// batching over it (the edge worker's endpoint) follows hot updates.
+impl Backend for EdgePipeline {
+    fn kind(&self) -> crate::backend::BackendKind {
+        self.current().kind()
+    }
+
+    fn output_len(&self) -> usize {
+        self.current().output_len()
+    }
+
+    fn run(&self, input: &[f32], batch: usize) -> Result<Vec<f32>, crate::backend::BackendError> {
+        self.current().run(input, batch)
     }
 }

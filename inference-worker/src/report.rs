@@ -9,7 +9,7 @@ use crate::client::OffloadConfig;
 use crate::edge::{EdgeConfig, EdgeSummary, EdgeWorker, WorkerError};
 use crate::model::Model;
 use crate::pipeline::MiningMode;
-use crate::server::{self, CloudModel, ServerConfig};
+use crate::server::{self, ServedModel, ServerConfig};
 use crate::source::Source;
 
 /// What to compare.
@@ -51,7 +51,7 @@ pub async fn joint_report(
     let cloud = Model::load(&opts.cloud_model)?;
     let backend = backend::load(&cloud, &opts.backend)?;
     let server_config = ServerConfig::default();
-    let model = CloudModel::new(cloud.config.clone(), backend, server_config.batch.clone());
+    let model = ServedModel::new(cloud.config.clone(), backend, server_config.batch.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (addr, server) = server::start(([127, 0, 0, 1], 0).into(), model, server_config, async {
         let _ = stopped.await;

@@ -4,10 +4,15 @@
 //!
 //! Requests go through the [`Batcher`]; a full queue is answered with HTTP 503 / gRPC
 //! `RESOURCE_EXHAUSTED`, a malformed request with HTTP 400 / `INVALID_ARGUMENT` naming the problem.
+//!
+//! The edge worker serves its model with the same code ([`ServedModel::joint`]): the edge model
+//! answers, and the samples its mining rule finds hard go on to the cloud within the request's
+//! deadline ([`crate::joint`]). A deadline comes from the request's `timeout` parameter
+//! (microseconds, as Triton's) or the gRPC deadline.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -19,6 +24,7 @@ use serde_json::{Value, json};
 
 use crate::backend::Backend;
 use crate::batcher::{BatchConfig, BatchError, Batcher};
+use crate::joint::{ANSWERED_BY, Answerer, Joint, NoAnswer, TIMEOUT_PARAMETER};
 use crate::metrics::CloudMetrics;
 use crate::model::ModelConfig;
 use crate::oip::{
@@ -70,14 +76,35 @@ impl ServerConfig {
     }
 }
 
-/// What the handlers share.
-pub struct CloudModel {
+/// What the handlers share: a model behind a batcher, with joint inference after it at the edge.
+pub struct ServedModel {
     config: ModelConfig,
     norm: Normalizer,
     batcher: Batcher,
     /// The server's metrics.
     pub metrics: Arc<CloudMetrics>,
     output_len: usize,
+    joint: Option<Joint>,
+}
+
+/// A request's answer.
+#[derive(Debug, Clone)]
+pub struct Inferred {
+    /// `batch` rows of output values: the model's raw outputs, or probabilities at the edge.
+    pub values: Vec<f32>,
+    /// Samples.
+    pub batch: usize,
+    /// Who answered each sample (the edge worker's endpoint only).
+    pub answered_by: Option<Vec<Answerer>>,
+}
+
+impl Inferred {
+    /// The response parameters: `answered_by` at the edge, none in the cloud.
+    fn parameters(&self) -> Option<(&'static str, String)> {
+        self.answered_by
+            .as_ref()
+            .map(|by| (ANSWERED_BY, Answerer::join(by)))
+    }
 }
 
 /// An inference failure, mapped onto HTTP and gRPC codes.
@@ -97,6 +124,9 @@ pub enum ServeError {
     /// Batching or the backend failed.
     #[error(transparent)]
     Batch(#[from] BatchError),
+    /// Neither the edge model nor the cloud answered a sample.
+    #[error(transparent)]
+    NoAnswer(#[from] NoAnswer),
 }
 
 impl ServeError {
@@ -104,7 +134,7 @@ impl ServeError {
         match self {
             ServeError::Invalid(_) | ServeError::UnknownModel { .. } => "invalid",
             ServeError::Batch(BatchError::QueueFull(_)) => "busy",
-            ServeError::Batch(_) => "error",
+            ServeError::Batch(_) | ServeError::NoAnswer(_) => "error",
         }
     }
 
@@ -114,7 +144,9 @@ impl ServeError {
             ServeError::UnknownModel { .. } => StatusCode::NOT_FOUND,
             ServeError::Batch(BatchError::QueueFull(_))
             | ServeError::Batch(BatchError::Stopped) => StatusCode::SERVICE_UNAVAILABLE,
-            ServeError::Batch(BatchError::Backend(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ServeError::Batch(BatchError::Backend(_)) | ServeError::NoAnswer(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 }
@@ -127,7 +159,9 @@ impl From<ServeError> for tonic::Status {
             ServeError::UnknownModel { .. } => tonic::Status::not_found(msg),
             ServeError::Batch(BatchError::QueueFull(_)) => tonic::Status::resource_exhausted(msg),
             ServeError::Batch(BatchError::Stopped) => tonic::Status::unavailable(msg),
-            ServeError::Batch(BatchError::Backend(_)) => tonic::Status::internal(msg),
+            ServeError::Batch(BatchError::Backend(_)) | ServeError::NoAnswer(_) => {
+                tonic::Status::internal(msg)
+            }
         }
     }
 }
@@ -142,23 +176,56 @@ impl IntoResponse for ServeError {
     }
 }
 
-impl CloudModel {
+impl ServedModel {
     /// Starts batching for a loaded backend (needs a tokio runtime).
     pub fn new(config: ModelConfig, backend: Arc<dyn Backend>, batch: BatchConfig) -> Arc<Self> {
         let metrics = Arc::new(CloudMetrics::default());
         let output_len = backend.output_len();
-        Arc::new(CloudModel {
+        Arc::new(ServedModel {
             norm: Normalizer::new(&config.input),
             batcher: Batcher::start(backend, batch, metrics.clone()),
             config,
             metrics,
             output_len,
+            joint: None,
         })
+    }
+
+    /// The edge worker's endpoint: the edge model in service (hot updates included) behind the
+    /// batcher, then `joint` for the hard samples (needs a tokio runtime).
+    pub fn joint(joint: Joint, batch: BatchConfig) -> Arc<Self> {
+        let pipeline = joint.pipeline().clone();
+        let config = pipeline.config().clone();
+        let metrics = Arc::new(CloudMetrics::with_prefix("sedge_edge_server"));
+        Arc::new(ServedModel {
+            norm: Normalizer::new(&config.input),
+            output_len: config.labels.len(),
+            batcher: Batcher::start(pipeline, batch, metrics.clone()),
+            config,
+            metrics,
+            joint: Some(joint),
+        })
+    }
+
+    /// The joint-inference stage, at the edge.
+    pub fn joint_stage(&self) -> Option<&Joint> {
+        self.joint.as_ref()
     }
 
     /// The served model's config.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Model metadata; the edge endpoint advertises UINT8, the only input it takes.
+    fn metadata(&self) -> ModelMetadata {
+        let mut md = ModelMetadata::of(&self.config);
+        if self.joint.is_some() {
+            for i in &mut md.inputs {
+                i.datatype = "UINT8".into();
+            }
+        }
+        md
     }
 
     fn check_name(&self, asked: &str) -> Result<(), ServeError> {
@@ -199,16 +266,56 @@ impl CloudModel {
         Ok((input, DataType::parse(datatype)?))
     }
 
-    /// Runs a decoded tensor; returns the raw outputs and the batch size.
+    /// The deadline of a request that asked for `timeout` (or none), with the served model's
+    /// default; the cloud worker keeps no deadlines.
+    fn deadline(&self, start: Instant, timeout: Option<Duration>) -> Option<Instant> {
+        let joint = self.joint.as_ref()?;
+        timeout.or(joint.default_timeout()).map(|t| start + t)
+    }
+
+    /// Runs a decoded tensor: in the cloud, the model; at the edge, the edge model and then the
+    /// cloud for the hard samples, answering before `deadline`.
     pub async fn infer(
         &self,
         data: TensorData,
         shape: &[i64],
-    ) -> Result<(Vec<f32>, usize), ServeError> {
-        let (input, batch) = data.into_model_input(shape, &self.config, &self.norm)?;
-        let out = self.batcher.infer(input, batch).await?;
+        deadline: Option<Instant>,
+    ) -> Result<Inferred, ServeError> {
+        let Some(joint) = &self.joint else {
+            let (input, batch) = data.into_model_input(shape, &self.config, &self.norm)?;
+            let values = self.batcher.infer(input, batch).await?;
+            self.metrics.samples.inc_by(batch as u64);
+            return Ok(Inferred {
+                values,
+                batch,
+                answered_by: None,
+            });
+        };
+        let TensorData::U8(pixels) = data else {
+            return Err(invalid!(
+                "the edge endpoint takes raw UINT8 pixels (input {:?}, datatype UINT8): a hard sample is forwarded to the cloud model, which normalises it its own way",
+                self.config.input.name
+            )
+            .into());
+        };
+        let (input, batch) =
+            TensorData::U8(pixels.clone()).into_model_input(shape, &self.config, &self.norm)?;
+        let start = Instant::now();
+        let edge = match self.batcher.infer(input, batch).await {
+            Ok(out) => Ok(out),
+            Err(BatchError::Backend(e)) => Err(e),
+            Err(e) => return Err(e.into()),
+        };
+        let edge_time = start.elapsed();
+        let (values, by) = joint
+            .answer(&pixels, batch, edge, edge_time, deadline)
+            .await?;
         self.metrics.samples.inc_by(batch as u64);
-        Ok((out, batch))
+        Ok(Inferred {
+            values,
+            batch,
+            answered_by: Some(by),
+        })
     }
 
     async fn timed<T>(
@@ -233,7 +340,7 @@ impl CloudModel {
 }
 
 /// The REST and gRPC routes on one router.
-pub fn router(model: Arc<CloudModel>, config: &ServerConfig) -> Router {
+pub fn router(model: Arc<ServedModel>, config: &ServerConfig) -> Router {
     let grpc = tonic::service::Routes::new(
         pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(GrpcService {
             model: model.clone(),
@@ -281,7 +388,7 @@ pub fn router(model: Arc<CloudModel>, config: &ServerConfig) -> Router {
 /// TCP_NODELAY, without which small responses wait out the peer's delayed ACK (~40 ms a call).
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    model: Arc<CloudModel>,
+    model: Arc<ServedModel>,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -301,7 +408,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener,
 /// address (port 0 picks a free one) and the task.
 pub async fn start(
     addr: SocketAddr,
-    model: Arc<CloudModel>,
+    model: Arc<ServedModel>,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
@@ -319,22 +426,22 @@ async fn server_metadata() -> axum::Json<Value> {
 }
 
 async fn model_metadata(
-    State(m): State<Arc<CloudModel>>,
+    State(m): State<Arc<ServedModel>>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<ModelMetadata>, ServeError> {
     m.check_name(&name)?;
-    Ok(axum::Json(ModelMetadata::of(&m.config)))
+    Ok(axum::Json(m.metadata()))
 }
 
 async fn model_metadata_versioned(
-    s: State<Arc<CloudModel>>,
+    s: State<Arc<ServedModel>>,
     Path((name, _v)): Path<(String, String)>,
 ) -> Result<axum::Json<ModelMetadata>, ServeError> {
     model_metadata(s, Path(name)).await
 }
 
 async fn model_ready(
-    State(m): State<Arc<CloudModel>>,
+    State(m): State<Arc<ServedModel>>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Value>, ServeError> {
     m.check_name(&name)?;
@@ -342,24 +449,33 @@ async fn model_ready(
 }
 
 async fn model_ready_versioned(
-    s: State<Arc<CloudModel>>,
+    s: State<Arc<ServedModel>>,
     Path((name, _v)): Path<(String, String)>,
 ) -> Result<axum::Json<Value>, ServeError> {
     model_ready(s, Path(name)).await
 }
 
-async fn metrics(State(m): State<Arc<CloudModel>>) -> impl IntoResponse {
+async fn metrics(State(m): State<Arc<ServedModel>>) -> impl IntoResponse {
+    let mut text = m.metrics.encode();
+    if let Some(j) = &m.joint {
+        // One exposition: the server's families, then the edge worker's, then one `# EOF`.
+        let end = text.trim_end().strip_suffix("# EOF").map(str::len);
+        if let Some(end) = end {
+            text.truncate(end);
+        }
+        text.push_str(&j.metrics().encode());
+    }
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        m.metrics.encode(),
+        text,
     )
 }
 
 async fn infer_rest_versioned(
-    s: State<Arc<CloudModel>>,
+    s: State<Arc<ServedModel>>,
     Path((name, _v)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
@@ -368,7 +484,7 @@ async fn infer_rest_versioned(
 }
 
 async fn infer_rest(
-    State(m): State<Arc<CloudModel>>,
+    State(m): State<Arc<ServedModel>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -407,11 +523,12 @@ fn split_binary<'a>(
 }
 
 async fn infer_rest_inner(
-    m: &CloudModel,
+    m: &ServedModel,
     name: &str,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ServeError> {
+    let start = Instant::now();
     m.check_name(name)?;
     let (json_part, mut binary) = split_binary(headers, body)?;
     let req: InferenceRequest = serde_json::from_slice(json_part)
@@ -450,6 +567,14 @@ async fn infer_rest_inner(
         )
         .into());
     }
+    let timeout = match req.parameters.get(TIMEOUT_PARAMETER) {
+        None => None,
+        Some(v) => Some(Duration::from_micros(v.as_u64().ok_or_else(|| {
+            invalid!(
+                "parameter {TIMEOUT_PARAMETER} is {v}; expected a whole number of microseconds"
+            )
+        })?)),
+    };
     let output_name = &m.config.output.name;
     let mut want_binary = oip::param_true(&req.parameters, "binary_data_output");
     if let Some(outputs) = &req.outputs {
@@ -466,7 +591,14 @@ async fn infer_rest_inner(
             want_binary |= oip::param_true(&o.parameters, "binary_data");
         }
     }
-    let (values, batch) = m.infer(data, &input.shape).await?;
+    let deadline = m.deadline(start, timeout);
+    let inferred = m.infer(data, &input.shape, deadline).await?;
+    let parameters: serde_json::Map<String, Value> = inferred
+        .parameters()
+        .map(|(k, v)| (k.to_string(), Value::String(v)))
+        .into_iter()
+        .collect();
+    let Inferred { values, batch, .. } = inferred;
     let shape = vec![batch as i64, (values.len() / batch) as i64];
     let mut out = ResponseOutput {
         name: output_name.clone(),
@@ -479,6 +611,7 @@ async fn infer_rest_inner(
         model_name: m.config.name.clone(),
         model_version: "1".into(),
         id: req.id.clone(),
+        parameters: parameters.clone(),
         outputs: vec![out],
     };
     if want_binary {
@@ -504,7 +637,7 @@ async fn infer_rest_inner(
 
 /// Sedna's big-model API: `{"data": <nested list of raw pixel values>}` -> `{"result": [...]}`,
 /// one result per sample with label, class name, confidence and probabilities.
-async fn sedna_predict(State(m): State<Arc<CloudModel>>, body: Bytes) -> Response {
+async fn sedna_predict(State(m): State<Arc<ServedModel>>, body: Bytes) -> Response {
     let r = m
         .timed("sedna", async {
             let v: Value =
@@ -521,8 +654,26 @@ async fn sedna_predict(State(m): State<Arc<CloudModel>>, body: Bytes) -> Respons
                 )
                 .into());
             }
-            let (values, batch) = m.infer(tensor, &[total / per_sample, per_sample]).await?;
-            Ok(predictions(&m.config, values, batch, m.output_len))
+            let start = Instant::now();
+            let inferred = m
+                .infer(
+                    tensor,
+                    &[total / per_sample, per_sample],
+                    m.deadline(start, None),
+                )
+                .await?;
+            // The edge endpoint's rows are probabilities already.
+            let activation = match inferred.answered_by {
+                Some(_) => crate::model::Activation::None,
+                None => m.config.output.activation,
+            };
+            Ok(predictions(
+                &m.config,
+                activation,
+                inferred.values,
+                inferred.batch,
+                m.output_len,
+            ))
         })
         .await;
     match r {
@@ -533,6 +684,7 @@ async fn sedna_predict(State(m): State<Arc<CloudModel>>, body: Bytes) -> Respons
 
 fn predictions(
     config: &ModelConfig,
+    activation: crate::model::Activation,
     mut values: Vec<f32>,
     batch: usize,
     output_len: usize,
@@ -545,7 +697,7 @@ fn predictions(
     values
         .chunks_mut(per)
         .map(|p| {
-            activate(p, config.output.activation);
+            activate(p, activation);
             let (label, confidence) = argmax(p).unwrap_or((0, 0.0));
             json!({"label": label, "class": config.labels.get(label), "confidence": confidence, "probabilities": p})
         })
@@ -553,7 +705,7 @@ fn predictions(
 }
 
 struct GrpcService {
-    model: Arc<CloudModel>,
+    model: Arc<ServedModel>,
 }
 
 type GrpcResult<T> = Result<tonic::Response<T>, tonic::Status>;
@@ -601,7 +753,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for GrpcService {
         req: tonic::Request<pb::ModelMetadataRequest>,
     ) -> GrpcResult<pb::ModelMetadataResponse> {
         self.model.check_name(&req.get_ref().name)?;
-        let md = ModelMetadata::of(&self.model.config);
+        let md = self.model.metadata();
         let conv = |t: oip::TensorMetadata| pb::model_metadata_response::TensorMetadata {
             name: t.name,
             datatype: t.datatype,
@@ -620,9 +772,28 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for GrpcService {
         &self,
         req: tonic::Request<pb::ModelInferRequest>,
     ) -> GrpcResult<pb::ModelInferResponse> {
+        let start = Instant::now();
+        let grpc_deadline = grpc_timeout(req.metadata());
         let req = req.into_inner();
         let m = &self.model;
         let resp = m.timed("grpc", async {
+            let timeout = match req.parameters.get(TIMEOUT_PARAMETER) {
+                None => grpc_deadline?,
+                Some(p) => match p.parameter_choice {
+                    Some(pb::infer_parameter::ParameterChoice::Int64Param(us)) if us >= 0 => {
+                        Some(Duration::from_micros(us as u64))
+                    }
+                    Some(pb::infer_parameter::ParameterChoice::Uint64Param(us)) => {
+                        Some(Duration::from_micros(us))
+                    }
+                    _ => {
+                        return Err(invalid!(
+                            "parameter {TIMEOUT_PARAMETER} is {p:?}; expected a whole number of microseconds (int64_param)"
+                        )
+                        .into());
+                    }
+                },
+            };
             m.check_name(&req.model_name)?;
             let (input, datatype) = m.check_input(&req.inputs, |i| (&i.name, &i.datatype))?;
             let data = match (req.raw_input_contents.as_slice(), &input.contents) {
@@ -657,13 +828,28 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for GrpcService {
                     .into());
                 }
             };
-            let (values, batch) = m.infer(data, &input.shape).await?;
+            let inferred = m.infer(data, &input.shape, m.deadline(start, timeout)).await?;
+            let parameters = inferred
+                .parameters()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        pb::InferParameter {
+                            parameter_choice: Some(
+                                pb::infer_parameter::ParameterChoice::StringParam(v),
+                            ),
+                        },
+                    )
+                })
+                .into_iter()
+                .collect();
+            let Inferred { values, batch, .. } = inferred;
             let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             Ok(pb::ModelInferResponse {
                 model_name: m.config.name.clone(),
                 model_version: "1".into(),
                 id: req.id.clone(),
-                parameters: Default::default(),
+                parameters,
                 outputs: vec![pb::model_infer_response::InferOutputTensor {
                     name: m.config.output.name.clone(),
                     datatype: "FP32".into(),
@@ -675,5 +861,63 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for GrpcService {
             })
         });
         Ok(tonic::Response::new(resp.await?))
+    }
+}
+
+/// The deadline a gRPC client set (`grpc-timeout`: up to 8 digits and a unit, H M S m u n), or
+/// none; a malformed header is refused naming it.
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, ServeError> {
+    let Some(v) = meta.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad =
+        || invalid!("grpc-timeout {v:?} is not up to 8 digits followed by H, M, S, m, u or n");
+    let s = v.to_str().map_err(|_| bad())?;
+    let split = s.len().checked_sub(1).ok_or_else(bad)?;
+    let (digits, unit) = s.split_at(split);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad().into());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad().into()),
+    };
+    Ok(Some(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_timeout;
+    use std::time::Duration;
+
+    fn parse(v: &str) -> Result<Option<Duration>, String> {
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert("grpc-timeout", v.parse().unwrap());
+        grpc_timeout(&m).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn grpc_deadlines_are_read_and_bad_ones_named() {
+        assert_eq!(parse("250m"), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(parse("3S"), Ok(Some(Duration::from_secs(3))));
+        assert_eq!(
+            parse("99999999n"),
+            Ok(Some(Duration::from_nanos(99_999_999)))
+        );
+        assert_eq!(parse("2H"), Ok(Some(Duration::from_secs(7200))));
+        for bad in ["", "m", "123456789m", "12x", "-1m", "1.5S"] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains("grpc-timeout"), "{bad:?}: {e}");
+        }
+        assert_eq!(
+            grpc_timeout(&tonic::metadata::MetadataMap::new()).unwrap(),
+            None
+        );
     }
 }

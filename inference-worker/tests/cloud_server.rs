@@ -12,7 +12,7 @@ use sedge_inference_worker::model::{Model, ModelConfig, models_dir};
 use sedge_inference_worker::pb;
 use sedge_inference_worker::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use sedge_inference_worker::preprocess::{Normalizer, argmax};
-use sedge_inference_worker::server::{self, CloudModel, ServerConfig};
+use sedge_inference_worker::server::{self, ServedModel, ServerConfig};
 use serde_json::{Value, json};
 
 struct Fixture {
@@ -28,7 +28,7 @@ async fn start_with(
     config: ModelConfig,
     server_config: ServerConfig,
 ) -> SocketAddr {
-    let model = CloudModel::new(config, backend, server_config.batch.clone());
+    let model = ServedModel::new(config, backend, server_config.batch.clone());
     let (addr, _server) = server::start(
         ([127, 0, 0, 1], 0).into(),
         model,

@@ -16,7 +16,7 @@ use sedge_inference_worker::pb::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
 use sedge_inference_worker::pipeline::MiningMode;
-use sedge_inference_worker::server::{self, CloudModel, ServerConfig};
+use sedge_inference_worker::server::{self, ServedModel, ServerConfig};
 use sedge_inference_worker::source::Source;
 use serde_json::Value;
 
@@ -54,7 +54,7 @@ async fn real_cloud() -> SocketAddr {
         },
     )
     .unwrap();
-    let served = CloudModel::new(model.config, backend, Default::default());
+    let served = ServedModel::new(model.config, backend, Default::default());
     let (addr, _server) = server::start(
         ([127, 0, 0, 1], 0).into(),
         served,
@@ -329,7 +329,7 @@ async fn a_cloud_that_starts_after_the_edge_is_used_once_up() {
 
     let model = Model::load(models_dir().join("fashion-mnist/cloud-cnn.onnx")).unwrap();
     let backend = backend::load(&model, &BackendOptions::default()).unwrap();
-    let served = CloudModel::new(model.config, backend, Default::default());
+    let served = ServedModel::new(model.config, backend, Default::default());
     server::start(
         addr,
         served,

@@ -32,6 +32,21 @@ for _ in $(seq 600); do [ "$(metric inferenceNumber)" = 10000 ] && break; sleep 
 [ "$(metric inferenceNumber)" = 10000 ] || { tail -30 "$DIR/up.log"; echo "the edge worker did not finish" >&2; exit 1; }
 k get ji fashion-mnist -o wide
 k get pods -o wide
+echo
+echo "the edge worker as a service: 12 test images sent to the edge node's port 18000 (OIP REST)"
+python3 - <<'PY'
+import gzip, json, urllib.request
+raw = gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").read()[16:]
+for i in range(12):
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "UINT8",
+                                   "data": list(raw[i * 784:(i + 1) * 784])}]}).encode()
+    req = urllib.request.Request("http://127.0.0.1:18000/v2/models/edge-cnn/infer", body,
+                                 {"Content-Type": "application/json"})
+    r = json.load(urllib.request.urlopen(req, timeout=30))
+    p = r["outputs"][0]["data"]
+    label = max(range(len(p)), key=p.__getitem__)
+    print(f"  image {i:2}: class {label} (p={p[label]:.2f}), answered by {r['parameters']['answered_by']}")
+PY
 SUMMARY="$DIR/joint.json"
 kubectl logs -l jointinferenceservice.sedna.io/worker-type=edge --tail=-1 | sed -n 's/^summary: //p' | tail -1 > "$SUMMARY"
 [ -s "$SUMMARY" ] || { echo "no summary in the edge worker's log" >&2; exit 1; }

@@ -22,7 +22,7 @@ use sedge_inference_worker::mining::HardExampleMining;
 use sedge_inference_worker::model::{Model, models_dir};
 use sedge_inference_worker::pipeline::{EdgePipeline, MiningMode};
 use sedge_inference_worker::preprocess::Normalizer;
-use sedge_inference_worker::server::{self, CloudModel, ServerConfig};
+use sedge_inference_worker::server::{self, ServedModel, ServerConfig};
 use sedge_inference_worker::source::{Payload, Sample};
 
 #[derive(Parser)]
@@ -171,7 +171,7 @@ async fn offload_table(args: &Args, images: &sedge_datasets::IdxImages) -> Resul
             ..Default::default()
         },
     )?;
-    let model = CloudModel::new(cloud.config.clone(), backend, Default::default());
+    let model = ServedModel::new(cloud.config.clone(), backend, Default::default());
     let (addr, _server) = server::start(
         ([127, 0, 0, 1], 0).into(),
         model,

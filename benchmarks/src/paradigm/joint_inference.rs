@@ -13,7 +13,7 @@ use sedge_inference_worker::client::OffloadConfig;
 use sedge_inference_worker::edge::EdgeConfig;
 use sedge_inference_worker::model::Model;
 use sedge_inference_worker::pipeline::MiningMode;
-use sedge_inference_worker::server::{self, CloudModel, ServerConfig};
+use sedge_inference_worker::server::{self, ServedModel, ServerConfig};
 
 use super::{CaseContext, Paradigm, backend_options, hem_parameters, model_config, run_edge};
 use crate::expand::TestCase;
@@ -45,7 +45,7 @@ impl Paradigm for JointInference {
             let cloud_backend =
                 backend::load(&cloud_model, &backend_options(cloud)?).map_err(|e| e.to_string())?;
             let name = cloud_model.config.name.clone();
-            let served = CloudModel::new(cloud_model.config, cloud_backend, Default::default());
+            let served = ServedModel::new(cloud_model.config, cloud_backend, Default::default());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let (addr, server) = server::start(
                 ([127, 0, 0, 1], 0).into(),

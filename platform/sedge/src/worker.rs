@@ -11,7 +11,7 @@ use sedge_inference_worker::config::{self, CloudConfig};
 use sedge_inference_worker::edge::{EdgeConfig, EdgeSummary, EdgeWorker};
 use sedge_inference_worker::model::Model;
 use sedge_inference_worker::pipeline::MiningMode;
-use sedge_inference_worker::server::{self, CloudModel};
+use sedge_inference_worker::server::{self, ServedModel};
 use sedge_inference_worker::source::Source;
 use serde::Serialize;
 
@@ -20,7 +20,8 @@ use crate::shutdown_signal;
 /// `sedge worker ...`
 #[derive(Subcommand)]
 pub enum Worker {
-    /// Edge worker: infer locally, offload hard examples to the cloud worker over gRPC.
+    /// Edge worker: infer locally, offload hard examples to the cloud worker over gRPC; over an
+    /// input, or as an Open Inference Protocol endpoint for applications (--listen), or both.
     ///
     /// Reads Sedna's worker environment: MODEL_URL, HEM_NAME, HEM_PARAMETERS, MINING_MODE,
     /// BIG_MODEL_IP, BIG_MODEL_PORT (and BIG_MODEL_NAME, BACKEND).
@@ -143,6 +144,11 @@ pub struct EdgeArgs {
     /// Serve /metrics, /healthz and /readyz on this address.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the Open Inference Protocol (REST and gRPC, one port) here: each request is answered
+    /// by the edge model, its hard samples by the cloud.
+    #[arg(long)]
+    #[serde(rename = "serve.listen")]
+    pub listen: Option<SocketAddr>,
     /// Stop after this many samples.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -224,20 +230,22 @@ pub async fn edge(a: EdgeArgs) -> Result<()> {
     let mut c: EdgeConfig = config::Loader::new("EDGE_WORKER")
         .file(a.cfg.config.as_deref())
         .load_with(&a, config::apply_edge_env)?;
-    let Some(input) = a
+    let input = a
         .input
-        .or_else(|| config::env("SEDGE_INPUT").map(PathBuf::from))
-    else {
+        .or_else(|| config::env("SEDGE_INPUT").map(PathBuf::from));
+    let serve = c.serve.listen;
+    if input.is_none() && serve.is_none() {
         bail!(
-            "no input: give an IDX file, an index file, a directory, an image or a device topic mqtt://<host>:<port>/<topic> (or set SEDGE_INPUT)"
+            "no input and no endpoint: give an IDX file, an index file, a directory, an image or a device topic mqtt://<host>:<port>/<topic> (or set SEDGE_INPUT), or --listen <addr> (SEDGE_EDGE_WORKER_SERVE_LISTEN) to answer applications' requests"
         );
-    };
+    }
     // A device topic is checked now, before the model loads; a path is found later.
-    let input = input.to_string_lossy().into_owned();
-    let device = if input.starts_with("mqtt://") {
-        Some(Source::parse(&input).map_err(|e| anyhow::anyhow!("input {e}"))?)
-    } else {
-        None
+    let input = input.map(|i| i.to_string_lossy().into_owned());
+    let device = match &input {
+        Some(i) if i.starts_with("mqtt://") => {
+            Some(Source::parse(i).map_err(|e| anyhow::anyhow!("input {e}"))?)
+        }
+        _ => None,
     };
     c.model = model_file(&c.model).await;
     let listen = c.metrics_listen;
@@ -259,9 +267,12 @@ pub async fn edge(a: EdgeArgs) -> Result<()> {
         }
         None => None,
     };
-    let source = match device {
-        Some(d) => d,
-        None => Source::from_path(sedge_inference_worker::fetch::local_path(&input)),
+    let source = match (device, &input) {
+        (Some(d), _) => Some(d),
+        (None, Some(i)) => Some(Source::from_path(
+            sedge_inference_worker::fetch::local_path(i),
+        )),
+        (None, None) => None,
     };
     // Started together with the cloud worker: give it a moment before the first sample.
     if let (Some(c), Some(secs)) = (
@@ -283,8 +294,26 @@ pub async fn edge(a: EdgeArgs) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let summary = worker.run(&source, stopped(stop_rx.clone())).await?;
-    print_summary(&summary)?;
+    let worker = std::sync::Arc::new(worker);
+    let endpoint = match serve {
+        Some(addr) => {
+            let (l, bound) = server::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the inference endpoint"))?;
+            eprintln!("serving the Open Inference Protocol (REST and gRPC) on {bound}");
+            let w = worker.clone();
+            let until = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move { w.serve(l, until).await }))
+        }
+        None => None,
+    };
+    if let Some(source) = source {
+        let summary = worker.run(&source, stopped(stop_rx.clone())).await?;
+        print_summary(&summary)?;
+    }
+    if let Some(endpoint) = endpoint {
+        endpoint.await??;
+    }
     // A pod's worker stays up after its input (a Deployment would restart it and count again):
     // counters keep being reported and served until it is told to stop.
     if let Some(r) = reporter {
@@ -372,7 +401,7 @@ pub async fn cloud(a: CloudArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", c.listen))?;
     tracing::info!(model = %model.config.name, backend = %c.backend.kind, %bound, "cloud worker serving OIP REST + gRPC and /sedna/predict");
-    let served = CloudModel::new(model.config, backend, c.server.batch.clone());
+    let served = ServedModel::new(model.config, backend, c.server.batch.clone());
     server::serve(listener, served, c.server, shutdown_signal()).await?;
     tracing::info!("cloud worker stopped");
     Ok(())

@@ -491,3 +491,228 @@ spec: {{url: /nonexistent/model.onnx, format: onnx}}
         out.trim().is_empty().then_some(())
     });
 }
+
+/// The edge worker as a service on `sedge up`: applications on the node send requests to the
+/// edge pod's port (OIP gRPC, as tritonclient does, and REST); easy images are answered by the
+/// edge, hard ones by the cloud pod through the channel; with the cloud pod deleted, answers go
+/// on from the edge; the served requests are counted in `kubectl get ji`.
+#[test]
+fn the_edge_worker_serves_applications_on_its_node() {
+    use sedge_inference_worker::pb;
+    use sedge_inference_worker::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+
+    let lc_port = free_port().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let ai = tmp.path().join("ai.yaml");
+    let route = free_port();
+    std::fs::write(
+        &ai,
+        format!(
+            "report_period_seconds: 1\nroute_ports: [{route}, {}]\n",
+            route.saturating_add(20)
+        ),
+    )
+    .unwrap();
+    let models = repo().join("models/fashion-mnist");
+    let up = up_with(&[
+        "--lc-port",
+        &lc_port,
+        "--ai-config",
+        ai.to_str().unwrap(),
+        "--host-path-allow",
+        &repo().join("models").display().to_string(),
+    ]);
+    up.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "node/cloud-1",
+        "--timeout=60s",
+    ]);
+    let (cloud_port, edge_port) = (free_port(), free_port());
+    up.apply(&format!(
+        r#"
+apiVersion: sedna.io/v1alpha1
+kind: Model
+metadata: {{name: edge}}
+spec: {{url: "{edge}", format: onnx}}
+---
+apiVersion: sedna.io/v1alpha1
+kind: Model
+metadata: {{name: cloud}}
+spec: {{url: "{cloud}", format: onnx}}
+---
+apiVersion: sedna.io/v1alpha1
+kind: JointInferenceService
+metadata: {{name: serving}}
+spec:
+  edgeWorker:
+    model: {{name: edge}}
+    hardExampleMining: {HEM}
+    template:
+      spec:
+        nodeName: edge-1
+        containers:
+          - name: edge
+            image: sedge/worker
+            args: ["edge"]
+            env:
+              - {{name: SEDGE_EDGE_WORKER_SERVE_LISTEN, value: "127.0.0.1:{edge_port}"}}
+            ports: [{{containerPort: {edge_port}, hostPort: {edge_port}}}]
+            readinessProbe:
+              httpGet: {{path: /v2/health/ready, port: {edge_port}}}
+              periodSeconds: 1
+  cloudWorker:
+    model: {{name: cloud}}
+    template:
+      spec:
+        nodeSelector: {{sedge.io/role: cloud}}
+        containers:
+          - name: cloud
+            image: sedge/worker
+            args: ["cloud"]
+            ports: [{{containerPort: {cloud_port}}}]
+            readinessProbe:
+              httpGet: {{path: /v2/health/ready, port: {cloud_port}}}
+              periodSeconds: 1
+"#,
+        edge = models.join("edge-cnn.onnx").display(),
+        cloud = models.join("cloud-cnn.onnx").display(),
+    ));
+    wait_for("the service to be Running", Duration::from_secs(90), || {
+        (condition(&ji(&up, "serving"))?.0 == "Running").then_some(())
+    });
+    let edge_sel = "jointinferenceservice.sedna.io/worker-type=edge,jointinferenceservice.sedna.io/name=serving";
+    let cloud_sel = "jointinferenceservice.sedna.io/worker-type=cloud,jointinferenceservice.sedna.io/name=serving";
+    wait_for("both workers ready", Duration::from_secs(90), || {
+        (up.pods(edge_sel).iter().any(common::running_ready)
+            && up.pods(cloud_sel).iter().any(common::running_ready))
+        .then_some(())
+    });
+
+    // Which images the edge model is unsure of, computed here with the same model and rule.
+    let edge_model =
+        sedge_inference_worker::model::Model::load(models.join("edge-cnn.onnx")).unwrap();
+    let backend = sedge_inference_worker::backend::load(&edge_model, &Default::default()).unwrap();
+    let norm = sedge_inference_worker::preprocess::Normalizer::new(&edge_model.config.input);
+    let data = sedge_datasets::fashion::load(
+        &sedge_datasets::fashion::sample_dir(),
+        sedge_datasets::Split::Test,
+    )
+    .unwrap();
+    let images: Vec<Vec<u8>> = data.images.pixels.chunks(784).map(<[u8]>::to_vec).collect();
+    let hard = |px: &[u8]| {
+        let mut x = Vec::new();
+        norm.extend(px, &mut x);
+        let mut p = backend.run(&x, 1).unwrap();
+        sedge_inference_worker::preprocess::activate(&mut p, edge_model.config.output.activation);
+        sedge_inference_worker::preprocess::argmax(&p).unwrap().1 < 0.8
+    };
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut grpc = rt
+        .block_on(GrpcInferenceServiceClient::connect(format!(
+            "http://127.0.0.1:{edge_port}"
+        )))
+        .unwrap();
+    let request = |px: &[u8], timeout_us: Option<i64>| {
+        let mut r = pb::ModelInferRequest {
+            model_name: "edge-cnn".into(),
+            inputs: vec![pb::model_infer_request::InferInputTensor {
+                name: "x".into(),
+                datatype: "UINT8".into(),
+                shape: vec![1, 1, 28, 28],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![px.to_vec()],
+            ..Default::default()
+        };
+        if let Some(us) = timeout_us {
+            r.parameters.insert(
+                "timeout".into(),
+                pb::InferParameter {
+                    parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(us)),
+                },
+            );
+        }
+        r
+    };
+    let mut ask = |px: &[u8], timeout_us: Option<i64>| -> String {
+        let r = rt
+            .block_on(grpc.model_infer(request(px, timeout_us)))
+            .unwrap_or_else(|e| panic!("the edge endpoint failed: {e}\n{}", up.log()))
+            .into_inner();
+        match r
+            .parameters
+            .get("answered_by")
+            .and_then(|p| p.parameter_choice.clone())
+        {
+            Some(pb::infer_parameter::ParameterChoice::StringParam(s)) => s,
+            other => panic!("answered_by is {other:?}"),
+        }
+    };
+
+    // 1. 100 images: each answered by the model the rule says.
+    let mut cloud_answers = 0;
+    for px in &images[..100] {
+        let who = ask(px, None);
+        let want = if hard(px) { "cloud" } else { "edge" };
+        assert_eq!(who, want);
+        cloud_answers += u32::from(who == "cloud");
+    }
+    assert!(cloud_answers > 0 && cloud_answers < 100, "{cloud_answers}");
+    // A deadline already spent cannot wait for the cloud: the edge answers.
+    let hard_one = images.iter().find(|p| hard(p)).unwrap().clone();
+    assert_eq!(ask(&hard_one, Some(1)), "edge");
+    // REST on the same port, with Triton's binary extension.
+    let rest = {
+        let header = br#"{"inputs":[{"name":"x","shape":[1,784],"datatype":"UINT8","parameters":{"binary_data_size":784}}]}"#;
+        let mut body = header.to_vec();
+        body.extend_from_slice(&hard_one);
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", edge_port)).unwrap();
+        write!(
+            s,
+            "POST /v2/models/edge-cnn/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            header.len(),
+            body.len()
+        )
+        .unwrap();
+        s.write_all(&body).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(
+        rest.starts_with("HTTP/1.1 200") && rest.contains(r#""answered_by":"cloud""#),
+        "{rest}"
+    );
+
+    // 2. The served requests are counted in the service's status, as Sedna counts samples.
+    let served = 102.0;
+    wait_for(
+        "the served requests in kubectl get ji",
+        Duration::from_secs(30),
+        || {
+            let v = ji(&up, "serving");
+            (metric(&v, "inferenceNumber")? == served
+                && metric(&v, "hardExampleNumber")? == f64::from(cloud_answers + 2))
+            .then_some(())
+        },
+    );
+
+    // 3. The cloud pod is deleted: hard images are answered by the edge, every request succeeds.
+    let old_cloud = up.pods(cloud_sel)[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    up.ok(&["delete", "pod", &old_cloud, "--wait=false"]);
+    wait_for(
+        "a hard image answered by the edge with the cloud pod gone",
+        Duration::from_secs(60),
+        || (ask(&hard_one, None) == "edge").then_some(()),
+    );
+    wait_for("the cloud answering again", Duration::from_secs(90), || {
+        (ask(&hard_one, None) == "cloud").then_some(())
+    });
+    let table = up.ok(&["get", "ji", "serving"]);
+    assert!(table.contains("Running"), "{table}");
+}
