@@ -9,6 +9,7 @@
 
 pub mod expand;
 pub mod job;
+pub mod link;
 pub mod metrics;
 pub mod nodes;
 pub mod paradigm;

@@ -305,7 +305,6 @@ impl EdgeWorker {
             self.client.clone(),
             self.metrics.clone(),
             self.store.clone(),
-            self.config.offload.concurrency,
             &self.config.serve,
         );
         crate::server::ServedModel::joint(joint, self.config.serve.server.batch.clone())

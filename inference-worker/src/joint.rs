@@ -9,7 +9,7 @@
 //! - the request's deadline cannot wait for the cloud: what is left of it is shorter than the
 //!   cloud's recent round trip (nothing is sent), or the cloud does not answer before it (the
 //!   request is answered from the edge just before its deadline);
-//! - more than `offload_queue` hard examples already wait for one of the `offload.concurrency`
+//! - more than `offload_queue` hard examples already wait for one of the `offload_concurrency`
 //!   slots (the cloud is the bottleneck; the edge answers at once rather than queue without bound).
 //!
 //! An offload runs as its own task, so a request that stops waiting never cuts a call short: the
@@ -50,6 +50,10 @@ pub struct ServeConfig {
     /// Deadline of a request that sets none (no `timeout` parameter, no gRPC deadline), in
     /// milliseconds; 0 leaves it to the offload budget.
     pub default_timeout_ms: u64,
+    /// Hard examples in flight to the cloud at once (the endpoint's own bound; `offload.concurrency`
+    /// bounds the file input's). Over a link with a round trip of `r` seconds the cloud can answer
+    /// at most `offload_concurrency / r` hard examples a second: 64 over 4G's 60 ms is ~1,000/s.
+    pub offload_concurrency: usize,
     /// Hard examples that may wait for an offload slot; past this a hard example is answered by
     /// the edge at once.
     pub offload_queue: usize,
@@ -62,6 +66,7 @@ impl Default for ServeConfig {
         ServeConfig {
             listen: None,
             default_timeout_ms: 0,
+            offload_concurrency: 64,
             offload_queue: 256,
             server: ServerConfig::default(),
         }
@@ -117,14 +122,12 @@ pub struct Joint {
 }
 
 impl Joint {
-    /// The stage for `pipeline`'s model and mining rule, offloading through `client` with at
-    /// most `concurrency` calls in flight.
+    /// The stage for `pipeline`'s model and mining rule, offloading through `client`.
     pub fn new(
         pipeline: Arc<EdgePipeline>,
         client: Option<Arc<CloudClient>>,
         metrics: Arc<EdgeMetrics>,
         store: Option<Arc<Mutex<HardExampleStore>>>,
-        concurrency: usize,
         config: &ServeConfig,
     ) -> Self {
         Joint {
@@ -132,7 +135,7 @@ impl Joint {
             client,
             metrics,
             store,
-            slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            slots: Arc::new(Semaphore::new(config.offload_concurrency.max(1))),
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiting: config.offload_queue,
             cloud_rtt_us: Arc::new(AtomicU64::new(0)),

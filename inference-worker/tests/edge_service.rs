@@ -542,7 +542,6 @@ async fn a_full_edge_queue_answers_503_and_resource_exhausted() {
         None,
         Arc::new(EdgeMetrics::default()),
         None,
-        1,
         &ServeConfig::default(),
     );
     let served = ServedModel::joint(

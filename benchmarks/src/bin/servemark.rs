@@ -2,7 +2,9 @@
 //! Open Inference Protocol endpoint (joint inference: edge model, mining rule, hard images to the
 //! cloud worker) with 1, 8 and 64 concurrent clients, against the same clients sending every
 //! request to the cloud worker (cloud-only) and an edge endpoint that never offloads (edge-only),
-//! in one run, on loopback.
+//! in one run, on loopback and over shaped links to the cloud (`--links`, profiles of
+//! `sedge_benchmarks::link`: the edge endpoint's offloads and the cloud-only clients cross the
+//! link; the edge-only endpoint does not need it).
 //!
 //! Each client is an application with its own connection, sending one Fashion-MNIST image per
 //! gRPC request (raw UINT8, as tritonclient does) in a closed loop. Accuracy is against the
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use sedge_benchmarks::link::{LinkProfile, ShapedLink, self_check};
 use sedge_datasets::{Split, fashion};
 use sedge_inference_worker::backend::{self, BackendKind, BackendOptions};
 use sedge_inference_worker::client::OffloadConfig;
@@ -38,6 +41,9 @@ struct Args {
     /// Concurrent clients per row, comma-separated.
     #[arg(long, default_value = "1,8,64", value_delimiter = ',')]
     clients: Vec<usize>,
+    /// Links between the edge and the cloud, comma-separated profile names.
+    #[arg(long, default_value = "loopback,4g-uplink", value_delimiter = ',')]
+    links: Vec<String>,
 }
 
 struct Cell {
@@ -190,24 +196,66 @@ async fn main() -> Result<()> {
         },
         ..Default::default()
     };
-    let joint = edge_endpoint(edge("MaxProbability", Some(cloud_addr))).await?;
     let edge_only = edge_endpoint(edge("EdgeOnly", None)).await?;
 
     println!(
-        "Edge worker endpoint (OIP gRPC, one 28x28 UINT8 image per request, closed loop), {} backend, {} s per cell, loopback, {} cores",
+        "Edge worker endpoint (OIP gRPC, one 28x28 UINT8 image per request, closed loop), {} backend, {} s per cell, {} cores",
         args.backend,
         args.seconds,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    for name in &args.links {
+        let profile = LinkProfile::named(name).map_err(anyhow::Error::msg)?;
+        // The cloud as the edge sees it: straight, or across the shaped link.
+        let (_link, cloud_seen) = if profile.is_loopback() {
+            (None, cloud_addr)
+        } else {
+            let link = ShapedLink::start(cloud_addr, profile.clone()).await?;
+            let addr = link.addr;
+            (Some(link), addr)
+        };
+        println!();
+        if profile.is_loopback() {
+            println!("link: loopback");
+        } else {
+            let c = self_check(&profile, 100_000).await?;
+            println!(
+                "link: {} ({} Mbit/s, {} ms one way, +-{} ms jitter, {}% loss); self-check: ping {:.1} ms (expected {:.1}), 100 kB {:.1} ms (expected {:.1})",
+                profile.name,
+                profile.bandwidth_mbit,
+                profile.delay_ms,
+                profile.jitter_ms,
+                profile.loss * 100.0,
+                c.rtt.as_secs_f64() * 1e3,
+                c.expected_rtt.as_secs_f64() * 1e3,
+                c.transfer.as_secs_f64() * 1e3,
+                c.expected_transfer.as_secs_f64() * 1e3
+            );
+        }
+        let joint = edge_endpoint(edge("MaxProbability", Some(cloud_seen))).await?;
+        table(
+            &args,
+            [
+                ("joint (edge endpoint)", joint, "edge-cnn"),
+                ("cloud-only (cloud worker)", cloud_seen, "cloud-cnn"),
+                ("edge-only (edge endpoint)", edge_only, "edge-cnn"),
+            ],
+            &images,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn table(
+    args: &Args,
+    paths: [(&str, SocketAddr, &'static str); 3],
+    images: &Arc<Vec<(Vec<u8>, u8)>>,
+) -> Result<()> {
     println!(
         "{:<26} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
         "path", "clients", "req/s", "p50 ms", "p99 ms", "accuracy", "by cloud", "errors"
     );
-    let paths: [(&str, SocketAddr, &'static str); 3] = [
-        ("joint (edge endpoint)", joint, "edge-cnn"),
-        ("cloud-only (cloud worker)", cloud_addr, "cloud-cnn"),
-        ("edge-only (edge endpoint)", edge_only, "edge-cnn"),
-    ];
     for &clients in &args.clients {
         for (name, addr, model) in paths {
             // Warm the connections and the models.
