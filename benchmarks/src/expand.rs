@@ -117,9 +117,64 @@ pub fn expand(algorithm_name: &str, algorithm: &Algorithm) -> Vec<TestCase> {
         .collect()
 }
 
+/// Joint-inference cases once per link (testenv's `link`): the link's name becomes the `link`
+/// hyperparameter of the case's `cloudmodel`, and each algorithm's cases are numbered again.
+/// Other paradigms, and jobs without links, are unchanged.
+pub fn per_link(cases: Vec<TestCase>, links: &[String]) -> Vec<TestCase> {
+    if links.is_empty() {
+        return cases;
+    }
+    let mut out: Vec<TestCase> = Vec::new();
+    for case in cases {
+        if case.paradigm != "jointinference" || !case.modules.contains_key("cloudmodel") {
+            out.push(case);
+            continue;
+        }
+        for link in links {
+            let mut c = case.clone();
+            if let Some(cloud) = c.modules.get_mut("cloudmodel") {
+                cloud.hyperparameters.retain(|(k, _)| k != "link");
+                cloud
+                    .hyperparameters
+                    .push(("link".into(), serde_yaml::Value::String(link.clone())));
+            }
+            out.push(c);
+        }
+    }
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &out {
+        *count.entry(c.algorithm.clone()).or_default() += 1;
+    }
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &mut out {
+        let width = count[&c.algorithm].to_string().len().max(2);
+        let n = seen.entry(c.algorithm.clone()).or_default();
+        *n += 1;
+        c.id = format!("{}-{:0width$}", c.algorithm, n);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joint_cases_run_once_per_link_with_the_link_as_a_column() {
+        let a = algo(
+            "paradigm_type: jointinference\nmodules:\n  - {type: edgemodel, name: e, url: e.onnx}\n  - {type: cloudmodel, name: c, url: c.onnx}\n  - type: hard_example_mining\n    name: MaxProbability\n    hyperparameters:\n      - threshold: {values: [0.7, 0.8]}\n",
+        );
+        let cases = per_link(expand("j", &a), &["loopback".into(), "4g-uplink".into()]);
+        assert_eq!(cases.len(), 4);
+        let ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["j-01", "j-02", "j-03", "j-04"]);
+        let links: Vec<String> = cases
+            .iter()
+            .map(|c| c.modules["cloudmodel"].param("link").unwrap())
+            .collect();
+        assert_eq!(links, ["loopback", "4g-uplink", "loopback", "4g-uplink"]);
+        assert_eq!(per_link(expand("j", &a), &[]).len(), 2);
+    }
 
     fn algo(yaml: &str) -> Algorithm {
         serde_yaml::from_str(yaml).unwrap()

@@ -125,6 +125,54 @@ pub struct TestEnv {
     /// `inference-then-mining` or `mining-then-inference` for joint inference.
     #[serde(default)]
     pub hard_example_mining_mode: Option<String>,
+    /// Sedge's own key: links between the edge and the cloud worker. Each joint-inference test
+    /// case runs once per link, with the link's name as the `link` hyperparameter of its
+    /// `cloudmodel` (so the leaderboard has a `link` column). An entry is a profile name
+    /// (`loopback`, `5g-mec`, `4g-uplink`, `iot-uplink`) or a `name` with `bandwidth_mbit`,
+    /// `delay_ms`, `jitter_ms` and `loss`. None means loopback.
+    #[serde(default)]
+    pub link: Vec<LinkEntry>,
+}
+
+/// One `testenv.link[]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "serde_yaml::Value")]
+pub enum LinkEntry {
+    /// A named profile.
+    Named(String),
+    /// A link given value by value.
+    Custom(crate::link::LinkProfile),
+}
+
+impl TryFrom<serde_yaml::Value> for LinkEntry {
+    type Error = String;
+    // By hand rather than `untagged`, so that a misspelt key is named in the error.
+    fn try_from(v: serde_yaml::Value) -> Result<Self, String> {
+        match v {
+            serde_yaml::Value::String(s) => Ok(LinkEntry::Named(s)),
+            m @ serde_yaml::Value::Mapping(_) => serde_yaml::from_value(m)
+                .map(LinkEntry::Custom)
+                .map_err(|e| format!("link: {e}")),
+            other => Err(format!(
+                "link entries are profile names or maps of name, bandwidth_mbit, delay_ms, jitter_ms, loss; got {other:?}"
+            )),
+        }
+    }
+}
+
+impl LinkEntry {
+    /// The profile, checked; errors name the entry's key.
+    pub fn profile(&self, i: usize) -> Result<crate::link::LinkProfile, String> {
+        let p = match self {
+            LinkEntry::Named(n) => crate::link::LinkProfile::named(n),
+            LinkEntry::Custom(p) if p.name.is_empty() => Err(
+                "a link given by its values needs a name (for the leaderboard's link column)"
+                    .into(),
+            ),
+            LinkEntry::Custom(p) => p.check().map(|()| p.clone()),
+        };
+        p.map_err(|e| format!("link[{i}]: {e}"))
+    }
 }
 
 /// `testenv.dataset:`.
@@ -340,6 +388,19 @@ pub fn load(path: &Path) -> Result<LoadedJob, BenchError> {
             path: testenv_path.clone(),
             message,
         })?;
+    }
+    let mut link_names = std::collections::BTreeSet::new();
+    for (i, entry) in testenv.link.iter().enumerate() {
+        let profile = entry.profile(i).map_err(|message| BenchError::Invalid {
+            path: testenv_path.clone(),
+            message,
+        })?;
+        if !link_names.insert(profile.name.clone()) {
+            return Err(BenchError::Invalid {
+                path: testenv_path.clone(),
+                message: format!("link[{i}]: the name {:?} is used twice", profile.name),
+            });
+        }
     }
     let test_data = must_exist(
         resolve(&testenv_path, &testenv.dataset.test_index),

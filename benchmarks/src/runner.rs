@@ -14,7 +14,7 @@ use sedge_inference_worker::pipeline::MiningMode;
 use sedge_inference_worker::source::Source;
 
 use crate::BenchError;
-use crate::expand::{TestCase, expand};
+use crate::expand::{TestCase, expand, per_link};
 use crate::job::LoadedJob;
 use crate::metrics::Metric;
 use crate::paradigm::{CaseContext, CloudOnlyCache, lookup};
@@ -103,15 +103,28 @@ fn new_run_dir(base: &std::path::Path) -> Result<(String, PathBuf), BenchError> 
     unreachable!("some run id is free")
 }
 
-async fn run_case(
-    case: TestCase,
+/// What every case of a run shares.
+struct RunShared {
     run_dir: PathBuf,
     data: Source,
     opts: RunOptions,
     mode: Option<MiningMode>,
     cache: Arc<CloudOnlyCache>,
     metrics: Vec<Metric>,
-) -> CaseResult {
+    links: Arc<std::collections::BTreeMap<String, crate::link::LinkProfile>>,
+}
+
+async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
+    let RunShared {
+        run_dir,
+        data,
+        opts,
+        mode,
+        cache,
+        metrics,
+        links,
+    } = &*shared;
+    let (data, mode, cache, links) = (data.clone(), *mode, cache.clone(), links.clone());
     let dir = run_dir.join(&case.algorithm).join(&case.id);
     let outcome = async {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -122,6 +135,7 @@ async fn run_case(
             output_dir: dir.clone(),
             mining_mode: mode,
             cloud_only: cache,
+            links,
         };
         paradigm.run(&case, &ctx).await
     }
@@ -168,11 +182,32 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
         ),
         None => None,
     };
-    let cases: Vec<TestCase> = job
-        .algorithms
+    let links = job
+        .testenv
+        .link
         .iter()
-        .flat_map(|(name, _, algo)| expand(name, algo))
+        .enumerate()
+        .map(|(i, l)| l.profile(i).map(|p| (p.name.clone(), p)))
+        .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+        .map_err(|message| BenchError::Invalid {
+            path: job.path.clone(),
+            message,
+        })?;
+    let link_names: Vec<String> = job
+        .testenv
+        .link
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.profile(i).ok().map(|p| p.name))
         .collect();
+    let links = Arc::new(links);
+    let cases: Vec<TestCase> = per_link(
+        job.algorithms
+            .iter()
+            .flat_map(|(name, _, algo)| expand(name, algo))
+            .collect(),
+        &link_names,
+    );
     let (run_id, run_dir) = new_run_dir(&job.workspace)?;
     let bar = if opts.progress {
         ProgressBar::new(cases.len() as u64)
@@ -185,20 +220,19 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
         )
         .expect("valid template"),
     );
-    let data = Source::from_path(&job.test_data);
-    let cache = Arc::new(CloudOnlyCache::default());
+    let shared = Arc::new(RunShared {
+        run_dir: run_dir.clone(),
+        data: Source::from_path(&job.test_data),
+        opts: opts.clone(),
+        mode,
+        cache: Arc::new(CloudOnlyCache::default()),
+        metrics: metrics.clone(),
+        links,
+    });
     let mut results: Vec<(usize, CaseResult)> =
         futures::stream::iter(cases.into_iter().enumerate())
             .map(|(i, case)| {
-                let fut = run_case(
-                    case,
-                    run_dir.clone(),
-                    data.clone(),
-                    opts.clone(),
-                    mode,
-                    cache.clone(),
-                    metrics.clone(),
-                );
+                let fut = run_case(case, shared.clone());
                 let bar = bar.clone();
                 async move {
                     let r = fut.await;

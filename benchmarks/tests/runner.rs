@@ -234,6 +234,44 @@ fn bad_job_files_name_the_file_and_the_problem() {
         ),
         (
             String::new(),
+            "  link:\n    - {name: slow, bandwidth_mbit: -3}\n".into(),
+            JOINT.into(),
+            "testenv.yaml",
+            "link[0]: link.bandwidth_mbit is -3",
+        ),
+        (
+            String::new(),
+            "  link: [dialup]\n".into(),
+            JOINT.into(),
+            "testenv.yaml",
+            "link[0]: unknown link profile \"dialup\"",
+        ),
+        (
+            String::new(),
+            "  link:\n    - {name: x, bandwith_mbit: 3}\n".into(),
+            JOINT.into(),
+            "testenv.yaml",
+            "unknown field `bandwith_mbit`",
+        ),
+        (
+            String::new(),
+            "  link: [4g-uplink, 4g-uplink]\n".into(),
+            JOINT.into(),
+            "testenv.yaml",
+            "link[1]: the name \"4g-uplink\" is used twice",
+        ),
+        (
+            String::new(),
+            String::new(),
+            JOINT.replace(
+                "name: c, url: MODELS/cloud-cnn.onnx}",
+                "name: c, url: MODELS/cloud-cnn.onnx, hyperparameters: [{protocol: {values: [pigeon]}}]}",
+            ),
+            "algo.yaml",
+            "unknown offload protocol \"pigeon\"",
+        ),
+        (
+            String::new(),
             String::new(),
             JOINT.replace("name: MaxProbability", "name: Entropy"),
             "algo.yaml",
@@ -393,4 +431,61 @@ async fn initial_model_url_is_the_base_model_when_the_module_names_none() {
             .count(),
         100
     );
+}
+
+/// Testenv's links: each joint case runs once per link, with Sedna's JSON and our raw gRPC side
+/// by side; the leaderboard has both as columns, JSON costs more bytes, and the slow link's
+/// delay is in the p99.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joint_cases_run_once_per_link_and_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let algo = JOINT.replace(
+        "name: c, url: MODELS/cloud-cnn.onnx}",
+        "name: c, url: MODELS/cloud-cnn.onnx, hyperparameters: [{protocol: {values: [grpc, sedna-json]}}]}",
+    );
+    let path = write_job(
+        dir.path(),
+        "",
+        "    - name: bytes_offloaded\n    - name: latency_p99\n  link:\n    - loopback\n    - {name: slow, bandwidth_mbit: 20, delay_ms: 10}\n",
+        &algo,
+    );
+    let job = sedge_benchmarks::load(&path).unwrap();
+    let report = runner::run(&job, &opts(2, Some(60))).await.unwrap();
+    assert_eq!(report.failures().count(), 0, "{:?}", report.results);
+    assert_eq!(
+        report.results.len(),
+        5,
+        "2 protocols x 2 links + the edge model"
+    );
+    let (header, rows) = read_csv(&report.run_dir.join("rank/all_rank.csv"));
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no {name} in {header:?}"))
+    };
+    let (link, protocol, bytes, p99) = (
+        col("cloudmodel-link"),
+        col("cloudmodel-protocol"),
+        col("bytes_offloaded"),
+        col("latency_p99"),
+    );
+    let row = |l: &str, p: &str| {
+        rows.iter()
+            .find(|r| r[link] == l && r[protocol] == p)
+            .unwrap_or_else(|| panic!("no {l}/{p} row in {rows:?}"))
+    };
+    let num = |r: &Vec<String>, i: usize| r[i].parse::<f64>().unwrap();
+    for l in ["loopback", "slow"] {
+        let (grpc, json) = (row(l, "grpc"), row(l, "sedna-json"));
+        assert!(num(grpc, bytes) > 0.0);
+        assert!(
+            num(json, bytes) > 2.0 * num(grpc, bytes),
+            "{l}: JSON {} bytes, gRPC {}",
+            json[bytes],
+            grpc[bytes]
+        );
+    }
+    // Two crossings of 10 ms each for every offloaded sample, and more than 1% are offloaded.
+    assert!(num(row("slow", "grpc"), p99) >= 20.0, "{rows:?}");
 }

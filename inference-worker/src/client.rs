@@ -1,5 +1,7 @@
 //! The edge's client for the cloud model: Open Inference Protocol gRPC with raw `UINT8` bytes
-//! (784 bytes per Fashion-MNIST image, against about 8 kB for Sedna's nested JSON list).
+//! (784 bytes per Fashion-MNIST image, a fraction of Sedna's nested JSON list). Sedna's
+//! own wire (`POST /sedna/predict` with the image as a nested JSON list, over HTTP/1.1) is there
+//! too (`protocol: sedna-json`), so benchmarks can compare the two on the same link.
 //!
 //! Each call has a deadline; failed calls are retried with jittered exponential backoff while the
 //! sample's overall budget lasts; a [`CircuitBreaker`] stops calls to a cloud that keeps failing.
@@ -13,13 +15,40 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::breaker::CircuitBreaker;
+use crate::model::Activation;
 use crate::pb;
 use crate::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+
+/// What the edge speaks to the cloud.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OffloadProtocol {
+    /// OIP gRPC, raw UINT8 bytes.
+    #[default]
+    Grpc,
+    /// Sedna's `POST /sedna/predict` with `{"data": [[row], ...]}` over HTTP/1.1.
+    SednaJson,
+}
+
+impl std::str::FromStr for OffloadProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "grpc" => Ok(OffloadProtocol::Grpc),
+            "sedna-json" => Ok(OffloadProtocol::SednaJson),
+            other => Err(format!(
+                "unknown offload protocol {other:?}; expected grpc or sedna-json"
+            )),
+        }
+    }
+}
 
 /// How the edge reaches the cloud.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OffloadConfig {
+    /// The wire: `grpc` (default) or `sedna-json`.
+    pub protocol: OffloadProtocol,
     /// `host:port` of the cloud worker (Sedna: `BIG_MODEL_IP:BIG_MODEL_PORT`); none means edge-only.
     pub address: Option<String>,
     /// The model name the cloud serves (`BIG_MODEL_NAME`).
@@ -43,6 +72,7 @@ pub struct OffloadConfig {
 impl Default for OffloadConfig {
     fn default() -> Self {
         OffloadConfig {
+            protocol: OffloadProtocol::Grpc,
             address: None,
             model: "cloud-cnn".into(),
             timeout_ms: 500,
@@ -113,6 +143,10 @@ pub struct OffloadOutcome {
 /// gRPC client of the cloud worker.
 pub struct CloudClient {
     client: GrpcInferenceServiceClient<Channel>,
+    /// `/sedna/predict` and a plain HTTP client, for `sedna-json`.
+    http: Option<(String, reqwest::Client)>,
+    /// How the edge reads a raw row; Sedna's probabilities are handed back in that form.
+    activation: Activation,
     config: OffloadConfig,
     input_name: String,
     sample_shape: Vec<i64>,
@@ -134,12 +168,28 @@ impl CloudClient {
         } else {
             format!("http://{address}")
         };
-        let endpoint = Endpoint::from_shared(uri)
+        let endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|_| OffloadError::BadAddress(address.clone()))?
             .connect_timeout(Duration::from_millis(config.timeout_ms))
             .tcp_nodelay(true);
+        // reqwest needs a process-wide rustls provider, even for plain HTTP.
+        if config.protocol == OffloadProtocol::SednaJson {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let http = match config.protocol {
+            OffloadProtocol::Grpc => None,
+            OffloadProtocol::SednaJson => Some((
+                format!("{}/sedna/predict", uri.trim_end_matches('/')),
+                reqwest::Client::builder()
+                    .tcp_nodelay(true)
+                    .build()
+                    .map_err(|_| OffloadError::BadAddress(address.clone()))?,
+            )),
+        };
         Ok(CloudClient {
             client: GrpcInferenceServiceClient::new(endpoint.connect_lazy()),
+            http,
+            activation: Activation::Softmax,
             breaker: CircuitBreaker::new(
                 config.breaker_failures,
                 Duration::from_millis(config.breaker_cooldown_ms),
@@ -149,6 +199,14 @@ impl CloudClient {
             classes,
             config,
         })
+    }
+
+    /// Tells the client how the edge reads a raw output row (its model's activation), so that
+    /// Sedna's probabilities come back in that form: log-probabilities under softmax (which turns
+    /// them back into the same probabilities), probabilities without one.
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
     }
 
     /// The breaker, for inspection.
@@ -193,7 +251,94 @@ impl CloudClient {
         }
     }
 
+    /// One attempt over the configured wire; returns the row and the request bytes sent.
     async fn attempt(
+        &self,
+        pixels: &[u8],
+        timeout: Duration,
+    ) -> (Result<Vec<f32>, OffloadError>, u64) {
+        match &self.http {
+            None => {
+                let req = self.request(pixels);
+                let bytes = req.encoded_len() as u64;
+                (self.attempt_grpc(req, timeout).await, bytes)
+            }
+            Some((url, http)) => {
+                let cols = self.sample_shape.last().copied().unwrap_or(1).max(1) as usize;
+                let rows: Vec<&[u8]> = pixels.chunks(cols).collect();
+                let body = serde_json::to_vec(&serde_json::json!({ "data": [rows] }))
+                    .expect("pixels serialise");
+                let bytes = body.len() as u64;
+                (self.attempt_sedna(url, http, body, timeout).await, bytes)
+            }
+        }
+    }
+
+    async fn attempt_sedna(
+        &self,
+        url: &str,
+        http: &reqwest::Client,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<f32>, OffloadError> {
+        let send = http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(timeout)
+            .send();
+        let resp = match tokio::time::timeout(timeout, send).await {
+            Err(_) => return Err(OffloadError::Timeout(timeout)),
+            Ok(Err(e)) if e.is_timeout() => return Err(OffloadError::Timeout(timeout)),
+            Ok(Err(e)) => {
+                return Err(OffloadError::Status {
+                    code: tonic::Code::Unavailable,
+                    message: e.to_string(),
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        let text = match tokio::time::timeout(timeout, resp.bytes()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                return Err(OffloadError::Status {
+                    code: tonic::Code::Unavailable,
+                    message: e.to_string(),
+                });
+            }
+            Err(_) => return Err(OffloadError::Timeout(timeout)),
+        };
+        if !status.is_success() {
+            return Err(OffloadError::Status {
+                code: if status.as_u16() == 503 {
+                    tonic::Code::Unavailable
+                } else {
+                    tonic::Code::Internal
+                },
+                message: format!("HTTP {status}: {}", String::from_utf8_lossy(&text)),
+            });
+        }
+        let v: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| OffloadError::Garbage(format!("not JSON: {e}")))?;
+        let probs: Vec<f32> = v["result"][0]["probabilities"]
+            .as_array()
+            .ok_or_else(|| OffloadError::Garbage("no result[0].probabilities".into()))?
+            .iter()
+            .map(|p| p.as_f64().map(|p| p as f32))
+            .collect::<Option<_>>()
+            .ok_or_else(|| OffloadError::Garbage("probabilities are not numbers".into()))?;
+        let row = match self.activation {
+            Activation::Softmax => probs
+                .iter()
+                .map(|p| p.max(f32::MIN_POSITIVE).ln())
+                .collect(),
+            Activation::None => probs,
+        };
+        self.check_row(row)
+    }
+
+    async fn attempt_grpc(
         &self,
         req: pb::ModelInferRequest,
         timeout: Duration,
@@ -234,6 +379,11 @@ impl CloudClient {
                 .unwrap_or_default(),
             (None, None) => return garbage("no outputs".into()),
         };
+        self.check_row(values)
+    }
+
+    fn check_row(&self, values: Vec<f32>) -> Result<Vec<f32>, OffloadError> {
+        let garbage = |m: String| Err(OffloadError::Garbage(m));
         if values.len() != self.classes {
             return garbage(format!(
                 "{} values for one sample, expected {} classes",
@@ -264,11 +414,10 @@ impl CloudClient {
         let mut attempts = 0;
         let mut bytes = 0;
         loop {
-            let req = self.request(pixels);
-            bytes += req.encoded_len() as u64;
             attempts += 1;
             let left = budget.saturating_sub(start.elapsed());
-            let result = self.attempt(req, per_attempt.min(left)).await;
+            let (result, sent) = self.attempt(pixels, per_attempt.min(left)).await;
+            bytes += sent;
             let retry = match &result {
                 Ok(_) => false,
                 Err(e) => {

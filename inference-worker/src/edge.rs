@@ -241,7 +241,8 @@ impl EdgeWorker {
                     &model.config.input.shape,
                     model.config.labels.len(),
                 )
-                .map_err(|e| WorkerError::Config(e.to_string()))?,
+                .map_err(|e| WorkerError::Config(e.to_string()))?
+                .with_activation(model.config.output.activation),
             )),
             None => None,
         };

@@ -6,10 +6,15 @@
 //! goes only to the cloud). Without a `hard_example_mining_mode`, rules that read the edge output
 //! (CrossEntropy, MaxProbability, ...) use the first, and input-only rules (Random, EdgeOnly,
 //! CloudOnly) the second, so that `CloudOnly` really is cloud-only.
+//!
+//! The cloud model's `link` hyperparameter (set per testenv `link` entry by the runner) puts a
+//! shaped link ([`crate::link`]) between the edge and the cloud worker; its `protocol`
+//! hyperparameter picks the wire: OIP gRPC with raw bytes (`grpc`, the default) or Sedna's JSON
+//! over HTTP (`sedna-json`).
 
 use futures::future::BoxFuture;
 use sedge_inference_worker::backend;
-use sedge_inference_worker::client::OffloadConfig;
+use sedge_inference_worker::client::{OffloadConfig, OffloadProtocol};
 use sedge_inference_worker::edge::EdgeConfig;
 use sedge_inference_worker::model::Model;
 use sedge_inference_worker::pipeline::MiningMode;
@@ -57,6 +62,25 @@ impl Paradigm for JointInference {
             )
             .await
             .map_err(|e| format!("cannot start the cloud worker: {e}"))?;
+            let link = match cloud.param("link") {
+                None => None,
+                Some(n) => Some(ctx.links.get(&n).cloned().ok_or_else(|| {
+                    format!("cloudmodel link {n:?} is not one of testenv's links")
+                })?),
+            };
+            let shaped = match link.filter(|l| !l.is_loopback()) {
+                Some(l) => Some(
+                    crate::link::ShapedLink::start(addr, l)
+                        .await
+                        .map_err(|e| format!("cannot start the shaped link: {e}"))?,
+                ),
+                None => None,
+            };
+            let offload_to = shaped.as_ref().map_or(addr, |l| l.addr);
+            let protocol = match cloud.param("protocol") {
+                Some(p) => p.parse::<OffloadProtocol>()?,
+                None => OffloadProtocol::Grpc,
+            };
             let mode = ctx.mining_mode.unwrap_or(
                 if matches!(hem.name.as_str(), "Random" | "EdgeOnly" | "CloudOnly") {
                     MiningMode::MiningThenInference
@@ -69,13 +93,15 @@ impl Paradigm for JointInference {
                 hem_parameters: hem_parameters(hem),
                 mining_mode: mode,
                 offload: OffloadConfig {
-                    address: Some(addr.to_string()),
+                    address: Some(offload_to.to_string()),
                     model: name,
+                    protocol,
                     ..Default::default()
                 },
                 ..model_config(edge)?
             };
             let result = run_edge(config, ctx, "inference.jsonl").await;
+            drop(shaped);
             let _ = stop.send(());
             let _ = server.await;
             let mut outcome = result?;

@@ -36,6 +36,8 @@ pub struct CaseContext {
     pub mining_mode: Option<MiningMode>,
     /// Cloud-only accuracies, computed once per (model, engine) and shared by all cases.
     pub cloud_only: Arc<CloudOnlyCache>,
+    /// The testenv's links, by name.
+    pub links: Arc<std::collections::BTreeMap<String, crate::link::LinkProfile>>,
 }
 
 /// A way of running modules over a test set.
@@ -146,6 +148,12 @@ pub fn backend_options(module: &Module) -> Result<BackendOptions, String> {
     for (k, v) in &module.hyperparameters {
         let text = value_text(v);
         match k.as_str() {
+            // How the edge reaches a cloud model: read by the joint-inference paradigm.
+            "link" if module.kind == "cloudmodel" => {}
+            "protocol" if module.kind == "cloudmodel" => {
+                text.parse::<sedge_inference_worker::client::OffloadProtocol>()
+                    .map_err(|e| format!("{} protocol: {e}", module.name))?;
+            }
             "backend" => opts.kind = text.parse::<BackendKind>()?,
             "intra_threads" => {
                 opts.intra_threads = text.parse().map_err(|_| {
@@ -168,8 +176,13 @@ pub fn backend_options(module: &Module) -> Result<BackendOptions, String> {
             }
             other => {
                 return Err(format!(
-                    "model module {:?} has no hyperparameter {other:?}; it takes backend, intra_threads, batch_size",
-                    module.name
+                    "model module {:?} has no hyperparameter {other:?}; it takes backend, intra_threads, batch_size{}",
+                    module.name,
+                    if module.kind == "cloudmodel" {
+                        ", protocol (grpc, sedna-json)"
+                    } else {
+                        ""
+                    }
                 ));
             }
         }
