@@ -2,7 +2,10 @@
 //! as soon as it finishes, and writes the leaderboard and the plot.
 //!
 //! A failing case is reported and recorded in `rank/failed.csv`; the others still run and are
-//! saved (Ianvs loses every result when one case fails: issues #610, #621).
+//! saved (Ianvs loses every result when one case fails: issues #610, #621). A case may be given a
+//! time limit (`case_timeout`), past which it fails with that reason. An interrupted run is
+//! finished with `resume`: the cases whose `result.json` holds metrics for the same modules are
+//! read back, the others run, and the leaderboard covers them all.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +33,10 @@ pub struct RunOptions {
     pub limit: Option<usize>,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Longest a test case may run; past it the case fails (the others go on).
+    pub case_timeout: Option<std::time::Duration>,
+    /// A run directory (`<workspace>/<name>/<run id>`) to finish instead of starting a new run.
+    pub resume: Option<PathBuf>,
 }
 
 /// What a run produced.
@@ -41,6 +48,10 @@ pub struct RunReport {
     pub results: Vec<CaseResult>,
     /// The selected leaderboard, rendered for the terminal.
     pub table: String,
+    /// Cases read back from an earlier attempt of this run (`resume`), not run again.
+    pub resumed: usize,
+    /// Test samples the cases run now went through (what the progress bar counted).
+    pub samples: u64,
     /// Files written under `rank/`.
     pub files: Vec<PathBuf>,
 }
@@ -112,6 +123,7 @@ struct RunShared {
     cache: Arc<CloudOnlyCache>,
     metrics: Vec<Metric>,
     links: Arc<std::collections::BTreeMap<String, crate::link::LinkProfile>>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
 async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
@@ -123,6 +135,7 @@ async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
         cache,
         metrics,
         links,
+        progress,
     } = &*shared;
     let (data, mode, cache, links) = (data.clone(), *mode, cache.clone(), links.clone());
     let dir = run_dir.join(&case.algorithm).join(&case.id);
@@ -136,8 +149,18 @@ async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
             mining_mode: mode,
             cloud_only: cache,
             links,
+            progress: progress.clone(),
         };
-        paradigm.run(&case, &ctx).await
+        match opts.case_timeout {
+            None => paradigm.run(&case, &ctx).await,
+            Some(limit) => tokio::time::timeout(limit, paradigm.run(&case, &ctx))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "test case timed out after {limit:?} (the case time limit)"
+                    ))
+                }),
+        }
     }
     .await;
     let metrics = outcome.map(|o| metrics.iter().map(|m| m.compute(&o)).collect::<Vec<_>>());
@@ -148,16 +171,41 @@ async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
         dir: dir.clone(),
     };
     // Persist at once, so a crash later loses nothing already measured.
+    let key = case_key(&result.case);
     let record = match &result.metrics {
         Ok(values) => {
-            serde_json::json!({"case": result.case.id, "time": result.time, "metrics": values})
+            serde_json::json!({"case": result.case.id, "modules": key, "time": result.time, "metrics": values})
         }
-        Err(e) => serde_json::json!({"case": result.case.id, "time": result.time, "error": e}),
+        Err(e) => {
+            serde_json::json!({"case": result.case.id, "modules": key, "time": result.time, "error": e})
+        }
     };
     if let Err(e) = std::fs::write(dir.join("result.json"), record.to_string()) {
         tracing::warn!(case = %result.case.id, error = %e, "cannot save the case result");
     }
     result
+}
+
+/// What a case is, for telling whether a saved result is this case's.
+fn case_key(case: &TestCase) -> String {
+    format!("{} {:?}", case.paradigm, case.modules)
+}
+
+/// A case's saved result from an earlier attempt of the run: only a success for the same modules
+/// and metrics counts; anything else runs again.
+fn saved_result(case: &TestCase, dir: &std::path::Path, metrics: usize) -> Option<CaseResult> {
+    let text = std::fs::read_to_string(dir.join("result.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if v["case"] != case.id.as_str() || v["modules"] != case_key(case).as_str() {
+        return None;
+    }
+    let values: Vec<Option<f64>> = serde_json::from_value(v["metrics"].clone()).ok()?;
+    (values.len() == metrics).then(|| CaseResult {
+        case: case.clone(),
+        metrics: Ok(values),
+        time: v["time"].as_str().unwrap_or_default().to_string(),
+        dir: dir.to_path_buf(),
+    })
 }
 
 /// Runs every test case of `job`.
@@ -208,46 +256,96 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
             .collect(),
         &link_names,
     );
-    let (run_id, run_dir) = new_run_dir(&job.workspace)?;
+    let (run_id, run_dir) = match &opts.resume {
+        None => new_run_dir(&job.workspace)?,
+        Some(dir) => {
+            if !dir.is_dir() {
+                return Err(BenchError::Invalid {
+                    path: dir.clone(),
+                    message: "is not a run directory to resume (<workspace>/<name>/<run id>)"
+                        .into(),
+                });
+            }
+            let id = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (id, dir.clone())
+        }
+    };
+    // Cases an earlier attempt of this run finished: read back, not run again.
+    let mut done: Vec<(usize, CaseResult)> = Vec::new();
+    let mut todo: Vec<(usize, TestCase)> = Vec::new();
+    for (i, case) in cases.into_iter().enumerate() {
+        let dir = run_dir.join(&case.algorithm).join(&case.id);
+        match opts
+            .resume
+            .as_ref()
+            .and_then(|_| saved_result(&case, &dir, metrics.len()))
+        {
+            Some(r) => done.push((i, r)),
+            None => todo.push((i, case)),
+        }
+    }
+    let resumed = done.len();
+    let data = Source::from_path(&job.test_data);
+    // The bar counts test samples across all cases: each case's pass over the test set.
     let bar = if opts.progress {
-        ProgressBar::new(cases.len() as u64)
+        let per_case = data.open(opts.limit).map(|s| s.count()).unwrap_or(0) as u64;
+        ProgressBar::new(per_case * todo.len() as u64)
     } else {
         ProgressBar::hidden()
     };
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} test cases  {msg}",
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} samples ({per_sec}, eta {eta})  {msg}",
         )
         .expect("valid template"),
     );
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cases_total = todo.len();
+    let cases_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ticker = {
+        let (bar, progress) = (bar.clone(), progress.clone());
+        tokio::spawn(async move {
+            loop {
+                bar.set_position(progress.load(std::sync::atomic::Ordering::SeqCst));
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        })
+    };
     let shared = Arc::new(RunShared {
         run_dir: run_dir.clone(),
-        data: Source::from_path(&job.test_data),
+        progress: progress.clone(),
+        data,
         opts: opts.clone(),
         mode,
         cache: Arc::new(CloudOnlyCache::default()),
         metrics: metrics.clone(),
         links,
     });
-    let mut results: Vec<(usize, CaseResult)> =
-        futures::stream::iter(cases.into_iter().enumerate())
-            .map(|(i, case)| {
-                let fut = run_case(case, shared.clone());
-                let bar = bar.clone();
-                async move {
-                    let r = fut.await;
-                    match &r.metrics {
-                        Ok(_) => bar.set_message(format!("{} done", r.case.id)),
-                        Err(e) => bar.println(format!("test case {} failed: {e}", r.case.id)),
+    let mut results: Vec<(usize, CaseResult)> = futures::stream::iter(todo)
+        .map(|(i, case)| {
+            let fut = run_case(case, shared.clone());
+            let (bar, cases_done) = (bar.clone(), cases_done.clone());
+            async move {
+                let r = fut.await;
+                let n = cases_done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                match &r.metrics {
+                    Ok(_) => {
+                        bar.set_message(format!("{n}/{cases_total} test cases, {} done", r.case.id))
                     }
-                    bar.inc(1);
-                    (i, r)
+                    Err(e) => bar.println(format!("test case {} failed: {e}", r.case.id)),
                 }
-            })
-            .buffer_unordered(opts.jobs.max(1))
-            .collect()
-            .await;
+                (i, r)
+            }
+        })
+        .buffer_unordered(opts.jobs.max(1))
+        .collect()
+        .await;
+    ticker.abort();
     bar.finish_and_clear();
+    results.extend(done);
     results.sort_by_key(|(i, _)| *i);
     let mut results: Vec<CaseResult> = results.into_iter().map(|(_, r)| r).collect();
     // Algorithms that could not be loaded: one failed row each, nothing run.
@@ -352,6 +450,8 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
     let _ = std::os::unix::fs::symlink(&run_id, &latest);
     Ok(RunReport {
         run_dir,
+        resumed,
+        samples: progress.load(std::sync::atomic::Ordering::SeqCst),
         table: rank::render(&selected),
         results,
         files,

@@ -24,6 +24,8 @@ fn opts(jobs: usize, limit: Option<usize>) -> RunOptions {
         jobs,
         limit,
         progress: false,
+        case_timeout: None,
+        resume: None,
     }
 }
 
@@ -488,4 +490,90 @@ async fn joint_cases_run_once_per_link_and_protocol() {
     }
     // Two crossings of 10 ms each for every offloaded sample, and more than 1% are offloaded.
     assert!(num(row("slow", "grpc"), p99) >= 20.0, "{rows:?}");
+}
+
+/// A case past its time limit fails with that reason; `resume` then finishes the run in the same
+/// directory, reading back what succeeded and running what failed, is missing or changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_and_interrupted_runs_are_finished_by_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_job(dir.path(), "", "", JOINT);
+    let job = sedge_benchmarks::load(&path).unwrap();
+    let first = runner::run(
+        &job,
+        &RunOptions {
+            case_timeout: Some(std::time::Duration::from_millis(1)),
+            ..opts(1, Some(30))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.results.len(), 2);
+    for r in &first.results {
+        let e = r.metrics.as_ref().unwrap_err();
+        assert!(e.contains("timed out after 1ms"), "{e}");
+    }
+    let (_, failed) = read_csv(&first.run_dir.join("rank/failed.csv"));
+    assert_eq!(failed.len(), 2);
+
+    // Resume without the limit: failed cases run again, in the same run directory.
+    let resume = |run_dir: &Path| RunOptions {
+        resume: Some(run_dir.to_path_buf()),
+        ..opts(1, Some(30))
+    };
+    let second = runner::run(&job, &resume(&first.run_dir)).await.unwrap();
+    assert_eq!(second.run_dir, first.run_dir);
+    assert_eq!(second.resumed, 0, "failures are not results");
+    assert_eq!(second.failures().count(), 0);
+    assert_eq!(
+        second.samples, 60,
+        "the progress counts each case's 30 samples"
+    );
+    let accuracy: Vec<f64> = second
+        .results
+        .iter()
+        .map(|r| r.metrics.as_ref().unwrap()[0].unwrap())
+        .collect();
+
+    // An interrupted run: one case's result is missing. Only that case runs.
+    let lost = &second.results[0];
+    std::fs::remove_file(lost.dir.join("result.json")).unwrap();
+    let third = runner::run(&job, &resume(&first.run_dir)).await.unwrap();
+    assert_eq!(third.resumed, 1);
+    assert_eq!(third.failures().count(), 0);
+    assert_eq!(third.samples, 30, "only the lost case ran");
+    let again: Vec<f64> = third
+        .results
+        .iter()
+        .map(|r| r.metrics.as_ref().unwrap()[0].unwrap())
+        .collect();
+    assert_eq!(again, accuracy, "the same cases, the same numbers");
+    assert!(lost.dir.join("result.json").exists());
+    let (_, rows) = read_csv(&first.run_dir.join("rank/all_rank.csv"));
+    assert_eq!(
+        rows.len(),
+        2,
+        "the leaderboard covers read-back and new cases"
+    );
+
+    // The job changed since: a case whose modules differ is not read back.
+    let changed = write_job(
+        dir.path(),
+        "",
+        "",
+        &JOINT.replace("values: [0.8]", "values: [0.9]"),
+    );
+    let job = sedge_benchmarks::load(&changed).unwrap();
+    let fourth = runner::run(&job, &resume(&first.run_dir)).await.unwrap();
+    assert_eq!(
+        fourth.resumed, 1,
+        "only the unchanged edge case is read back"
+    );
+
+    // Not a run directory.
+    let e = runner::run(&job, &resume(&dir.path().join("nope")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a run directory"), "{e}");
 }

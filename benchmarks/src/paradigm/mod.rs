@@ -38,6 +38,8 @@ pub struct CaseContext {
     pub cloud_only: Arc<CloudOnlyCache>,
     /// The testenv's links, by name.
     pub links: Arc<std::collections::BTreeMap<String, crate::link::LinkProfile>>,
+    /// Test samples done so far, across all cases of the run (the progress bar).
+    pub progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A way of running modules over a test set.
@@ -214,11 +216,21 @@ fn batch_size(module: &Module) -> usize {
 }
 
 /// Runs the edge worker for a case, writing one JSON line per sample to `<output>/<file>`, and
-/// turns its results into an [`Outcome`].
+/// turns its results into an [`Outcome`]. The case's own pass over the test set (not a
+/// baseline's) counts its samples into the run's progress.
 pub async fn run_edge(
     config: EdgeConfig,
     ctx: &CaseContext,
     file: &str,
+) -> Result<Outcome, String> {
+    run_edge_counted(config, ctx, file, true).await
+}
+
+async fn run_edge_counted(
+    config: EdgeConfig,
+    ctx: &CaseContext,
+    file: &str,
+    count: bool,
 ) -> Result<Outcome, String> {
     let out = ctx.output_dir.join(file);
     let config = EdgeConfig {
@@ -227,10 +239,26 @@ pub async fn run_edge(
         ..config
     };
     let worker = EdgeWorker::start(config).map_err(|e| e.to_string())?;
-    let summary = worker
-        .run(&ctx.data, std::future::pending())
-        .await
-        .map_err(|e| e.to_string())?;
+    let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ticker = count.then(|| {
+        let (metrics, counted, progress) = (
+            worker.metrics.clone(),
+            counted.clone(),
+            ctx.progress.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                add_progress(&metrics, &counted, &progress);
+            }
+        })
+    });
+    let summary = worker.run(&ctx.data, std::future::pending()).await;
+    if let Some(t) = ticker {
+        t.abort();
+        add_progress(&worker.metrics, &counted, &ctx.progress);
+    }
+    let summary = summary.map_err(|e| e.to_string())?;
     let (truth, predicted) = read_results(&out)?;
     Ok(Outcome {
         truth,
@@ -243,6 +271,18 @@ pub async fn run_edge(
         bytes_offloaded: summary.bytes_sent,
         cloud_only_accuracy: None,
     })
+}
+
+/// Moves what the worker inferred since the last look into the run's count.
+fn add_progress(
+    metrics: &sedge_inference_worker::metrics::EdgeMetrics,
+    counted: &std::sync::atomic::AtomicU64,
+    progress: &std::sync::atomic::AtomicU64,
+) {
+    use std::sync::atomic::Ordering;
+    let now = metrics.inference_number.get();
+    let before = counted.swap(now, Ordering::SeqCst);
+    progress.fetch_add(now.saturating_sub(before), Ordering::SeqCst);
 }
 
 fn read_results(path: &Path) -> Result<(Vec<u32>, Vec<Option<u32>>), String> {
@@ -279,7 +319,7 @@ impl CloudOnlyCache {
             batch: 32,
             ..model_config(module)?
         };
-        let outcome = run_edge(config, ctx, "cloud-only.jsonl").await?;
+        let outcome = run_edge_counted(config, ctx, "cloud-only.jsonl", false).await?;
         let acc = crate::metrics::accuracy(&outcome.truth, &outcome.predicted)
             .ok_or("the test set has no labels")?;
         known.insert((model, backend.kind), acc);

@@ -28,6 +28,13 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Longest a test case may run, in seconds; past it the case fails and the others go on.
+    #[arg(long)]
+    pub case_timeout: Option<f64>,
+    /// Finish an interrupted run: its directory (`<workspace>/<name>/<run id>`). Cases saved
+    /// with results are read back; the rest run.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
 }
 
 /// Flags of `sedge infer`.
@@ -205,12 +212,27 @@ pub async fn bench(a: BenchArgs) -> Result<()> {
     for (name, why) in &job.broken {
         eprintln!("algorithm {name:?} cannot run and is skipped: {why}");
     }
+    let case_timeout = match a.case_timeout {
+        None => None,
+        Some(s) if s.is_finite() && s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+        Some(s) => bail!("--case-timeout {s} is not a positive number of seconds"),
+    };
     let opts = sedge_benchmarks::runner::RunOptions {
         jobs: a.jobs,
         limit: a.limit,
         progress: !a.no_progress,
+        case_timeout,
+        resume: a.resume,
     };
     let report = sedge_benchmarks::runner::run(&job, &opts).await?;
+    if report.resumed > 0 {
+        eprintln!(
+            "resumed {}: {} of {} test cases read back, the others run now",
+            report.run_dir.display(),
+            report.resumed,
+            report.results.len()
+        );
+    }
     print!("{}", report.table);
     std::io::Write::flush(&mut std::io::stdout())?;
     eprintln!("results in {}", report.run_dir.display());
