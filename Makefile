@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build edge-agent images bench bench-exec bench-serve bench-cri bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt cri
+.PHONY: help demo test lint fmt build edge-agent images bench bench-exec bench-serve bench-pareto bench-cri bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt cri
 
 help:
 	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then a Sedna"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-example - the Ianvs-style Fashion-MNIST job on all 10,000 test images"
 	@echo "make bench-exec - kubectl exec and port-forward through the channel against local spawn and loopback"
 	@echo "make bench-serve - the edge worker as an inference endpoint: 1/8/64 clients, joint vs cloud-only vs edge-only"
+	@echo "make bench-pareto - joint inference: the least offloading that matches the cloud model, per mining rule"
 	@echo "make bench-cri - pod start-up and memory: containers through containerd against processes (root)"
 	@echo "make bench-devices - device twins: MQTT and cloud round trips, 1,000 devices, embedded broker vs mosquitto"
 	@echo "make bench-learning - incremental learning under a camera shift: 3 rounds, zero human labels"
@@ -130,6 +131,10 @@ bench-devices: mqtt edge-agent
 # edge-only, on loopback (ONNX Runtime for both models).
 bench-serve: ort
 	$(CARGO) run --release -p sedge-benchmarks --bin servemark -- --backend ort
+
+# The joint-inference Pareto front on Debian's 10,000 test images (seconds).
+bench-pareto: data ort
+	$(CARGO) run --release -p sedge-benchmarks --bin pareto -- --backend ort
 
 # kubectl exec round trips and stdout throughput, port-forward downloads, through the channel.
 bench-exec: build
