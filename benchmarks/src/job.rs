@@ -132,6 +132,106 @@ pub struct TestEnv {
     /// `delay_ms`, `jitter_ms` and `loss`. None means loopback.
     #[serde(default)]
     pub link: Vec<LinkEntry>,
+    /// Rounds of incremental learning (Ianvs: an int, at least 2).
+    #[serde(default)]
+    pub incremental_rounds: Option<usize>,
+    /// When incremental learning deploys a retrained model (Ianvs's `model_eval`).
+    #[serde(default)]
+    pub model_eval: Option<ModelEval>,
+}
+
+/// `testenv.model_eval`: deploy the new model when `operator(new - old, threshold)` holds for
+/// the metric on the round's evaluation samples.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEval {
+    /// The metric.
+    pub model_metric: ModelMetric,
+    /// Compared with the metric's change.
+    pub threshold: f64,
+    /// `>`, `<`, `=`, `>=` or `<=`.
+    pub operator: String,
+}
+
+/// `testenv.model_eval.model_metric`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMetric {
+    /// A built-in metric: `accuracy`, `f1_score`, `precision` or `recall`.
+    pub name: String,
+    /// Ianvs's Python metric file: refused (built-ins only).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Ianvs's lifelong-learning sub-mode: accepted and ignored.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+impl ModelEval {
+    /// Whether a change of `delta` in the metric deploys the new model.
+    pub fn holds(&self, delta: f64) -> bool {
+        let t = self.threshold;
+        match self.operator.as_str() {
+            ">" => delta > t,
+            "<" => delta < t,
+            ">=" => delta >= t,
+            "<=" => delta <= t,
+            _ => (delta - t).abs() < 1e-12,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !matches!(self.operator.as_str(), ">" | "<" | "=" | ">=" | "<=") {
+            return Err(format!(
+                "model_eval.operator {:?} is not one of >, <, =, >=, <=",
+                self.operator
+            ));
+        }
+        if self.model_metric.url.is_some() {
+            return Err("model_eval.model_metric.url: Python metric files are not supported; use accuracy, f1_score, precision or recall".into());
+        }
+        if !matches!(
+            self.model_metric.name.as_str(),
+            "accuracy" | "f1_score" | "precision" | "recall"
+        ) {
+            return Err(format!(
+                "model_eval.model_metric.name {:?} is not one of accuracy, f1_score, precision, recall",
+                self.model_metric.name
+            ));
+        }
+        if !self.threshold.is_finite() {
+            return Err("model_eval.threshold is not a number".into());
+        }
+        Ok(())
+    }
+}
+
+/// Sedge's own `testenv.dataset.shift`: the test and training images as a different camera sees
+/// them ([`sedge_datasets::shift::CameraShift`]).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShiftSpec {
+    /// Multiplies every pixel.
+    pub contrast: f32,
+    /// Added to every pixel, grey levels.
+    pub brightness: f32,
+    /// Per-pixel Gaussian noise, grey levels.
+    pub noise_sigma: f32,
+    /// Seed of the noise.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl ShiftSpec {
+    /// The shift.
+    pub fn camera(&self) -> sedge_datasets::shift::CameraShift {
+        sedge_datasets::shift::CameraShift {
+            contrast: self.contrast,
+            brightness: self.brightness,
+            noise_sigma: self.noise_sigma,
+            seed: self.seed,
+        }
+    }
 }
 
 /// One `testenv.link[]` entry.
@@ -185,6 +285,13 @@ pub struct DatasetSpec {
     pub train_index: Option<String>,
     /// Test samples: a Sedna/Ianvs `txt` index, a `csv` index, or a Fashion-MNIST IDX file.
     pub test_index: String,
+    /// Sedge's own: see the images through another camera (incremental learning's stream).
+    #[serde(default)]
+    pub shift: Option<ShiftSpec>,
+    /// Sedge's own: read only the first N samples of `train_index` (incremental learning's
+    /// stream).
+    #[serde(default)]
+    pub train_limit: Option<usize>,
 }
 
 /// `testenv.metrics[]`.
@@ -207,8 +314,28 @@ pub struct Algorithm {
     /// Ianvs's starting model; used as the `basemodel` url when that module has none.
     #[serde(default)]
     pub initial_model_url: Option<String>,
+    /// Incremental learning: how each round's slice is split between inference (mining) and
+    /// evaluation.
+    #[serde(default)]
+    pub incremental_learning_data_setting: Option<IncrementalDataSetting>,
     /// The modules.
     pub modules: Vec<ModuleSpec>,
+}
+
+/// `algorithm.incremental_learning_data_setting`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalDataSetting {
+    /// Share of each round's slice mined (the rest evaluates); default 0.8.
+    #[serde(default = "default_train_ratio")]
+    pub train_ratio: f64,
+    /// Only `default` (in order).
+    #[serde(default)]
+    pub splitting_method: Option<String>,
+}
+
+fn default_train_ratio() -> f64 {
+    0.8
 }
 
 /// One `algorithm.modules[]` entry.
@@ -249,6 +376,8 @@ pub struct LoadedJob {
     pub testenv: TestEnv,
     /// The test samples, absolute.
     pub test_data: PathBuf,
+    /// The training samples (`dataset.train_index`), absolute, where given.
+    pub train_data: Option<PathBuf>,
     /// Each algorithm's name, file and content (module urls made absolute).
     pub algorithms: Vec<(String, PathBuf, Algorithm)>,
     /// Algorithms that cannot run (a model file they name is missing), with the reason: the
@@ -402,6 +531,28 @@ pub fn load(path: &Path) -> Result<LoadedJob, BenchError> {
             });
         }
     }
+    if let Some(r) = testenv.incremental_rounds
+        && r < 2
+    {
+        return Err(BenchError::Invalid {
+            path: testenv_path.clone(),
+            message: format!("incremental_rounds is {r}; it must be at least 2"),
+        });
+    }
+    if let Some(m) = &testenv.model_eval {
+        m.check().map_err(|message| BenchError::Invalid {
+            path: testenv_path.clone(),
+            message,
+        })?;
+    }
+    let train_data = match &testenv.dataset.train_index {
+        Some(t) => Some(must_exist(
+            resolve(&testenv_path, t),
+            "dataset.train_index",
+            &testenv_path,
+        )?),
+        None => None,
+    };
     let test_data = must_exist(
         resolve(&testenv_path, &testenv.dataset.test_index),
         "dataset.test_index",
@@ -445,6 +596,7 @@ pub fn load(path: &Path) -> Result<LoadedJob, BenchError> {
         workspace,
         testenv,
         test_data,
+        train_data,
         algorithms,
         broken,
     })

@@ -23,6 +23,17 @@ use std::path::{Path, PathBuf};
 /// everything that can be said before anything runs.
 pub fn load(path: &Path) -> Result<job::LoadedJob, BenchError> {
     let job = job::load(path)?;
+    if job
+        .algorithms
+        .iter()
+        .any(|(_, _, a)| a.paradigm_type == "incrementallearning")
+        && (job.testenv.incremental_rounds.is_none() || job.train_data.is_none())
+    {
+        return Err(BenchError::Invalid {
+            path: job.path.clone(),
+            message: "incrementallearning needs incremental_rounds (2 or more) and dataset.train_index in the testenv".into(),
+        });
+    }
     for (_, algo_path, algo) in &job.algorithms {
         paradigm::check(algo).map_err(|message| BenchError::Invalid {
             path: algo_path.clone(),

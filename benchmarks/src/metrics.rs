@@ -124,6 +124,20 @@ pub struct Outcome {
     pub bytes_offloaded: u64,
     /// Accuracy of the cloud model alone on the same samples, where there is one.
     pub cloud_only_accuracy: Option<f64>,
+    /// Incremental learning: the test pass after each round (the case's own fields are the last
+    /// round's), each a row of the leaderboard.
+    pub rounds: Vec<RoundOutcome>,
+}
+
+/// One round of incremental learning.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoundOutcome {
+    /// 1 for the first round; 0 is the initial model before any.
+    pub round: usize,
+    /// Whether the round's model was deployed.
+    pub deployed: bool,
+    /// The test pass with the model deployed after the round, and the round's mining counts.
+    pub outcome: Outcome,
 }
 
 /// Correct / labelled; `None` without labelled samples.
@@ -216,6 +230,7 @@ mod tests {
     #[test]
     fn system_metrics_from_the_outcome() {
         let o = Outcome {
+            rounds: Vec::new(),
             truth: vec![1, 1, 0, 0],
             predicted: vec![Some(1), Some(0), Some(0), Some(0)],
             inferred: 4,
@@ -239,6 +254,7 @@ mod tests {
         assert_eq!(Metric::BytesOffloaded.compute(&o), Some(812.0));
         assert_eq!(
             Metric::CloudOnlyAccuracyGap.compute(&Outcome {
+                rounds: Vec::new(),
                 cloud_only_accuracy: None,
                 ..o.clone()
             }),

@@ -1,5 +1,6 @@
-//! The plot people read instead of the CSV: accuracy against samples transfer ratio, one series per
-//! algorithm, written as SVG and PNG with `plotters`.
+//! The plots people read instead of the CSV, one series per algorithm, written as SVG and PNG with
+//! `plotters`: accuracy against samples transfer ratio, and accuracy per round of incremental
+//! learning.
 //!
 //! Text layout needs a font file: DejaVu Sans from Debian's `fonts-dejavu-core`
 //! (`/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf`, or `$SEDGE_FONT`). Without it no plot is
@@ -41,10 +42,18 @@ fn register_font() -> Result<(), String> {
     .clone()
 }
 
+/// The x axis: its description and how many decimals its labels show.
+#[derive(Clone, Copy)]
+struct XAxis {
+    desc: &'static str,
+    decimals: usize,
+}
+
 fn draw<DB: DrawingBackend>(
     area: DrawingArea<DB, plotters::coord::Shift>,
     points: &[Point],
     title: &str,
+    axis: XAxis,
 ) -> Result<(), String>
 where
     DB::ErrorType: 'static,
@@ -65,9 +74,15 @@ where
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("samples_transfer_ratio (offloaded / inferred)")
+        // Whole numbers (rounds): one label per value, not repeated ones between them.
+        .x_labels(if axis.decimals == 0 {
+            xmax.floor() as usize + 1
+        } else {
+            10
+        })
+        .x_desc(axis.desc)
         .y_desc("accuracy")
-        .x_label_formatter(&|v| format!("{v:.2}"))
+        .x_label_formatter(&|v| format!("{v:.*}", axis.decimals))
         .y_label_formatter(&|v| format!("{v:.3}"))
         .draw()
         .map_err(err)?;
@@ -115,12 +130,43 @@ where
     area.present().map_err(err)
 }
 
-/// Writes `<stem>.svg` and `<stem>.png`. Returns the files written.
+/// Writes `<stem>.svg` and `<stem>.png` of accuracy against transfer ratio. Returns the files
+/// written.
 pub fn accuracy_vs_transfer(
     points: &[Point],
     stem: &Path,
     title: &str,
 ) -> Result<Vec<PathBuf>, String> {
+    plot(
+        points,
+        stem,
+        title,
+        XAxis {
+            desc: "samples_transfer_ratio (offloaded / inferred)",
+            decimals: 2,
+        },
+    )
+}
+
+/// Writes `<stem>.svg` and `<stem>.png` of accuracy per round (`x` is the round; 0 is the
+/// initial model). Returns the files written.
+pub fn accuracy_per_round(
+    points: &[Point],
+    stem: &Path,
+    title: &str,
+) -> Result<Vec<PathBuf>, String> {
+    plot(
+        points,
+        stem,
+        title,
+        XAxis {
+            desc: "round (0: the initial model)",
+            decimals: 0,
+        },
+    )
+}
+
+fn plot(points: &[Point], stem: &Path, title: &str, axis: XAxis) -> Result<Vec<PathBuf>, String> {
     if points.is_empty() {
         return Ok(Vec::new());
     }
@@ -130,6 +176,7 @@ pub fn accuracy_vs_transfer(
         SVGBackend::new(&svg, (900, 600)).into_drawing_area(),
         points,
         title,
+        axis,
     )?;
     let png = stem.with_extension("png");
     let (w, h) = (900u32, 600u32);
@@ -140,6 +187,7 @@ pub fn accuracy_vs_transfer(
         BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area(),
         points,
         title,
+        axis,
     )?;
     image::RgbImage::from_raw(w, h, rgb)
         .ok_or("plot buffer has the wrong size")?

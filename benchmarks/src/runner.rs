@@ -124,9 +124,12 @@ struct RunShared {
     metrics: Vec<Metric>,
     links: Arc<std::collections::BTreeMap<String, crate::link::LinkProfile>>,
     progress: Arc<std::sync::atomic::AtomicU64>,
+    incremental: Option<Arc<crate::paradigm::IncrementalSetting>>,
 }
 
-async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
+/// Runs a case; returns its result, preceded by one row per earlier round for incremental
+/// learning (the case's own row is its last round).
+async fn run_case(case: TestCase, shared: Arc<RunShared>) -> Vec<CaseResult> {
     let RunShared {
         run_dir,
         data,
@@ -136,6 +139,7 @@ async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
         metrics,
         links,
         progress,
+        incremental,
     } = &*shared;
     let (data, mode, cache, links) = (data.clone(), *mode, cache.clone(), links.clone());
     let dir = run_dir.join(&case.algorithm).join(&case.id);
@@ -150,6 +154,7 @@ async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
             cloud_only: cache,
             links,
             progress: progress.clone(),
+            incremental: incremental.clone(),
         };
         match opts.case_timeout {
             None => paradigm.run(&case, &ctx).await,
@@ -163,8 +168,14 @@ async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
         }
     }
     .await;
-    let metrics = outcome.map(|o| metrics.iter().map(|m| m.compute(&o)).collect::<Vec<_>>());
-    let result = CaseResult {
+    let rounds = outcome
+        .as_ref()
+        .map(|o| o.rounds.clone())
+        .unwrap_or_default();
+    let compute =
+        |o: &crate::metrics::Outcome| metrics.iter().map(|m| m.compute(o)).collect::<Vec<_>>();
+    let metrics = outcome.map(|o| compute(&o));
+    let mut result = CaseResult {
         case,
         metrics,
         time: utc_timestamp(SystemTime::now()),
@@ -183,7 +194,42 @@ async fn run_case(case: TestCase, shared: Arc<RunShared>) -> CaseResult {
     if let Err(e) = std::fs::write(dir.join("result.json"), record.to_string()) {
         tracing::warn!(case = %result.case.id, error = %e, "cannot save the case result");
     }
-    result
+    let Some((last, earlier)) = rounds.split_last() else {
+        return vec![result];
+    };
+    let mut rows: Vec<CaseResult> = earlier
+        .iter()
+        .map(|r| CaseResult {
+            case: with_round(
+                &result.case,
+                r,
+                Some(format!("{}-round{}", result.case.id, r.round)),
+            ),
+            metrics: Ok(compute(&r.outcome)),
+            time: result.time.clone(),
+            dir: dir.clone(),
+        })
+        .collect();
+    result.case = with_round(&result.case, last, None);
+    rows.push(result);
+    rows
+}
+
+/// The case as one round's row: `round` and `deployed` as columns of its basemodel.
+fn with_round(case: &TestCase, r: &crate::metrics::RoundOutcome, id: Option<String>) -> TestCase {
+    let mut c = case.clone();
+    if let Some(id) = id {
+        c.id = id;
+    }
+    if let Some(base) = c.modules.get_mut("basemodel") {
+        base.hyperparameters
+            .push(("round".into(), serde_yaml::Value::Number(r.round.into())));
+        base.hyperparameters.push((
+            "deployed".into(),
+            serde_yaml::Value::String(if r.deployed { "yes" } else { "no" }.into()),
+        ));
+    }
+    c
 }
 
 /// What a case is, for telling whether a saved result is this case's.
@@ -314,7 +360,28 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
             }
         })
     };
+    let incremental = match (job.testenv.incremental_rounds, &job.train_data) {
+        (Some(rounds), Some(train)) => Some(Arc::new(crate::paradigm::IncrementalSetting {
+            rounds,
+            train_data: train.clone(),
+            test_data: job.test_data.clone(),
+            model_eval: job.testenv.model_eval.clone(),
+            shift: job.testenv.dataset.shift.map(|s| s.camera()),
+            train_limit: job.testenv.dataset.train_limit,
+            train_ratio: job
+                .algorithms
+                .iter()
+                .filter_map(|(n, _, a)| {
+                    a.incremental_learning_data_setting
+                        .as_ref()
+                        .map(|d| (n.clone(), d.train_ratio))
+                })
+                .collect(),
+        })),
+        _ => None,
+    };
     let shared = Arc::new(RunShared {
+        incremental,
         run_dir: run_dir.clone(),
         progress: progress.clone(),
         data,
@@ -324,12 +391,13 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
         metrics: metrics.clone(),
         links,
     });
-    let mut results: Vec<(usize, CaseResult)> = futures::stream::iter(todo)
+    let mut results: Vec<(usize, Vec<CaseResult>)> = futures::stream::iter(todo)
         .map(|(i, case)| {
             let fut = run_case(case, shared.clone());
             let (bar, cases_done) = (bar.clone(), cases_done.clone());
             async move {
-                let r = fut.await;
+                let rows = fut.await;
+                let r = rows.last().expect("a case has a row");
                 let n = cases_done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 match &r.metrics {
                     Ok(_) => {
@@ -337,7 +405,7 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
                     }
                     Err(e) => bar.println(format!("test case {} failed: {e}", r.case.id)),
                 }
-                (i, r)
+                (i, rows)
             }
         })
         .buffer_unordered(opts.jobs.max(1))
@@ -345,9 +413,9 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
         .await;
     ticker.abort();
     bar.finish_and_clear();
-    results.extend(done);
+    results.extend(done.into_iter().map(|(i, r)| (i, vec![r])));
     results.sort_by_key(|(i, _)| *i);
-    let mut results: Vec<CaseResult> = results.into_iter().map(|(_, r)| r).collect();
+    let mut results: Vec<CaseResult> = results.into_iter().flat_map(|(_, r)| r).collect();
     // Algorithms that could not be loaded: one failed row each, nothing run.
     for (name, why) in &job.broken {
         results.push(CaseResult {
@@ -423,6 +491,7 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
     if let (Some(ia), Some(it)) = (idx("accuracy"), idx("samples_transfer_ratio")) {
         let points: Vec<Point> = sorted
             .iter()
+            .filter(|r| r.case.paradigm != "incrementallearning")
             .filter_map(|r| {
                 let m = r.metrics.as_ref().ok()?;
                 let series = match r.case.modules.get("hard_example_mining") {
@@ -441,6 +510,39 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
         match plot::accuracy_vs_transfer(&points, &rank_dir.join("accuracy_vs_transfer"), &title) {
             Ok(written) => files.extend(written),
             Err(e) => tracing::warn!("no plot: {e}"),
+        }
+    }
+    if let Some(ia) = idx("accuracy") {
+        let points: Vec<Point> = results
+            .iter()
+            .filter(|r| r.case.paradigm == "incrementallearning")
+            .filter_map(|r| {
+                let m = r.metrics.as_ref().ok()?;
+                let round: f64 = r
+                    .case
+                    .modules
+                    .get("basemodel")?
+                    .param("round")?
+                    .parse()
+                    .ok()?;
+                let case = r.case.id.split("-round").next().unwrap_or(&r.case.id);
+                Some(Point {
+                    series: case.to_string(),
+                    baseline: false,
+                    x: round,
+                    y: m[ia]?,
+                })
+            })
+            .collect();
+        if !points.is_empty() {
+            let title = format!(
+                "{}: accuracy per round of incremental learning",
+                job.job.name
+            );
+            match plot::accuracy_per_round(&points, &rank_dir.join("accuracy_per_round"), &title) {
+                Ok(written) => files.extend(written),
+                Err(e) => tracing::warn!("no plot: {e}"),
+            }
         }
     }
     // `latest` points at this run.

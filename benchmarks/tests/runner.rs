@@ -225,7 +225,7 @@ fn bad_job_files_name_the_file_and_the_problem() {
             String::new(),
             JOINT.replace("jointinference", "lifelonglearning"),
             "algo.yaml",
-            "paradigm_type \"lifelonglearning\" is not supported; supported: singletasklearning, jointinference",
+            "paradigm_type \"lifelonglearning\" is not supported; supported: singletasklearning, jointinference, incrementallearning",
         ),
         (
             String::new(),
@@ -576,4 +576,154 @@ async fn timed_out_and_interrupted_runs_are_finished_by_resume() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not a run directory"), "{e}");
+}
+
+/// Writes an incremental-learning job: the committed sample as both the stream and the test set,
+/// seen through the shifted camera, `testenv_extra` appended to the testenv.
+fn write_incremental_job(dir: &Path, testenv_extra: &str, algorithms: &[(&str, &str)]) -> PathBuf {
+    let models = repo().join("models/fashion-mnist");
+    let sample = repo().join("datasets/fashion-mnist-sample/t10k-images-idx3-ubyte.gz");
+    let list: String = algorithms
+        .iter()
+        .map(|(name, _)| format!("      - {{name: {name}, url: ./{name}.yaml}}\n"))
+        .collect();
+    std::fs::write(
+        dir.join("job.yaml"),
+        format!(
+            "benchmarkingjob:\n  name: il\n  workspace: ./ws\n  testenv: ./testenv.yaml\n  test_object:\n    type: algorithms\n    algorithms:\n{list}  rank:\n    sort_by: [{{accuracy: descend}}]\n    selected_dataitem: {{paradigms: [all], modules: [all], hyperparameters: [all], metrics: [all]}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("testenv.yaml"),
+        format!(
+            "testenv:\n  dataset:\n    train_index: {s}\n    test_index: {s}\n    shift: {{contrast: 0.5, brightness: 25, noise_sigma: 10, seed: 7}}\n  metrics:\n    - name: accuracy\n    - name: samples_transfer_ratio\n{testenv_extra}",
+            s = sample.display()
+        ),
+    )
+    .unwrap();
+    for (name, body) in algorithms {
+        std::fs::write(
+            dir.join(format!("{name}.yaml")),
+            body.replace("MODELS", &models.display().to_string()),
+        )
+        .unwrap();
+    }
+    dir.join("job.yaml")
+}
+
+const INCREMENTAL: &str = "algorithm:\n  paradigm_type: incrementallearning\n  incremental_learning_data_setting: {train_ratio: 0.8}\n  modules:\n    - {type: basemodel, name: edge, url: MODELS/edge-cnn.onnx, hyperparameters: [{epochs: {values: [1]}}]}\n    - {type: cloudmodel, name: cloud, url: MODELS/cloud-cnn.onnx}\n    - {type: hard_example_mining, name: MaxProbability, hyperparameters: [{threshold: {values: [0.8]}}]}\n";
+
+/// Two rounds on the committed sample: mine with the deployed model, label with the cloud model
+/// (or the ground truth without one), train with the train worker's code, evaluate, deploy; one
+/// leaderboard row per round and a plot of accuracy per round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_learning_runs_round_by_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let truth = INCREMENTAL.replace(
+        "    - {type: cloudmodel, name: cloud, url: MODELS/cloud-cnn.onnx}\n",
+        "",
+    );
+    let path = write_incremental_job(
+        dir.path(),
+        "  incremental_rounds: 2\n  model_eval:\n    model_metric: {name: accuracy}\n    threshold: 0.0\n    operator: \">\"\n",
+        &[("pseudo", INCREMENTAL), ("truth", &truth)],
+    );
+    let job = sedge_benchmarks::load(&path).unwrap();
+    let report = runner::run(&job, &opts(1, Some(200))).await.unwrap();
+    assert_eq!(report.failures().count(), 0, "{:?}", report.results);
+    assert_eq!(report.results.len(), 6, "rounds 0, 1, 2 of two algorithms");
+    let (header, rows) = read_csv(&report.run_dir.join("rank/all_rank.csv"));
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no {name} in {header:?}"))
+    };
+    let (alg, round, deployed, acc, ratio) = (
+        col("algorithm"),
+        col("basemodel-round"),
+        col("basemodel-deployed"),
+        col("accuracy"),
+        col("samples_transfer_ratio"),
+    );
+    for a in ["pseudo", "truth"] {
+        let mut mine: Vec<&Vec<String>> = rows.iter().filter(|r| r[alg] == a).collect();
+        mine.sort_by_key(|r| r[round].parse::<u32>().unwrap());
+        let rounds: Vec<&str> = mine.iter().map(|r| r[round].as_str()).collect();
+        assert_eq!(rounds, ["0", "1", "2"], "{a}");
+        for w in mine.windows(2) {
+            // A round that keeps the deployed model scores exactly as the round before it.
+            if w[1][deployed] == "no" {
+                assert_eq!(w[1][acc], w[0][acc], "{a}: {w:?}");
+            }
+        }
+        // The shifted camera makes the initial model unsure: rounds mine hard examples.
+        assert!(
+            mine[1][ratio].parse::<f64>().unwrap() > 0.0,
+            "{a}: {mine:?}"
+        );
+    }
+    let case_dir = report
+        .results
+        .iter()
+        .find(|r| r.case.algorithm == "pseudo")
+        .unwrap();
+    let deployed_any = rows.iter().any(|r| r[deployed] == "yes" && r[round] != "0");
+    if deployed_any {
+        assert!(
+            std::fs::read_dir(&case_dir.dir).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("round-")),
+            "trained models are kept in the case's directory"
+        );
+    }
+    assert!(
+        report
+            .files
+            .iter()
+            .any(|f| f.ends_with("accuracy_per_round.png")),
+        "{:?}",
+        report.files
+    );
+    assert_eq!(
+        report.samples,
+        2 * 3 * 200,
+        "three test passes of 200 per case"
+    );
+
+    // Bad settings are refused before anything runs, naming the key.
+    for (extra, want) in [
+        (
+            "  incremental_rounds: 1\n",
+            "incremental_rounds is 1; it must be at least 2",
+        ),
+        (
+            "  incremental_rounds: 2\n  model_eval: {model_metric: {name: accuracy}, threshold: 0, operator: \"!=\"}\n",
+            "model_eval.operator \"!=\"",
+        ),
+        (
+            "  incremental_rounds: 2\n  model_eval: {model_metric: {name: mAP}, threshold: 0, operator: \">\"}\n",
+            "model_eval.model_metric.name \"mAP\"",
+        ),
+        ("", "incrementallearning needs incremental_rounds"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let p = write_incremental_job(d.path(), extra, &[("pseudo", INCREMENTAL)]);
+        let e = sedge_benchmarks::load(&p).unwrap_err().to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = write_incremental_job(
+        d.path(),
+        "  incremental_rounds: 2\n",
+        &[(
+            "pseudo",
+            &INCREMENTAL.replace("train_ratio: 0.8", "train_ratio: 1.5"),
+        )],
+    );
+    let e = sedge_benchmarks::load(&p).unwrap_err().to_string();
+    assert!(e.contains("train_ratio is 1.5"), "{e}");
 }

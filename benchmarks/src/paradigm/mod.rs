@@ -1,8 +1,9 @@
 //! Paradigms: how a test case's modules are run over the test set.
 //!
 //! A paradigm is one file implementing [`Paradigm`], listed once in [`PARADIGMS`]; the runner knows
-//! nothing else about it. `incrementallearning` will be added that way.
+//! nothing else about it.
 
+mod incremental_learning;
 mod joint_inference;
 mod single_task;
 
@@ -21,6 +22,7 @@ use crate::expand::{Module, TestCase, expand, value_text};
 use crate::job::Algorithm;
 use crate::metrics::Outcome;
 
+pub use incremental_learning::{IncrementalLearning, IncrementalSetting};
 pub use joint_inference::JointInference;
 pub use single_task::SingleTaskLearning;
 
@@ -40,6 +42,8 @@ pub struct CaseContext {
     pub links: Arc<std::collections::BTreeMap<String, crate::link::LinkProfile>>,
     /// Test samples done so far, across all cases of the run (the progress bar).
     pub progress: Arc<std::sync::atomic::AtomicU64>,
+    /// Incremental learning's rounds, stream and deploy rule, when the testenv has them.
+    pub incremental: Option<Arc<IncrementalSetting>>,
 }
 
 /// A way of running modules over a test set.
@@ -61,7 +65,8 @@ pub trait Paradigm: Send + Sync {
 }
 
 /// Every paradigm this runner has.
-pub static PARADIGMS: &[&dyn Paradigm] = &[&SingleTaskLearning, &JointInference];
+pub static PARADIGMS: &[&dyn Paradigm] =
+    &[&SingleTaskLearning, &JointInference, &IncrementalLearning];
 
 /// Finds a paradigm by its `paradigm_type`.
 pub fn lookup(name: &str) -> Result<&'static dyn Paradigm, String> {
@@ -82,6 +87,21 @@ pub fn lookup(name: &str) -> Result<&'static dyn Paradigm, String> {
 /// have files, and every mining rule and parameter combination is valid.
 pub fn check(algo: &Algorithm) -> Result<(), String> {
     let paradigm = lookup(&algo.paradigm_type)?;
+    if let Some(d) = &algo.incremental_learning_data_setting {
+        if !(d.train_ratio > 0.0 && d.train_ratio < 1.0) {
+            return Err(format!(
+                "incremental_learning_data_setting.train_ratio is {}; expected a share between 0 and 1 (0.8: 80% mined, 20% to evaluate)",
+                d.train_ratio
+            ));
+        }
+        if let Some(m) = d.splitting_method.as_deref()
+            && m != "default"
+        {
+            return Err(format!(
+                "incremental_learning_data_setting.splitting_method {m:?} is not supported; only default (in order)"
+            ));
+        }
+    }
     for m in &algo.modules {
         if !paradigm.required().contains(&m.kind.as_str())
             && !paradigm.optional().contains(&m.kind.as_str())
@@ -156,6 +176,15 @@ pub fn backend_options(module: &Module) -> Result<BackendOptions, String> {
                 text.parse::<sedge_inference_worker::client::OffloadProtocol>()
                     .map_err(|e| format!("{} protocol: {e}", module.name))?;
             }
+            // Training, read by incrementallearning.
+            "epochs" | "learning_rate" | "replay_ratio" if module.kind == "basemodel" => {
+                text.parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                    .ok_or_else(|| {
+                        format!("{} {k} {text:?} is not a number of 0 or more", module.name)
+                    })?;
+            }
             "backend" => opts.kind = text.parse::<BackendKind>()?,
             "intra_threads" => {
                 opts.intra_threads = text.parse().map_err(|_| {
@@ -180,10 +209,11 @@ pub fn backend_options(module: &Module) -> Result<BackendOptions, String> {
                 return Err(format!(
                     "model module {:?} has no hyperparameter {other:?}; it takes backend, intra_threads, batch_size{}",
                     module.name,
-                    if module.kind == "cloudmodel" {
-                        ", protocol (grpc, sedna-json)"
-                    } else {
-                        ""
+                    match module.kind.as_str() {
+                        "cloudmodel" => ", protocol (grpc, sedna-json)",
+                        "basemodel" =>
+                            ", epochs, learning_rate, replay_ratio (incremental learning)",
+                        _ => "",
                     }
                 ));
             }
@@ -270,6 +300,7 @@ async fn run_edge_counted(
         throughput: summary.throughput,
         bytes_offloaded: summary.bytes_sent,
         cloud_only_accuracy: None,
+        rounds: Vec::new(),
     })
 }
 
