@@ -17,13 +17,13 @@ use sedge_inference_worker::mining::HardExampleMining;
 use sedge_inference_worker::model::{Model, models_dir};
 use sedge_inference_worker::pb;
 use sedge_inference_worker::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
-use sedge_inference_worker::pb::grpc_inference_service_server::{
-    GrpcInferenceService, GrpcInferenceServiceServer,
-};
 use sedge_inference_worker::pipeline::{EdgePipeline, MiningMode};
 use sedge_inference_worker::preprocess::{Normalizer, activate, argmax};
 use sedge_inference_worker::server::{self, ServedModel, ServerConfig};
 use serde_json::{Value, json};
+
+mod common;
+use common::{Fault, fake_cloud};
 
 const THRESHOLD: f32 = 0.8;
 
@@ -319,65 +319,11 @@ async fn with_the_cloud_gone_answers_continue_from_the_edge() {
     );
 }
 
-#[derive(Clone)]
-struct SlowCloud(Duration);
-
-#[tonic::async_trait]
-impl GrpcInferenceService for SlowCloud {
-    async fn server_live(
-        &self,
-        _: tonic::Request<pb::ServerLiveRequest>,
-    ) -> Result<tonic::Response<pb::ServerLiveResponse>, tonic::Status> {
-        Ok(tonic::Response::new(pb::ServerLiveResponse { live: true }))
-    }
-    async fn server_ready(
-        &self,
-        _: tonic::Request<pb::ServerReadyRequest>,
-    ) -> Result<tonic::Response<pb::ServerReadyResponse>, tonic::Status> {
-        Ok(tonic::Response::new(pb::ServerReadyResponse {
-            ready: true,
-        }))
-    }
-    async fn model_ready(
-        &self,
-        _: tonic::Request<pb::ModelReadyRequest>,
-    ) -> Result<tonic::Response<pb::ModelReadyResponse>, tonic::Status> {
-        Ok(tonic::Response::new(pb::ModelReadyResponse { ready: true }))
-    }
-    async fn server_metadata(
-        &self,
-        _: tonic::Request<pb::ServerMetadataRequest>,
-    ) -> Result<tonic::Response<pb::ServerMetadataResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake"))
-    }
-    async fn model_metadata(
-        &self,
-        _: tonic::Request<pb::ModelMetadataRequest>,
-    ) -> Result<tonic::Response<pb::ModelMetadataResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake"))
-    }
-    async fn model_infer(
-        &self,
-        _: tonic::Request<pb::ModelInferRequest>,
-    ) -> Result<tonic::Response<pb::ModelInferResponse>, tonic::Status> {
-        tokio::time::sleep(self.0).await;
-        Err(tonic::Status::internal("too late anyway"))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_that_cannot_wait_for_the_cloud_gets_the_edge_answer() {
     // A cloud that takes 30 s, and an offload budget that would wait for it: only the request's
     // deadline can explain an answer within seconds.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cloud = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(GrpcInferenceServiceServer::new(SlowCloud(
-                Duration::from_secs(30),
-            )))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let cloud = fake_cloud(Fault::Slow(Duration::from_secs(30))).await;
     let offload = OffloadConfig {
         timeout_ms: 60_000,
         budget_ms: 60_000,

@@ -11,14 +11,13 @@ use sedge_inference_worker::backend::{self, BackendKind, BackendOptions};
 use sedge_inference_worker::client::OffloadConfig;
 use sedge_inference_worker::edge::{EdgeConfig, EdgeSummary, EdgeWorker, WorkerError};
 use sedge_inference_worker::model::{Model, models_dir};
-use sedge_inference_worker::pb;
-use sedge_inference_worker::pb::grpc_inference_service_server::{
-    GrpcInferenceService, GrpcInferenceServiceServer,
-};
 use sedge_inference_worker::pipeline::MiningMode;
 use sedge_inference_worker::server::{self, ServedModel, ServerConfig};
 use sedge_inference_worker::source::Source;
 use serde_json::Value;
+
+mod common;
+use common::{Fault, fake_cloud};
 
 fn sample_idx() -> PathBuf {
     Split::Test.images_path(&fashion::sample_dir())
@@ -191,76 +190,6 @@ async fn cloud_down_falls_back_to_the_edge_quickly() {
     let text = worker.metrics.encode();
     assert!(text.contains("sedge_hard_example_number_total"), "{text}");
     assert!(text.contains("sedge_upload_cloud_ratio"), "{text}");
-}
-
-#[derive(Clone, Copy)]
-enum Fault {
-    Slow(Duration),
-    Garbage,
-}
-
-struct FakeCloud(Fault);
-
-#[tonic::async_trait]
-impl GrpcInferenceService for FakeCloud {
-    async fn server_live(
-        &self,
-        _: tonic::Request<pb::ServerLiveRequest>,
-    ) -> Result<tonic::Response<pb::ServerLiveResponse>, tonic::Status> {
-        Ok(tonic::Response::new(pb::ServerLiveResponse { live: true }))
-    }
-    async fn server_ready(
-        &self,
-        _: tonic::Request<pb::ServerReadyRequest>,
-    ) -> Result<tonic::Response<pb::ServerReadyResponse>, tonic::Status> {
-        Ok(tonic::Response::new(pb::ServerReadyResponse {
-            ready: true,
-        }))
-    }
-    async fn model_ready(
-        &self,
-        _: tonic::Request<pb::ModelReadyRequest>,
-    ) -> Result<tonic::Response<pb::ModelReadyResponse>, tonic::Status> {
-        Ok(tonic::Response::new(pb::ModelReadyResponse { ready: true }))
-    }
-    async fn server_metadata(
-        &self,
-        _: tonic::Request<pb::ServerMetadataRequest>,
-    ) -> Result<tonic::Response<pb::ServerMetadataResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake"))
-    }
-    async fn model_metadata(
-        &self,
-        _: tonic::Request<pb::ModelMetadataRequest>,
-    ) -> Result<tonic::Response<pb::ModelMetadataResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake"))
-    }
-    async fn model_infer(
-        &self,
-        _: tonic::Request<pb::ModelInferRequest>,
-    ) -> Result<tonic::Response<pb::ModelInferResponse>, tonic::Status> {
-        match self.0 {
-            Fault::Slow(d) => {
-                tokio::time::sleep(d).await;
-                Err(tonic::Status::internal("too late anyway"))
-            }
-            Fault::Garbage => Ok(tonic::Response::new(pb::ModelInferResponse {
-                raw_output_contents: vec![vec![0xff; 7]],
-                ..Default::default()
-            })),
-        }
-    }
-}
-
-async fn fake_cloud(fault: Fault) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(GrpcInferenceServiceServer::new(FakeCloud(fault)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,7 @@ struct Args {
     links: Vec<String>,
 }
 
+#[derive(Default)]
 struct Cell {
     requests: usize,
     wall: f64,
@@ -86,14 +87,7 @@ async fn drive(
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;
         tasks.push(tokio::spawn(async move {
-            let mut cell = Cell {
-                requests: 0,
-                wall: 0.0,
-                latencies_ms: Vec::new(),
-                correct: 0,
-                by_cloud: 0,
-                errors: 0,
-            };
+            let mut cell = Cell::default();
             let mut i = c * 37;
             while Instant::now() < until {
                 let (px, label) = &images[i % images.len()];
@@ -124,14 +118,7 @@ async fn drive(
             cell
         }));
     }
-    let mut all = Cell {
-        requests: 0,
-        wall: 0.0,
-        latencies_ms: Vec::new(),
-        correct: 0,
-        by_cloud: 0,
-        errors: 0,
-    };
+    let mut all = Cell::default();
     for t in tasks {
         let c = t.await?;
         all.requests += c.requests;

@@ -114,13 +114,12 @@ spec:
     )
 }
 
-const HEM: &str = r#"{name: MaxProbability, parameters: [{key: threshold, value: "0.8"}]}"#;
-
-#[test]
-fn joint_inference_through_kubectl() {
+/// `sedge up` with the AI controller reporting every second on route ports of its own, and the
+/// repository's models allowed as host paths (an edge Model is a path in this checkout, mounted
+/// as a hostPath); waits for the cloud node. Returns it with the nodes' LC port.
+fn ai_up(tmp: &std::path::Path) -> (Up, String) {
     let lc_port = free_port().to_string();
-    let tmp = tempfile::tempdir().unwrap();
-    let ai = tmp.path().join("ai.yaml");
+    let ai = tmp.join("ai.yaml");
     let route = free_port();
     std::fs::write(
         &ai,
@@ -130,15 +129,13 @@ fn joint_inference_through_kubectl() {
         ),
     )
     .unwrap();
-    // The edge Model is a path in this checkout, mounted as a hostPath: the nodes must allow it.
-    let models_dir = repo().join("models").display().to_string();
     let up = up_with(&[
         "--lc-port",
         &lc_port,
         "--ai-config",
         ai.to_str().unwrap(),
         "--host-path-allow",
-        &models_dir,
+        &repo().join("models").display().to_string(),
     ]);
     up.ok(&[
         "wait",
@@ -146,6 +143,15 @@ fn joint_inference_through_kubectl() {
         "node/cloud-1",
         "--timeout=60s",
     ]);
+    (up, lc_port)
+}
+
+const HEM: &str = r#"{name: MaxProbability, parameters: [{key: threshold, value: "0.8"}]}"#;
+
+#[test]
+fn joint_inference_through_kubectl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (up, lc_port) = ai_up(tmp.path());
     // ROLES says which node is which: the cloud node is not an edge node.
     let nodes = up.ok(&["get", "nodes"]);
     let role_of = |name: &str| {
@@ -501,33 +507,9 @@ fn the_edge_worker_serves_applications_on_its_node() {
     use sedge_inference_worker::pb;
     use sedge_inference_worker::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 
-    let lc_port = free_port().to_string();
     let tmp = tempfile::tempdir().unwrap();
-    let ai = tmp.path().join("ai.yaml");
-    let route = free_port();
-    std::fs::write(
-        &ai,
-        format!(
-            "report_period_seconds: 1\nroute_ports: [{route}, {}]\n",
-            route.saturating_add(20)
-        ),
-    )
-    .unwrap();
+    let (up, _lc_port) = ai_up(tmp.path());
     let models = repo().join("models/fashion-mnist");
-    let up = up_with(&[
-        "--lc-port",
-        &lc_port,
-        "--ai-config",
-        ai.to_str().unwrap(),
-        "--host-path-allow",
-        &repo().join("models").display().to_string(),
-    ]);
-    up.ok(&[
-        "wait",
-        "--for=condition=Ready",
-        "node/cloud-1",
-        "--timeout=60s",
-    ]);
     let (cloud_port, edge_port) = (free_port(), free_port());
     up.apply(&format!(
         r#"
