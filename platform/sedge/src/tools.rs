@@ -207,16 +207,16 @@ pub async fn demo(a: DemoArgs) -> Result<()> {
 
 /// Runs an Ianvs-style benchmarking job and prints its leaderboard.
 pub async fn bench(a: BenchArgs) -> Result<()> {
-    let job = sedge_benchmarks::load(&a.file)?;
-    // Said before anything runs; the other algorithms' cases still run.
-    for (name, why) in &job.broken {
-        eprintln!("algorithm {name:?} cannot run and is skipped: {why}");
-    }
     let case_timeout = match a.case_timeout {
         None => None,
         Some(s) if s.is_finite() && s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
         Some(s) => bail!("--case-timeout {s} is not a positive number of seconds"),
     };
+    let job = sedge_benchmarks::load(&a.file)?;
+    // Said before anything runs; the other algorithms' cases still run.
+    for (name, why) in &job.broken {
+        eprintln!("algorithm {name:?} cannot run and is skipped: {why}");
+    }
     let opts = sedge_benchmarks::runner::RunOptions {
         jobs: a.jobs,
         limit: a.limit,

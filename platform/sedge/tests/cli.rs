@@ -100,7 +100,7 @@ fn infer_prints_predictions_and_accuracy() {
 #[test]
 fn bad_settings_fail_fast_with_the_reason() {
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
-    let cases: [Case; 7] = [
+    let cases: [Case; 9] = [
         (
             &[("SEDGE_REPEAT", "1000")],
             &[],
@@ -131,6 +131,16 @@ fn bad_settings_fail_fast_with_the_reason() {
             "BIG_MODEL_PORT=\"http\"",
         ),
         (&[], &["--backend", "cuda"], "unknown backend \"cuda\""),
+        (
+            &[("SEDGE_EDGE_WORKER_SERVE_LISTEN", "port-eighty")],
+            &[],
+            "SEDGE_EDGE_WORKER_SERVE_LISTEN",
+        ),
+        (
+            &[],
+            &["--listen", "nowhere"],
+            "invalid value 'nowhere' for '--listen",
+        ),
     ];
     for (env, flags, expect) in cases {
         let o = sedge()
@@ -150,6 +160,12 @@ fn bad_settings_fail_fast_with_the_reason() {
             "{err}"
         );
     }
+    // Neither an input nor an endpoint: nothing to do, and the error says both ways out.
+    let (_, err) = text(&sedge().args(["worker", "edge"]).output().unwrap());
+    assert!(
+        err.contains("no input and no endpoint") && err.contains("--listen"),
+        "{err}"
+    );
     // A shell with KUBECONFIG set can still run the embedded API server.
     let o = sedge()
         .args(["cloud", "--embedded", "--print-default-config"])
@@ -487,6 +503,17 @@ fn bench_runs_a_job_and_reports_bad_ones() {
     assert!(!o.status.success());
     assert!(
         err.contains("job.yaml: benchmarkingjob: unknown field `jobs`"),
+        "{err}"
+    );
+    let o = sedge()
+        .args(["bench", "--case-timeout=-1", "-f"])
+        .arg(&job)
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--case-timeout -1 is not a positive number of seconds"),
         "{err}"
     );
 }
