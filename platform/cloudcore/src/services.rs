@@ -111,6 +111,16 @@ pub fn endpoint(
     ))
 }
 
+/// What a node's stream request asks for: a Service connection, the only stream a node may
+/// open; anything else is refused with the reason.
+fn service_request(content: &[u8]) -> Result<ServiceConnectRequest, String> {
+    match serde_json::from_slice::<StreamOpen>(content) {
+        Ok(StreamOpen::Service(r)) => Ok(r),
+        Ok(_) => Err("a node may only open streams to Services".into()),
+        Err(e) => Err(format!("malformed stream request: {e}")),
+    }
+}
+
 /// Accepts a stream `node` opens to a Service: the reply to its open request. The endpoint's
 /// side is opened in a task of its own (the session's handler does not wait for another node);
 /// if that fails, the node's stream is closed with the reason.
@@ -121,10 +131,9 @@ pub fn accept(
     node: &str,
     msg: &Message,
 ) -> Message {
-    let req = match serde_json::from_slice::<StreamOpen>(&msg.content) {
-        Ok(StreamOpen::Service(r)) => r,
-        Ok(_) => return msg.reply(op::ERROR, "a node may only open streams to Services"),
-        Err(e) => return msg.reply(op::ERROR, format!("malformed stream request: {e}")),
+    let req = match service_request(&msg.content) {
+        Ok(r) => r,
+        Err(why) => return msg.reply(op::ERROR, why),
     };
     let (target, pf) = match endpoint(cache, &req) {
         Ok(t) => t,
@@ -193,4 +202,51 @@ pub fn accept(
         }
     });
     msg.reply(op::RESPONSE, "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::service_request;
+
+    /// A node's stream request crosses a trust boundary: only a well-formed Service connection
+    /// passes; a node asking for an exec or a port-forward of its own, or sending garbage, is
+    /// refused with the reason.
+    #[test]
+    fn a_node_may_open_only_service_connections() {
+        let ok = serde_json::to_vec(&sedge_api::StreamOpen::Service(
+            sedge_api::ServiceConnectRequest {
+                namespace: "default".into(),
+                service: "web".into(),
+                port: 80,
+            },
+        ))
+        .unwrap();
+        let r = service_request(&ok).unwrap();
+        assert_eq!(
+            (r.namespace.as_str(), r.service.as_str(), r.port),
+            ("default", "web", 80)
+        );
+        let exec =
+            serde_json::to_vec(&sedge_api::StreamOpen::PortForward(Default::default())).unwrap();
+        assert_eq!(
+            service_request(&exec).unwrap_err(),
+            "a node may only open streams to Services"
+        );
+        let big_port = br#"{"kind":"service","namespace":"default","service":"web","port":70000}"#;
+        for bad in [
+            &b"not json"[..],
+            b"",
+            b"{}",
+            big_port,
+            br#"{"kind":"service","namespace":"default","service":"web"}"#,
+            br#"{"kind":"teleport"}"#,
+        ] {
+            let e = service_request(bad).unwrap_err();
+            assert!(
+                e.starts_with("malformed stream request: "),
+                "{:?}: {e}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 }

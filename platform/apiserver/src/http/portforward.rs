@@ -412,3 +412,55 @@ async fn relay(
         () = down => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `port` header that is not a port (from kubectl's side of the trust boundary) ends that
+    /// pair of streams with the reason on the error stream; nothing is asked of the node.
+    #[tokio::test]
+    async fn a_port_header_that_is_not_a_port_is_refused_on_the_error_stream() {
+        for bad in ["http", "0", "65536", "-1", "", "80 81"] {
+            let (out_tx, mut out_rx) = mpsc::channel(8);
+            let (_client_tx, from_client) = mpsc::channel(1);
+            let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = asked.clone();
+            let source = ops::PodExecSource(Arc::new(move |_| {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                Box::pin(async { Err(ApiError::BadRequest("not to be called".into())) })
+            }));
+            relay(
+                RelayEnds {
+                    error: 1,
+                    data: 3,
+                    from_client,
+                    out: out_tx,
+                },
+                bad.to_string(),
+                source,
+                "edge-1".into(),
+                sedge_api::PortForwardRequest::default(),
+            )
+            .await;
+            let error = out_rx.recv().await.unwrap();
+            let text = String::from_utf8_lossy(&error[8..]).into_owned();
+            assert_eq!(
+                &error[..4],
+                &1u32.to_be_bytes(),
+                "{bad:?}: the error stream"
+            );
+            assert!(
+                text.contains(&format!("invalid port {bad:?}")) && text.contains("1-65535"),
+                "{bad:?}: {text}"
+            );
+            let data = out_rx.recv().await.unwrap();
+            assert_eq!(
+                data,
+                Writer::data(3, &[], true),
+                "{bad:?}: data stream closed"
+            );
+            assert!(!asked.load(std::sync::atomic::Ordering::SeqCst), "{bad:?}");
+        }
+    }
+}
