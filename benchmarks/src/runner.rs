@@ -276,25 +276,25 @@ pub async fn run(job: &LoadedJob, opts: &RunOptions) -> Result<RunReport, BenchE
         ),
         None => None,
     };
-    let links = job
+    // In the testenv's order (the cases' order), then by name for the cases to look up.
+    let profiles: Vec<crate::link::LinkProfile> = job
         .testenv
         .link
         .iter()
         .enumerate()
-        .map(|(i, l)| l.profile(i).map(|p| (p.name.clone(), p)))
-        .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+        .map(|(i, l)| l.profile(i))
+        .collect::<Result<_, _>>()
         .map_err(|message| BenchError::Invalid {
             path: job.path.clone(),
             message,
         })?;
-    let link_names: Vec<String> = job
-        .testenv
-        .link
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| l.profile(i).ok().map(|p| p.name))
-        .collect();
-    let links = Arc::new(links);
+    let link_names: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
+    let links = Arc::new(
+        profiles
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+    );
     let cases: Vec<TestCase> = per_link(
         job.algorithms
             .iter()

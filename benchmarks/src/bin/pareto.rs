@@ -21,7 +21,7 @@ use sedge_datasets::{Split, fashion};
 use sedge_inference_worker::backend::{self, BackendKind, BackendOptions};
 use sedge_inference_worker::mining::{HardExampleMining, Output};
 use sedge_inference_worker::model::{Model, models_dir};
-use sedge_inference_worker::preprocess::{Normalizer, activate, softmax};
+use sedge_inference_worker::preprocess::{Normalizer, activate, argmax, softmax};
 
 #[derive(Parser)]
 #[command(about = "Joint-inference Pareto front per mining rule (prints a table)")]
@@ -60,13 +60,6 @@ fn probabilities(model: &str, pixels: &[u8], opts: &BackendOptions) -> Result<Ve
         }
     }
     Ok(rows)
-}
-
-fn top(p: &[f32]) -> usize {
-    p.iter()
-        .enumerate()
-        .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
-        .0
 }
 
 /// `softmax(ln p / t)`.
@@ -208,12 +201,12 @@ fn main() -> Result<()> {
     let edge_ok: Vec<bool> = edge
         .iter()
         .zip(&labels)
-        .map(|(p, &y)| top(p) == y as usize)
+        .map(|(p, &y)| argmax(p).map(|(l, _)| l) == Some(y as usize))
         .collect();
     let cloud_ok: Vec<bool> = cloud
         .iter()
         .zip(&labels)
-        .map(|(p, &y)| top(p) == y as usize)
+        .map(|(p, &y)| argmax(p).map(|(l, _)| l) == Some(y as usize))
         .collect();
     let cloud_correct = cloud_ok.iter().filter(|&&b| b).count();
     let edge_correct = edge_ok.iter().filter(|&&b| b).count();

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 use sedge_inference_worker::backend::BackendOptions;
-use sedge_inference_worker::eval::{self, Scores};
+use sedge_inference_worker::eval;
 use sedge_inference_worker::mining::{HardExampleMining, Output};
 use sedge_inference_worker::model::Model;
 use sedge_inference_worker::preprocess::argmax;
@@ -27,7 +27,7 @@ use sedge_inference_worker::train::{Labelled, OnnxTrainer, TrainOptions};
 
 use super::{CaseContext, Paradigm, backend_options, hem_parameters};
 use crate::expand::{Module, TestCase};
-use crate::metrics::{Outcome, RoundOutcome};
+use crate::metrics::{Metric, Outcome, RoundOutcome};
 
 /// What the runner hands an incremental-learning case (from the testenv and the algorithm).
 #[derive(Debug, Clone)]
@@ -107,30 +107,6 @@ fn train_options(base: &Module) -> Result<TrainOptions, String> {
     Ok(o)
 }
 
-fn metric(s: &Scores, name: &str) -> f64 {
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    match name {
-        "precision" => mean(&s.precision),
-        "recall" => mean(&s.recall),
-        "f1_score" => {
-            let f: Vec<f64> = s
-                .precision
-                .iter()
-                .zip(&s.recall)
-                .map(|(p, r)| {
-                    if p + r > 0.0 {
-                        2.0 * p * r / (p + r)
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            mean(&f)
-        }
-        _ => s.accuracy,
-    }
-}
-
 /// The test pass of `model`: an outcome with its predictions.
 fn test_pass(model: &Model, opts: &BackendOptions, test: &[Labelled]) -> Result<Outcome, String> {
     let start = Instant::now();
@@ -204,21 +180,22 @@ fn rounds(
         ));
     }
     let deploy_rule = s.model_eval.clone();
-    let metric_name = deploy_rule
-        .as_ref()
-        .map_or("accuracy".to_string(), |m| m.model_metric.name.clone());
+    // The leaderboard's own metric of that name, so a deploy decision and a row agree.
+    let metric = Metric::parse(
+        deploy_rule
+            .as_ref()
+            .map_or("accuracy", |m| m.model_metric.name.as_str()),
+    )?;
 
     let mut deployed = initial.clone();
     let mut out = Vec::new();
-    let mut first = test_pass(&deployed, &opts, &test)?;
+    let first = test_pass(&deployed, &opts, &test)?;
     progress.fetch_add(test.len() as u64, std::sync::atomic::Ordering::SeqCst);
-    first.rounds = Vec::new();
     out.push(RoundOutcome {
         round: 0,
         deployed: true,
         outcome: first,
     });
-    let (mut inferred, mut offloaded) = (0u64, 0u64);
     for round in 1..=s.rounds {
         let slice = &stream[(round - 1) * per_round..round * per_round];
         let cut = ((slice.len() as f64) * train_ratio).round() as usize;
@@ -230,8 +207,6 @@ fn rounds(
             .filter(|(_, p)| rule.is_hard(Output::Probabilities(p)))
             .map(|(x, _)| x)
             .collect();
-        inferred += mine.len() as u64;
-        offloaded += hard.len() as u64;
         let labelled: Vec<Labelled> = match &labeller {
             Some((model, o)) => {
                 let owned: Vec<Labelled> = hard.iter().map(|x| (*x).clone()).collect();
@@ -265,9 +240,12 @@ fn rounds(
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             trainer.save(&path).map_err(|e| e.to_string())?;
             let candidate = Model::load(&path).map_err(|e| e.to_string())?;
-            let new = eval::score(&candidate, &opts, evaluate).map_err(|e| e.to_string())?;
-            let old = eval::score(&deployed, &opts, evaluate).map_err(|e| e.to_string())?;
-            let delta = metric(&new, &metric_name) - metric(&old, &metric_name);
+            let score = |m: &Model| -> Result<f64, String> {
+                metric
+                    .compute(&test_pass(m, &opts, evaluate)?)
+                    .ok_or_else(|| format!("round {round}: no evaluation samples to score"))
+            };
+            let delta = score(&candidate)? - score(&deployed)?;
             promoted = match &deploy_rule {
                 Some(m) => m.holds(delta),
                 None => delta > 0.0,
@@ -289,10 +267,5 @@ fn rounds(
     // The case's own row is its last round, with that round's numbers like every other row.
     let mut last = out.last().map(|r| r.outcome.clone()).unwrap_or_default();
     last.rounds = out;
-    tracing::debug!(
-        inferred,
-        offloaded,
-        "incremental learning: mined and hard over all rounds"
-    );
     Ok(last)
 }
