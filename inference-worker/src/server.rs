@@ -207,11 +207,6 @@ impl ServedModel {
         })
     }
 
-    /// The joint-inference stage, at the edge.
-    pub fn joint_stage(&self) -> Option<&Joint> {
-        self.joint.as_ref()
-    }
-
     /// The served model's config.
     pub fn config(&self) -> &ModelConfig {
         &self.config

@@ -240,6 +240,66 @@ async fn garbage_from_the_cloud_is_not_trusted() {
     );
 }
 
+/// Sedna's JSON wire from a cloud that answers garbage: each hard example keeps the edge's answer,
+/// with the reason, and the real cloud's JSON answers are used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_over_sednas_json_is_not_trusted_either() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cases = [
+        ("not json", "not JSON"),
+        (r#"{"result": []}"#, "no result[0].probabilities"),
+        (
+            r#"{"result": [{"probabilities": ["x"]}]}"#,
+            "probabilities are not numbers",
+        ),
+        (
+            r#"{"result": [{"probabilities": [0.5, 0.5]}]}"#,
+            "2 values for one sample, expected 10 classes",
+        ),
+    ];
+    for (body, want) in cases {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cloud = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let _ = s.read(&mut buf).await;
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r.jsonl");
+        let mut config = EdgeConfig {
+            limit: Some(60),
+            output: Some(out.clone()),
+            ..edge_config(Some(cloud))
+        };
+        config.offload.protocol = sedge_inference_worker::client::OffloadProtocol::SednaJson;
+        let s = run(config, &Source::Idx(sample_idx())).await;
+        assert!(s.hard_example_number > 0, "{want}");
+        assert_eq!(s.cloud_answered, 0, "{want}");
+        assert_eq!(s.correct, s.edge_correct, "{want}");
+        let text = std::fs::read_to_string(out).unwrap();
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    // The real cloud worker over the same wire answers every hard example.
+    let cloud = real_cloud().await;
+    let mut config = EdgeConfig {
+        limit: Some(60),
+        ..edge_config(Some(cloud))
+    };
+    config.offload.protocol = sedge_inference_worker::client::OffloadProtocol::SednaJson;
+    let s = run(config, &Source::Idx(sample_idx())).await;
+    assert!(s.hard_example_number > 0);
+    assert_eq!(s.cloud_answered, s.hard_example_number);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloud_that_starts_after_the_edge_is_used_once_up() {
     // Reserve a port, start the edge worker pointing at it, then bring the cloud up there.
