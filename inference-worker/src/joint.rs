@@ -194,10 +194,11 @@ impl Joint {
         for (i, row) in rows.iter().enumerate() {
             m.inference_number.inc();
             m.edge_seconds.observe(each.as_secs_f64());
+            // As the pipeline decides: no edge answer means only the cloud can give one.
             let is_hard = match row {
-                _ if mine_first => mining.is_hard(Output::Probabilities(&[])),
-                Some(r) => mining.is_hard(Output::Probabilities(r)),
                 None => true,
+                Some(_) if mine_first => mining.is_hard(Output::Probabilities(&[])),
+                Some(r) => mining.is_hard(Output::Probabilities(r)),
             };
             if is_hard {
                 m.hard_example_number.inc();
