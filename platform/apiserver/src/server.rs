@@ -392,7 +392,7 @@ impl ApiServer {
 
     /// Stops accepting, ends watches and connections, and waits for the tasks.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.send_replace(true);
         for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }

@@ -456,14 +456,14 @@ impl EdgeHub {
 
     /// Stops: closes the session; the outbox keeps what was not delivered.
     pub async fn shutdown(self) {
-        let _ = self.inner.shutdown.send(true);
+        self.inner.shutdown.send_replace(true);
         let _ = self.task.await;
     }
 
     /// Tells the link to stop (close the session, stop reconnecting) without waiting for it:
     /// for an owner that cannot take the hub back from everyone holding it.
     pub fn stop(&self) {
-        let _ = self.inner.shutdown.send(true);
+        self.inner.shutdown.send_replace(true);
     }
 }
 
@@ -510,6 +510,9 @@ async fn run(inner: Arc<EdgeInner>) {
                     }
                 }
                 match connect(&inner, &id).await {
+                    // Stopped while connecting: no session (it would take the node's from
+                    // whoever runs the node now).
+                    Ok(_) if inner.stopping() => false,
                     Ok(link) => session(&inner, link, &id).await,
                     Err(e) => {
                         tracing::warn!(node = %inner.node, cloud = %inner.cfg.cloud, transport = ?inner.cfg.transport, error = %e, retry_in = ?backoff, "connecting to the cloud failed");
@@ -525,7 +528,7 @@ async fn run(inner: Arc<EdgeInner>) {
         backoff = (backoff * 2).min(max);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stop.changed() => {}
+            _ = crate::stopped(&mut stop) => {}
         }
     }
 }
@@ -664,7 +667,7 @@ async fn session(inner: &Arc<EdgeInner>, mut link: Link, id: &Identity) -> bool 
     let renew_at = id.renew_at(inner.cfg.rotate_after_fraction);
     let reason = loop {
         tokio::select! {
-            _ = stop.changed() => break "shutting down".to_string(),
+            _ = crate::stopped(&mut stop) => break "shutting down".to_string(),
             _ = tick.tick() => {
                 if last_seen.elapsed() > dead_after {
                     break format!("no traffic from the cloud for {dead_after:?} (dead peer)");

@@ -461,7 +461,7 @@ impl Hub {
 
     /// Stops accepting, closes every session and flushes the delivery records.
     pub async fn shutdown(&self) {
-        let _ = self.inner.shutdown.send(true);
+        self.inner.shutdown.send_replace(true);
         if let Some(ep) = &self.endpoint {
             ep.close(0u32.into(), b"hub shutting down");
         }
@@ -526,7 +526,7 @@ async fn sweep_revoked(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = crate::stopped(&mut stop) => return,
             _ = tick.tick() => {}
         }
         let tokens = inner.tokens.clone();

@@ -91,3 +91,9 @@ pub enum TunnelError {
     #[error("store: {0}")]
     Store(String),
 }
+
+/// Resolves once the stop flag is set, including when it was set before `rx` was made (a task
+/// subscribing after the stop must still see it; `changed()` would wait forever).
+pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}

@@ -305,6 +305,49 @@ async fn a_reconnecting_node_replaces_its_stale_session() {
     hub.shutdown().await;
 }
 
+/// An agent stopped as soon as it started (before its link task ran, or while it connects)
+/// stays stopped: before, the stop was lost when nothing listened yet, and the stopped agent
+/// went on connecting, taking the node's session from its successor every few hundred ms.
+#[tokio::test]
+async fn an_edge_stopped_right_after_it_starts_never_connects() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    sedge_tunnel::join(&cfg, &token(&hub)).await.unwrap();
+    // On this single-threaded runtime the link task has not run yet when `stop` is called.
+    let (stopped, _) = start_edge(cfg.clone()).await;
+    stopped.stop();
+    // One stopped mid-connect: the session it may open ends at once.
+    let (mid_connect, _) = start_edge(cfg.clone()).await;
+    tokio::task::yield_now().await;
+    mid_connect.stop();
+    // The node's agent that stays: it keeps its session.
+    let (kept, store) = start_edge(cfg).await;
+    wait_for("the kept agent connected", 10, || kept.is_connected()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!stopped.is_connected(), "the stopped agent connected");
+    assert!(
+        !mid_connect.is_connected(),
+        "the agent stopped mid-connect connected"
+    );
+    assert!(kept.is_connected(), "the kept agent lost its session");
+    let opened = hub.counters().get("sessions_opened");
+    assert!(
+        opened <= 2,
+        "{opened} sessions opened for two agents that stopped and one that stayed"
+    );
+    hub.send("edge-1", update("default/configmap/z", 1))
+        .await
+        .unwrap();
+    wait_for("delivered to the kept agent", 10, || {
+        store.lock().unwrap().contains_key("default/configmap/z")
+    })
+    .await;
+    kept.shutdown().await;
+    hub.shutdown().await;
+}
+
 #[tokio::test]
 async fn certificates_renew_over_mtls_without_a_token() {
     init_logs();

@@ -18,7 +18,7 @@ pub(super) async fn accept_tcp(
     );
     loop {
         let (sock, remote) = tokio::select! {
-            _ = stop.changed() => return,
+            _ = crate::stopped(&mut stop) => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -191,7 +191,7 @@ pub(super) async fn accept_quic(inner: Arc<Inner>, ep: quinn::Endpoint, sem: Arc
     let mut stop = inner.shutdown.subscribe();
     loop {
         let incoming = tokio::select! {
-            _ = stop.changed() => return,
+            _ = crate::stopped(&mut stop) => return,
             i = ep.accept() => match i { Some(i) => i, None => return },
         };
         let Ok(permit) = sem.clone().try_acquire_owned() else {

@@ -108,7 +108,7 @@ pub(super) async fn run_session(
     let reason = loop {
         tokio::select! {
             _ = close_rx.changed() => break "replaced by a newer session".to_string(),
-            _ = stop.changed() => break "hub shutting down".to_string(),
+            _ = crate::stopped(&mut stop) => break "hub shutting down".to_string(),
             _ = tick.tick() => {
                 if last_seen.elapsed() > dead_after {
                     break format!("no traffic for {dead_after:?} (dead peer)");
