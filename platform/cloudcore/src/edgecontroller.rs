@@ -119,8 +119,13 @@ fn note_device(
     (specs.insert(key, now), changed)
 }
 
+/// A reflector over `api` calling `on` for each event. The store takes a fresh list only at
+/// `InitDone` (the objects of `InitApply` are not in it yet when `on` sees them), so with
+/// `relisted`, every node is marked dirty then: a change made while the watch was down reaches
+/// its node from the store that holds it.
 fn reflect<K>(
     api: Api<K>,
+    relisted: Option<Arc<Dirty>>,
     on: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> (Store<K>, JoinHandle<()>)
 where
@@ -135,7 +140,12 @@ where
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(e) => on(&e),
+                Ok(e) => {
+                    on(&e);
+                    if let (Some(d), watcher::Event::InitDone) = (&relisted, &e) {
+                        d.mark("*");
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; retrying")
                 }
@@ -236,31 +246,43 @@ impl Cache {
             }
         };
         let on_cm = referencing(pods.clone(), dirty.clone(), false);
-        let (configmaps, t) = reflect(Api::<ConfigMap>::all(client.clone()), move |ev| {
-            if let Some(o) = event_object(ev) {
-                on_cm(&o.namespace().unwrap_or_default(), &o.name_any());
-            }
-        });
+        let (configmaps, t) = reflect(
+            Api::<ConfigMap>::all(client.clone()),
+            Some(dirty.clone()),
+            move |ev| {
+                if let Some(o) = event_object(ev) {
+                    on_cm(&o.namespace().unwrap_or_default(), &o.name_any());
+                }
+            },
+        );
         tasks.push(t);
         let on_secret = referencing(pods.clone(), dirty.clone(), true);
-        let (secrets, t) = reflect(Api::<Secret>::all(client.clone()), move |ev| {
-            if let Some(o) = event_object(ev) {
-                on_secret(&o.namespace().unwrap_or_default(), &o.name_any());
-            }
-        });
+        let (secrets, t) = reflect(
+            Api::<Secret>::all(client.clone()),
+            Some(dirty.clone()),
+            move |ev| {
+                if let Some(o) = event_object(ev) {
+                    on_secret(&o.namespace().unwrap_or_default(), &o.name_any());
+                }
+            },
+        );
         tasks.push(t);
         // Services: every node with a pod in the namespace.
         let (pods_of, d) = (pods.clone(), dirty.clone());
-        let (services, t) = reflect(Api::<Service>::all(client.clone()), move |ev| {
-            if let Some(o) = event_object(ev) {
-                let ns = o.namespace();
-                for p in pods_of.state() {
-                    if p.namespace() == ns {
-                        d.mark(pod_node(&p));
+        let (services, t) = reflect(
+            Api::<Service>::all(client.clone()),
+            Some(dirty.clone()),
+            move |ev| {
+                if let Some(o) = event_object(ev) {
+                    let ns = o.namespace();
+                    for p in pods_of.state() {
+                        if p.namespace() == ns {
+                            d.mark(pod_node(&p));
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         tasks.push(t);
 
         let (d, c) = (dirty.clone(), changed.clone());
@@ -288,15 +310,20 @@ impl Cache {
         }));
 
         let (d, c) = (dirty.clone(), changed.clone());
-        let (nodes, t) = reflect(Api::<Node>::all(client.clone()), move |ev| {
-            if let Some(n) = event_object(ev) {
-                d.mark(&n.name_any());
-            }
-            c.notify_one();
-        });
+        let (nodes, t) = reflect(
+            Api::<Node>::all(client.clone()),
+            Some(dirty.clone()),
+            move |ev| {
+                if let Some(n) = event_object(ev) {
+                    d.mark(&n.name_any());
+                }
+                c.notify_one();
+            },
+        );
         tasks.push(t);
         let (leases, t) = reflect(
             Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
+            None,
             |_| {},
         );
         tasks.push(t);
@@ -306,40 +333,48 @@ impl Cache {
         let d = dirty.clone();
         let device_specs: Arc<Mutex<HashMap<String, DeviceSpecAt>>> = Arc::default();
         let specs = device_specs.clone();
-        let (devices, t) = reflect(Api::<Device>::all(client.clone()), move |ev| {
-            let Some(o) = event_object(ev) else {
-                return;
-            };
-            let node = o.spec.node_name.clone();
-            let (before, spec_changed) =
-                note_device(&specs, o, matches!(ev, watcher::Event::Delete(_)));
-            // A status-only change (the node's own reports) has nothing for the node.
-            if !spec_changed {
-                return;
-            }
-            if let Some(b) = before
-                && b.node != node
-            {
-                d.mark(&b.node);
-            }
-            d.mark(&node);
-        });
+        let (devices, t) = reflect(
+            Api::<Device>::all(client.clone()),
+            Some(dirty.clone()),
+            move |ev| {
+                let Some(o) = event_object(ev) else {
+                    return;
+                };
+                let node = o.spec.node_name.clone();
+                let (before, spec_changed) =
+                    note_device(&specs, o, matches!(ev, watcher::Event::Delete(_)));
+                // A status-only change (the node's own reports) has nothing for the node.
+                if !spec_changed {
+                    return;
+                }
+                if let Some(b) = before
+                    && b.node != node
+                {
+                    d.mark(&b.node);
+                }
+                d.mark(&node);
+            },
+        );
         tasks.push(t);
         // Device models: the nodes of the devices made from them.
         let (d, devs) = (dirty.clone(), devices.clone());
-        let (device_models, t) = reflect(Api::<DeviceModel>::all(client.clone()), move |ev| {
-            if let Some(m) = event_object(ev) {
-                let (ns, name) = (m.namespace(), m.name_any());
-                for dev in devs.state() {
-                    if dev.namespace() == ns
-                        && dev.spec.device_model_ref.as_ref().map(|r| r.name.as_str())
-                            == Some(name.as_str())
-                    {
-                        d.mark(&dev.spec.node_name);
+        let (device_models, t) = reflect(
+            Api::<DeviceModel>::all(client.clone()),
+            Some(dirty.clone()),
+            move |ev| {
+                if let Some(m) = event_object(ev) {
+                    let (ns, name) = (m.namespace(), m.name_any());
+                    for dev in devs.state() {
+                        if dev.namespace() == ns
+                            && dev.spec.device_model_ref.as_ref().map(|r| r.name.as_str())
+                                == Some(name.as_str())
+                        {
+                            d.mark(&dev.spec.node_name);
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         tasks.push(t);
         (
             Cache {
@@ -480,11 +515,18 @@ impl Cache {
             if let Some(r) = &d.spec.device_model_ref {
                 models.insert((ns.clone(), r.name.clone()));
             }
+            // The version of the spec this object carries; an object the store holds at
+            // another generation than the one recorded (the store lags the event during a
+            // relist) goes out at its own version, so a version never labels another spec.
             let at = self
                 .device_specs
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&format!("{ns}/{}", d.name_any()))
+                .filter(|a| {
+                    a.generation == d.metadata.generation.unwrap_or(0)
+                        && Some(&a.uid) == d.metadata.uid.as_ref()
+                })
                 .map(|a| a.version.clone());
             let key = out.insert(kind::DEVICE, d.as_ref(), at);
             if let Some((_, Some(obj))) = out.map.get_mut(&key) {
@@ -1087,6 +1129,10 @@ mod tests {
         // A spec change, and a device created again, are new versions.
         assert!(note_device(&specs, &at("11", 2, "u1"), false).1);
         assert_eq!(specs.lock().unwrap()["default/valve"].version, "11");
+        // During a relist the event is seen before the store has the object: the store's
+        // older spec is not sent under the new spec's version (the node would keep it).
+        *cache.device_specs.lock().unwrap() = specs.lock().unwrap().clone();
+        assert_eq!(cache.desired("edge-1")["default/device/valve"].0, "9");
         assert!(note_device(&specs, &at("15", 2, "u2"), false).1);
         assert_eq!(specs.lock().unwrap()["default/valve"].version, "15");
         let (gone, changed) = note_device(&specs, &at("15", 2, "u2"), true);
