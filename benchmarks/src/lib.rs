@@ -80,6 +80,27 @@ pub enum BenchError {
     },
 }
 
+/// CPU seconds (user + system) of a process (`/proc/<pid>/stat`; `self` for this one), 0 when
+/// it cannot be read.
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`; `self` for this one),
 /// 0 when it cannot be read.
 pub fn rss_kib(pid: Option<u32>) -> u64 {

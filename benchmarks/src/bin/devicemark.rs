@@ -58,26 +58,6 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn cpu_seconds() -> f64 {
-    cpu_seconds_of("self")
-}
-
-/// CPU seconds (user + system) of `/proc/<pid>`.
-fn cpu_seconds_of(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 struct Row {
     broker: String,
     round_trip: (f64, f64),
@@ -341,9 +321,12 @@ async fn run_one(label: &str, broker: Broker, a: &Args, dir: &Path) -> Result<Ro
         Agent::Process(c) => Some(c.id()),
         Agent::InProcess(_) => None,
     };
-    let agent_cpu0 = agent_pid.map(|p| cpu_seconds_of(&p.to_string()));
+    let agent_cpu0 = agent_pid.map(|p| sedge_benchmarks::cpu_seconds(Some(p)));
     let agent_idle = agent_pid.map(|p| sedge_benchmarks::rss_kib(Some(p)));
-    let (cpu0, rss0) = (cpu_seconds(), sedge_benchmarks::rss_kib(None));
+    let (cpu0, rss0) = (
+        sedge_benchmarks::cpu_seconds(None),
+        sedge_benchmarks::rss_kib(None),
+    );
     let t_load = Instant::now();
     let mut results = 0usize;
     let mut last: HashMap<usize, String> = HashMap::new();
@@ -376,10 +359,13 @@ async fn run_one(label: &str, broker: Broker, a: &Args, dir: &Path) -> Result<Ro
         }
     }
     let lag = t_lag.elapsed().as_secs_f64();
-    let (cpu1, rss1) = (cpu_seconds(), sedge_benchmarks::rss_kib(None));
+    let (cpu1, rss1) = (
+        sedge_benchmarks::cpu_seconds(None),
+        sedge_benchmarks::rss_kib(None),
+    );
     let agent_row = match (agent_pid, agent_cpu0, agent_idle) {
         (Some(p), Some(c0), Some(idle)) => Some((
-            (cpu_seconds_of(&p.to_string()) - c0) / (load_s + lag),
+            (sedge_benchmarks::cpu_seconds(Some(p)) - c0) / (load_s + lag),
             idle as f64 / 1024.0,
             sedge_benchmarks::rss_kib(Some(p)) as f64 / 1024.0,
         )),

@@ -29,6 +29,9 @@ pub enum RuntimeKind {
     Process,
     /// Real containers through a CRI runtime (containerd) at `cri_socket`.
     Cri,
+    /// Containers that run nothing (kubemark's hollow node, for scale benchmarks): the node is
+    /// labelled `sedge.io/hollow=true`.
+    Hollow,
 }
 
 impl std::str::FromStr for RuntimeKind {
@@ -37,7 +40,10 @@ impl std::str::FromStr for RuntimeKind {
         match s {
             "process" => Ok(RuntimeKind::Process),
             "cri" => Ok(RuntimeKind::Cri),
-            _ => Err(format!("runtime {s:?}: expected \"process\" or \"cri\"")),
+            "hollow" => Ok(RuntimeKind::Hollow),
+            _ => Err(format!(
+                "runtime {s:?}: expected \"process\", \"cri\" or \"hollow\""
+            )),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod cri;
 pub mod edged;
 pub mod exec;
+pub mod hollow;
 pub mod lifecycle;
 pub mod metaserver;
 pub mod oci;
@@ -238,6 +239,9 @@ fn node_object(cfg: &EdgeCoreConfig, node: &str, ip: &str, runtime: &str) -> Val
     labels.insert(sedge_api::role_label(role), json!(""));
     labels.insert(sedge_api::AGENT_LABEL.into(), json!(""));
     labels.insert("kubernetes.io/arch".into(), json!(arch));
+    if cfg.runtime == config::RuntimeKind::Hollow {
+        labels.insert(hollow::LABEL.into(), json!("true"));
+    }
     json!({
         "metadata": {"name": node, "labels": labels},
         "status": {
@@ -318,6 +322,7 @@ impl EdgeCore {
                 .await
                 .map_err(EdgeError::Runtime)?,
             ),
+            config::RuntimeKind::Hollow => Arc::new(hollow::HollowRuntime::default()),
         };
         let pod_tokens =
             Arc::new(podtoken::PodTokens::load_or_create(&data).map_err(|e| {

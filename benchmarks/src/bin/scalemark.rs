@@ -1,0 +1,786 @@
+//! The whole cloud side at scale: `sedge cloud --embedded` in its own process (API server,
+//! cloud core, hub) against thousands of hollow edge agents.
+//!
+//! A hollow agent is the real edge agent (`sedge_edgecore::EdgeCore`) with the hollow runtime
+//! (`runtime: hollow`, kubemark's idea): it joins with a token and gets its own certificate,
+//! registers its Node, posts node status and Lease heartbeats on the real intervals, receives
+//! its pods (and what they reference) through the channel, stores them in its SQLite, reports
+//! them `Running` and acknowledges everything; only its containers run nothing. The agents run
+//! in `--fleets` processes of this binary (`scalemark fleet ...`), thousands per process.
+//!
+//! Phases, each timed, and one table at the end:
+//! 1. a write's latency (ConfigMap create) on the idle cloud: the baseline;
+//! 2. nodes joined, registered and Ready over time;
+//! 3. steady heartbeats: API server writes/s, cloud CPU and RSS, and the same write's latency
+//!    under that load (ratio against 1);
+//! 4. pods created through the API at `--rate` per second (`--pods-per-node` each) -> `Running`
+//!    in the API, seen through a watch: p50/p99/max; the scheduler places them unless `--bind`;
+//! 5. `kubectl get nodes` / `kubectl get pods -A` (List + Table) at that size, the SQLite size;
+//! 6. mass reconnect: the cloud process is killed (SIGKILL) and started again on the same data;
+//!    the time until every agent has a session again and until every Lease was renewed after
+//!    the restart, and the objects the hub sent again (only what changed should go out).
+//!
+//! `make bench-scale` runs 1,000 nodes x 10 pods on the release build.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use sedge_benchmarks::nodes::pct;
+use sedge_benchmarks::{cpu_seconds, rss_kib};
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Hollow edge nodes.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Pods per node.
+    #[arg(long, default_value_t = 10)]
+    pods_per_node: usize,
+    /// Pods created per second.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// Processes the hollow nodes run in.
+    #[arg(long, default_value_t = 4)]
+    fleets: usize,
+    /// The `sedge` binary whose `sedge cloud --embedded` is measured.
+    #[arg(long, default_value = "target/release/sedge")]
+    sedge: PathBuf,
+    /// Where everything lives (default: a temporary directory, removed at the end). Joined
+    /// nodes keep their certificates there, so a second run skips the joins.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Give each pod its node (`spec.nodeName`) instead of letting the scheduler place it.
+    #[arg(long)]
+    bind: bool,
+    /// The agents' Lease interval (ms; the real default).
+    #[arg(long, default_value_t = 10_000)]
+    lease_interval_ms: u64,
+    /// Seconds of steady heartbeats measured.
+    #[arg(long, default_value_t = 20)]
+    steady_s: u64,
+    /// Give up on a phase after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    phase_timeout_s: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs hollow edge nodes (started by the benchmark itself).
+    Fleet(FleetArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct FleetArgs {
+    /// The hub's address.
+    #[arg(long)]
+    cloud: String,
+    /// A join token good for every node of the fleet.
+    #[arg(long)]
+    token: String,
+    /// Where the nodes keep their data.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The first node's number.
+    #[arg(long)]
+    from: usize,
+    /// Nodes in this fleet.
+    #[arg(long)]
+    count: usize,
+    /// Lease interval (ms).
+    #[arg(long, default_value_t = 10_000)]
+    lease_interval_ms: u64,
+}
+
+fn node_name(i: usize) -> String {
+    format!("hollow-{i:06}")
+}
+
+const HOLLOW: &str = "sedge.io/hollow=true";
+
+fn hollow_config(f: &FleetArgs, node: &str) -> Result<sedge_edgecore::config::EdgeCoreConfig> {
+    let yaml = format!(
+        "metaserver_listen: ''\nmetrics_listen: ''\nnode_ip: 127.0.0.1\nruntime: hollow\n\
+         lease_interval_ms: {}\ntunnel:\n  node_name: {node}\n  cloud: {}\n  data_dir: {}\n",
+        f.lease_interval_ms,
+        f.cloud,
+        f.dir.join(node).display()
+    );
+    Ok(serde_yaml::from_str(&yaml)?)
+}
+
+/// Joins (unless it did before) and starts the fleet's nodes, then runs until killed.
+async fn fleet(f: FleetArgs) -> Result<()> {
+    let names: Vec<String> = (f.from..f.from + f.count).map(node_name).collect();
+    // Joins: the hub admits 20 certificate requests a second; a refused one waits and retries.
+    let joined = futures::stream::iter(names.iter().cloned())
+        .map(|node| {
+            let f = f.clone();
+            async move {
+                let cfg = hollow_config(&f, &node)?;
+                if sedge_tunnel::edge::Identity::load(&cfg.tunnel.data_dir).is_ok() {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let mut tries = 0;
+                loop {
+                    match sedge_tunnel::join(&cfg.tunnel, &f.token).await {
+                        Ok(_) => return Ok(()),
+                        Err(e) if tries < 600 => {
+                            tries += 1;
+                            tracing::debug!(%node, error = %e, "join refused; retrying");
+                            tokio::time::sleep(Duration::from_millis(
+                                500 + rand::random::<u64>() % 1000,
+                            ))
+                            .await;
+                        }
+                        Err(e) => return Err(e).with_context(|| format!("joining {node}")),
+                    }
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .try_collect::<Vec<()>>();
+    joined.await?;
+    println!("joined {}", names.len());
+    let mut cores = Vec::with_capacity(names.len());
+    for node in &names {
+        let cfg = hollow_config(&f, node)?;
+        cores.push(
+            sedge_edgecore::EdgeCore::start(cfg, Vec::new())
+                .await
+                .with_context(|| format!("starting {node}"))?,
+        );
+    }
+    println!("started {}", cores.len());
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// `sedge cloud --embedded` as its own process.
+struct Cloud {
+    child: Child,
+    dir: PathBuf,
+    metrics: String,
+}
+
+impl Cloud {
+    fn start(sedge: &Path, dir: &Path, hub: &str, metrics: &str) -> Result<Cloud> {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("cloud.log"))?;
+        let child = Command::new(sedge)
+            .args(["cloud", "--embedded", "--listen", hub, "--listen-quic", ""])
+            .arg("--data-dir")
+            .arg(dir.join("cloud"))
+            .env("SEDGE_CLOUDCORE_METRICS_LISTEN", metrics)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} cloud", sedge.display()))?;
+        Ok(Cloud {
+            child,
+            dir: dir.to_path_buf(),
+            metrics: metrics.into(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("cloud/apiserver/kubeconfig")
+    }
+
+    /// A client once the API server answers (the kubeconfig is written at start).
+    async fn client(&self, limit: Duration) -> Result<kube::Client> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(kc) = kube::config::Kubeconfig::read_from(self.kubeconfig())
+                && let Ok(cfg) = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await
+                && let Ok(c) = kube::Client::try_from(cfg)
+                && c.apiserver_version().await.is_ok()
+                && self.metric("sedge_hub_nodes").await.is_some()
+            {
+                return Ok(c);
+            }
+            if t0.elapsed() > limit {
+                bail!(
+                    "the cloud did not come up in {limit:?}; see {}",
+                    self.dir.join("cloud.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// One value of the cloud's `/metrics`.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let body = reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        body.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whatever the benchmark ends with, its processes go with it.
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Fleets(Vec<Child>);
+
+impl Drop for Fleets {
+    fn drop(&mut self) {
+        for f in &mut self.0 {
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// p50 / p99 / max (ms) of `v` (seconds), as a table cell.
+fn dist(v: &mut [f64]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let max = v.iter().cloned().fold(0.0, f64::max);
+    format!(
+        "{:.0} / {:.0} / {:.0} ms",
+        pct(v, 0.5) * 1e3,
+        pct(v, 0.99) * 1e3,
+        max * 1e3
+    )
+}
+
+/// `n` ConfigMap creates one after another: their latencies (s); the objects are deleted.
+async fn write_latency(client: &kube::Client, tag: &str, n: usize) -> Result<Vec<f64>> {
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), "default");
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": format!("probe-{tag}-{i}")}, "data": {"k": "v"}
+        }))?;
+        let t = Instant::now();
+        cms.create(&PostParams::default(), &cm).await?;
+        out.push(t.elapsed().as_secs_f64());
+        cms.delete(&format!("probe-{tag}-{i}"), &DeleteParams::default())
+            .await?;
+    }
+    Ok(out)
+}
+
+fn ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The API server's current revision (every write bumps it).
+async fn revision(client: &kube::Client) -> Result<u64> {
+    let l = Api::<ConfigMap>::namespaced(client.clone(), "default")
+        .list_metadata(&ListParams::default().limit(1))
+        .await?;
+    Ok(l.metadata
+        .resource_version
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or(0))
+}
+
+/// Cloud process samples: (peak RSS KiB, CPU seconds at the start of the window).
+struct Sampler {
+    peak_kib: Arc<Mutex<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start(pid: u32) -> Sampler {
+        let peak_kib = Arc::new(Mutex::new(0));
+        let p = peak_kib.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let r = rss_kib(Some(pid));
+                {
+                    let mut m = p.lock().unwrap();
+                    *m = (*m).max(r);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Sampler { peak_kib, task }
+    }
+    fn peak_mib(&self) -> f64 {
+        *self.peak_kib.lock().unwrap() as f64 / 1024.0
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".db"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Median seconds of `kubectl ARGS` (3 runs) and the lines it printed; `None` without kubectl.
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> Option<(f64, usize)> {
+    let mut times = Vec::new();
+    let mut lines = 0;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(args)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        times.push(t.elapsed().as_secs_f64());
+        lines = out.stdout.iter().filter(|b| **b == b'\n').count();
+    }
+    Some((pct(&mut times, 0.5), lines))
+}
+
+struct Table(Vec<(String, String)>);
+
+impl Table {
+    fn row(&mut self, what: &str, value: String) {
+        println!("  {what}: {value}");
+        self.0.push((what.into(), value));
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut done: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if done().await? {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            bail!("{what}: not within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = Args::parse();
+    if let Some(Cmd::Fleet(f)) = a.cmd {
+        return fleet(f).await;
+    }
+    if !a.sedge.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p sedge` (or pass --sedge)",
+            a.sedge.display()
+        );
+    }
+    if a.nodes == 0 || a.fleets == 0 || a.rate <= 0.0 {
+        bail!("--nodes, --fleets and --rate must be positive");
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let limit = Duration::from_secs(a.phase_timeout_s);
+    let hub = format!("127.0.0.1:{}", free_port()?);
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let mut cloud = Cloud::start(&a.sedge, &dir, &hub, &metrics)?;
+    let client = cloud.client(Duration::from_secs(60)).await?;
+    let mut t = Table(Vec::new());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "scalemark: {} hollow nodes in {} processes, {} pods each at {}/s, {} CPUs; data in {}",
+        a.nodes,
+        a.fleets,
+        a.pods_per_node,
+        a.rate,
+        cores,
+        dir.display()
+    );
+
+    // 1. The baseline: a write on the idle cloud.
+    let mut idle = write_latency(&client, "idle", 30).await?;
+    t.row("write (ConfigMap create), idle cloud", dist(&mut idle));
+
+    // 2. Nodes join, register and turn Ready.
+    let out = Command::new(&a.sedge)
+        .args([
+            "token",
+            "create",
+            "--ttl",
+            "4h",
+            "--description",
+            "scalemark",
+        ])
+        .arg("--max-uses")
+        .arg(a.nodes.to_string())
+        .arg("--data-dir")
+        .arg(dir.join("cloud/cloudhub"))
+        .arg("--pki-dir")
+        .arg(dir.join("cloud/apiserver/pki"))
+        .output()?;
+    if !out.status.success() {
+        bail!("token create: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    let me = std::env::current_exe()?;
+    let per = a.nodes.div_ceil(a.fleets);
+    let mut fleets = Fleets(Vec::new());
+    let t_nodes = Instant::now();
+    for k in 0..a.fleets {
+        let from = k * per;
+        let count = per.min(a.nodes.saturating_sub(from));
+        if count == 0 {
+            break;
+        }
+        fleets.0.push(
+            Command::new(&me)
+                .args(["fleet", "--cloud", &hub, "--token", &token])
+                .arg("--dir")
+                .arg(dir.join("nodes"))
+                .args(["--from", &from.to_string(), "--count", &count.to_string()])
+                .args(["--lease-interval-ms", &a.lease_interval_ms.to_string()])
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(
+                    std::fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(dir.join(format!("fleet-{k}.log")))?,
+                )
+                .spawn()?,
+        );
+    }
+    let nodes_api = Api::<Node>::all(client.clone());
+    let hollow = ListParams::default().labels(HOLLOW);
+    let mut marks = [(0.25, None), (0.5, None), (0.75, None), (1.0, None)];
+    let mut all_ready = None;
+    while all_ready.is_none() {
+        let list = nodes_api.list(&hollow).await?;
+        let (registered, ready_n) = (
+            list.items.len(),
+            list.items.iter().filter(|n| ready(n)).count(),
+        );
+        for (f, at) in marks.iter_mut() {
+            if at.is_none() && registered as f64 >= *f * a.nodes as f64 {
+                *at = Some(t_nodes.elapsed());
+                println!(
+                    "  {:.0}% registered after {:.1} s ({ready_n} Ready)",
+                    *f * 100.0,
+                    t_nodes.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if ready_n == a.nodes {
+            all_ready = Some(t_nodes.elapsed());
+        } else if t_nodes.elapsed() > limit {
+            bail!(
+                "{registered} of {} nodes registered, {ready_n} Ready after {limit:?}",
+                a.nodes
+            );
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let half = marks[1].1.unwrap_or_default().as_secs_f64();
+    t.row(
+        "nodes registered: 50% / 100%; all Ready",
+        format!(
+            "{half:.1} s / {:.1} s; {:.1} s (joins are throttled to 20/s by the hub)",
+            marks[3].1.unwrap_or_default().as_secs_f64(),
+            all_ready.unwrap_or_default().as_secs_f64()
+        ),
+    );
+
+    // 3. Steady heartbeats.
+    let sampler = Sampler::start(cloud.pid());
+    let (rv0, cpu0, w0) = (
+        revision(&client).await?,
+        cpu_seconds(Some(cloud.pid())),
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs(a.steady_s)).await;
+    let (rv1, cpu1, dt) = (
+        revision(&client).await?,
+        cpu_seconds(Some(cloud.pid())),
+        w0.elapsed().as_secs_f64(),
+    );
+    t.row(
+        "steady heartbeats: API writes/s, cloud CPU, cloud RSS",
+        format!(
+            "{:.0}/s, {:.0}% of a core, {:.0} MiB",
+            (rv1 - rv0) as f64 / dt,
+            (cpu1 - cpu0) / dt * 100.0,
+            rss_kib(Some(cloud.pid())) as f64 / 1024.0
+        ),
+    );
+    let mut loaded = write_latency(&client, "loaded", 30).await?;
+    let (p_idle, p_loaded) = (pct(&mut idle, 0.5), pct(&mut loaded, 0.5));
+    t.row(
+        "write under heartbeats (x idle p50)",
+        format!(
+            "{} ({:.2}x)",
+            dist(&mut loaded),
+            p_loaded / p_idle.max(1e-9)
+        ),
+    );
+    let fleet_kib: u64 = fleets.0.iter().map(|c| rss_kib(Some(c.id()))).sum();
+    t.row(
+        "hollow agents' RSS (all fleets, per node)",
+        format!(
+            "{:.0} MiB, {:.0} KiB",
+            fleet_kib as f64 / 1024.0,
+            fleet_kib as f64 / a.nodes as f64
+        ),
+    );
+
+    // 4. Pods at a fixed rate.
+    let total = a.nodes * a.pods_per_node;
+    let pods = Api::<Pod>::namespaced(client.clone(), "default");
+    let running: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let seen = running.clone();
+    let w = tokio::spawn({
+        let pods = pods.clone();
+        async move {
+            let stream = watcher(pods, watcher::Config::default().labels("bench=scale"))
+                .default_backoff()
+                .applied_objects();
+            futures::pin_mut!(stream);
+            while let Some(Ok(p)) = stream.next().await {
+                if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+                    let name = p.metadata.name.unwrap_or_default();
+                    seen.lock()
+                        .unwrap()
+                        .entry(name)
+                        .or_insert_with(Instant::now);
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let created: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let (rv0, cpu0, t_pods) = (
+        revision(&client).await?,
+        cpu_seconds(Some(cloud.pid())),
+        Instant::now(),
+    );
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut errors = 0usize;
+    let mut creates = Vec::with_capacity(total);
+    for i in 0..total {
+        let at = t_pods + Duration::from_secs_f64(i as f64 / a.rate);
+        tokio::time::sleep_until(at.into()).await;
+        let permit = sem.clone().acquire_owned().await?;
+        let (pods, created, bind) = (pods.clone(), created.clone(), a.bind);
+        let node = node_name(i % a.nodes);
+        creates.push(tokio::spawn(async move {
+            let _p = permit;
+            let name = format!("scale-{i:07}");
+            let mut spec = json!({"terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]});
+            if bind {
+                spec["nodeName"] = json!(node);
+            }
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"bench": "scale"}}, "spec": spec
+            }))
+            .expect("a pod");
+            let t = Instant::now();
+            let r = pods.create(&PostParams::default(), &pod).await;
+            created.lock().unwrap().push((name, t));
+            r.map(drop)
+        }));
+    }
+    for c in creates {
+        if !matches!(c.await, Ok(Ok(()))) {
+            errors += 1;
+        }
+    }
+    let create_s = t_pods.elapsed().as_secs_f64();
+    let _ = wait_until("every pod Running", limit, || {
+        let n = running.lock().unwrap().len();
+        async move { Ok(n + errors >= total) }
+    })
+    .await;
+    let all_s = t_pods.elapsed().as_secs_f64();
+    let (rv1, cpu1) = (revision(&client).await?, cpu_seconds(Some(cloud.pid())));
+    w.abort();
+    let mut lat: Vec<f64> = {
+        let run = running.lock().unwrap();
+        created
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(n, t)| run.get(n).map(|r| r.duration_since(*t).as_secs_f64()))
+            .collect()
+    };
+    t.row(
+        "pods created (achieved rate), create errors",
+        format!(
+            "{total} in {create_s:.1} s ({:.1}/s), {errors}",
+            total as f64 / create_s
+        ),
+    );
+    t.row(
+        &format!(
+            "pod start-up, create -> Running (p50 / p99 / max; {})",
+            if a.bind { "bound" } else { "scheduled" }
+        ),
+        format!("{} ({} of {total} Running)", dist(&mut lat), lat.len()),
+    );
+    t.row(
+        "while creating: API writes/s, cloud CPU, cloud peak RSS",
+        format!(
+            "{:.0}/s, {:.0}% of a core, {:.0} MiB",
+            (rv1 - rv0) as f64 / all_s,
+            (cpu1 - cpu0) / all_s * 100.0,
+            sampler.peak_mib()
+        ),
+    );
+
+    // 5. Reading it back at that size.
+    let kc = cloud.kubeconfig();
+    match (
+        kubectl(&kc, &["get", "nodes"]),
+        kubectl(&kc, &["get", "pods", "-A"]),
+    ) {
+        (Some((n, nl)), Some((p, pl))) => t.row(
+            "kubectl get nodes / get pods -A (median of 3; lines)",
+            format!("{:.2} s ({nl}) / {:.2} s ({pl})", n, p),
+        ),
+        _ => t.row(
+            "kubectl get nodes / get pods -A",
+            "kubectl not found or failed".into(),
+        ),
+    }
+    t.row(
+        "API server SQLite",
+        format!(
+            "{:.0} MiB",
+            dir_size(&dir.join("cloud/apiserver")) as f64 / 1048576.0
+        ),
+    );
+
+    // 6. Mass reconnect after the cloud is killed.
+    drop(sampler);
+    cloud.kill();
+    let restarted_wall = SystemTime::now();
+    let t_restart = Instant::now();
+    cloud = Cloud::start(&a.sedge, &dir, &hub, &metrics)?;
+    let client = cloud.client(Duration::from_secs(120)).await?;
+    let up = t_restart.elapsed();
+    let n = a.nodes as f64;
+    let connected = wait_until("every node connected again", limit, || {
+        let c = &cloud;
+        async move { Ok(c.metric("sedge_hub_nodes_connected").await.unwrap_or(0.0) >= n) }
+    })
+    .await?
+        + up;
+    let leases = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
+    let renewed = wait_until("every Lease renewed after the restart", limit, || {
+        let leases = leases.clone();
+        async move {
+            let l = leases.list(&ListParams::default()).await?;
+            let after = l
+                .items
+                .iter()
+                .filter(|l| {
+                    l.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with("hollow-"))
+                })
+                .filter(|l| {
+                    l.spec
+                        .as_ref()
+                        .and_then(|s| s.renew_time.as_ref())
+                        .is_some_and(|r| SystemTime::from(r.0) >= restarted_wall)
+                })
+                .count();
+            Ok(after >= a.nodes)
+        }
+    })
+    .await?
+        + up;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let sent = cloud
+        .metric("sedge_hub_messages_sent_total")
+        .await
+        .unwrap_or(-1.0);
+    t.row(
+        "mass reconnect after kill -9: cloud up / all connected / all Leases renewed",
+        format!(
+            "{:.1} s / {:.1} s / {:.1} s",
+            up.as_secs_f64(),
+            connected.as_secs_f64(),
+            renewed.as_secs_f64()
+        ),
+    );
+    t.row(
+        "objects the hub sent again after the restart (of the nodes' pods)",
+        format!("{sent:.0} (of {total})"),
+    );
+
+    drop(cloud);
+    drop(fleets);
+    println!();
+    println!("| measure | {} nodes x {} pods |", a.nodes, a.pods_per_node);
+    println!("|---|---|");
+    for (k, v) in &t.0 {
+        println!("| {k} | {v} |");
+    }
+    Ok(())
+}
