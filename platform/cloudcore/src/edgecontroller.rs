@@ -589,8 +589,8 @@ impl Objects<'_> {
     }
 }
 
-/// Keeps every edge node's object set in step with the cache: offers what each node should hold
-/// (the hub skips what it already has) and deletes what it should no longer hold.
+/// Keeps every connected edge node's object set in step with the cache: offers what each node
+/// should hold (the hub skips what it already has) and deletes what it should no longer hold.
 pub async fn run_downstream(hub: Arc<Hub>, cache: Cache) {
     if !cache.ready().await {
         return;
@@ -642,7 +642,11 @@ pub async fn run_downstream(hub: Arc<Hub>, cache: Cache) {
                 .collect();
         }
         for node in nodes {
-            if !cache.is_edge(&node) {
+            // Only the nodes connected to this core: a node offline, or served by another cloud
+            // core of the cluster, is offered everything when it connects here (the hub skips
+            // what its delivery records say the node holds). So two cores never both queue
+            // for one node, and a core holds no queues for nodes it does not serve.
+            if !cache.is_edge(&node) || !hub.is_connected(&node) {
                 continue;
             }
             let sent = offered.entry(node.clone()).or_default();

@@ -18,6 +18,7 @@
 
 pub mod edgecontroller;
 pub mod exec;
+pub mod leader;
 pub mod lifecycle;
 pub use sedge_api::quantity;
 pub mod scheduler;
@@ -82,6 +83,9 @@ pub struct CloudCoreConfig {
     /// Where `sedge cloud` serves `/metrics` (the hub's counters, nodes connected and Ready,
     /// objects queued), `/healthz` and `/readyz`. Empty disables it.
     pub metrics_listen: String,
+    /// Leader election of the singleton controllers (node lifecycle, workloads, scheduler)
+    /// among cloud cores sharing one cluster.
+    pub leader: leader::LeaderConfig,
 }
 
 impl Default for CloudCoreConfig {
@@ -95,6 +99,7 @@ impl Default for CloudCoreConfig {
             scheduler: true,
             log_timeout_ms: 10_000,
             metrics_listen: "127.0.0.1:10266".into(),
+            leader: leader::LeaderConfig::default(),
         }
     }
 }
@@ -145,6 +150,8 @@ pub struct CloudCore {
     pub streams: sedge_tunnel::stream::Streams,
     cfg: CloudCoreConfig,
     tasks: Vec<JoinHandle<()>>,
+    leading: tokio::sync::watch::Receiver<bool>,
+    client: kube::Client,
 }
 
 impl CloudCore {
@@ -270,21 +277,41 @@ impl CloudCore {
             client.clone(),
             hub.clone(),
         )));
-        tasks.push(tokio::spawn(lifecycle::run(
+        // The controllers one core runs at a time, whichever holds the Lease.
+        cfg.leader.check().map_err(CloudError::Config)?;
+        let (leading_tx, leading) = tokio::sync::watch::channel(false);
+        let singletons = {
+            let (client, cache, cfg) = (client.clone(), cache.clone(), cfg.clone());
+            move || {
+                let (client, cache, cfg) = (client.clone(), cache.clone(), cfg.clone());
+                async move {
+                    let mut set = tokio::task::JoinSet::new();
+                    set.spawn(lifecycle::run(
+                        client.clone(),
+                        cache.clone(),
+                        lifecycle::Settings {
+                            grace: Duration::from_secs(cfg.node_grace_seconds),
+                            period: Duration::from_millis(cfg.node_monitor_period_ms.max(100)),
+                            effect: cfg.unreachable_taint_effect,
+                        },
+                    ));
+                    if cfg.workloads {
+                        set.spawn(workload::run(client.clone()));
+                    }
+                    if cfg.scheduler {
+                        set.spawn(scheduler::run(client, cache));
+                    }
+                    // Dropping the set (this task aborted) aborts the controllers.
+                    while set.join_next().await.is_some() {}
+                }
+            }
+        };
+        tasks.push(tokio::spawn(leader::run_while_leading(
             client.clone(),
-            cache.clone(),
-            lifecycle::Settings {
-                grace: Duration::from_secs(cfg.node_grace_seconds),
-                period: Duration::from_millis(cfg.node_monitor_period_ms.max(100)),
-                effect: cfg.unreachable_taint_effect,
-            },
+            cfg.leader.clone(),
+            leading_tx,
+            singletons,
         )));
-        if cfg.workloads {
-            tasks.push(tokio::spawn(workload::run(client.clone())));
-        }
-        if cfg.scheduler {
-            tasks.push(tokio::spawn(scheduler::run(client.clone(), cache.clone())));
-        }
         tracing::info!(addr = %hub.addr(), quic = ?hub.quic_addr(), "cloud core running");
         Ok(CloudCore {
             hub,
@@ -292,6 +319,8 @@ impl CloudCore {
             streams,
             cfg,
             tasks,
+            leading,
+            client,
         })
     }
 
@@ -338,7 +367,28 @@ impl CloudCore {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Another core takes the singleton controllers over at once.
+        if *self.leading.borrow() {
+            leader::release(self.client.clone(), &self.cfg.leader).await;
+        }
         self.hub.shutdown().await;
+    }
+
+    /// Stops like a crash (`kill -9`): the tasks and the hub's sessions end, nothing is released
+    /// (the Lease expires on its own). For failover tests.
+    pub async fn crash(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.hub.shutdown().await;
+    }
+
+    /// Whether this core runs the singleton controllers now.
+    pub fn is_leading(&self) -> bool {
+        *self.leading.borrow()
     }
 }
 

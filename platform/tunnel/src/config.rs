@@ -117,6 +117,10 @@ pub struct EdgeConfig {
     pub node_name: String,
     /// The hub's TCP address (`host:port`): WebSocket and join.
     pub cloud: String,
+    /// Other cloud cores' hubs (`host:port`, WebSocket) of the same cluster: when the current
+    /// address cannot be reached, the next is tried (then `cloud` again), so a node follows a
+    /// failover without a load balancer. Each must present a certificate of the cluster CA.
+    pub cloud_alternates: Vec<String>,
     /// The hub's UDP address for QUIC (`host:port`); default: the `cloud` host, port 10001.
     pub cloud_quic: String,
     /// Which transport to use.
@@ -147,6 +151,7 @@ impl Default for EdgeConfig {
         EdgeConfig {
             node_name: String::new(),
             cloud: "127.0.0.1:10000".into(),
+            cloud_alternates: Vec::new(),
             cloud_quic: String::new(),
             transport: Transport::Websocket,
             data_dir: PathBuf::from("sedge-data/edge"),
@@ -185,15 +190,23 @@ impl EdgeConfig {
     }
     /// The cloud host name (for TLS server name checks).
     pub fn cloud_host(&self) -> String {
-        let host = self
-            .cloud
-            .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or(&self.cloud);
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string()
+        host_of(&self.cloud)
     }
+    /// The hub addresses to dial in turn: `cloud`, then `cloud_alternates`.
+    pub fn cloud_addresses(&self) -> Vec<String> {
+        std::iter::once(self.cloud.clone())
+            .chain(self.cloud_alternates.iter().cloned())
+            .filter(|a| !a.trim().is_empty())
+            .collect()
+    }
+}
+
+/// The host of `host:port` (without IPv6 brackets), for TLS server name checks.
+pub fn host_of(addr: &str) -> String {
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 #[cfg(test)]

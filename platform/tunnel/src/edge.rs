@@ -489,7 +489,15 @@ async fn run(inner: Arc<EdgeInner>) {
     let max = Duration::from_millis(inner.cfg.backoff_max_ms.max(1)).max(initial);
     let mut backoff = initial;
     let mut stop = inner.shutdown.subscribe();
+    // The hub addresses in turn: a failed one moves on to the next; once every one failed in a
+    // row, the back-off applies.
+    let addresses = inner.cfg.cloud_addresses();
+    let (mut at, mut failed_in_a_row) = (0usize, 0usize);
     while !inner.stopping() {
+        let addr = addresses
+            .get(at % addresses.len().max(1))
+            .cloned()
+            .unwrap_or_else(|| inner.cfg.cloud.clone());
         let established = match Identity::load(&inner.cfg.data_dir) {
             Err(e) => {
                 tracing::error!(error = %e, "cannot load the node credentials");
@@ -509,13 +517,13 @@ async fn run(inner: Arc<EdgeInner>) {
                         }
                     }
                 }
-                match connect(&inner, &id).await {
+                match connect(&inner, &id, &addr).await {
                     // Stopped while connecting: no session (it would take the node's from
                     // whoever runs the node now).
                     Ok(_) if inner.stopping() => false,
                     Ok(link) => session(&inner, link, &id).await,
                     Err(e) => {
-                        tracing::warn!(node = %inner.node, cloud = %inner.cfg.cloud, transport = ?inner.cfg.transport, error = %e, retry_in = ?backoff, "connecting to the cloud failed");
+                        tracing::warn!(node = %inner.node, cloud = %addr, transport = ?inner.cfg.transport, error = %e, retry_in = ?backoff, "connecting to the cloud failed");
                         false
                     }
                 }
@@ -523,6 +531,14 @@ async fn run(inner: Arc<EdgeInner>) {
         };
         if established {
             backoff = initial;
+            failed_in_a_row = 0;
+        } else {
+            failed_in_a_row += 1;
+            at += 1;
+            if failed_in_a_row % addresses.len().max(1) != 0 {
+                // Another hub of the cluster to try: at once.
+                continue;
+            }
         }
         let wait = jitter(backoff);
         backoff = (backoff * 2).min(max);
@@ -533,9 +549,9 @@ async fn run(inner: Arc<EdgeInner>) {
     }
 }
 
-async fn connect(inner: &Arc<EdgeInner>, id: &Identity) -> Result<Link, TunnelError> {
+async fn connect(inner: &Arc<EdgeInner>, id: &Identity, addr: &str) -> Result<Link, TunnelError> {
     let cfg = &inner.cfg;
-    let host = cfg.cloud_host();
+    let host = crate::config::host_of(addr);
     let name = ServerName::try_from(host.clone())
         .map_err(|e| TunnelError::Config(format!("cloud host {host:?}: {e}")))?;
     let identity = Some((id.cert_pem.as_str(), id.key_pem.as_str()));
@@ -544,7 +560,7 @@ async fn connect(inner: &Arc<EdgeInner>, id: &Identity) -> Result<Link, TunnelEr
             let tls_cfg = tls::edge_client_config(&id.ca_pem, identity, false)?;
             let tcp = tokio::time::timeout(
                 Duration::from_secs(10),
-                tokio::net::TcpStream::connect(&cfg.cloud),
+                tokio::net::TcpStream::connect(addr),
             )
             .await
             .map_err(|_| TunnelError::Connect("TCP connect timed out".into()))?
@@ -558,7 +574,7 @@ async fn connect(inner: &Arc<EdgeInner>, id: &Identity) -> Result<Link, TunnelEr
                     .connect(name, tcp)
                     .await
                     .map_err(|e| TunnelError::Tls(e.to_string()))?;
-                let url = format!("wss://{}/v1/tunnel", cfg.cloud);
+                let url = format!("wss://{addr}/v1/tunnel");
                 let (ws, _) = tokio_tungstenite::client_async_with_config(
                     url,
                     stream,

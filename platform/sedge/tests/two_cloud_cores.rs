@@ -1,0 +1,269 @@
+//! Two cloud cores, one cluster: both run against one API server, sharing the cluster CA and the
+//! hub's database (join tokens, delivery records). Nodes list both hubs (`cloud` and
+//! `cloud_alternates`); one core holds the singleton controllers' Lease.
+//!
+//! The leading core is killed (its tasks and sessions end, nothing is released) while a config
+//! map is being updated: the nodes go over to the survivor within seconds, every update reaches
+//! them and none goes backwards, the survivor takes the Lease over and its scheduler places a
+//! new pod, and the nodes' Leases go on being renewed, through the survivor.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use sedge_cloudcore::CloudCore;
+use sedge_edgecore::{EdgeCore, EdgeCoreConfig};
+use serde_json::json;
+
+fn core_config(dir: &std::path::Path, identity: &str) -> sedge_cloudcore::CloudCoreConfig {
+    let mut cc = common::cloudcore_config(dir);
+    cc.leader.identity = identity.into();
+    cc.leader.lease_duration_ms = 3_000;
+    cc.leader.renew_deadline_ms = 2_000;
+    cc.leader.retry_period_ms = 300;
+    cc.node_grace_seconds = 20;
+    cc.node_monitor_period_ms = 500;
+    cc
+}
+
+fn node_config(dir: &std::path::Path, node: &str, a: &str, b: &str) -> EdgeCoreConfig {
+    serde_yaml::from_str(&format!(
+        "metaserver_listen: ''\nmetrics_listen: ''\nnode_ip: 127.0.0.1\nruntime: hollow\n\
+         lease_interval_ms: 500\nsync_interval_ms: 100\n\
+         tunnel:\n  node_name: {node}\n  cloud: {a}\n  cloud_alternates: [{b}]\n  data_dir: {}\n  \
+         keepalive_interval_ms: 300\n  backoff_initial_ms: 100\n  backoff_max_ms: 400\n  ack_timeout_ms: 500\n",
+        dir.join(node).display()
+    ))
+    .unwrap()
+}
+
+/// The value of the config map `cm` on the node, if it has it.
+fn on_node(core: &EdgeCore) -> Option<u64> {
+    let v = core.store.get("configmap", "default", "cm").ok()??;
+    v["data"]["n"].as_str()?.parse().ok()
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt("sedge-cloudcore-controllers")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_and_singleton_controllers_move_to_the_surviving_cloud_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, client) = common::apiserver(&dir.path().join("apiserver")).await;
+    let a = CloudCore::start(
+        client.clone(),
+        core_config(dir.path(), "core-a"),
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let leases = Api::<Lease>::namespaced(client.clone(), "kube-system");
+    sedge_testkit::wait::until_async(
+        "core-a leads",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async { (holder(&leases).await.as_deref() == Some("core-a")).then_some(()) },
+    )
+    .await;
+    let b = CloudCore::start(
+        client.clone(),
+        core_config(dir.path(), "core-b"),
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let (addr_a, addr_b) = (a.hub.addr().to_string(), b.hub.addr().to_string());
+
+    // Two nodes, joined through core-a; they know both hubs.
+    let (token, _) = a
+        .hub
+        .tokens()
+        .create_with(Duration::from_secs(300), "ha", 2, None)
+        .unwrap();
+    let mut nodes = Vec::new();
+    for name in ["edge-1", "edge-2"] {
+        let cfg = node_config(dir.path(), name, &addr_a, &addr_b);
+        sedge_tunnel::join(&cfg.tunnel, &token).await.unwrap();
+        nodes.push(EdgeCore::start(cfg, Vec::new()).await.unwrap());
+    }
+    sedge_testkit::wait::until_async(
+        "both nodes on core-a",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async { (a.hub.is_connected("edge-1") && a.hub.is_connected("edge-2")).then_some(()) },
+    )
+    .await;
+    assert!(a.is_leading() && !b.is_leading(), "one leader: core-a");
+
+    // A config map the pods reference, so it goes to both nodes; updated every 50 ms from here on.
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "cm"}, "data": {"n": "0"}})).unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), "default");
+    let pod = |name: &str, node: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
+                     "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "1000"],
+                                     "envFrom": [{"configMapRef": {"name": "cm"}}]}]}
+        }))
+        .unwrap()
+    };
+    for (i, n) in ["edge-1", "edge-2"].iter().enumerate() {
+        pods.create(&PostParams::default(), &pod(&format!("p{i}"), n))
+            .await
+            .unwrap();
+    }
+    let running = |name: &'static str| {
+        let pods = pods.clone();
+        move || {
+            let pods = pods.clone();
+            async move {
+                let p = pods.get(name).await.ok()?;
+                (p.status?.phase.as_deref() == Some("Running")).then_some(())
+            }
+        }
+    };
+    for p in ["p0", "p1"] {
+        sedge_testkit::wait::until_async(
+            &format!("{p} Running (scheduled by core-a)"),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            running(if p == "p0" { "p0" } else { "p1" }),
+        )
+        .await;
+    }
+    // The nodes' view of the config map, sampled: it never goes backwards.
+    let seen: Arc<Mutex<Vec<Vec<u64>>>> = Arc::new(Mutex::new(vec![Vec::new(), Vec::new()]));
+    let stores: Vec<_> = nodes.iter().map(|n| n.store.clone()).collect();
+    let s = seen.clone();
+    let sampler = tokio::spawn(async move {
+        loop {
+            for (i, st) in stores.iter().enumerate() {
+                let v = st
+                    .get("configmap", "default", "cm")
+                    .ok()
+                    .flatten()
+                    .and_then(|v| v["data"]["n"].as_str()?.parse::<u64>().ok());
+                if let Some(v) = v {
+                    s.lock().unwrap()[i].push(v);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let updates = {
+        let cms = cms.clone();
+        tokio::spawn(async move {
+            for n in 1..=60u64 {
+                let patch = json!({"data": {"n": n.to_string()}});
+                // The API server stays up: every update is written.
+                cms.patch("cm", &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // core-a dies mid-stream.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Meanwhile core-b queued nothing for nodes it does not serve.
+    for n in ["edge-1", "edge-2"] {
+        assert_eq!(b.hub.pending(n).await.unwrap(), 0, "core-b queued for {n}");
+    }
+    let t_kill = Instant::now();
+    a.crash().await;
+    sedge_testkit::wait::until_async(
+        "both nodes on core-b",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async { (b.hub.is_connected("edge-1") && b.hub.is_connected("edge-2")).then_some(()) },
+    )
+    .await;
+    let reconnected = t_kill.elapsed();
+    sedge_testkit::wait::until_async(
+        "core-b leads",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async { (holder(&leases).await.as_deref() == Some("core-b")).then_some(()) },
+    )
+    .await;
+    let took_over = t_kill.elapsed();
+    assert!(
+        b.is_leading() || {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            b.is_leading()
+        }
+    );
+    updates.await.unwrap();
+
+    // Every update arrived: the last one is on both nodes, and no node ever went back.
+    for (i, n) in nodes.iter().enumerate() {
+        sedge_testkit::wait::until_async(
+            &format!("edge-{} has update 60", i + 1),
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || async { (on_node(n) == Some(60)).then_some(()) },
+        )
+        .await;
+    }
+    sampler.abort();
+    for (i, s) in seen.lock().unwrap().iter().enumerate() {
+        assert!(
+            s.windows(2).all(|w| w[0] <= w[1]),
+            "edge-{} saw the config map go backwards: {s:?}",
+            i + 1
+        );
+        assert!(s.len() > 10, "edge-{}: too few samples {s:?}", i + 1);
+    }
+
+    // The survivor's scheduler places a new pod, and it runs.
+    pods.create(&PostParams::default(), &pod("p2", "edge-2"))
+        .await
+        .unwrap();
+    sedge_testkit::wait::until_async(
+        "p2 Running (scheduled by core-b)",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        running("p2"),
+    )
+    .await;
+    // The nodes' Leases are renewed through core-b.
+    let node_leases = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
+    let renewed = |l: &Lease| l.spec.as_ref().and_then(|s| s.renew_time.clone());
+    let before = renewed(&node_leases.get("edge-1").await.unwrap());
+    sedge_testkit::wait::until_async(
+        "edge-1's Lease renewed through core-b",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let (node_leases, before) = (node_leases.clone(), before.clone());
+            async move {
+                let now = renewed(&node_leases.get("edge-1").await.ok()?);
+                (now > before).then_some(())
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "failover: nodes on core-b {:.2} s after the kill, controllers {:.2} s",
+        reconnected.as_secs_f64(),
+        took_over.as_secs_f64()
+    );
+    for n in nodes {
+        n.shutdown(false).await;
+    }
+    b.shutdown().await;
+}
