@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CARGO ?= cargo
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 
-.PHONY: help demo test lint fmt build edge-agent images bench bench-exec bench-serve bench-pareto bench-cri bench-edgemark bench-example bench-learning bench-devices ort data fonts mqtt cri
+.PHONY: help demo test lint fmt build edge-agent images bench bench-exec bench-serve bench-pareto bench-cri bench-edgemark bench-example bench-learning bench-devices bench-scale ort data fonts mqtt cri
 
 help:
 	@echo "make demo   - sedge up with two edge nodes and a Deployment through kubectl, then a Sedna"
@@ -21,6 +21,7 @@ help:
 	@echo "make images - Sedge's container images (worker, busybox, pause) as OCI archives in target/images,"
 	@echo "              imported into the containerd at CRI_SOCKET when it is there"
 	@echo "make bench-edgemark - the channel with up to 100,000 simulated QUIC edge nodes"
+	@echo "make bench-scale - the whole cloud side (sedge cloud --embedded) against 1,000 hollow edge agents x 10 pods"
 	@echo "make bench-example - the Ianvs-style Fashion-MNIST job on all 10,000 test images"
 	@echo "make bench-exec - kubectl exec and port-forward through the channel against local spawn and loopback"
 	@echo "make bench-serve - the edge worker as an inference endpoint: 1/8/64 clients, joint vs cloud-only vs edge-only"
@@ -117,6 +118,13 @@ bench: ort
 # The channel at scale: 1k/10k WebSocket and 10k/100k QUIC nodes (several minutes, ~6 GB RAM).
 bench-edgemark:
 	$(CARGO) run --release -p sedge-benchmarks --bin edgemark -- --suite full
+
+# The whole cloud side in its own process against 1,000 hollow edge agents (the real agent with
+# containers that run nothing) in 4 processes: nodes Ready, heartbeat load, 10,000 pods at
+# 50/s to Running, kubectl at that size, mass reconnect after kill -9 (a few minutes).
+bench-scale:
+	$(CARGO) build --release -p sedge --bin sedge
+	$(CARGO) run --release -p sedge-benchmarks --bin scalemark -- --nodes 1000 --pods-per-node 10 --rate 50
 
 bench-example: data ort fonts build
 	target/release/sedge bench -f benchmarks/examples/fashion-mnist/benchmarkingjob.yaml
