@@ -194,7 +194,7 @@ fn bad_settings_fail_fast_with_the_reason() {
             .unwrap(),
     );
     assert!(
-        err.contains("runtime \"docker\": expected \"process\" or \"cri\""),
+        err.contains("runtime \"docker\": expected \"process\", \"cri\" or \"hollow\""),
         "{err}"
     );
     let (_, err) = text(

@@ -227,6 +227,19 @@ mod tests {
     }
 
     #[test]
+    fn the_hubs_are_dialled_in_order_and_blank_alternates_are_skipped() {
+        let cfg = EdgeConfig {
+            cloud: "a.example:10000".into(),
+            cloud_alternates: vec!["".into(), "  ".into(), "[::1]:10000".into()],
+            ..Default::default()
+        };
+        assert_eq!(cfg.cloud_addresses(), ["a.example:10000", "[::1]:10000"]);
+        assert_eq!(host_of("[::1]:10000"), "::1");
+        // An address without a port is its own host (the dial then fails with the reason).
+        assert_eq!(host_of("nonsense"), "nonsense");
+    }
+
+    #[test]
     fn quic_address_defaults_to_the_cloud_host() {
         let cfg = EdgeConfig {
             cloud: "hub.example:10000".into(),
