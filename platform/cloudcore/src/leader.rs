@@ -183,23 +183,28 @@ pub async fn run_while_leading<F, Fut>(
     let mut renewed: Option<Instant> = None;
     let period = Duration::from_millis(cfg.retry_period_ms.max(1));
     loop {
-        let held = match try_hold(&api, &cfg, &me, &mut seen).await {
-            Ok(h) => h,
+        // `renewed_now`: this round wrote the Lease. A failed round never moves the deadline.
+        let (held, renewed_now) = match try_hold(&api, &cfg, &me, &mut seen).await {
+            Ok(h) => (h, h),
             Err(e) => {
                 tracing::warn!(lease = %cfg.lease_name, error = %e, "leader election: the Lease could not be read or written");
                 // A leader keeps leading until its deadline; then it stops, before anyone else
                 // may take over.
-                task.is_some()
-                    && renewed
-                        .is_some_and(|r| r.elapsed() < Duration::from_millis(cfg.renew_deadline_ms))
+                let within = task.is_some()
+                    && renewed.is_some_and(|r| {
+                        r.elapsed() < Duration::from_millis(cfg.renew_deadline_ms)
+                    });
+                (within, false)
             }
         };
+        if renewed_now {
+            renewed = Some(Instant::now());
+        }
         if held {
-            if renewed.is_none() || task.as_ref().is_none_or(|t| t.0.is_finished()) {
+            if task.as_ref().is_none_or(|t| t.0.is_finished()) {
                 tracing::info!(identity = %me, lease = %cfg.lease_name, "leading: starting the singleton controllers");
                 task = Some(Leading(tokio::spawn(work())));
             }
-            renewed = Some(Instant::now());
         } else if task.take().is_some() {
             tracing::warn!(identity = %me, lease = %cfg.lease_name, "no longer leading: singleton controllers stopped");
             renewed = None;
