@@ -80,6 +80,13 @@ pub enum BenchError {
     },
 }
 
+/// A free TCP port on loopback (bound, then released for the caller to bind).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// CPU seconds (user + system) of a process (`/proc/<pid>/stat`; `self` for this one), 0 when
 /// it cannot be read.
 pub fn cpu_seconds(pid: Option<u32>) -> f64 {

@@ -84,12 +84,6 @@ enum Broker {
     External(String),
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// An MQTT client whose incoming publishes arrive on a channel.
 async fn client(
     broker: &str,
@@ -421,13 +415,13 @@ async fn main() -> Result<()> {
     rows.push(
         run_one(
             "embedded",
-            Broker::Embedded(free_port()?),
+            Broker::Embedded(sedge_benchmarks::free_port()?),
             &a,
             &dir.path().join("embedded"),
         )
         .await?,
     );
-    let port = free_port()?;
+    let port = sedge_benchmarks::free_port()?;
     let mut m = mosquitto(port)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = run_one(

@@ -203,7 +203,7 @@ async fn main() -> Result<()> {
     let site = up.dir.path().join("site");
     std::fs::create_dir_all(&site)?;
     std::fs::write(site.join("blob"), vec![0x5au8; a.bytes])?;
-    let web_port = free_port()?;
+    let web_port = sedge_benchmarks::free_port()?;
     let web: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
         "spec": {"nodeName": "edge-1", "containers": [{"name": "main", "image": "busybox:1.36",
@@ -218,7 +218,7 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let fwd_port = free_port()?;
+    let fwd_port = sedge_benchmarks::free_port()?;
     let mut pf = Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(&kubeconfig)
@@ -283,12 +283,6 @@ async fn main() -> Result<()> {
 }
 
 /// A loopback port free a moment ago.
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Downloads `/blob` over HTTP/1.0 from `port`: seconds taken, after checking its size.
 async fn download(port: u16, bytes: usize) -> Result<f64> {
     use tokio::io::AsyncWriteExt;

@@ -264,12 +264,6 @@ impl Drop for Fleets {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// p50 / p99 / max (ms) of `v` (seconds), as a table cell.
 fn dist(v: &mut [f64]) -> String {
     if v.is_empty() {
@@ -281,6 +275,15 @@ fn dist(v: &mut [f64]) -> String {
         pct(v, 0.5) * 1e3,
         pct(v, 0.99) * 1e3,
         max * 1e3
+    )
+}
+
+/// The cloud's load over `secs`: `writes` API writes, `cpu_s` CPU seconds, and its RSS.
+fn load(writes: u64, cpu_s: f64, secs: f64, rss_mib: f64) -> String {
+    format!(
+        "{:.0}/s, {:.0}% of a core, {rss_mib:.0} MiB",
+        writes as f64 / secs,
+        cpu_s / secs * 100.0
     )
 }
 
@@ -435,8 +438,8 @@ async fn main() -> Result<()> {
     let dir = a.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
     let limit = Duration::from_secs(a.phase_timeout_s);
-    let hub = format!("127.0.0.1:{}", free_port()?);
-    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let hub = format!("127.0.0.1:{}", sedge_benchmarks::free_port()?);
+    let metrics = format!("127.0.0.1:{}", sedge_benchmarks::free_port()?);
     let mut cloud = Cloud::start(&a.sedge, &dir, &hub, &metrics)?;
     let client = cloud.client(Duration::from_secs(60)).await?;
     let mut t = Table(Vec::new());
@@ -560,11 +563,11 @@ async fn main() -> Result<()> {
     );
     t.row(
         "steady heartbeats: API writes/s, cloud CPU, cloud RSS",
-        format!(
-            "{:.0}/s, {:.0}% of a core, {:.0} MiB",
-            (rv1 - rv0) as f64 / dt,
-            (cpu1 - cpu0) / dt * 100.0,
-            rss_kib(Some(cloud.pid())) as f64 / 1024.0
+        load(
+            rv1 - rv0,
+            cpu1 - cpu0,
+            dt,
+            rss_kib(Some(cloud.pid())) as f64 / 1024.0,
         ),
     );
     let mut loaded = write_latency(&client, "loaded", 30).await?;
@@ -683,12 +686,7 @@ async fn main() -> Result<()> {
     );
     t.row(
         "while creating: API writes/s, cloud CPU, cloud peak RSS",
-        format!(
-            "{:.0}/s, {:.0}% of a core, {:.0} MiB",
-            (rv1 - rv0) as f64 / all_s,
-            (cpu1 - cpu0) / all_s * 100.0,
-            sampler.peak_mib()
-        ),
+        load(rv1 - rv0, cpu1 - cpu0, all_s, sampler.peak_mib()),
     );
 
     // 5. Reading it back at that size.
