@@ -73,6 +73,13 @@ struct Args {
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 900)]
     phase_timeout_s: u64,
+    /// Record a CPU profile of the cloud process (`perf record`, DWARF call graphs) for the
+    /// first `--perf-s` seconds of the pod phase into this file (`perf report -i FILE`).
+    #[arg(long)]
+    perf: Option<PathBuf>,
+    /// Seconds the profile covers.
+    #[arg(long, default_value_t = 30)]
+    perf_s: u64,
 }
 
 #[derive(Subcommand)]
@@ -594,7 +601,8 @@ async fn main() -> Result<()> {
     let total = a.nodes * a.pods_per_node;
     let pods = Api::<Pod>::namespaced(client.clone(), "default");
     let running: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
-    let seen = running.clone();
+    let bound: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let (seen, seen_bound) = (running.clone(), bound.clone());
     let w = tokio::spawn({
         let pods = pods.clone();
         async move {
@@ -603,6 +611,14 @@ async fn main() -> Result<()> {
                 .applied_objects();
             futures::pin_mut!(stream);
             while let Some(Ok(p)) = stream.next().await {
+                let on_node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                if on_node.is_some_and(|n| !n.is_empty()) {
+                    seen_bound
+                        .lock()
+                        .unwrap()
+                        .entry(p.metadata.name.clone().unwrap_or_default())
+                        .or_insert_with(Instant::now);
+                }
                 if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
                     let name = p.metadata.name.unwrap_or_default();
                     seen.lock()
@@ -620,6 +636,21 @@ async fn main() -> Result<()> {
         cpu_seconds(Some(cloud.pid())),
         Instant::now(),
     );
+    let profiler = match &a.perf {
+        Some(out) => Some(
+            Command::new("perf")
+                .args(["record", "-F", "99", "--call-graph", "dwarf,16384", "-p"])
+                .arg(cloud.pid().to_string())
+                .arg("-o")
+                .arg(out)
+                .args(["--", "sleep", &a.perf_s.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("perf record (install linux-perf)")?,
+        ),
+        None => None,
+    };
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut errors = 0usize;
     let mut creates = Vec::with_capacity(total);
@@ -659,16 +690,31 @@ async fn main() -> Result<()> {
     })
     .await;
     let all_s = t_pods.elapsed().as_secs_f64();
+    if let Some(mut p) = profiler {
+        tokio::task::spawn_blocking(move || p.wait()).await??;
+    }
     let (rv1, cpu1) = (revision(&client).await?, cpu_seconds(Some(cloud.pid())));
     w.abort();
-    let mut lat: Vec<f64> = {
-        let run = running.lock().unwrap();
-        created
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(n, t)| run.get(n).map(|r| r.duration_since(*t).as_secs_f64()))
-            .collect()
+    let (mut lat, mut to_bind, mut to_run) = {
+        let (run, bound) = (running.lock().unwrap(), bound.lock().unwrap());
+        let created = created.lock().unwrap();
+        let since = |at: &std::collections::HashMap<String, Instant>,
+                     from: &dyn Fn(&str) -> Option<Instant>|
+         -> Vec<f64> {
+            created
+                .iter()
+                .filter_map(|(n, _)| {
+                    Some(at.get(n)?.saturating_duration_since(from(n)?).as_secs_f64())
+                })
+                .collect()
+        };
+        let created_at: std::collections::HashMap<&str, Instant> =
+            created.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        (
+            since(&run, &|n| created_at.get(n).copied()),
+            since(&bound, &|n| created_at.get(n).copied()),
+            since(&run, &|n| bound.get(n).copied()),
+        )
     };
     t.row(
         "pods created (achieved rate), create errors",
@@ -684,10 +730,34 @@ async fn main() -> Result<()> {
         ),
         format!("{} ({} of {total} Running)", dist(&mut lat), lat.len()),
     );
+    if !a.bind {
+        t.row(
+            "  of which create -> bound / bound -> Running (p50 / p99 / max)",
+            format!("{} / {}", dist(&mut to_bind), dist(&mut to_run)),
+        );
+    }
     t.row(
         "while creating: API writes/s, cloud CPU, cloud peak RSS",
         load(rv1 - rv0, cpu1 - cpu0, all_s, sampler.peak_mib()),
     );
+    if !a.bind {
+        let m = |name| cloud.metric(name);
+        let (passes, bound, conflicts) = (
+            m("sedge_cloudcore_scheduler_passes_total")
+                .await
+                .unwrap_or(0.0),
+            m("sedge_cloudcore_scheduler_bindings_total")
+                .await
+                .unwrap_or(0.0),
+            m("sedge_cloudcore_scheduler_binding_conflicts_total")
+                .await
+                .unwrap_or(0.0),
+        );
+        t.row(
+            "scheduler: passes with pods to place, bindings, refused as bound already",
+            format!("{passes:.0}, {bound:.0}, {conflicts:.0}"),
+        );
+    }
 
     // 5. Reading it back at that size.
     let kc = cloud.kubeconfig();

@@ -48,6 +48,48 @@ impl Dirty {
     }
 }
 
+/// Which pods are on which node, kept from the pod watch, so a node's sync reads its own pods
+/// rather than every pod of the cluster (at 1,000 nodes x 10 pods that scan ran on every pod
+/// status change and every node heartbeat). An entry may be stale for a moment (the store is
+/// the truth; readers check the pod's node); a relist rebuilds it from the store.
+#[derive(Default)]
+struct PodsByNode {
+    nodes: HashMap<String, HashSet<ObjectRef<Pod>>>,
+    placed: HashMap<ObjectRef<Pod>, String>,
+}
+
+impl PodsByNode {
+    fn apply(&mut self, p: &Pod, deleted: bool) {
+        let key = ObjectRef::from_obj(p);
+        let node = pod_node(p);
+        if let Some(before) = self.placed.get(&key)
+            && (deleted || before != node)
+        {
+            if let Some(set) = self.nodes.get_mut(before) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.nodes.remove(before);
+                }
+            }
+            self.placed.remove(&key);
+        }
+        if !deleted && !node.is_empty() {
+            self.nodes
+                .entry(node.to_string())
+                .or_default()
+                .insert(key.clone());
+            self.placed.insert(key, node.to_string());
+        }
+    }
+
+    fn rebuild(&mut self, pods: &[Arc<Pod>]) {
+        *self = PodsByNode::default();
+        for p in pods {
+            self.apply(p, false);
+        }
+    }
+}
+
 /// The informer cache shared by every controller of the cloud core: one watch per kind, for all
 /// nodes.
 #[derive(Clone)]
@@ -70,9 +112,12 @@ pub struct Cache {
     pub device_models: Store<DeviceModel>,
     /// Per device (`<ns>/<name>`): its node, and the resourceVersion of its last spec change.
     device_specs: Arc<Mutex<HashMap<String, DeviceSpecAt>>>,
+    pods_by_node: Arc<Mutex<PodsByNode>>,
     dirty: Arc<Dirty>,
     /// Woken on any pod or node change (the scheduler waits on it).
     pub changed: Arc<Notify>,
+    /// The embedded scheduler's counters (zero where it does not run).
+    pub scheduling: Arc<crate::scheduler::Stats>,
 }
 
 /// Where a device is and which version of its spec the nodes get: the resourceVersion at its
@@ -164,7 +209,7 @@ fn event_object<K>(ev: &watcher::Event<K>) -> Option<&K> {
     }
 }
 
-fn pod_node(p: &Pod) -> &str {
+pub(crate) fn pod_node(p: &Pod) -> &str {
     p.spec
         .as_ref()
         .and_then(|s| s.node_name.as_deref())
@@ -286,6 +331,8 @@ impl Cache {
         tasks.push(t);
 
         let (d, c) = (dirty.clone(), changed.clone());
+        let pods_by_node: Arc<Mutex<PodsByNode>> = Arc::default();
+        let (index, store) = (pods_by_node.clone(), pods.clone());
         let pod_stream = reflector::reflector(
             pods_writer,
             watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff(),
@@ -296,10 +343,20 @@ impl Cache {
                 match ev {
                     Ok(ev) => {
                         if let Some(p) = event_object(&ev) {
+                            // The index first: the mark wakes the sync, which reads it.
+                            index
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .apply(p, matches!(ev, watcher::Event::Delete(_)));
                             d.mark(pod_node(p));
                         }
                         if matches!(ev, watcher::Event::InitDone) {
-                            // A fresh list: every node may have missed changes.
+                            // A fresh list (the store holds it now): every node may have
+                            // missed changes, and pods deleted meanwhile leave the index.
+                            index
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .rebuild(&store.state());
                             d.mark("*");
                         }
                         c.notify_one();
@@ -387,8 +444,10 @@ impl Cache {
                 devices,
                 device_models,
                 device_specs,
+                pods_by_node,
                 dirty,
                 changed,
+                scheduling: Arc::default(),
             },
             tasks,
         )
@@ -428,6 +487,22 @@ impl Cache {
         self.nodes
             .get(&ObjectRef::new(node))
             .is_some_and(|n| sedge_api::is_agent_node(n.labels().keys()))
+    }
+
+    /// The pods bound to `node`, from the cache.
+    pub fn pods_on(&self, node: &str) -> Vec<Arc<Pod>> {
+        let refs: Vec<ObjectRef<Pod>> = self
+            .pods_by_node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .nodes
+            .get(node)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        refs.iter()
+            .filter_map(|r| self.pods.get(r))
+            .filter(|p| pod_node(p) == node)
+            .collect()
     }
 
     /// A pod from the cache.
@@ -474,10 +549,7 @@ impl Cache {
         };
         let mut refs: HashSet<(String, bool, String)> = HashSet::new();
         let mut namespaces = HashSet::new();
-        for p in self.pods.state() {
-            if pod_node(&p) != node {
-                continue;
-            }
+        for p in self.pods_on(node) {
             let ns = p.namespace().unwrap_or_default();
             namespaces.insert(ns.clone());
             let (cms, secrets) = pod_references(&p);
@@ -754,7 +826,14 @@ pub struct Upstream {
     streams: sedge_tunnel::stream::Streams,
     /// The hub, once started (streams a node opens to a Service go on to another node).
     pub hub: std::sync::OnceLock<Arc<sedge_tunnel::Hub>>,
+    /// Reports being written to the API at once. Unbounded, 10,000 heartbeating nodes made the
+    /// client open a connection per report in flight: with `sedge cloud --embedded` both ends
+    /// are this process, and it ran out of file descriptors (20,000) beside the nodes' own.
+    in_flight: tokio::sync::Semaphore,
 }
+
+/// At most this many reports are written to the API at once; the rest wait their turn.
+const REPORTS_IN_FLIGHT: usize = 64;
 
 /// The outcome of one report: `Err` is retried by the edge later, a permanent refusal is logged
 /// and dropped (retrying it forever would only fill the edge's outbox).
@@ -785,6 +864,7 @@ impl Upstream {
             modules,
             streams,
             hub: std::sync::OnceLock::new(),
+            in_flight: tokio::sync::Semaphore::new(REPORTS_IN_FLIGHT),
         }
     }
 
@@ -837,6 +917,9 @@ impl Upstream {
                 tracing::warn!(node = %i.node, resource = %key, "malformed report: {e}; dropped");
                 return Ok(None);
             }
+        };
+        let Ok(_turn) = self.in_flight.acquire().await else {
+            return Err("the cloud core is stopping".into());
         };
         match key.kind.as_str() {
             kind::NODE => settle("register node", self.register(&i.node, body).await),
@@ -1080,8 +1163,10 @@ mod tests {
             devices: filled(devices),
             device_models: filled(models),
             device_specs: Arc::default(),
+            pods_by_node: Arc::default(),
             dirty: Arc::default(),
             changed: Arc::default(),
+            scheduling: Arc::default(),
         }
     }
 
@@ -1180,6 +1265,62 @@ mod tests {
         let e =
             sedge_tunnel::hub::authorize("edge-1", &report("ghost"), Some(&lookup)).unwrap_err();
         assert!(e.contains("no such object"), "{e}");
+    }
+
+    #[test]
+    fn a_node_reads_only_its_own_pods_as_they_move_and_go() {
+        let pod = |name: &str, node: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default", "resourceVersion": "1"},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
+            }))
+            .unwrap()
+        };
+        let (store, mut writer) = reflector::store::<Pod>();
+        let mut cache = cache_with(vec![], vec![]);
+        cache.pods = store;
+        let apply = |writer: &mut reflector::store::Writer<Pod>, cache: &Cache, p: Pod, gone| {
+            let ev = if gone {
+                watcher::Event::Delete(p.clone())
+            } else {
+                watcher::Event::Apply(p.clone())
+            };
+            writer.apply_watcher_event(&ev);
+            cache.pods_by_node.lock().unwrap().apply(&p, gone);
+        };
+        let names = |c: &Cache, node: &str| {
+            let mut v: Vec<String> = c.pods_on(node).iter().map(|p| p.name_any()).collect();
+            v.sort();
+            v
+        };
+        apply(&mut writer, &cache, pod("a", "n1"), false);
+        apply(&mut writer, &cache, pod("b", "n1"), false);
+        apply(&mut writer, &cache, pod("c", "n2"), false);
+        apply(&mut writer, &cache, pod("d", ""), false);
+        assert_eq!(names(&cache, "n1"), ["a", "b"]);
+        assert_eq!(names(&cache, "n2"), ["c"]);
+        assert_eq!(cache.desired("n1").len(), 2);
+        // A pod that moves leaves its old node; one deleted leaves every node.
+        apply(&mut writer, &cache, pod("b", "n2"), false);
+        apply(&mut writer, &cache, pod("a", "n1"), true);
+        assert!(names(&cache, "n1").is_empty());
+        assert_eq!(names(&cache, "n2"), ["b", "c"]);
+        assert!(!cache.pods_by_node.lock().unwrap().nodes.contains_key("n1"));
+        // An entry the store does not back (a relist in progress) is not read; the relist
+        // rebuilds the index from the store.
+        cache
+            .pods_by_node
+            .lock()
+            .unwrap()
+            .apply(&pod("e", "n2"), false);
+        assert_eq!(names(&cache, "n2"), ["b", "c"]);
+        cache
+            .pods_by_node
+            .lock()
+            .unwrap()
+            .rebuild(&cache.pods.state());
+        let index = cache.pods_by_node.lock().unwrap();
+        assert_eq!(index.placed.len(), 2, "the pod the store lacks is dropped");
     }
 
     #[test]

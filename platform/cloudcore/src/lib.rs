@@ -194,6 +194,23 @@ pub fn render_metrics(hub: &Hub, cache: &Cache, e: &mut sedge_serve::Exposition)
         "Pods in the cloud core's cache",
         cache.pods.state().len() as i64,
     );
+    let s = &cache.scheduling;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    e.counter(
+        "cloudcore_scheduler_passes",
+        "Scheduling passes that had pods to place",
+        get(&s.passes),
+    )
+    .counter(
+        "cloudcore_scheduler_bindings",
+        "Pods the embedded scheduler bound",
+        get(&s.bound),
+    )
+    .counter(
+        "cloudcore_scheduler_binding_conflicts",
+        "Bindings refused because the pod was already bound",
+        get(&s.conflicts),
+    );
 }
 
 impl std::fmt::Debug for CloudCore {

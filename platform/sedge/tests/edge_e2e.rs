@@ -198,6 +198,17 @@ fn deployment_on_an_edge_node_through_kubectl() {
     ] {
         assert!(cloud.contains(want), "{want} missing from\n{cloud}");
     }
+    // The Deployment's pods were placed by the embedded scheduler.
+    let bound: u64 = cloud
+        .lines()
+        .find_map(|l| l.strip_prefix("sedge_cloudcore_scheduler_bindings_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no scheduler bindings counter in\n{cloud}"));
+    assert!(
+        bound >= rolled.len() as u64,
+        "{bound} bindings for {} pods",
+        rolled.len()
+    );
     let edge = http_get(state["edges"][0]["metrics"].as_str().unwrap());
     for want in [
         "sedge_edge_connected 1",
