@@ -76,6 +76,15 @@ struct Usage {
     pods: f64,
 }
 
+impl Usage {
+    /// Counts one more pod asking for `r`.
+    fn add(&mut self, r: Usage) {
+        self.cpu += r.cpu;
+        self.memory += r.memory;
+        self.pods += 1.0;
+    }
+}
+
 fn requests(p: &Pod) -> Usage {
     let mut u = Usage {
         pods: 1.0,
@@ -237,17 +246,6 @@ impl Candidate {
         self.node.metadata.name.as_deref().unwrap_or_default()
     }
 
-    #[cfg(test)]
-    fn all(nodes: Vec<std::sync::Arc<Node>>) -> Vec<Candidate> {
-        nodes
-            .into_iter()
-            .map(|node| Candidate {
-                have: allocatable(&node),
-                node,
-            })
-            .collect()
-    }
-
     /// The candidates, the allocatable of each taken from `memo` while the node's version is
     /// the one it was parsed at; `memo` keeps only the nodes that still exist.
     fn remembered(
@@ -377,10 +375,7 @@ async fn schedule_pending(client: &kube::Client, cache: &Cache, memo: &mut Memo)
             Some("Succeeded" | "Failed")
         );
         if !node.is_empty() && !done {
-            let u = usage.entry(node).or_default();
-            u.cpu += r.cpu;
-            u.memory += r.memory;
-            u.pods += 1.0;
+            usage.entry(node).or_default().add(r);
         }
     }
     memo.requests = known;
@@ -391,10 +386,7 @@ async fn schedule_pending(client: &kube::Client, cache: &Cache, memo: &mut Memo)
         .collect();
     for (node, r, _) in memo.assumed.values() {
         if let Some(&i) = by_name.get(node.as_str()) {
-            let u = usage.entry(nodes[i].name()).or_default();
-            u.cpu += r.cpu;
-            u.memory += r.memory;
-            u.pods += 1.0;
+            usage.entry(nodes[i].name()).or_default().add(*r);
         }
     }
     for p in pending {
@@ -421,10 +413,7 @@ async fn schedule_pending(client: &kube::Client, cache: &Cache, memo: &mut Memo)
                 match bound {
                     Ok(_) => {
                         tracing::info!(pod = %format!("{ns}/{name}"), %node, "scheduled");
-                        let u = usage.entry(node).or_default();
-                        u.cpu += want.cpu;
-                        u.memory += want.memory;
-                        u.pods += 1.0;
+                        usage.entry(node).or_default().add(want);
                         memo.verdicts.remove(&uid);
                         memo.assumed
                             .insert(uid, (node.to_string(), want, Instant::now()));
@@ -507,16 +496,19 @@ mod tests {
 
     #[test]
     fn places_by_selector_affinity_taints_and_room() {
-        let nodes = Candidate::all(vec![
-            node("a", json!({"zone": "x"}), json!([]), "1"),
-            node(
-                "b",
-                json!({"zone": "y"}),
-                json!([{"key": "dedicated", "value": "ml", "effect": "NoSchedule"}]),
-                "4",
-            ),
-            node("c", json!({"zone": "y"}), json!([]), "500m"),
-        ]);
+        let nodes = Candidate::remembered(
+            vec![
+                node("a", json!({"zone": "x"}), json!([]), "1"),
+                node(
+                    "b",
+                    json!({"zone": "y"}),
+                    json!([{"key": "dedicated", "value": "ml", "effect": "NoSchedule"}]),
+                    "4",
+                ),
+                node("c", json!({"zone": "y"}), json!([]), "500m"),
+            ],
+            &mut HashMap::new(),
+        );
         let usage = HashMap::new();
         let c = |cpu: &str| json!({"name": "c", "resources": {"requests": {"cpu": cpu}}});
         // Selector: only zone y; b is tainted, so c.
