@@ -1,5 +1,5 @@
 //! Prometheus metrics on `/metrics`: requests by verb, resource and code; open watches; the store's
-//! revision.
+//! revision; commits and the WAL fsyncs that made them durable (group commit shares one among many).
 
 use std::sync::Arc;
 
@@ -17,6 +17,8 @@ pub struct Metrics {
     /// Open watch streams.
     pub watchers: Gauge,
     revision: Gauge,
+    commits: Counter,
+    fsyncs: Counter,
 }
 
 impl Default for Metrics {
@@ -25,6 +27,18 @@ impl Default for Metrics {
         let requests = Family::<Vec<(String, String)>, Counter>::default();
         let watchers = Gauge::default();
         let revision = Gauge::default();
+        let commits = Counter::default();
+        let fsyncs = Counter::default();
+        registry.register(
+            "sedge_apiserver_store_commits",
+            "Writes committed to the store since start",
+            commits.clone(),
+        );
+        registry.register(
+            "sedge_apiserver_store_fsyncs",
+            "fsyncs of the store's WAL since start; each makes every commit before it durable",
+            fsyncs.clone(),
+        );
         registry.register(
             "sedge_apiserver_requests",
             "API requests by method, resource and HTTP code",
@@ -45,6 +59,8 @@ impl Default for Metrics {
             requests,
             watchers,
             revision,
+            commits,
+            fsyncs,
         }
     }
 }
@@ -62,8 +78,15 @@ impl Metrics {
     }
 
     /// OpenMetrics text.
-    pub fn render(&self, revision: i64) -> String {
-        self.revision.set(revision);
+    pub fn render(&self, store: &crate::store::Store) -> String {
+        self.revision.set(store.current_rev());
+        let (commits, fsyncs) = store.commit_stats();
+        self.commits
+            .inner()
+            .store(commits, std::sync::atomic::Ordering::Relaxed);
+        self.fsyncs
+            .inner()
+            .store(fsyncs, std::sync::atomic::Ordering::Relaxed);
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
