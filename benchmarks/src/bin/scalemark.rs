@@ -130,19 +130,24 @@ fn hollow_config(f: &FleetArgs, node: &str) -> Result<sedge_edgecore::config::Ed
 /// Joins (unless it did before) and starts the fleet's nodes, then runs until killed.
 async fn fleet(f: FleetArgs) -> Result<()> {
     let names: Vec<String> = (f.from..f.from + f.count).map(node_name).collect();
-    // Joins: the hub admits 20 certificate requests a second; a refused one waits and retries.
-    let joined = futures::stream::iter(names.iter().cloned())
+    // Each node starts as soon as it has joined, so one node's trouble holds back no other.
+    // The hub admits 20 certificate requests a second: one refused for the rate waits and
+    // retries; one refused for good (a name that joined before but whose identity is gone from
+    // `--dir`, a spent token) ends the fleet with the hub's reason.
+    let cores = futures::stream::iter(names.iter().cloned())
         .map(|node| {
             let f = f.clone();
             async move {
                 let cfg = hollow_config(&f, &node)?;
-                if sedge_tunnel::edge::Identity::load(&cfg.tunnel.data_dir).is_ok() {
-                    return Ok::<_, anyhow::Error>(());
-                }
                 let mut tries = 0;
-                loop {
+                while sedge_tunnel::edge::Identity::load(&cfg.tunnel.data_dir).is_err() {
                     match sedge_tunnel::join(&cfg.tunnel, &f.token).await {
-                        Ok(_) => return Ok(()),
+                        Ok(_) => break,
+                        Err(e) if ["(401", "(403", "(409"].iter().any(|c| e.to_string().contains(c)) => {
+                            return Err(anyhow::Error::new(e).context(format!(
+                                "joining {node}: refused for good (delete --dir to start the fleet over)"
+                            )));
+                        }
                         Err(e) if tries < 600 => {
                             tries += 1;
                             tracing::debug!(%node, error = %e, "join refused; retrying");
@@ -154,21 +159,14 @@ async fn fleet(f: FleetArgs) -> Result<()> {
                         Err(e) => return Err(e).with_context(|| format!("joining {node}")),
                     }
                 }
+                sedge_edgecore::EdgeCore::start(cfg, Vec::new())
+                    .await
+                    .with_context(|| format!("starting {node}"))
             }
         })
         .buffer_unordered(8)
-        .try_collect::<Vec<()>>();
-    joined.await?;
-    println!("joined {}", names.len());
-    let mut cores = Vec::with_capacity(names.len());
-    for node in &names {
-        let cfg = hollow_config(&f, node)?;
-        cores.push(
-            sedge_edgecore::EdgeCore::start(cfg, Vec::new())
-                .await
-                .with_context(|| format!("starting {node}"))?,
-        );
-    }
+        .try_collect::<Vec<_>>()
+        .await?;
     println!("started {}", cores.len());
     std::future::pending::<()>().await;
     Ok(())
@@ -374,6 +372,41 @@ fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
+/// The API server's store counters from its `/metrics` (through kubectl): writes committed and
+/// WAL fsyncs; zeros without kubectl.
+fn store_counts(kubeconfig: &Path) -> (f64, f64) {
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["get", "--raw", "/metrics"])
+        .output();
+    let text = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => return (0.0, 0.0),
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("sedge_apiserver_store_commits_total"),
+        value("sedge_apiserver_store_fsyncs_total"),
+    )
+}
+
+/// "N commits per fsync" between two [`store_counts`].
+fn per_fsync(before: (f64, f64), after: (f64, f64)) -> String {
+    let (commits, syncs) = (after.0 - before.0, after.1 - before.1);
+    format!(
+        "{:.0} commits, {:.0} fsyncs: {:.1} commits per fsync",
+        commits,
+        syncs,
+        commits / syncs.max(1.0)
+    )
+}
+
 /// Median seconds of `kubectl ARGS` (3 runs) and the lines it printed; `None` without kubectl.
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> Option<(f64, usize)> {
     let mut times = Vec::new();
@@ -534,6 +567,20 @@ async fn main() -> Result<()> {
                 );
             }
         }
+        for (k, fleet) in fleets.0.iter_mut().enumerate() {
+            if let Some(status) = fleet.try_wait()? {
+                let log = dir.join(format!("fleet-{k}.log"));
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                bail!(
+                    "fleet {k} (its nodes: {}) exited ({status}) with {registered} of {} nodes registered; {}:\n{}",
+                    node_name(k * per),
+                    a.nodes,
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
         if ready_n == a.nodes {
             all_ready = Some(t_nodes.elapsed());
         } else if t_nodes.elapsed() > limit {
@@ -557,6 +604,8 @@ async fn main() -> Result<()> {
 
     // 3. Steady heartbeats.
     let sampler = Sampler::start(cloud.pid());
+    let kc = cloud.kubeconfig();
+    let store0 = store_counts(&kc);
     let (rv0, cpu0, w0) = (
         revision(&client).await?,
         cpu_seconds(Some(cloud.pid())),
@@ -576,6 +625,10 @@ async fn main() -> Result<()> {
             dt,
             rss_kib(Some(cloud.pid())) as f64 / 1024.0,
         ),
+    );
+    t.row(
+        "  API server store during those heartbeats (group commit)",
+        per_fsync(store0, store_counts(&kc)),
     );
     let mut loaded = write_latency(&client, "loaded", 30).await?;
     let (p_idle, p_loaded) = (pct(&mut idle, 0.5), pct(&mut loaded, 0.5));
@@ -631,6 +684,7 @@ async fn main() -> Result<()> {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let created: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let store0 = store_counts(&kc);
     let (rv0, cpu0, t_pods) = (
         revision(&client).await?,
         cpu_seconds(Some(cloud.pid())),
@@ -740,6 +794,10 @@ async fn main() -> Result<()> {
         "while creating: API writes/s, cloud CPU, cloud peak RSS",
         load(rv1 - rv0, cpu1 - cpu0, all_s, sampler.peak_mib()),
     );
+    t.row(
+        "  API server store while creating (group commit)",
+        per_fsync(store0, store_counts(&kc)),
+    );
     if !a.bind {
         let m = |name| cloud.metric(name);
         let (passes, bound, conflicts) = (
@@ -760,7 +818,6 @@ async fn main() -> Result<()> {
     }
 
     // 5. Reading it back at that size.
-    let kc = cloud.kubeconfig();
     match (
         kubectl(&kc, &["get", "nodes"]),
         kubectl(&kc, &["get", "pods", "-A"]),
