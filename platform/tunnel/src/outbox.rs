@@ -9,6 +9,12 @@
 //!   entries are dropped first. If only `LatestWins` entries remain, the oldest of those go.
 //!
 //! Every drop is counted and logged.
+//!
+//! The outbox holds a few kilobytes but is written on every report (a push and, once acked, a
+//! delete): SQLite's default WAL of 1,000 pages would make it a 4 MiB file that each commit
+//! appends to for a thousand commits before rewinding, on every node (flash wear on a device; on a
+//! machine running thousands of hollow agents, gigabytes of page cache written back). The WAL is
+//! checkpointed every [`WAL_PAGES`] pages instead and cut back to that size.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -41,6 +47,9 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
+/// WAL pages between checkpoints; the WAL file is truncated to this size after one.
+pub const WAL_PAGES: u32 = 64;
+
 fn err(e: rusqlite::Error) -> TunnelError {
     TunnelError::Store(format!("outbox: {e}"))
 }
@@ -57,6 +66,13 @@ impl Outbox {
              CREATE INDEX IF NOT EXISTS outbox_key ON outbox (key, latest);",
         )
         .map_err(err)?;
+        db.pragma_update(None, "wal_autocheckpoint", WAL_PAGES)
+            .map_err(err)?;
+        let page: i64 = db
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(err)?;
+        db.pragma_update(None, "journal_size_limit", page * i64::from(WAL_PAGES))
+            .map_err(err)?;
         Ok(Outbox {
             db: Mutex::new(db),
             capacity: capacity.max(1),
@@ -170,6 +186,32 @@ mod tests {
 
     fn status(key: &str, v: &str) -> Message {
         Message::new("resource", op::UPDATE, key, v.to_string())
+    }
+
+    #[test]
+    fn the_wal_stays_small_however_many_reports_pass_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let ob = Outbox::open(&path, 100).unwrap();
+        let wal = dir.path().join("outbox.db-wal");
+        let mut largest = 0;
+        // A node's Lease and status reports for a few hours: pushed, then acked.
+        for i in 0..3000 {
+            let m = status(
+                &format!("kube-node-lease/lease/n{}", i % 3),
+                &"x".repeat(300),
+            );
+            ob.push(&m, Policy::LatestWins).unwrap();
+            ob.remove(&m.id).unwrap();
+            largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        }
+        assert!(ob.is_empty().unwrap());
+        // SQLite's default would let it reach 1,000 pages (4 MiB).
+        let bound = 4096 * (u64::from(WAL_PAGES) + 16);
+        assert!(
+            largest > 0 && largest <= bound,
+            "WAL reached {largest} bytes (bound {bound})"
+        );
     }
 
     #[test]
