@@ -584,6 +584,18 @@ async fn main() -> Result<()> {
         if ready_n == a.nodes {
             all_ready = Some(t_nodes.elapsed());
         } else if t_nodes.elapsed() > limit {
+            let (commits, fsyncs) = store_counts(&cloud.kubeconfig());
+            let m = |name| cloud.metric(name);
+            println!(
+                "  at the limit: heartbeats written {:.0}, replaced while waiting {:.0}, waiting now {:.0}; API store {commits:.0} commits, {fsyncs:.0} fsyncs",
+                m("sedge_cloudcore_heartbeats_written_total")
+                    .await
+                    .unwrap_or(0.0),
+                m("sedge_cloudcore_heartbeats_replaced_total")
+                    .await
+                    .unwrap_or(0.0),
+                m("sedge_cloudcore_heartbeats_pending").await.unwrap_or(0.0),
+            );
             bail!(
                 "{registered} of {} nodes registered, {ready_n} Ready after {limit:?}",
                 a.nodes
@@ -629,6 +641,20 @@ async fn main() -> Result<()> {
     t.row(
         "  API server store during those heartbeats (group commit)",
         per_fsync(store0, store_counts(&kc)),
+    );
+    t.row(
+        "  heartbeats written / replaced by a newer one while waiting (since start)",
+        format!(
+            "{:.0} / {:.0}",
+            cloud
+                .metric("sedge_cloudcore_heartbeats_written_total")
+                .await
+                .unwrap_or(0.0),
+            cloud
+                .metric("sedge_cloudcore_heartbeats_replaced_total")
+                .await
+                .unwrap_or(0.0)
+        ),
     );
     let mut loaded = write_latency(&client, "loaded", 30).await?;
     let (p_idle, p_loaded) = (pct(&mut idle, 0.5), pct(&mut loaded, 0.5));

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -118,6 +119,72 @@ pub struct Cache {
     pub changed: Arc<Notify>,
     /// The embedded scheduler's counters (zero where it does not run).
     pub scheduling: Arc<crate::scheduler::Stats>,
+    /// Heartbeats written to the API and those a newer one replaced before their turn.
+    pub heartbeats: Arc<Heartbeats>,
+}
+
+/// Node heartbeats (Lease renewals and node status) waiting for their turn to be written. Each
+/// carries the node's whole state, so when a newer one from the same node arrives while an older
+/// one waits, the older is acknowledged without being written: under a backlog the API gets one
+/// write per node, not every heartbeat the node sent meanwhile.
+#[derive(Debug, Default)]
+pub struct Heartbeats {
+    /// Per (node, kind): the ticket of the newest heartbeat that arrived.
+    newest: Mutex<HashMap<(String, String), u64>>,
+    next: AtomicU64,
+    /// Heartbeats written.
+    pub written: AtomicU64,
+    /// Heartbeats acknowledged unwritten because a newer one from the node had arrived.
+    pub replaced: AtomicU64,
+}
+
+/// A heartbeat's place in [`Heartbeats`]; it leaves when dropped.
+struct Ticket<'a> {
+    beats: &'a Heartbeats,
+    key: (String, String),
+    n: u64,
+}
+
+impl Heartbeats {
+    fn arrive(&self, node: &str, kind: &str) -> Ticket<'_> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let key = (node.to_string(), kind.to_string());
+        self.newest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), n);
+        Ticket {
+            beats: self,
+            key,
+            n,
+        }
+    }
+
+    /// Heartbeats waiting or being written now.
+    pub fn pending(&self) -> usize {
+        self.newest.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Ticket<'_> {
+    /// Whether a newer heartbeat of the same node and kind arrived after this one.
+    fn replaced(&self) -> bool {
+        self.beats
+            .newest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.key)
+            .is_some_and(|&newest| newest != self.n)
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut newest = self.beats.newest.lock().unwrap_or_else(|p| p.into_inner());
+        if newest.get(&self.key) == Some(&self.n) {
+            newest.remove(&self.key);
+        }
+    }
 }
 
 /// Where a device is and which version of its spec the nodes get: the resourceVersion at its
@@ -448,6 +515,7 @@ impl Cache {
                 dirty,
                 changed,
                 scheduling: Arc::default(),
+                heartbeats: Arc::default(),
             },
             tasks,
         )
@@ -918,9 +986,19 @@ impl Upstream {
                 return Ok(None);
             }
         };
+        let beats = &self.cache.heartbeats;
+        let ticket = matches!(key.kind.as_str(), kind::NODE_STATUS | kind::LEASE)
+            .then(|| beats.arrive(&i.node, &key.kind));
         let Ok(_turn) = self.in_flight.acquire().await else {
             return Err("the cloud core is stopping".into());
         };
+        if let Some(t) = &ticket {
+            if t.replaced() {
+                beats.replaced.fetch_add(1, Ordering::Relaxed);
+                return Ok(None);
+            }
+            beats.written.fetch_add(1, Ordering::Relaxed);
+        }
         match key.kind.as_str() {
             kind::NODE => settle("register node", self.register(&i.node, body).await),
             kind::NODE_STATUS => settle("node status", self.node_status(&i.node, body).await),
@@ -1167,6 +1245,7 @@ mod tests {
             dirty: Arc::default(),
             changed: Arc::default(),
             scheduling: Arc::default(),
+            heartbeats: Arc::default(),
         }
     }
 
@@ -1265,6 +1344,29 @@ mod tests {
         let e =
             sedge_tunnel::hub::authorize("edge-1", &report("ghost"), Some(&lookup)).unwrap_err();
         assert!(e.contains("no such object"), "{e}");
+    }
+
+    #[test]
+    fn a_newer_heartbeat_replaces_the_one_still_waiting_from_the_same_node() {
+        let beats = Heartbeats::default();
+        let first = beats.arrive("n1", kind::LEASE);
+        let other_kind = beats.arrive("n1", kind::NODE_STATUS);
+        let other_node = beats.arrive("n2", kind::LEASE);
+        assert!(!first.replaced());
+        let second = beats.arrive("n1", kind::LEASE);
+        // Only the same node's same kind of heartbeat is replaced.
+        assert!(first.replaced());
+        assert!(!second.replaced() && !other_kind.replaced() && !other_node.replaced());
+        assert_eq!(beats.pending(), 3);
+        // The replaced one leaving does not forget the newer one.
+        drop(first);
+        assert_eq!(beats.pending(), 3);
+        assert!(!second.replaced());
+        drop((second, other_kind, other_node));
+        assert_eq!(beats.pending(), 0);
+        // A heartbeat after the last one was written is nobody's replacement.
+        let third = beats.arrive("n1", kind::LEASE);
+        assert!(!third.replaced());
     }
 
     #[test]

@@ -211,6 +211,22 @@ pub fn render_metrics(hub: &Hub, cache: &Cache, e: &mut sedge_serve::Exposition)
         "Bindings refused because the pod was already bound",
         get(&s.conflicts),
     );
+    let h = &cache.heartbeats;
+    e.counter(
+        "cloudcore_heartbeats_written",
+        "Node Lease renewals and status reports written to the API",
+        get(&h.written),
+    )
+    .counter(
+        "cloudcore_heartbeats_replaced",
+        "Heartbeats acknowledged unwritten: a newer one from the same node arrived while they waited",
+        get(&h.replaced),
+    )
+    .gauge(
+        "cloudcore_heartbeats_pending",
+        "Nodes with a heartbeat waiting for its turn or being written",
+        h.pending() as i64,
+    );
 }
 
 impl std::fmt::Debug for CloudCore {
