@@ -89,15 +89,11 @@ pub fn sweep_now(core: &Core) -> ApiResult<()> {
             owner_gone(core, &owner)?;
         }
     }
-    for t in core.registry.snapshot().types() {
-        for obj in core
-            .store
-            .list(&t.storage_key(), None, None, None, None)?
-            .items
-        {
-            if obj["metadata"]["deletionTimestamp"].is_string() {
-                deleting(core, &t.storage_key(), &obj)?;
-            }
+    // Only objects whose JSON holds the key are read and parsed: listing every object of every
+    // type each sweep was a quarter of the cloud's CPU at 10,000 heartbeating nodes.
+    for (res, obj) in core.store.containing("\"deletionTimestamp\"")? {
+        if obj["metadata"]["deletionTimestamp"].is_string() && rt_for(core, &res).is_some() {
+            deleting(core, &res, &obj)?;
         }
     }
     Ok(())

@@ -395,6 +395,32 @@ impl Store {
         })
     }
 
+    /// Every stored object whose JSON contains `needle` (a byte search inside SQLite, so objects
+    /// without it are neither copied out nor parsed): (resource key, object). Callers check the
+    /// field they look for: the bytes may also appear in a value.
+    pub fn containing(&self, needle: &str) -> Result<Vec<(String, Value)>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT res, ns, name, value FROM objects WHERE instr(value, ?1) > 0",
+            )?;
+            let rows = stmt.query_map([needle.as_bytes()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (res, ns, name, bytes) = row?;
+                let v = parse(|| format!("{res}/{ns}/{name}"), &bytes)?;
+                out.push((res, v));
+            }
+            Ok(out)
+        })
+    }
+
     /// Lists objects of a resource in (namespace, name) order, optionally in one namespace, after a
     /// cursor, at most `limit`, as of revision `at` (default: now). A past revision is answered from
     /// the history; one older than the retained history is [`StoreError::Compacted`].
@@ -870,6 +896,29 @@ mod tests {
         assert_eq!(s.commit_stats(), (8, 1), "one fsync covers all eight");
         let seen: Vec<i64> = std::iter::from_fn(|| rx.try_recv().ok().map(|e| e.rev)).collect();
         assert_eq!(seen, (1..=8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn containing_finds_only_objects_with_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 100);
+        for (name, meta) in [
+            ("plain", json!({"name": "plain"})),
+            (
+                "going",
+                json!({"name": "going", "deletionTimestamp": "2026-12-03T00:00:00Z"}),
+            ),
+        ] {
+            s.modify::<StoreError>("/pods", "a", name, |_, _| {
+                Ok(Change::Put(json!({"metadata": meta})))
+            })
+            .unwrap();
+        }
+        let found = s.containing("\"deletionTimestamp\"").unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, "/pods");
+        assert_eq!(found[0].1["metadata"]["name"], "going");
+        assert!(s.containing("nowhere").unwrap().is_empty());
     }
 
     #[test]
