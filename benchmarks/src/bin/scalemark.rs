@@ -31,7 +31,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use sedge_benchmarks::nodes::pct;
@@ -581,7 +581,13 @@ async fn main() -> Result<()> {
                 );
             }
         }
-        if ready_n == a.nodes {
+        // With a --dir kept from an earlier run, the Nodes are still Ready from then: only
+        // every node connected to this cloud counts.
+        let connected = cloud
+            .metric("sedge_hub_nodes_connected")
+            .await
+            .unwrap_or(0.0);
+        if ready_n == a.nodes && connected >= a.nodes as f64 {
             all_ready = Some(t_nodes.elapsed());
         } else if t_nodes.elapsed() > limit {
             let (commits, fsyncs) = store_counts(&cloud.kubeconfig());
@@ -678,7 +684,20 @@ async fn main() -> Result<()> {
 
     // 4. Pods at a fixed rate.
     let total = a.nodes * a.pods_per_node;
-    let pods = Api::<Pod>::namespaced(client.clone(), "default");
+    // A namespace of its own: a --dir kept from an earlier run still holds that run's pods.
+    let ns = format!(
+        "scale-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
+        .await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     let running: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
     let bound: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
     let (seen, seen_bound) = (running.clone(), bound.clone());
