@@ -232,17 +232,25 @@ impl Cloud {
         }
     }
 
-    /// One value of the cloud's `/metrics`.
-    async fn metric(&self, name: &str) -> Option<f64> {
-        let body = reqwest::get(format!("http://{}/metrics", self.metrics))
+    /// The cloud's `/metrics` page.
+    async fn metrics_text(&self) -> Option<String> {
+        reqwest::get(format!("http://{}/metrics", self.metrics))
             .await
             .ok()?
             .text()
             .await
-            .ok()?;
-        body.lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .ok()
+    }
+
+    /// One value of the cloud's `/metrics`.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        metric_value(&self.metrics_text().await?, name)
+    }
+
+    /// Several values of the cloud's `/metrics`, from one read of it (0 for a missing one).
+    async fn metrics<const N: usize>(&self, names: [&str; N]) -> [f64; N] {
+        let text = self.metrics_text().await.unwrap_or_default();
+        names.map(|name| metric_value(&text, name).unwrap_or(0.0))
     }
 
     fn kill(&mut self) {
@@ -372,6 +380,13 @@ fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
+/// The value of `name` in a Prometheus text page.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
 /// The API server's store counters from its `/metrics` (through kubectl): writes committed and
 /// WAL fsyncs; zeros without kubectl.
 fn store_counts(kubeconfig: &Path) -> (f64, f64) {
@@ -384,12 +399,7 @@ fn store_counts(kubeconfig: &Path) -> (f64, f64) {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
         _ => return (0.0, 0.0),
     };
-    let value = |name: &str| {
-        text.lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let value = |name| metric_value(&text, name).unwrap_or(0.0);
     (
         value("sedge_apiserver_store_commits_total"),
         value("sedge_apiserver_store_fsyncs_total"),
@@ -591,16 +601,15 @@ async fn main() -> Result<()> {
             all_ready = Some(t_nodes.elapsed());
         } else if t_nodes.elapsed() > limit {
             let (commits, fsyncs) = store_counts(&cloud.kubeconfig());
-            let m = |name| cloud.metric(name);
+            let [written, replaced, waiting] = cloud
+                .metrics([
+                    "sedge_cloudcore_heartbeats_written_total",
+                    "sedge_cloudcore_heartbeats_replaced_total",
+                    "sedge_cloudcore_heartbeats_pending",
+                ])
+                .await;
             println!(
-                "  at the limit: heartbeats written {:.0}, replaced while waiting {:.0}, waiting now {:.0}; API store {commits:.0} commits, {fsyncs:.0} fsyncs",
-                m("sedge_cloudcore_heartbeats_written_total")
-                    .await
-                    .unwrap_or(0.0),
-                m("sedge_cloudcore_heartbeats_replaced_total")
-                    .await
-                    .unwrap_or(0.0),
-                m("sedge_cloudcore_heartbeats_pending").await.unwrap_or(0.0),
+                "  at the limit: heartbeats written {written:.0}, replaced while waiting {replaced:.0}, waiting now {waiting:.0}; API store {commits:.0} commits, {fsyncs:.0} fsyncs",
             );
             bail!(
                 "{registered} of {} nodes registered, {ready_n} Ready after {limit:?}",
@@ -648,19 +657,15 @@ async fn main() -> Result<()> {
         "  API server store during those heartbeats (group commit)",
         per_fsync(store0, store_counts(&kc)),
     );
+    let [written, replaced] = cloud
+        .metrics([
+            "sedge_cloudcore_heartbeats_written_total",
+            "sedge_cloudcore_heartbeats_replaced_total",
+        ])
+        .await;
     t.row(
         "  heartbeats written / replaced by a newer one while waiting (since start)",
-        format!(
-            "{:.0} / {:.0}",
-            cloud
-                .metric("sedge_cloudcore_heartbeats_written_total")
-                .await
-                .unwrap_or(0.0),
-            cloud
-                .metric("sedge_cloudcore_heartbeats_replaced_total")
-                .await
-                .unwrap_or(0.0)
-        ),
+        format!("{written:.0} / {replaced:.0}"),
     );
     let mut loaded = write_latency(&client, "loaded", 30).await?;
     let (p_idle, p_loaded) = (pct(&mut idle, 0.5), pct(&mut loaded, 0.5));
@@ -844,18 +849,13 @@ async fn main() -> Result<()> {
         per_fsync(store0, store_counts(&kc)),
     );
     if !a.bind {
-        let m = |name| cloud.metric(name);
-        let (passes, bound, conflicts) = (
-            m("sedge_cloudcore_scheduler_passes_total")
-                .await
-                .unwrap_or(0.0),
-            m("sedge_cloudcore_scheduler_bindings_total")
-                .await
-                .unwrap_or(0.0),
-            m("sedge_cloudcore_scheduler_binding_conflicts_total")
-                .await
-                .unwrap_or(0.0),
-        );
+        let [passes, bound, conflicts] = cloud
+            .metrics([
+                "sedge_cloudcore_scheduler_passes_total",
+                "sedge_cloudcore_scheduler_bindings_total",
+                "sedge_cloudcore_scheduler_binding_conflicts_total",
+            ])
+            .await;
         t.row(
             "scheduler: passes with pods to place, bindings, refused as bound already",
             format!("{passes:.0}, {bound:.0}, {conflicts:.0}"),

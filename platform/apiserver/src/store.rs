@@ -174,9 +174,9 @@ const MAX_READERS: usize = 8;
 /// Group commit state: what has been committed but is not yet known to be on disk.
 #[derive(Debug)]
 struct Flush {
-    /// The WAL file, fsynced to make commits durable (`None` with [`Durability::Normal`]).
+    /// The WAL file (`<db>-wal`), fsynced to make commits durable (`None` with
+    /// [`Durability::Normal`]).
     wal: Option<std::fs::File>,
-    wal_path: PathBuf,
     /// Committed events not yet broadcast, in revision order (pushed under the writer lock).
     pending: Mutex<VecDeque<Arc<Event>>>,
     /// Held by the one thread that is syncing and broadcasting what its sync covered.
@@ -295,7 +295,6 @@ impl Store {
             writer: Mutex::new(conn),
             flush: Flush {
                 wal,
-                wal_path,
                 pending: Mutex::new(VecDeque::new()),
                 syncing: Mutex::new(()),
                 durable: AtomicI64::new(rev),
@@ -703,7 +702,7 @@ impl Store {
         let upto = self.rev.load(Ordering::SeqCst);
         if let Some(wal) = &flush.wal {
             wal.sync_data().map_err(|source| StoreError::Io {
-                path: flush.wal_path.clone(),
+                path: PathBuf::from(format!("{}-wal", self.path.display())),
                 source,
             })?;
             flush.syncs.fetch_add(1, Ordering::Relaxed);
@@ -773,10 +772,14 @@ mod tests {
     use serde_json::json;
 
     fn store(dir: &Path, history: u64) -> Store {
+        store_with(dir, history, Durability::Normal)
+    }
+
+    fn store_with(dir: &Path, history: u64, durability: Durability) -> Store {
         Store::open(&StoreConfig {
             path: dir.join("db.sqlite"),
             history,
-            durability: Durability::Normal,
+            durability,
         })
         .unwrap()
     }
@@ -815,14 +818,7 @@ mod tests {
     #[test]
     fn concurrent_writers_share_fsyncs_and_watchers_see_every_revision_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(
-            Store::open(&StoreConfig {
-                path: dir.path().join("db.sqlite"),
-                history: 10_000,
-                durability: Durability::Full,
-            })
-            .unwrap(),
-        );
+        let s = Arc::new(store_with(dir.path(), 10_000, Durability::Full));
         let mut rx = s.subscribe();
         const THREADS: usize = 16;
         const EACH: usize = 50;
@@ -865,14 +861,7 @@ mod tests {
     #[test]
     fn writes_committed_during_an_fsync_share_the_next_one() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(
-            Store::open(&StoreConfig {
-                path: dir.path().join("db.sqlite"),
-                history: 100,
-                durability: Durability::Full,
-            })
-            .unwrap(),
-        );
+        let s = Arc::new(store_with(dir.path(), 100, Durability::Full));
         let mut rx = s.subscribe();
         // Stand in for a long fsync: hold the sync slot while eight writers commit.
         let slot = s.flush.syncing.lock().unwrap();
