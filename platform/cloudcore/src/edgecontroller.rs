@@ -19,6 +19,8 @@ use sedge_api::{
 };
 use sedge_devices::{Device, DeviceModel};
 use sedge_tunnel::{Handler, Hub, Incoming, LinkEvent, Message, OwnerLookup, op};
+
+use crate::ownership::{Ownership, SERVED_BY};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -121,6 +123,9 @@ pub struct Cache {
     pub scheduling: Arc<crate::scheduler::Stats>,
     /// Heartbeats written to the API and those a newer one replaced before their turn.
     pub heartbeats: Arc<Heartbeats>,
+    /// This core's claims on nodes and its hub, once started: every node Lease the informer
+    /// sees is checked against them (see [`crate::ownership`]).
+    pub served: Arc<std::sync::OnceLock<(Arc<Ownership>, Arc<Hub>)>>,
 }
 
 /// Node heartbeats (Lease renewals and node status) waiting for their turn to be written. Each
@@ -265,6 +270,26 @@ where
         }
     });
     (store, task)
+}
+
+/// Closes this core's session with the Lease's node when another core claimed the node after it.
+fn yield_if_claimed(own: &Ownership, hub: &Hub, lease: &Lease, deleted: bool) {
+    let node = lease.name_any();
+    if deleted {
+        own.forget(&node);
+        return;
+    }
+    let owner = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SERVED_BY));
+    let rv = lease.metadata.resource_version.as_deref().unwrap_or("");
+    if let Some(session) = own.observe(&node, owner.map(String::as_str), rv, hub.session_id(&node))
+    {
+        tracing::warn!(%node, to = ?owner, "another cloud core claimed the node; closing this core's session with it");
+        hub.close_session(&node, session);
+    }
 }
 
 fn event_object<K>(ev: &watcher::Event<K>) -> Option<&K> {
@@ -445,10 +470,16 @@ impl Cache {
             },
         );
         tasks.push(t);
+        let served: Arc<std::sync::OnceLock<(Arc<Ownership>, Arc<Hub>)>> = Arc::default();
+        let s = served.clone();
         let (leases, t) = reflect(
             Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
             None,
-            |_| {},
+            move |ev| {
+                if let (Some(l), Some((own, hub))) = (event_object(ev), s.get()) {
+                    yield_if_claimed(own, hub, l, matches!(ev, watcher::Event::Delete(_)));
+                }
+            },
         );
         tasks.push(t);
 
@@ -516,6 +547,7 @@ impl Cache {
                 changed,
                 scheduling: Arc::default(),
                 heartbeats: Arc::default(),
+                served,
             },
             tasks,
         )
@@ -898,6 +930,8 @@ pub struct Upstream {
     /// client open a connection per report in flight: with `sedge cloud --embedded` both ends
     /// are this process, and it ran out of file descriptors (20,000) beside the nodes' own.
     in_flight: tokio::sync::Semaphore,
+    /// Which nodes this core has claimed (see [`crate::ownership`]).
+    pub ownership: Arc<Ownership>,
 }
 
 /// At most this many reports are written to the API at once; the rest wait their turn.
@@ -925,6 +959,7 @@ impl Upstream {
         cache: Cache,
         modules: HashMap<String, Arc<dyn crate::CloudModule>>,
         streams: sedge_tunnel::stream::Streams,
+        ownership: Arc<Ownership>,
     ) -> Upstream {
         Upstream {
             client,
@@ -933,6 +968,7 @@ impl Upstream {
             streams,
             hub: std::sync::OnceLock::new(),
             in_flight: tokio::sync::Semaphore::new(REPORTS_IN_FLIGHT),
+            ownership,
         }
     }
 
@@ -1123,6 +1159,16 @@ impl Upstream {
             "leaseDurationSeconds": r.duration_seconds,
             "renewTime": r.renew_time,
         });
+        // The first renewal of a session claims the node for this core.
+        let claim = self
+            .hub
+            .get()
+            .and_then(|h| h.session_id(node))
+            .filter(|&s| self.ownership.must_claim(node, s));
+        let mut patch = json!({ "spec": spec });
+        if claim.is_some() {
+            patch["metadata"] = json!({"annotations": {SERVED_BY: self.ownership.me()}});
+        }
         // Never move a lease backwards (an old heartbeat flushed from the outbox on reconnect).
         if let Some(cur) = self
             .cache
@@ -1134,25 +1180,26 @@ impl Upstream {
         {
             return Ok(());
         }
-        let patched = api
-            .patch(
-                node,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "spec": spec })),
-            )
-            .await;
-        match patched {
+        let written = match api
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 let lease: Lease = serde_json::from_value(json!({
                     "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": node, "namespace": "kube-node-lease"},
+                    "metadata": {"name": node, "namespace": "kube-node-lease",
+                                 "annotations": {SERVED_BY: self.ownership.me()}},
                     "spec": spec,
                 }))
                 .map_err(kube::Error::SerdeError)?;
-                api.create(&PostParams::default(), &lease).await.map(drop)
+                api.create(&PostParams::default(), &lease).await?
             }
-            other => other.map(drop),
+            other => other?,
+        };
+        if let (Some(session), Some(rv)) = (claim, written.metadata.resource_version) {
+            self.ownership.claimed(node, session, rv);
         }
+        Ok(())
     }
 
     fn current(&self, key: &Key, uid: &str) -> Option<Arc<Pod>> {
@@ -1246,6 +1293,7 @@ mod tests {
             changed: Arc::default(),
             scheduling: Arc::default(),
             heartbeats: Arc::default(),
+            served: Arc::default(),
         }
     }
 

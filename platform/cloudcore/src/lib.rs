@@ -20,6 +20,7 @@ pub mod edgecontroller;
 pub mod exec;
 pub mod leader;
 pub mod lifecycle;
+pub mod ownership;
 pub use sedge_api::quantity;
 pub mod scheduler;
 pub mod services;
@@ -227,6 +228,18 @@ pub fn render_metrics(hub: &Hub, cache: &Cache, e: &mut sedge_serve::Exposition)
         "Nodes with a heartbeat waiting for its turn or being written",
         h.pending() as i64,
     );
+    if let Some((own, _)) = cache.served.get() {
+        e.counter(
+            "cloudcore_node_claims",
+            "Nodes this core claimed (the first Lease renewal of each session names it)",
+            get(&own.claims),
+        )
+        .counter(
+            "cloudcore_nodes_yielded",
+            "Sessions this core closed because another cloud core claimed the node after it",
+            get(&own.yielded),
+        );
+    }
 }
 
 impl std::fmt::Debug for CloudCore {
@@ -280,6 +293,7 @@ impl CloudCore {
             cache.clone(),
             groups.clone(),
             streams.clone(),
+            Arc::new(ownership::Ownership::new(cfg.leader.identity())),
         ));
         let hub = Hub::start(
             cfg.hub.clone(),
@@ -291,6 +305,7 @@ impl CloudCore {
         .await?;
         let hub = Arc::new(hub);
         let _ = upstream.hub.set(hub.clone());
+        let _ = cache.served.set((upstream.ownership.clone(), hub.clone()));
         for m in groups.values() {
             m.start(CloudModuleContext {
                 client: client.clone(),

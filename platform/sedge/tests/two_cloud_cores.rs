@@ -47,6 +47,43 @@ fn on_node(core: &EdgeCore) -> Option<u64> {
     v["data"]["n"].as_str()?.parse().ok()
 }
 
+/// The cloud core the node's Lease says serves it.
+async fn served_by(node_leases: &Api<Lease>, node: &str) -> Option<String> {
+    node_leases
+        .get_opt(node)
+        .await
+        .ok()??
+        .metadata
+        .annotations?
+        .remove(sedge_cloudcore::ownership::SERVED_BY)
+}
+
+/// Waits until the API says `core` serves each of `nodes`.
+async fn wait_served_by(node_leases: &Api<Lease>, nodes: &[&str], core: &str) {
+    for n in nodes {
+        sedge_testkit::wait::until_async(
+            &format!("{n}'s Lease names {core}"),
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || async { (served_by(node_leases, n).await.as_deref() == Some(core)).then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// Waits until the core's (claims, sessions yielded) counters are `want`.
+async fn counted(core: &CloudCore, want: (u64, u64)) {
+    let (own, _) = core.cache.served.get().expect("started");
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    sedge_testkit::wait::until_async(
+        &format!("(claims, yielded) = {want:?}"),
+        Duration::from_secs(5),
+        Duration::from_millis(10),
+        || async { ((get(&own.claims), get(&own.yielded)) == want).then_some(()) },
+    )
+    .await;
+}
+
 async fn holder(leases: &Api<Lease>) -> Option<String> {
     leases
         .get_opt("sedge-cloudcore-controllers")
@@ -104,6 +141,9 @@ async fn nodes_and_singleton_controllers_move_to_the_surviving_cloud_core() {
     )
     .await;
     assert!(a.is_leading() && !b.is_leading(), "one leader: core-a");
+    // The API says which core serves each node.
+    let node_leases = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
+    wait_served_by(&node_leases, &["edge-1", "edge-2"], "core-a").await;
 
     // A config map the pods reference, so it goes to both nodes; updated every 50 ms from here on.
     let cms = Api::<ConfigMap>::namespaced(client.clone(), "default");
@@ -242,8 +282,8 @@ async fn nodes_and_singleton_controllers_move_to_the_surviving_cloud_core() {
         running("p2"),
     )
     .await;
-    // The nodes' Leases are renewed through core-b.
-    let node_leases = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
+    // The nodes' Leases are renewed through core-b, which claimed them.
+    wait_served_by(&node_leases, &["edge-1", "edge-2"], "core-b").await;
     let renewed = |l: &Lease| l.spec.as_ref().and_then(|s| s.renew_time.clone());
     let before = renewed(&node_leases.get("edge-1").await.unwrap());
     sedge_testkit::wait::until_async(
@@ -268,4 +308,61 @@ async fn nodes_and_singleton_controllers_move_to_the_surviving_cloud_core() {
         n.shutdown(false).await;
     }
     b.shutdown().await;
+}
+
+/// A core whose node another core claims (through the node's Lease, as a core the node moved to
+/// does while this one still believes its connection alive) closes its session with the node at
+/// once; the node, connected to it after all, comes back and the core claims it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_core_gives_up_a_node_another_core_claimed_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, client) = common::apiserver(&dir.path().join("apiserver")).await;
+    let a = CloudCore::start(
+        client.clone(),
+        core_config(dir.path(), "core-a"),
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let addr = a.hub.addr().to_string();
+    let (token, _) = a
+        .hub
+        .tokens()
+        .create_with(Duration::from_secs(300), "ha", 1, None)
+        .unwrap();
+    let cfg = node_config(dir.path(), "edge-1", &addr, &addr);
+    sedge_tunnel::join(&cfg.tunnel, &token).await.unwrap();
+    let node = EdgeCore::start(cfg, Vec::new()).await.unwrap();
+    let node_leases = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
+    wait_served_by(&node_leases, &["edge-1"], "core-a").await;
+    let first = a.hub.session_id("edge-1").expect("a session");
+    counted(&a, (1, 0)).await; // one claim, for the one session
+    // Renewals after the claim leave the annotation alone and change nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(a.hub.session_id("edge-1"), Some(first));
+    counted(&a, (1, 0)).await;
+
+    // core-b claims the node.
+    node_leases
+        .patch(
+            "edge-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                sedge_cloudcore::ownership::SERVED_BY: "core-b"}}})),
+        )
+        .await
+        .unwrap();
+    // core-a closes its session; the node reconnects (core-a is its only hub) and core-a claims
+    // it again with the new session's first renewal.
+    sedge_testkit::wait::until_async(
+        "core-a closed the claimed session and the node came back",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async { a.hub.session_id("edge-1").filter(|&s| s != first).map(drop) },
+    )
+    .await;
+    wait_served_by(&node_leases, &["edge-1"], "core-a").await;
+    counted(&a, (2, 1)).await; // gave the node up once, claimed it again
+    node.shutdown(false).await;
+    a.shutdown().await;
 }

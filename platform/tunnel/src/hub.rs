@@ -390,6 +390,25 @@ impl Hub {
             .is_some_and(|n| n.session().is_some())
     }
 
+    /// The id of `node`'s live session, if it has one (ids grow with every session this hub
+    /// opens).
+    pub fn session_id(&self, node: &str) -> Option<u64> {
+        self.inner.known(node)?.session().as_ref().map(|s| s.id)
+    }
+
+    /// Closes `node`'s session `session` if it is still the live one (another cloud core serves
+    /// the node now). Returns whether it was.
+    pub fn close_session(&self, node: &str, session: u64) -> bool {
+        let Some(n) = self.inner.known(node) else {
+            return false;
+        };
+        let s = n.session();
+        match s.as_ref() {
+            Some(s) if s.id == session => s.close.send(true).is_ok(),
+            _ => false,
+        }
+    }
+
     /// Queues a message for reliable delivery to `node` (coalescing by the route's resource).
     /// Works while the node is offline; delivered when it connects.
     pub async fn send(&self, node: &str, msg: Message) -> Result<Enqueued, TunnelError> {

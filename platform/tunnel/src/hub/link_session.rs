@@ -107,7 +107,7 @@ pub(super) async fn run_session(
     let mut stop = inner.shutdown.subscribe();
     let reason = loop {
         tokio::select! {
-            _ = close_rx.changed() => break "replaced by a newer session".to_string(),
+            _ = close_rx.changed() => break "closed by the hub (a newer session, a revoked certificate, or another cloud core serves the node)".to_string(),
             _ = crate::stopped(&mut stop) => break "hub shutting down".to_string(),
             _ = tick.tick() => {
                 if last_seen.elapsed() > dead_after {
