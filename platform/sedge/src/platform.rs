@@ -260,9 +260,6 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
         .context("cannot start the embedded API server")?;
         Some(s)
     } else {
-        // Against a real cluster its own controllers and scheduler do the work.
-        cfg.workloads = false;
-        cfg.scheduler = false;
         None
     };
     let client = match (&server, &a.kubeconfig) {
@@ -281,6 +278,12 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
             .await
             .context("no kubeconfig: pass --kubeconfig or --embedded")?,
     };
+    if server.is_none() && !is_sedge_apiserver(&client).await? {
+        // A real cluster's own controllers and scheduler do that work. Sedge's API server
+        // (`sedge apiserver`) has neither: there the cores run theirs, under the leader Lease.
+        cfg.workloads = false;
+        cfg.scheduler = false;
+    }
     let core = CloudCore::start(client, cfg.clone(), cloud_modules())
         .await
         .context("cannot start the cloud core")?;
@@ -314,6 +317,23 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
         s.shutdown().await;
     }
     Ok(())
+}
+
+/// Whether the API server is Sedge's own (its `/version` says `+sedge-`); waits up to 30 s for
+/// it to answer.
+async fn is_sedge_apiserver(client: &kube::Client) -> Result<bool> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.apiserver_version().await {
+            Ok(v) => return Ok(v.git_version.contains("+sedge-")),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(anyhow::anyhow!(
+                    "the API server did not answer /version for 30 s: {e}"
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// Serves `/metrics` (rendered by `render` at each scrape), `/healthz` and `/readyz` on

@@ -366,3 +366,336 @@ async fn a_core_gives_up_a_node_another_core_claimed_after_it() {
     node.shutdown(false).await;
     a.shutdown().await;
 }
+
+/// A child process killed (SIGKILL) when dropped, its stderr in `log`.
+struct Proc {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], log: std::path::PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sedge"))
+            .args(args)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("sedge starts");
+        Proc { child, log }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("--- {} (tail):\n{}", self.log.display(), common::tail(&log));
+        }
+        self.kill9();
+    }
+}
+
+/// `GET path` from the edge MetaServer at `addr` (plain HTTP, anonymous reads): the JSON body of
+/// a 200.
+fn metaserver_get(addr: &str, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    // The body may be chunked: the JSON object is between the first '{' and the last '}'.
+    let (a, b) = (body.find('{')?, body.rfind('}')?);
+    serde_json::from_str(&body[a..=b]).ok()
+}
+
+/// Two `sedge cloud --kubeconfig` processes against one `sedge apiserver`, sharing the hub's
+/// data and PKI directories, two `sedge edge` agents that list both hubs. The leading core is
+/// killed with SIGKILL while a config map is updated every 50 ms: the nodes' Leases name the
+/// survivor (they reconnected and it claimed them), it takes the controllers' Lease over, every
+/// update reaches both nodes and none goes backwards (sampled from the nodes' MetaServers), and
+/// the survivor's scheduler places a new pod, which runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cloud_processes_survive_kill_9_of_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let arg = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let _api = Proc::spawn(
+        &[
+            "apiserver",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &arg(&d.join("api")),
+        ],
+        d.join("apiserver.log"),
+    );
+    let kubeconfig = d.join("api/kubeconfig");
+    let client = sedge_testkit::wait::until_async(
+        "sedge apiserver up",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig).ok()?;
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .ok()?;
+            let c = kube::Client::try_from(cfg).ok()?;
+            c.apiserver_version().await.ok()?;
+            Some(c)
+        },
+    )
+    .await;
+    let hubs = [common::free_port(), common::free_port()];
+    let core_args = |name: &str, port: u16| -> Vec<String> {
+        let cfg = d.join(format!("{name}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "hub:\n  listen: 127.0.0.1:{port}\n  listen_quic: ''\n  data_dir: {}\n  pki_dir: {}\n  \
+                 keepalive_interval_ms: 300\n  ack_timeout_ms: 500\n\
+                 metrics_listen: ''\nnode_grace_seconds: 20\nnode_monitor_period_ms: 500\n\
+                 leader:\n  identity: {name}\n  lease_duration_ms: 3000\n  renew_deadline_ms: 2000\n  \
+                 retry_period_ms: 300\n",
+                d.join("cloud/cloudhub").display(),
+                d.join("cloud/pki").display()
+            ),
+        )
+        .unwrap();
+        vec![
+            "cloud".into(),
+            "--kubeconfig".into(),
+            arg(&kubeconfig),
+            "-c".into(),
+            arg(&cfg),
+        ]
+    };
+    let spawn_core = |name: &str, port: u16| {
+        let args = core_args(name, port);
+        Proc::spawn(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            d.join(format!("{name}.log")),
+        )
+    };
+    let leases = Api::<Lease>::namespaced(client.clone(), "kube-system");
+    let mut core_a = spawn_core("core-a", hubs[0]);
+    sedge_testkit::wait::until_async(
+        "core-a leads",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async { (holder(&leases).await.as_deref() == Some("core-a")).then_some(()) },
+    )
+    .await;
+    let _core_b = spawn_core("core-b", hubs[1]);
+
+    // Two nodes, joined through core-a; they list both hubs.
+    let token = std::process::Command::new(env!("CARGO_BIN_EXE_sedge"))
+        .args(["token", "create", "--ttl", "1h", "--max-uses", "2"])
+        .args(["--data-dir", &arg(&d.join("cloud/cloudhub"))])
+        .args(["--pki-dir", &arg(&d.join("cloud/pki"))])
+        .output()
+        .unwrap();
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let meta = [common::free_port(), common::free_port()];
+    let mut edges = Vec::new();
+    for (i, name) in ["edge-1", "edge-2"].iter().enumerate() {
+        let cfg = d.join(format!("{name}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "runtime: hollow\nmetaserver_anonymous_reads: true\nmetrics_listen: ''\n\
+                 lease_interval_ms: 500\nsync_interval_ms: 100\n\
+                 tunnel:\n  cloud_alternates: ['127.0.0.1:{}']\n  keepalive_interval_ms: 300\n  \
+                 backoff_initial_ms: 100\n  backoff_max_ms: 400\n  ack_timeout_ms: 500\n",
+                hubs[1]
+            ),
+        )
+        .unwrap();
+        let (hub_a, ms) = (
+            format!("127.0.0.1:{}", hubs[0]),
+            format!("127.0.0.1:{}", meta[i]),
+        );
+        edges.push(Proc::spawn(
+            &[
+                "edge",
+                "-c",
+                &arg(&cfg),
+                "--data-dir",
+                &arg(&d.join(name)),
+                "--cloud",
+                &hub_a,
+                "--node-name",
+                name,
+                "--token",
+                &token,
+                "--metaserver",
+                &ms,
+                "--mqtt-listen",
+                "",
+                "--lc-listen",
+                "",
+                "--dmi-socket",
+                "-",
+            ],
+            d.join(format!("{name}.log")),
+        ));
+    }
+    let node_leases = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
+    wait_served_by(&node_leases, &["edge-1", "edge-2"], "core-a").await;
+
+    // A config map the pods reference (so both nodes get it), updated every 50 ms from here on.
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "cm"}, "data": {"n": "0"}})).unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), "default");
+    let pod = |name: &str, node: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"nodeSelector": {"kubernetes.io/hostname": node},
+                     "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "1000"],
+                                     "envFrom": [{"configMapRef": {"name": "cm"}}]}]}
+        }))
+        .unwrap()
+    };
+    let running = |name: &'static str| {
+        let pods = pods.clone();
+        move || {
+            let pods = pods.clone();
+            async move {
+                let p = pods.get(name).await.ok()?;
+                (p.status?.phase.as_deref() == Some("Running")).then_some(())
+            }
+        }
+    };
+    for (p, n) in [("p0", "edge-1"), ("p1", "edge-2")] {
+        pods.create(&PostParams::default(), &pod(p, n))
+            .await
+            .unwrap();
+        sedge_testkit::wait::until_async(
+            &format!("{p} Running (scheduled by core-a)"),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            running(p),
+        )
+        .await;
+    }
+    let on_node = |i: usize| -> Option<u64> {
+        let v = metaserver_get(
+            &format!("127.0.0.1:{}", meta[i]),
+            "/api/v1/namespaces/default/configmaps/cm",
+        )?;
+        v["data"]["n"].as_str()?.parse().ok()
+    };
+    for i in 0..2 {
+        sedge_testkit::wait::until_async(
+            "the config map on the node",
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || async { on_node(i) },
+        )
+        .await;
+    }
+    let seen: Arc<Mutex<Vec<Vec<u64>>>> = Arc::new(Mutex::new(vec![Vec::new(), Vec::new()]));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, halt) = (seen.clone(), stop.clone());
+    let sampler = tokio::task::spawn_blocking(move || {
+        while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+            for (i, port) in meta.iter().enumerate() {
+                let v = metaserver_get(
+                    &format!("127.0.0.1:{port}"),
+                    "/api/v1/namespaces/default/configmaps/cm",
+                )
+                .and_then(|v| v["data"]["n"].as_str()?.parse::<u64>().ok());
+                if let Some(v) = v {
+                    s.lock().unwrap()[i].push(v);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let updates = {
+        let cms = cms.clone();
+        tokio::spawn(async move {
+            for n in 1..=60u64 {
+                let patch = json!({"data": {"n": n.to_string()}});
+                cms.patch("cm", &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    // core-a is killed mid-stream.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let t_kill = Instant::now();
+    core_a.kill9();
+    wait_served_by(&node_leases, &["edge-1", "edge-2"], "core-b").await;
+    let moved = t_kill.elapsed();
+    sedge_testkit::wait::until_async(
+        "core-b leads",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async { (holder(&leases).await.as_deref() == Some("core-b")).then_some(()) },
+    )
+    .await;
+    let took_over = t_kill.elapsed();
+    updates.await.unwrap();
+    for i in 0..2 {
+        sedge_testkit::wait::until_async(
+            &format!("edge-{} has update 60", i + 1),
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            || async { (on_node(i) == Some(60)).then_some(()) },
+        )
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.await.unwrap();
+    for (i, s) in seen.lock().unwrap().iter().enumerate() {
+        assert!(
+            s.windows(2).all(|w| w[0] <= w[1]),
+            "edge-{} saw the config map go backwards: {s:?}",
+            i + 1
+        );
+        assert!(s.len() > 10, "edge-{}: too few samples {s:?}", i + 1);
+    }
+    // The survivor's scheduler places a new pod, and it runs.
+    pods.create(&PostParams::default(), &pod("p2", "edge-2"))
+        .await
+        .unwrap();
+    sedge_testkit::wait::until_async(
+        "p2 Running (scheduled by core-b)",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        running("p2"),
+    )
+    .await;
+    eprintln!(
+        "kill -9: both nodes claimed by core-b {:.2} s after the kill, controllers {:.2} s",
+        moved.as_secs_f64(),
+        took_over.as_secs_f64()
+    );
+}
