@@ -74,12 +74,16 @@ struct Args {
     #[arg(long, default_value_t = 900)]
     phase_timeout_s: u64,
     /// Record a CPU profile of the cloud process (`perf record`, DWARF call graphs) for the
-    /// first `--perf-s` seconds of the pod phase into this file (`perf report -i FILE`).
+    /// first `--perf-s` seconds of the `--perf-phase` into this file (`perf report -i FILE`).
     #[arg(long)]
     perf: Option<PathBuf>,
     /// Seconds the profile covers.
     #[arg(long, default_value_t = 30)]
     perf_s: u64,
+    /// The phase profiled: `pods` (creation at the fixed rate) or `heartbeats` (the steady
+    /// heartbeats; make `--steady-s` at least `--perf-s`).
+    #[arg(long, default_value = "pods", value_parser = ["pods", "heartbeats"])]
+    perf_phase: String,
 }
 
 #[derive(Subcommand)]
@@ -294,10 +298,29 @@ fn dist(v: &mut [f64]) -> String {
 /// The cloud's load over `secs`: `writes` API writes, `cpu_s` CPU seconds, and its RSS.
 fn load(writes: u64, cpu_s: f64, secs: f64, rss_mib: f64) -> String {
     format!(
-        "{:.0}/s, {:.0}% of a core, {rss_mib:.0} MiB",
+        "{:.0}/s, {:.0}% of a core ({:.2} ms of CPU per write), {rss_mib:.0} MiB",
         writes as f64 / secs,
-        cpu_s / secs * 100.0
+        cpu_s / secs * 100.0,
+        cpu_s * 1000.0 / (writes.max(1) as f64)
     )
+}
+
+/// `perf record` of process `pid` for `a.perf_s` seconds into `a.perf`, if profiling `phase`.
+fn profile(a: &Args, phase: &str, pid: u32) -> Result<Option<Child>> {
+    let Some(out) = a.perf.as_ref().filter(|_| a.perf_phase == phase) else {
+        return Ok(None);
+    };
+    let child = Command::new("perf")
+        .args(["record", "-F", "99", "--call-graph", "dwarf,16384", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(out)
+        .args(["--", "sleep", &a.perf_s.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("perf record (install linux-perf)")?;
+    Ok(Some(child))
 }
 
 /// `n` ConfigMap creates one after another: their latencies (s); the objects are deleted.
@@ -631,6 +654,7 @@ async fn main() -> Result<()> {
 
     // 3. Steady heartbeats.
     let sampler = Sampler::start(cloud.pid());
+    let hb_profiler = profile(&a, "heartbeats", cloud.pid())?;
     let kc = cloud.kubeconfig();
     let store0 = store_counts(&kc);
     let (rv0, cpu0, w0) = (
@@ -639,6 +663,9 @@ async fn main() -> Result<()> {
         Instant::now(),
     );
     tokio::time::sleep(Duration::from_secs(a.steady_s)).await;
+    if let Some(mut p) = hb_profiler {
+        let _ = p.wait();
+    }
     let (rv1, cpu1, dt) = (
         revision(&client).await?,
         cpu_seconds(Some(cloud.pid())),
@@ -740,21 +767,7 @@ async fn main() -> Result<()> {
         cpu_seconds(Some(cloud.pid())),
         Instant::now(),
     );
-    let profiler = match &a.perf {
-        Some(out) => Some(
-            Command::new("perf")
-                .args(["record", "-F", "99", "--call-graph", "dwarf,16384", "-p"])
-                .arg(cloud.pid().to_string())
-                .arg("-o")
-                .arg(out)
-                .args(["--", "sleep", &a.perf_s.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("perf record (install linux-perf)")?,
-        ),
-        None => None,
-    };
+    let profiler = profile(&a, "pods", cloud.pid())?;
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut errors = 0usize;
     let mut creates = Vec::with_capacity(total);

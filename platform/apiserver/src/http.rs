@@ -289,7 +289,7 @@ async fn route(
         }
         ["metrics"] => {
             only_get(method)?;
-            let text = app.metrics.render(&app.core.store);
+            let text = app.metrics.render(&app.core);
             Ok((
                 String::new(),
                 (

@@ -19,6 +19,7 @@ pub struct Metrics {
     revision: Gauge,
     commits: Counter,
     fsyncs: Counter,
+    gc_sweeps: Counter,
 }
 
 impl Default for Metrics {
@@ -29,6 +30,12 @@ impl Default for Metrics {
         let revision = Gauge::default();
         let commits = Counter::default();
         let fsyncs = Counter::default();
+        let gc_sweeps = Counter::default();
+        registry.register(
+            "sedge_apiserver_gc_sweeps",
+            "Full garbage-collection sweeps (at start, every 30 s, after the change stream lagged)",
+            gc_sweeps.clone(),
+        );
         registry.register(
             "sedge_apiserver_store_commits",
             "Writes committed to the store since start",
@@ -61,6 +68,7 @@ impl Default for Metrics {
             revision,
             commits,
             fsyncs,
+            gc_sweeps,
         }
     }
 }
@@ -78,7 +86,12 @@ impl Metrics {
     }
 
     /// OpenMetrics text.
-    pub fn render(&self, store: &crate::store::Store) -> String {
+    pub fn render(&self, core: &crate::ops::Core) -> String {
+        let store = &core.store;
+        self.gc_sweeps.inner().store(
+            core.gc_sweeps.load(std::sync::atomic::Ordering::Relaxed),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.revision.set(store.current_rev());
         let (commits, fsyncs) = store.commit_stats();
         self.commits

@@ -56,6 +56,8 @@ pub struct Core {
     pub pod_exec: std::sync::OnceLock<PodExecSource>,
     /// RBAC and the Node authorizer, with the policy cached until a role or binding changes.
     pub authz: crate::authz::Authorizer,
+    /// Full garbage-collection sweeps made since start.
+    pub gc_sweeps: std::sync::atomic::AtomicU64,
 }
 
 /// What `kubectl logs` asks for, with the pod resolved to where it runs.

@@ -176,6 +176,7 @@ impl ApiServer {
             pod_logs: Default::default(),
             pod_exec: Default::default(),
             authz: Default::default(),
+            gc_sweeps: Default::default(),
         });
         {
             let c = core.clone();

@@ -584,15 +584,19 @@ impl Store {
         E: From<StoreError>,
     {
         let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let current: Option<Vec<u8>> = conn
+        // The stored bytes are the event's `prev` as they are (they are what serializing the
+        // parsed object would give).
+        let prev_bytes: Option<Vec<u8>> = conn
             .prepare_cached("SELECT value FROM objects WHERE res = ?1 AND ns = ?2 AND name = ?3")
             .map_err(StoreError::from)?
             .query_row(params![res, ns, name], |r| r.get(0))
             .optional()
             .map_err(StoreError::from)?;
-        let current = current
-            .map(|b| parse(|| format!("{res}/{ns}/{name}"), &b))
+        let current = prev_bytes
+            .as_ref()
+            .map(|b| parse(|| format!("{res}/{ns}/{name}"), b))
             .transpose()?;
+        let old_owners = current.as_ref().map(owner_uids).unwrap_or_default();
         let rev = self.rev.load(Ordering::SeqCst) + 1;
         let change = f(current.clone(), rev)?;
         let (kind, object) = match (change, &current) {
@@ -618,13 +622,6 @@ impl Store {
             key: name.into(),
             source: e,
         })?;
-        let prev_bytes = match &current {
-            Some(c) => Some(serde_json::to_vec(c).map_err(|e| StoreError::Corrupt {
-                key: name.into(),
-                source: e,
-            })?),
-            None => None,
-        };
         let write = |conn: &mut Connection| -> Result<(), rusqlite::Error> {
             let tx = conn.transaction()?;
             if kind == EventType::Deleted {
@@ -637,7 +634,6 @@ impl Store {
                 )?
                 .execute(params![res, ns, name, uid_of(&object), rev, bytes])?;
             }
-            let old_owners = current.as_ref().map(owner_uids).unwrap_or_default();
             let new_owners = if kind == EventType::Deleted {
                 Vec::new()
             } else {
