@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use sedge_api::{
 use sedge_devices::{Device, DeviceModel};
 use sedge_tunnel::{Handler, Hub, Incoming, LinkEvent, Message, OwnerLookup, op};
 
+use crate::heartbeats::Heartbeats;
 use crate::ownership::{Ownership, SERVED_BY};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -126,70 +127,6 @@ pub struct Cache {
     /// This core's claims on nodes and its hub, once started: every node Lease the informer
     /// sees is checked against them (see [`crate::ownership`]).
     pub served: Arc<std::sync::OnceLock<(Arc<Ownership>, Arc<Hub>)>>,
-}
-
-/// Node heartbeats (Lease renewals and node status) waiting for their turn to be written. Each
-/// carries the node's whole state, so when a newer one from the same node arrives while an older
-/// one waits, the older is acknowledged without being written: under a backlog the API gets one
-/// write per node, not every heartbeat the node sent meanwhile.
-#[derive(Debug, Default)]
-pub struct Heartbeats {
-    /// Per (node, kind): the ticket of the newest heartbeat that arrived.
-    newest: Mutex<HashMap<(String, String), u64>>,
-    next: AtomicU64,
-    /// Heartbeats written.
-    pub written: AtomicU64,
-    /// Heartbeats acknowledged unwritten because a newer one from the node had arrived.
-    pub replaced: AtomicU64,
-}
-
-/// A heartbeat's place in [`Heartbeats`]; it leaves when dropped.
-struct Ticket<'a> {
-    beats: &'a Heartbeats,
-    key: (String, String),
-    n: u64,
-}
-
-impl Heartbeats {
-    fn arrive(&self, node: &str, kind: &str) -> Ticket<'_> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let key = (node.to_string(), kind.to_string());
-        self.newest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), n);
-        Ticket {
-            beats: self,
-            key,
-            n,
-        }
-    }
-
-    /// Heartbeats waiting or being written now.
-    pub fn pending(&self) -> usize {
-        self.newest.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-}
-
-impl Ticket<'_> {
-    /// Whether a newer heartbeat of the same node and kind arrived after this one.
-    fn replaced(&self) -> bool {
-        self.beats
-            .newest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&self.key)
-            .is_some_and(|&newest| newest != self.n)
-    }
-}
-
-impl Drop for Ticket<'_> {
-    fn drop(&mut self) {
-        let mut newest = self.beats.newest.lock().unwrap_or_else(|p| p.into_inner());
-        if newest.get(&self.key) == Some(&self.n) {
-            newest.remove(&self.key);
-        }
-    }
 }
 
 /// Where a device is and which version of its spec the nodes get: the resourceVersion at its
@@ -937,6 +874,9 @@ pub struct Upstream {
 /// At most this many reports are written to the API at once; the rest wait their turn.
 const REPORTS_IN_FLIGHT: usize = 64;
 
+/// Heartbeats written to the API at once (besides the reports above).
+const HEARTBEAT_WRITERS: usize = 32;
+
 /// The outcome of one report: `Err` is retried by the edge later, a permanent refusal is logged
 /// and dropped (retrying it forever would only fill the edge's outbox).
 type Outcome = Result<Option<Message>, String>;
@@ -1022,23 +962,16 @@ impl Upstream {
                 return Ok(None);
             }
         };
-        let beats = &self.cache.heartbeats;
-        let ticket = matches!(key.kind.as_str(), kind::NODE_STATUS | kind::LEASE)
-            .then(|| beats.arrive(&i.node, &key.kind));
+        if matches!(key.kind.as_str(), kind::NODE_STATUS | kind::LEASE) {
+            // Written on the heartbeat lane (`write_heartbeats`); the session goes on at once.
+            self.cache.heartbeats.offer(&i.node, &key.kind, body);
+            return Ok(None);
+        }
         let Ok(_turn) = self.in_flight.acquire().await else {
             return Err("the cloud core is stopping".into());
         };
-        if let Some(t) = &ticket {
-            if t.replaced() {
-                beats.replaced.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
-            }
-            beats.written.fetch_add(1, Ordering::Relaxed);
-        }
         match key.kind.as_str() {
             kind::NODE => settle("register node", self.register(&i.node, body).await),
-            kind::NODE_STATUS => settle("node status", self.node_status(&i.node, body).await),
-            kind::LEASE => settle("node lease", self.lease(&i.node, body).await),
             kind::POD_STATUS => match serde_json::from_value::<PodStatusReport>(body) {
                 Ok(r) if op == op::DELETE => {
                     settle("finish pod delete", self.finish_delete(&key, r).await)
@@ -1061,6 +994,51 @@ impl Upstream {
                 tracing::warn!(node = %i.node, kind = other, "unknown report kind; dropped");
                 Ok(None)
             }
+        }
+    }
+
+    /// Writes the heartbeats held in [`Heartbeats`], [`HEARTBEAT_WRITERS`] at a time, until
+    /// aborted (the writes in flight go with it).
+    pub async fn write_heartbeats(self: Arc<Self>) {
+        let mut writing = tokio::task::JoinSet::new();
+        loop {
+            while writing.try_join_next().is_some() {}
+            let beats = &self.cache.heartbeats;
+            let Some((key, body)) = beats.take() else {
+                tokio::select! {
+                    _ = beats.wake.notified() => {}
+                    Some(_) = writing.join_next(), if !writing.is_empty() => {}
+                }
+                continue;
+            };
+            if writing.len() >= HEARTBEAT_WRITERS {
+                writing.join_next().await;
+            }
+            let me = self.clone();
+            writing.spawn(async move {
+                let r = if key.1 == kind::LEASE {
+                    me.lease(&key.0, body.clone()).await
+                } else {
+                    me.node_status(&key.0, body.clone()).await
+                };
+                let beats = &me.cache.heartbeats;
+                match r {
+                    Ok(()) => {
+                        beats.written.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        beats.failed.fetch_add(1, Ordering::Relaxed);
+                        if transient(&e) {
+                            tracing::debug!(node = %key.0, kind = %key.1, error = %e, "heartbeat not written; trying again");
+                            beats.retry(&key, body);
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        } else {
+                            tracing::warn!(node = %key.0, kind = %key.1, error = %e, "heartbeat refused by the API server; dropped");
+                        }
+                    }
+                }
+                beats.done(&key);
+            });
         }
     }
 
@@ -1392,29 +1370,6 @@ mod tests {
         let e =
             sedge_tunnel::hub::authorize("edge-1", &report("ghost"), Some(&lookup)).unwrap_err();
         assert!(e.contains("no such object"), "{e}");
-    }
-
-    #[test]
-    fn a_newer_heartbeat_replaces_the_one_still_waiting_from_the_same_node() {
-        let beats = Heartbeats::default();
-        let first = beats.arrive("n1", kind::LEASE);
-        let other_kind = beats.arrive("n1", kind::NODE_STATUS);
-        let other_node = beats.arrive("n2", kind::LEASE);
-        assert!(!first.replaced());
-        let second = beats.arrive("n1", kind::LEASE);
-        // Only the same node's same kind of heartbeat is replaced.
-        assert!(first.replaced());
-        assert!(!second.replaced() && !other_kind.replaced() && !other_node.replaced());
-        assert_eq!(beats.pending(), 3);
-        // The replaced one leaving does not forget the newer one.
-        drop(first);
-        assert_eq!(beats.pending(), 3);
-        assert!(!second.replaced());
-        drop((second, other_kind, other_node));
-        assert_eq!(beats.pending(), 0);
-        // A heartbeat after the last one was written is nobody's replacement.
-        let third = beats.arrive("n1", kind::LEASE);
-        assert!(!third.replaced());
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 pub mod edgecontroller;
 pub mod exec;
+pub mod heartbeats;
 pub mod leader;
 pub mod lifecycle;
 pub mod ownership;
@@ -220,8 +221,13 @@ pub fn render_metrics(hub: &Hub, cache: &Cache, e: &mut sedge_serve::Exposition)
     )
     .counter(
         "cloudcore_heartbeats_replaced",
-        "Heartbeats acknowledged unwritten: a newer one from the same node arrived while they waited",
+        "Heartbeats dropped unwritten: a newer one from the same node arrived while they waited",
         get(&h.replaced),
+    )
+    .counter(
+        "cloudcore_heartbeats_failed",
+        "Heartbeat writes that failed (a transient failure is tried again)",
+        get(&h.failed),
     )
     .gauge(
         "cloudcore_heartbeats_pending",
@@ -305,6 +311,7 @@ impl CloudCore {
         .await?;
         let hub = Arc::new(hub);
         let _ = upstream.hub.set(hub.clone());
+        tasks.push(tokio::spawn(upstream.clone().write_heartbeats()));
         let _ = cache.served.set((upstream.ownership.clone(), hub.clone()));
         for m in groups.values() {
             m.start(CloudModuleContext {
