@@ -19,14 +19,13 @@ use sedge_api::{
 };
 use sedge_devices::{Device, DeviceModel};
 use sedge_tunnel::{Handler, Hub, Incoming, LinkEvent, Message, OwnerLookup, op};
-
-use crate::heartbeats::Heartbeats;
-use crate::ownership::{Ownership, SERVED_BY};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::heartbeats::Heartbeats;
+use crate::ownership::{Ownership, SERVED_BY};
 use crate::transient;
 
 /// The field manager the cloud core writes with.
@@ -867,8 +866,6 @@ pub struct Upstream {
     /// client open a connection per report in flight: with `sedge cloud --embedded` both ends
     /// are this process, and it ran out of file descriptors (20,000) beside the nodes' own.
     in_flight: tokio::sync::Semaphore,
-    /// Which nodes this core has claimed (see [`crate::ownership`]).
-    pub ownership: Arc<Ownership>,
 }
 
 /// At most this many reports are written to the API at once; the rest wait their turn.
@@ -899,7 +896,6 @@ impl Upstream {
         cache: Cache,
         modules: HashMap<String, Arc<dyn crate::CloudModule>>,
         streams: sedge_tunnel::stream::Streams,
-        ownership: Arc<Ownership>,
     ) -> Upstream {
         Upstream {
             client,
@@ -908,7 +904,6 @@ impl Upstream {
             streams,
             hub: std::sync::OnceLock::new(),
             in_flight: tokio::sync::Semaphore::new(REPORTS_IN_FLIGHT),
-            ownership,
         }
     }
 
@@ -1137,16 +1132,6 @@ impl Upstream {
             "leaseDurationSeconds": r.duration_seconds,
             "renewTime": r.renew_time,
         });
-        // The first renewal of a session claims the node for this core.
-        let claim = self
-            .hub
-            .get()
-            .and_then(|h| h.session_id(node))
-            .filter(|&s| self.ownership.must_claim(node, s));
-        let mut patch = json!({ "spec": spec });
-        if claim.is_some() {
-            patch["metadata"] = json!({"annotations": {SERVED_BY: self.ownership.me()}});
-        }
         // Never move a lease backwards (an old heartbeat flushed from the outbox on reconnect).
         if let Some(cur) = self
             .cache
@@ -1158,6 +1143,16 @@ impl Upstream {
         {
             return Ok(());
         }
+        // The first renewal of a session claims the node for this core.
+        let served = self.cache.served.get();
+        let own = served.map(|(own, _)| own);
+        let me = own.map(|o| o.me());
+        let claim =
+            served.and_then(|(own, hub)| hub.session_id(node).filter(|&s| own.must_claim(node, s)));
+        let mut patch = json!({ "spec": spec });
+        if claim.is_some() {
+            patch["metadata"] = json!({"annotations": {SERVED_BY: me}});
+        }
         let written = match api
             .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -1166,7 +1161,7 @@ impl Upstream {
                 let lease: Lease = serde_json::from_value(json!({
                     "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": node, "namespace": "kube-node-lease",
-                                 "annotations": {SERVED_BY: self.ownership.me()}},
+                                 "annotations": {SERVED_BY: me}},
                     "spec": spec,
                 }))
                 .map_err(kube::Error::SerdeError)?;
@@ -1174,8 +1169,10 @@ impl Upstream {
             }
             other => other?,
         };
-        if let (Some(session), Some(rv)) = (claim, written.metadata.resource_version) {
-            self.ownership.claimed(node, session, rv);
+        if let (Some(own), Some(session), Some(rv)) =
+            (own, claim, written.metadata.resource_version)
+        {
+            own.claimed(node, session, rv);
         }
         Ok(())
     }

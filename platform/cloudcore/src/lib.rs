@@ -299,7 +299,6 @@ impl CloudCore {
             cache.clone(),
             groups.clone(),
             streams.clone(),
-            Arc::new(ownership::Ownership::new(cfg.leader.identity())),
         ));
         let hub = Hub::start(
             cfg.hub.clone(),
@@ -312,7 +311,8 @@ impl CloudCore {
         let hub = Arc::new(hub);
         let _ = upstream.hub.set(hub.clone());
         tasks.push(tokio::spawn(upstream.clone().write_heartbeats()));
-        let _ = cache.served.set((upstream.ownership.clone(), hub.clone()));
+        let own = ownership::Ownership::new(cfg.leader.identity());
+        let _ = cache.served.set((Arc::new(own), hub.clone()));
         for m in groups.values() {
             m.start(CloudModuleContext {
                 client: client.clone(),
