@@ -381,6 +381,10 @@ impl EdgeCore {
                 EdgeOptions {
                     handler: Some(handler),
                     quic_endpoint: None,
+                    inventory: Some({
+                        let store = store.clone();
+                        Arc::new(move || store.inventory().map_err(|e| e.to_string()))
+                    }),
                 },
             )
             .await?,

@@ -234,6 +234,30 @@ impl MetaStore {
         Ok(v.and_then(|v| serde_json::from_str(&v).ok()))
     }
 
+    /// What the cloud delivered and the node holds, `<namespace>/<kind>/<name>` -> resourceVersion:
+    /// every object but the node's own Node, which the node writes itself. Sent in the hello so
+    /// whichever cloud core serves the node knows what it has.
+    pub fn inventory(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c
+            .prepare_cached("SELECT namespace, kind, name, rv FROM meta WHERE kind != ?1")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![sedge_api::kind::NODE], |r| {
+                Ok((
+                    format!(
+                        "{}/{}/{}",
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?
+                    ),
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     /// All objects of a kind, in one namespace or all.
     pub fn list(&self, kind: &str, ns: Option<&str>) -> Result<Vec<Value>, StoreError> {
         let c = self.conn.lock().unwrap();
@@ -336,6 +360,31 @@ fn bump(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_inventory_lists_what_the_cloud_delivered_by_its_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(&dir.path().join("edge.db")).unwrap();
+        s.upsert("pod", "default", "a", "5", &json!({})).unwrap();
+        s.upsert("configmap", "ml", "cfg", "7", &json!({})).unwrap();
+        s.upsert("configmap", "ml", "old", "3", &json!({})).unwrap();
+        s.delete("configmap", "ml", "old").unwrap();
+        // The node's own Node object is the node's, not the cloud's.
+        let node = sedge_api::kind::NODE;
+        s.upsert(node, sedge_api::CLUSTER_NS, "edge-1", "9", &json!({}))
+            .unwrap();
+        let held = s.inventory().unwrap();
+        let want: std::collections::HashMap<String, String> = [
+            ("default/pod/a".to_string(), "5".to_string()),
+            ("ml/configmap/cfg".to_string(), "7".to_string()),
+        ]
+        .into();
+        assert_eq!(held, want);
+        // The keys are the cloud's message keys.
+        for k in held.keys() {
+            assert_eq!(&sedge_api::Key::parse(k).unwrap().to_string(), k);
+        }
+    }
 
     #[test]
     fn keeps_the_newest_version_and_survives_reopening() {

@@ -317,21 +317,9 @@ spec: {containers: [{name: c, image: busybox, command: [sleep, '1'], resources: 
     assert!(Path::new(&up.kubeconfig()).exists());
 }
 
-/// The body of `GET url` (plain HTTP).
+/// The body of `GET url` (plain HTTP), which must answer 200.
 fn http_get(url: &str) -> String {
-    use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_at(rest.find('/').unwrap());
-    let mut s = std::net::TcpStream::connect(host).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{url}: {out}");
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+    common::http_body(host, path).unwrap_or_else(|| panic!("{url}: no 200"))
 }

@@ -424,32 +424,19 @@ impl Drop for Proc {
 /// `GET path` from the edge MetaServer at `addr` (plain HTTP, anonymous reads): the JSON body of
 /// a 200.
 fn metaserver_get(addr: &str, path: &str) -> Option<serde_json::Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).ok()?;
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return None;
-    }
+    let body = common::http_body(addr, path)?;
     // The body may be chunked: the JSON object is between the first '{' and the last '}'.
     let (a, b) = (body.find('{')?, body.rfind('}')?);
     serde_json::from_str(&body[a..=b]).ok()
 }
 
-/// Two `sedge cloud --kubeconfig` processes against one `sedge apiserver`, sharing the hub's
-/// data and PKI directories, two `sedge edge` agents that list both hubs. The leading core is
-/// killed with SIGKILL while a config map is updated every 50 ms: the nodes' Leases name the
-/// survivor (they reconnected and it claimed them), it takes the controllers' Lease over, every
-/// update reaches both nodes and none goes backwards (sampled from the nodes' MetaServers), and
-/// the survivor's scheduler places a new pod, which runs.
+/// Two `sedge cloud --kubeconfig` processes against one `sedge apiserver`, sharing the PKI
+/// directory but each with its own hub database (as on two machines), two `sedge edge` agents
+/// that list both hubs. The leading core is killed with SIGKILL while a config map is updated
+/// every 50 ms: the nodes' Leases name the survivor (they reconnected and it claimed them), the
+/// survivor took each node's inventory from its hello as the node's delivery records, it takes
+/// the controllers' Lease over, every update reaches both nodes and none goes backwards (sampled
+/// from the nodes' MetaServers), and the survivor's scheduler places a new pod, which runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_cloud_processes_survive_kill_9_of_the_leader() {
     let dir = tempfile::tempdir().unwrap();
@@ -482,17 +469,18 @@ async fn two_cloud_processes_survive_kill_9_of_the_leader() {
     )
     .await;
     let hubs = [common::free_port(), common::free_port()];
-    let core_args = |name: &str, port: u16| -> Vec<String> {
+    let metrics = [common::free_port(), common::free_port()];
+    let core_args = |name: &str, port: u16, metrics: u16| -> Vec<String> {
         let cfg = d.join(format!("{name}.yaml"));
         std::fs::write(
             &cfg,
             format!(
                 "hub:\n  listen: 127.0.0.1:{port}\n  listen_quic: ''\n  data_dir: {}\n  pki_dir: {}\n  \
                  keepalive_interval_ms: 300\n  ack_timeout_ms: 500\n\
-                 metrics_listen: ''\nnode_grace_seconds: 20\nnode_monitor_period_ms: 500\n\
+                 metrics_listen: 127.0.0.1:{metrics}\nnode_grace_seconds: 20\nnode_monitor_period_ms: 500\n\
                  leader:\n  identity: {name}\n  lease_duration_ms: 3000\n  renew_deadline_ms: 2000\n  \
                  retry_period_ms: 300\n",
-                d.join("cloud/cloudhub").display(),
+                d.join("cloud").join(name).display(),
                 d.join("cloud/pki").display()
             ),
         )
@@ -505,22 +493,22 @@ async fn two_cloud_processes_survive_kill_9_of_the_leader() {
             arg(&cfg),
         ]
     };
-    let spawn_core = |name: &str, port: u16| {
-        let args = core_args(name, port);
+    let spawn_core = |name: &str, port: u16, metrics: u16| {
+        let args = core_args(name, port, metrics);
         Proc::spawn(
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
             d.join(format!("{name}.log")),
         )
     };
     let leases = Api::<Lease>::namespaced(client.clone(), "kube-system");
-    let mut core_a = spawn_core("core-a", hubs[0]);
+    let mut core_a = spawn_core("core-a", hubs[0], metrics[0]);
     wait_leads(&leases, "core-a").await;
-    let _core_b = spawn_core("core-b", hubs[1]);
+    let _core_b = spawn_core("core-b", hubs[1], metrics[1]);
 
     // Two nodes, joined through core-a; they list both hubs.
     let token = std::process::Command::new(env!("CARGO_BIN_EXE_sedge"))
         .args(["token", "create", "--ttl", "1h", "--max-uses", "2"])
-        .args(["--data-dir", &arg(&d.join("cloud/cloudhub"))])
+        .args(["--data-dir", &arg(&d.join("cloud/core-a"))])
         .args(["--pki-dir", &arg(&d.join("cloud/pki"))])
         .output()
         .unwrap();
@@ -597,6 +585,20 @@ async fn two_cloud_processes_survive_kill_9_of_the_leader() {
     wait_leads(&leases, "core-b").await;
     let took_over = t_kill.elapsed();
     load.finish().await;
+    // core-b never served the nodes and has its own database: what it knows they hold came from
+    // their hellos.
+    let text =
+        common::http_body(&format!("127.0.0.1:{}", metrics[1]), "/metrics").unwrap_or_default();
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        counter("sedge_hub_inventories_adopted_total ") >= 2,
+        "core-b took both nodes' inventories:\n{text}"
+    );
+    assert_eq!(counter("sedge_hub_inventories_refused_total "), 0);
     // The survivor's scheduler places a new pod, and it runs.
     let pods = Api::<Pod>::namespaced(client.clone(), "default");
     run_pod(&pods, "p2", "edge-2", "core-b").await;

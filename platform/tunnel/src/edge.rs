@@ -299,6 +299,7 @@ struct EdgeInner {
     link_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
     requests: Requests,
     handler: Handler,
+    inventory: Option<Inventory>,
     counters: Counters,
     endpoint: Option<quinn::Endpoint>,
     shutdown: watch::Sender<bool>,
@@ -325,7 +326,15 @@ pub struct EdgeOptions {
     pub handler: Option<Handler>,
     /// A QUIC client endpoint to share (simulators run thousands of nodes on one socket).
     pub quic_endpoint: Option<quinn::Endpoint>,
+    /// What the node holds (object key -> resourceVersion), read at each connect and sent in
+    /// the hello, so any cloud core knows what not to send again (see `Hello::held`). Called
+    /// on a blocking thread. An error is logged and the hello goes without.
+    pub inventory: Option<Inventory>,
 }
+
+/// Reads the node's inventory; see [`EdgeOptions::inventory`].
+pub type Inventory =
+    Arc<dyn Fn() -> Result<HashMap<String, String>, String> + Send + Sync + 'static>;
 
 impl EdgeHub {
     /// Starts the edge hub. The node must have joined.
@@ -364,6 +373,7 @@ impl EdgeHub {
             handler: opts
                 .handler
                 .unwrap_or_else(|| crate::session::handler(|_| async { Ok(None) })),
+            inventory: opts.inventory,
             counters: Counters::default(),
             endpoint,
             shutdown: watch::channel(false).0,
@@ -631,10 +641,25 @@ async fn connect(inner: &Arc<EdgeInner>, id: &Identity, addr: &str) -> Result<Li
 /// Runs one session; returns whether it was established.
 async fn session(inner: &Arc<EdgeInner>, mut link: Link, id: &Identity) -> bool {
     let node = inner.node.clone();
-    let hello = control(
-        op::HELLO,
-        serde_json::to_vec(&Hello { node: node.clone() }).unwrap_or_default(),
-    );
+    let held = match inner.inventory.clone() {
+        None => None,
+        Some(read) => match tokio::task::spawn_blocking(move || read()).await {
+            Ok(Ok(held)) => Some(held),
+            Ok(Err(e)) => {
+                tracing::warn!(%node, error = %e, "cannot read what the node holds; connecting without an inventory");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "reading the inventory failed");
+                None
+            }
+        },
+    };
+    let hello = Hello {
+        node: node.clone(),
+        held,
+    };
+    let hello = control(op::HELLO, serde_json::to_vec(&hello).unwrap_or_default());
     if link.tx.send(hello.encode()).await.is_err() {
         return false;
     }

@@ -30,7 +30,7 @@ pub mod tls;
 pub mod token;
 
 pub use config::{EdgeConfig, HubConfig, Transport};
-pub use edge::{EdgeHub, EdgeOptions, join, renew};
+pub use edge::{EdgeHub, EdgeOptions, Inventory, join, renew};
 pub use hub::{Hub, HubOptions, OwnerLookup};
 pub use message::{Message, Route, op};
 pub use outbox::Policy;

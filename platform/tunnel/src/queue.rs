@@ -89,6 +89,12 @@ impl NodeQueue {
         &self.acked
     }
 
+    /// Takes `held`, what the node says it holds, as what it has acknowledged: the node's own
+    /// store is newer than any record a hub kept (another core may have served it since).
+    pub fn adopt(&mut self, held: HashMap<String, String>) {
+        self.acked = held;
+    }
+
     /// Offers a message; `Err(QueueFull)` when the queue holds `capacity` objects already.
     pub fn offer(&mut self, msg: Message, capacity: usize) -> Result<Enqueued, QueueFull> {
         let key = msg.route.resource.clone();

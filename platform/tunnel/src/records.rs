@@ -19,6 +19,7 @@ use crate::TunnelError;
 enum Op {
     Set(String, String, String),
     Remove(String, String),
+    Replace(String, HashMap<String, String>),
     Flush(std::sync::mpsc::Sender<()>),
 }
 
@@ -72,6 +73,11 @@ impl Records {
         self.send(Op::Remove(node.into(), key.into()));
     }
 
+    /// Replaces everything recorded for `node` with `held` (what the node says it holds).
+    pub fn replace(&self, node: &str, held: HashMap<String, String>) {
+        self.send(Op::Replace(node.into(), held));
+    }
+
     /// Waits until every earlier write is committed.
     pub fn flush(&self) {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -112,6 +118,7 @@ fn writer(mut db: Connection, rx: std::sync::mpsc::Receiver<Op>) {
                 )?;
                 let mut del =
                     tx.prepare_cached("DELETE FROM acked WHERE node = ?1 AND key = ?2")?;
+                let mut clear = tx.prepare_cached("DELETE FROM acked WHERE node = ?1")?;
                 for op in batch.drain(..) {
                     match op {
                         Op::Set(n, k, v) => {
@@ -119,6 +126,12 @@ fn writer(mut db: Connection, rx: std::sync::mpsc::Receiver<Op>) {
                         }
                         Op::Remove(n, k) => {
                             del.execute(params![n, k])?;
+                        }
+                        Op::Replace(n, held) => {
+                            clear.execute(params![n])?;
+                            for (k, v) in held {
+                                set.execute(params![n, k, v])?;
+                            }
                         }
                         Op::Flush(w) => waiters.push(w),
                     }

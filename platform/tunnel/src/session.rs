@@ -65,6 +65,42 @@ pub enum LinkEvent {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Hello {
     pub node: String,
+    /// What the node holds (object key -> resourceVersion), when its application keeps a store
+    /// ([`crate::EdgeOptions::inventory`]). A hub that has never served the node (another cloud
+    /// core served it until that core died) learns from it what not to send again and what was
+    /// deleted while the node was away: the node is the one record no core can lose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<std::collections::HashMap<String, String>>,
+}
+
+/// The most objects a hello's inventory may list.
+pub const MAX_HELD: usize = 200_000;
+
+/// Why a hello's inventory cannot be used, or `None` when it can: at most [`MAX_HELD`]
+/// entries, keys of 1 to 512 bytes, versions of 1 to 64 bytes, no control characters.
+pub(crate) fn check_held(held: &std::collections::HashMap<String, String>) -> Option<String> {
+    if held.len() > MAX_HELD {
+        return Some(format!(
+            "the inventory lists {} objects, more than {MAX_HELD}",
+            held.len()
+        ));
+    }
+    let bad = |s: &str, max: usize| s.len() > max || s.chars().any(char::is_control);
+    held.iter().find_map(|(k, rv)| {
+        if bad(k, 512) || k.is_empty() {
+            Some(format!(
+                "inventory key {:?} is empty, longer than 512 bytes or has control characters",
+                k.chars().take(80).collect::<String>()
+            ))
+        } else if bad(rv, 64) || rv.is_empty() {
+            Some(format!(
+                "inventory version {:?} of {k:?} is not a resourceVersion",
+                rv.chars().take(80).collect::<String>()
+            ))
+        } else {
+            None
+        }
+    })
 }
 
 /// The hub's answer.
@@ -227,6 +263,10 @@ pub struct Counters {
     pub certificates_issued: std::sync::atomic::AtomicU64,
     /// Certificate requests refused by the join rate limit (hub only).
     pub joins_throttled: std::sync::atomic::AtomicU64,
+    /// Hellos whose inventory the hub took as the node's delivery records (hub only).
+    pub inventories_adopted: std::sync::atomic::AtomicU64,
+    /// Hellos whose inventory was malformed or too large and was ignored (hub only).
+    pub inventories_refused: std::sync::atomic::AtomicU64,
 }
 
 impl Counters {
@@ -257,6 +297,14 @@ impl Counters {
                 self.certificates_issued.load(Relaxed),
             ),
             ("joins_throttled", self.joins_throttled.load(Relaxed)),
+            (
+                "inventories_adopted",
+                self.inventories_adopted.load(Relaxed),
+            ),
+            (
+                "inventories_refused",
+                self.inventories_refused.load(Relaxed),
+            ),
         ]
     }
 
@@ -284,6 +332,12 @@ impl Counters {
                     "queue_full" => "Offers refused because a node's queue was full",
                     "certificates_issued" => "Certificates issued or renewed",
                     "joins_throttled" => "Certificate requests refused by the join rate limit",
+                    "inventories_adopted" => {
+                        "Hellos whose inventory of held objects became the node's delivery records"
+                    }
+                    "inventories_refused" => {
+                        "Hellos with a malformed or oversized inventory, ignored"
+                    }
                     _ => "",
                 };
                 (name, help, v)

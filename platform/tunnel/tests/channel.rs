@@ -233,6 +233,52 @@ async fn offline_work_is_flushed_after_reconnect_and_restart() {
     hub.shutdown().await;
 }
 
+/// Two hubs of one cluster (one CA, each its own delivery records, as two cloud cores on two
+/// machines): the node moves to the second when the first goes away, and the second learns
+/// from the node's hello what it holds, so it sends only what changed.
+#[tokio::test]
+async fn a_hub_that_never_served_a_node_sends_it_only_what_changed() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _) = start_hub(hub_config(dir.path())).await;
+    let mut b_cfg = hub_config(dir.path());
+    b_cfg.data_dir = dir.path().join("hub-b");
+    let (b, _) = start_hub(b_cfg).await;
+    let mut cfg = edge_config(&a, dir.path(), "edge-1", Transport::Websocket);
+    cfg.cloud_alternates = vec![b.addr().to_string()];
+    sedge_tunnel::join(&cfg, &token(&a)).await.unwrap();
+    let (edge, store) = start_edge(cfg).await;
+    wait_for("edge-1 on a", 10, || a.is_connected("edge-1")).await;
+    for i in 0..3 {
+        a.send("edge-1", update(&format!("default/configmap/c{i}"), 5))
+            .await
+            .unwrap();
+    }
+    wait_for("objects at the edge", 10, || {
+        store.lock().unwrap().len() == 3
+    })
+    .await;
+    a.shutdown().await;
+    wait_for("edge-1 on b", 20, || b.is_connected("edge-1")).await;
+    assert_eq!(b.counters().get("inventories_adopted"), 1);
+    // What a resync offers: the same three (skipped), one changed, one new.
+    let mut enqueued = Vec::new();
+    for (key, rv) in [("c0", 5), ("c1", 5), ("c2", 6), ("c3", 1)] {
+        let m = update(&format!("default/configmap/{key}"), rv);
+        enqueued.push(b.send("edge-1", m).await.unwrap());
+    }
+    use sedge_tunnel::Enqueued::{Queued, Skipped};
+    assert_eq!(enqueued, [Skipped, Skipped, Queued, Queued]);
+    wait_for("changes at the edge", 10, || {
+        let s = store.lock().unwrap();
+        s.get("default/configmap/c2").map(|v| v.0.as_str()) == Some("6") && s.len() == 4
+    })
+    .await;
+    assert_eq!(b.counters().get("messages_sent"), 2);
+    edge.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test]
 async fn dead_peers_are_detected_and_the_link_recovers() {
     init_logs();

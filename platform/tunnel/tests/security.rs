@@ -504,3 +504,54 @@ async fn a_flood_of_join_requests_is_throttled() {
     assert!(hub.counters().get("joins_throttled") as usize >= throttled);
     hub.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_inventory_in_the_hello_is_bounded_and_only_speaks_for_its_own_node() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    let cfg = edge_config(&hub, dir.path(), "edge-2", Transport::Websocket);
+    sedge_tunnel::join(&cfg, &token(&hub)).await.unwrap();
+    let id = Identity::load(&cfg.data_dir).unwrap();
+    let hello_holding = |held: serde_json::Value| {
+        let h = serde_json::json!({"node": "edge-2", "held": held});
+        Message::new("hub", op::HELLO, "", h.to_string()).unacked()
+    };
+    let too_many: serde_json::Map<String, serde_json::Value> = (0..200_001)
+        .map(|i| (format!("default/configmap/c{i}"), "1".into()))
+        .collect();
+    // Bad inventories: the session is served, the inventory is ignored and counted.
+    let bad = [
+        serde_json::json!({"x".repeat(600): "1"}),
+        serde_json::json!({"default/configmap/a": "1\n2"}),
+        serde_json::json!({"default/configmap/a": "9".repeat(65)}),
+        serde_json::json!({"": "1"}),
+        serde_json::Value::Object(too_many),
+    ];
+    for (i, held) in bad.into_iter().enumerate() {
+        let mut l = ws_connect(&hub, &id).await;
+        l.tx.send(hello_holding(held).encode()).await.unwrap();
+        assert_eq!(recv(&mut l).await.unwrap().route.operation, op::WELCOME);
+        assert_eq!(hub.counters().get("inventories_refused"), i as u64 + 1);
+        assert!(hub.acked("edge-2").await.unwrap().is_empty());
+    }
+    assert_eq!(hub.counters().get("inventories_adopted"), 0);
+    // A good one becomes the node's records: what it holds is not sent again, newer is.
+    let mut l = ws_connect(&hub, &id).await;
+    let held = serde_json::json!({"default/configmap/cfg": "7"});
+    l.tx.send(hello_holding(held).encode()).await.unwrap();
+    assert_eq!(recv(&mut l).await.unwrap().route.operation, op::WELCOME);
+    assert_eq!(hub.counters().get("inventories_adopted"), 1);
+    let acked = hub.acked("edge-2").await.unwrap();
+    assert_eq!(
+        acked.get("default/configmap/cfg").map(String::as_str),
+        Some("7")
+    );
+    let sent = hub.send("edge-2", update("default/configmap/cfg", 7)).await;
+    assert_eq!(sent.unwrap(), sedge_tunnel::Enqueued::Skipped);
+    let sent = hub.send("edge-2", update("default/configmap/cfg", 8)).await;
+    assert_eq!(sent.unwrap(), sedge_tunnel::Enqueued::Queued);
+    // It speaks for edge-2 only: another node's records are untouched.
+    assert!(hub.acked("edge-1").await.unwrap().is_empty());
+    hub.shutdown().await;
+}

@@ -103,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
          INSERT INTO stats SELECT 0, 0 WHERE NOT EXISTS (SELECT 1 FROM stats);",
     )?;
     let db = Arc::new(Mutex::new(db));
+    let held = db.clone();
     let handler = sedge_tunnel::handler(move |i: Incoming| {
         let db = db.clone();
         async move {
@@ -120,6 +121,16 @@ async fn main() -> anyhow::Result<()> {
         EdgeOptions {
             handler: Some(handler),
             quic_endpoint: None,
+            inventory: Some(Arc::new(move || {
+                let db = held.lock().unwrap_or_else(|p| p.into_inner());
+                let mut st = db
+                    .prepare("SELECT key, rv FROM objects")
+                    .map_err(|e| e.to_string())?;
+                let rows = st
+                    .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.to_string())))
+                    .map_err(|e| e.to_string())?;
+                rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+            })),
         },
     )
     .await?;

@@ -32,8 +32,8 @@ pub(super) async fn run_session(
             return;
         }
     };
-    let claimed = serde_json::from_slice::<Hello>(&hello.content)
-        .map(|h| h.node)
+    let (claimed, held) = serde_json::from_slice::<Hello>(&hello.content)
+        .map(|h| (h.node, h.held))
         .unwrap_or_default();
     if claimed != node {
         Counters::inc(&inner.counters.handshake_failures);
@@ -79,6 +79,23 @@ pub(super) async fn run_session(
         let _ = old.close.send(true);
     }
     n.queue().reset();
+    // The node's inventory replaces the records: it is what the node really holds, also after
+    // another core served it. A bad one is ignored (the node then gets what the records miss
+    // again, which is safe: delivery is at-least-once and stale versions are not applied).
+    if let Some(held) = held {
+        match crate::session::check_held(&held) {
+            None => {
+                Counters::inc(&inner.counters.inventories_adopted);
+                tracing::debug!(%node, objects = held.len(), "the node's inventory replaces its delivery records");
+                inner.records.replace(&node, held.clone());
+                n.queue().adopt(held);
+            }
+            Some(why) => {
+                Counters::inc(&inner.counters.inventories_refused);
+                tracing::warn!(%node, reason = %why, "the node's inventory is ignored; its delivery records stand");
+            }
+        }
+    }
     Counters::inc(&inner.counters.sessions_opened);
     tracing::info!(%node, %remote, ?transport, session = sid, "edge connected");
     let _ = inner.events.send(LinkEvent::Connected {

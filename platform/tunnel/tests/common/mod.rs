@@ -155,6 +155,16 @@ pub async fn start_edge(cfg: EdgeConfig) -> (EdgeHub, EdgeStore) {
         EdgeOptions {
             handler: Some(handler),
             quic_endpoint: None,
+            // What it holds, sent in each hello.
+            inventory: Some({
+                let store = store.clone();
+                Arc::new(move || {
+                    let s = store.lock().unwrap();
+                    Ok(s.iter()
+                        .map(|(k, (rv, _))| (k.clone(), rv.clone()))
+                        .collect())
+                })
+            }),
         },
     )
     .await
