@@ -28,19 +28,20 @@ pub async fn run(client: kube::Client, cache: Cache) {
         return;
     }
     let mut memo = Memo::default();
-    let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
-    let binder = Binder {
+    let mut binder = Binder {
         slots: std::sync::Arc::new(tokio::sync::Semaphore::new(BINDS_IN_FLIGHT)),
-        done,
+        tasks: tokio::task::JoinSet::new(),
         stats: cache.scheduling.clone(),
     };
     loop {
         // Bindings that failed since the last pass: their pods are placed again.
-        while let Ok(uid) = finished.try_recv() {
-            memo.assumed.remove(&uid);
+        while let Some(done) = binder.tasks.try_join_next() {
+            if let Ok(Some(uid)) = done {
+                memo.assumed.remove(&uid);
+            }
         }
         let changed = cache.changed.notified();
-        schedule_pending(&client, &cache, &mut memo, &binder).await;
+        schedule_pending(&client, &cache, &mut memo, &mut binder).await;
         let _ = tokio::time::timeout(RETRY, changed).await;
     }
 }
@@ -102,21 +103,23 @@ fn feasible_to_find(n: usize) -> usize {
     (n * percent / 100).max(MIN)
 }
 
-/// Sends bindings to the API in the background, at most [`BINDS_IN_FLIGHT`] at once, and
-/// reports the uids whose binding did not take so the scheduler places them again.
+/// Sends bindings to the API in the background, at most [`BINDS_IN_FLIGHT`] at once; a task
+/// ends with the uid of a pod whose binding did not take, so the scheduler places it again.
+/// The tasks belong to the scheduler: when it stops (this core lost the controllers' Lease),
+/// the bindings not yet sent are dropped with it, not sent by a former leader.
 struct Binder {
     slots: std::sync::Arc<tokio::sync::Semaphore>,
-    done: tokio::sync::mpsc::UnboundedSender<String>,
+    tasks: tokio::task::JoinSet<Option<String>>,
     stats: std::sync::Arc<Stats>,
 }
 
 impl Binder {
     /// Binds `ns/name` (uid `uid`) to `node` once a slot is free; the caller does not wait.
-    fn bind(&self, api: Api<Pod>, ns: String, name: String, uid: String, node: String) {
-        let (slots, done, stats) = (self.slots.clone(), self.done.clone(), self.stats.clone());
-        tokio::spawn(async move {
+    fn bind(&mut self, api: Api<Pod>, ns: String, name: String, uid: String, node: String) {
+        let (slots, stats) = (self.slots.clone(), self.stats.clone());
+        self.tasks.spawn(async move {
             let Ok(_slot) = slots.acquire_owned().await else {
-                return;
+                return Some(uid);
             };
             let binding = json!({
                 "apiVersion": "v1", "kind": "Binding",
@@ -131,17 +134,18 @@ impl Binder {
                 Ok(_) => {
                     tracing::info!(%pod, %node, "scheduled");
                     stats.bound.fetch_add(1, Ordering::Relaxed);
+                    None
                 }
                 // Bound already (by an earlier pass whose assumption expired, or another
                 // scheduler): the cache shows where once it catches up.
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     stats.conflicts.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%pod, "already bound");
-                    let _ = done.send(uid);
+                    Some(uid)
                 }
                 Err(e) => {
                     tracing::warn!(%pod, error = %e, "binding failed");
-                    let _ = done.send(uid);
+                    Some(uid)
                 }
             }
         });
@@ -419,7 +423,12 @@ fn choose(
     }
 }
 
-async fn schedule_pending(client: &kube::Client, cache: &Cache, memo: &mut Memo, binder: &Binder) {
+async fn schedule_pending(
+    client: &kube::Client,
+    cache: &Cache,
+    memo: &mut Memo,
+    binder: &mut Binder,
+) {
     let pods = cache.pods.state();
     let mut pending: Vec<_> = pods
         .iter()

@@ -87,8 +87,13 @@ pub(super) async fn run_session(
             None => {
                 Counters::inc(&inner.counters.inventories_adopted);
                 tracing::debug!(%node, objects = held.len(), "the node's inventory replaces its delivery records");
-                inner.records.replace(&node, held.clone());
-                n.queue().adopt(held);
+                let mut queue = n.queue();
+                // Written to the database only when it says something new (a node coming back
+                // to the core that served it usually holds what was recorded).
+                if queue.acked() != &held {
+                    inner.records.replace(&node, held.clone());
+                }
+                queue.adopt(held);
             }
             Some(why) => {
                 Counters::inc(&inner.counters.inventories_refused);
