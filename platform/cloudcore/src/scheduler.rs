@@ -493,6 +493,8 @@ async fn schedule_pending(
             usage.entry(nodes[i].name()).or_default().add(*r);
         }
     }
+    // How many fitting nodes each pod's search stops at: the same for every pod of the pass.
+    let enough = feasible_to_find(nodes.len());
     for p in pending {
         let ns = p.namespace().unwrap_or_default();
         let name = p.name_any();
@@ -503,7 +505,6 @@ async fn schedule_pending(
             .get(&uid)
             .copied()
             .unwrap_or_else(|| requests(p));
-        let enough = feasible_to_find(nodes.len());
         match choose(p, want, &nodes, &usage, &mut memo.start, enough) {
             Ok(i) => {
                 // Assumed on its node from the decision on, so the next pod sees it there.
