@@ -80,9 +80,10 @@ struct Args {
     /// Seconds the profile covers.
     #[arg(long, default_value_t = 30)]
     perf_s: u64,
-    /// The phase profiled: `pods` (creation at the fixed rate) or `heartbeats` (the steady
-    /// heartbeats; make `--steady-s` at least `--perf-s`).
-    #[arg(long, default_value = "pods", value_parser = ["pods", "heartbeats"])]
+    /// The phase profiled: `nodes` (from a minute after the fleets' start: registration and
+    /// turning Ready), `heartbeats` (the steady heartbeats; make `--steady-s` at least `--perf-s`) or
+    /// `pods` (creation at the fixed rate).
+    #[arg(long, default_value = "pods", value_parser = ["nodes", "heartbeats", "pods"])]
     perf_phase: String,
 }
 
@@ -580,8 +581,14 @@ async fn main() -> Result<()> {
                 .spawn()?,
         );
     }
+    // The node phase's profile starts after the first minute: past the joins' handshakes, at
+    // what keeps nodes from turning Ready.
+    let mut nodes_profiler = None;
     let nodes_api = Api::<Node>::all(client.clone());
     let hollow = ListParams::default().labels(HOLLOW);
+    // Every minute, where the node phase stands (a slow phase says where it is slow).
+    let mut next_progress = Duration::from_secs(60);
+    let mut written_before = 0.0;
     let mut marks = [(0.25, None), (0.5, None), (0.75, None), (1.0, None)];
     let mut all_ready = None;
     while all_ready.is_none() {
@@ -620,6 +627,25 @@ async fn main() -> Result<()> {
             .metric("sedge_hub_nodes_connected")
             .await
             .unwrap_or(0.0);
+        if t_nodes.elapsed() >= next_progress {
+            let [written, replaced, waiting] = cloud
+                .metrics([
+                    "sedge_cloudcore_heartbeats_written_total",
+                    "sedge_cloudcore_heartbeats_replaced_total",
+                    "sedge_cloudcore_heartbeats_pending",
+                ])
+                .await;
+            println!(
+                "  after {:.0} s: {registered} registered, {ready_n} Ready, {connected:.0} connected; heartbeats written {:.0}/s over the last minute, replaced {replaced:.0} (since start), waiting {waiting:.0}",
+                t_nodes.elapsed().as_secs_f64(),
+                (written - written_before) / 60.0
+            );
+            written_before = written;
+            next_progress += Duration::from_secs(60);
+            if nodes_profiler.is_none() {
+                nodes_profiler = profile(&a, "nodes", cloud.pid())?;
+            }
+        }
         if ready_n == a.nodes && connected >= a.nodes as f64 {
             all_ready = Some(t_nodes.elapsed());
         } else if t_nodes.elapsed() > limit {
@@ -641,6 +667,9 @@ async fn main() -> Result<()> {
         } else {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+    if let Some(mut p) = nodes_profiler {
+        let _ = p.wait();
     }
     let half = marks[1].1.unwrap_or_default().as_secs_f64();
     t.row(
