@@ -119,6 +119,7 @@ impl MetaStore {
              INSERT OR IGNORE INTO revision VALUES (0, 0);",
         )
         .map_err(err)?;
+        sedge_tunnel::outbox::cap_wal(&conn).map_err(err)?;
         Ok(MetaStore {
             conn: Mutex::new(conn),
             path: p,
@@ -384,6 +385,38 @@ mod tests {
         for k in held.keys() {
             assert_eq!(&sedge_api::Key::parse(k).unwrap().to_string(), k);
         }
+    }
+
+    #[test]
+    fn the_wal_stays_small_so_a_restart_reads_little() {
+        // SQLite's defaults let a WAL grow to 4 MiB (1,000 pages) and never shrink it; a node
+        // killed without closing its store left all of it to be read at the next start.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.db");
+        let s = MetaStore::open(&path).unwrap();
+        let status = json!({"status": "x".repeat(2048)});
+        for i in 0..3000 {
+            // The same few objects written over and over, as node status and pods are.
+            s.upsert(
+                "pod",
+                "default",
+                &format!("p{}", i % 5),
+                &i.to_string(),
+                &status,
+            )
+            .unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("edge.db-wal"))
+            .unwrap()
+            .len();
+        let page = 4096 + 24;
+        assert!(
+            wal <= 2 * u64::from(sedge_tunnel::outbox::WAL_PAGES) * page,
+            "the WAL is {wal} bytes after 3,000 writes of 5 objects"
+        );
+        drop(s);
+        let s = MetaStore::open(&path).unwrap();
+        assert_eq!(s.list("pod", None).unwrap().len(), 5);
     }
 
     #[test]

@@ -527,11 +527,16 @@ async fn run(inner: Arc<EdgeInner>) {
                         }
                     }
                 }
+                // The hello is ready before the dial: the hub gives a new link
+                // `handshake_timeout_ms` to say hello, and reading the node's store can wait
+                // behind its other disk work (measured at 10,000 nodes: thousands of sessions
+                // refused for "no hello in time", each a full reconnect).
+                let hello = hello(&inner).await;
                 match connect(&inner, &id, &addr).await {
                     // Stopped while connecting: no session (it would take the node's from
                     // whoever runs the node now).
                     Ok(_) if inner.stopping() => false,
-                    Ok(link) => session(&inner, link, &id).await,
+                    Ok(link) => session(&inner, link, &id, hello).await,
                     Err(e) => {
                         tracing::warn!(node = %inner.node, cloud = %addr, transport = ?inner.cfg.transport, error = %e, retry_in = ?backoff, "connecting to the cloud failed");
                         false
@@ -638,8 +643,8 @@ async fn connect(inner: &Arc<EdgeInner>, id: &Identity, addr: &str) -> Result<Li
     }
 }
 
-/// Runs one session; returns whether it was established.
-async fn session(inner: &Arc<EdgeInner>, mut link: Link, id: &Identity) -> bool {
+/// The hello of the next session, with the node's inventory read now.
+async fn hello(inner: &Arc<EdgeInner>) -> Message {
     let node = inner.node.clone();
     let held = match inner.inventory.clone() {
         None => None,
@@ -655,11 +660,13 @@ async fn session(inner: &Arc<EdgeInner>, mut link: Link, id: &Identity) -> bool 
             }
         },
     };
-    let hello = Hello {
-        node: node.clone(),
-        held,
-    };
-    let hello = control(op::HELLO, serde_json::to_vec(&hello).unwrap_or_default());
+    let hello = Hello { node, held };
+    control(op::HELLO, serde_json::to_vec(&hello).unwrap_or_default())
+}
+
+/// Runs one session; returns whether it was established.
+async fn session(inner: &Arc<EdgeInner>, mut link: Link, id: &Identity, hello: Message) -> bool {
+    let node = inner.node.clone();
     if link.tx.send(hello.encode()).await.is_err() {
         return false;
     }
