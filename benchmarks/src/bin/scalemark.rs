@@ -258,6 +258,17 @@ impl Cloud {
         names.map(|name| metric_value(&text, name).unwrap_or(0.0))
     }
 
+    /// The heartbeat lane: written, replaced by a newer one while waiting (both since start),
+    /// waiting now.
+    async fn heartbeat_lane(&self) -> [f64; 3] {
+        self.metrics([
+            "sedge_cloudcore_heartbeats_written_total",
+            "sedge_cloudcore_heartbeats_replaced_total",
+            "sedge_cloudcore_heartbeats_pending",
+        ])
+        .await
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -628,13 +639,7 @@ async fn main() -> Result<()> {
             .await
             .unwrap_or(0.0);
         if t_nodes.elapsed() >= next_progress {
-            let [written, replaced, waiting] = cloud
-                .metrics([
-                    "sedge_cloudcore_heartbeats_written_total",
-                    "sedge_cloudcore_heartbeats_replaced_total",
-                    "sedge_cloudcore_heartbeats_pending",
-                ])
-                .await;
+            let [written, replaced, waiting] = cloud.heartbeat_lane().await;
             println!(
                 "  after {:.0} s: {registered} registered, {ready_n} Ready, {connected:.0} connected; heartbeats written {:.0}/s over the last minute, replaced {replaced:.0} (since start), waiting {waiting:.0}",
                 t_nodes.elapsed().as_secs_f64(),
@@ -650,13 +655,7 @@ async fn main() -> Result<()> {
             all_ready = Some(t_nodes.elapsed());
         } else if t_nodes.elapsed() > limit {
             let (commits, fsyncs) = store_counts(&cloud.kubeconfig());
-            let [written, replaced, waiting] = cloud
-                .metrics([
-                    "sedge_cloudcore_heartbeats_written_total",
-                    "sedge_cloudcore_heartbeats_replaced_total",
-                    "sedge_cloudcore_heartbeats_pending",
-                ])
-                .await;
+            let [written, replaced, waiting] = cloud.heartbeat_lane().await;
             println!(
                 "  at the limit: heartbeats written {written:.0}, replaced while waiting {replaced:.0}, waiting now {waiting:.0}; API store {commits:.0} commits, {fsyncs:.0} fsyncs",
             );
@@ -713,12 +712,7 @@ async fn main() -> Result<()> {
         "  API server store during those heartbeats (group commit)",
         per_fsync(store0, store_counts(&kc)),
     );
-    let [written, replaced] = cloud
-        .metrics([
-            "sedge_cloudcore_heartbeats_written_total",
-            "sedge_cloudcore_heartbeats_replaced_total",
-        ])
-        .await;
+    let [written, replaced, _] = cloud.heartbeat_lane().await;
     t.row(
         "  heartbeats written / replaced by a newer one while waiting (since start)",
         format!("{written:.0} / {replaced:.0}"),
