@@ -475,11 +475,19 @@ impl EdgeCore {
                                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
                             duration_seconds: cfg.lease_duration_seconds,
                         };
-                        send_node(
+                        // A renewal is liveness, not state: sent while connected and never
+                        // stored or resent (the next one replaces it, and one is sent on every
+                        // reconnect). Through the durable outbox each cost the node two SQLite
+                        // commits (stored, then removed on the ack) every 10 s, for good.
+                        let msg = Message::new(
+                            group::CLOUD,
                             op::UPDATE,
-                            kind::LEASE,
-                            serde_json::to_value(r).unwrap_or_default(),
+                            &Key::new(None, kind::LEASE, &node).to_string(),
+                            serde_json::to_value(r).unwrap_or_default().to_string(),
                         );
+                        if let Err(e) = hub.send_unacked(msg).await {
+                            tracing::debug!(error = %e, "lease renewal not sent");
+                        }
                     }
                 }
             }));

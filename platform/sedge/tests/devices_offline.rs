@@ -544,3 +544,61 @@ async fn an_agent_killed_mid_stream_offline_loses_no_answered_report_and_keeps_i
     agent.wait().unwrap();
     site.cloud.shutdown().await;
 }
+
+/// A Lease renewal is liveness, not state: across a link cut none is stored in the node's
+/// outbox (each would cost the node two SQLite commits, stored and then removed on the ack,
+/// every interval), and the first one after the link returns renews the Lease at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_renewals_are_never_stored_and_resume_when_the_link_returns() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (site, _core, _twin) = site().await;
+    let leases = Api::<Lease>::namespaced(site.client.clone(), "kube-node-lease");
+    let renewed = |l: &Lease| {
+        l.spec
+            .as_ref()
+            .and_then(|s| s.renew_time.as_ref())
+            .map(|t| std::time::SystemTime::from(t.0))
+    };
+    sedge_testkit::wait::until_async(
+        "the node's Lease",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            leases
+                .get_opt("edge-1")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| renewed(&l))
+        },
+    )
+    .await;
+    site.cut();
+    // Four renewals (500 ms apart) come due while the link is down.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outbox =
+        sedge_tunnel::outbox::Outbox::open(&site.cfg.tunnel.data_dir.join("outbox.db"), 1000)
+            .unwrap();
+    let waiting = outbox.after(0, 1000).unwrap();
+    let stored: Vec<&str> = waiting
+        .iter()
+        .map(|(_, m)| m.route.resource.as_str())
+        .filter(|r| r.contains("/lease/"))
+        .collect();
+    assert!(
+        stored.is_empty(),
+        "renewals stored in the outbox: {stored:?}"
+    );
+    let healed = std::time::SystemTime::now();
+    site.proxy.faults.heal();
+    sedge_testkit::wait::until_async(
+        "the Lease renewed after the link returned",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async {
+            let l = leases.get_opt("edge-1").await.ok().flatten()?;
+            renewed(&l).filter(|&t| t >= healed)
+        },
+    )
+    .await;
+}
