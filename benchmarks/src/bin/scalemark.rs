@@ -1047,7 +1047,7 @@ async fn main() -> Result<()> {
         },
     )
     .await?
-        + up;
+        + connected; // counted from the restart, as the other two
     tokio::time::sleep(Duration::from_secs(5)).await;
     let sent = cloud
         .metric("sedge_hub_messages_sent_total")
