@@ -92,6 +92,14 @@ struct Args {
     perf_phase: String,
 }
 
+impl Args {
+    /// Thousands of nodes (at least 1): how far apart the checks that read every Node or
+    /// Lease are spaced, so the benchmark does not load the cloud it measures.
+    fn per_thousand_nodes(&self) -> u64 {
+        (self.nodes as u64 / 1000).max(1)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Runs hollow edge nodes (started by the benchmark itself).
@@ -616,7 +624,7 @@ async fn main() -> Result<()> {
     // The Nodes are listed every `every` only: listing 10,000 Nodes (35 MB of JSON) each second
     // took 40% of the cloud's CPU in this phase's profile, taking it from the heartbeats measured.
     // The hub's count of connected nodes (a metric) is read each second.
-    let every = Duration::from_secs((a.nodes as u64 / 1000).max(1));
+    let every = Duration::from_secs(a.per_thousand_nodes());
     let (mut registered, mut ready_n, mut listed) = (0, 0, None::<Instant>);
     while all_ready.is_none() {
         if listed.is_none_or(|at| at.elapsed() >= every) {
@@ -1017,7 +1025,7 @@ async fn main() -> Result<()> {
     let leases = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
     // Every Lease is read each time: at 10,000 nodes (7 MB of JSON) every 250 ms would load the
     // cloud whose recovery is measured, so the check runs every 250 ms per 1,000 nodes.
-    let every = Duration::from_millis(250 * (a.nodes as u64 / 1000).max(1));
+    let every = Duration::from_millis(250 * a.per_thousand_nodes());
     let renewed = wait_until(
         "every Lease renewed after the restart",
         limit,

@@ -437,12 +437,12 @@ impl EdgeCore {
                 ));
                 let mut lease_tick =
                     tokio::time::interval(Duration::from_millis(cfg.lease_interval_ms.max(100)));
-                let send_node = |op_: &str, k: &str, body: Value| {
+                let node_message = |op_: &str, k: &str, body: Value| {
                     let key = Key::new(None, k, &node);
-                    reports.send((
-                        Message::new(group::CLOUD, op_, &key.to_string(), body.to_string()),
-                        Policy::LatestWins,
-                    ));
+                    Message::new(group::CLOUD, op_, &key.to_string(), body.to_string())
+                };
+                let send_node = |op_: &str, k: &str, body: Value| {
+                    reports.send((node_message(op_, k, body), Policy::LatestWins));
                 };
                 let mut first = true;
                 loop {
@@ -479,11 +479,10 @@ impl EdgeCore {
                         // stored or resent (the next one replaces it, and one is sent on every
                         // reconnect). Through the durable outbox each cost the node two SQLite
                         // commits (stored, then removed on the ack) every 10 s, for good.
-                        let msg = Message::new(
-                            group::CLOUD,
+                        let msg = node_message(
                             op::UPDATE,
-                            &Key::new(None, kind::LEASE, &node).to_string(),
-                            serde_json::to_value(r).unwrap_or_default().to_string(),
+                            kind::LEASE,
+                            serde_json::to_value(r).unwrap_or_default(),
                         );
                         if let Err(e) = hub.send_unacked(msg).await {
                             tracing::debug!(error = %e, "lease renewal not sent");

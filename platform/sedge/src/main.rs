@@ -61,8 +61,6 @@ enum Mapper {
     Modbus(sedge_modbus_mapper::MapperArgs),
 }
 
-/// Runs the command; a failure is one line on stderr, `error: <what>: <why>...` (never a
-/// backtrace, whatever `RUST_BACKTRACE` says), and exit code 1.
 /// jemalloc, not glibc malloc: under the cloud's many threads glibc's per-thread arenas held
 /// about twice the memory in use (2,000 nodes: 987 MiB steady, 496 MiB with two arenas; see
 /// benchmarks/README.md, "the cloud's memory").
@@ -70,6 +68,8 @@ enum Mapper {
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Runs the command; a failure is one line on stderr, `error: <what>: <why>...` (never a
+/// backtrace, whatever `RUST_BACKTRACE` says), and exit code 1.
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
