@@ -1,5 +1,6 @@
-//! Node lifecycle: an edge node whose lease is older than the grace is marked `Ready=Unknown`
-//! and tainted `node.kubernetes.io/unreachable`; a fresh lease removes the taint.
+//! Node lifecycle: an edge node not heard from for longer than the grace (neither a Lease
+//! renewal nor a node status heartbeat) is marked `Ready=Unknown` and tainted
+//! `node.kubernetes.io/unreachable`; once it reports Ready again the taint goes.
 //!
 //! Pods on an unreachable edge node are not deleted by default: the taint's effect is
 //! `NoSchedule`, so new pods go elsewhere while the node keeps running what it has (an edge that
@@ -129,9 +130,9 @@ async fn check(client: &kube::Client, cache: &Cache, s: &Settings) -> Result<(),
             .get(&ObjectRef::new(&name).within("kube-node-lease"))
             .and_then(|l| l.spec.as_ref().and_then(|s| s.renew_time.clone()))
             .map(|t| t.0);
-        // A node that never renewed counts from its creation.
-        let since = renewed.or_else(|| node.metadata.creation_timestamp.as_ref().map(|t| t.0));
-        let Some(since) = since else { continue };
+        let Some(since) = last_heard(&node, renewed) else {
+            continue;
+        };
         let age = now.as_second() - since.as_second();
         let stale = age > s.grace.as_secs() as i64;
         let taints: Vec<Value> = node
@@ -211,6 +212,27 @@ async fn check(client: &kube::Client, cache: &Cache, s: &Settings) -> Result<(),
 }
 
 /// With `NoExecute`: deletes the node's pods that do not tolerate the taint for long enough.
+/// When `node` was last heard from: its Lease renewal or its Ready condition's heartbeat,
+/// whichever is newer (kube-controller-manager's node lifecycle counts both); a node never heard
+/// from counts from its creation. With the Lease alone, a node that reported Ready after a link
+/// cut, seen before its renewal reached the cache, was marked Unknown again and stayed so until
+/// its next status, 60 s later.
+fn last_heard(
+    node: &Node,
+    renewed: Option<k8s_openapi::jiff::Timestamp>,
+) -> Option<k8s_openapi::jiff::Timestamp> {
+    let beat = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_heartbeat_time.as_ref())
+        .map(|t| t.0);
+    renewed
+        .max(beat)
+        .or_else(|| node.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
 async fn evict(
     client: &kube::Client,
     cache: &Cache,
@@ -258,4 +280,46 @@ fn tolerated_seconds(p: &Pod) -> Option<i64> {
         }
     }
     Some(300)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(heartbeat: Option<&str>) -> Node {
+        let mut n = json!({
+            "metadata": {"name": "n", "creationTimestamp": "2026-12-03T10:00:00Z"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        });
+        if let Some(t) = heartbeat {
+            n["status"]["conditions"][0]["lastHeartbeatTime"] = json!(t);
+        }
+        serde_json::from_value(n).unwrap()
+    }
+
+    fn at(t: &str) -> k8s_openapi::jiff::Timestamp {
+        t.parse().unwrap()
+    }
+
+    #[test]
+    fn a_node_is_last_heard_at_its_newest_lease_renewal_or_status_heartbeat() {
+        let (older, newer) = ("2026-12-03T10:01:00Z", "2026-12-03T10:02:00Z");
+        // A status newer than the Lease (the renewal not seen yet) counts.
+        assert_eq!(
+            last_heard(&node(Some(newer)), Some(at(older))),
+            Some(at(newer))
+        );
+        // A renewal newer than the status counts.
+        assert_eq!(
+            last_heard(&node(Some(older)), Some(at(newer))),
+            Some(at(newer))
+        );
+        assert_eq!(last_heard(&node(None), Some(at(older))), Some(at(older)));
+        assert_eq!(last_heard(&node(Some(older)), None), Some(at(older)));
+        // Never heard from: from its creation.
+        assert_eq!(
+            last_heard(&node(None), None),
+            Some(at("2026-12-03T10:00:00Z"))
+        );
+    }
 }
