@@ -252,12 +252,7 @@ impl Cloud {
 
     /// The cloud's `/metrics` page.
     async fn metrics_text(&self) -> Option<String> {
-        reqwest::get(format!("http://{}/metrics", self.metrics))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()
+        metrics_text(&self.metrics).await
     }
 
     /// One value of the cloud's `/metrics`.
@@ -286,6 +281,20 @@ impl Cloud {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The hub's reconnect counters since the cloud started: nodes connected, sessions opened,
+/// handshakes failed (TLS or hello), connections shed and evicted at the handshake cap.
+async fn reconnect_counters(metrics: &str) -> [f64; 5] {
+    let text = metrics_text(metrics).await.unwrap_or_default();
+    [
+        "sedge_hub_nodes_connected",
+        "sedge_hub_sessions_opened_total",
+        "sedge_hub_handshake_failures_total",
+        "sedge_hub_handshakes_shed_total",
+        "sedge_hub_handshakes_evicted_total",
+    ]
+    .map(|name| metric_value(&text, name).unwrap_or(0.0))
 }
 
 /// Whatever the benchmark ends with, its processes go with it.
@@ -429,6 +438,16 @@ fn dir_size(dir: &Path) -> u64 {
 }
 
 /// The value of `name` in a Prometheus text page.
+/// The `/metrics` page served at `addr`.
+async fn metrics_text(addr: &str) -> Option<String> {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
 fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.split_whitespace().next() == Some(name))
@@ -1011,6 +1030,24 @@ async fn main() -> Result<()> {
     let client = cloud.client(Duration::from_secs(120)).await?;
     let up = t_restart.elapsed();
     let n = a.nodes as f64;
+    // What the hub did with the crowd, printed every 10 s while it reconnects: sessions opened,
+    // handshakes that failed or timed out (hellos included), connections shed or evicted at the
+    // cap on pending handshakes.
+    let progress = {
+        let metrics = cloud.metrics.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let [c, opened, failed, shed, evicted] = reconnect_counters(&metrics).await;
+                eprintln!(
+                    "  reconnect {:>4.0} s: {c:.0} connected; sessions opened {opened:.0}, \
+                     handshakes failed {failed:.0}, shed {shed:.0}, evicted {evicted:.0}",
+                    started.elapsed().as_secs_f64() + up.as_secs_f64()
+                );
+            }
+        })
+    };
     let connected = wait_until(
         "every node connected again",
         limit,
@@ -1056,6 +1093,8 @@ async fn main() -> Result<()> {
     )
     .await?
         + connected; // counted from the restart, as the other two
+    progress.abort();
+    let [_, opened, failed, shed, evicted] = reconnect_counters(&cloud.metrics).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let sent = cloud
         .metric("sedge_hub_messages_sent_total")
@@ -1069,6 +1108,10 @@ async fn main() -> Result<()> {
             connected.as_secs_f64(),
             renewed.as_secs_f64()
         ),
+    );
+    t.row(
+        "reconnect: sessions opened / handshakes failed / shed / evicted",
+        format!("{opened:.0} / {failed:.0} / {shed:.0} / {evicted:.0}"),
     );
     t.row(
         "objects the hub sent again after the restart (of the nodes' pods)",

@@ -69,6 +69,11 @@ pub struct HubConfig {
     /// Connections still handshaking, at most; more are closed at once (keeps a flood of idle
     /// sockets from starving good nodes).
     pub max_pending_handshakes: usize,
+    /// TLS handshakes worked on at once; the other pending connections wait their turn (within
+    /// `handshake_timeout_ms`, else they are closed and counted as shed). Thousands at once on
+    /// a few cores (every node reconnecting after a cloud restart) made each take longer than
+    /// the timeout, so their work was lost and the nodes backed off.
+    pub max_concurrent_handshakes: usize,
     /// Lifetime of node certificates issued on join and rotation.
     pub node_cert_days: u64,
     /// Lifetime of join tokens created without an explicit TTL.
@@ -92,6 +97,7 @@ impl Default for HubConfig {
             max_frame_bytes: DEFAULT_MAX_FRAME,
             handshake_timeout_ms: 10_000,
             max_pending_handshakes: 4_096,
+            max_concurrent_handshakes: 128,
             node_cert_days: 30,
             default_token_ttl_hours: 24,
         }

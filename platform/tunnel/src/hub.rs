@@ -17,7 +17,7 @@ use hyper::body::Incoming as Body;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
@@ -102,6 +102,14 @@ struct Node {
 }
 
 impl Node {
+    fn new(name: &str, acked: HashMap<String, String>) -> Arc<Node> {
+        Arc::new(Node {
+            name: name.into(),
+            queue: Mutex::new(NodeQueue::with_acked(acked)),
+            notify: Notify::new(),
+            session: Mutex::new(None),
+        })
+    }
     fn queue(&self) -> std::sync::MutexGuard<'_, NodeQueue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -127,6 +135,8 @@ struct Inner {
     records: Arc<Records>,
     nodes: Mutex<HashMap<String, Arc<Node>>>,
     loading: tokio::sync::Mutex<()>,
+    /// Slots for handshakes being worked on (`max_concurrent_handshakes`).
+    working: Arc<Semaphore>,
     events: broadcast::Sender<LinkEvent>,
     handler: Handler,
     owner_of: Option<OwnerLookup>,
@@ -196,6 +206,21 @@ impl Hub {
         let db = cfg.data_dir.join("hub.db");
         let tokens = Arc::new(TokenStore::open(&db, &cfg.pki_dir, &ca_hash)?);
         let records = Arc::new(Records::open(&db)?);
+        // Every node's delivery records in one read: after a restart all nodes reconnect at
+        // once, and loading each one's records as it connects went one node at a time.
+        let preloaded = {
+            let records = records.clone();
+            tokio::task::spawn_blocking(move || records.load_all())
+                .await
+                .map_err(|e| TunnelError::Store(e.to_string()))??
+        };
+        let nodes: HashMap<String, Arc<Node>> = preloaded
+            .into_iter()
+            .map(|(name, acked)| {
+                let n = Node::new(&name, acked);
+                (name, n)
+            })
+            .collect();
         let listener = TcpListener::bind(&cfg.listen)
             .await
             .map_err(|e| TunnelError::Config(format!("listen {}: {e}", cfg.listen)))?;
@@ -223,8 +248,9 @@ impl Hub {
             ca_hash,
             tokens,
             records,
-            nodes: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(nodes),
             loading: tokio::sync::Mutex::new(()),
+            working: Arc::new(Semaphore::new(cfg.max_concurrent_handshakes.max(1))),
             events: broadcast::channel(4096).0,
             handler,
             owner_of: opts.owner_of,
@@ -523,12 +549,7 @@ impl Inner {
         let acked = tokio::task::spawn_blocking(move || records.load(&owned))
             .await
             .map_err(|e| TunnelError::Store(e.to_string()))??;
-        let n = Arc::new(Node {
-            name: name.into(),
-            queue: Mutex::new(NodeQueue::with_acked(acked)),
-            notify: Notify::new(),
-            session: Mutex::new(None),
-        });
+        let n = Node::new(name, acked);
         self.nodes
             .lock()
             .unwrap_or_else(|p| p.into_inner())

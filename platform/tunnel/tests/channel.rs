@@ -416,3 +416,37 @@ async fn certificates_renew_over_mtls_without_a_token() {
     edge.shutdown().await;
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_connecting_at_once_waits_for_handshake_slots_instead_of_being_shed() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut hcfg = hub_config(dir.path());
+    // Two TLS handshakes at a time for 30 nodes arriving together: the others wait their
+    // turn, and every slot comes back (a slot kept by a finished handshake would leave the
+    // last nodes waiting until they are shed).
+    hcfg.max_concurrent_handshakes = 2;
+    let (hub, _) = start_hub(hcfg).await;
+    let t = token(&hub);
+    let mut cfgs = Vec::new();
+    for i in 0..30 {
+        let cfg = edge_config(
+            &hub,
+            dir.path(),
+            &format!("crowd-{i}"),
+            Transport::Websocket,
+        );
+        sedge_tunnel::join(&cfg, &t).await.unwrap();
+        cfgs.push(cfg);
+    }
+    let sessions_before = hub.counters().get("sessions_opened");
+    let edges = futures::future::join_all(cfgs.into_iter().map(start_edge)).await;
+    wait_for("all 30 nodes connected", 20, || hub.connected().len() == 30).await;
+    assert_eq!(hub.counters().get("handshakes_shed"), 0);
+    assert_eq!(hub.counters().get("handshake_failures"), 0);
+    assert_eq!(hub.counters().get("sessions_opened") - sessions_before, 30);
+    for (e, _) in edges {
+        e.shutdown().await;
+    }
+    hub.shutdown().await;
+}

@@ -50,11 +50,14 @@ pub(super) async fn accept_tcp(
                 Counters::inc(&inner.counters.handshake_failures);
                 return;
             };
+            let Some(working) = work_slot(&inner).await else {
+                return;
+            };
             let accept = async { acceptor.accept(sock).await.map_err(|e| e.to_string()) };
             let Some(tls) = handshake(&inner, remote, "TLS handshake", accept).await else {
                 return;
             };
-            drop(permit);
+            drop((permit, working));
             let der = tls
                 .get_ref()
                 .1
@@ -202,6 +205,10 @@ pub(super) async fn accept_quic(inner: Arc<Inner>, ep: quinn::Endpoint, sem: Arc
         let inner = inner.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
+            let Some(working) = work_slot(&inner).await else {
+                incoming.refuse();
+                return;
+            };
             let setup = async {
                 let conn = incoming.await.map_err(|e| e.to_string())?;
                 let node = conn
@@ -230,10 +237,23 @@ pub(super) async fn accept_quic(inner: Arc<Inner>, ep: quinn::Endpoint, sem: Arc
             else {
                 return;
             };
-            drop(permit);
+            drop((permit, working));
             let max = inner.cfg.max_frame_bytes;
             run_session(inner, node, fingerprint, link::quic(conn, send, recv, max)).await;
         });
+    }
+}
+
+/// A slot to work on one more handshake (`max_concurrent_handshakes`), waited for within the
+/// handshake timeout; `None` (counted as shed): close the connection, the node tries again later.
+pub(super) async fn work_slot(inner: &Inner) -> Option<OwnedSemaphorePermit> {
+    let limit = Duration::from_millis(inner.cfg.handshake_timeout_ms);
+    match tokio::time::timeout(limit, inner.working.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => Some(slot),
+        _ => {
+            Counters::inc(&inner.counters.handshakes_shed);
+            None
+        }
     }
 }
 
