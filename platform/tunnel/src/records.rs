@@ -97,6 +97,7 @@ impl Records {
             .map_err(err)?;
         rows.collect::<Result<_, _>>().map_err(err)
     }
+
     /// Everything every node has acknowledged, in one read (blocking; call from
     /// `spawn_blocking`).
     pub fn load_all(&self) -> Result<HashMap<String, HashMap<String, String>>, TunnelError> {

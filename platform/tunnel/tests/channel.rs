@@ -427,7 +427,10 @@ async fn a_crowd_connecting_at_once_waits_for_handshake_slots_instead_of_being_s
     // last nodes waiting until they are shed).
     hcfg.max_concurrent_handshakes = 2;
     let (hub, _) = start_hub(hcfg).await;
-    let t = token(&hub);
+    let (t, _) = hub
+        .tokens()
+        .create_with(Duration::from_secs(3600), "crowd", 30, None)
+        .unwrap();
     let mut cfgs = Vec::new();
     for i in 0..30 {
         let cfg = edge_config(
