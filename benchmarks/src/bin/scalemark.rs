@@ -262,8 +262,7 @@ impl Cloud {
 
     /// Several values of the cloud's `/metrics`, from one read of it (0 for a missing one).
     async fn metrics<const N: usize>(&self, names: [&str; N]) -> [f64; N] {
-        let text = self.metrics_text().await.unwrap_or_default();
-        names.map(|name| metric_value(&text, name).unwrap_or(0.0))
+        metrics_at(&self.metrics, names).await
     }
 
     /// The heartbeat lane: written, replaced by a newer one while waiting (both since start),
@@ -286,15 +285,17 @@ impl Cloud {
 /// The hub's reconnect counters since the cloud started: nodes connected, sessions opened,
 /// handshakes failed (TLS or hello), connections shed and evicted at the handshake cap.
 async fn reconnect_counters(metrics: &str) -> [f64; 5] {
-    let text = metrics_text(metrics).await.unwrap_or_default();
-    [
-        "sedge_hub_nodes_connected",
-        "sedge_hub_sessions_opened_total",
-        "sedge_hub_handshake_failures_total",
-        "sedge_hub_handshakes_shed_total",
-        "sedge_hub_handshakes_evicted_total",
-    ]
-    .map(|name| metric_value(&text, name).unwrap_or(0.0))
+    metrics_at(
+        metrics,
+        [
+            "sedge_hub_nodes_connected",
+            "sedge_hub_sessions_opened_total",
+            "sedge_hub_handshake_failures_total",
+            "sedge_hub_handshakes_shed_total",
+            "sedge_hub_handshakes_evicted_total",
+        ],
+    )
+    .await
 }
 
 /// Whatever the benchmark ends with, its processes go with it.
@@ -437,7 +438,6 @@ fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The value of `name` in a Prometheus text page.
 /// The `/metrics` page served at `addr`.
 async fn metrics_text(addr: &str) -> Option<String> {
     reqwest::get(format!("http://{addr}/metrics"))
@@ -448,6 +448,13 @@ async fn metrics_text(addr: &str) -> Option<String> {
         .ok()
 }
 
+/// Several values of the `/metrics` page at `addr`, from one read of it (0 for a missing one).
+async fn metrics_at<const N: usize>(addr: &str, names: [&str; N]) -> [f64; N] {
+    let text = metrics_text(addr).await.unwrap_or_default();
+    names.map(|name| metric_value(&text, name).unwrap_or(0.0))
+}
+
+/// The value of `name` in a Prometheus text page.
 fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.split_whitespace().next() == Some(name))
