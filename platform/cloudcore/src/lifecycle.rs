@@ -1,6 +1,12 @@
 //! Node lifecycle: an edge node not heard from for longer than the grace (neither a Lease
-//! renewal nor a node status heartbeat) is marked `Ready=Unknown` and tainted
-//! `node.kubernetes.io/unreachable`; once it reports Ready again the taint goes.
+//! renewal nor a node status heartbeat, written or still waiting in this core's heartbeat lane)
+//! is marked `Ready=Unknown` and tainted `node.kubernetes.io/unreachable`; once it reports Ready
+//! again the taint goes.
+//!
+//! The lane counts because under load the API writes heartbeats later than nodes send them: a
+//! node whose heartbeat this core holds is alive however old its Lease object is. With several
+//! cloud cores, a node served by another core than the one running the lifecycle is judged by
+//! its Lease and status alone (that core's lane is not visible here).
 //!
 //! Pods on an unreachable edge node are not deleted by default: the taint's effect is
 //! `NoSchedule`, so new pods go elsewhere while the node keeps running what it has (an edge that
@@ -130,7 +136,8 @@ async fn check(client: &kube::Client, cache: &Cache, s: &Settings) -> Result<(),
             .get(&ObjectRef::new(&name).within("kube-node-lease"))
             .and_then(|l| l.spec.as_ref().and_then(|s| s.renew_time.clone()))
             .map(|t| t.0);
-        let Some(since) = last_heard(&node, renewed) else {
+        let held = cache.heartbeats.heard(&name);
+        let Some(since) = last_heard(&node, renewed, held) else {
             continue;
         };
         let age = now.as_second() - since.as_second();
@@ -211,15 +218,15 @@ async fn check(client: &kube::Client, cache: &Cache, s: &Settings) -> Result<(),
     Ok(())
 }
 
-/// With `NoExecute`: deletes the node's pods that do not tolerate the taint for long enough.
-/// When `node` was last heard from: its Lease renewal or its Ready condition's heartbeat,
-/// whichever is newer (kube-controller-manager's node lifecycle counts both); a node never heard
-/// from counts from its creation. With the Lease alone, a node that reported Ready after a link
-/// cut, seen before its renewal reached the cache, was marked Unknown again and stayed so until
-/// its next status, 60 s later.
+/// When `node` was last heard from: its Lease renewal, its Ready condition's heartbeat or the
+/// arrival of a heartbeat `held` in this core's lane, whichever is newest (kube-controller-manager's
+/// node lifecycle counts the first two); a node never heard from counts from its creation. With
+/// the Lease alone, a node that reported Ready after a link cut, seen before its renewal reached
+/// the cache, was marked Unknown again and stayed so until its next status, 60 s later.
 fn last_heard(
     node: &Node,
     renewed: Option<k8s_openapi::jiff::Timestamp>,
+    held: Option<k8s_openapi::jiff::Timestamp>,
 ) -> Option<k8s_openapi::jiff::Timestamp> {
     let beat = node
         .status
@@ -230,9 +237,11 @@ fn last_heard(
         .map(|t| t.0);
     renewed
         .max(beat)
+        .max(held)
         .or_else(|| node.metadata.creation_timestamp.as_ref().map(|t| t.0))
 }
 
+/// With `NoExecute`: deletes the node's pods that do not tolerate the taint for long enough.
 async fn evict(
     client: &kube::Client,
     cache: &Cache,
@@ -306,19 +315,37 @@ mod tests {
         let (older, newer) = ("2026-12-03T10:01:00Z", "2026-12-03T10:02:00Z");
         // A status newer than the Lease (the renewal not seen yet) counts.
         assert_eq!(
-            last_heard(&node(Some(newer)), Some(at(older))),
+            last_heard(&node(Some(newer)), Some(at(older)), None),
             Some(at(newer))
         );
         // A renewal newer than the status counts.
         assert_eq!(
-            last_heard(&node(Some(older)), Some(at(newer))),
+            last_heard(&node(Some(older)), Some(at(newer)), None),
             Some(at(newer))
         );
-        assert_eq!(last_heard(&node(None), Some(at(older))), Some(at(older)));
-        assert_eq!(last_heard(&node(Some(older)), None), Some(at(older)));
+        assert_eq!(
+            last_heard(&node(None), Some(at(older)), None),
+            Some(at(older))
+        );
+        assert_eq!(last_heard(&node(Some(older)), None, None), Some(at(older)));
+        // A heartbeat held in the lane, not yet written, is newer than both.
+        let held = "2026-12-03T10:03:00Z";
+        assert_eq!(
+            last_heard(&node(Some(older)), Some(at(newer)), Some(at(held))),
+            Some(at(held))
+        );
+        assert_eq!(
+            last_heard(&node(None), None, Some(at(held))),
+            Some(at(held))
+        );
+        // ...and never makes a node older than its Lease says.
+        assert_eq!(
+            last_heard(&node(None), Some(at(newer)), Some(at(older))),
+            Some(at(newer))
+        );
         // Never heard from: from its creation.
         assert_eq!(
-            last_heard(&node(None), None),
+            last_heard(&node(None), None, None),
             Some(at("2026-12-03T10:00:00Z"))
         );
     }
