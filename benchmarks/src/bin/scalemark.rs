@@ -526,6 +526,223 @@ impl Table {
     }
 }
 
+/// Phase 4: `nodes x pods_per_node` pods created at `a.rate`; how long each took to run.
+async fn pods_phase(
+    a: &Args,
+    client: &kube::Client,
+    cloud: &Cloud,
+    kc: &Path,
+    sampler: &Sampler,
+    limit: Duration,
+    t: &mut Table,
+) -> Result<()> {
+    let total = a.nodes * a.pods_per_node;
+    // A namespace of its own: a --dir kept from an earlier run still holds that run's pods.
+    let ns = format!(
+        "scale-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
+        .await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let running: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let bound: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    // Wall clocks (the agents run on this machine): when the binding was seen, the pod's
+    // `status.startTime` (set by its node when it started the pod, whole seconds) and when
+    // `Running` was seen. They split bound -> Running into delivery and the report back.
+    let walls: Arc<Mutex<std::collections::HashMap<String, [Option<f64>; 3]>>> = Arc::default();
+    let (seen, seen_bound, seen_walls) = (running.clone(), bound.clone(), walls.clone());
+    let w = tokio::spawn({
+        let pods = pods.clone();
+        async move {
+            let stream = watcher(pods, watcher::Config::default().labels("bench=scale"))
+                .default_backoff()
+                .applied_objects();
+            futures::pin_mut!(stream);
+            while let Some(Ok(p)) = stream.next().await {
+                let on_node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                let wall = |w: &mut Option<f64>| {
+                    w.get_or_insert_with(|| {
+                        SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs_f64()
+                    });
+                };
+                if on_node.is_some_and(|n| !n.is_empty()) {
+                    seen_bound
+                        .lock()
+                        .unwrap()
+                        .entry(p.metadata.name.clone().unwrap_or_default())
+                        .or_insert_with(Instant::now);
+                    let mut walls = seen_walls.lock().unwrap();
+                    let w = walls
+                        .entry(p.metadata.name.clone().unwrap_or_default())
+                        .or_default();
+                    wall(&mut w[0]);
+                }
+                if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+                    let mut walls = seen_walls.lock().unwrap();
+                    let w = walls
+                        .entry(p.metadata.name.clone().unwrap_or_default())
+                        .or_default();
+                    if let Some(t) = p.status.as_ref().and_then(|s| s.start_time.as_ref()) {
+                        w[1].get_or_insert(t.0.as_second() as f64);
+                    }
+                    wall(&mut w[2]);
+                    drop(walls);
+                    let name = p.metadata.name.unwrap_or_default();
+                    seen.lock()
+                        .unwrap()
+                        .entry(name)
+                        .or_insert_with(Instant::now);
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let created: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let store0 = store_counts(kc);
+    let (rv0, cpu0, t_pods) = (
+        revision(client).await?,
+        cpu_seconds(Some(cloud.pid())),
+        Instant::now(),
+    );
+    let profiler = profile(a, "pods", cloud.pid())?;
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut errors = 0usize;
+    let mut creates = Vec::with_capacity(total);
+    for i in 0..total {
+        let at = t_pods + Duration::from_secs_f64(i as f64 / a.rate);
+        tokio::time::sleep_until(at.into()).await;
+        let permit = sem.clone().acquire_owned().await?;
+        let (pods, created, bind) = (pods.clone(), created.clone(), a.bind);
+        let node = node_name(i % a.nodes);
+        creates.push(tokio::spawn(async move {
+            let _p = permit;
+            let name = format!("scale-{i:07}");
+            let mut spec = json!({"terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]});
+            if bind {
+                spec["nodeName"] = json!(node);
+            }
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"bench": "scale"}}, "spec": spec
+            }))
+            .expect("a pod");
+            let t = Instant::now();
+            let r = pods.create(&PostParams::default(), &pod).await;
+            created.lock().unwrap().push((name, t));
+            r.map(drop)
+        }));
+    }
+    for c in creates {
+        if !matches!(c.await, Ok(Ok(()))) {
+            errors += 1;
+        }
+    }
+    let create_s = t_pods.elapsed().as_secs_f64();
+    let _ = wait_until(
+        "every pod Running",
+        limit,
+        Duration::from_millis(250),
+        || {
+            let n = running.lock().unwrap().len();
+            async move { Ok(n + errors >= total) }
+        },
+    )
+    .await;
+    let all_s = t_pods.elapsed().as_secs_f64();
+    if let Some(mut p) = profiler {
+        tokio::task::spawn_blocking(move || p.wait()).await??;
+    }
+    let (rv1, cpu1) = (revision(client).await?, cpu_seconds(Some(cloud.pid())));
+    w.abort();
+    let (mut lat, mut to_bind, mut to_run) = {
+        let (run, bound) = (running.lock().unwrap(), bound.lock().unwrap());
+        let created = created.lock().unwrap();
+        let since = |at: &std::collections::HashMap<String, Instant>,
+                     from: &dyn Fn(&str) -> Option<Instant>|
+         -> Vec<f64> {
+            created
+                .iter()
+                .filter_map(|(n, _)| {
+                    Some(at.get(n)?.saturating_duration_since(from(n)?).as_secs_f64())
+                })
+                .collect()
+        };
+        let created_at: std::collections::HashMap<&str, Instant> =
+            created.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        (
+            since(&run, &|n| created_at.get(n).copied()),
+            since(&bound, &|n| created_at.get(n).copied()),
+            since(&run, &|n| bound.get(n).copied()),
+        )
+    };
+    t.row(
+        "pods created (achieved rate), create errors",
+        format!(
+            "{total} in {create_s:.1} s ({:.1}/s), {errors}",
+            total as f64 / create_s
+        ),
+    );
+    t.row(
+        &format!(
+            "pod start-up, create -> Running (p50 / p99 / max; {})",
+            if a.bind { "bound" } else { "scheduled" }
+        ),
+        format!("{} ({} of {total} Running)", dist(&mut lat), lat.len()),
+    );
+    if !a.bind {
+        t.row(
+            "  of which create -> bound / bound -> Running (p50 / p99 / max)",
+            format!("{} / {}", dist(&mut to_bind), dist(&mut to_run)),
+        );
+    }
+    // bound -> Running split at the node's start time (whole seconds: +-1 s).
+    let (mut deliver, mut report): (Vec<f64>, Vec<f64>) = walls
+        .lock()
+        .unwrap()
+        .values()
+        .filter_map(|w| match w {
+            [Some(b), Some(s), Some(r)] => Some(((s - b.floor()).max(0.0), (r - s).max(0.0))),
+            _ => None,
+        })
+        .unzip();
+    t.row(
+        "  bound -> started on the node / started -> Running seen (p50 / p99 / max; 1 s resolution)",
+        format!("{} / {}", dist(&mut deliver), dist(&mut report)),
+    );
+    t.row(
+        "while creating: API writes/s, cloud CPU, cloud peak RSS",
+        load(rv1 - rv0, cpu1 - cpu0, all_s, sampler.peak_mib()),
+    );
+    t.row(
+        "  API server store while creating (group commit)",
+        per_fsync(store0, store_counts(kc)),
+    );
+    if !a.bind {
+        let [passes, bound, conflicts] = cloud
+            .metrics([
+                "sedge_cloudcore_scheduler_passes_total",
+                "sedge_cloudcore_scheduler_bindings_total",
+                "sedge_cloudcore_scheduler_binding_conflicts_total",
+            ])
+            .await;
+        t.row(
+            "scheduler: passes with pods to place, bindings, refused as bound already",
+            format!("{passes:.0}, {bound:.0}, {conflicts:.0}"),
+        );
+    }
+    Ok(())
+}
+
 /// Checks `done` every `every` until it holds; how long that took.
 async fn wait_until<F, Fut>(
     what: &str,
@@ -801,209 +1018,10 @@ async fn main() -> Result<()> {
     );
 
     // 4. Pods at a fixed rate.
-    let total = a.nodes * a.pods_per_node;
-    // A namespace of its own: a --dir kept from an earlier run still holds that run's pods.
-    let ns = format!(
-        "scale-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-    );
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
-        )
-        .await?;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    let running: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
-    let bound: Arc<Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
-    // Wall clocks (the agents run on this machine): when the binding was seen, the pod's
-    // `status.startTime` (set by its node when it started the pod, whole seconds) and when
-    // `Running` was seen. They split bound -> Running into delivery and the report back.
-    let walls: Arc<Mutex<std::collections::HashMap<String, [Option<f64>; 3]>>> = Arc::default();
-    let (seen, seen_bound, seen_walls) = (running.clone(), bound.clone(), walls.clone());
-    let w = tokio::spawn({
-        let pods = pods.clone();
-        async move {
-            let stream = watcher(pods, watcher::Config::default().labels("bench=scale"))
-                .default_backoff()
-                .applied_objects();
-            futures::pin_mut!(stream);
-            while let Some(Ok(p)) = stream.next().await {
-                let on_node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
-                let wall = |w: &mut Option<f64>| {
-                    w.get_or_insert_with(|| {
-                        SystemTime::now()
-                            .duration_since(SystemTime::UNIX_EPOCH)
-                            .unwrap_or_default()
-                            .as_secs_f64()
-                    });
-                };
-                if on_node.is_some_and(|n| !n.is_empty()) {
-                    seen_bound
-                        .lock()
-                        .unwrap()
-                        .entry(p.metadata.name.clone().unwrap_or_default())
-                        .or_insert_with(Instant::now);
-                    let mut walls = seen_walls.lock().unwrap();
-                    let w = walls
-                        .entry(p.metadata.name.clone().unwrap_or_default())
-                        .or_default();
-                    wall(&mut w[0]);
-                }
-                if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
-                    let mut walls = seen_walls.lock().unwrap();
-                    let w = walls
-                        .entry(p.metadata.name.clone().unwrap_or_default())
-                        .or_default();
-                    if let Some(t) = p.status.as_ref().and_then(|s| s.start_time.as_ref()) {
-                        w[1].get_or_insert(t.0.as_second() as f64);
-                    }
-                    wall(&mut w[2]);
-                    drop(walls);
-                    let name = p.metadata.name.unwrap_or_default();
-                    seen.lock()
-                        .unwrap()
-                        .entry(name)
-                        .or_insert_with(Instant::now);
-                }
-            }
-        }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let created: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let store0 = store_counts(&kc);
-    let (rv0, cpu0, t_pods) = (
-        revision(&client).await?,
-        cpu_seconds(Some(cloud.pid())),
-        Instant::now(),
-    );
-    let profiler = profile(&a, "pods", cloud.pid())?;
-    let sem = Arc::new(tokio::sync::Semaphore::new(64));
-    let mut errors = 0usize;
-    let mut creates = Vec::with_capacity(total);
-    for i in 0..total {
-        let at = t_pods + Duration::from_secs_f64(i as f64 / a.rate);
-        tokio::time::sleep_until(at.into()).await;
-        let permit = sem.clone().acquire_owned().await?;
-        let (pods, created, bind) = (pods.clone(), created.clone(), a.bind);
-        let node = node_name(i % a.nodes);
-        creates.push(tokio::spawn(async move {
-            let _p = permit;
-            let name = format!("scale-{i:07}");
-            let mut spec = json!({"terminationGracePeriodSeconds": 1,
-                "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]});
-            if bind {
-                spec["nodeName"] = json!(node);
-            }
-            let pod: Pod = serde_json::from_value(json!({
-                "metadata": {"name": name, "labels": {"bench": "scale"}}, "spec": spec
-            }))
-            .expect("a pod");
-            let t = Instant::now();
-            let r = pods.create(&PostParams::default(), &pod).await;
-            created.lock().unwrap().push((name, t));
-            r.map(drop)
-        }));
-    }
-    for c in creates {
-        if !matches!(c.await, Ok(Ok(()))) {
-            errors += 1;
-        }
-    }
-    let create_s = t_pods.elapsed().as_secs_f64();
-    let _ = wait_until(
-        "every pod Running",
-        limit,
-        Duration::from_millis(250),
-        || {
-            let n = running.lock().unwrap().len();
-            async move { Ok(n + errors >= total) }
-        },
-    )
-    .await;
-    let all_s = t_pods.elapsed().as_secs_f64();
-    if let Some(mut p) = profiler {
-        tokio::task::spawn_blocking(move || p.wait()).await??;
-    }
-    let (rv1, cpu1) = (revision(&client).await?, cpu_seconds(Some(cloud.pid())));
-    w.abort();
-    let (mut lat, mut to_bind, mut to_run) = {
-        let (run, bound) = (running.lock().unwrap(), bound.lock().unwrap());
-        let created = created.lock().unwrap();
-        let since = |at: &std::collections::HashMap<String, Instant>,
-                     from: &dyn Fn(&str) -> Option<Instant>|
-         -> Vec<f64> {
-            created
-                .iter()
-                .filter_map(|(n, _)| {
-                    Some(at.get(n)?.saturating_duration_since(from(n)?).as_secs_f64())
-                })
-                .collect()
-        };
-        let created_at: std::collections::HashMap<&str, Instant> =
-            created.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-        (
-            since(&run, &|n| created_at.get(n).copied()),
-            since(&bound, &|n| created_at.get(n).copied()),
-            since(&run, &|n| bound.get(n).copied()),
-        )
-    };
-    t.row(
-        "pods created (achieved rate), create errors",
-        format!(
-            "{total} in {create_s:.1} s ({:.1}/s), {errors}",
-            total as f64 / create_s
-        ),
-    );
-    t.row(
-        &format!(
-            "pod start-up, create -> Running (p50 / p99 / max; {})",
-            if a.bind { "bound" } else { "scheduled" }
-        ),
-        format!("{} ({} of {total} Running)", dist(&mut lat), lat.len()),
-    );
-    if !a.bind {
-        t.row(
-            "  of which create -> bound / bound -> Running (p50 / p99 / max)",
-            format!("{} / {}", dist(&mut to_bind), dist(&mut to_run)),
-        );
-    }
-    // bound -> Running split at the node's start time (whole seconds: +-1 s).
-    let (mut deliver, mut report): (Vec<f64>, Vec<f64>) = walls
-        .lock()
-        .unwrap()
-        .values()
-        .filter_map(|w| match w {
-            [Some(b), Some(s), Some(r)] => Some(((s - b.floor()).max(0.0), (r - s).max(0.0))),
-            _ => None,
-        })
-        .unzip();
-    t.row(
-        "  bound -> started on the node / started -> Running seen (p50 / p99 / max; 1 s resolution)",
-        format!("{} / {}", dist(&mut deliver), dist(&mut report)),
-    );
-    t.row(
-        "while creating: API writes/s, cloud CPU, cloud peak RSS",
-        load(rv1 - rv0, cpu1 - cpu0, all_s, sampler.peak_mib()),
-    );
-    t.row(
-        "  API server store while creating (group commit)",
-        per_fsync(store0, store_counts(&kc)),
-    );
-    if !a.bind {
-        let [passes, bound, conflicts] = cloud
-            .metrics([
-                "sedge_cloudcore_scheduler_passes_total",
-                "sedge_cloudcore_scheduler_bindings_total",
-                "sedge_cloudcore_scheduler_binding_conflicts_total",
-            ])
-            .await;
-        t.row(
-            "scheduler: passes with pods to place, bindings, refused as bound already",
-            format!("{passes:.0}, {bound:.0}, {conflicts:.0}"),
-        );
+    if a.pods_per_node > 0 {
+        pods_phase(&a, &client, &cloud, &kc, &sampler, limit, &mut t).await?;
+    } else {
+        t.row("pods", "none created (--pods-per-node 0)".into());
     }
 
     // 5. Reading it back at that size.
@@ -1122,7 +1140,7 @@ async fn main() -> Result<()> {
     );
     t.row(
         "objects the hub sent again after the restart (of the nodes' pods)",
-        format!("{sent:.0} (of {total})"),
+        format!("{sent:.0} (of {})", a.nodes * a.pods_per_node),
     );
 
     drop(cloud);
