@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::events::{self, Events};
 use crate::heartbeats::Heartbeats;
 use crate::ownership::{Ownership, SERVED_BY};
 use crate::transient;
@@ -125,6 +126,8 @@ pub struct Cache {
     pub scheduling: Arc<crate::scheduler::Stats>,
     /// Heartbeats written to the API and those a newer one replaced before their turn.
     pub heartbeats: Arc<Heartbeats>,
+    /// Events the nodes reported, waiting for the background writers.
+    pub events: Arc<Events>,
     /// This core's claims on nodes and its hub, once started: every node Lease the informer
     /// sees is checked against them (see [`crate::ownership`]).
     pub served: Arc<std::sync::OnceLock<(Arc<Ownership>, Arc<Hub>)>>,
@@ -485,6 +488,7 @@ impl Cache {
                 changed,
                 scheduling: Arc::default(),
                 heartbeats: Arc::default(),
+                events: Arc::default(),
                 served,
             },
             tasks,
@@ -879,8 +883,35 @@ pub struct Upstream {
 /// At most this many reports are written to the API at once; the rest wait their turn.
 const REPORTS_IN_FLIGHT: usize = 64;
 
-/// Heartbeats written to the API at once (besides the reports above).
-const HEARTBEAT_WRITERS: usize = 32;
+/// Heartbeats and events written to the API at once (besides the reports above) while no
+/// report waits.
+const BACKGROUND_WRITERS: usize = 32;
+
+/// Background writes at once while reports are being written: they share the API server's CPU,
+/// and a pod's status is what a user waits for.
+const BACKGROUND_WRITERS_YIELDING: usize = 4;
+
+/// A heartbeat that has waited this long is written at full pace whatever waits: a node served
+/// here is judged by when its heartbeat arrived ([`crate::lifecycle::last_heard`]), but another
+/// cloud core judges it by its Lease alone, with a 40 s grace by default.
+const HEARTBEAT_YIELD_MAX: Duration = Duration::from_secs(15);
+
+/// Background writes allowed at once with `urgent` urgent writes pending and the heartbeat first
+/// in line having waited `oldest`.
+fn background_writers(urgent: usize, oldest: Option<Duration>) -> usize {
+    let late = oldest.is_some_and(|w| w >= HEARTBEAT_YIELD_MAX);
+    if urgent > 0 && !late {
+        BACKGROUND_WRITERS_YIELDING
+    } else {
+        BACKGROUND_WRITERS
+    }
+}
+
+/// One background write.
+enum Background {
+    Heartbeat(crate::heartbeats::BeatKey, Value),
+    Event(events::Held),
+}
 
 /// The outcome of one report: `Err` is retried by the edge later, a permanent refusal is logged
 /// and dropped (retrying it forever would only fill the edge's outbox).
@@ -970,6 +1001,16 @@ impl Upstream {
             self.cache.heartbeats.offer(&i.node, &key.kind, body);
             return Ok(None);
         }
+        if key.kind == kind::EVENT {
+            // Best effort, behind the reports (see [`crate::events`]).
+            self.cache.events.offer(events::Held {
+                namespace: key.namespace,
+                name: key.name,
+                body,
+            });
+            return Ok(None);
+        }
+        let _urgent = self.cache.heartbeats.urgent();
         let Ok(_turn) = self.in_flight.acquire().await else {
             return Err("the cloud core is stopping".into());
         };
@@ -985,7 +1026,6 @@ impl Upstream {
                     Ok(None)
                 }
             },
-            kind::EVENT => settle("event", self.event(&key, body).await),
             kind::DEVICE_STATUS => match serde_json::from_value::<DeviceStatusReport>(body) {
                 Ok(r) => settle("device status", self.device_status(&key, r).await),
                 Err(e) => {
@@ -1000,48 +1040,96 @@ impl Upstream {
         }
     }
 
-    /// Writes the heartbeats held in [`Heartbeats`], [`HEARTBEAT_WRITERS`] at a time, until
-    /// aborted (the writes in flight go with it).
+    /// How many background writes (heartbeats, events) may be in flight now: a few while
+    /// urgent writes (reports, bindings) wait or are written, unless a heartbeat has waited
+    /// [`HEARTBEAT_YIELD_MAX`].
+    fn background_writers(&self) -> usize {
+        let beats = &self.cache.heartbeats;
+        background_writers(
+            beats.urgent_writes(),
+            beats.oldest_wait(std::time::Instant::now()),
+        )
+    }
+
+    /// Writes the heartbeats held in [`Heartbeats`] and the events held in [`Events`], taking
+    /// from each in turn, at most [`Upstream::background_writers`] at a time, until aborted (the
+    /// writes in flight go with it).
     pub async fn write_heartbeats(self: Arc<Self>) {
         let mut writing = tokio::task::JoinSet::new();
+        let mut events_first = false;
         loop {
             while writing.try_join_next().is_some() {}
-            let beats = &self.cache.heartbeats;
-            let Some((key, body)) = beats.take() else {
+            if writing.len() >= self.background_writers() {
+                writing.join_next().await;
+                continue;
+            }
+            let (beats, evs) = (&self.cache.heartbeats, &self.cache.events);
+            let beat = || beats.take().map(|(k, b)| Background::Heartbeat(k, b));
+            let event = || evs.take().map(Background::Event);
+            let next = if events_first {
+                event().or_else(beat)
+            } else {
+                beat().or_else(event)
+            };
+            events_first = !events_first;
+            let Some(next) = next else {
                 tokio::select! {
                     _ = beats.wake.notified() => {}
+                    _ = evs.wake.notified() => {}
                     Some(_) = writing.join_next(), if !writing.is_empty() => {}
                 }
                 continue;
             };
-            if writing.len() >= HEARTBEAT_WRITERS {
-                writing.join_next().await;
-            }
             let me = self.clone();
             writing.spawn(async move {
-                let r = if key.1 == kind::LEASE {
-                    me.lease(&key.0, body.clone()).await
-                } else {
-                    me.node_status(&key.0, body.clone()).await
-                };
-                let beats = &me.cache.heartbeats;
-                match r {
-                    Ok(()) => {
-                        beats.written.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        beats.failed.fetch_add(1, Ordering::Relaxed);
-                        if transient(&e) {
-                            tracing::debug!(node = %key.0, kind = %key.1, error = %e, "heartbeat not written; trying again");
-                            beats.retry(&key, body);
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        } else {
-                            tracing::warn!(node = %key.0, kind = %key.1, error = %e, "heartbeat refused by the API server; dropped");
-                        }
-                    }
+                match next {
+                    Background::Heartbeat(key, body) => me.write_heartbeat(key, body).await,
+                    Background::Event(e) => me.write_event(e).await,
                 }
-                beats.done(&key);
             });
+        }
+    }
+
+    async fn write_heartbeat(&self, key: crate::heartbeats::BeatKey, body: Value) {
+        let r = if key.1 == kind::LEASE {
+            self.lease(&key.0, body.clone()).await
+        } else {
+            self.node_status(&key.0, body.clone()).await
+        };
+        let beats = &self.cache.heartbeats;
+        match r {
+            Ok(()) => {
+                beats.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                beats.failed.fetch_add(1, Ordering::Relaxed);
+                if transient(&e) {
+                    tracing::debug!(node = %key.0, kind = %key.1, error = %e, "heartbeat not written; trying again");
+                    beats.retry(&key, body);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                } else {
+                    tracing::warn!(node = %key.0, kind = %key.1, error = %e, "heartbeat refused by the API server; dropped");
+                }
+            }
+        }
+        beats.done(&key);
+    }
+
+    async fn write_event(&self, e: events::Held) {
+        let evs = &self.cache.events;
+        match self.event(&e).await {
+            Ok(()) => {
+                evs.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) if transient(&err) => {
+                tracing::debug!(namespace = %e.namespace, name = %e.name, error = %err, "event not written; trying again");
+                evs.retry(e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(err) => {
+                evs.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(namespace = %e.namespace, name = %e.name, error = %err, "event refused by the API server; dropped");
+            }
         }
     }
 
@@ -1229,16 +1317,17 @@ impl Upstream {
         }
     }
 
-    async fn event(&self, key: &Key, mut body: Value) -> Result<(), kube::Error> {
+    async fn event(&self, e: &events::Held) -> Result<(), kube::Error> {
         let suffix: u64 = rand::random();
+        let mut body = e.body.clone();
         body["metadata"] = json!({
-            "name": format!("{}.{:016x}", key.name, suffix),
-            "namespace": key.namespace,
+            "name": format!("{}.{:016x}", e.name, suffix),
+            "namespace": e.namespace,
         });
         body["apiVersion"] = json!("v1");
         body["kind"] = json!("Event");
         let ev: Event = serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
-        Api::<Event>::namespaced(self.client.clone(), &key.namespace)
+        Api::<Event>::namespaced(self.client.clone(), &e.namespace)
             .create(&PostParams::default(), &ev)
             .await
             .map(drop)
@@ -1248,6 +1337,18 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeats_give_way_to_urgent_writes_until_one_is_late() {
+        let (full, few) = (BACKGROUND_WRITERS, BACKGROUND_WRITERS_YIELDING);
+        assert!(few < full);
+        assert_eq!(background_writers(0, None), full, "nothing urgent");
+        assert_eq!(background_writers(0, Some(Duration::from_secs(60))), full);
+        assert_eq!(background_writers(3, None), few);
+        assert_eq!(background_writers(3, Some(Duration::from_secs(1))), few);
+        let late = HEARTBEAT_YIELD_MAX;
+        assert_eq!(background_writers(3, Some(late)), full, "a late one goes");
+    }
 
     /// A cache holding `devices` and `models` (the other stores empty).
     fn cache_with(devices: Vec<Device>, models: Vec<DeviceModel>) -> Cache {
@@ -1276,6 +1377,7 @@ mod tests {
             changed: Arc::default(),
             scheduling: Arc::default(),
             heartbeats: Arc::default(),
+            events: Arc::default(),
             served: Arc::default(),
         }
     }

@@ -12,6 +12,12 @@
 //! 2 s (more than the API wrote) pods took 37 s from bound to Running (p50), measured. Now
 //! heartbeats never hold a session up, and other reports have the 64 slots to themselves.
 //!
+//! Heartbeats also give way. While a write a user waits for (a pod or node report, a binding)
+//! is in flight or waiting ([`Heartbeats::urgent`]), only a few heartbeats and events are written
+//! at once, not 32, since they share the API server's CPU; unless the heartbeat first in line has
+//! waited 15 s, when another cloud core, which judges the node by its Lease alone, would soon
+//! see it late.
+//!
 //! The cost: a heartbeat acknowledged and not yet written is lost if the cloud core dies. The
 //! node's next one (10 s for Leases, 60 s for status, by default) carries the same state again.
 //!
@@ -22,8 +28,9 @@
 //! heard from seconds earlier, were marked `Ready=Unknown` (measured).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
@@ -44,8 +51,9 @@ struct Slot {
 #[derive(Debug, Default)]
 struct Lane {
     slots: HashMap<BeatKey, Slot>,
-    /// Keys with a heartbeat waiting and no writer on them, oldest first.
-    ready: VecDeque<BeatKey>,
+    /// Keys with a heartbeat waiting and no writer on them, oldest first, with when each
+    /// became ready.
+    ready: VecDeque<(BeatKey, Instant)>,
     /// When each node's newest heartbeat (of either kind) arrived here. One entry per node that
     /// ever sent one to this core, as a session's node name is authenticated.
     heard: HashMap<String, Timestamp>,
@@ -63,6 +71,19 @@ pub struct Heartbeats {
     pub replaced: AtomicU64,
     /// Writes the API refused or failed (a transient failure is tried again).
     pub failed: AtomicU64,
+    /// Writes a user waits for (pod and node reports, bindings) in flight or waiting for a
+    /// slot: while there are any, heartbeats give way.
+    urgent: AtomicUsize,
+}
+
+/// Counts an urgent write while it lives ([`Heartbeats::urgent`]).
+#[derive(Debug)]
+pub struct Urgent(Arc<Heartbeats>);
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        self.0.urgent.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Heartbeats {
@@ -91,7 +112,7 @@ impl Heartbeats {
         if was_waiting {
             self.replaced.fetch_add(1, Ordering::Relaxed);
         } else if !busy {
-            lane.ready.push_back(key);
+            lane.ready.push_back((key, Instant::now()));
         }
         drop(lane);
         if !was_waiting && !busy {
@@ -113,7 +134,7 @@ impl Heartbeats {
     /// The oldest heartbeat ready to write; its key is busy until [`Heartbeats::done`].
     pub fn take(&self) -> Option<(BeatKey, Value)> {
         let mut lane = self.lane();
-        while let Some(key) = lane.ready.pop_front() {
+        while let Some((key, _)) = lane.ready.pop_front() {
             if let Some(slot) = lane.slots.get_mut(&key)
                 && let Some(body) = slot.waiting.take()
             {
@@ -132,7 +153,7 @@ impl Heartbeats {
         };
         slot.busy = false;
         if slot.waiting.is_some() {
-            lane.ready.push_back(key.clone());
+            lane.ready.push_back((key.clone(), Instant::now()));
             drop(lane);
             self.wake.notify_one();
         } else {
@@ -143,6 +164,26 @@ impl Heartbeats {
     /// Nodes' heartbeats waiting or being written now.
     pub fn pending(&self) -> usize {
         self.lane().slots.len()
+    }
+
+    /// Counts a write a user waits for until the guard is dropped.
+    pub fn urgent(self: &Arc<Self>) -> Urgent {
+        self.urgent.fetch_add(1, Ordering::Relaxed);
+        Urgent(self.clone())
+    }
+
+    /// Urgent writes in flight or waiting now.
+    pub fn urgent_writes(&self) -> usize {
+        self.urgent.load(Ordering::Relaxed)
+    }
+
+    /// How long the heartbeat first in line has waited for a writer at `now` (`None`: none
+    /// waits).
+    pub fn oldest_wait(&self, now: Instant) -> Option<Duration> {
+        let lane = self.lane();
+        lane.ready
+            .front()
+            .map(|(_, since)| now.saturating_duration_since(*since))
     }
 
     /// When `node`'s newest heartbeat reached this core, written to the API or not (`None`: it
@@ -192,6 +233,32 @@ mod tests {
         assert_eq!(b.take(), None);
         assert_eq!(b.pending(), 0, "nothing is kept once written");
         assert_eq!(b.replaced.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn urgent_writes_are_counted_while_they_last_and_the_wait_is_the_oldest_ready() {
+        let b = Arc::new(Heartbeats::default());
+        assert_eq!(b.urgent_writes(), 0);
+        let (u1, u2) = (b.urgent(), b.urgent());
+        assert_eq!(b.urgent_writes(), 2);
+        drop(u1);
+        assert_eq!(b.urgent_writes(), 1);
+        drop(u2);
+        assert_eq!(b.urgent_writes(), 0);
+
+        let now = Instant::now();
+        assert_eq!(b.oldest_wait(now), None);
+        b.offer("n1", "lease", json!(1));
+        b.offer("n2", "lease", json!(1));
+        let later = now + Duration::from_secs(20);
+        let w = b.oldest_wait(later).unwrap();
+        assert!(w > Duration::from_secs(19), "{w:?}");
+        // Taken and being written, it no longer counts; n2 is first now.
+        let (k, _) = b.take().unwrap();
+        assert_eq!(k, key("n1", "lease"));
+        assert!(b.oldest_wait(later).is_some());
+        b.take().unwrap();
+        assert_eq!(b.oldest_wait(later), None, "being written is not waiting");
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!   affinity, taints/tolerations, requests against allocatable).
 
 pub mod edgecontroller;
+pub mod events;
 pub mod exec;
 pub mod heartbeats;
 pub mod leader;
@@ -233,6 +234,22 @@ pub fn render_metrics(hub: &Hub, cache: &Cache, e: &mut sedge_serve::Exposition)
         "cloudcore_heartbeats_pending",
         "Nodes with a heartbeat waiting for its turn or being written",
         h.pending() as i64,
+    );
+    let ev = &cache.events;
+    e.counter(
+        "cloudcore_events_written",
+        "Events the nodes reported, written to the API",
+        get(&ev.written),
+    )
+    .counter(
+        "cloudcore_events_dropped",
+        "Events the nodes reported and this core dropped (too many waiting, or refused)",
+        get(&ev.dropped),
+    )
+    .gauge(
+        "cloudcore_events_pending",
+        "Events waiting to be written",
+        ev.pending() as i64,
     );
     if let Some((own, _)) = cache.served.get() {
         e.counter(

@@ -32,6 +32,7 @@ pub async fn run(client: kube::Client, cache: Cache) {
         slots: std::sync::Arc::new(tokio::sync::Semaphore::new(BINDS_IN_FLIGHT)),
         tasks: tokio::task::JoinSet::new(),
         stats: cache.scheduling.clone(),
+        beats: cache.heartbeats.clone(),
     };
     loop {
         // Bindings that failed since the last pass: their pods are placed again.
@@ -111,13 +112,17 @@ struct Binder {
     slots: std::sync::Arc<tokio::sync::Semaphore>,
     tasks: tokio::task::JoinSet<Option<String>>,
     stats: std::sync::Arc<Stats>,
+    /// Heartbeats give way to bindings ([`crate::heartbeats::Heartbeats::urgent`]).
+    beats: std::sync::Arc<crate::heartbeats::Heartbeats>,
 }
 
 impl Binder {
     /// Binds `ns/name` (uid `uid`) to `node` once a slot is free; the caller does not wait.
     fn bind(&mut self, api: Api<Pod>, ns: String, name: String, uid: String, node: String) {
         let (slots, stats) = (self.slots.clone(), self.stats.clone());
+        let urgent = self.beats.urgent();
         self.tasks.spawn(async move {
+            let _urgent = urgent;
             let Ok(_slot) = slots.acquire_owned().await else {
                 return Some(uid);
             };

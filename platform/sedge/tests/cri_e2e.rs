@@ -233,13 +233,16 @@ fn pods_run_as_containers_on_a_cri_node_and_survive_an_agent_kill() {
         .unwrap_or_default()
         .to_string();
     assert!(msg.contains("localhost/no-such-image:1"), "{msg}");
-    let events = up.ok(&[
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.name=badimage",
-    ]);
-    assert!(events.contains("ErrImagePull"), "{events}");
+    // Events are written behind the status reports (best effort, like the kubelet's).
+    wait_for("the ErrImagePull event", Duration::from_secs(30), || {
+        let events = up.ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=badimage",
+        ]);
+        events.contains("ErrImagePull").then_some(())
+    });
 
     // The memory limit is enforced by the kernel, and said so.
     let hungry = wait_for("hungry to be OOMKilled", long, || {
