@@ -26,6 +26,7 @@ pub mod error;
 pub mod gc;
 pub mod http;
 pub mod kinds;
+pub mod local;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;

@@ -80,6 +80,10 @@ pub struct ApiServer {
     tasks: Vec<JoinHandle<()>>,
     /// The server's own runtime, when started with [`ApiServer::start_isolated`].
     runtime: Option<tokio::runtime::Runtime>,
+    /// What serves every request, for [`ApiServer::local_service`].
+    router: axum::Router,
+    /// Where requests are served.
+    handle: tokio::runtime::Handle,
 }
 
 const ADMIN_USER: &str = "sedge-admin";
@@ -299,10 +303,11 @@ impl ApiServer {
             max: cfg.max_connections.max(1),
             header_timeout: Duration::from_secs(cfg.header_timeout_seconds.max(1)),
         };
+        let router = router(app);
         let serve = tokio::spawn(accept_loop(
             listener,
             acceptor,
-            router(app),
+            router.clone(),
             limits,
             shutdown_rx,
         ));
@@ -319,6 +324,8 @@ impl ApiServer {
             shutdown,
             tasks: vec![gc, serve],
             runtime: None,
+            router,
+            handle: tokio::runtime::Handle::current(),
         })
     }
 
@@ -384,6 +391,12 @@ impl ApiServer {
             "current-context": "sedge",
         });
         write_yaml(path, &doc)
+    }
+
+    /// A client transport to this server in memory, as `user` in `groups` (the identity a
+    /// certificate from [`ApiServer::kubeconfig_for`] would prove): see [`crate::local`].
+    pub fn local_service(&self, user: &str, groups: &[&str]) -> crate::local::LocalService {
+        crate::local::LocalService::new(self.router.clone(), user, groups, self.handle.clone())
     }
 
     /// What the watchers have queued for their clients, and how many were closed as too slow.

@@ -187,6 +187,12 @@ pub async fn client_from(kubeconfig: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(cfg)?)
 }
 
+/// A client of the API server in this process, as `user` (its role applies), served in memory:
+/// no TLS or HTTP/1 between the two (see `sedge_apiserver::local`).
+fn local_client(server: &ApiServer, user: &str) -> kube::Client {
+    kube::Client::new(server.local_service(user, &[]), "default")
+}
+
 // The API server splits client frames at its own constant; it must be the channel's.
 const _: () = assert!(PodExecStream::MAX_FRAME == sedge_tunnel::stream::MAX_FRAME);
 
@@ -268,10 +274,7 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
             // cluster, `kubectl apply -f platform/devices/crds/`).
             sedge_devices::install_crds(&client_from(&s.kubeconfig).await?).await?;
             // The cloud core runs as itself, with its own role, not as the administrator.
-            let path = a.data_dir.join("cloudcore.kubeconfig");
-            s.kubeconfig_for(sedge_apiserver::authz::CLOUDCORE_USER, &[], &path)
-                .context("writing the cloud core's kubeconfig")?;
-            client_from(&path).await?
+            local_client(s, sedge_apiserver::authz::CLOUDCORE_USER)
         }
         (None, Some(k)) => client_from(k).await?,
         (None, None) => kube::Client::try_default()
@@ -394,14 +397,7 @@ impl Up {
         cc.hub.listen_quic = String::new();
         // Each component with its own identity and role (no administrator in the process):
         // the administrator's kubeconfig is for the user.
-        let identity = |user: &str| -> Result<PathBuf> {
-            let path = dir.join(format!("{}.kubeconfig", user.replace(':', "-")));
-            server
-                .kubeconfig_for(user, &[], &path)
-                .with_context(|| format!("writing the kubeconfig of {user}"))?;
-            Ok(path)
-        };
-        let client = client_from(&identity(sedge_apiserver::authz::CLOUDCORE_USER)?).await?;
+        let client = local_client(&server, sedge_apiserver::authz::CLOUDCORE_USER);
         let admin = client_from(&server.kubeconfig).await?;
         // KubeEdge's device resources (DeviceModel, Device), so device manifests apply.
         sedge_devices::install_crds(&admin).await?;
@@ -431,8 +427,7 @@ impl Up {
                 .await
                 .context("cannot install the sedna.io CRDs")?;
             cfg.install_crds = false;
-            let client =
-                client_from(&identity(sedge_apiserver::authz::AI_CONTROLLER_USER)?).await?;
+            let client = local_client(&server, sedge_apiserver::authz::AI_CONTROLLER_USER);
             Some(tokio::spawn(async move {
                 if let Err(e) =
                     sedge_ai_controller::controller::run(client, cfg, std::future::pending()).await
