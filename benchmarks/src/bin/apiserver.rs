@@ -3,6 +3,8 @@
 //! same operation on the store directly in this process (the baseline the ratio is against).
 //! Creates and gets are also made as a user bound to `edit` (every request goes through RBAC)
 //! next to the same as `system:masters` (no rule is evaluated): the cost of authorization.
+//! Merge patches go through HTTPS and then through the in-memory transport the embedded cloud
+//! core uses (`ApiServer::local_service`), with the process's CPU per write: the transport's cost.
 //!
 //! `cargo run --release -p sedge-benchmarks --bin apiserver [-- --objects 10000 --watchers 100]`
 
@@ -13,7 +15,7 @@ use anyhow::Result;
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use sedge_apiserver::store::{Change, Durability, Store, StoreConfig, StoreError};
 use sedge_apiserver::{ApiServer, ApiServerConfig};
 use serde_json::json;
@@ -481,6 +483,45 @@ async fn main() -> Result<()> {
             for (i, (what, lat, secs)) in auth_rows.into_iter().enumerate() {
                 let baseline = (i >= 2).then(|| masters_rates[i - 2]);
                 rows.push(row(&what, lat, secs, baseline));
+            }
+
+            // The transport: merge patches (a heartbeat's shape) from a client over HTTPS, then
+            // from one in memory (`local_service`, what the embedded cloud core uses), as the
+            // same identity. Both ends are this process, so its CPU per write is the whole cost.
+            let local = kube::Client::new(
+                server.local_service("sedge-admin", &["system:masters"]),
+                "default",
+            );
+            let mut https_rate = None;
+            for (how, client) in [("HTTPS+kube", admin.clone()), ("in memory", local)] {
+                let api: Api<ConfigMap> = Api::namespaced(client, "default");
+                let cpu0 = sedge_benchmarks::cpu_seconds(None);
+                let (lat, secs) = drive(n, a.concurrency, move |i| {
+                    let api = api.clone();
+                    async move {
+                        let p = json!({"metadata": {"annotations": {"renewed": i.to_string()}}});
+                        api.patch(
+                            &format!("cm-{i:06}"),
+                            &PatchParams::default(),
+                            &Patch::Merge(p),
+                        )
+                        .await?;
+                        Ok(())
+                    }
+                })
+                .await?;
+                let cpu_ms = (sedge_benchmarks::cpu_seconds(None) - cpu0) * 1e3 / n as f64;
+                let rate = lat.len() as f64 / secs;
+                rows.push(row(
+                    &format!(
+                        "merge patch, {how} x{}: {cpu_ms:.2} ms of CPU per write",
+                        a.concurrency
+                    ),
+                    lat,
+                    secs,
+                    https_rate,
+                ));
+                https_rate.get_or_insert(rate);
             }
         }
         server.shutdown().await;
