@@ -910,7 +910,7 @@ fn background_writers(urgent: usize, oldest: Option<Duration>) -> usize {
 /// One background write.
 enum Background {
     Heartbeat(crate::heartbeats::BeatKey, Value),
-    Event(events::Held),
+    Event(Box<events::Held>),
 }
 
 /// The outcome of one report: `Err` is retried by the edge later, a permanent refusal is logged
@@ -1003,11 +1003,10 @@ impl Upstream {
         }
         if key.kind == kind::EVENT {
             // Best effort, behind the reports (see [`crate::events`]).
-            self.cache.events.offer(events::Held {
-                namespace: key.namespace,
-                name: key.name,
-                body,
-            });
+            match events::Held::parse(&key.namespace, &key.name, body) {
+                Ok(e) => self.cache.events.offer(e),
+                Err(e) => tracing::warn!(node = %i.node, resource = %key, "{e}; dropped"),
+            }
             return Ok(None);
         }
         let _urgent = self.cache.heartbeats.urgent();
@@ -1065,7 +1064,7 @@ impl Upstream {
             }
             let (beats, evs) = (&self.cache.heartbeats, &self.cache.events);
             let beat = || beats.take().map(|(k, b)| Background::Heartbeat(k, b));
-            let event = || evs.take().map(Background::Event);
+            let event = || evs.take().map(|e| Background::Event(Box::new(e)));
             let next = if events_first {
                 event().or_else(beat)
             } else {
@@ -1084,7 +1083,7 @@ impl Upstream {
             writing.spawn(async move {
                 match next {
                     Background::Heartbeat(key, body) => me.write_heartbeat(key, body).await,
-                    Background::Event(e) => me.write_event(e).await,
+                    Background::Event(e) => me.write_event(*e).await,
                 }
             });
         }
@@ -1122,13 +1121,13 @@ impl Upstream {
                 evs.written.fetch_add(1, Ordering::Relaxed);
             }
             Err(err) if transient(&err) => {
-                tracing::debug!(namespace = %e.namespace, name = %e.name, error = %err, "event not written; trying again");
-                evs.retry(e);
+                tracing::debug!(namespace = %e.namespace, error = %err, "event not written; trying again");
+                evs.offer(e);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(err) => {
                 evs.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(namespace = %e.namespace, name = %e.name, error = %err, "event refused by the API server; dropped");
+                tracing::warn!(namespace = %e.namespace, error = %err, "event refused by the API server; dropped");
             }
         }
     }
@@ -1318,17 +1317,8 @@ impl Upstream {
     }
 
     async fn event(&self, e: &events::Held) -> Result<(), kube::Error> {
-        let suffix: u64 = rand::random();
-        let mut body = e.body.clone();
-        body["metadata"] = json!({
-            "name": format!("{}.{:016x}", e.name, suffix),
-            "namespace": e.namespace,
-        });
-        body["apiVersion"] = json!("v1");
-        body["kind"] = json!("Event");
-        let ev: Event = serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
         Api::<Event>::namespaced(self.client.clone(), &e.namespace)
-            .create(&PostParams::default(), &ev)
+            .create(&PostParams::default(), &e.event)
             .await
             .map(drop)
     }
