@@ -74,7 +74,6 @@ pub struct ApiServer {
     pub ca_pem: String,
     /// The verbs, for in-process callers and tests.
     pub core: Arc<Core>,
-    pki_dir: PathBuf,
     watch_budget: Arc<crate::watch::WatchBudget>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -319,7 +318,6 @@ impl ApiServer {
             admin_token,
             ca_pem: ca.cert_pem().to_string(),
             core,
-            pki_dir,
             watch_budget,
             shutdown,
             tasks: vec![gc, serve],
@@ -365,36 +363,9 @@ impl ApiServer {
         }
     }
 
-    /// Writes a kubeconfig at `path` for `user` in `groups`, with a client certificate from
-    /// the cluster CA (valid a year): how `sedge up` gives its components their own identities
-    /// instead of the administrator's.
-    pub fn kubeconfig_for(
-        &self,
-        user: &str,
-        groups: &[&str],
-        path: &std::path::Path,
-    ) -> Result<(), StartError> {
-        let ca = Ca::load_or_create(&self.pki_dir, "sedge-ca")?;
-        let issued = ca.issue(&IssueRequest {
-            common_name: user.into(),
-            organizations: groups.iter().map(|g| g.to_string()).collect(),
-            sans: vec![],
-            usage: Usage::Client,
-            valid_for: Duration::from_secs(365 * 86400),
-        })?;
-        let doc = json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "sedge", "cluster": {"server": self.url, "certificate-authority-data": b64(&self.ca_pem)}}],
-            "users": [{"name": user, "user": {"client-certificate-data": b64(&issued.cert_pem), "client-key-data": b64(&issued.key_pem)}}],
-            "contexts": [{"name": "sedge", "context": {"cluster": "sedge", "user": user, "namespace": "default"}}],
-            "current-context": "sedge",
-        });
-        write_yaml(path, &doc)
-    }
-
-    /// A client transport to this server in memory, as `user` in `groups` (the identity a
-    /// certificate from [`ApiServer::kubeconfig_for`] would prove): see [`crate::local`].
+    /// A client transport to this server in memory, as `user` in `groups` (the identity a client
+    /// certificate with CN `user` and O `groups` would prove): see [`crate::local`]. `sedge up`
+    /// gives its components their own identities this way, not the administrator's.
     pub fn local_service(&self, user: &str, groups: &[&str]) -> crate::local::LocalService {
         crate::local::LocalService::new(self.router.clone(), user, groups, self.handle.clone())
     }

@@ -997,7 +997,7 @@ impl Upstream {
             }
         };
         if matches!(key.kind.as_str(), kind::NODE_STATUS | kind::LEASE) {
-            // Written on the heartbeat lane (`write_heartbeats`); the session goes on at once.
+            // Written on the heartbeat lane (`write_background`); the session goes on at once.
             self.cache.heartbeats.offer(&i.node, &key.kind, body);
             return Ok(None);
         }
@@ -1053,7 +1053,7 @@ impl Upstream {
     /// Writes the heartbeats held in [`Heartbeats`] and the events held in [`Events`], taking
     /// from each in turn, at most [`Upstream::background_writers`] at a time, until aborted (the
     /// writes in flight go with it).
-    pub async fn write_heartbeats(self: Arc<Self>) {
+    pub async fn write_background(self: Arc<Self>) {
         let mut writing = tokio::task::JoinSet::new();
         let mut events_first = false;
         loop {

@@ -327,7 +327,7 @@ impl CloudCore {
         .await?;
         let hub = Arc::new(hub);
         let _ = upstream.hub.set(hub.clone());
-        tasks.push(tokio::spawn(upstream.clone().write_heartbeats()));
+        tasks.push(tokio::spawn(upstream.clone().write_background()));
         let own = ownership::Ownership::new(cfg.leader.identity());
         let _ = cache.served.set((Arc::new(own), hub.clone()));
         for m in groups.values() {
