@@ -265,12 +265,13 @@ impl Cloud {
         metrics_at(&self.metrics, names).await
     }
 
-    /// The heartbeat lane: written, replaced by a newer one while waiting (both since start),
-    /// waiting now.
-    async fn heartbeat_lane(&self) -> [f64; 3] {
+    /// The heartbeat lane: written, replaced by a newer one while waiting, skipped as the
+    /// stored object said enough (all since start), waiting now.
+    async fn heartbeat_lane(&self) -> [f64; 4] {
         self.metrics([
             "sedge_cloudcore_heartbeats_written_total",
             "sedge_cloudcore_heartbeats_replaced_total",
+            "sedge_cloudcore_heartbeats_skipped_total",
             "sedge_cloudcore_heartbeats_pending",
         ])
         .await
@@ -907,7 +908,7 @@ async fn main() -> Result<()> {
             .await
             .unwrap_or(0.0);
         if t_nodes.elapsed() >= next_progress {
-            let [written, replaced, waiting] = cloud.heartbeat_lane().await;
+            let [written, replaced, _, waiting] = cloud.heartbeat_lane().await;
             println!(
                 "  after {:.0} s: {registered} registered, {ready_n} Ready, {connected:.0} connected; heartbeats written {:.0}/s over the last minute, replaced {replaced:.0} (since start), waiting {waiting:.0}",
                 t_nodes.elapsed().as_secs_f64(),
@@ -923,7 +924,7 @@ async fn main() -> Result<()> {
             all_ready = Some(t_nodes.elapsed());
         } else if t_nodes.elapsed() > limit {
             let (commits, fsyncs) = store_counts(&cloud.kubeconfig());
-            let [written, replaced, waiting] = cloud.heartbeat_lane().await;
+            let [written, replaced, _, waiting] = cloud.heartbeat_lane().await;
             println!(
                 "  at the limit: heartbeats written {written:.0}, replaced while waiting {replaced:.0}, waiting now {waiting:.0}; API store {commits:.0} commits, {fsyncs:.0} fsyncs",
             );
@@ -992,10 +993,10 @@ async fn main() -> Result<()> {
         "  API server store during those heartbeats (group commit)",
         per_fsync(store0, store_counts(&kc)),
     );
-    let [written, replaced, _] = cloud.heartbeat_lane().await;
+    let [written, replaced, skipped, _] = cloud.heartbeat_lane().await;
     t.row(
-        "  heartbeats written / replaced by a newer one while waiting (since start)",
-        format!("{written:.0} / {replaced:.0}"),
+        "  heartbeats written / replaced by a newer one while waiting / not written, the stored one said enough (since start)",
+        format!("{written:.0} / {replaced:.0} / {skipped:.0}"),
     );
     let mut loaded = write_latency(&client, "loaded", 30).await?;
     let (p_idle, p_loaded) = (pct(&mut idle, 0.5), pct(&mut loaded, 0.5));

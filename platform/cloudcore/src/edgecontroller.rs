@@ -19,6 +19,7 @@ use sedge_api::{
 };
 use sedge_devices::{Device, DeviceModel};
 use sedge_tunnel::{Handler, Hub, Incoming, LinkEvent, Message, OwnerLookup, op};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -878,6 +879,9 @@ pub struct Upstream {
     /// client open a connection per report in flight: with `sedge cloud --embedded` both ends
     /// are this process, and it ran out of file descriptors (20,000) beside the nodes' own.
     in_flight: tokio::sync::Semaphore,
+    /// The node lifecycle's grace: a Lease is written when the stored renewal is 3/8 of it old
+    /// ([`crate::heartbeats::renewal`]).
+    grace: Duration,
 }
 
 /// At most this many reports are written to the API at once; the rest wait their turn.
@@ -928,6 +932,17 @@ fn settle(what: &str, r: Result<(), kube::Error>) -> Outcome {
     }
 }
 
+/// A node's Lease renewal and when it was renewed, checked when it arrives (a malformed one
+/// would otherwise be tried again and again on the heartbeat lane).
+fn renewal_time(body: &Value) -> Result<(LeaseReport, k8s_openapi::jiff::Timestamp), String> {
+    let r = LeaseReport::deserialize(body).map_err(|e| e.to_string())?;
+    let t = r
+        .renew_time
+        .parse()
+        .map_err(|e| format!("renewTime {:?}: {e}", r.renew_time))?;
+    Ok((r, t))
+}
+
 impl Upstream {
     /// An upstream handler for the hub.
     pub fn new(
@@ -935,6 +950,7 @@ impl Upstream {
         cache: Cache,
         modules: HashMap<String, Arc<dyn crate::CloudModule>>,
         streams: sedge_tunnel::stream::Streams,
+        grace: Duration,
     ) -> Upstream {
         Upstream {
             client,
@@ -943,6 +959,7 @@ impl Upstream {
             streams,
             hub: std::sync::OnceLock::new(),
             in_flight: tokio::sync::Semaphore::new(REPORTS_IN_FLIGHT),
+            grace,
         }
     }
 
@@ -996,6 +1013,12 @@ impl Upstream {
                 return Ok(None);
             }
         };
+        if key.kind == kind::LEASE
+            && let Err(e) = renewal_time(&body)
+        {
+            tracing::warn!(node = %i.node, resource = %key, "malformed Lease renewal: {e}; dropped");
+            return Ok(None);
+        }
         if matches!(key.kind.as_str(), kind::NODE_STATUS | kind::LEASE) {
             // Written on the heartbeat lane (`write_background`); the session goes on at once.
             self.cache.heartbeats.offer(&i.node, &key.kind, body);
@@ -1097,8 +1120,11 @@ impl Upstream {
         };
         let beats = &self.cache.heartbeats;
         match r {
-            Ok(()) => {
+            Ok(true) => {
                 beats.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {
+                beats.skipped.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 beats.failed.fetch_add(1, Ordering::Relaxed);
@@ -1208,7 +1234,25 @@ impl Upstream {
             .map(drop)
     }
 
-    async fn node_status(&self, node: &str, status: Value) -> Result<(), kube::Error> {
+    /// Writes `node`'s status unless it says nothing new ([`crate::heartbeats::status_update`]);
+    /// whether it was written.
+    async fn node_status(&self, node: &str, status: Value) -> Result<bool, kube::Error> {
+        let stored = self
+            .cache
+            .nodes
+            .get(&ObjectRef::new(node))
+            .and_then(|n| n.status.as_ref().and_then(|s| serde_json::to_value(s).ok()));
+        let status = match stored {
+            Some(stored) => match crate::heartbeats::status_update(
+                &stored,
+                status,
+                k8s_openapi::jiff::Timestamp::now(),
+            ) {
+                Some(s) => s,
+                None => return Ok(false),
+            },
+            None => status,
+        };
         Api::<Node>::all(self.client.clone())
             .patch_status(
                 node,
@@ -1216,27 +1260,35 @@ impl Upstream {
                 &Patch::Merge(json!({ "status": status })),
             )
             .await
-            .map(drop)
+            .map(|_| true)
     }
 
-    async fn lease(&self, node: &str, body: Value) -> Result<(), kube::Error> {
-        let r: LeaseReport = serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
+    /// Writes `node`'s Lease renewal if it is due ([`crate::heartbeats::renewal`]) or claims the
+    /// node for this core; whether it was written.
+    async fn lease(&self, node: &str, body: Value) -> Result<bool, kube::Error> {
+        use crate::heartbeats::{Renewal, renewal};
+        let (r, new) = renewal_time(&body).map_err(|e| kube::Error::Service(e.into()))?;
         let api = Api::<Lease>::namespaced(self.client.clone(), "kube-node-lease");
         let spec = json!({
             "holderIdentity": node,
             "leaseDurationSeconds": r.duration_seconds,
             "renewTime": r.renew_time,
         });
-        // Never move a lease backwards (an old heartbeat flushed from the outbox on reconnect).
-        if let Some(cur) = self
+        let stored = self
             .cache
             .leases
             .get(&ObjectRef::new(node).within("kube-node-lease"))
-            && let Some(t) = cur.spec.as_ref().and_then(|s| s.renew_time.as_ref())
-            && let Ok(new) = chrono::DateTime::parse_from_rfc3339(&r.renew_time)
-            && t.0.as_second() >= new.timestamp()
-        {
-            return Ok(());
+            .and_then(|l| {
+                l.spec
+                    .as_ref()
+                    .and_then(|s| s.renew_time.as_ref())
+                    .map(|t| t.0)
+            });
+        let duration = Duration::from_secs(r.duration_seconds.max(1) as u64);
+        let due = renewal(stored, new, self.grace.min(duration));
+        // Never move a lease backwards (an old heartbeat flushed from the outbox on reconnect).
+        if due == Renewal::Stale {
+            return Ok(false);
         }
         // The first renewal of a session claims the node for this core.
         let served = self.cache.served.get();
@@ -1244,6 +1296,9 @@ impl Upstream {
         let me = own.map(|o| o.me());
         let claim =
             served.and_then(|(own, hub)| hub.session_id(node).filter(|&s| own.must_claim(node, s)));
+        if due == Renewal::Recent && claim.is_none() {
+            return Ok(false);
+        }
         let mut patch = json!({ "spec": spec });
         if claim.is_some() {
             patch["metadata"] = json!({"annotations": {SERVED_BY: me}});
@@ -1269,7 +1324,7 @@ impl Upstream {
         {
             own.claimed(node, session, rv);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn current(&self, key: &Key, uid: &str) -> Option<Arc<Pod>> {
@@ -1327,6 +1382,20 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_lease_renewal_is_refused_on_arrival_naming_what_is_wrong() {
+        let ok = json!({"renewTime": "2026-12-03T10:00:00.000001Z", "durationSeconds": 40});
+        let (r, t) = renewal_time(&ok).unwrap();
+        assert_eq!((r.duration_seconds, t.as_second()), (40, 1_796_292_000));
+        let e =
+            renewal_time(&json!({"renewTime": "yesterday", "durationSeconds": 40})).unwrap_err();
+        assert!(e.contains("renewTime \"yesterday\""), "{e}");
+        let e = renewal_time(&json!({"renewTime": 7})).unwrap_err();
+        assert!(e.contains("invalid type"), "{e}");
+        let huge = json!({"renewTime": "x".repeat(1 << 16), "durationSeconds": 40});
+        assert!(renewal_time(&huge).is_err());
+    }
 
     #[test]
     fn heartbeats_give_way_to_urgent_writes_until_one_is_late() {

@@ -226,6 +226,11 @@ pub fn render_metrics(hub: &Hub, cache: &Cache, e: &mut sedge_serve::Exposition)
         get(&h.replaced),
     )
     .counter(
+        "cloudcore_heartbeats_skipped",
+        "Heartbeats not written: the stored Lease was renewed recently, or the status had nothing new but its heartbeat times",
+        get(&h.skipped),
+    )
+    .counter(
         "cloudcore_heartbeats_failed",
         "Heartbeat writes that failed (a transient failure is tried again)",
         get(&h.failed),
@@ -316,6 +321,7 @@ impl CloudCore {
             cache.clone(),
             groups.clone(),
             streams.clone(),
+            Duration::from_secs(cfg.node_grace_seconds),
         ));
         let hub = Hub::start(
             cfg.hub.clone(),
