@@ -108,6 +108,24 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The whole machine's CPU time since boot, busy and in all (seconds summed over the cores,
+/// from the first line of `/proc/stat`); zeros when it cannot be read.
+pub fn machine_cpu_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = ticks.iter().take(8).sum();
+    // idle and iowait are not busy.
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    ((total - idle) / 100.0, total / 100.0)
+}
+
 /// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`; `self` for this one),
 /// 0 when it cannot be read.
 pub fn rss_kib(pid: Option<u32>) -> u64 {

@@ -332,6 +332,43 @@ fn dist(v: &mut [f64]) -> String {
 }
 
 /// The cloud's load over `secs`: `writes` API writes, `cpu_s` CPU seconds, and its RSS.
+/// Where the CPU goes during a phase: the cloud process, the hollow agents' fleets and the whole
+/// machine (the agents share it with the cloud, so a busy machine slows pods on both sides).
+struct CpuShares {
+    cloud: f64,
+    fleets: f64,
+    machine: (f64, f64),
+    at: Instant,
+}
+
+impl CpuShares {
+    fn now(cloud: u32, fleets: &[u32]) -> CpuShares {
+        CpuShares {
+            cloud: cpu_seconds(Some(cloud)),
+            fleets: fleets.iter().map(|&p| cpu_seconds(Some(p))).sum(),
+            machine: sedge_benchmarks::machine_cpu_seconds(),
+            at: Instant::now(),
+        }
+    }
+
+    /// `cloud / agents` as % of a core, and the machine's busy share, since `self`.
+    fn since(&self, cloud: u32, fleets: &[u32]) -> String {
+        let now = CpuShares::now(cloud, fleets);
+        let secs = now.at.duration_since(self.at).as_secs_f64().max(1e-9);
+        let (busy, total) = (
+            now.machine.0 - self.machine.0,
+            (now.machine.1 - self.machine.1).max(1e-9),
+        );
+        format!(
+            "{:.0}% / {:.0}% of a core; machine {:.0}% busy (all {} cores)",
+            (now.cloud - self.cloud) / secs * 100.0,
+            (now.fleets - self.fleets) / secs * 100.0,
+            busy / total * 100.0,
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        )
+    }
+}
+
 fn load(writes: u64, cpu_s: f64, secs: f64, rss_mib: f64) -> String {
     format!(
         "{:.0}/s, {:.0}% of a core ({:.2} ms of CPU per write), {rss_mib:.0} MiB",
@@ -532,11 +569,12 @@ async fn pods_phase(
     a: &Args,
     client: &kube::Client,
     cloud: &Cloud,
-    kc: &Path,
     sampler: &Sampler,
+    fleets: &[u32],
     limit: Duration,
     t: &mut Table,
 ) -> Result<()> {
+    let kc = &cloud.kubeconfig();
     let total = a.nodes * a.pods_per_node;
     // A namespace of its own: a --dir kept from an earlier run still holds that run's pods.
     let ns = format!(
@@ -616,6 +654,7 @@ async fn pods_phase(
         Instant::now(),
     );
     let profiler = profile(a, "pods", cloud.pid())?;
+    let shares = CpuShares::now(cloud.pid(), fleets);
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut errors = 0usize;
     let mut creates = Vec::with_capacity(total);
@@ -664,6 +703,7 @@ async fn pods_phase(
         tokio::task::spawn_blocking(move || p.wait()).await??;
     }
     let (rv1, cpu1) = (revision(client).await?, cpu_seconds(Some(cloud.pid())));
+    let cpu_where = shares.since(cloud.pid(), fleets);
     w.abort();
     let (mut lat, mut to_bind, mut to_run) = {
         let (run, bound) = (running.lock().unwrap(), bound.lock().unwrap());
@@ -724,6 +764,7 @@ async fn pods_phase(
         "while creating: API writes/s, cloud CPU, cloud peak RSS",
         load(rv1 - rv0, cpu1 - cpu0, all_s, sampler.peak_mib()),
     );
+    t.row("  CPU while creating: cloud / hollow agents", cpu_where);
     t.row(
         "  API server store while creating (group commit)",
         per_fsync(store0, store_counts(kc)),
@@ -966,6 +1007,8 @@ async fn main() -> Result<()> {
     let hb_profiler = profile(&a, "heartbeats", cloud.pid())?;
     let kc = cloud.kubeconfig();
     let store0 = store_counts(&kc);
+    let pids: Vec<u32> = fleets.0.iter().map(Child::id).collect();
+    let shares = CpuShares::now(cloud.pid(), &pids);
     let (rv0, cpu0, w0) = (
         revision(&client).await?,
         cpu_seconds(Some(cloud.pid())),
@@ -988,6 +1031,10 @@ async fn main() -> Result<()> {
             dt,
             rss_kib(Some(cloud.pid())) as f64 / 1024.0,
         ),
+    );
+    t.row(
+        "  CPU during those heartbeats: cloud / hollow agents",
+        shares.since(cloud.pid(), &pids),
     );
     t.row(
         "  API server store during those heartbeats (group commit)",
@@ -1020,7 +1067,8 @@ async fn main() -> Result<()> {
 
     // 4. Pods at a fixed rate.
     if a.pods_per_node > 0 {
-        pods_phase(&a, &client, &cloud, &kc, &sampler, limit, &mut t).await?;
+        let pids: Vec<u32> = fleets.0.iter().map(Child::id).collect();
+        pods_phase(&a, &client, &cloud, &sampler, &pids, limit, &mut t).await?;
     } else {
         t.row("pods", "none created (--pods-per-node 0)".into());
     }
