@@ -303,6 +303,13 @@ pub fn pod_references(p: &Pod) -> (HashSet<String>, HashSet<String>) {
 }
 
 impl Cache {
+    /// When `node`'s Lease was last renewed, as this core's informer last saw it.
+    pub fn lease_renewed(&self, node: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+        self.leases
+            .get(&ObjectRef::new(node).within("kube-node-lease"))
+            .and_then(|l| l.spec.as_ref()?.renew_time.as_ref().map(|t| t.0))
+    }
+
     /// Starts one watch per kind. The stores fill in the background.
     pub fn start(client: kube::Client) -> (Cache, Vec<JoinHandle<()>>) {
         let dirty = Arc::new(Dirty::default());
@@ -1274,16 +1281,7 @@ impl Upstream {
             "leaseDurationSeconds": r.duration_seconds,
             "renewTime": r.renew_time,
         });
-        let stored = self
-            .cache
-            .leases
-            .get(&ObjectRef::new(node).within("kube-node-lease"))
-            .and_then(|l| {
-                l.spec
-                    .as_ref()
-                    .and_then(|s| s.renew_time.as_ref())
-                    .map(|t| t.0)
-            });
+        let stored = self.cache.lease_renewed(node);
         let duration = Duration::from_secs(r.duration_seconds.max(1) as u64);
         let due = renewal(stored, new, self.grace.min(duration));
         // Never move a lease backwards (an old heartbeat flushed from the outbox on reconnect).

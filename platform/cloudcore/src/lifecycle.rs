@@ -19,7 +19,6 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
 use serde_json::{Value, json};
 
 use crate::{Cache, TaintEffect};
@@ -131,11 +130,7 @@ async fn check(client: &kube::Client, cache: &Cache, s: &Settings) -> Result<(),
             continue;
         }
         let name = node.name_any();
-        let renewed = cache
-            .leases
-            .get(&ObjectRef::new(&name).within("kube-node-lease"))
-            .and_then(|l| l.spec.as_ref().and_then(|s| s.renew_time.clone()))
-            .map(|t| t.0);
+        let renewed = cache.lease_renewed(&name);
         let held = cache.heartbeats.heard(&name);
         let Some(since) = last_heard(&node, renewed, held) else {
             continue;
