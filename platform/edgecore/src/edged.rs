@@ -80,6 +80,24 @@ pub struct Edged {
     workers: Mutex<HashMap<String, Worker>>,
     /// Pods (by UID) whose leftover containers are being stopped.
     cleaning: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Told when a pod's task ends (a stopped pod; one that panicked is started again by the
+    /// pass this wakes, or by the next [`RESYNC`] if that pass saw its task still finishing).
+    ended: Arc<tokio::sync::Notify>,
+}
+
+/// How often edged compares the store's pods with its workers when nothing told it to. It
+/// compares them at once on a change to a pod in the store and when a pod's task ends; this
+/// only retries the clean-up of leftover containers that failed. Every second, it was the
+/// idle agent's main cost (a store listing on the blocking pool per node per second).
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// Tells edged, when dropped (the task returned, panicked or was aborted), that a pod's task ended.
+struct EndedGuard(Arc<tokio::sync::Notify>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Edged {
@@ -114,6 +132,7 @@ impl Edged {
             }),
             workers: Mutex::new(HashMap::new()),
             cleaning: Arc::default(),
+            ended: Arc::default(),
         });
         tokio::spawn(e.clone().run());
         e
@@ -121,9 +140,19 @@ impl Edged {
 
     async fn run(self: Arc<Self>) {
         let mut changes = self.shared.store.subscribe();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut swept = false;
         loop {
+            // The listing below covers every change queued so far: one pass for a burst.
+            use tokio::sync::broadcast::error::TryRecvError;
+            loop {
+                match changes.try_recv() {
+                    Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                    Err(TryRecvError::Closed) => return,
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
             // The store is SQLite: read it on the blocking pool, not on the runtime's threads.
             let store = self.shared.store.clone();
             match tokio::task::spawn_blocking(move || {
@@ -153,11 +182,18 @@ impl Edged {
                 Ok(Err(e)) => tracing::error!(error = %e, "cannot read pods from the local store"),
                 Err(e) => tracing::error!(error = %e, "reading the local store failed"),
             }
-            tokio::select! {
-                r = changes.recv() => {
-                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r { return; }
+            loop {
+                use tokio::sync::broadcast::error::RecvError;
+                tokio::select! {
+                    r = changes.recv() => match r {
+                        Ok(c) if c.kind != kind::POD => continue,
+                        Err(RecvError::Closed) => return,
+                        // A pod changed, or changes were missed.
+                        Ok(_) | Err(RecvError::Lagged(_)) => break,
+                    },
+                    _ = self.ended.notified() => break,
+                    _ = tick.tick() => break,
                 }
-                _ = tick.tick() => {}
             }
         }
     }
@@ -209,7 +245,11 @@ impl Edged {
                 None => {
                     let (spec_tx, spec_rx) = watch::channel(pod.clone());
                     let (stop_tx, stop_rx) = watch::channel(false);
-                    let task = tokio::spawn(run_pod(self.shared.clone(), spec_rx, stop_rx));
+                    let (shared, ended) = (self.shared.clone(), EndedGuard(self.ended.clone()));
+                    let task = tokio::spawn(async move {
+                        let _ended = ended;
+                        run_pod(shared, spec_rx, stop_rx).await
+                    });
                     workers.insert(
                         uid.clone(),
                         Worker {

@@ -153,7 +153,8 @@ impl MetaStore {
     /// The local revision (bumped by every change).
     pub fn revision(&self) -> Result<u64, StoreError> {
         let c = self.conn.lock().unwrap();
-        c.query_row("SELECT rev FROM revision", [], |r| r.get::<_, i64>(0))
+        c.prepare_cached("SELECT rev FROM revision")
+            .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
             .map(|r| r as u64)
             .map_err(self.err())
     }
@@ -175,11 +176,11 @@ impl MetaStore {
         {
             return Ok(Applied::Stale);
         }
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO meta VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT(kind, namespace, name) DO UPDATE SET rv=excluded.rv, value=excluded.value",
-            params![kind, ns, name, rv, object.to_string()],
         )
+        .and_then(|mut st| st.execute(params![kind, ns, name, rv, object.to_string()]))
         .map_err(self.err())?;
         let rev = bump(&tx).map_err(self.err())?;
         tx.commit().map_err(self.err())?;
@@ -208,11 +209,9 @@ impl MetaStore {
         let Some(old) = old else {
             return Ok(Applied::Absent);
         };
-        tx.execute(
-            "DELETE FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3",
-            params![kind, ns, name],
-        )
-        .map_err(self.err())?;
+        tx.prepare_cached("DELETE FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3")
+            .and_then(|mut st| st.execute(params![kind, ns, name]))
+            .map_err(self.err())?;
         let rev = bump(&tx).map_err(self.err())?;
         tx.commit().map_err(self.err())?;
         drop(c);
@@ -273,15 +272,17 @@ impl MetaStore {
     /// Records a container.
     pub fn save_container(&self, rec: &ContainerRecord) -> Result<(), StoreError> {
         let c = self.conn.lock().unwrap();
-        c.execute(
+        c.prepare_cached(
             "INSERT INTO containers VALUES (?1, ?2, ?3)
              ON CONFLICT(pod_uid, name) DO UPDATE SET record=excluded.record",
-            params![
+        )
+        .and_then(|mut st| {
+            st.execute(params![
                 rec.pod_uid,
                 rec.name,
                 serde_json::to_string(rec).unwrap_or_default()
-            ],
-        )
+            ])
+        })
         .map_err(self.err())?;
         Ok(())
     }
@@ -301,7 +302,7 @@ impl MetaStore {
     pub fn recorded_pods(&self) -> Result<Vec<String>, StoreError> {
         let c = self.conn.lock().unwrap();
         let mut st = c
-            .prepare("SELECT DISTINCT pod_uid FROM containers")
+            .prepare_cached("SELECT DISTINCT pod_uid FROM containers")
             .map_err(self.err())?;
         let rows = st
             .query_map([], |r| r.get::<_, String>(0))
@@ -312,19 +313,21 @@ impl MetaStore {
     /// Forgets a pod's containers.
     pub fn forget_containers(&self, pod_uid: &str) -> Result<(), StoreError> {
         let c = self.conn.lock().unwrap();
-        c.execute("DELETE FROM containers WHERE pod_uid=?1", params![pod_uid])
+        c.prepare_cached("DELETE FROM containers WHERE pod_uid=?1")
+            .and_then(|mut st| st.execute(params![pod_uid]))
             .map_err(self.err())?;
         Ok(())
     }
 }
 
 /// The rows of a one-column query of JSON documents, decoded (rows that do not decode are skipped).
+/// Statements are prepared once per connection and kept (edged lists the pods on every change).
 fn json_rows<T: serde::de::DeserializeOwned>(
     c: &Connection,
     sql: &str,
     p: impl rusqlite::Params,
 ) -> rusqlite::Result<Vec<T>> {
-    let mut st = c.prepare(sql)?;
+    let mut st = c.prepare_cached(sql)?;
     let rows = st.query_map(p, |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
     for r in rows {
@@ -343,17 +346,18 @@ fn column(
     ns: &str,
     name: &str,
 ) -> rusqlite::Result<Option<String>> {
-    c.query_row(
-        &format!("SELECT {col} FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3"),
-        params![kind, ns, name],
-        |r| r.get(0),
-    )
+    c.prepare_cached(&format!(
+        "SELECT {col} FROM meta WHERE kind=?1 AND namespace=?2 AND name=?3"
+    ))?
+    .query_row(params![kind, ns, name], |r| r.get(0))
     .optional()
 }
 
 fn bump(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
-    tx.execute("UPDATE revision SET rev = rev + 1", [])?;
-    tx.query_row("SELECT rev FROM revision", [], |r| r.get::<_, i64>(0))
+    tx.prepare_cached("UPDATE revision SET rev = rev + 1")?
+        .execute([])?;
+    tx.prepare_cached("SELECT rev FROM revision")?
+        .query_row([], |r| r.get::<_, i64>(0))
         .map(|r| r as u64)
 }
 
