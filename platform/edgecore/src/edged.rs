@@ -144,14 +144,8 @@ impl Edged {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut swept = false;
         loop {
-            // The listing below covers every change queued so far: one pass for a burst.
-            use tokio::sync::broadcast::error::TryRecvError;
-            loop {
-                match changes.try_recv() {
-                    Ok(_) | Err(TryRecvError::Lagged(_)) => {}
-                    Err(TryRecvError::Closed) => return,
-                    Err(TryRecvError::Empty) => break,
-                }
+            if !crate::store::skip_queued(&mut changes) {
+                return;
             }
             // The store is SQLite: read it on the blocking pool, not on the runtime's threads.
             let store = self.shared.store.clone();
@@ -182,18 +176,10 @@ impl Edged {
                 Ok(Err(e)) => tracing::error!(error = %e, "cannot read pods from the local store"),
                 Err(e) => tracing::error!(error = %e, "reading the local store failed"),
             }
-            loop {
-                use tokio::sync::broadcast::error::RecvError;
-                tokio::select! {
-                    r = changes.recv() => match r {
-                        Ok(c) if c.kind != kind::POD => continue,
-                        Err(RecvError::Closed) => return,
-                        // A pod changed, or changes were missed.
-                        Ok(_) | Err(RecvError::Lagged(_)) => break,
-                    },
-                    _ = self.ended.notified() => break,
-                    _ = tick.tick() => break,
-                }
+            tokio::select! {
+                open = crate::store::next_change_of(&mut changes, kind::POD) => if !open { return },
+                _ = self.ended.notified() => {}
+                _ = tick.tick() => {}
             }
         }
     }

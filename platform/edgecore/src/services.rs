@@ -28,8 +28,13 @@ use crate::ModuleContext;
 use crate::portforward::Pumped;
 use crate::store::MetaStore;
 
-/// How often the proxy compares its listeners with the Services the node holds.
-const RESYNC: Duration = Duration::from_secs(1);
+/// How often the proxy compares its listeners with the Services the node holds when no Service
+/// changed (it compares them at once on a change). Every second, this listing was, with edged's,
+/// an idle agent's main cost.
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// How soon a listener that could not be opened is tried again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// How long the cloud may take to accept a connection.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,9 +128,17 @@ pub fn env(store: &MetaStore, pod: &Value) -> Vec<(String, String)> {
 /// Runs the node's service proxy until the agent stops.
 pub async fn run(ctx: ModuleContext) {
     let mut listeners: HashMap<(String, String, u16), JoinHandle<()>> = HashMap::new();
-    let mut tick = tokio::time::interval(RESYNC);
+    let mut changes = ctx.store.subscribe();
+    let mut wait = Duration::ZERO;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            open = crate::store::next_change_of(&mut changes, kind::SERVICE) => if !open { return },
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if !crate::store::skip_queued(&mut changes) {
+            return;
+        }
+        wait = RESYNC;
         let store = ctx.store.clone();
         let services = tokio::task::spawn_blocking(move || store.list(kind::SERVICE, None))
             .await
@@ -159,6 +172,7 @@ pub async fn run(ctx: ModuleContext) {
                     listeners.insert(key.clone(), tokio::spawn(serve(l, ctx.clone(), key)));
                 }
                 Err(e) => {
+                    wait = RETRY;
                     tracing::warn!(service = %format!("{}/{}", key.0, key.1), %addr, error = %e, "service proxy cannot listen; retrying")
                 }
             }

@@ -320,6 +320,33 @@ impl MetaStore {
     }
 }
 
+/// Waits for the next change to an object of `kind` (or for changes that were missed, which
+/// may have been one); false once the store is gone. Cancel-safe, for `select!` loops that
+/// list `kind` again on a change instead of every so often.
+pub async fn next_change_of(changes: &mut broadcast::Receiver<Change>, kind: &str) -> bool {
+    use broadcast::error::RecvError;
+    loop {
+        match changes.recv().await {
+            Ok(c) if c.kind != kind => continue,
+            Ok(_) | Err(RecvError::Lagged(_)) => return true,
+            Err(RecvError::Closed) => return false,
+        }
+    }
+}
+
+/// Skips the changes queued so far (a listing about to be made covers them all: one pass for
+/// a burst); false once the store is gone.
+pub fn skip_queued(changes: &mut broadcast::Receiver<Change>) -> bool {
+    use broadcast::error::TryRecvError;
+    loop {
+        match changes.try_recv() {
+            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Closed) => return false,
+        }
+    }
+}
+
 /// The rows of a one-column query of JSON documents, decoded (rows that do not decode are skipped).
 /// Statements are prepared once per connection and kept (edged lists the pods on every change).
 fn json_rows<T: serde::de::DeserializeOwned>(

@@ -838,9 +838,16 @@ async fn flush_outbox(
                 Counters::inc(&inner.counters.messages_sent);
             }
         }
+        // Nothing unacknowledged: nothing can time out, so wait for the outbox to be written
+        // (before, an idle session read the outbox every `ack_timeout` all the same).
+        let idle = inner
+            .unacked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
         tokio::select! {
             _ = inner.outbox_notify.notified() => {}
-            _ = tokio::time::sleep(ack_timeout) => {
+            _ = tokio::time::sleep(ack_timeout), if !idle => {
                 let mut un = inner.unacked.lock().unwrap_or_else(|p| p.into_inner());
                 if un.values().any(|t| t.elapsed() >= ack_timeout) {
                     let n = un.len() as u64;

@@ -96,19 +96,24 @@ impl Outbox {
         let tx = db.transaction().map_err(err)?;
         let latest = policy == Policy::LatestWins;
         if latest {
-            tx.execute(
-                "DELETE FROM outbox WHERE key = ?1 AND latest = 1",
-                params![msg.route.resource],
-            )
-            .map_err(err)?;
+            tx.prepare_cached("DELETE FROM outbox WHERE key = ?1 AND latest = 1")
+                .and_then(|mut st| st.execute(params![msg.route.resource]))
+                .map_err(err)?;
         }
-        tx.execute(
-            "INSERT INTO outbox (id, key, latest, body) VALUES (?1, ?2, ?3, ?4)",
-            params![msg.id, msg.route.resource, latest, msg.encode().as_ref()],
-        )
-        .map_err(err)?;
+        // Statements prepared once per connection: every report and every ack passes here.
+        tx.prepare_cached("INSERT INTO outbox (id, key, latest, body) VALUES (?1, ?2, ?3, ?4)")
+            .and_then(|mut st| {
+                st.execute(params![
+                    msg.id,
+                    msg.route.resource,
+                    latest,
+                    msg.encode().as_ref()
+                ])
+            })
+            .map_err(err)?;
         let count: i64 = tx
-            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+            .prepare_cached("SELECT count(*) FROM outbox")
+            .and_then(|mut st| st.query_row([], |r| r.get(0)))
             .map_err(err)?;
         let over = (count as usize).saturating_sub(self.capacity);
         let mut dropped = 0;
@@ -167,7 +172,8 @@ impl Outbox {
     pub fn remove(&self, id: &str) -> Result<bool, TunnelError> {
         Ok(self
             .db()
-            .execute("DELETE FROM outbox WHERE id = ?1", params![id])
+            .prepare_cached("DELETE FROM outbox WHERE id = ?1")
+            .and_then(|mut st| st.execute(params![id]))
             .map_err(err)?
             > 0)
     }
