@@ -418,6 +418,46 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_listing_wakes_on_a_change_of_its_kind_only_and_once_per_burst() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let s = MetaStore::open(&dir.path().join("edge.db")).unwrap();
+        let mut rx = s.subscribe();
+        let soon = |rx: &mut broadcast::Receiver<Change>| {
+            let mut rx = rx.resubscribe();
+            async move {
+                tokio::time::timeout(Duration::from_millis(200), next_change_of(&mut rx, "pod"))
+                    .await
+            }
+        };
+        // Other kinds (the node's own status every minute, config maps) do not wake it.
+        s.upsert("node", "", "edge-1", "1", &json!({})).unwrap();
+        s.upsert("configmap", "ml", "cfg", "1", &json!({})).unwrap();
+        let waiter = tokio::spawn(soon(&mut rx));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s.upsert("configmap", "ml", "cfg", "2", &json!({})).unwrap();
+        assert!(waiter.await.unwrap().is_err(), "woken by a config map");
+        // A pod does, also behind other kinds.
+        let waiter = tokio::spawn(soon(&mut rx));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s.upsert("configmap", "ml", "cfg", "3", &json!({})).unwrap();
+        s.upsert("pod", "default", "a", "1", &json!({})).unwrap();
+        assert_eq!(waiter.await.unwrap(), Ok(true));
+        // A burst queued before a listing is skipped as a whole: the listing covers it.
+        for i in 2..50 {
+            s.upsert("pod", "default", "a", &i.to_string(), &json!({}))
+                .unwrap();
+        }
+        assert!(skip_queued(&mut rx));
+        let left = tokio::time::timeout(Duration::from_millis(200), next_change_of(&mut rx, "pod"));
+        assert!(left.await.is_err(), "a queued change left over");
+        // The store gone: the loops end.
+        drop(s);
+        assert!(!skip_queued(&mut rx));
+        assert!(!next_change_of(&mut rx, "pod").await);
+    }
+
     #[test]
     fn the_wal_stays_small_so_a_restart_reads_little() {
         // SQLite's defaults let a WAL grow to 4 MiB (1,000 pages) and never shrink it; a node
