@@ -331,7 +331,6 @@ fn dist(v: &mut [f64]) -> String {
     )
 }
 
-/// The cloud's load over `secs`: `writes` API writes, `cpu_s` CPU seconds, and its RSS.
 /// Where the CPU goes during a phase: the cloud process, the hollow agents' fleets and the whole
 /// machine (the agents share it with the cloud, so a busy machine slows pods on both sides).
 struct CpuShares {
@@ -369,6 +368,7 @@ impl CpuShares {
     }
 }
 
+/// The cloud's load over `secs`: `writes` API writes, `cpu_s` CPU seconds, and its RSS.
 fn load(writes: u64, cpu_s: f64, secs: f64, rss_mib: f64) -> String {
     format!(
         "{:.0}/s, {:.0}% of a core ({:.2} ms of CPU per write), {rss_mib:.0} MiB",
@@ -1067,7 +1067,6 @@ async fn main() -> Result<()> {
 
     // 4. Pods at a fixed rate.
     if a.pods_per_node > 0 {
-        let pids: Vec<u32> = fleets.0.iter().map(Child::id).collect();
         pods_phase(&a, &client, &cloud, &sampler, &pids, limit, &mut t).await?;
     } else {
         t.row("pods", "none created (--pods-per-node 0)".into());
