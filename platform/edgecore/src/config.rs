@@ -77,7 +77,9 @@ pub struct EdgeCoreConfig {
     pub lease_interval_ms: u64,
     /// `Lease.spec.leaseDurationSeconds`.
     pub lease_duration_seconds: i32,
-    /// How often edged checks its pods (exits, probes, log rotation).
+    /// How often edged looks whether a container ended when its runtime cannot say so itself
+    /// (a process adopted after an agent restart; the CRI runtime's poll of the node's
+    /// containers). Other exits wake the pod's task at once.
     pub sync_interval_ms: u64,
     /// Crash-loop back-off: first delay, doubling up to `backoff_max_ms`.
     pub backoff_initial_ms: u64,

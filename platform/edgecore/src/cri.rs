@@ -77,14 +77,22 @@ struct Inner {
     version: String,
     /// Pod UID -> sandbox id; the async mutex makes one pod's first containers share a sandbox.
     sandboxes: tokio::sync::Mutex<HashMap<String, String>>,
-    /// Container id -> how it ended, for containers with a live handle.
-    exits: Mutex<HashMap<String, Option<Exit>>>,
+    /// Container id -> how it ended, and who to tell, for containers with a live handle.
+    exits: Mutex<HashMap<String, Watched>>,
     /// Images whose last pull failed (the next failure is `ImagePullBackOff`).
     pull_failed: Mutex<HashSet<String>>,
     pod_network: bool,
     allow_privileged: bool,
     /// Pod UID -> its IP on the pod network.
     pod_ips: Mutex<HashMap<String, String>>,
+}
+
+/// A container with a live handle, as the poller sees it.
+#[derive(Default)]
+struct Watched {
+    exit: Option<Exit>,
+    /// Told once the poller has seen it end.
+    wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Runs containers through a CRI runtime.
@@ -179,7 +187,7 @@ async fn poll(inner: Weak<Inner>, every: Duration) {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, e)| e.is_none())
+            .filter(|(_, w)| w.exit.is_none())
             .map(|(id, _)| id.clone())
             .collect();
         if pending.is_empty() {
@@ -216,9 +224,12 @@ async fn poll(inner: Weak<Inner>, every: Duration) {
                 Some(_) => None,
             };
             if let Some(e) = exit
-                && let Some(slot) = inner.exits.lock().unwrap().get_mut(&id)
+                && let Some(w) = inner.exits.lock().unwrap().get_mut(&id)
             {
-                *slot = Some(e);
+                w.exit = Some(e);
+                if let Some(wake) = w.wake.take() {
+                    wake.notify_one();
+                }
             }
         }
     }
@@ -255,7 +266,11 @@ struct CriContainer {
 
 impl CriContainer {
     fn watch(inner: &Arc<Inner>, id: String, exit: Option<Exit>) -> CriContainer {
-        inner.exits.lock().unwrap().insert(id.clone(), exit);
+        inner
+            .exits
+            .lock()
+            .unwrap()
+            .insert(id.clone(), Watched { exit, wake: None });
         CriContainer {
             id,
             inner: inner.clone(),
@@ -277,8 +292,18 @@ impl Container for CriContainer {
             .lock()
             .unwrap()
             .get(&self.id)
-            .copied()
-            .flatten()
+            .and_then(|w| w.exit)
+    }
+    /// The poller (every `poll_interval`, one listing for the node) tells it.
+    fn notify_exit(&mut self, wake: Arc<tokio::sync::Notify>) -> bool {
+        let mut exits = self.inner.exits.lock().unwrap();
+        let w = exits.entry(self.id.clone()).or_default();
+        if w.exit.is_some() {
+            wake.notify_one();
+        } else {
+            w.wake = Some(wake);
+        }
+        true
     }
     fn signal(&self, s: Signal) {
         // CRI stops with a grace period (TERM, then KILL when it runs out); edged keeps the
@@ -315,7 +340,13 @@ impl Container for CriContainer {
 
 impl Drop for CriContainer {
     fn drop(&mut self) {
-        let exit = self.inner.exits.lock().unwrap().remove(&self.id).flatten();
+        let exit = self
+            .inner
+            .exits
+            .lock()
+            .unwrap()
+            .remove(&self.id)
+            .and_then(|w| w.exit);
         // An ended container is removed (its log file stays: edged keeps it as `--previous`);
         // a running one stays for the next agent to adopt.
         if exit.is_some()

@@ -48,6 +48,27 @@ pub struct EdgedSettings {
     pub pod_tokens: Arc<crate::podtoken::PodTokens>,
 }
 
+impl EdgedSettings {
+    /// Short back-offs and grace for tests, pods under `pods_dir`.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        pods_dir: PathBuf,
+        pod_tokens: Arc<crate::podtoken::PodTokens>,
+    ) -> EdgedSettings {
+        EdgedSettings {
+            pods_dir,
+            sync_interval: Duration::from_millis(100),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            backoff_reset: Duration::from_secs(60),
+            max_log_bytes: 1 << 20,
+            max_grace: Duration::from_secs(1),
+            host_path_allow: Vec::new(),
+            pod_tokens,
+        }
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) store: Arc<MetaStore>,
     pub(crate) runtime: Arc<dyn Runtime>,
@@ -88,7 +109,8 @@ pub struct Edged {
 /// How often edged compares the store's pods with its workers when nothing told it to. It
 /// compares them at once on a change to a pod in the store and when a pod's task ends; this
 /// only retries the clean-up of leftover containers that failed. Every second, it was the
-/// idle agent's main cost (a store listing on the blocking pool per node per second).
+/// idle agent's main cost (a store listing on the blocking pool per node per second). Logs
+/// are checked for rotation as often, as kubelet's container log manager does (10 s).
 const RESYNC: Duration = Duration::from_secs(10);
 
 /// Tells edged, when dropped (the task returned, panicked or was aborted), that a pod's task ended.
@@ -179,9 +201,24 @@ impl Edged {
             tokio::select! {
                 open = crate::store::next_change_of(&mut changes, kind::POD) => if !open { return },
                 _ = self.ended.notified() => {}
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.rotate_logs(),
             }
         }
+    }
+
+    /// Rotates the logs of this node's pods that grew over `max_log_bytes` (one pass for all
+    /// pods on the blocking pool, in the background).
+    fn rotate_logs(&self) {
+        let uids: Vec<String> = self.workers.lock().unwrap().keys().cloned().collect();
+        let (dir, max) = (
+            self.shared.settings.pods_dir.clone(),
+            self.shared.settings.max_log_bytes,
+        );
+        tokio::task::spawn_blocking(move || {
+            for uid in uids {
+                rotate_pod_logs(&dir.join(&uid).join("logs"), max);
+            }
+        });
     }
 
     /// Starts workers for new pods (`pods`: the store's), passes updates on, stops workers of
@@ -382,6 +419,30 @@ pub fn log_path(pods_dir: &Path, uid: &str, container: &str) -> PathBuf {
         .join(format!("{container}.log"))
 }
 
+/// Rotates the current logs (`<container>.log`; container names have no dot) in `dir` that
+/// grew over `max` bytes: the log is copied to `<container>.log.1` and emptied (the container
+/// keeps its file open and appending).
+fn rotate_pod_logs(dir: &Path, max: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(container) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+            continue;
+        };
+        if container.contains('.') || !e.metadata().is_ok_and(|m| m.is_file() && m.len() > max) {
+            continue;
+        }
+        let p = e.path();
+        let _ = std::fs::copy(&p, p.with_extension("log.1"));
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_len(0));
+    }
+}
+
 /// A container's log, honouring `previous`, `tailLines` and `limitBytes`; `cri`: the files are in
 /// the CRI's format (what the container wrote is returned).
 pub fn read_log(
@@ -572,24 +633,32 @@ async fn cleanup_orphan(shared: &Shared, uid: &str) {
     .await;
 }
 
+/// Stops a container: TERM, then KILL once `grace` is over, and how it ended (`Unknown` when it
+/// is still there 2 s after the KILL). Waits on the runtime's word where it gives one, and
+/// polls where it does not.
 pub(crate) async fn stop_container(mut c: Box<dyn Container>, grace: Duration) -> Exit {
-    c.signal(Signal::Term);
-    let deadline = Instant::now() + grace;
-    loop {
-        if let Some(e) = c.poll_exit() {
-            return e;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let step = if c.notify_exit(wake.clone()) {
+        Duration::MAX
+    } else {
+        Duration::from_millis(20)
+    };
+    for (signal, wait) in [
+        (Signal::Term, grace),
+        (Signal::Kill, Duration::from_secs(2)),
+    ] {
+        c.signal(signal);
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(e) = c.poll_exit() {
+                return e;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let _ = tokio::time::timeout(left.min(step), wake.notified()).await;
         }
-        if Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    c.signal(Signal::Kill);
-    for _ in 0..100 {
-        if let Some(e) = c.poll_exit() {
-            return e;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Exit::Unknown
 }
@@ -689,5 +758,79 @@ mod tests {
         };
         let e = follow_log(d.path(), "../x", "main", &first, false).unwrap_err();
         assert!(e.contains("uid") || e.contains("UID"), "{e}");
+    }
+
+    #[test]
+    fn only_current_logs_over_the_limit_are_rotated() {
+        let d = tempfile::tempdir().unwrap();
+        let big = "x".repeat(100);
+        for f in ["main.log", "main.previous.log", "side.log"] {
+            std::fs::write(
+                d.path().join(f),
+                if f == "side.log" { "small" } else { &big },
+            )
+            .unwrap();
+        }
+        rotate_pod_logs(d.path(), 50);
+        let read = |f: &str| std::fs::read_to_string(d.path().join(f)).unwrap();
+        assert_eq!(read("main.log"), "", "the current log is emptied");
+        assert_eq!(read("main.log.1"), big, "and its content kept as .log.1");
+        assert_eq!(
+            read("main.previous.log"),
+            big,
+            "the previous instance's log is left"
+        );
+        assert_eq!(read("side.log"), "small", "a log under the limit is left");
+        assert!(!d.path().join("side.log.1").exists());
+        // A pod without a logs directory is nothing to do.
+        rotate_pod_logs(&d.path().join("nope"), 50);
+    }
+
+    /// With polling out of the picture (a `sync_interval` of an hour), a container that exits is
+    /// seen at once and started again after its back-off: the runtime tells the pod's task.
+    #[tokio::test]
+    async fn an_exit_wakes_the_pod_task_without_polling() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(MetaStore::open(&dir.path().join("meta.db")).unwrap());
+        let runtime = Arc::new(crate::runtime::ProcessRuntime::new(
+            crate::config::EdgeCoreConfig::default().images,
+            PathBuf::from("/bin/true"),
+        ));
+        let facts = NodeFacts {
+            node: "edge-1".into(),
+            ip: "127.0.0.1".into(),
+            pod_ip: None,
+        };
+        let settings = EdgedSettings {
+            sync_interval: Duration::from_secs(3600),
+            ..EdgedSettings::for_tests(
+                dir.path().join("pods"),
+                Arc::new(crate::podtoken::PodTokens::load_or_create(dir.path()).unwrap()),
+            )
+        };
+        let edged = Edged::start(store.clone(), runtime, facts, settings, Reports::default());
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "exits", "namespace": "default", "uid": UID},
+            "spec": {"nodeName": "edge-1", "restartPolicy": "Always",
+                     "containers": [{"name": "main", "image": "busybox",
+                                     "command": ["sh", "-c", "exit 3"]}]}
+        });
+        store.upsert("pod", "default", "exits", "1", &pod).unwrap();
+        // Back-offs of 0.1, 0.2 and 0.4 s: three restarts in well under a minute, none of them
+        // found by a poll.
+        let c = &edged.shared.counters;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.container_restarts.load(Relaxed) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "restarts: {}",
+                c.container_restarts.load(Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(c.container_starts.load(Relaxed) >= 4);
+        assert_eq!(c.start_failures.load(Relaxed), 0);
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use futures::future::BoxFuture;
+use tokio::sync::Notify;
 
 use crate::runtime::{Container, ContainerSpec, Exit, PodInfo, Runtime, Signal, StartError};
 use crate::store::ContainerRecord;
@@ -31,7 +32,8 @@ const KILL: u8 = 2;
 
 struct Hollow {
     id: String,
-    state: Arc<AtomicU8>,
+    state: AtomicU8,
+    wake: Option<Arc<Notify>>,
 }
 
 impl Container for Hollow {
@@ -49,16 +51,26 @@ impl Container for Hollow {
             _ => Some(Exit::Signal(9)),
         }
     }
+    fn notify_exit(&mut self, wake: Arc<Notify>) -> bool {
+        if self.state.load(Ordering::SeqCst) != RUNNING {
+            wake.notify_one();
+        }
+        self.wake = Some(wake);
+        true
+    }
     fn signal(&self, s: Signal) {
         let to = match s {
             Signal::Term => TERM,
             Signal::Kill => KILL,
         };
-        let _ = self
+        let moved = self
             .state
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
                 (now < to).then_some(to)
             });
+        if let (Ok(_), Some(w)) = (moved, &self.wake) {
+            w.notify_one();
+        }
     }
 }
 
@@ -67,7 +79,8 @@ impl HollowRuntime {
         let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         Box::new(Hollow {
             id: format!("hollow-{n}"),
-            state: Arc::new(AtomicU8::new(RUNNING)),
+            state: AtomicU8::new(RUNNING),
+            wake: None,
         })
     }
 }
@@ -146,6 +159,17 @@ mod tests {
         a.signal(Signal::Term);
         assert_eq!(a.poll_exit(), Some(Exit::Signal(9)));
         assert_eq!(b.poll_exit(), None);
+        // The pod's task is told of the end, and told at once when it has already ended.
+        let wake = Arc::new(Notify::new());
+        assert!(b.notify_exit(wake.clone()));
+        b.signal(Signal::Term);
+        tokio::time::timeout(std::time::Duration::from_secs(5), wake.notified())
+            .await
+            .expect("told of the end");
+        assert!(a.notify_exit(wake.clone()));
+        tokio::time::timeout(std::time::Duration::from_secs(5), wake.notified())
+            .await
+            .expect("told of an end before it asked");
         let err = rt.start(&pod, &spec(" ")).await.err().unwrap();
         assert_eq!(err.reason, "InvalidImageName");
     }

@@ -764,17 +764,7 @@ mod tests {
             ip: "127.0.0.1".into(),
             pod_ip: None,
         };
-        let settings = edged::EdgedSettings {
-            pods_dir: dir.path().join("pods"),
-            sync_interval: Duration::from_millis(100),
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(1),
-            backoff_reset: Duration::from_secs(60),
-            max_log_bytes: 1 << 20,
-            max_grace: Duration::from_secs(1),
-            host_path_allow: Vec::new(),
-            pod_tokens: pod_tokens.clone(),
-        };
+        let settings = edged::EdgedSettings::for_tests(dir.path().join("pods"), pod_tokens.clone());
         let edged = Edged::start(store.clone(), runtime, facts, settings, tx.clone());
         let ctx = ModuleContext {
             node: "edge-1".into(),

@@ -1,7 +1,10 @@
 //! One pod's run on this node: one task per pod (`run_pod`) that starts its containers,
-//! restarts them by the restart policy with crash-loop back-off, probes readiness, rotates logs,
-//! replaces containers whose spec changed, stops them on delete, and reports the pod's status
-//! upstream when it changes. Each container's state moves only through
+//! restarts them by the restart policy with crash-loop back-off, probes readiness, replaces
+//! containers whose spec changed, stops them on delete, and reports the pod's status upstream
+//! when it changes. The task sleeps until something is due: a container ended (the runtime
+//! tells it, as kubelet's PLEG tells its pod workers), a new spec, a restart after back-off, a
+//! probe. Only a container whose runtime cannot tell (a process adopted after an agent restart)
+//! is polled, every `sync_interval`. Each container's state moves only through
 //! [`crate::lifecycle::transition`]; the store and the file system are touched on the blocking
 //! pool, never on the runtime's threads.
 
@@ -15,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sedge_api::{Key, PodStatusReport, group, kind};
 use sedge_tunnel::{Message, Policy, op};
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::edged::{Shared, log_path, now, stop_container};
 use crate::lifecycle::{Event, State, Termination, transition};
@@ -123,6 +126,8 @@ struct Ctr {
     probe_ok: u32,
     probe_fail: u32,
     next_probe: Instant,
+    /// Its runtime cannot tell when it ends: look every `sync_interval`.
+    polled: bool,
 }
 
 impl Ctr {
@@ -144,6 +149,7 @@ impl Ctr {
             probe_ok: 0,
             probe_fail: 0,
             next_probe: Instant::now(),
+            polled: false,
         }
     }
 
@@ -180,14 +186,9 @@ pub(crate) struct PodRun {
     start_time: String,
     last_report: Option<k8s::PodStatus>,
     transitions: BTreeMap<String, (String, String)>,
-    /// When the logs' sizes were last checked for rotation.
-    logs_checked: Option<Instant>,
+    /// Told when one of its containers ends.
+    ended: Arc<Notify>,
 }
-
-/// How often a pod's logs are checked for rotation, as kubelet's container log manager does
-/// (10 s). Checked on every sync (500 ms), it was a file-system call on the blocking pool per
-/// pod twice a second.
-const LOG_CHECK: Duration = Duration::from_secs(10);
 
 /// Supervises one pod until it is no longer this node's (`stop`), following new versions of
 /// its spec (`spec`).
@@ -198,12 +199,20 @@ pub(crate) async fn run_pod(
 ) {
     let pod = spec.borrow().clone();
     let mut run = PodRun::new(shared.clone(), pod).await;
-    let mut tick = tokio::time::interval(shared.settings.sync_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ended = run.ended.clone();
     let mut finished_delete = false;
+    // The first pass starts the containers.
+    let mut due = Some(Instant::now());
     loop {
+        let sleep = async {
+            match due {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = sleep => {}
+            _ = ended.notified() => {}
             r = spec.changed() => {
                 if r.is_err() { break; }
                 let p = spec.borrow().clone();
@@ -233,10 +242,12 @@ pub(crate) async fn run_pod(
                 run.send_status(op::DELETE, status);
                 finished_delete = true;
             }
+            due = None;
             continue;
         }
         run.sync().await;
         run.report();
+        due = run.due();
     }
 }
 
@@ -320,9 +331,41 @@ impl PodRun {
             ctrs,
             start_time,
             last_report: None,
-            logs_checked: None,
             transitions: BTreeMap::new(),
+            ended: Arc::new(Notify::new()),
         }
+        .watching_adopted()
+    }
+
+    fn watching_adopted(mut self) -> PodRun {
+        for i in 0..self.ctrs.len() {
+            self.watch_exit(i);
+        }
+        self
+    }
+
+    /// Asks container `i`'s runtime to tell this pod's task when it ends.
+    fn watch_exit(&mut self, i: usize) {
+        let ended = self.ended.clone();
+        let c = &mut self.ctrs[i];
+        c.polled = c.handle.as_mut().is_some_and(|h| !h.notify_exit(ended));
+    }
+
+    /// When the next pass is due without being told: the earliest start after back-off, probe,
+    /// or poll of a container whose runtime cannot tell its end; `None`: nothing is due.
+    fn due(&self) -> Option<Instant> {
+        let poll = Instant::now() + self.shared.settings.sync_interval;
+        self.ctrs
+            .iter()
+            .filter_map(|c| match &c.handle {
+                None => self.wants_start(c).then_some(c.next_start),
+                Some(_) => {
+                    let probe = c.readiness().map(|_| c.next_probe);
+                    let poll = c.polled.then_some(poll);
+                    probe.into_iter().chain(poll).min()
+                }
+            })
+            .min()
     }
 
     fn who(&self) -> String {
@@ -575,29 +618,6 @@ impl PodRun {
             // Readiness.
             self.probe(i).await;
         }
-        // Log rotation, on the blocking pool (a copy of up to max_log_bytes).
-        if self.logs_checked.is_some_and(|t| t.elapsed() < LOG_CHECK) {
-            return;
-        }
-        self.logs_checked = Some(Instant::now());
-        let logs: Vec<PathBuf> = self
-            .ctrs
-            .iter()
-            .map(|c| log_path(&self.shared.settings.pods_dir, &self.uid, &c.name))
-            .collect();
-        let max = self.shared.settings.max_log_bytes;
-        let _ = tokio::task::spawn_blocking(move || {
-            for p in logs {
-                if std::fs::metadata(&p).is_ok_and(|m| m.len() > max) {
-                    let _ = std::fs::copy(&p, p.with_extension("log.1"));
-                    let _ = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&p)
-                        .and_then(|f| f.set_len(0));
-                }
-            }
-        })
-        .await;
     }
 
     /// Checks the pod spec, resolves env, volumes and mounts from the store, and starts
@@ -713,6 +733,7 @@ impl PodRun {
                     .unwrap_or(0)
                     .max(0) as u64;
                 c.next_probe = Instant::now() + Duration::from_secs(delay);
+                self.watch_exit(i);
                 self.record(i).await;
                 self.event("Normal", "Started", &format!("Started container {name}"));
             }

@@ -1,6 +1,6 @@
 //! Container runtimes. Edged talks to a [`Runtime`] only: start a container from a resolved
-//! spec, find a container again after an agent restart, poll it, signal it, and let a pod's
-//! resources go. [`ProcessRuntime`] runs each container as a supervised host process;
+//! spec, find a container again after an agent restart, be told when it ends (or poll it),
+//! signal it, and let a pod's resources go. [`ProcessRuntime`] runs each container as a supervised host process;
 //! [`crate::cri::CriRuntime`] runs real containers through a CRI runtime such as containerd
 //! (start = sandbox + create + start, adopt = the CRI's listing by labels, poll = status,
 //! signal = StopContainer).
@@ -15,8 +15,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
+use tokio::sync::Notify;
 
 use crate::config::ImageEntry;
 use crate::store::ContainerRecord;
@@ -154,6 +156,13 @@ pub trait Container: Send {
     fn start_ticks(&self) -> u64;
     /// Whether it has ended, without waiting.
     fn poll_exit(&mut self) -> Option<Exit>;
+    /// Asks to be told on `wake` when it ends (at once when it already has; a wake may also
+    /// come for nothing: [`Container::poll_exit`] says). The last `wake` given is the one
+    /// told. False when this runtime cannot tell, and the caller polls instead.
+    fn notify_exit(&mut self, wake: Arc<Notify>) -> bool {
+        let _ = wake;
+        false
+    }
     /// Sends a signal to it (and, for processes, its process group).
     fn signal(&self, s: Signal);
 }
@@ -406,7 +415,35 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 struct Process {
     pid: u32,
     ticks: u64,
-    child: Option<tokio::process::Child>,
+    /// Filled by the task that waits for the child; `None` for an adopted process (not our
+    /// child any more: it is looked for in `/proc`).
+    ended: Option<Arc<Mutex<Ended>>>,
+}
+
+/// How a child process ended, and who to tell.
+#[derive(Default)]
+struct Ended {
+    exit: Option<Exit>,
+    wake: Option<Arc<Notify>>,
+}
+
+/// Waits for a child to end (tokio reaps it on SIGCHLD; nothing polls), records how, and tells
+/// whoever asked.
+async fn wait_child(mut child: tokio::process::Child, ended: Arc<Mutex<Ended>>) {
+    use std::os::unix::process::ExitStatusExt;
+    let exit = match child.wait().await {
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(c), _) => Exit::Code(c),
+            (None, Some(s)) => Exit::Signal(s),
+            _ => Exit::Unknown,
+        },
+        Err(_) => Exit::Unknown,
+    };
+    let mut e = ended.lock().unwrap_or_else(|p| p.into_inner());
+    e.exit = Some(exit);
+    if let Some(w) = e.wake.take() {
+        w.notify_one();
+    }
 }
 
 impl Container for Process {
@@ -417,20 +454,21 @@ impl Container for Process {
         self.ticks
     }
     fn poll_exit(&mut self) -> Option<Exit> {
-        use std::os::unix::process::ExitStatusExt;
-        match &mut self.child {
-            Some(c) => match c.try_wait() {
-                Ok(Some(st)) => Some(match (st.code(), st.signal()) {
-                    (Some(c), _) => Exit::Code(c),
-                    (None, Some(s)) => Exit::Signal(s),
-                    _ => Exit::Unknown,
-                }),
-                Ok(None) => None,
-                Err(_) => Some(Exit::Unknown),
-            },
+        match &self.ended {
+            Some(e) => e.lock().unwrap_or_else(|p| p.into_inner()).exit,
             // Adopted: alive while the same process (same start time) is there.
             None => (start_ticks(self.pid) != Some(self.ticks)).then_some(Exit::Unknown),
         }
+    }
+    fn notify_exit(&mut self, wake: Arc<Notify>) -> bool {
+        let Some(e) = &self.ended else { return false };
+        let mut e = e.lock().unwrap_or_else(|p| p.into_inner());
+        if e.exit.is_some() {
+            wake.notify_one();
+        } else {
+            e.wake = Some(wake);
+        }
+        true
     }
     fn signal(&self, s: Signal) {
         use nix::sys::signal::{Signal as S, killpg};
@@ -496,10 +534,12 @@ impl ProcessRuntime {
         })?;
         let pid = child.id().unwrap_or(0);
         let ticks = start_ticks(pid).unwrap_or(0);
+        let ended = Arc::new(Mutex::new(Ended::default()));
+        tokio::spawn(wait_child(child, ended.clone()));
         Ok(Box::new(Process {
             pid,
             ticks,
-            child: Some(child),
+            ended: Some(ended),
         }))
     }
 }
@@ -521,7 +561,7 @@ impl Runtime for ProcessRuntime {
             Some(Box::new(Process {
                 pid: rec.pid,
                 ticks: rec.start_ticks,
-                child: None,
+                ended: None,
             }) as Box<dyn Container>)
         })
     }
