@@ -559,7 +559,8 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     for _ in 0..8 {
         idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Silent for longer than a client's bytes could be on their way.
+    tokio::time::sleep(sedge_serve::EVICT_AFTER + Duration::from_millis(200)).await;
     // A real client is still served at once: it takes the slot of the oldest silent socket.
     let started = Instant::now();
     let c = client_for(&t.kubeconfig(), None).await;
