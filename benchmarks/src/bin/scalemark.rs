@@ -86,9 +86,10 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     perf_s: u64,
     /// The phase profiled: `nodes` (from a minute after the fleets' start: registration and
-    /// turning Ready), `heartbeats` (the steady heartbeats; make `--steady-s` at least `--perf-s`) or
-    /// `pods` (creation at the fixed rate).
-    #[arg(long, default_value = "pods", value_parser = ["nodes", "heartbeats", "pods"])]
+    /// turning Ready), `heartbeats` (the steady heartbeats; make `--steady-s` at least `--perf-s`),
+    /// `pods` (creation at the fixed rate) or `reconnect` (from the cloud's restart; the hollow
+    /// agents' processes are profiled too, as the crowd's own work shares the machine).
+    #[arg(long, default_value = "pods", value_parser = ["nodes", "heartbeats", "pods", "reconnect"])]
     perf_phase: String,
 }
 
@@ -379,13 +380,14 @@ fn load(writes: u64, cpu_s: f64, secs: f64, rss_mib: f64) -> String {
 }
 
 /// `perf record` of process `pid` for `a.perf_s` seconds into `a.perf`, if profiling `phase`.
-fn profile(a: &Args, phase: &str, pid: u32) -> Result<Option<Child>> {
+fn profile(a: &Args, phase: &str, pids: &[u32]) -> Result<Option<Child>> {
     let Some(out) = a.perf.as_ref().filter(|_| a.perf_phase == phase) else {
         return Ok(None);
     };
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
     let child = Command::new("perf")
         .args(["record", "-F", "99", "--call-graph", "dwarf,16384", "-p"])
-        .arg(pid.to_string())
+        .arg(pids.join(","))
         .arg("-o")
         .arg(out)
         .args(["--", "sleep", &a.perf_s.to_string()])
@@ -653,7 +655,7 @@ async fn pods_phase(
         cpu_seconds(Some(cloud.pid())),
         Instant::now(),
     );
-    let profiler = profile(a, "pods", cloud.pid())?;
+    let profiler = profile(a, "pods", &[cloud.pid()])?;
     let shares = CpuShares::now(cloud.pid(), fleets);
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut errors = 0usize;
@@ -958,7 +960,7 @@ async fn main() -> Result<()> {
             written_before = written;
             next_progress += Duration::from_secs(60);
             if nodes_profiler.is_none() {
-                nodes_profiler = profile(&a, "nodes", cloud.pid())?;
+                nodes_profiler = profile(&a, "nodes", &[cloud.pid()])?;
             }
         }
         if ready_n == a.nodes && connected >= a.nodes as f64 {
@@ -1004,7 +1006,7 @@ async fn main() -> Result<()> {
 
     // 3. Steady heartbeats.
     let sampler = Sampler::start(cloud.pid());
-    let hb_profiler = profile(&a, "heartbeats", cloud.pid())?;
+    let hb_profiler = profile(&a, "heartbeats", &[cloud.pid()])?;
     let kc = cloud.kubeconfig();
     let store0 = store_counts(&kc);
     let pids: Vec<u32> = fleets.0.iter().map(Child::id).collect();
@@ -1068,6 +1070,14 @@ async fn main() -> Result<()> {
     // 4. Pods at a fixed rate.
     if a.pods_per_node > 0 {
         pods_phase(&a, &client, &cloud, &sampler, &pids, limit, &mut t).await?;
+        // Every pod running and nothing changing: what the pods alone cost the agents (a
+        // pod's task that woke every 500 ms to poll was most of it).
+        let shares = CpuShares::now(cloud.pid(), &pids);
+        tokio::time::sleep(Duration::from_secs(a.steady_s)).await;
+        t.row(
+            "CPU with every pod running, heartbeats only: cloud / hollow agents",
+            shares.since(cloud.pid(), &pids),
+        );
     } else {
         t.row("pods", "none created (--pods-per-node 0)".into());
     }
@@ -1100,6 +1110,7 @@ async fn main() -> Result<()> {
     let restarted_wall = SystemTime::now();
     let t_restart = Instant::now();
     cloud = Cloud::start(&a.sedge, &dir, &hub, &metrics)?;
+    let reconnect_profiler = profile(&a, "reconnect", &[&[cloud.pid()], &pids[..]].concat())?;
     let client = cloud.client(Duration::from_secs(120)).await?;
     let up = t_restart.elapsed();
     let n = a.nodes as f64;
@@ -1167,6 +1178,9 @@ async fn main() -> Result<()> {
     .await?
         + connected; // counted from the restart, as the other two
     progress.abort();
+    if let Some(mut p) = reconnect_profiler {
+        let _ = p.wait();
+    }
     let [_, opened, failed, shed, evicted] = reconnect_counters(&cloud.metrics).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let sent = cloud
