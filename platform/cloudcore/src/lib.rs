@@ -20,6 +20,7 @@ pub mod edgecontroller;
 pub mod events;
 pub mod exec;
 pub mod heartbeats;
+pub mod joinrecords;
 pub mod leader;
 pub mod lifecycle;
 pub mod ownership;
@@ -89,6 +90,25 @@ pub struct CloudCoreConfig {
     /// Leader election of the singleton controllers (node lifecycle, workloads, scheduler)
     /// among cloud cores sharing one cluster.
     pub leader: leader::LeaderConfig,
+    /// Where join tokens and node certificate records are kept (see [`JoinRecordsAt`]).
+    pub join_records: JoinRecordsAt,
+}
+
+/// Where a cloud core keeps join tokens and node certificate records.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinRecordsAt {
+    /// `api` for `sedge cloud --kubeconfig` (cores may share the cluster), `hub` for
+    /// `sedge cloud --embedded` and `sedge up` (one core). [`CloudCore::start`] takes it as
+    /// `hub`.
+    #[default]
+    Auto,
+    /// The hub's own database, `hub.data_dir/hub.db`: only this core knows them.
+    Hub,
+    /// Secrets in `kube-system` ([`joinrecords`]): every core of the cluster shares them, and
+    /// `sedge token --kubeconfig` manages them. What the hub's database held is copied in at
+    /// start.
+    Api,
 }
 
 impl Default for CloudCoreConfig {
@@ -103,6 +123,7 @@ impl Default for CloudCoreConfig {
             log_timeout_ms: 10_000,
             metrics_listen: "127.0.0.1:10266".into(),
             leader: leader::LeaderConfig::default(),
+            join_records: JoinRecordsAt::Auto,
         }
     }
 }
@@ -278,6 +299,32 @@ impl std::fmt::Debug for CloudCore {
     }
 }
 
+/// The join records in the API, with what this core's hub database held copied in.
+async fn shared_join_records(
+    client: &kube::Client,
+    hub: &HubConfig,
+) -> Result<Arc<dyn sedge_tunnel::token::JoinRecords>, CloudError> {
+    let records = joinrecords::ApiRecords::start(client.clone()).await?;
+    let db = hub.data_dir.join("hub.db");
+    if db.exists() {
+        let api = records.clone();
+        let (tokens, certs) = tokio::task::spawn_blocking(move || {
+            let local = sedge_tunnel::token::SqliteRecords::open(&db)?;
+            api.import(&local)
+        })
+        .await
+        .map_err(|e| CloudError::Config(e.to_string()))??;
+        if tokens + certs > 0 {
+            tracing::info!(
+                tokens,
+                certificates = certs,
+                "copied the hub database's join tokens and certificate records into the API"
+            );
+        }
+    }
+    Ok(records)
+}
+
 impl CloudCore {
     /// Starts the informers, the hub and the controllers.
     /// `modules` get the messages of the groups they claim.
@@ -323,11 +370,16 @@ impl CloudCore {
             streams.clone(),
             Duration::from_secs(cfg.node_grace_seconds),
         ));
+        let join_records = match cfg.join_records {
+            JoinRecordsAt::Api => Some(shared_join_records(&client, &cfg.hub).await?),
+            JoinRecordsAt::Hub | JoinRecordsAt::Auto => None,
+        };
         let hub = Hub::start(
             cfg.hub.clone(),
             sedge_tunnel::hub::HubOptions {
                 handler: Some(upstream.clone().handler()),
                 owner_of: Some(owner_of),
+                join_records,
             },
         )
         .await?;

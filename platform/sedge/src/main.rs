@@ -102,7 +102,7 @@ fn run() -> Result<()> {
             Command::Bench(a) => tools::bench(a).await,
             Command::Dataset(tools::DatasetCmd::Export(a)) => tools::export(a),
             Command::Apiserver(a) => apiserver::run(a, shutdown_signal()).await,
-            Command::Token(c) => tunnel::token(c),
+            Command::Token(c) => tunnel::token(c).await,
             Command::Join(a) => tunnel::join(a).await,
             Command::Cloud(a) => platform::cloud(a, shutdown_signal()).await,
             Command::Edge(a) => sedge_edge::run(a, shutdown_signal()).await,

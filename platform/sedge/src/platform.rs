@@ -16,7 +16,7 @@ use sedge_apiserver::ops::{
 };
 use sedge_apiserver::{ApiServer, ApiServerConfig};
 use sedge_cloudcore::CloudModule;
-use sedge_cloudcore::{CloudCore, CloudCoreConfig};
+use sedge_cloudcore::{CloudCore, CloudCoreConfig, JoinRecordsAt};
 use sedge_config::Loader;
 use sedge_edgecore::{EdgeCore, EdgeCoreConfig, EdgeModule};
 use serde::Serialize;
@@ -281,6 +281,14 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
             .await
             .context("no kubeconfig: pass --kubeconfig or --embedded")?,
     };
+    if cfg.join_records == JoinRecordsAt::Auto {
+        // Against a cluster other cores may share, the tokens and revocations are in it.
+        cfg.join_records = if server.is_some() {
+            JoinRecordsAt::Hub
+        } else {
+            JoinRecordsAt::Api
+        };
+    }
     if server.is_none() && !is_sedge_apiserver(&client).await? {
         // A real cluster's own controllers and scheduler do that work. Sedge's API server
         // (`sedge apiserver`) has neither: there the cores run theirs, under the leader Lease.
@@ -303,11 +311,15 @@ pub async fn cloud(a: CloudArgs, shutdown: impl Future<Output = ()>) -> Result<(
             s.kubeconfig.display()
         );
     }
+    let records = match (cfg.join_records, &a.kubeconfig) {
+        (JoinRecordsAt::Api, Some(k)) => format!("--kubeconfig {}", k.display()),
+        (JoinRecordsAt::Api, None) => "--kubeconfig <yours>".to_string(),
+        _ => format!("--data-dir {}", cfg.hub.data_dir.display()),
+    };
     eprintln!(
-        "cloud hub on {} (QUIC {:?}); join edges with:\n  sedge token create --data-dir {} --pki-dir {}\n  sedge join --cloud <this host>:{} --token <token> --node-name <name>",
+        "cloud hub on {} (QUIC {:?}); join edges with:\n  sedge token create {records} --pki-dir {}\n  sedge join --cloud <this host>:{} --token <token> --node-name <name>",
         core.hub.addr(),
         core.hub.quic_addr(),
-        cfg.hub.data_dir.display(),
         cfg.hub.pki_dir.display(),
         core.hub.addr().port()
     );

@@ -1,7 +1,9 @@
 //! `sedge token` (join tokens on the cloud) and `sedge join` (an edge node joining the cloud).
 //!
-//! Tokens live in the cloud hub's database; these commands open it directly (SQLite in WAL mode,
-//! safe next to a running hub), the way `kubeadm token` works against a cluster.
+//! With `--kubeconfig`, tokens are Secrets in the cluster's `kube-system`, shared by every cloud
+//! core run with `--kubeconfig` (the way `kubeadm token` works against a cluster). Otherwise they
+//! live in the cloud hub's database (`sedge up`, `sedge cloud --embedded`), which these commands
+//! open directly (SQLite in WAL mode, safe next to a running hub).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +25,10 @@ pub struct CloudDirs {
     /// The cluster PKI directory (ca.crt, ca.key, token.key).
     #[arg(long, env = "SEDGE_PKI_DIR", default_value = "sedge-data/pki")]
     pki_dir: PathBuf,
+    /// The tokens are in this cluster (cloud cores run with `sedge cloud --kubeconfig`): as
+    /// Secrets in kube-system, shared by every core. `--data-dir` is not used then.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
 }
 
 /// `sedge token ...`
@@ -83,17 +89,26 @@ pub fn parse_ttl(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
-fn open(dirs: &CloudDirs) -> Result<TokenStore> {
-    for d in [&dirs.data_dir, &dirs.pki_dir] {
+async fn open(dirs: &CloudDirs) -> Result<TokenStore> {
+    let data_dir = match &dirs.kubeconfig {
+        Some(_) => None,
+        None => Some(&dirs.data_dir),
+    };
+    for d in data_dir.into_iter().chain([&dirs.pki_dir]) {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let ca = sedge_pki::Ca::load_or_create(&dirs.pki_dir, "sedge-ca")?;
     let hash = sedge_tunnel::tls::ca_hash(&ca.cert_der()?);
-    Ok(TokenStore::open(
-        &dirs.data_dir.join("hub.db"),
-        &dirs.pki_dir,
-        &hash,
-    )?)
+    Ok(match &dirs.kubeconfig {
+        Some(k) => {
+            let client = crate::platform::client_from(k).await?;
+            let records = sedge_cloudcore::joinrecords::ApiRecords::start(client)
+                .await
+                .with_context(|| format!("the join records in the cluster of {}", k.display()))?;
+            TokenStore::with_records(records, &dirs.pki_dir, &hash)?
+        }
+        None => TokenStore::open(&dirs.data_dir.join("hub.db"), &dirs.pki_dir, &hash)?,
+    })
 }
 
 fn when(unix: i64) -> String {
@@ -103,18 +118,30 @@ fn when(unix: i64) -> String {
 }
 
 /// Runs `sedge token ...`.
-pub fn token(cmd: TokenCmd) -> Result<()> {
+pub async fn token(cmd: TokenCmd) -> Result<()> {
+    let dirs = match &cmd {
+        TokenCmd::Create { dirs, .. } | TokenCmd::List { dirs } | TokenCmd::Revoke { dirs, .. } => {
+            dirs
+        }
+    };
+    let store = open(dirs).await?;
+    // The records may block (API calls): off the runtime's workers.
+    tokio::task::spawn_blocking(move || run_token(store, cmd))
+        .await
+        .context("the token command panicked")?
+}
+
+fn run_token(store: TokenStore, cmd: TokenCmd) -> Result<()> {
     match cmd {
         TokenCmd::Create {
-            dirs,
+            dirs: _,
             ttl,
             description,
             max_uses,
             node,
         } => {
             let ttl = parse_ttl(&ttl)?;
-            let (token, info) =
-                open(&dirs)?.create_with(ttl, &description, max_uses, node.as_deref())?;
+            let (token, info) = store.create_with(ttl, &description, max_uses, node.as_deref())?;
             let scope = match &node {
                 Some(n) => format!("re-joins node {n} once"),
                 None => format!("joins {max_uses} new node(s)"),
@@ -122,13 +149,13 @@ pub fn token(cmd: TokenCmd) -> Result<()> {
             eprintln!("token {} {scope}; expires {}", info.id, when(info.expires));
             println!("{token}");
         }
-        TokenCmd::List { dirs } => {
+        TokenCmd::List { dirs: _ } => {
             let now = chrono::Utc::now().timestamp();
             println!(
                 "{:<14} {:<22} {:<8} {:<7} {:<16} {:<16} DESCRIPTION",
                 "ID", "EXPIRES", "STATE", "USES", "BOUND TO", "LAST NODE"
             );
-            for t in open(&dirs)?.list()? {
+            for t in store.list()? {
                 let state = if t.expires <= now {
                     "expired"
                 } else if t.uses >= t.max_uses {
@@ -152,8 +179,8 @@ pub fn token(cmd: TokenCmd) -> Result<()> {
                 );
             }
         }
-        TokenCmd::Revoke { dirs, token } => {
-            if !open(&dirs)?.revoke(&token)? {
+        TokenCmd::Revoke { dirs: _, token } => {
+            if !store.revoke(&token)? {
                 bail!("no token {token:?}: see `sedge token list`");
             }
             println!("revoked (and every node certificate issued through it)");

@@ -1,5 +1,5 @@
-//! Two cloud cores, one cluster: both run against one API server, sharing the cluster CA and the
-//! hub's database (join tokens, delivery records). Nodes list both hubs (`cloud` and
+//! Two cloud cores, one cluster: both run against one API server, sharing the cluster CA (and,
+//! in the in-process tests that do not say otherwise, the hub's database). Nodes list both hubs (`cloud` and
 //! `cloud_alternates`); one core holds the singleton controllers' Lease.
 //!
 //! The leading core is killed (its tasks and sessions end, nothing is released) while a config
@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use sedge_cloudcore::CloudCore;
+use sedge_cloudcore::{CloudCore, JoinRecordsAt};
 use sedge_edgecore::{EdgeCore, EdgeCoreConfig};
 use serde_json::json;
 
@@ -387,6 +387,140 @@ async fn a_core_gives_up_a_node_another_core_claimed_after_it() {
     a.shutdown().await;
 }
 
+/// Join tokens and certificate revocations are shared through the API (Secrets in
+/// kube-system), each core with its own hub database as on two machines: a token made on one
+/// core joins through the other and is then used up on both; a token revoked through one core
+/// closes, on the other, the session of a node whose certificate the first issued, and neither
+/// lets it back in. What a core's hub database held before is copied into the API at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_tokens_and_revocations_are_shared_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, client) = common::apiserver(&dir.path().join("apiserver")).await;
+    let cfg = |name: &str| {
+        let mut c = core_config(dir.path(), name);
+        c.hub.data_dir = dir.path().join(name);
+        c.join_records = JoinRecordsAt::Api;
+        c
+    };
+    // A token in core-a's own database from before.
+    let old = {
+        std::fs::create_dir_all(dir.path().join("core-a")).unwrap();
+        let local = sedge_tunnel::token::TokenStore::open(
+            &dir.path().join("core-a/hub.db"),
+            &cfg("core-a").hub.pki_dir,
+            "0",
+        )
+        .unwrap();
+        local.create(Duration::from_secs(300), "before").unwrap().1
+    };
+    let a = CloudCore::start(client.clone(), cfg("core-a"), Vec::new())
+        .await
+        .unwrap();
+    let b = CloudCore::start(client.clone(), cfg("core-b"), Vec::new())
+        .await
+        .unwrap();
+    let (addr_a, addr_b) = (a.hub.addr().to_string(), b.hub.addr().to_string());
+    let listed = |core: &CloudCore| -> Vec<String> {
+        core.hub
+            .tokens()
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect()
+    };
+    assert!(
+        listed(&b).contains(&old.id),
+        "core-a's old token was copied into the API"
+    );
+    // Revoked in the API, it stays revoked: the database is copied once.
+    assert!(b.hub.tokens().revoke(&old.id).unwrap());
+    let local =
+        sedge_tunnel::token::SqliteRecords::open(&dir.path().join("core-a/hub.db")).unwrap();
+    let again = sedge_cloudcore::joinrecords::ApiRecords::start(client.clone())
+        .await
+        .unwrap();
+    assert_eq!(again.import(&local).unwrap(), (0, 0));
+    assert!(!listed(&a).contains(&old.id));
+
+    // A single-use token made on core-a is a Secret in kube-system; core-b lists it.
+    let (token, info) = a
+        .hub
+        .tokens()
+        .create(Duration::from_secs(300), "shared")
+        .unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), "kube-system");
+    let s = secrets
+        .get(&format!("sedge-join-token-{}", info.id))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.type_.as_deref(),
+        Some(sedge_cloudcore::joinrecords::TOKEN_TYPE)
+    );
+    assert!(listed(&b).contains(&info.id));
+    // edge-1 joins through core-b with it; then the token is used up on core-a too.
+    let via_b = node_config(dir.path(), "edge-1", &addr_b, &addr_a);
+    sedge_tunnel::join(&via_b.tunnel, &token).await.unwrap();
+    let via_a = node_config(dir.path(), "edge-2", &addr_a, &addr_b);
+    let e = sedge_tunnel::join(&via_a.tunnel, &token).await.unwrap_err();
+    assert!(e.to_string().contains("has been used 1 time"), "{e}");
+    let used = a.hub.tokens().list().unwrap();
+    let used = used.iter().find(|t| t.id == info.id).unwrap();
+    assert_eq!((used.uses, used.last_node.as_str()), (1, "edge-1"));
+
+    // edge-1 runs against core-a, with the certificate core-b issued.
+    let node = EdgeCore::start(
+        node_config(dir.path(), "edge-1", &addr_a, &addr_b),
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    sedge_testkit::wait::until_async(
+        "edge-1 on core-a",
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || async { a.hub.is_connected("edge-1").then_some(()) },
+    )
+    .await;
+    // The token revoked through core-b: core-a closes edge-1's session, and neither core
+    // lets the node back in.
+    assert!(b.hub.tokens().revoke(&info.id).unwrap());
+    let revoked = Instant::now();
+    sedge_testkit::wait::until_async(
+        "core-a closed the revoked node's session",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async { (!a.hub.is_connected("edge-1")).then_some(()) },
+    )
+    .await;
+    let closed = revoked.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !a.hub.is_connected("edge-1") && !b.hub.is_connected("edge-1"),
+        "a revoked certificate connected again"
+    );
+    // The record says so, for every core (and for `kubectl get secret`).
+    let rec = secrets.get("sedge-node-certs-edge-1").await.unwrap();
+    let rec: serde_json::Value =
+        serde_json::from_slice(&rec.data.unwrap()["records.json"].0).unwrap();
+    let certs = rec["certs"].as_array().unwrap();
+    assert!(
+        !certs.is_empty()
+            && certs
+                .iter()
+                .all(|c| c["revoked"] == true && c["token"] == info.id.as_str()),
+        "{rec}"
+    );
+    eprintln!(
+        "a token revoked on core-b: core-a closed the session {:.2} s later",
+        closed.as_secs_f64()
+    );
+    node.shutdown(false).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// A child process killed (SIGKILL) when dropped, its stderr in `log`.
 struct Proc {
     child: std::process::Child,
@@ -509,7 +643,7 @@ async fn two_cloud_processes_survive_kill_9_of_the_leader() {
     // Two nodes, joined through core-a; they list both hubs.
     let token = std::process::Command::new(env!("CARGO_BIN_EXE_sedge"))
         .args(["token", "create", "--ttl", "1h", "--max-uses", "2"])
-        .args(["--data-dir", &arg(&d.join("cloud/core-a"))])
+        .args(["--kubeconfig", &arg(&kubeconfig)])
         .args(["--pki-dir", &arg(&d.join("cloud/pki"))])
         .output()
         .unwrap();
@@ -608,4 +742,37 @@ async fn two_cloud_processes_survive_kill_9_of_the_leader() {
         moved.as_secs_f64(),
         took_over.as_secs_f64()
     );
+    // The token is in the cluster: revoked there, the survivor closes both nodes' sessions,
+    // though their certificates were issued by the core that died.
+    let revoke = std::process::Command::new(env!("CARGO_BIN_EXE_sedge"))
+        .args(["token", "revoke", token.as_str()])
+        .args(["--kubeconfig", &arg(&kubeconfig)])
+        .args(["--pki-dir", &arg(&d.join("cloud/pki"))])
+        .output()
+        .unwrap();
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    let connected = || {
+        common::http_body(&format!("127.0.0.1:{}", metrics[1]), "/metrics")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("sedge_hub_nodes_connected ")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+    };
+    sedge_testkit::wait::until_async(
+        "core-b closed the revoked nodes' sessions",
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        || async { (connected() == Some(0)).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(connected(), Some(0), "a revoked node connected again");
 }

@@ -170,6 +170,9 @@ pub struct HubOptions {
     pub handler: Option<Handler>,
     /// Object ownership, for authorising what nodes send.
     pub owner_of: Option<OwnerLookup>,
+    /// Where join tokens and certificate records are kept (default: the hub's database,
+    /// `data_dir/hub.db`); cloud cores sharing a cluster share one store.
+    pub join_records: Option<Arc<dyn crate::token::JoinRecords>>,
 }
 
 fn sans(cfg: &HubConfig, listen: &SocketAddr) -> Vec<String> {
@@ -204,7 +207,10 @@ impl Hub {
         let node_ca = tls::node_ca(&cfg.pki_dir)?;
         let ca_hash = tls::ca_hash(&ca.cert_der()?);
         let db = cfg.data_dir.join("hub.db");
-        let tokens = Arc::new(TokenStore::open(&db, &cfg.pki_dir, &ca_hash)?);
+        let tokens = Arc::new(match opts.join_records.clone() {
+            Some(r) => TokenStore::with_records(r, &cfg.pki_dir, &ca_hash)?,
+            None => TokenStore::open(&db, &cfg.pki_dir, &ca_hash)?,
+        });
         let records = Arc::new(Records::open(&db)?);
         // Every node's delivery records in one read: after a restart all nodes reconnect at
         // once, and loading each one's records as it connects went one node at a time.

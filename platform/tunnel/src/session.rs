@@ -164,7 +164,7 @@ pub(crate) async fn serve(
 }
 
 /// Seconds since the Unix epoch.
-pub(crate) fn unix_secs() -> i64 {
+pub fn unix_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

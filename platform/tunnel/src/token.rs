@@ -6,6 +6,7 @@
 //! not in the database is refused even if its signature and expiry are fine. The HMAC key is a
 //! random 256-bit secret in `<pki_dir>/token.key` (mode 0600), not the CA key.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -46,8 +47,13 @@ pub enum TokenError {
         expired: i64,
     },
     /// Revoked or never issued here.
-    #[error("token {0} has been revoked or was never issued by this hub")]
+    #[error(
+        "token {0} has been revoked or was never issued by this cloud (a cloud core run with --kubeconfig keeps its tokens in the cluster: create them with `sedge token create --kubeconfig ...`)"
+    )]
     Revoked(String),
+    /// The records could not be read or written.
+    #[error("the join records are unavailable: {0}")]
+    Unavailable(String),
     /// Every use the token allows has been made.
     #[error(
         "token {id} has been used {uses} time(s), all it allows; create another with `sedge token create` (or `--max-uses N` to enrol a fleet)"
@@ -129,9 +135,60 @@ struct Claims {
     sub: String,
 }
 
-/// The token store.
+/// A certificate issued to a node, as the records keep it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertRecord {
+    /// SHA-256 of the certificate's DER, lower-case hex.
+    pub fingerprint: String,
+    /// The token it was issued through (for a renewal: the token of the certificate renewed).
+    pub token: String,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
+    /// Revoked: its token was revoked, or its node deleted or re-joined.
+    pub revoked: bool,
+}
+
+/// Where join tokens and node certificate records are kept: the hub's own SQLite database
+/// ([`SqliteRecords`], one cloud core), or a store every cloud core of a cluster shares (the
+/// cloud core keeps them in the Kubernetes API). The hub calls these on the blocking pool, so an
+/// implementation may block. A token's text is never stored, only its id and what `sedge token
+/// list` shows: the signature proves the rest.
+pub trait JoinRecords: Send + Sync {
+    /// Stores a new token.
+    fn insert_token(&self, t: &TokenInfo) -> Result<(), TunnelError>;
+    /// Every token not revoked, oldest first.
+    fn list_tokens(&self) -> Result<Vec<TokenInfo>, TunnelError>;
+    /// Deletes token `id` and revokes every certificate issued through it: whether the token
+    /// existed, and how many certificates were revoked now.
+    fn revoke_token(&self, id: &str) -> Result<(bool, usize), TunnelError>;
+    /// Revokes every certificate of `node`; how many were revoked now.
+    fn revoke_node(&self, node: &str) -> Result<usize, TunnelError>;
+    /// Notes that the Node objects of `nodes` exist.
+    fn mark_seen(&self, nodes: &[String]) -> Result<(), TunnelError>;
+    /// Nodes seen once, with a certificate not revoked, that are not in `present`.
+    fn gone(&self, present: &HashSet<String>) -> Result<Vec<String>, TunnelError>;
+    /// Records a certificate issued for `node`; records of certificates expired for a day go.
+    fn record_cert(&self, node: &str, cert: CertRecord) -> Result<(), TunnelError>;
+    /// The record of the certificate with this fingerprint, and its node.
+    fn cert(&self, fingerprint: &str) -> Option<(String, CertRecord)>;
+    /// Whether `node` has a certificate neither revoked nor expired.
+    fn registered(&self, node: &str) -> Result<bool, TunnelError>;
+    /// A number that moves whenever a certificate is revoked, here or by another process.
+    fn revocation_generation(&self) -> i64;
+    /// Takes one use of token `id` for `node`, if `check` passes on the token as it is now:
+    /// atomically with every other use, by any process, so a single-use token admits one join.
+    /// `None`: no such token (revoked, or never issued).
+    fn take_use(
+        &self,
+        id: &str,
+        node: &str,
+        check: &dyn Fn(&TokenInfo) -> Result<(), TokenError>,
+    ) -> Result<Option<TokenInfo>, TokenError>;
+}
+
+/// The token store: signs and checks tokens, with the records in a [`JoinRecords`].
 pub struct TokenStore {
-    db: Mutex<Connection>,
+    records: std::sync::Arc<dyn JoinRecords>,
     secret: Vec<u8>,
     ca_hash: String,
 }
@@ -148,25 +205,310 @@ fn db_err(e: rusqlite::Error) -> TunnelError {
     TunnelError::Store(e.to_string())
 }
 
+/// The token signing key in `<pki_dir>/token.key`, made on first use. Every cloud core of a
+/// cluster must have the same one (it lives beside the CA they share).
+fn signing_key(pki_dir: &Path) -> Result<Vec<u8>, TunnelError> {
+    let key_path = pki_dir.join("token.key");
+    match std::fs::read_to_string(&key_path) {
+        Ok(hex) => decode_hex(hex.trim())
+            .ok_or_else(|| TunnelError::Config(format!("{}: not a hex key", key_path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            rand::Rng::fill(&mut rand::rng(), &mut key[..]);
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            sedge_pki::write_file(&key_path, &hex, true)?;
+            Ok(key.to_vec())
+        }
+        Err(e) => Err(TunnelError::Config(format!("{}: {e}", key_path.display()))),
+    }
+}
+
 impl TokenStore {
-    /// Opens (creating) the store in `db_path`, with the signing key in `pki_dir`.
+    /// Opens (creating) the store in the SQLite database `db_path`, with the signing key in
+    /// `pki_dir`.
     pub fn open(db_path: &Path, pki_dir: &Path, ca_hash: &str) -> Result<TokenStore, TunnelError> {
-        let key_path = pki_dir.join("token.key");
-        let secret = match std::fs::read_to_string(&key_path) {
-            Ok(hex) => decode_hex(hex.trim()).ok_or_else(|| {
-                TunnelError::Config(format!("{}: not a hex key", key_path.display()))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                rand::Rng::fill(&mut rand::rng(), &mut key[..]);
-                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-                sedge_pki::write_file(&key_path, &hex, true)?;
-                key.to_vec()
-            }
-            Err(e) => {
-                return Err(TunnelError::Config(format!("{}: {e}", key_path.display())));
-            }
+        let records = std::sync::Arc::new(SqliteRecords::open(db_path)?);
+        TokenStore::with_records(records, pki_dir, ca_hash)
+    }
+
+    /// The store over `records`, with the signing key in `pki_dir`.
+    pub fn with_records(
+        records: std::sync::Arc<dyn JoinRecords>,
+        pki_dir: &Path,
+        ca_hash: &str,
+    ) -> Result<TokenStore, TunnelError> {
+        Ok(TokenStore {
+            records,
+            secret: signing_key(pki_dir)?,
+            ca_hash: ca_hash.into(),
+        })
+    }
+
+    /// Creates a single-use token valid for `ttl`; returns the token text and its record.
+    pub fn create(
+        &self,
+        ttl: Duration,
+        description: &str,
+    ) -> Result<(String, TokenInfo), TunnelError> {
+        self.create_with(ttl, description, 1, None)
+    }
+
+    /// Creates a token valid for `ttl` and `max_uses` joins, bound to `node` if given (a token
+    /// bound to a node re-joins it: the only way to get a certificate for a name that joined).
+    pub fn create_with(
+        &self,
+        ttl: Duration,
+        description: &str,
+        max_uses: u32,
+        node: Option<&str>,
+    ) -> Result<(String, TokenInfo), TunnelError> {
+        if ttl.is_zero() {
+            return Err(TunnelError::Config("a token TTL must be above zero".into()));
+        }
+        if max_uses == 0 {
+            return Err(TunnelError::Config(
+                "a token's max uses must be at least 1".into(),
+            ));
+        }
+        let node = node.unwrap_or_default();
+        if !node.is_empty() && !crate::tls::valid_node_name(node) {
+            return Err(TunnelError::Config(format!(
+                "node name {node:?} is not a lower-case DNS name (letters, digits, '-', '.')"
+            )));
+        }
+        if max_uses > 1 && !node.is_empty() {
+            return Err(TunnelError::Config(
+                "a token bound to one node is single-use; --max-uses and --node do not go together"
+                    .into(),
+            ));
+        }
+        if description.len() > MAX_DESCRIPTION {
+            return Err(TunnelError::Config(format!(
+                "a token's description is at most {MAX_DESCRIPTION} bytes (this one is {})",
+                description.len()
+            )));
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let created = crate::session::unix_secs();
+        let expires = created.saturating_add(ttl.as_secs().min(i64::MAX as u64) as i64);
+        let claims = Claims {
+            jti: id.clone(),
+            iat: created,
+            exp: expires,
+            sub: "sedge-join".into(),
         };
+        let jwt = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&self.secret),
+        )
+        .map_err(|e| TunnelError::Config(format!("signing a token: {e}")))?;
+        let info = TokenInfo {
+            id,
+            description: description.into(),
+            created,
+            expires,
+            uses: 0,
+            last_node: String::new(),
+            max_uses: max_uses.into(),
+            node: node.into(),
+        };
+        self.records.insert_token(&info)?;
+        Ok((format!("{}.{jwt}", self.ca_hash), info))
+    }
+
+    /// All tokens that are not revoked (expired ones included, marked by `expires`).
+    pub fn list(&self) -> Result<Vec<TokenInfo>, TunnelError> {
+        self.records.list_tokens()
+    }
+
+    /// Revokes a token by id (or by the full token text), and every certificate issued through
+    /// it (renewals included). Returns whether it existed.
+    pub fn revoke(&self, id_or_token: &str) -> Result<bool, TunnelError> {
+        let id = match id_or_token.split_once('.') {
+            Some((_, jwt)) => jsonwebtoken::dangerous::insecure_decode::<Claims>(jwt)
+                .map(|d| d.claims.jti)
+                .unwrap_or_default(),
+            None => id_or_token.to_string(),
+        };
+        if !valid_token_id(&id) {
+            return Ok(false);
+        }
+        let (existed, certs) = self.records.revoke_token(&id)?;
+        if certs > 0 {
+            tracing::info!(token = %id, certificates = certs, "revoked the certificates issued through a revoked token");
+        }
+        Ok(existed)
+    }
+
+    /// Revokes every certificate issued for `node` (the node was deleted, or re-joins).
+    /// Returns how many were revoked.
+    pub fn revoke_node(&self, node: &str) -> Result<usize, TunnelError> {
+        self.records.revoke_node(node)
+    }
+
+    /// Notes that the Node objects of `nodes` exist: from now on their absence is a deletion
+    /// (see [`TokenStore::gone`]).
+    pub fn mark_seen(&self, nodes: &[String]) -> Result<(), TunnelError> {
+        self.records.mark_seen(nodes)
+    }
+
+    /// Nodes whose Node object was seen and is not in `present` (the full list of Nodes),
+    /// with certificates still valid: deleted while no one was watching.
+    pub fn gone(&self, present: &HashSet<String>) -> Result<Vec<String>, TunnelError> {
+        self.records.gone(present)
+    }
+
+    /// Records a certificate issued for `node` through `token` (for renewals: the token of
+    /// the certificate renewed), so that revoking either revokes it.
+    pub fn record_cert(
+        &self,
+        cert_der: &[u8],
+        node: &str,
+        token: &str,
+        not_after: i64,
+    ) -> Result<(), TunnelError> {
+        self.records.record_cert(
+            node,
+            CertRecord {
+                fingerprint: crate::tls::ca_hash(cert_der),
+                token: token.into(),
+                not_after,
+                revoked: false,
+            },
+        )
+    }
+
+    /// The token a recorded certificate was issued through (`None` if not recorded).
+    pub fn token_of_cert(&self, cert_der: &[u8]) -> Option<String> {
+        self.records
+            .cert(&crate::tls::ca_hash(cert_der))
+            .map(|(_, c)| c.token)
+    }
+
+    /// Whether a certificate has been revoked.
+    pub fn is_revoked(&self, cert_der: &[u8]) -> bool {
+        self.is_revoked_fingerprint(&crate::tls::ca_hash(cert_der))
+    }
+
+    /// Whether the certificate with this SHA-256 fingerprint (lower-case hex) has been revoked.
+    pub fn is_revoked_fingerprint(&self, fingerprint: &str) -> bool {
+        self.records
+            .cert(fingerprint)
+            .is_some_and(|(_, c)| c.revoked)
+    }
+
+    /// A number that changes whenever a certificate is revoked, by this process or another
+    /// (`sedge token revoke`, another cloud core): the hub re-checks its sessions then.
+    pub fn revocation_generation(&self) -> i64 {
+        self.records.revocation_generation()
+    }
+
+    /// Checks a join of `node` with `token` (full text, or the JWT alone), and on success
+    /// records a use. `connected` says whether a node of that name is connected now. The checks
+    /// and the use are one step, so two joins racing for a single-use token cannot both pass.
+    pub fn admit(&self, token: &str, node: &str, connected: bool) -> Result<Admission, TokenError> {
+        let claims = self.check_signature(token)?;
+        let records = &*self.records;
+        let check = |t: &TokenInfo| -> Result<(), TokenError> {
+            if t.uses >= t.max_uses {
+                return Err(TokenError::UsedUp {
+                    id: t.id.clone(),
+                    uses: t.uses,
+                });
+            }
+            if !t.node.is_empty() {
+                if t.node != node {
+                    return Err(TokenError::BoundElsewhere {
+                        id: t.id.clone(),
+                        bound: t.node.clone(),
+                        node: node.into(),
+                    });
+                }
+                return Ok(());
+            }
+            if connected {
+                return Err(TokenError::NodeConnected(node.into()));
+            }
+            if records
+                .registered(node)
+                .map_err(|e| TokenError::Unavailable(e.to_string()))?
+            {
+                return Err(TokenError::NodeRegistered(node.into()));
+            }
+            Ok(())
+        };
+        match records.take_use(&claims.jti, node, &check)? {
+            Some(t) => Ok(Admission {
+                token: claims.jti,
+                rejoin: !t.node.is_empty(),
+            }),
+            None => Err(TokenError::Revoked(claims.jti)),
+        }
+    }
+
+    /// Checks a token's signature, CA hash and expiry (not its uses: see [`TokenStore::admit`]).
+    fn check_signature(&self, token: &str) -> Result<Claims, TokenError> {
+        let jwt = match token.split_once('.') {
+            // A JWT has two dots; a full token has three.
+            Some((hash, rest)) if rest.matches('.').count() == 2 => {
+                if hash != self.ca_hash {
+                    return Err(TokenError::WrongCa {
+                        got: hash.into(),
+                        want: self.ca_hash.clone(),
+                    });
+                }
+                rest
+            }
+            Some(_) if token.matches('.').count() == 2 => token,
+            _ => return Err(TokenError::Malformed),
+        };
+        let mut v = Validation::new(Algorithm::HS256);
+        v.leeway = 0;
+        v.set_required_spec_claims(&["exp", "jti"]);
+        let claims = match jsonwebtoken::decode::<Claims>(
+            jwt,
+            &DecodingKey::from_secret(&self.secret),
+            &v,
+        ) {
+            Ok(d) => d.claims,
+            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+                let c = jsonwebtoken::dangerous::insecure_decode::<Claims>(jwt)
+                    .map(|d| d.claims)
+                    .map_err(|e| TokenError::BadSignature(e.to_string()))?;
+                return Err(TokenError::Expired {
+                    id: c.jti,
+                    expired: c.exp,
+                });
+            }
+            Err(e) => return Err(TokenError::BadSignature(e.to_string())),
+        };
+        if !valid_token_id(&claims.jti) {
+            return Err(TokenError::BadSignature(
+                "the token id is not 1-64 letters and digits".into(),
+            ));
+        }
+        Ok(claims)
+    }
+}
+
+/// The longest description a token may carry.
+pub const MAX_DESCRIPTION: usize = 1024;
+
+/// A token id as this hub makes them (12 hex digits); older or other ids: letters and digits,
+/// at most 64. Ids name API objects, so nothing else may pass.
+pub fn valid_token_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// The records in the hub's SQLite database (`hub.data_dir/hub.db`): one cloud core's own.
+pub struct SqliteRecords {
+    db: Mutex<Connection>,
+}
+
+impl SqliteRecords {
+    /// Opens (creating) the records in `db_path`.
+    pub fn open(db_path: &Path) -> Result<SqliteRecords, TunnelError> {
         let db = Connection::open(db_path).map_err(db_err)?;
         db.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000;
@@ -212,91 +554,71 @@ impl TokenStore {
             db.execute_batch("ALTER TABLE certs ADD COLUMN seen INTEGER NOT NULL DEFAULT 0")
                 .map_err(db_err)?;
         }
-        Ok(TokenStore {
-            db: Mutex::new(db),
-            secret,
-            ca_hash: ca_hash.into(),
-        })
+        Ok(SqliteRecords { db: Mutex::new(db) })
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Creates a single-use token valid for `ttl`; returns the token text and its record.
-    pub fn create(
-        &self,
-        ttl: Duration,
-        description: &str,
-    ) -> Result<(String, TokenInfo), TunnelError> {
-        self.create_with(ttl, description, 1, None)
+    /// Whether the records were moved into a store the cloud cores share (they are not read
+    /// from here since; moving them again would bring back tokens revoked there).
+    pub fn moved(&self) -> Result<bool, TunnelError> {
+        self.db()
+            .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'moved'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(db_err)
     }
 
-    /// Creates a token valid for `ttl` and `max_uses` joins, bound to `node` if given (a token
-    /// bound to a node re-joins it: the only way to get a certificate for a name that joined).
-    pub fn create_with(
-        &self,
-        ttl: Duration,
-        description: &str,
-        max_uses: u32,
-        node: Option<&str>,
-    ) -> Result<(String, TokenInfo), TunnelError> {
-        if ttl.is_zero() {
-            return Err(TunnelError::Config("a token TTL must be above zero".into()));
-        }
-        if max_uses == 0 {
-            return Err(TunnelError::Config(
-                "a token's max uses must be at least 1".into(),
-            ));
-        }
-        let node = node.unwrap_or_default();
-        if !node.is_empty() && !crate::tls::valid_node_name(node) {
-            return Err(TunnelError::Config(format!(
-                "node name {node:?} is not a lower-case DNS name (letters, digits, '-', '.')"
-            )));
-        }
-        if max_uses > 1 && !node.is_empty() {
-            return Err(TunnelError::Config(
-                "a token bound to one node is single-use; --max-uses and --node do not go together"
-                    .into(),
-            ));
-        }
-        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let created = crate::session::unix_secs();
-        let expires = created.saturating_add(ttl.as_secs().min(i64::MAX as u64) as i64);
-        let claims = Claims {
-            jti: id.clone(),
-            iat: created,
-            exp: expires,
-            sub: "sedge-join".into(),
-        };
-        let jwt = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(&self.secret),
-        )
-        .map_err(|e| TunnelError::Config(format!("signing a token: {e}")))?;
+    /// Notes that the records were moved (see [`SqliteRecords::moved`]).
+    pub fn mark_moved(&self, to: &str) -> Result<(), TunnelError> {
+        self.db()
+            .execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS moved (id INTEGER PRIMARY KEY CHECK (id = 0), at INTEGER NOT NULL, target TEXT NOT NULL);
+                 INSERT OR IGNORE INTO moved (id, at, target) VALUES (0, {}, '{}');",
+                crate::session::unix_secs(),
+                to.replace('\'', "")
+            ))
+            .map_err(db_err)
+    }
+
+    /// Every certificate record: (node, record, whether the node's Node was seen). For moving
+    /// the records into a store the cloud cores share.
+    pub fn all_certs(&self) -> Result<Vec<(String, CertRecord, bool)>, TunnelError> {
+        let db = self.db();
+        let mut st = db
+            .prepare("SELECT node, fingerprint, token, not_after, revoked, seen FROM certs ORDER BY node")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    CertRecord {
+                        fingerprint: r.get(1)?,
+                        token: r.get(2)?,
+                        not_after: r.get(3)?,
+                        revoked: r.get::<_, i64>(4)? != 0,
+                    },
+                    r.get::<_, i64>(5)? != 0,
+                ))
+            })
+            .map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+}
+
+impl JoinRecords for SqliteRecords {
+    fn insert_token(&self, t: &TokenInfo) -> Result<(), TunnelError> {
         self.db()
             .execute(
-                "INSERT INTO tokens (id, description, created, expires, max_uses, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, description, created, expires, max_uses, node],
+                "INSERT INTO tokens (id, description, created, expires, uses, last_node, max_uses, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![t.id, t.description, t.created, t.expires, t.uses, t.last_node, t.max_uses, t.node],
             )
             .map_err(db_err)?;
-        let info = TokenInfo {
-            id,
-            description: description.into(),
-            created,
-            expires,
-            uses: 0,
-            last_node: String::new(),
-            max_uses: max_uses.into(),
-            node: node.into(),
-        };
-        Ok((format!("{}.{jwt}", self.ca_hash), info))
+        Ok(())
     }
 
-    /// All tokens that are not revoked (expired ones included, marked by `expires`).
-    pub fn list(&self) -> Result<Vec<TokenInfo>, TunnelError> {
+    fn list_tokens(&self) -> Result<Vec<TokenInfo>, TunnelError> {
         let db = self.db();
         let mut st = db
             .prepare("SELECT id, description, created, expires, uses, last_node, max_uses, node FROM tokens ORDER BY created, id")
@@ -318,15 +640,7 @@ impl TokenStore {
         rows.collect::<Result<_, _>>().map_err(db_err)
     }
 
-    /// Revokes a token by id (or by the full token text), and every certificate issued through
-    /// it (renewals included). Returns whether it existed.
-    pub fn revoke(&self, id_or_token: &str) -> Result<bool, TunnelError> {
-        let id = match id_or_token.split_once('.') {
-            Some((_, jwt)) => jsonwebtoken::dangerous::insecure_decode::<Claims>(jwt)
-                .map(|d| d.claims.jti)
-                .unwrap_or_default(),
-            None => id_or_token.to_string(),
-        };
+    fn revoke_token(&self, id: &str) -> Result<(bool, usize), TunnelError> {
         let db = self.db();
         let n = db
             .execute("DELETE FROM tokens WHERE id = ?1", params![id])
@@ -339,14 +653,11 @@ impl TokenStore {
             .map_err(db_err)?;
         if certs > 0 {
             bump_generation(&db)?;
-            tracing::info!(token = %id, certificates = certs, "revoked the certificates issued through a revoked token");
         }
-        Ok(n > 0)
+        Ok((n > 0, certs))
     }
 
-    /// Revokes every certificate issued for `node` (the node was deleted, or re-joins).
-    /// Returns how many were revoked.
-    pub fn revoke_node(&self, node: &str) -> Result<usize, TunnelError> {
+    fn revoke_node(&self, node: &str) -> Result<usize, TunnelError> {
         let db = self.db();
         let n = db
             .execute(
@@ -360,9 +671,7 @@ impl TokenStore {
         Ok(n)
     }
 
-    /// Notes that the Node objects of `nodes` exist: from now on their absence is a deletion
-    /// (see [`TokenStore::gone`]).
-    pub fn mark_seen(&self, nodes: &[String]) -> Result<(), TunnelError> {
+    fn mark_seen(&self, nodes: &[String]) -> Result<(), TunnelError> {
         let db = self.db();
         let mut st = db
             .prepare_cached("UPDATE certs SET seen = 1 WHERE node = ?1 AND seen = 0")
@@ -373,12 +682,7 @@ impl TokenStore {
         Ok(())
     }
 
-    /// Nodes whose Node object was seen and is not in `present` (the full list of Nodes),
-    /// with certificates still valid: deleted while no one was watching.
-    pub fn gone(
-        &self,
-        present: &std::collections::HashSet<String>,
-    ) -> Result<Vec<String>, TunnelError> {
+    fn gone(&self, present: &HashSet<String>) -> Result<Vec<String>, TunnelError> {
         let db = self.db();
         let mut st = db
             .prepare("SELECT DISTINCT node FROM certs WHERE seen = 1 AND revoked = 0")
@@ -392,15 +696,7 @@ impl TokenStore {
         Ok(nodes)
     }
 
-    /// Records a certificate issued for `node` through `token` (for renewals: the token of
-    /// the certificate renewed), so that revoking either revokes it.
-    pub fn record_cert(
-        &self,
-        cert_der: &[u8],
-        node: &str,
-        token: &str,
-        not_after: i64,
-    ) -> Result<(), TunnelError> {
+    fn record_cert(&self, node: &str, cert: CertRecord) -> Result<(), TunnelError> {
         let db = self.db();
         // Records of certificates long expired are of no use to anyone.
         let _ = db.execute(
@@ -409,49 +705,44 @@ impl TokenStore {
         );
         db.execute(
             // A renewal keeps what is known of the node (its Node was seen).
-            "INSERT OR REPLACE INTO certs (fingerprint, node, token, not_after, seen) VALUES (?1, ?2, ?3, ?4,
+            "INSERT OR REPLACE INTO certs (fingerprint, node, token, not_after, revoked, seen) VALUES (?1, ?2, ?3, ?4, ?5,
                COALESCE((SELECT MAX(seen) FROM certs WHERE node = ?2 AND revoked = 0), 0))",
-            params![crate::tls::ca_hash(cert_der), node, token, not_after],
+            params![cert.fingerprint, node, cert.token, cert.not_after, cert.revoked as i64],
         )
         .map_err(db_err)?;
         Ok(())
     }
 
-    /// The token a recorded certificate was issued through (`None` if not recorded).
-    pub fn token_of_cert(&self, cert_der: &[u8]) -> Option<String> {
+    fn cert(&self, fingerprint: &str) -> Option<(String, CertRecord)> {
         self.db()
             .query_row(
-                "SELECT token FROM certs WHERE fingerprint = ?1",
-                params![crate::tls::ca_hash(cert_der)],
-                |r| r.get(0),
-            )
-            .optional()
-            .ok()
-            .flatten()
-    }
-
-    /// Whether a certificate has been revoked.
-    pub fn is_revoked(&self, cert_der: &[u8]) -> bool {
-        self.is_revoked_fingerprint(&crate::tls::ca_hash(cert_der))
-    }
-
-    /// Whether the certificate with this SHA-256 fingerprint (lower-case hex) has been revoked.
-    pub fn is_revoked_fingerprint(&self, fingerprint: &str) -> bool {
-        self.db()
-            .query_row(
-                "SELECT revoked FROM certs WHERE fingerprint = ?1",
+                "SELECT node, token, not_after, revoked FROM certs WHERE fingerprint = ?1",
                 params![fingerprint],
-                |r| r.get::<_, i64>(0),
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        CertRecord {
+                            fingerprint: fingerprint.into(),
+                            token: r.get(1)?,
+                            not_after: r.get(2)?,
+                            revoked: r.get::<_, i64>(3)? != 0,
+                        },
+                    ))
+                },
             )
             .optional()
             .ok()
             .flatten()
-            .is_some_and(|r| r != 0)
     }
 
-    /// A number that changes whenever a certificate is revoked, by this process or another
-    /// (`sedge token revoke` opens the same database): the hub re-checks its sessions then.
-    pub fn revocation_generation(&self) -> i64 {
+    fn registered(&self, node: &str) -> Result<bool, TunnelError> {
+        self.db()
+            .prepare("SELECT 1 FROM certs WHERE node = ?1 AND revoked = 0 AND not_after > ?2")
+            .and_then(|mut st| st.exists(params![node, crate::session::unix_secs()]))
+            .map_err(db_err)
+    }
+
+    fn revocation_generation(&self) -> i64 {
         self.db()
             .query_row("SELECT generation FROM revocations WHERE id = 0", [], |r| {
                 r.get(0)
@@ -459,96 +750,54 @@ impl TokenStore {
             .unwrap_or(0)
     }
 
-    /// Checks a join of `node` with `token` (full text, or the JWT alone), and on success
-    /// records a use. `connected` says whether a node of that name is connected now. The checks
-    /// and the use are one step, so two joins racing for a single-use token cannot both pass.
-    pub fn admit(&self, token: &str, node: &str, connected: bool) -> Result<Admission, TokenError> {
-        let claims = self.check_signature(token)?;
-        let db = self.db();
-        let row: Option<(i64, i64, String)> = db
-            .query_row(
-                "SELECT uses, max_uses, node FROM tokens WHERE id = ?1",
-                params![claims.jti],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(|e| TokenError::BadSignature(e.to_string()))?;
-        let Some((uses, max_uses, bound)) = row else {
-            return Err(TokenError::Revoked(claims.jti));
-        };
-        if uses >= max_uses {
-            return Err(TokenError::UsedUp {
-                id: claims.jti,
-                uses,
-            });
+    fn take_use(
+        &self,
+        id: &str,
+        node: &str,
+        check: &dyn Fn(&TokenInfo) -> Result<(), TokenError>,
+    ) -> Result<Option<TokenInfo>, TokenError> {
+        let unavailable = |e: rusqlite::Error| TokenError::Unavailable(e.to_string());
+        // The check reads other records, so the update is conditional on the uses the check
+        // saw: a use made in between (by this process or another) makes it read and check again.
+        for _ in 0..8 {
+            let t = self
+                .db()
+                .query_row(
+                    "SELECT id, description, created, expires, uses, last_node, max_uses, node FROM tokens WHERE id = ?1",
+                    params![id],
+                    |r| {
+                        Ok(TokenInfo {
+                            id: r.get(0)?,
+                            description: r.get(1)?,
+                            created: r.get(2)?,
+                            expires: r.get(3)?,
+                            uses: r.get(4)?,
+                            last_node: r.get(5)?,
+                            max_uses: r.get(6)?,
+                            node: r.get(7)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let Some(mut t) = t else { return Ok(None) };
+            check(&t)?;
+            let n = self
+                .db()
+                .execute(
+                    "UPDATE tokens SET uses = uses + 1, last_node = ?2 WHERE id = ?1 AND uses = ?3",
+                    params![id, node, t.uses],
+                )
+                .map_err(unavailable)?;
+            if n == 1 {
+                t.uses += 1;
+                t.last_node = node.into();
+                return Ok(Some(t));
+            }
         }
-        let rejoin = !bound.is_empty();
-        if rejoin && bound != node {
-            return Err(TokenError::BoundElsewhere {
-                id: claims.jti,
-                bound,
-                node: node.into(),
-            });
-        }
-        if !rejoin {
-            if connected {
-                return Err(TokenError::NodeConnected(node.into()));
-            }
-            let registered: bool = db
-                .prepare("SELECT 1 FROM certs WHERE node = ?1 AND revoked = 0 AND not_after > ?2")
-                .and_then(|mut st| st.exists(params![node, crate::session::unix_secs()]))
-                .map_err(|e| TokenError::BadSignature(e.to_string()))?;
-            if registered {
-                return Err(TokenError::NodeRegistered(node.into()));
-            }
-        }
-        let _ = db.execute(
-            "UPDATE tokens SET uses = uses + 1, last_node = ?2 WHERE id = ?1",
-            params![claims.jti, node],
-        );
-        Ok(Admission {
-            token: claims.jti,
-            rejoin,
-        })
-    }
-
-    /// Checks a token's signature, CA hash and expiry (not its uses: see [`TokenStore::admit`]).
-    fn check_signature(&self, token: &str) -> Result<Claims, TokenError> {
-        let jwt = match token.split_once('.') {
-            // A JWT has two dots; a full token has three.
-            Some((hash, rest)) if rest.matches('.').count() == 2 => {
-                if hash != self.ca_hash {
-                    return Err(TokenError::WrongCa {
-                        got: hash.into(),
-                        want: self.ca_hash.clone(),
-                    });
-                }
-                rest
-            }
-            Some(_) if token.matches('.').count() == 2 => token,
-            _ => return Err(TokenError::Malformed),
-        };
-        let mut v = Validation::new(Algorithm::HS256);
-        v.leeway = 0;
-        v.set_required_spec_claims(&["exp", "jti"]);
-        let claims = match jsonwebtoken::decode::<Claims>(
-            jwt,
-            &DecodingKey::from_secret(&self.secret),
-            &v,
-        ) {
-            Ok(d) => d.claims,
-            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
-                let c = jsonwebtoken::dangerous::insecure_decode::<Claims>(jwt)
-                    .map(|d| d.claims)
-                    .map_err(|e| TokenError::BadSignature(e.to_string()))?;
-                return Err(TokenError::Expired {
-                    id: c.jti,
-                    expired: c.exp,
-                });
-            }
-            Err(e) => return Err(TokenError::BadSignature(e.to_string())),
-        };
-        Ok(claims)
+        Err(TokenError::Unavailable(format!(
+            "token {id} is being used by many joins at once; try again"
+        )))
     }
 }
 
@@ -729,7 +978,8 @@ mod tests {
     #[test]
     fn nodes_seen_then_missing_are_gone_and_never_seen_ones_are_not() {
         let dir = tempfile::tempdir().unwrap();
-        let s = store(dir.path());
+        let records = std::sync::Arc::new(SqliteRecords::open(&dir.path().join("hub.db")).unwrap());
+        let s = TokenStore::with_records(records.clone(), dir.path(), "ab12").unwrap();
         for (cert, node) in [
             (&b"a"[..], "seen-kept"),
             (b"b", "seen-deleted"),
@@ -743,7 +993,8 @@ mod tests {
             .unwrap();
         // A renewal of a seen node is seen too (the old record may expire and go).
         s.record_cert(b"b2", "seen-deleted", "t", i64::MAX).unwrap();
-        s.db()
+        records
+            .db()
             .execute(
                 "DELETE FROM certs WHERE fingerprint = ?1",
                 params![crate::tls::ca_hash(b"b")],

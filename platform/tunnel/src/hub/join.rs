@@ -130,6 +130,9 @@ pub(super) async fn sign(
                 Ok(Err(e @ TokenError::BoundElsewhere { .. })) => {
                     return refuse(StatusCode::FORBIDDEN, e.to_string());
                 }
+                Ok(Err(e @ TokenError::Unavailable(_))) => {
+                    return refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                }
                 Ok(Err(e)) => return refuse(StatusCode::UNAUTHORIZED, e.to_string()),
                 Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }

@@ -96,6 +96,7 @@ pub async fn start_hub(cfg: HubConfig) -> (Hub, Inbox) {
         HubOptions {
             handler: Some(handler),
             owner_of: Some(owners),
+            ..Default::default()
         },
     )
     .await
