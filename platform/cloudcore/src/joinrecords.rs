@@ -288,7 +288,9 @@ impl ApiRecords {
             .await
             .map_err(|e| {
                 api_err(
-                    "listing the node certificate records (Secrets in kube-system)",
+                    "listing the node certificate records (Secrets in kube-system; the core's \
+                     account needs get, list, watch, create, update and delete on them, or set \
+                     join_records: hub to keep them in this core's hub.db)",
                     e,
                 )
             })?;
