@@ -607,6 +607,22 @@ impl SqliteRecords {
     }
 }
 
+const TOKEN_COLUMNS: &str = "id, description, created, expires, uses, last_node, max_uses, node";
+
+/// A token from a row of [`TOKEN_COLUMNS`].
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
+    Ok(TokenInfo {
+        id: r.get(0)?,
+        description: r.get(1)?,
+        created: r.get(2)?,
+        expires: r.get(3)?,
+        uses: r.get(4)?,
+        last_node: r.get(5)?,
+        max_uses: r.get(6)?,
+        node: r.get(7)?,
+    })
+}
+
 impl JoinRecords for SqliteRecords {
     fn insert_token(&self, t: &TokenInfo) -> Result<(), TunnelError> {
         self.db()
@@ -621,22 +637,11 @@ impl JoinRecords for SqliteRecords {
     fn list_tokens(&self) -> Result<Vec<TokenInfo>, TunnelError> {
         let db = self.db();
         let mut st = db
-            .prepare("SELECT id, description, created, expires, uses, last_node, max_uses, node FROM tokens ORDER BY created, id")
+            .prepare(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created, id"
+            ))
             .map_err(db_err)?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(TokenInfo {
-                    id: r.get(0)?,
-                    description: r.get(1)?,
-                    created: r.get(2)?,
-                    expires: r.get(3)?,
-                    uses: r.get(4)?,
-                    last_node: r.get(5)?,
-                    max_uses: r.get(6)?,
-                    node: r.get(7)?,
-                })
-            })
-            .map_err(db_err)?;
+        let rows = st.query_map([], token_row).map_err(db_err)?;
         rows.collect::<Result<_, _>>().map_err(db_err)
     }
 
@@ -763,20 +768,9 @@ impl JoinRecords for SqliteRecords {
             let t = self
                 .db()
                 .query_row(
-                    "SELECT id, description, created, expires, uses, last_node, max_uses, node FROM tokens WHERE id = ?1",
+                    &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1"),
                     params![id],
-                    |r| {
-                        Ok(TokenInfo {
-                            id: r.get(0)?,
-                            description: r.get(1)?,
-                            created: r.get(2)?,
-                            expires: r.get(3)?,
-                            uses: r.get(4)?,
-                            last_node: r.get(5)?,
-                            max_uses: r.get(6)?,
-                            node: r.get(7)?,
-                        })
-                    },
+                    token_row,
                 )
                 .optional()
                 .map_err(unavailable)?;
