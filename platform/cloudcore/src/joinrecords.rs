@@ -116,7 +116,8 @@ impl Cache {
 pub struct ApiRecords {
     secrets: Api<Secret>,
     rt: tokio::runtime::Handle,
-    cache: RwLock<Cache>,
+    /// `None` for a handle opened for tokens only ([`ApiRecords::for_tokens`]).
+    cache: Option<RwLock<Cache>>,
     generation: AtomicI64,
     watch: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -306,13 +307,26 @@ impl ApiRecords {
         let me = Arc::new(ApiRecords {
             secrets: secrets.clone(),
             rt: tokio::runtime::Handle::current(),
-            cache: RwLock::new(cache),
+            cache: Some(RwLock::new(cache)),
             generation: AtomicI64::new(0),
             watch: Default::default(),
         });
         let task = tokio::spawn(watch(Arc::downgrade(&me), secrets));
         *me.watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
         Ok(me)
+    }
+
+    /// A handle for creating and listing tokens only: it reads no certificate records (a
+    /// cluster of 10,000 nodes holds 10,000 of them), so it can neither check a certificate
+    /// nor revoke; those answer an error. For `sedge token create|list`.
+    pub fn for_tokens(client: kube::Client) -> Arc<ApiRecords> {
+        Arc::new(ApiRecords {
+            secrets: Api::<Secret>::namespaced(client, NAMESPACE),
+            rt: tokio::runtime::Handle::current(),
+            cache: None,
+            generation: AtomicI64::new(0),
+            watch: Default::default(),
+        })
     }
 
     /// Copies what a hub's own database holds (from before its core kept the records in the
@@ -378,8 +392,8 @@ impl ApiRecords {
     fn take_in(&self, s: &Secret) {
         match parse_certs(s) {
             Ok((rv, rec)) => {
-                let revoked = self
-                    .cache
+                let Some(cache) = &self.cache else { return };
+                let revoked = cache
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .apply(&rv, rec);
@@ -454,8 +468,35 @@ impl ApiRecords {
         })
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Cache) -> T) -> T {
-        f(&self.cache.read().unwrap_or_else(|p| p.into_inner()))
+    /// Marks revoked the node's certificates that `which` picks and are not revoked yet;
+    /// returns how many (as of the write that took).
+    fn revoke_where(
+        &self,
+        node: &str,
+        which: impl Fn(&CertRecord) -> bool,
+    ) -> Result<usize, TunnelError> {
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        self.update_node(node, |rec| {
+            let mut k = 0;
+            for c in rec.certs.iter_mut().filter(|c| !c.revoked && which(c)) {
+                c.revoked = true;
+                k += 1;
+            }
+            // The last attempt's count is the one written.
+            n.store(k, Ordering::Relaxed);
+            k > 0
+        })?;
+        Ok(n.load(Ordering::Relaxed))
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Cache) -> T) -> Result<T, TunnelError> {
+        let cache = self.cache.as_ref().ok_or_else(|| {
+            TunnelError::Store(
+                "the join records were opened for tokens only; certificate records are not read"
+                    .into(),
+            )
+        })?;
+        Ok(f(&cache.read().unwrap_or_else(|p| p.into_inner())))
     }
 }
 
@@ -466,6 +507,9 @@ async fn watch(me: std::sync::Weak<ApiRecords>, secrets: Api<Secret>) {
     let mut relisted: Option<HashSet<String>> = None;
     while let Some(ev) = events.next().await {
         let Some(me) = me.upgrade() else { return };
+        let Some(cache) = me.cache.as_ref() else {
+            return;
+        };
         match ev {
             Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
             Ok(watcher::Event::InitApply(s)) => {
@@ -478,7 +522,7 @@ async fn watch(me: std::sync::Weak<ApiRecords>, secrets: Api<Secret>) {
                 let Some(present) = relisted.take() else {
                     continue;
                 };
-                let mut cache = me.cache.write().unwrap_or_else(|p| p.into_inner());
+                let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
                 let gone: Vec<String> = cache
                     .nodes
                     .keys()
@@ -494,7 +538,7 @@ async fn watch(me: std::sync::Weak<ApiRecords>, secrets: Api<Secret>) {
             Ok(watcher::Event::Delete(s)) => {
                 if let Ok((_, rec)) = parse_certs(&s) {
                     tracing::warn!(node = %rec.node, "a node's certificate records were deleted: its revocations are forgotten");
-                    me.cache
+                    cache
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&rec.node);
@@ -539,6 +583,8 @@ impl JoinRecords for ApiRecords {
     }
 
     fn revoke_token(&self, id: &str) -> Result<(bool, usize), TunnelError> {
+        // Refused before anything is deleted on a handle without the certificate records.
+        self.read(|_| ())?;
         let name = format!("{TOKEN_PREFIX}{id}");
         let existed = match self.block(self.secrets.delete(&name, &DeleteParams::default())) {
             Ok(_) => true,
@@ -551,36 +597,16 @@ impl JoinRecords for ApiRecords {
                 .filter(|(_, (_, r))| r.certs.iter().any(|c| c.token == id && !c.revoked))
                 .map(|(n, _)| n.clone())
                 .collect()
-        });
+        })?;
         let mut revoked = 0;
         for node in nodes {
-            let n = std::sync::atomic::AtomicUsize::new(0);
-            self.update_node(&node, |rec| {
-                let mut k = 0;
-                for c in rec.certs.iter_mut().filter(|c| c.token == id && !c.revoked) {
-                    c.revoked = true;
-                    k += 1;
-                }
-                n.store(k, Ordering::Relaxed);
-                k > 0
-            })?;
-            revoked += n.load(Ordering::Relaxed);
+            revoked += self.revoke_where(&node, |c| c.token == id)?;
         }
         Ok((existed, revoked))
     }
 
     fn revoke_node(&self, node: &str) -> Result<usize, TunnelError> {
-        let n = std::sync::atomic::AtomicUsize::new(0);
-        self.update_node(node, |rec| {
-            let mut k = 0;
-            for c in rec.certs.iter_mut().filter(|c| !c.revoked) {
-                c.revoked = true;
-                k += 1;
-            }
-            n.store(k, Ordering::Relaxed);
-            k > 0
-        })?;
-        Ok(n.load(Ordering::Relaxed))
+        self.revoke_where(node, |_| true)
     }
 
     fn mark_seen(&self, nodes: &[String]) -> Result<(), TunnelError> {
@@ -591,7 +617,7 @@ impl JoinRecords for ApiRecords {
                 .filter(|n| c.nodes.get(*n).is_some_and(|(_, r)| !r.seen))
                 .cloned()
                 .collect()
-        });
+        })?;
         for n in unmarked {
             self.update_node(&n, |rec| {
                 let changed = !rec.seen && !rec.certs.is_empty();
@@ -603,7 +629,7 @@ impl JoinRecords for ApiRecords {
     }
 
     fn gone(&self, present: &HashSet<String>) -> Result<Vec<String>, TunnelError> {
-        Ok(self.read(|c| {
+        self.read(|c| {
             c.nodes
                 .iter()
                 .filter(|(n, (_, r))| {
@@ -611,7 +637,7 @@ impl JoinRecords for ApiRecords {
                 })
                 .map(|(n, _)| n.clone())
                 .collect()
-        }))
+        })
     }
 
     fn record_cert(&self, node: &str, cert: CertRecord) -> Result<(), TunnelError> {
@@ -635,15 +661,17 @@ impl JoinRecords for ApiRecords {
             let cert = rec.certs.iter().find(|c| c.fingerprint == fingerprint)?;
             Some((node.clone(), cert.clone()))
         })
+        .ok()
+        .flatten()
     }
 
     fn registered(&self, node: &str) -> Result<bool, TunnelError> {
         let now = sedge_tunnel::session::unix_secs();
-        Ok(self.read(|c| {
+        self.read(|c| {
             c.nodes
                 .get(node)
                 .is_some_and(|(_, r)| r.certs.iter().any(|c| !c.revoked && c.not_after > now))
-        }))
+        })
     }
 
     fn revocation_generation(&self) -> i64 {

@@ -89,7 +89,9 @@ pub fn parse_ttl(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
-async fn open(dirs: &CloudDirs) -> Result<TokenStore> {
+/// Opens the join records; `certs`: with every node's certificate records (only revoking
+/// needs them; in a cluster there is one Secret per node).
+async fn open(dirs: &CloudDirs, certs: bool) -> Result<TokenStore> {
     let data_dir = match &dirs.kubeconfig {
         Some(_) => None,
         None => Some(&dirs.data_dir),
@@ -102,9 +104,15 @@ async fn open(dirs: &CloudDirs) -> Result<TokenStore> {
     Ok(match &dirs.kubeconfig {
         Some(k) => {
             let client = crate::platform::client_from(k).await?;
-            let records = sedge_cloudcore::joinrecords::ApiRecords::start(client)
-                .await
-                .with_context(|| format!("the join records in the cluster of {}", k.display()))?;
+            let records = if certs {
+                sedge_cloudcore::joinrecords::ApiRecords::start(client)
+                    .await
+                    .with_context(|| {
+                        format!("the join records in the cluster of {}", k.display())
+                    })?
+            } else {
+                sedge_cloudcore::joinrecords::ApiRecords::for_tokens(client)
+            };
             TokenStore::with_records(records, &dirs.pki_dir, &hash)?
         }
         None => TokenStore::open(&dirs.data_dir.join("hub.db"), &dirs.pki_dir, &hash)?,
@@ -124,7 +132,7 @@ pub async fn token(cmd: TokenCmd) -> Result<()> {
             dirs
         }
     };
-    let store = open(dirs).await?;
+    let store = open(dirs, matches!(cmd, TokenCmd::Revoke { .. })).await?;
     // The records may block (API calls): off the runtime's workers.
     tokio::task::spawn_blocking(move || run_token(store, cmd))
         .await

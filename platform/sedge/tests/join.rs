@@ -226,3 +226,38 @@ async fn a_node_deleted_while_the_cloud_core_was_down_is_revoked_when_it_returns
     cloud.shutdown().await;
     server.shutdown().await;
 }
+
+#[test]
+fn a_token_command_with_a_bad_kubeconfig_names_it() {
+    let d = tempfile::tempdir().unwrap();
+    let garbage = d.path().join("garbage.yaml");
+    std::fs::write(&garbage, "clusters: [this is: not a kubeconfig\n").unwrap();
+    let missing = d.path().join("missing.yaml");
+    for (kubeconfig, sub) in [
+        (&missing, "create"),
+        (&garbage, "list"),
+        (&garbage, "revoke"),
+    ] {
+        let mut args: Vec<String> = vec!["token".into(), sub.into()];
+        if sub == "revoke" {
+            args.push("0123456789ab".into());
+        }
+        args.extend([
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--pki-dir".into(),
+            d.path().join("pki").display().to_string(),
+        ]);
+        let (ok, out, err) = run(args);
+        assert!(!ok, "{sub} with {}: {out}", kubeconfig.display());
+        assert!(
+            err.contains(&format!("reading kubeconfig {}", kubeconfig.display())),
+            "{sub}: {err}"
+        );
+        let lower = err.to_lowercase();
+        assert!(
+            !lower.contains("panicked") && !lower.contains("backtrace"),
+            "{err}"
+        );
+    }
+}

@@ -442,6 +442,30 @@ async fn join_tokens_and_revocations_are_shared_through_the_api() {
         .unwrap();
     assert_eq!(again.import(&local).unwrap(), (0, 0));
     assert!(!listed(&a).contains(&old.id));
+    // `sedge token create|list` open a handle that reads no certificate record: it lists the
+    // tokens, and refuses to revoke one (that needs to know which nodes it joined).
+    {
+        use sedge_tunnel::token::JoinRecords;
+        let tokens_only = sedge_cloudcore::joinrecords::ApiRecords::for_tokens(client.clone());
+        let ids: Vec<String> = tokens_only
+            .list_tokens()
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(
+            ids,
+            again
+                .list_tokens()
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+        );
+        let e = tokens_only.revoke_token("anytoken").unwrap_err();
+        assert!(e.to_string().contains("opened for tokens only"), "{e}");
+        assert!(tokens_only.cert("no-such-fingerprint").is_none());
+    }
 
     // A single-use token made on core-a is a Secret in kube-system; core-b lists it.
     let (token, info) = a
