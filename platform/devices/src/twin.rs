@@ -285,7 +285,7 @@ async fn follow_devices(twins: Twins) {
                 } else if let Err(e) = twins.apply_cloud(&dev).await {
                     tracing::warn!(device = %format!("{}/{}", change.namespace, change.name), "desired values not applied: {}", e.message());
                 }
-                (dev, change.namespace, change.name, change.kind_of_change)
+                (dev, change.namespace.clone(), change.name.clone(), change.kind_of_change)
             }
             d = desired.recv() => {
                 let d = match d {

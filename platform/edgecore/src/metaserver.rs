@@ -318,33 +318,7 @@ async fn serve(
             .filter(|o| keep(o))
             .map(|o| Ok(format!("{}\n", json!({"type": "ADDED", "object": o}))))
             .collect();
-        let live = futures::stream::unfold(rx, move |mut rx| {
-            let ns = ns.clone();
-            let kind = kind.clone();
-            let keep = keep2.clone();
-            async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(c) => {
-                            if c.kind == kind
-                                && ns.as_ref().is_none_or(|n| *n == c.namespace)
-                                && keep(&c.object)
-                            {
-                                return Some((
-                                    Ok(format!(
-                                        "{}\n",
-                                        json!({"type": c.kind_of_change, "object": c.object})
-                                    )),
-                                    rx,
-                                ));
-                            }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(_) => return None,
-                    }
-                }
-            }
-        });
+        let live = live_changes(rx, kind, ns, keep2);
         let body = futures::stream::iter(initial).chain(live);
         return (
             StatusCode::OK,
@@ -389,6 +363,36 @@ async fn serve(
     }
 }
 
+/// A watch's events after its initial list: the changes of `kind` (in `ns`, if given) that
+/// `keep` picks, one JSON line each. A watcher that fell more than
+/// [`crate::store::CHANGES_QUEUED`] changes behind has missed some: its watch ends there, and
+/// its client lists again (as after any ended watch) instead of going on without them.
+fn live_changes(
+    rx: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::store::Change>>,
+    kind: String,
+    ns: Option<String>,
+    keep: impl Fn(&Value) -> bool + Clone + Send + 'static,
+) -> impl futures::Stream<Item = Result<String, std::io::Error>> {
+    futures::stream::unfold(rx, move |mut rx| {
+        let (ns, kind, keep) = (ns.clone(), kind.clone(), keep.clone());
+        async move {
+            loop {
+                let c = rx.recv().await.ok()?;
+                if c.kind == kind
+                    && ns.as_ref().is_none_or(|n| *n == c.namespace)
+                    && keep(&c.object)
+                {
+                    let line = format!(
+                        "{}\n",
+                        json!({"type": c.kind_of_change, "object": c.object})
+                    );
+                    return Some((Ok(line), rx));
+                }
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,6 +419,50 @@ mod tests {
         }
         let lan: SocketAddr = "10.0.0.1:10550".parse().unwrap();
         assert!(host_allowed("10.0.0.1:10550", lan));
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_fell_behind_ends_instead_of_skipping_changes() {
+        use crate::store::Change;
+        use futures::StreamExt;
+        let change = |kind: &str, ns: &str, n: usize| {
+            Arc::new(Change {
+                kind_of_change: "ADDED",
+                kind: kind.into(),
+                namespace: ns.into(),
+                name: format!("cm-{n}"),
+                object: json!({"metadata": {"name": format!("cm-{n}"), "namespace": ns}}),
+                revision: n as u64,
+            })
+        };
+        let keep = |_: &Value| true;
+        // A watcher keeping up sees each change of its kind and namespace, in order.
+        let (tx, rx) = tokio::sync::broadcast::channel(4);
+        tx.send(change("configmap", "other", 9)).unwrap();
+        tx.send(change("pod", "ml", 9)).unwrap();
+        for n in 0..2 {
+            tx.send(change("configmap", "ml", n)).unwrap();
+        }
+        let live = live_changes(rx, "configmap".into(), Some("ml".into()), keep);
+        let lines: Vec<String> = live.take(2).map(Result::unwrap).collect().await;
+        for (n, line) in lines.iter().enumerate() {
+            let ev: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(ev["type"], "ADDED");
+            assert_eq!(ev["object"]["metadata"]["name"], format!("cm-{n}"));
+        }
+        // One that fell more than the queue behind gets no later change: its watch ends
+        // (with the sender alive, a watch that skipped on would wait here for more).
+        let rx = tx.subscribe();
+        for n in 0..6 {
+            tx.send(change("configmap", "ml", n)).unwrap();
+        }
+        let live = live_changes(rx, "configmap".into(), Some("ml".into()), keep);
+        let lines =
+            tokio::time::timeout(std::time::Duration::from_secs(5), live.collect::<Vec<_>>())
+                .await
+                .expect("the watch ended");
+        assert!(lines.is_empty(), "{} changes after a gap", lines.len());
+        drop(tx);
     }
 
     async fn get(addr: SocketAddr, path: &str, host: &str, token: Option<&str>) -> String {

@@ -3,7 +3,7 @@
 //! restarted agent finds its processes again.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use sedge_tunnel::message::not_newer;
@@ -24,7 +24,14 @@ pub enum StoreError {
     },
 }
 
-/// A change to the store, published to local watchers (edged, the MetaServer, edge modules).
+/// How many changes a local watcher may fall behind before it is told it missed some (and
+/// lists again). The broadcast ring holds this many slots from the start, per agent: a slot
+/// is a pointer now; holding the whole change it was about 600 KiB of every agent's memory,
+/// most of a hollow node's in the scale benchmark.
+pub const CHANGES_QUEUED: usize = 4096;
+
+/// A change to the store, published to local watchers (edged, the MetaServer, edge modules),
+/// shared (`Arc`): each watcher's receive is a reference, not a copy of the object.
 #[derive(Debug, Clone)]
 pub struct Change {
     /// `ADDED`, `MODIFIED` or `DELETED`.
@@ -83,7 +90,7 @@ pub struct ContainerRecord {
 pub struct MetaStore {
     conn: Mutex<Connection>,
     path: String,
-    changes: broadcast::Sender<Change>,
+    changes: broadcast::Sender<Arc<Change>>,
     writes: std::sync::atomic::AtomicU64,
 }
 
@@ -123,7 +130,7 @@ impl MetaStore {
         Ok(MetaStore {
             conn: Mutex::new(conn),
             path: p,
-            changes: broadcast::channel(4096).0,
+            changes: broadcast::channel(CHANGES_QUEUED).0,
             writes: Default::default(),
         })
     }
@@ -146,7 +153,7 @@ impl MetaStore {
     }
 
     /// Changes from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
         self.changes.subscribe()
     }
 
@@ -186,7 +193,7 @@ impl MetaStore {
         tx.commit().map_err(self.err())?;
         self.wrote();
         drop(c);
-        let _ = self.changes.send(Change {
+        let _ = self.changes.send(Arc::new(Change {
             kind_of_change: if current.is_some() {
                 "MODIFIED"
             } else {
@@ -197,7 +204,7 @@ impl MetaStore {
             name: name.into(),
             object: object.clone(),
             revision: rev,
-        });
+        }));
         Ok(Applied::Stored)
     }
 
@@ -216,14 +223,14 @@ impl MetaStore {
         tx.commit().map_err(self.err())?;
         drop(c);
         self.wrote();
-        let _ = self.changes.send(Change {
+        let _ = self.changes.send(Arc::new(Change {
             kind_of_change: "DELETED",
             kind: kind.into(),
             namespace: ns.into(),
             name: name.into(),
             object: serde_json::from_str(&old).unwrap_or(Value::Null),
             revision: rev,
-        });
+        }));
         Ok(Applied::Deleted)
     }
 
@@ -323,7 +330,7 @@ impl MetaStore {
 /// Waits for the next change to an object of `kind` (or for changes that were missed, which
 /// may have been one); false once the store is gone. Cancel-safe, for `select!` loops that
 /// list `kind` again on a change instead of every so often.
-pub async fn next_change_of(changes: &mut broadcast::Receiver<Change>, kind: &str) -> bool {
+pub async fn next_change_of(changes: &mut broadcast::Receiver<Arc<Change>>, kind: &str) -> bool {
     use broadcast::error::RecvError;
     loop {
         match changes.recv().await {
@@ -336,7 +343,7 @@ pub async fn next_change_of(changes: &mut broadcast::Receiver<Change>, kind: &st
 
 /// Skips the changes queued so far (a listing about to be made covers them all: one pass for
 /// a burst); false once the store is gone.
-pub fn skip_queued(changes: &mut broadcast::Receiver<Change>) -> bool {
+pub fn skip_queued(changes: &mut broadcast::Receiver<Arc<Change>>) -> bool {
     use broadcast::error::TryRecvError;
     loop {
         match changes.try_recv() {
@@ -424,7 +431,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = MetaStore::open(&dir.path().join("edge.db")).unwrap();
         let mut rx = s.subscribe();
-        let soon = |rx: &mut broadcast::Receiver<Change>| {
+        let soon = |rx: &mut broadcast::Receiver<Arc<Change>>| {
             let mut rx = rx.resubscribe();
             async move {
                 tokio::time::timeout(Duration::from_millis(200), next_change_of(&mut rx, "pod"))
@@ -485,6 +492,14 @@ mod tests {
             wal <= 2 * u64::from(sedge_tunnel::outbox::WAL_PAGES) * page,
             "the WAL is {wal} bytes after 3,000 writes of 5 objects"
         );
+        // Its page cache is capped too (SQLite's default grows to 2,000 KiB per connection).
+        let cache: i64 = s
+            .conn
+            .lock()
+            .unwrap()
+            .query_row("PRAGMA cache_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(cache, -sedge_tunnel::outbox::CACHE_KIB);
         drop(s);
         let s = MetaStore::open(&path).unwrap();
         assert_eq!(s.list("pod", None).unwrap().len(), 5);

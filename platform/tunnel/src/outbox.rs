@@ -50,6 +50,11 @@ impl std::fmt::Debug for Outbox {
 /// WAL pages between checkpoints; the WAL file is truncated to this size after one.
 pub const WAL_PAGES: u32 = 64;
 
+/// The most page cache (KiB) an edge store's connection keeps. SQLite's default is 2,000 KiB
+/// per connection, filled as the database grows; an agent has two stores, and the file's
+/// pages are in the OS page cache anyway.
+pub const CACHE_KIB: i64 = 256;
+
 /// Keeps `db`'s WAL to [`WAL_PAGES`]: checkpointed past that, and the file truncated to it.
 ///
 /// SQLite's defaults (a checkpoint every 1,000 pages, the file never shrunk) leave up to 4 MiB
@@ -57,7 +62,10 @@ pub const WAL_PAGES: u32 = 64;
 /// the whole WAL to index it. An edge node's stores hold little; measured with 10,000 hollow
 /// nodes, their WALs (1.5 MiB each for a meta store holding a few objects) made a restart read
 /// 15 GB and the nodes missed their hello deadline for minutes.
+///
+/// Its page cache is held to [`CACHE_KIB`] as well.
 pub fn cap_wal(db: &Connection) -> rusqlite::Result<()> {
+    db.pragma_update(None, "cache_size", -CACHE_KIB)?;
     db.pragma_update(None, "wal_autocheckpoint", WAL_PAGES)?;
     let page: i64 = db.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     db.pragma_update(None, "journal_size_limit", page * i64::from(WAL_PAGES))
