@@ -1057,15 +1057,15 @@ async fn main() -> Result<()> {
             p_loaded / p_idle.max(1e-9)
         ),
     );
-    let fleet_kib: u64 = fleets.0.iter().map(|c| rss_kib(Some(c.id()))).sum();
-    t.row(
-        "hollow agents' RSS (all fleets, per node)",
+    let fleets_rss = || {
+        let kib: u64 = fleets.0.iter().map(|c| rss_kib(Some(c.id()))).sum();
         format!(
             "{:.0} MiB, {:.0} KiB",
-            fleet_kib as f64 / 1024.0,
-            fleet_kib as f64 / a.nodes as f64
-        ),
-    );
+            kib as f64 / 1024.0,
+            kib as f64 / a.nodes as f64
+        )
+    };
+    t.row("hollow agents' RSS (all fleets, per node)", fleets_rss());
 
     // 4. Pods at a fixed rate.
     if a.pods_per_node > 0 {
@@ -1077,6 +1077,10 @@ async fn main() -> Result<()> {
         t.row(
             "CPU with every pod running, heartbeats only: cloud / hollow agents",
             shares.since(cloud.pid(), &pids),
+        );
+        t.row(
+            "hollow agents' RSS with every pod running (all fleets, per node)",
+            fleets_rss(),
         );
     } else {
         t.row("pods", "none created (--pods-per-node 0)".into());
@@ -1095,6 +1099,15 @@ async fn main() -> Result<()> {
             "kubectl get nodes / get pods -A",
             "kubectl not found or failed".into(),
         ),
+    }
+    // kubectl lists in pages of 500 and throttles itself to 5 requests a second after a
+    // burst of 10 (client-go's defaults, whatever the server): at 50,000 pods that wait is
+    // most of `get pods -A`. One page is the server's whole cost.
+    if let Some((p, pl)) = kubectl(&kc, &["get", "pods", "-A", "--chunk-size=0"]) {
+        t.row(
+            "kubectl get pods -A --chunk-size=0 (one page; median of 3; lines)",
+            format!("{p:.2} s ({pl})"),
+        );
     }
     t.row(
         "API server SQLite",
