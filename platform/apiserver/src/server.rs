@@ -385,6 +385,19 @@ impl ApiServer {
             // Dropping a runtime blocks; from inside another runtime it must not.
             rt.shutdown_background();
         }
+        // Connections and calls on the blocking pool that are still ending hold the store (and
+        // its lock file) a moment longer: a server started next on the same data would find
+        // it locked. Wait for them, a bounded time.
+        let store = Arc::downgrade(&self.core.store);
+        drop(self);
+        let t0 = std::time::Instant::now();
+        while store.strong_count() > 0 {
+            if t0.elapsed() > Duration::from_secs(5) {
+                tracing::warn!("the API server's store is still in use 5 s after shutdown");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
