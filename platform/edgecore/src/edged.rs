@@ -90,7 +90,9 @@ pub struct EdgedCounters {
 }
 
 struct Worker {
-    spec: watch::Sender<PodSpec>,
+    /// The pod as its task follows it: one copy, shared with the task (a pod's parsed spec
+    /// and its JSON are most of what an idle agent holds per pod).
+    spec: watch::Sender<Arc<PodSpec>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -106,11 +108,14 @@ pub struct Edged {
     ended: Arc<tokio::sync::Notify>,
 }
 
-/// How often edged compares the store's pods with its workers when nothing told it to. It
-/// compares them at once on a change to a pod in the store and when a pod's task ends; this
-/// only retries the clean-up of leftover containers that failed. Every second, it was the
-/// idle agent's main cost (a store listing on the blocking pool per node per second). Logs
-/// are checked for rotation as often, as kubelet's container log manager does (10 s).
+/// How often edged looks, when nothing told it to, whether it must compare the store's pods
+/// with its workers. It compares them at once on a change to a pod in the store and when a
+/// pod's task ends; on this tick it does so only if a pod's task is over (one that panicked,
+/// seen still finishing by the pass its end woke) or a pod with container records has no
+/// task (a clean-up of leftovers that failed), which one small query tells. Listing and
+/// parsing every pod on each tick was most of an idle agent's CPU with pods (10 s) and, every
+/// second before that, without. Logs are checked for rotation as often, as kubelet's
+/// container log manager does (10 s).
 const RESYNC: Duration = Duration::from_secs(10);
 
 /// Tells edged, when dropped (the task returned, panicked or was aborted), that a pod's task ended.
@@ -165,10 +170,23 @@ impl Edged {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut swept = false;
+        let mut compare = true;
         loop {
             if !crate::store::skip_queued(&mut changes) {
                 return;
             }
+            if !compare {
+                compare = tokio::select! {
+                    open = crate::store::next_change_of(&mut changes, kind::POD) => if !open { return } else { true },
+                    _ = self.ended.notified() => true,
+                    _ = tick.tick() => {
+                        self.rotate_logs();
+                        self.left_behind().await
+                    }
+                };
+                continue;
+            }
+            compare = false;
             // The store is SQLite: read it on the blocking pool, not on the runtime's threads.
             let store = self.shared.store.clone();
             match tokio::task::spawn_blocking(move || {
@@ -198,12 +216,25 @@ impl Edged {
                 Ok(Err(e)) => tracing::error!(error = %e, "cannot read pods from the local store"),
                 Err(e) => tracing::error!(error = %e, "reading the local store failed"),
             }
-            tokio::select! {
-                open = crate::store::next_change_of(&mut changes, kind::POD) => if !open { return },
-                _ = self.ended.notified() => {}
-                _ = tick.tick() => self.rotate_logs(),
-            }
         }
+    }
+
+    /// Whether a pass must compare the store's pods with the workers although nothing told
+    /// edged to: a pod's task is over, or a pod with container records has no task and no
+    /// clean-up under way (a clean-up that failed, to retry). An unreadable store says yes,
+    /// so the pass reports it.
+    async fn left_behind(&self) -> bool {
+        let store = self.shared.store.clone();
+        let Ok(Ok(recorded)) = tokio::task::spawn_blocking(move || store.recorded_pods()).await
+        else {
+            return true;
+        };
+        let workers = self.workers.lock().unwrap();
+        let cleaning = self.cleaning.lock().unwrap();
+        workers.values().any(|w| w.task.is_finished())
+            || recorded
+                .iter()
+                .any(|uid| !workers.contains_key(uid) && !cleaning.contains(uid))
     }
 
     /// Rotates the logs of this node's pods that grew over `max_log_bytes` (one pass for all
@@ -226,9 +257,24 @@ impl Edged {
     /// (`recorded`: pods with container records).
     fn reconcile(&self, pods: Vec<Value>, recorded: Vec<String>) {
         let node = self.shared.facts.node.as_str();
-        let desired: HashMap<String, PodSpec> = pods
+        let mut workers = self.workers.lock().unwrap();
+        workers.retain(|_, w| !w.task.is_finished());
+        // A pod whose version its worker follows already is not parsed again: it was checked
+        // when it came, and a pass after any one pod's change sees all the node's pods.
+        let mut kept = std::collections::HashSet::new();
+        let desired: HashMap<String, Arc<PodSpec>> = pods
             .into_iter()
             .filter(|p| p["spec"]["nodeName"].as_str() == Some(node))
+            .filter(|p| {
+                let uid = p["metadata"]["uid"].as_str().unwrap_or_default();
+                let follows = workers.get(uid).is_some_and(|w| {
+                    w.spec.borrow().resource_version() == p["metadata"]["resourceVersion"].as_str()
+                });
+                if follows {
+                    kept.insert(uid.to_string());
+                }
+                !follows
+            })
             .filter_map(|p| {
                 let who = format!(
                     "{}/{}",
@@ -240,7 +286,7 @@ impl Edged {
                     Ok(s)
                 });
                 match checked {
-                    Ok(s) => Some((s.uid().to_string(), s)),
+                    Ok(s) => Some((s.uid().to_string(), Arc::new(s))),
                     Err(e) => {
                         tracing::warn!(pod = %who, error = %e, "pod ignored");
                         None
@@ -248,16 +294,11 @@ impl Edged {
                 }
             })
             .collect();
-        let mut workers = self.workers.lock().unwrap();
-        workers.retain(|uid, w| {
-            if w.task.is_finished() {
-                return false;
-            }
-            if !desired.contains_key(uid) {
+        for (uid, w) in workers.iter() {
+            if !desired.contains_key(uid) && !kept.contains(uid) {
                 let _ = w.stop.send(true);
             }
-            true
-        });
+        }
         for (uid, pod) in &desired {
             match workers.get(uid) {
                 Some(w) => {
@@ -287,6 +328,7 @@ impl Edged {
         // Pods deleted while the agent was down: their processes may still run.
         for uid in recorded {
             if desired.contains_key(&uid)
+                || kept.contains(&uid)
                 || workers.contains_key(&uid)
                 || !self.cleaning.lock().unwrap().insert(uid.clone())
             {
@@ -832,5 +874,143 @@ mod tests {
         }
         assert!(c.container_starts.load(Relaxed) >= 4);
         assert_eq!(c.start_failures.load(Relaxed), 0);
+    }
+
+    fn hollow_pod(name: &str, uid: &str, rv: &str, image: &str) -> Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "uid": uid, "resourceVersion": rv},
+            "spec": {"nodeName": "edge-1",
+                     "containers": [{"name": "main", "image": image}]}
+        })
+    }
+
+    /// A pass after one pod's change parses only that pod: the others keep the very spec
+    /// their tasks share (one copy per pod), a new version reaches its task, a pod gone from
+    /// the store stops; the tick's question (anything left behind?) says no until a pod with
+    /// container records has no task.
+    #[tokio::test]
+    async fn a_change_to_one_pod_parses_that_pod_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(MetaStore::open(&dir.path().join("meta.db")).unwrap());
+        let facts = NodeFacts {
+            node: "edge-1".into(),
+            ip: "127.0.0.1".into(),
+            pod_ip: None,
+        };
+        let settings = EdgedSettings::for_tests(
+            dir.path().join("pods"),
+            Arc::new(crate::podtoken::PodTokens::load_or_create(dir.path()).unwrap()),
+        );
+        let runtime = Arc::new(crate::hollow::HollowRuntime::default());
+        let edged = Edged::start(store.clone(), runtime, facts, settings, Reports::default());
+        let uids = [
+            "0f4c3b1e-0000-0000-0000-000000000001",
+            "0f4c3b1e-0000-0000-0000-000000000002",
+            "0f4c3b1e-0000-0000-0000-000000000003",
+        ];
+        for (i, uid) in uids.iter().enumerate() {
+            let name = format!("p{i}");
+            store
+                .upsert(
+                    "pod",
+                    "default",
+                    &name,
+                    "1",
+                    &hollow_pod(&name, uid, "1", "a"),
+                )
+                .unwrap();
+        }
+        let specs = |e: &Edged| -> HashMap<String, Arc<PodSpec>> {
+            let w = e.workers.lock().unwrap();
+            w.iter()
+                .map(|(u, w)| (u.clone(), w.spec.borrow().clone()))
+                .collect()
+        };
+        let wait = |what: &str, ok: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !ok() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let until = |what: &'static str, ok: Box<dyn Fn() -> bool + Send>| {
+            tokio::task::spawn_blocking(move || wait(what, &*ok))
+        };
+        let e = edged.clone();
+        until("three workers", Box::new(move || specs(&e).len() == 3))
+            .await
+            .unwrap();
+        let e = edged.clone();
+        until(
+            "the containers recorded",
+            Box::new(move || e.shared.store.recorded_pods().unwrap().len() == 3),
+        )
+        .await
+        .unwrap();
+        let before = specs(&edged);
+        assert!(!edged.left_behind().await, "nothing is left behind");
+
+        // p1 changes: its task gets the new version; p0 and p2 are not parsed again.
+        store
+            .upsert(
+                "pod",
+                "default",
+                "p1",
+                "2",
+                &hollow_pod("p1", uids[1], "2", "b"),
+            )
+            .unwrap();
+        let e = edged.clone();
+        let u1 = uids[1].to_string();
+        until(
+            "p1's new version",
+            Box::new(move || specs(&e)[&u1].resource_version() == Some("2")),
+        )
+        .await
+        .unwrap();
+        let after = specs(&edged);
+        for u in [uids[0], uids[2]] {
+            assert!(Arc::ptr_eq(&before[u], &after[u]), "{u} was parsed again");
+        }
+
+        // p2 leaves the store: its worker stops and goes at the next pass.
+        store.delete("pod", "default", "p2").unwrap();
+        store
+            .upsert(
+                "pod",
+                "default",
+                "p0",
+                "3",
+                &hollow_pod("p0", uids[0], "3", "a"),
+            )
+            .unwrap();
+        let e = edged.clone();
+        let u2 = uids[2].to_string();
+        until(
+            "p2's worker gone",
+            Box::new(move || !specs(&e).contains_key(&u2)),
+        )
+        .await
+        .unwrap();
+
+        // A pod with container records and no task (a clean-up that failed) is left behind.
+        store
+            .save_container(&crate::store::ContainerRecord {
+                pod_uid: "0f4c3b1e-0000-0000-0000-00000000000f".into(),
+                name: "main".into(),
+                pid: 0,
+                start_ticks: 0,
+                started_at: now(),
+                restarts: 0,
+                last_terminated: None,
+                spec_hash: String::new(),
+                container_id: String::new(),
+            })
+            .unwrap();
+        assert!(
+            edged.left_behind().await,
+            "an orphan's records call for a pass"
+        );
     }
 }

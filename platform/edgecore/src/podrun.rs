@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sedge_api::{Key, PodStatusReport, group, kind};
 use sedge_tunnel::{Message, Policy, op};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
@@ -36,7 +37,8 @@ pub(crate) struct PodSpec {
 impl PodSpec {
     /// Reads a stored pod; an object that is not a Pod says why.
     pub fn parse(raw: Value) -> Result<PodSpec, String> {
-        let pod = serde_json::from_value(raw.clone()).map_err(|e| format!("not a Pod: {e}"))?;
+        // From the borrowed JSON: no copy of the tree to consume.
+        let pod = k8s::Pod::deserialize(&raw).map_err(|e| format!("not a Pod: {e}"))?;
         Ok(PodSpec { raw, pod })
     }
 
@@ -177,7 +179,7 @@ impl Ctr {
 
 pub(crate) struct PodRun {
     shared: Arc<Shared>,
-    spec: PodSpec,
+    spec: Arc<PodSpec>,
     uid: String,
     ns: String,
     name: String,
@@ -194,7 +196,7 @@ pub(crate) struct PodRun {
 /// its spec (`spec`).
 pub(crate) async fn run_pod(
     shared: Arc<Shared>,
-    mut spec: watch::Receiver<PodSpec>,
+    mut spec: watch::Receiver<Arc<PodSpec>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let pod = spec.borrow().clone();
@@ -252,7 +254,7 @@ pub(crate) async fn run_pod(
 }
 
 impl PodRun {
-    async fn new(shared: Arc<Shared>, spec: PodSpec) -> PodRun {
+    async fn new(shared: Arc<Shared>, spec: Arc<PodSpec>) -> PodRun {
         let uid = spec.uid().to_string();
         let ns = spec
             .pod
@@ -487,7 +489,7 @@ impl PodRun {
     }
 
     /// A new version of the pod from the cloud: containers whose spec changed are replaced.
-    async fn update(&mut self, spec: PodSpec) {
+    async fn update(&mut self, spec: Arc<PodSpec>) {
         let changed: HashMap<String, (k8s::Container, Value)> = spec
             .containers()
             .map(|(c, raw)| (c.name.clone(), (c, raw.clone())))
