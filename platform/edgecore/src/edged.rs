@@ -172,10 +172,9 @@ impl Edged {
         let mut swept = false;
         let mut compare = true;
         loop {
-            if !crate::store::skip_queued(&mut changes) {
-                return;
-            }
             if !compare {
+                // Changes that came during the last pass are still queued: the first wakes
+                // this at once.
                 compare = tokio::select! {
                     open = crate::store::next_change_of(&mut changes, kind::POD) => if !open { return } else { true },
                     _ = self.ended.notified() => true,
@@ -187,6 +186,10 @@ impl Edged {
                 continue;
             }
             compare = false;
+            // The pass lists the store after them: the rest of a burst needs no pass of its own.
+            if !crate::store::skip_queued(&mut changes) {
+                return;
+            }
             // The store is SQLite: read it on the blocking pool, not on the runtime's threads.
             let store = self.shared.store.clone();
             match tokio::task::spawn_blocking(move || {
@@ -883,6 +886,54 @@ mod tests {
             "spec": {"nodeName": "edge-1",
                      "containers": [{"name": "main", "image": image}]}
         })
+    }
+
+    /// Pods stored one after another while passes run all get their tasks: a change that
+    /// comes during a pass wakes the next one (a pass that dropped them left a pod unstarted
+    /// until some other pod of the node changed).
+    #[tokio::test]
+    async fn pods_stored_during_a_pass_all_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(MetaStore::open(&dir.path().join("meta.db")).unwrap());
+        let facts = NodeFacts {
+            node: "edge-1".into(),
+            ip: "127.0.0.1".into(),
+            pod_ip: None,
+        };
+        let settings = EdgedSettings::for_tests(
+            dir.path().join("pods"),
+            Arc::new(crate::podtoken::PodTokens::load_or_create(dir.path()).unwrap()),
+        );
+        let runtime = Arc::new(crate::hollow::HollowRuntime::default());
+        let edged = Edged::start(store.clone(), runtime, facts, settings, Reports::default());
+        const N: usize = 60;
+        let writer = store.clone();
+        tokio::task::spawn_blocking(move || {
+            for i in 0..N {
+                let (name, uid) = (format!("p{i}"), format!("0f4c3b1e-0000-0000-0000-{i:012}"));
+                writer
+                    .upsert(
+                        "pod",
+                        "default",
+                        &name,
+                        "1",
+                        &hollow_pod(&name, &uid, "1", "a"),
+                    )
+                    .unwrap();
+                std::thread::sleep(Duration::from_micros(300 * (i as u64 % 7)));
+            }
+        })
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = edged.workers.lock().unwrap().len();
+            if n == N {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{n} of {N} pods have tasks");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// A pass after one pod's change parses only that pod: the others keep the very spec
