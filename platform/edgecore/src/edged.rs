@@ -879,6 +879,23 @@ mod tests {
         assert_eq!(c.start_failures.load(Relaxed), 0);
     }
 
+    /// An edged for node `edge-1` on the hollow runtime, its store in `dir`.
+    fn hollow_edged(dir: &Path) -> (Arc<MetaStore>, Arc<Edged>) {
+        let store = Arc::new(MetaStore::open(&dir.join("meta.db")).unwrap());
+        let facts = NodeFacts {
+            node: "edge-1".into(),
+            ip: "127.0.0.1".into(),
+            pod_ip: None,
+        };
+        let settings = EdgedSettings::for_tests(
+            dir.join("pods"),
+            Arc::new(crate::podtoken::PodTokens::load_or_create(dir).unwrap()),
+        );
+        let runtime = Arc::new(crate::hollow::HollowRuntime::default());
+        let edged = Edged::start(store.clone(), runtime, facts, settings, Reports::default());
+        (store, edged)
+    }
+
     fn hollow_pod(name: &str, uid: &str, rv: &str, image: &str) -> Value {
         serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -894,18 +911,7 @@ mod tests {
     #[tokio::test]
     async fn pods_stored_during_a_pass_all_start() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(MetaStore::open(&dir.path().join("meta.db")).unwrap());
-        let facts = NodeFacts {
-            node: "edge-1".into(),
-            ip: "127.0.0.1".into(),
-            pod_ip: None,
-        };
-        let settings = EdgedSettings::for_tests(
-            dir.path().join("pods"),
-            Arc::new(crate::podtoken::PodTokens::load_or_create(dir.path()).unwrap()),
-        );
-        let runtime = Arc::new(crate::hollow::HollowRuntime::default());
-        let edged = Edged::start(store.clone(), runtime, facts, settings, Reports::default());
+        let (store, edged) = hollow_edged(dir.path());
         const N: usize = 60;
         let writer = store.clone();
         tokio::task::spawn_blocking(move || {
@@ -943,18 +949,7 @@ mod tests {
     #[tokio::test]
     async fn a_change_to_one_pod_parses_that_pod_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(MetaStore::open(&dir.path().join("meta.db")).unwrap());
-        let facts = NodeFacts {
-            node: "edge-1".into(),
-            ip: "127.0.0.1".into(),
-            pod_ip: None,
-        };
-        let settings = EdgedSettings::for_tests(
-            dir.path().join("pods"),
-            Arc::new(crate::podtoken::PodTokens::load_or_create(dir.path()).unwrap()),
-        );
-        let runtime = Arc::new(crate::hollow::HollowRuntime::default());
-        let edged = Edged::start(store.clone(), runtime, facts, settings, Reports::default());
+        let (store, edged) = hollow_edged(dir.path());
         let uids = [
             "0f4c3b1e-0000-0000-0000-000000000001",
             "0f4c3b1e-0000-0000-0000-000000000002",
