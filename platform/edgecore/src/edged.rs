@@ -331,7 +331,6 @@ impl Edged {
         // Pods deleted while the agent was down: their processes may still run.
         for uid in recorded {
             if desired.contains_key(&uid)
-                || kept.contains(&uid)
                 || workers.contains_key(&uid)
                 || !self.cleaning.lock().unwrap().insert(uid.clone())
             {
@@ -896,13 +895,24 @@ mod tests {
         (store, edged)
     }
 
-    fn hollow_pod(name: &str, uid: &str, rv: &str, image: &str) -> Value {
-        serde_json::json!({
+    /// Stores pod `default/name` of node `edge-1`: one container `main` running `image`.
+    fn store_pod(store: &MetaStore, name: &str, uid: &str, rv: &str, image: &str) {
+        let pod = serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "default", "uid": uid, "resourceVersion": rv},
             "spec": {"nodeName": "edge-1",
                      "containers": [{"name": "main", "image": image}]}
-        })
+        });
+        store.upsert("pod", "default", name, rv, &pod).unwrap();
+    }
+
+    /// Waits until `ok`, 20 s at most; then fails saying `what` did not happen.
+    async fn eventually(what: &str, ok: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Pods stored one after another while passes run all get their tasks: a change that
@@ -917,29 +927,16 @@ mod tests {
         tokio::task::spawn_blocking(move || {
             for i in 0..N {
                 let (name, uid) = (format!("p{i}"), format!("0f4c3b1e-0000-0000-0000-{i:012}"));
-                writer
-                    .upsert(
-                        "pod",
-                        "default",
-                        &name,
-                        "1",
-                        &hollow_pod(&name, &uid, "1", "a"),
-                    )
-                    .unwrap();
+                store_pod(&writer, &name, &uid, "1", "a");
                 std::thread::sleep(Duration::from_micros(300 * (i as u64 % 7)));
             }
         })
         .await
         .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let n = edged.workers.lock().unwrap().len();
-            if n == N {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{n} of {N} pods have tasks");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("every pod stored has a task", || {
+            edged.workers.lock().unwrap().len() == N
+        })
+        .await;
     }
 
     /// A pass after one pod's change parses only that pod: the others keep the very spec
@@ -957,15 +954,7 @@ mod tests {
         ];
         for (i, uid) in uids.iter().enumerate() {
             let name = format!("p{i}");
-            store
-                .upsert(
-                    "pod",
-                    "default",
-                    &name,
-                    "1",
-                    &hollow_pod(&name, uid, "1", "a"),
-                )
-                .unwrap();
+            store_pod(&store, &name, uid, "1", "a");
         }
         let specs = |e: &Edged| -> HashMap<String, Arc<PodSpec>> {
             let w = e.workers.lock().unwrap();
@@ -973,48 +962,20 @@ mod tests {
                 .map(|(u, w)| (u.clone(), w.spec.borrow().clone()))
                 .collect()
         };
-        let wait = |what: &str, ok: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while !ok() {
-                assert!(Instant::now() < deadline, "{what}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
-        let until = |what: &'static str, ok: Box<dyn Fn() -> bool + Send>| {
-            tokio::task::spawn_blocking(move || wait(what, &*ok))
-        };
-        let e = edged.clone();
-        until("three workers", Box::new(move || specs(&e).len() == 3))
-            .await
-            .unwrap();
-        let e = edged.clone();
-        until(
-            "the containers recorded",
-            Box::new(move || e.shared.store.recorded_pods().unwrap().len() == 3),
-        )
-        .await
-        .unwrap();
+        eventually("three workers", || specs(&edged).len() == 3).await;
+        eventually("the containers recorded", || {
+            store.recorded_pods().unwrap().len() == 3
+        })
+        .await;
         let before = specs(&edged);
         assert!(!edged.left_behind().await, "nothing is left behind");
 
         // p1 changes: its task gets the new version; p0 and p2 are not parsed again.
-        store
-            .upsert(
-                "pod",
-                "default",
-                "p1",
-                "2",
-                &hollow_pod("p1", uids[1], "2", "b"),
-            )
-            .unwrap();
-        let e = edged.clone();
-        let u1 = uids[1].to_string();
-        until(
-            "p1's new version",
-            Box::new(move || specs(&e)[&u1].resource_version() == Some("2")),
-        )
-        .await
-        .unwrap();
+        store_pod(&store, "p1", uids[1], "2", "b");
+        eventually("p1's new version", || {
+            specs(&edged)[uids[1]].resource_version() == Some("2")
+        })
+        .await;
         let after = specs(&edged);
         for u in [uids[0], uids[2]] {
             assert!(Arc::ptr_eq(&before[u], &after[u]), "{u} was parsed again");
@@ -1022,23 +983,8 @@ mod tests {
 
         // p2 leaves the store: its worker stops and goes at the next pass.
         store.delete("pod", "default", "p2").unwrap();
-        store
-            .upsert(
-                "pod",
-                "default",
-                "p0",
-                "3",
-                &hollow_pod("p0", uids[0], "3", "a"),
-            )
-            .unwrap();
-        let e = edged.clone();
-        let u2 = uids[2].to_string();
-        until(
-            "p2's worker gone",
-            Box::new(move || !specs(&e).contains_key(&u2)),
-        )
-        .await
-        .unwrap();
+        store_pod(&store, "p0", uids[0], "3", "a");
+        eventually("p2's worker gone", || !specs(&edged).contains_key(uids[2])).await;
 
         // A pod with container records and no task (a clean-up that failed) is left behind.
         store
