@@ -156,11 +156,11 @@ fn store_creates(
     n: usize,
     durability: Durability,
 ) -> Result<(Vec<f64>, f64)> {
-    let store = Store::open(&StoreConfig {
-        path: dir.join("direct.db"),
-        history: 100_000,
+    let store = Store::open(&StoreConfig::by_count(
+        dir.join("direct.db"),
+        100_000,
         durability,
-    })?;
+    ))?;
     let t0 = Instant::now();
     let mut lat = Vec::with_capacity(n);
     for i in 0..n {
@@ -184,11 +184,11 @@ fn store_creates_parallel(
     threads: usize,
     one_at_a_time: bool,
 ) -> Result<(Vec<f64>, f64, u64)> {
-    let store = Arc::new(Store::open(&StoreConfig {
-        path: dir.join("parallel.db"),
-        history: 100_000,
-        durability: Durability::Full,
-    })?);
+    let store = Arc::new(Store::open(&StoreConfig::by_count(
+        dir.join("parallel.db"),
+        100_000,
+        Durability::Full,
+    ))?);
     let serial = Arc::new(std::sync::Mutex::new(()));
     let t0 = Instant::now();
     let workers: Vec<_> = (0..threads)

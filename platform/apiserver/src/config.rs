@@ -32,8 +32,14 @@ pub struct ApiServerConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Largest accepted request body, bytes (413 above it). etcd's limit is 3 MiB.
     pub max_request_bytes: usize,
-    /// Changes kept for watch replay and consistent pagination.
+    /// Changes kept for watch replay and consistent pagination, at least.
     pub history_events: u64,
+    /// Changes younger than this are kept too, so a paginated list (kubectl's `get -A` pages
+    /// through 100,000 pods in about 40 s) or a paused watch does not expire under heavy writes.
+    /// 0 keeps by count only. etcd's compaction under Kubernetes keeps 5 minutes.
+    pub history_seconds: u64,
+    /// Changes kept at most, however young (bounds the history's disk use).
+    pub history_max_events: u64,
     /// `full` (fsync every commit) or `normal` (survives kill -9, not power loss).
     pub durability: Durability,
     /// Interval between watch BOOKMARK events for watchers that allow them.
@@ -65,6 +71,8 @@ impl Default for ApiServerConfig {
             kubeconfig: None,
             max_request_bytes: 3 * 1024 * 1024,
             history_events: 20_000,
+            history_seconds: 300,
+            history_max_events: 500_000,
             durability: Durability::Full,
             bookmark_interval_seconds: 30,
             watch_timeout_seconds: 1800,

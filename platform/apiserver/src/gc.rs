@@ -321,11 +321,11 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     fn core(dir: &std::path::Path) -> Arc<Core> {
-        let store = Store::open(&StoreConfig {
-            path: dir.join("state.db"),
-            history: 100_000,
-            durability: Durability::Normal,
-        })
+        let store = Store::open(&StoreConfig::by_count(
+            dir.join("state.db"),
+            100_000,
+            Durability::Normal,
+        ))
         .unwrap();
         Arc::new(Core {
             store: Arc::new(store),

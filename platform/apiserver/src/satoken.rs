@@ -338,11 +338,11 @@ mod tests {
     use crate::store::{Change, Durability, StoreConfig, StoreError};
 
     fn store(dir: &Path) -> Store {
-        Store::open(&StoreConfig {
-            path: dir.join("db.sqlite"),
-            history: 100,
-            durability: Durability::Normal,
-        })
+        Store::open(&StoreConfig::by_count(
+            dir.join("db.sqlite"),
+            100,
+            Durability::Normal,
+        ))
         .unwrap()
     }
 

@@ -168,6 +168,8 @@ impl ApiServer {
         let store_cfg = StoreConfig {
             path: cfg.data_dir.join("state.db"),
             history: cfg.history_events,
+            history_seconds: cfg.history_seconds,
+            history_max_events: cfg.history_max_events,
             durability: cfg.durability,
         };
         let store = tokio::task::spawn_blocking(move || Store::open(&store_cfg))

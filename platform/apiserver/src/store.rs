@@ -16,8 +16,10 @@
 //! - Events are queued in revision order under the writer lock and broadcast by whoever made them
 //!   durable, in that order, so subscribers see revisions in order; a subscriber that falls behind
 //!   re-reads the history table.
-//! - Compaction drops history older than the retention window; a watch or continue token older than
-//!   that gets `410 Expired`.
+//! - Compaction drops history older than the retention window: the last `history` events, and
+//!   every event younger than `history_seconds` (up to `history_max_events`), so a paginated list
+//!   or a watch that pauses stays valid for minutes however fast heartbeats write, as with
+//!   etcd's five-minute compaction. A watch or continue token older than that gets `410 Expired`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -150,10 +152,27 @@ pub enum Durability {
 pub struct StoreConfig {
     /// Database file.
     pub path: PathBuf,
-    /// Number of history events retained for watches and paginated lists.
+    /// Number of history events retained for watches and paginated lists, at least.
     pub history: u64,
+    /// Events younger than this many seconds are retained too (0: count only) ...
+    pub history_seconds: u64,
+    /// ... up to this many events (disk use is bounded however fast writes come).
+    pub history_max_events: u64,
     /// Commit durability.
     pub durability: Durability,
+}
+
+impl StoreConfig {
+    /// Keeps the last `history` events, whatever their age.
+    pub fn by_count(path: PathBuf, history: u64, durability: Durability) -> StoreConfig {
+        StoreConfig {
+            path,
+            history,
+            history_seconds: 0,
+            history_max_events: history,
+            durability,
+        }
+    }
 }
 
 /// Result of a list.
@@ -168,6 +187,34 @@ pub struct ListPage {
 }
 
 const BROADCAST_CAPACITY: usize = 8192;
+
+/// Which revision was current when: sampled at each compaction check, so the events older than a
+/// time are known without a timestamp per event. Revisions committed since the store opened only;
+/// older ones are all treated as young until the window has passed once.
+#[derive(Debug, Default)]
+struct Marks {
+    samples: VecDeque<(std::time::Instant, i64)>,
+    /// Every event at or below this revision is older than the window.
+    aged: i64,
+}
+
+impl Marks {
+    fn note(&mut self, now: std::time::Instant, rev: i64) {
+        self.samples.push_back((now, rev));
+    }
+
+    /// The highest revision known to be older than `age` at `now` (0 if none).
+    fn older_than(&mut self, now: std::time::Instant, age: std::time::Duration) -> i64 {
+        while let Some(&(at, rev)) = self.samples.front() {
+            if now.saturating_duration_since(at) < age {
+                break;
+            }
+            self.aged = self.aged.max(rev);
+            self.samples.pop_front();
+        }
+        self.aged
+    }
+}
 const COMPACT_EVERY: u64 = 512;
 const MAX_READERS: usize = 8;
 
@@ -197,6 +244,10 @@ pub struct Store {
     rev: AtomicI64,
     compacted: AtomicI64,
     history: i64,
+    history_age: std::time::Duration,
+    history_max: i64,
+    /// Revisions sampled with the time they were current, oldest first, to compact by age.
+    marks: Mutex<Marks>,
     writes: AtomicU64,
     tx: broadcast::Sender<Arc<Event>>,
     _lock: std::fs::File,
@@ -305,6 +356,9 @@ impl Store {
             rev: AtomicI64::new(rev),
             compacted: AtomicI64::new(compacted),
             history: cfg.history.max(1) as i64,
+            history_age: std::time::Duration::from_secs(cfg.history_seconds),
+            history_max: cfg.history_max_events.max(cfg.history.max(1)) as i64,
+            marks: Mutex::new(Marks::default()),
             writes: AtomicU64::new(0),
             tx,
             _lock: lock,
@@ -672,7 +726,7 @@ impl Store {
             .push_back(event.clone());
         self.rev.store(rev, Ordering::SeqCst);
         if self.writes.fetch_add(1, Ordering::Relaxed) % COMPACT_EVERY == COMPACT_EVERY - 1
-            && let Err(e) = self.compact_locked(&mut conn, rev)
+            && let Err(e) = self.compact_locked(&mut conn, rev, std::time::Instant::now())
         {
             tracing::warn!(error = %e, "history compaction failed; will retry");
         }
@@ -724,8 +778,20 @@ impl Store {
         )
     }
 
-    fn compact_locked(&self, conn: &mut Connection, rev: i64) -> Result<(), StoreError> {
-        let keep_from = rev - self.history;
+    /// Drops the events that are neither among the last `history` nor younger than the age
+    /// window, and in any case all but the last `history_max`.
+    fn compact_locked(
+        &self,
+        conn: &mut Connection,
+        rev: i64,
+        now: std::time::Instant,
+    ) -> Result<(), StoreError> {
+        let aged = {
+            let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+            marks.note(now, rev);
+            marks.older_than(now, self.history_age)
+        };
+        let keep_from = (rev - self.history).min(aged).max(rev - self.history_max);
         if keep_from <= self.compacted_rev() {
             return Ok(());
         }
@@ -740,11 +806,16 @@ impl Store {
         Ok(())
     }
 
-    /// Compacts history now, keeping the configured number of events.
+    /// Compacts history now, keeping what the retention settings keep.
     pub fn compact(&self) -> Result<(), StoreError> {
+        self.compact_as_of(std::time::Instant::now())
+    }
+
+    /// Compacts history as if the time were `now` (tests age the history without waiting).
+    pub fn compact_as_of(&self, now: std::time::Instant) -> Result<(), StoreError> {
         let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let rev = self.current_rev();
-        self.compact_locked(&mut conn, rev)
+        self.compact_locked(&mut conn, rev, now)
     }
 
     /// Number of stored objects (all resources).
@@ -772,11 +843,11 @@ mod tests {
     }
 
     fn store_with(dir: &Path, history: u64, durability: Durability) -> Store {
-        Store::open(&StoreConfig {
-            path: dir.join("db.sqlite"),
+        Store::open(&StoreConfig::by_count(
+            dir.join("db.sqlite"),
             history,
             durability,
-        })
+        ))
         .unwrap()
     }
 
@@ -910,11 +981,11 @@ mod tests {
     fn second_open_of_same_dir_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let _s = store(dir.path(), 100);
-        let err = Store::open(&StoreConfig {
-            path: dir.path().join("db.sqlite"),
-            history: 10,
-            durability: Durability::Normal,
-        })
+        let err = Store::open(&StoreConfig::by_count(
+            dir.path().join("db.sqlite"),
+            10,
+            Durability::Normal,
+        ))
         .unwrap_err();
         assert!(matches!(err, StoreError::Locked(..)), "{err}");
     }
@@ -976,6 +1047,60 @@ mod tests {
             s.list("/configmaps", None, None, None, Some(3)),
             Err(StoreError::Compacted { .. })
         ));
+    }
+
+    fn store_kept(dir: &Path, history: u64, seconds: u64, max: u64) -> Store {
+        Store::open(&StoreConfig {
+            path: dir.join("db.sqlite"),
+            history,
+            history_seconds: seconds,
+            history_max_events: max,
+            durability: Durability::Normal,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn young_history_outlives_the_event_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store_kept(dir.path(), 10, 300, 1_000);
+        for i in 0..30 {
+            put(&s, "ns", &format!("o{i}"), i);
+        }
+        // Past the count, but all younger than 300 s: a list paused at revision 3 goes on.
+        let t0 = std::time::Instant::now();
+        s.compact_as_of(t0).unwrap();
+        assert_eq!(s.compacted_rev(), 0);
+        let at3 = s.list("/configmaps", None, None, None, Some(3)).unwrap();
+        assert_eq!(names(&at3), vec!["o0", "o1", "o2"]);
+        assert_eq!(s.events_since(None, 0, 100).unwrap().len(), 30);
+        // Five minutes on, the count rules again.
+        s.compact_as_of(t0 + std::time::Duration::from_secs(301))
+            .unwrap();
+        assert_eq!(s.compacted_rev(), 20);
+        assert!(matches!(
+            s.list("/configmaps", None, None, None, Some(3)),
+            Err(StoreError::Compacted { .. })
+        ));
+        // Writes after the mark are young: kept although past the count.
+        for i in 30..45 {
+            put(&s, "ns", &format!("o{i}"), i);
+        }
+        s.compact_as_of(t0 + std::time::Duration::from_secs(302))
+            .unwrap();
+        assert_eq!(s.compacted_rev(), 30);
+    }
+
+    #[test]
+    fn young_history_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store_kept(dir.path(), 10, 300, 50);
+        for i in 0..120 {
+            put(&s, "ns", &format!("o{i}"), i);
+        }
+        s.compact().unwrap();
+        assert_eq!(s.compacted_rev(), 70);
+        assert_eq!(s.events_since(None, 70, 1_000).unwrap().len(), 50);
     }
 
     #[test]

@@ -52,9 +52,15 @@ pub struct ApiserverArgs {
     /// Largest request body in bytes.
     #[arg(long)]
     max_request_bytes: Option<usize>,
-    /// Changes kept for watch replay.
+    /// Changes kept for watch replay and paginated lists, at least.
     #[arg(long)]
     history_events: Option<u64>,
+    /// Changes younger than this many seconds are kept too (0: by count only).
+    #[arg(long)]
+    history_seconds: Option<u64>,
+    /// Changes kept at most, however young.
+    #[arg(long)]
+    history_max_events: Option<u64>,
     /// fsync every commit (full) or only at checkpoints (normal).
     #[arg(long, value_parser = parse_durability)]
     durability: Option<Durability>,
