@@ -531,8 +531,8 @@ fn per_fsync(before: (f64, f64), after: (f64, f64)) -> String {
     )
 }
 
-/// Median seconds of `kubectl ARGS` (3 runs) and the lines it printed; `None` without kubectl.
-fn kubectl(kubeconfig: &Path, args: &[&str]) -> Option<(f64, usize)> {
+/// Median seconds of `kubectl ARGS` (3 runs) and the lines it printed, or why it could not run.
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<(f64, usize), String> {
     let mut times = Vec::new();
     let mut lines = 0;
     for _ in 0..3 {
@@ -542,19 +542,16 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Option<(f64, usize)> {
             .arg(kubeconfig)
             .args(args)
             .output()
-            .ok()?;
+            .map_err(|e| format!("kubectl not found ({e})"))?;
         if !out.status.success() {
-            eprintln!(
-                "kubectl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return None;
+            let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            eprintln!("kubectl {}: {why}", args.join(" "));
+            return Err(format!("failed: {}", why.lines().last().unwrap_or("")));
         }
         times.push(t.elapsed().as_secs_f64());
         lines = out.stdout.iter().filter(|b| **b == b'\n').count();
     }
-    Some((pct(&mut times, 0.5), lines))
+    Ok((pct(&mut times, 0.5), lines))
 }
 
 struct Table(Vec<(String, String)>);
@@ -1087,27 +1084,19 @@ async fn main() -> Result<()> {
     }
 
     // 5. Reading it back at that size.
-    match (
-        kubectl(&kc, &["get", "nodes"]),
-        kubectl(&kc, &["get", "pods", "-A"]),
-    ) {
-        (Some((n, nl)), Some((p, pl))) => t.row(
-            "kubectl get nodes / get pods -A (median of 3; lines)",
-            format!("{:.2} s ({nl}) / {:.2} s ({pl})", n, p),
-        ),
-        _ => t.row(
-            "kubectl get nodes / get pods -A",
-            "kubectl not found or failed".into(),
-        ),
-    }
     // kubectl lists in pages of 500 and throttles itself to 5 requests a second after a
     // burst of 10 (client-go's defaults, whatever the server): at 50,000 pods that wait is
     // most of `get pods -A`. One page is the server's whole cost.
-    if let Some((p, pl)) = kubectl(&kc, &["get", "pods", "-A", "--chunk-size=0"]) {
-        t.row(
-            "kubectl get pods -A --chunk-size=0 (one page; median of 3; lines)",
-            format!("{p:.2} s ({pl})"),
-        );
+    for args in [
+        &["get", "nodes"][..],
+        &["get", "pods", "-A"],
+        &["get", "pods", "-A", "--chunk-size=0"],
+    ] {
+        let value = match kubectl(&kc, args) {
+            Ok((secs, lines)) => format!("{secs:.2} s ({lines} lines)"),
+            Err(why) => why,
+        };
+        t.row(&format!("kubectl {} (median of 3)", args.join(" ")), value);
     }
     t.row(
         "API server SQLite",
