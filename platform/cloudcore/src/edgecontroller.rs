@@ -132,6 +132,11 @@ pub struct Cache {
     /// This core's claims on nodes and its hub, once started: every node Lease the informer
     /// sees is checked against them (see [`crate::ownership`]).
     pub served: Arc<std::sync::OnceLock<(Arc<Ownership>, Arc<Hub>)>>,
+    /// Set once every store above holds its first list (`Some(false)`: a watch failed for
+    /// good). Upstream reports and heartbeat writes wait for it: the checks they make against the
+    /// cache (is this pod still the one reported on, is the stored Lease recent enough) are
+    /// wrong against a cache still filling after a restart.
+    filled: Arc<tokio::sync::watch::Sender<Option<bool>>>,
 }
 
 /// Where a device is and which version of its spec the nodes get: the resourceVersion at its
@@ -480,31 +485,48 @@ impl Cache {
             },
         );
         tasks.push(t);
-        (
-            Cache {
-                pods,
-                configmaps,
-                secrets,
-                services,
-                nodes,
-                leases,
-                devices,
-                device_models,
-                device_specs,
-                pods_by_node,
-                dirty,
-                changed,
-                scheduling: Arc::default(),
-                heartbeats: Arc::default(),
-                events: Arc::default(),
-                served,
-            },
-            tasks,
-        )
+        let cache = Cache {
+            pods,
+            configmaps,
+            secrets,
+            services,
+            nodes,
+            leases,
+            devices,
+            device_models,
+            device_specs,
+            pods_by_node,
+            dirty,
+            changed,
+            scheduling: Arc::default(),
+            heartbeats: Arc::default(),
+            events: Arc::default(),
+            served,
+            filled: Arc::default(),
+        };
+        let c = cache.clone();
+        tasks.push(tokio::spawn(async move {
+            let ok = c.fill().await;
+            c.filled.send_replace(Some(ok));
+        }));
+        (cache, tasks)
     }
 
     /// Waits until every store holds its first list; false if a watch failed for good.
     pub async fn ready(&self) -> bool {
+        let mut filled = self.filled.subscribe();
+        match filled.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether every store holds its first list now.
+    pub fn is_ready(&self) -> bool {
+        *self.filled.borrow() == Some(true)
+    }
+
+    async fn fill(&self) -> bool {
         // Short attempts: a `wait_until_ready` future made before the stores fill sometimes
         // misses its wake-up (kube-runtime 5), while a fresh one resolves at once.
         for attempt in 1u64.. {
@@ -1039,6 +1061,12 @@ impl Upstream {
             }
             return Ok(None);
         }
+        // After a restart the reports wait for the cache (the node hears nothing until then,
+        // and its outbox keeps them): a pod's status checked against a cache not yet filled
+        // would be taken for a report about a deleted pod and dropped.
+        if !self.cache.is_ready() && !self.cache.ready().await {
+            return Err("the cloud core's informer cache failed".into());
+        }
         let _urgent = self.cache.heartbeats.urgent();
         let Ok(_turn) = self.in_flight.acquire().await else {
             return Err("the cloud core is stopping".into());
@@ -1084,6 +1112,12 @@ impl Upstream {
     /// from each in turn, at most [`Upstream::background_writers`] at a time, until aborted (the
     /// writes in flight go with it).
     pub async fn write_background(self: Arc<Self>) {
+        // Until the cache is filled the stored Leases and statuses are unknown, so every
+        // heartbeat would be written; held meanwhile, only the newest per node waits, and then
+        // only what is due goes out.
+        if !self.cache.ready().await {
+            return;
+        }
         let mut writing = tokio::task::JoinSet::new();
         let mut events_first = false;
         loop {
@@ -1407,6 +1441,52 @@ mod tests {
         assert_eq!(background_writers(3, Some(late)), full, "a late one goes");
     }
 
+    /// After a restart a pod's status report that comes before the informer cache is filled
+    /// waits for it: against the empty cache it would be taken for a report about a deleted pod
+    /// and dropped (acknowledged, and lost).
+    #[tokio::test]
+    async fn reports_wait_for_the_cache_to_fill() {
+        let mut cache = cache_with(vec![], vec![]);
+        cache.filled = Arc::new(tokio::sync::watch::Sender::new(None));
+        let cfg = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let up = Arc::new(Upstream::new(
+            kube::Client::try_from(cfg).unwrap(),
+            cache.clone(),
+            HashMap::new(),
+            Default::default(),
+            Duration::from_secs(40),
+        ));
+        let report = Message::new(
+            group::CLOUD,
+            op::UPDATE,
+            "default/podstatus/p",
+            serde_json::to_vec(&json!({"uid": "u1", "status": {"phase": "Running"}})).unwrap(),
+        );
+        let waiting = tokio::spawn({
+            let up = up.clone();
+            async move {
+                up.handle(Incoming {
+                    node: "n1".into(),
+                    message: report,
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "handled before the cache filled");
+        assert!(!cache.is_ready());
+        cache.filled.send_replace(Some(true));
+        let handled = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("handled once the cache filled")
+            .unwrap();
+        // Filled without that pod, it is a report about a pod that is gone.
+        assert!(matches!(handled, Ok(None)), "{handled:?}");
+        // A cache whose watch failed for good refuses reports, so the node sends them again.
+        cache.filled.send_replace(Some(false));
+        assert!(!cache.ready().await);
+    }
+
     /// A cache holding `devices` and `models` (the other stores empty).
     fn cache_with(devices: Vec<Device>, models: Vec<DeviceModel>) -> Cache {
         fn filled<K>(items: Vec<K>) -> Store<K>
@@ -1436,6 +1516,7 @@ mod tests {
             heartbeats: Arc::default(),
             events: Arc::default(),
             served: Arc::default(),
+            filled: Arc::new(tokio::sync::watch::Sender::new(Some(true))),
         }
     }
 
