@@ -896,7 +896,7 @@ async fn resource(
                 let meta = ops::list_meta(&listed);
                 json_response(
                     StatusCode::OK,
-                    &table::render(&rt, &listed.items, meta, include, true),
+                    &table::render(&rt, listed.items, meta, include, true),
                 )
             } else if partial_requested(headers) {
                 let items: Vec<Value> = listed.items.iter().map(partial).collect();

@@ -261,7 +261,7 @@ impl Watcher {
                 self.sent_header = true;
                 table::render(
                     &self.req.rt,
-                    &[obj],
+                    vec![obj],
                     json!({"resourceVersion": rv}),
                     include,
                     headers,

@@ -148,7 +148,7 @@ pub(super) fn present_one(
         let rv = obj["metadata"]["resourceVersion"].clone();
         return Ok(table::render(
             rt,
-            &[obj],
+            vec![obj],
             json!({"resourceVersion": rv}),
             include,
             true,
