@@ -709,9 +709,7 @@ impl JoinRecords for ApiRecords {
                 Err(e) => return Err(unavailable(e)),
             }
         }
-        Err(TokenError::Unavailable(format!(
-            "token {id} is being used by many joins at once; try again"
-        )))
+        Err(TokenError::busy(id))
     }
 }
 

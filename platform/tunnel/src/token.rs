@@ -87,6 +87,13 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// Every attempt to count a use lost to another join counting one at the same time.
+    pub fn busy(id: &str) -> TokenError {
+        TokenError::Unavailable(format!(
+            "token {id} is being used by many joins at once; try again"
+        ))
+    }
+
     /// Whether the refusal is about the node name (a conflict) rather than the token.
     pub fn is_conflict(&self) -> bool {
         matches!(
@@ -789,9 +796,7 @@ impl JoinRecords for SqliteRecords {
                 return Ok(Some(t));
             }
         }
-        Err(TokenError::Unavailable(format!(
-            "token {id} is being used by many joins at once; try again"
-        )))
+        Err(TokenError::busy(id))
     }
 }
 
