@@ -379,6 +379,10 @@ impl CloudCore {
             sedge_tunnel::hub::HubOptions {
                 handler: Some(upstream.clone().handler()),
                 owner_of: Some(owner_of),
+                owners_known: Some({
+                    let cache = cache.clone();
+                    Arc::new(move || cache.is_ready())
+                }),
                 join_records,
             },
         )

@@ -43,6 +43,10 @@ use crate::token::{TokenError, TokenStore};
 /// that knows pods and devices; the channel itself knows neither.
 pub type OwnerLookup = Arc<dyn Fn(&str, &str, &str) -> Option<String> + Send + Sync>;
 
+/// Whether an [`OwnerLookup`] knows every object yet (a cloud core filling its cache after a
+/// start does not): until it does, "no such object is bound to it" may be wrong.
+pub type OwnersKnown = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Kinds that name a node directly.
 const NODE_KINDS: &[&str] = &["node", "nodestatus", "nodepatch", "lease"];
 
@@ -140,6 +144,7 @@ struct Inner {
     events: broadcast::Sender<LinkEvent>,
     handler: Handler,
     owner_of: Option<OwnerLookup>,
+    owners_known: Option<OwnersKnown>,
     requests: Requests,
     counters: Counters,
     next_session: AtomicU64,
@@ -170,6 +175,9 @@ pub struct HubOptions {
     pub handler: Option<Handler>,
     /// Object ownership, for authorising what nodes send.
     pub owner_of: Option<OwnerLookup>,
+    /// Whether `owner_of` knows every object yet; a message it cannot place before then gets
+    /// an `error` reply (the node retries) instead of a refusal (the node drops it).
+    pub owners_known: Option<OwnersKnown>,
     /// Where join tokens and certificate records are kept (default: the hub's database,
     /// `data_dir/hub.db`); cloud cores sharing a cluster share one store.
     pub join_records: Option<Arc<dyn crate::token::JoinRecords>>,
@@ -260,6 +268,7 @@ impl Hub {
             events: broadcast::channel(4096).0,
             handler,
             owner_of: opts.owner_of,
+            owners_known: opts.owners_known,
             requests: Requests::default(),
             counters: Counters::default(),
             next_session: AtomicU64::new(1),

@@ -453,3 +453,42 @@ async fn a_crowd_connecting_at_once_waits_for_handshake_slots_instead_of_being_s
     }
     hub.shutdown().await;
 }
+
+/// Before the cloud knows every object's owner (its cache filling after a restart), a report it
+/// cannot place is answered "try again", stays in the node's outbox and is not counted refused;
+/// once the owners are known the same report is refused for good.
+#[tokio::test]
+async fn a_report_the_hub_cannot_place_yet_is_retried_not_refused() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let known = Arc::new(AtomicBool::new(false));
+    let k = known.clone();
+    let (hub, inbox) = start_hub_with(
+        hub_config(dir.path()),
+        Some(Arc::new(move || k.load(Ordering::SeqCst))),
+    )
+    .await;
+    let cfg = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+    sedge_tunnel::join(&cfg, &token(&hub)).await.unwrap();
+    let (edge, _store) = start_edge(cfg).await;
+    let unplaced = Message::new("resource", op::UPDATE, "default/podstatus/db", "{}");
+    edge.send(unplaced, Policy::LatestWins).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(hub.counters().get("refused"), 0);
+    assert_eq!(edge.outbox_len().await.unwrap(), 1, "kept for another try");
+    known.store(true, Ordering::SeqCst);
+    wait_for("refused once the owners are known", 15, || {
+        hub.counters().get("refused") >= 1
+    })
+    .await;
+    wait_async("outbox drained", 10, || async {
+        edge.outbox_len().await.unwrap() == 0
+    })
+    .await;
+    assert!(
+        inbox.lock().unwrap().is_empty(),
+        "never handed to the handler"
+    );
+}

@@ -188,6 +188,13 @@ pub(super) async fn run_session(
                     continue;
                 }
                 if let Err(why) = authorize(&node, &m, inner.owner_of.as_ref()) {
+                    // Before the owners are known (the cloud core's cache still filling after
+                    // a restart) a pod the node runs can look unbound: the node is told to try
+                    // again, not refused for good (a refused report is dropped from its outbox).
+                    if inner.owners_known.as_ref().is_some_and(|known| !known()) {
+                        let _ = link.tx.send(m.reply(op::ERROR, format!("not yet: {why}")).encode()).await;
+                        continue;
+                    }
                     Counters::inc(&inner.counters.refused);
                     tracing::warn!(%node, resource = %m.route.resource, operation = %m.route.operation, reason = %why, "message refused");
                     let r = m.reply(op::REFUSED, why);

@@ -72,6 +72,14 @@ pub type Inbox = Arc<Mutex<Vec<Incoming>>>;
 /// A hub whose handler records messages and answers queries with `pong:<content>`; pods named
 /// `web*` in `default` belong to edge-1.
 pub async fn start_hub(cfg: HubConfig) -> (Hub, Inbox) {
+    start_hub_with(cfg, None).await
+}
+
+/// [`start_hub`], with `owners_known` telling the hub whether its owner lookup is complete.
+pub async fn start_hub_with(
+    cfg: HubConfig,
+    owners_known: Option<sedge_tunnel::hub::OwnersKnown>,
+) -> (Hub, Inbox) {
     let inbox: Inbox = Arc::default();
     let seen = inbox.clone();
     let handler = sedge_tunnel::handler(move |i: Incoming| {
@@ -96,6 +104,7 @@ pub async fn start_hub(cfg: HubConfig) -> (Hub, Inbox) {
         HubOptions {
             handler: Some(handler),
             owner_of: Some(owners),
+            owners_known,
             ..Default::default()
         },
     )
