@@ -857,6 +857,7 @@ async fn resource(
                 bookmark_interval: app.bookmark_interval,
                 timeout,
                 table: table_requested(headers, params)?,
+                partial: partial_requested(headers),
                 slow_grace: app.slow_watch_grace,
             };
             let user = identity
@@ -899,12 +900,18 @@ async fn resource(
                     &table::render(&rt, listed.items, meta, include, true),
                 )
             } else if partial_requested(headers) {
-                let items: Vec<Value> = listed.items.iter().map(partial).collect();
                 let meta = ops::list_meta(&listed);
-                json_response(
-                    StatusCode::OK,
-                    &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "items": items}),
-                )
+                let items: Vec<Value> = listed
+                    .items
+                    .into_iter()
+                    .map(ops::partial_metadata)
+                    .collect();
+                let mut body = serde_json::Map::with_capacity(4);
+                body.insert("kind".into(), json!("PartialObjectMetadataList"));
+                body.insert("apiVersion".into(), json!("meta.k8s.io/v1"));
+                body.insert("metadata".into(), meta);
+                body.insert("items".into(), Value::Array(items));
+                json_response(StatusCode::OK, &Value::Object(body))
             } else {
                 json_response(StatusCode::OK, &ops::list_body(&rt, &version, listed))
             }

@@ -308,6 +308,15 @@ pub fn present(rt: &ResourceType, version: &str, mut obj: Value) -> Value {
     obj
 }
 
+/// `obj` as a `PartialObjectMetadata` (`Accept: ...;as=PartialObjectMetadata`): its metadata only.
+pub fn partial_metadata(mut obj: Value) -> Value {
+    let metadata = obj
+        .as_object_mut()
+        .and_then(|m| m.remove("metadata"))
+        .unwrap_or(Value::Null);
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": metadata})
+}
+
 fn excerpt(body: &Value) -> String {
     let s = body.to_string();
     if s.len() > 120 {

@@ -54,12 +54,17 @@ pub struct WatchRequest {
     pub timeout: Duration,
     /// Render objects as Table rows (`kubectl get -w`).
     pub table: Option<IncludeObject>,
+    /// Send each object's metadata only (`as=PartialObjectMetadata`), as a controller that
+    /// only follows owner references asks.
+    pub partial: bool,
     /// How long a watcher at its byte budget waits for the client to read before it is closed.
     pub slow_grace: Duration,
 }
 
 /// Events read from the history at a time (a lagging watcher holds at most one batch).
 const REPLAY_BATCH: usize = 256;
+/// Objects of the initial state read from the store at a time.
+const INITIAL_PAGE: usize = 1000;
 const CHANNEL_BOUND: usize = 256;
 
 /// Bytes one watcher may have queued for its client, and all watchers together. A watcher at
@@ -251,8 +256,11 @@ impl std::fmt::Display for Stop {
 }
 
 impl Watcher {
-    fn present(&mut self, obj: &Value) -> Value {
-        let obj = ops::present(&self.req.rt, &self.req.version, obj.clone());
+    fn present(&mut self, obj: Value) -> Value {
+        let obj = ops::present(&self.req.rt, &self.req.version, obj);
+        if self.req.partial {
+            return ops::partial_metadata(obj);
+        }
         match self.req.table {
             None => obj,
             Some(include) => {
@@ -330,18 +338,21 @@ impl Watcher {
         self.queue(&[Bytes::from(line)]).await
     }
 
-    async fn send_event(&mut self, kind: &str, obj: &Value) -> Result<(), Stop> {
+    /// Sends `obj` as an event of `kind`, presented for this watcher (it is not copied again:
+    /// `json!` would, and the initial events of a 100,000-pod list are all sent this way).
+    async fn send_event(&mut self, kind: &str, obj: Value) -> Result<(), Stop> {
         self.before_encoding().await?;
-        let object = self.present(obj);
-        self.encode_and_queue(json!({"type": kind, "object": object}))
-            .await
+        let mut event = serde_json::Map::with_capacity(2);
+        event.insert("type".into(), Value::String(kind.into()));
+        event.insert("object".into(), self.present(obj));
+        self.encode_and_queue(Value::Object(event)).await
     }
 
     /// A change from the store: its object is encoded once for every watcher presenting it in
     /// the same version (a table watcher renders its own rows).
     async fn send_change(&mut self, kind: &str, ev: &Event) -> Result<(), Stop> {
-        if self.req.table.is_some() {
-            return self.send_event(kind, &ev.object).await;
+        if self.req.table.is_some() || self.req.partial {
+            return self.send_event(kind, (*ev.object).clone()).await;
         }
         self.before_encoding().await?;
         let encoded = match ev.encoded.get() {
@@ -427,38 +438,50 @@ impl Watcher {
         }
     }
 
+    /// Reads one page of the initial state on the blocking pool.
+    fn list_page(&self, opts: ListOpts) -> tokio::task::JoinHandle<ApiResult<ops::Listed>> {
+        let core = self.core.clone();
+        let rt = self.req.rt.clone();
+        let version = self.req.version.clone();
+        let ns = self.req.namespace.clone();
+        tokio::task::spawn_blocking(move || ops::list(&core, &rt, &version, ns.as_deref(), &opts))
+    }
+
     async fn run(&mut self, mut rx: broadcast::Receiver<Arc<Event>>) -> Result<(), Stop> {
         let initial =
             self.req.send_initial_events || self.req.resource_version.is_none_or(|rv| rv == 0);
         let mut last = if initial {
-            let core = self.core.clone();
-            let rt = self.req.rt.clone();
-            let version = self.req.version.clone();
-            let ns = self.req.namespace.clone();
+            // The initial state in pages at one revision, the next page read while this one is
+            // sent: the client parses while the store reads, and memory holds two pages, not
+            // every object (a reflector's streaming list of 100,000 pods).
             let mut opts = self.req.opts.clone();
-            opts.limit = None;
+            opts.limit = Some(INITIAL_PAGE);
             opts.continue_token = None;
             opts.resource_version = None;
-            let listed = tokio::task::spawn_blocking(move || {
-                ops::list(&core, &rt, &version, ns.as_deref(), &opts)
-            })
-            .await
-            .map_err(|_| Stop::ClientGone)?;
-            let listed = match listed {
-                Ok(l) => l,
-                Err(e) => {
-                    self.send(json!({"type": "ERROR", "object": e.status()}))
-                        .await?;
-                    return Ok(());
+            let mut next = Some(self.list_page(opts.clone()));
+            let mut rev = 0;
+            while let Some(page) = next.take() {
+                let listed = match page.await.map_err(|_| Stop::ClientGone)? {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.send(json!({"type": "ERROR", "object": e.status()}))
+                            .await?;
+                        return Ok(());
+                    }
+                };
+                rev = listed.rev;
+                if let Some(token) = listed.continue_token {
+                    opts.continue_token = Some(token);
+                    next = Some(self.list_page(opts.clone()));
                 }
-            };
-            for obj in &listed.items {
-                self.send_event("ADDED", obj).await?;
+                for obj in listed.items {
+                    self.send_event("ADDED", obj).await?;
+                }
             }
             if self.req.send_initial_events {
-                self.bookmark(listed.rev, true).await?;
+                self.bookmark(rev, true).await?;
             }
-            listed.rev
+            rev
         } else {
             self.req.resource_version.unwrap_or(0)
         };

@@ -412,6 +412,109 @@ async fn watch_from_a_version_has_no_gaps_and_sends_bookmarks() {
     assert!(bookmark);
 }
 
+/// A streaming list (`sendInitialEvents`, what the cloud core's informers use) sends the
+/// initial state read in pages at one revision: every object once, then the bookmark that ends
+/// it, then live changes. A metadata watch (`as=PartialObjectMetadata`) carries metadata only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_list_sends_every_object_once_and_metadata_watches_carry_metadata_only() {
+    let s = start().await;
+    let client = s.client().await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    // More than two of the server's pages of 1,000.
+    let n = 2_050;
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &cm(&format!("s{i:05}"), &[]))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let mut stream = api
+        .watch(&WatchParams::streaming_lists().timeout(30), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let mut initial = Vec::new();
+    let end_rv = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), stream.try_next())
+            .await
+            .expect("the initial state in time")
+            .unwrap()
+            .expect("the stream ended before the initial state did");
+        match ev {
+            WatchEvent::Added(c) => initial.push(c.name_any()),
+            WatchEvent::Bookmark(b)
+                if b.metadata.annotations.get("k8s.io/initial-events-end")
+                    == Some(&"true".to_string()) =>
+            {
+                break b.metadata.resource_version;
+            }
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?} in the initial state"),
+        }
+    };
+    let want: Vec<String> = (0..n).map(|i| format!("s{i:05}")).collect();
+    assert_eq!(initial, want, "every object once, in order");
+    api.create(&PostParams::default(), &cm("live", &[]))
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+            .await
+            .expect("the live change in time")
+            .unwrap()
+            .expect("the stream ended")
+        {
+            WatchEvent::Added(c) => {
+                assert_eq!(c.name_any(), "live");
+                break;
+            }
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?} after the initial state"),
+        }
+    }
+
+    // Metadata only, from the end of the initial state: the change to `s00007`.
+    api.patch(
+        "s00007",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"seen": "yes"}}, "data": {"secret": "x"}})),
+    )
+    .await
+    .unwrap();
+    let req = http::Request::builder()
+        .uri(format!(
+            "/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=1&resourceVersion={end_rv}"
+        ))
+        .header(
+            "accept",
+            "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1",
+        )
+        .body(Vec::new())
+        .unwrap();
+    let text = client.request_text(req).await.unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["type"] != "BOOKMARK")
+        .collect();
+    assert_eq!(events.len(), 2, "the live create and the patch: {text}");
+    let patched = &events[1];
+    assert_eq!(patched["type"], "MODIFIED");
+    assert_eq!(patched["object"]["kind"], "PartialObjectMetadata");
+    assert_eq!(patched["object"]["metadata"]["name"], "s00007");
+    assert_eq!(patched["object"]["metadata"]["labels"]["seen"], "yes");
+    assert!(
+        patched["object"].get("data").is_none(),
+        "a metadata watch carries no data: {patched}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compacted_versions_are_gone() {
     let s = start_with(|c| {

@@ -23,6 +23,7 @@ pub mod heartbeats;
 pub mod joinrecords;
 pub mod leader;
 pub mod lifecycle;
+pub mod lists;
 pub mod ownership;
 pub use sedge_api::quantity;
 pub mod scheduler;
@@ -354,6 +355,7 @@ impl CloudCore {
                 )));
             }
         }
+        lists::probe(&client).await;
         let (cache, mut tasks) = Cache::start(client.clone());
         let owner_of: sedge_tunnel::hub::OwnerLookup = {
             let base = cache.owner_lookup();

@@ -52,7 +52,7 @@ fn effect_name(e: TaintEffect) -> &'static str {
 pub async fn revoke_deleted_nodes(client: kube::Client, hub: std::sync::Arc<sedge_tunnel::Hub>) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
-    let stream = watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff();
+    let stream = watcher(Api::<Node>::all(client), crate::lists::config()).default_backoff();
     futures::pin_mut!(stream);
     // Names recorded as seen by this process (each is written once), and the list in progress.
     let mut recorded = std::collections::HashSet::new();

@@ -800,3 +800,43 @@ async fn two_cloud_processes_survive_kill_9_of_the_leader() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(connected(), Some(0), "a revoked node connected again");
 }
+
+/// The embedded API server streams a watch's initial state, so a cloud core against it takes
+/// its informers' first lists as streaming watches (`lists::probe`), and a reflector configured
+/// that way fills with every object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn informers_list_by_streaming_watch_against_the_embedded_server() {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, client) = common::apiserver(&dir.path().join("apiserver")).await;
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), "default");
+    for i in 0..30 {
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": format!("c{i}")}})).unwrap();
+        cms.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    assert!(sedge_cloudcore::lists::probe(&client).await);
+    let config = sedge_cloudcore::lists::config();
+    assert_eq!(
+        config.initial_list_strategy,
+        watcher::InitialListStrategy::StreamingList
+    );
+    let (store, writer) = reflector::store::<ConfigMap>();
+    let stream = reflector::reflector(writer, watcher(cms, config).default_backoff());
+    let task = tokio::spawn(stream.for_each(|_| async {}));
+    tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready())
+        .await
+        .expect("the store filled in time")
+        .unwrap();
+    let mut names: Vec<String> = store
+        .state()
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (0..30).map(|i| format!("c{i}")).collect();
+    want.sort();
+    assert_eq!(names, want);
+    task.abort();
+}

@@ -34,10 +34,6 @@ pub(super) fn partial_requested(headers: &HeaderMap) -> bool {
         .any(|p| p.contains("as=PartialObjectMetadata"))
 }
 
-pub(super) fn partial(obj: &Value) -> Value {
-    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]})
-}
-
 pub(super) fn check_acceptable(headers: &HeaderMap) -> ApiResult<()> {
     let a = accept(headers);
     if a.is_empty() {
@@ -155,7 +151,7 @@ pub(super) fn present_one(
         ));
     }
     if partial_requested(headers) {
-        return Ok(partial(&obj));
+        return Ok(ops::partial_metadata(obj));
     }
     Ok(obj)
 }

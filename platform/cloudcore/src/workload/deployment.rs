@@ -26,7 +26,6 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -58,8 +57,8 @@ struct Ctx {
 pub async fn run(client: kube::Client) {
     let deployments = Api::<Deployment>::all(client.clone());
     let sets = Api::<ReplicaSet>::all(client.clone());
-    Controller::new(deployments, watcher::Config::default())
-        .owns(sets, watcher::Config::default())
+    Controller::new(deployments, crate::lists::config())
+        .owns(sets, crate::lists::config())
         .run(
             reconcile,
             |_, e, _| requeue_after_error("Deployment", e),
