@@ -906,12 +906,15 @@ async fn resource(
                     .into_iter()
                     .map(ops::partial_metadata)
                     .collect();
-                let mut body = serde_json::Map::with_capacity(4);
-                body.insert("kind".into(), json!("PartialObjectMetadataList"));
-                body.insert("apiVersion".into(), json!("meta.k8s.io/v1"));
-                body.insert("metadata".into(), meta);
-                body.insert("items".into(), Value::Array(items));
-                json_response(StatusCode::OK, &Value::Object(body))
+                json_response(
+                    StatusCode::OK,
+                    &ops::object([
+                        ("kind", json!("PartialObjectMetadataList")),
+                        ("apiVersion", json!("meta.k8s.io/v1")),
+                        ("metadata", meta),
+                        ("items", Value::Array(items)),
+                    ]),
+                )
             } else {
                 json_response(StatusCode::OK, &ops::list_body(&rt, &version, listed))
             }
@@ -1085,7 +1088,12 @@ async fn resource(
             .await?;
             json_response(
                 StatusCode::OK,
-                &json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(&version), "metadata": {}, "items": deleted}),
+                &ops::object([
+                    ("kind", json!(format!("{}List", rt.kind))),
+                    ("apiVersion", json!(rt.api_version(&version))),
+                    ("metadata", json!({})),
+                    ("items", Value::Array(deleted)),
+                ]),
             )
         }
         (m, _) => {

@@ -308,13 +308,29 @@ pub fn present(rt: &ResourceType, version: &str, mut obj: Value) -> Value {
     obj
 }
 
+/// A JSON object of `fields`, moved in. `json!` serializes each value it is given by
+/// reference, so `json!({"items": items})` copies every item: at 100,000 pods that copy was a
+/// third of the API server's time in a list. Response bodies that carry objects use this.
+pub fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::Object(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
 /// `obj` as a `PartialObjectMetadata` (`Accept: ...;as=PartialObjectMetadata`): its metadata only.
 pub fn partial_metadata(mut obj: Value) -> Value {
     let metadata = obj
         .as_object_mut()
         .and_then(|m| m.remove("metadata"))
         .unwrap_or(Value::Null);
-    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": metadata})
+    object([
+        ("kind", json!("PartialObjectMetadata")),
+        ("apiVersion", json!("meta.k8s.io/v1")),
+        ("metadata", metadata),
+    ])
 }
 
 fn excerpt(body: &Value) -> String {

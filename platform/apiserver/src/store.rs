@@ -187,6 +187,8 @@ pub struct ListPage {
 }
 
 const BROADCAST_CAPACITY: usize = 8192;
+const COMPACT_EVERY: u64 = 512;
+const MAX_READERS: usize = 8;
 
 /// Which revision was current when: sampled at each compaction check, so the events older than a
 /// time are known without a timestamp per event. Revisions committed since the store opened only;
@@ -215,8 +217,6 @@ impl Marks {
         self.aged
     }
 }
-const COMPACT_EVERY: u64 = 512;
-const MAX_READERS: usize = 8;
 
 /// Group commit state: what has been committed but is not yet known to be on disk.
 #[derive(Debug)]

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
+use crate::ops;
 use crate::registry::ResourceType;
 
 /// What each row carries besides its cells (`includeObject`).
@@ -793,18 +794,16 @@ fn cells(rt: &ResourceType, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
 
 /// What a row carries besides its cells; takes the object apart rather than copying it (a list
 /// of 100,000 pods copied each pod's metadata here).
-fn row_object(mut o: Value, include: IncludeObject) -> Option<Value> {
+fn row_object(o: Value, include: IncludeObject) -> Option<Value> {
     match include {
         IncludeObject::None => None,
         IncludeObject::Object => Some(o),
         IncludeObject::Metadata => {
-            let mut meta = o["metadata"].take();
-            if let Some(m) = meta.as_object_mut() {
+            let mut partial = ops::partial_metadata(o);
+            if let Some(m) = partial["metadata"].as_object_mut() {
                 m.remove("managedFields");
             }
-            Some(
-                json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": meta}),
-            )
+            Some(partial)
         }
     }
 }
@@ -821,19 +820,19 @@ pub fn render(
     let rows: Vec<Value> = objects
         .into_iter()
         .map(|o| {
-            let mut row = json!({"cells": cells(rt, &o, now)});
-            if let Some(obj) = row_object(o, include) {
-                row["object"] = obj;
+            let cells = Value::Array(cells(rt, &o, now));
+            match row_object(o, include) {
+                Some(obj) => ops::object([("cells", cells), ("object", obj)]),
+                None => ops::object([("cells", cells)]),
             }
-            row
         })
         .collect();
-    let mut table = json!({
-        "kind": "Table",
-        "apiVersion": "meta.k8s.io/v1",
-        "metadata": list_meta,
-        "rows": rows,
-    });
+    let mut table = ops::object([
+        ("kind", json!("Table")),
+        ("apiVersion", json!("meta.k8s.io/v1")),
+        ("metadata", list_meta),
+        ("rows", Value::Array(rows)),
+    ]);
     if headers {
         table["columnDefinitions"] = Value::Array(columns(rt));
     } else {

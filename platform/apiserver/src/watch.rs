@@ -342,10 +342,9 @@ impl Watcher {
     /// `json!` would, and the initial events of a 100,000-pod list are all sent this way).
     async fn send_event(&mut self, kind: &str, obj: Value) -> Result<(), Stop> {
         self.before_encoding().await?;
-        let mut event = serde_json::Map::with_capacity(2);
-        event.insert("type".into(), Value::String(kind.into()));
-        event.insert("object".into(), self.present(obj));
-        self.encode_and_queue(Value::Object(event)).await
+        let object = self.present(obj);
+        self.encode_and_queue(ops::object([("type", json!(kind)), ("object", object)]))
+            .await
     }
 
     /// A change from the store: its object is encoded once for every watcher presenting it in

@@ -81,9 +81,7 @@ pub async fn run(client: kube::Client) {
         future::ready(changed.then_some(()))
     });
     let sets = Api::<DaemonSet>::all(client.clone());
-    // Owner references are all the trigger reads: metadata only (a full pod list of every
-    // pod in the cluster, parsed three times over, slowed a restart at 100,000 pods).
-    let pods = Api::<kube::core::PartialObjectMeta<Pod>>::all(client.clone());
+    let pods = super::pods_for_owners(&client);
     Controller::new(sets, crate::lists::config())
         .owns(pods, crate::lists::config())
         .reconcile_all_on(node_changes)

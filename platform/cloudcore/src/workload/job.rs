@@ -48,9 +48,7 @@ pub fn backoff(failures: i64) -> Duration {
 /// Runs the controller until aborted.
 pub async fn run(client: kube::Client) {
     let jobs = Api::<Job>::all(client.clone());
-    // Owner references are all the trigger reads: metadata only (a full pod list of every
-    // pod in the cluster, parsed three times over, slowed a restart at 100,000 pods).
-    let pods = Api::<kube::core::PartialObjectMeta<Pod>>::all(client.clone());
+    let pods = super::pods_for_owners(&client);
     Controller::new(jobs, crate::lists::config())
         .owns(pods, crate::lists::config())
         .run(
