@@ -258,10 +258,8 @@ impl std::fmt::Display for Stop {
 impl Watcher {
     fn present(&mut self, obj: Value) -> Value {
         let obj = ops::present(&self.req.rt, &self.req.version, obj);
-        if self.req.partial {
-            return ops::partial_metadata(obj);
-        }
         match self.req.table {
+            None if self.req.partial => ops::partial_metadata(obj),
             None => obj,
             Some(include) => {
                 let rv = obj["metadata"]["resourceVersion"].clone();
@@ -350,8 +348,14 @@ impl Watcher {
     /// A change from the store: its object is encoded once for every watcher presenting it in
     /// the same version (a table watcher renders its own rows).
     async fn send_change(&mut self, kind: &str, ev: &Event) -> Result<(), Stop> {
-        if self.req.table.is_some() || self.req.partial {
+        if self.req.table.is_some() {
             return self.send_event(kind, (*ev.object).clone()).await;
+        }
+        if self.req.partial {
+            // Only the metadata goes out: copy that, not the whole object (three controllers
+            // follow every pod this way).
+            let meta = ops::object([("metadata", ev.object["metadata"].clone())]);
+            return self.send_event(kind, meta).await;
         }
         self.before_encoding().await?;
         let encoded = match ev.encoded.get() {
