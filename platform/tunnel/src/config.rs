@@ -78,6 +78,11 @@ pub struct HubConfig {
     pub node_cert_days: u64,
     /// Lifetime of join tokens created without an explicit TTL.
     pub default_token_ttl_hours: u64,
+    /// Joins (`/edge.crt`) answered per second on average, in bursts of up to twice that; the
+    /// rest are refused with 429 and retried by the node. Keeps a flood of join requests from
+    /// exhausting the CA's signing. Raise it to bring up a large fleet at once (20/s joins
+    /// 100,000 nodes in 83 minutes).
+    pub joins_per_second: f64,
 }
 
 impl Default for HubConfig {
@@ -100,6 +105,7 @@ impl Default for HubConfig {
             max_concurrent_handshakes: 128,
             node_cert_days: 30,
             default_token_ttl_hours: 24,
+            joins_per_second: 20.0,
         }
     }
 }

@@ -202,9 +202,40 @@ fn sans(cfg: &HubConfig, listen: &SocketAddr) -> Vec<String> {
     out
 }
 
+/// The hub's QUIC endpoint settings, the same in every process of the cluster: the key of
+/// its stateless reset tokens and the key that marks its connection IDs as its own, both
+/// derived from the token signing key beside the CA (`<pki_dir>/token.key`).
+///
+/// quinn makes both at random per endpoint by default. Then a hub restarted after a crash (no
+/// CONNECTION_CLOSE sent) drops a node's packets on the old connection as not its own, or
+/// answers with a reset that does not match the token the node holds; the node waits out its
+/// idle timeout (45 s by default) before it dials again. With stable keys the node's next
+/// packet (a keepalive at most) is answered with a reset it trusts and it reconnects at once;
+/// so does a node a load balancer moves to the other core.
+fn quic_endpoint_config(tokens: &TokenStore) -> quinn::EndpointConfig {
+    use ring::hmac;
+    let reset = tokens.derived_key(b"sedge QUIC stateless reset key v1");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(
+        &tokens
+            .derived_key(b"sedge QUIC connection ID key v1")
+            .as_ref()[..8],
+    );
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut ec =
+        quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    ec.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // quinn sends at most one reset per 20 ms (50 a second): 5,000 nodes took 100 s to hear,
+    // most of them timing out first (measured). A reset is smaller than the packet that
+    // prompts it, so it amplifies nothing; 4,000 a second is cheap (an HMAC and a send each).
+    ec.min_reset_interval(Duration::from_micros(250));
+    ec
+}
+
 impl Hub {
     /// Starts the hub: loads or creates the CA, opens the database, binds the ports.
     pub async fn start(cfg: HubConfig, opts: HubOptions) -> Result<Hub, TunnelError> {
+        let join_rate = check_rate(cfg.joins_per_second)?;
         let mkdir = |d: &std::path::Path| {
             std::fs::create_dir_all(d)
                 .map_err(|e| TunnelError::Config(format!("{}: {e}", d.display())))
@@ -258,7 +289,7 @@ impl Hub {
             cfg: cfg.clone(),
             ca,
             node_ca,
-            join_gate: Mutex::new(JoinGate::new()),
+            join_gate: Mutex::new(JoinGate::new(join_rate)),
             ca_hash,
             tokens,
             records,
@@ -302,8 +333,15 @@ impl Hub {
             let quic_listen: SocketAddr = cfg.listen_quic.parse().map_err(|e| {
                 TunnelError::Config(format!("listen_quic {:?}: {e}", cfg.listen_quic))
             })?;
-            let ep = quinn::Endpoint::server(sc, quic_listen)
+            let socket = std::net::UdpSocket::bind(quic_listen)
                 .map_err(|e| TunnelError::Config(format!("listen_quic {quic_listen}: {e}")))?;
+            let ep = quinn::Endpoint::new(
+                quic_endpoint_config(&inner.tokens),
+                Some(sc),
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|e| TunnelError::Config(format!("listen_quic {quic_listen}: {e}")))?;
             let qaddr = ep.local_addr().ok();
             tokio::spawn(accept_quic(inner.clone(), ep.clone(), sem));
             (Some(ep), qaddr)

@@ -238,6 +238,13 @@ impl TokenStore {
         TokenStore::with_records(records, pki_dir, ca_hash)
     }
 
+    /// A key for `purpose` derived from the signing key (HMAC-SHA256 of `purpose`): the same
+    /// in every cloud core of the cluster, and telling nothing of the signing key.
+    pub(crate) fn derived_key(&self, purpose: &[u8]) -> ring::hmac::Tag {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.secret);
+        ring::hmac::sign(&key, purpose)
+    }
+
     /// The store over `records`, with the signing key in `pki_dir`.
     pub fn with_records(
         records: std::sync::Arc<dyn JoinRecords>,

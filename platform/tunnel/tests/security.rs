@@ -480,29 +480,67 @@ async fn node_certificates_come_from_their_own_ca() {
     hub.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_flood_of_join_requests_is_throttled() {
-    let dir = tempfile::tempdir().unwrap();
-    let (hub, _) = start_hub(hub_config(dir.path())).await;
-    let cfg = edge_config(&hub, dir.path(), "edge-1", Transport::Websocket);
+/// `n` joins at once with a well-formed, wrong token: how many the hub refused for the rate.
+async fn joins_throttled(hub: &sedge_tunnel::Hub, dir: &std::path::Path, n: usize) -> usize {
+    let cfg = edge_config(hub, dir, "edge-1", Transport::Websocket);
     // Well-formed enough to reach the hub, and wrong.
     let bad = format!("{}.a.b.c", hub.ca_hash());
-    let mut tries = Vec::new();
-    // 300 at once: more than the burst (40) plus what 20/s refills even on a slow machine.
-    for _ in 0..300 {
-        tries.push(sedge_tunnel::join(&cfg, &bad));
-    }
-    let results = futures::future::join_all(tries).await;
-    let throttled = results
+    let tries = (0..n).map(|_| sedge_tunnel::join(&cfg, &bad));
+    futures::future::join_all(tries)
+        .await
         .iter()
         .filter(|r| {
             r.as_ref()
                 .is_err_and(|e| e.to_string().contains("too many"))
         })
-        .count();
-    assert!(throttled > 0, "{:?}", results.first());
+        .count()
+}
+
+#[tokio::test]
+async fn a_flood_of_join_requests_is_throttled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _) = start_hub(hub_config(dir.path())).await;
+    // 300 at once: more than the burst (40) plus what 20/s refills even on a slow machine.
+    let throttled = joins_throttled(&hub, dir.path(), 300).await;
+    assert!(throttled > 0, "none of 300 throttled");
     assert!(hub.counters().get("joins_throttled") as usize >= throttled);
     hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_join_rate_is_the_operators_and_a_rate_that_would_shut_joins_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // One join a second: a burst of two, then refusals.
+    let mut cfg = hub_config(dir.path());
+    cfg.joins_per_second = 1.0;
+    let (hub, _) = start_hub(cfg).await;
+    let throttled = joins_throttled(&hub, dir.path(), 10).await;
+    // Two from the bucket, and at most a few more refilled while the ten ran.
+    assert!(throttled >= 5, "{throttled} of 10 throttled at 1/s");
+    hub.shutdown().await;
+
+    // A slow rate still admits joins: the first of a hundred seconds' worth.
+    let slow = tempfile::tempdir().unwrap();
+    let mut cfg = hub_config(slow.path());
+    cfg.joins_per_second = 0.01;
+    let (hub, _) = start_hub(cfg).await;
+    assert_eq!(joins_throttled(&hub, slow.path(), 1).await, 0, "at 0.01/s");
+    assert_eq!(joins_throttled(&hub, slow.path(), 1).await, 1, "at 0.01/s");
+    hub.shutdown().await;
+
+    for rate in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = hub_config(d.path());
+        cfg.joins_per_second = rate;
+        let err = sedge_tunnel::Hub::start(cfg, Default::default())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a hub started with joins_per_second {rate}"));
+        assert!(
+            err.to_string().contains("joins_per_second"),
+            "{rate}: {err}"
+        );
+    }
 }
 
 #[tokio::test]

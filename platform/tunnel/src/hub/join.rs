@@ -3,13 +3,11 @@
 
 use super::*;
 
-/// Joins allowed per second on average (bursts up to twice that), and refusal warnings logged
-/// per second at most (the rest are counted in the next warning): a flood of join requests can
-/// neither exhaust the CA's signing nor fill the log.
-pub(super) const JOINS_PER_SECOND: f64 = 20.0;
-
-/// A token bucket and a log limiter for the join endpoint.
+/// A token bucket and a log limiter for the join endpoint: a flood of join requests can
+/// neither exhaust the CA's signing (`HubConfig::joins_per_second` on average, bursts of twice
+/// that) nor fill the log (refusal warnings at most once a second, the rest counted in the next).
 pub(super) struct JoinGate {
+    per_second: f64,
     tokens: f64,
     last: Instant,
     last_warn: Option<Instant>,
@@ -17,21 +15,27 @@ pub(super) struct JoinGate {
 }
 
 impl JoinGate {
-    /// A full bucket: a burst of two seconds' joins.
-    pub(super) fn new() -> JoinGate {
+    /// A full bucket: a burst of two seconds' joins, and at least one (under 0.5/s a bucket of
+    /// two seconds would never hold a whole join). `per_second` must be positive and finite
+    /// ([`check_rate`]).
+    pub(super) fn new(per_second: f64) -> JoinGate {
         JoinGate {
-            tokens: JOINS_PER_SECOND * 2.0,
+            per_second,
+            tokens: Self::burst(per_second),
             last: Instant::now(),
             last_warn: None,
             suppressed: 0,
         }
     }
 
+    fn burst(per_second: f64) -> f64 {
+        (per_second * 2.0).max(1.0)
+    }
+
     fn allow(&mut self) -> bool {
         let now = Instant::now();
-        let burst = JOINS_PER_SECOND * 2.0;
-        self.tokens = (self.tokens
-            + now.duration_since(self.last).as_secs_f64() * JOINS_PER_SECOND)
+        let burst = Self::burst(self.per_second);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second)
             .min(burst);
         self.last = now;
         if self.tokens >= 1.0 {
@@ -54,6 +58,18 @@ impl JoinGate {
         }
         self.last_warn = Some(now);
         Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// `joins_per_second` as the gate needs it: a positive, finite number (at least one join
+/// every 1,000 s, so a typo such as `0.0` does not shut the endpoint for good).
+pub(super) fn check_rate(per_second: f64) -> Result<f64, TunnelError> {
+    if per_second.is_finite() && per_second >= 0.001 {
+        Ok(per_second)
+    } else {
+        Err(TunnelError::Config(format!(
+            "joins_per_second {per_second}: must be a number of at least 0.001"
+        )))
     }
 }
 
@@ -93,7 +109,8 @@ pub(super) async fn sign(
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
-                "too many certificate requests (more than {JOINS_PER_SECOND}/s); retry in a second"
+                "too many certificate requests (more than {}/s); retry in a second",
+                inner.cfg.joins_per_second
             ),
         );
     }
