@@ -69,6 +69,15 @@ struct Args {
     /// Give each pod its node (`spec.nodeName`) instead of letting the scheduler place it.
     #[arg(long)]
     bind: bool,
+    /// The nodes dial the hub over QUIC, one UDP socket on the cloud for all of them, instead of
+    /// WebSocket, a descriptor each: under the 20,000-descriptor limit one cloud process holds
+    /// fewer than 20,000 WebSocket nodes.
+    #[arg(long)]
+    quic: bool,
+    /// Joins the hub answers per second (`hub.joins_per_second`; 20 by default there).
+    /// Raised, a large fleet joins sooner; the joins are kept in `--dir` either way.
+    #[arg(long, default_value_t = 20.0)]
+    join_rate: f64,
     /// The agents' Lease interval (ms; the real default).
     #[arg(long, default_value_t = 10_000)]
     lease_interval_ms: u64,
@@ -127,6 +136,9 @@ struct FleetArgs {
     /// Lease interval (ms).
     #[arg(long, default_value_t = 10_000)]
     lease_interval_ms: u64,
+    /// The hub's QUIC address: dial it instead of the WebSocket.
+    #[arg(long)]
+    quic: Option<String>,
 }
 
 fn node_name(i: usize) -> String {
@@ -138,10 +150,14 @@ const HOLLOW: &str = "sedge.io/hollow=true";
 fn hollow_config(f: &FleetArgs, node: &str) -> Result<sedge_edgecore::config::EdgeCoreConfig> {
     let yaml = format!(
         "metaserver_listen: ''\nmetrics_listen: ''\nnode_ip: 127.0.0.1\nruntime: hollow\n\
-         lease_interval_ms: {}\ntunnel:\n  node_name: {node}\n  cloud: {}\n  data_dir: {}\n",
+         lease_interval_ms: {}\ntunnel:\n  node_name: {node}\n  cloud: {}\n  data_dir: {}\n{}",
         f.lease_interval_ms,
         f.cloud,
-        f.dir.join(node).display()
+        f.dir.join(node).display(),
+        match &f.quic {
+            Some(q) => format!("  transport: quic\n  cloud_quic: {q}\n"),
+            None => String::new(),
+        }
     );
     Ok(serde_yaml::from_str(&yaml)?)
 }
@@ -150,7 +166,7 @@ fn hollow_config(f: &FleetArgs, node: &str) -> Result<sedge_edgecore::config::Ed
 async fn fleet(f: FleetArgs) -> Result<()> {
     let names: Vec<String> = (f.from..f.from + f.count).map(node_name).collect();
     // Each node starts as soon as it has joined, so one node's trouble holds back no other.
-    // The hub admits 20 certificate requests a second: one refused for the rate waits and
+    // The hub admits `--join-rate` certificate requests a second: one refused for the rate waits and
     // retries; one refused for good (a name that joined before but whose identity is gone from
     // `--dir`, a spent token) ends the fleet with the hub's reason.
     let cores = futures::stream::iter(names.iter().cloned())
@@ -183,7 +199,7 @@ async fn fleet(f: FleetArgs) -> Result<()> {
                     .with_context(|| format!("starting {node}"))
             }
         })
-        .buffer_unordered(8)
+        .buffer_unordered(32)
         .try_collect::<Vec<_>>()
         .await?;
     println!("started {}", cores.len());
@@ -199,16 +215,35 @@ struct Cloud {
 }
 
 impl Cloud {
-    fn start(sedge: &Path, dir: &Path, hub: &str, metrics: &str) -> Result<Cloud> {
+    /// `quic`: the hub's UDP address, empty for none.
+    fn start(
+        sedge: &Path,
+        dir: &Path,
+        hub: &str,
+        quic: &str,
+        metrics: &str,
+        join_rate: f64,
+    ) -> Result<Cloud> {
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(dir.join("cloud.log"))?;
         let child = Command::new(sedge)
-            .args(["cloud", "--embedded", "--listen", hub, "--listen-quic", ""])
+            .args([
+                "cloud",
+                "--embedded",
+                "--listen",
+                hub,
+                "--listen-quic",
+                quic,
+            ])
             .arg("--data-dir")
             .arg(dir.join("cloud"))
             .env("SEDGE_CLOUDCORE_METRICS_LISTEN", metrics)
+            .env(
+                "SEDGE_CLOUDCORE_HUB_JOINS_PER_SECOND",
+                join_rate.to_string(),
+            )
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -828,13 +863,19 @@ async fn main() -> Result<()> {
     let limit = Duration::from_secs(a.phase_timeout_s);
     let hub = format!("127.0.0.1:{}", sedge_benchmarks::free_port()?);
     let metrics = format!("127.0.0.1:{}", sedge_benchmarks::free_port()?);
-    let mut cloud = Cloud::start(&a.sedge, &dir, &hub, &metrics)?;
+    let quic = if a.quic {
+        format!("127.0.0.1:{}", sedge_benchmarks::free_port()?)
+    } else {
+        String::new()
+    };
+    let mut cloud = Cloud::start(&a.sedge, &dir, &hub, &quic, &metrics, a.join_rate)?;
     let client = cloud.client(Duration::from_secs(60)).await?;
     let mut t = Table(Vec::new());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "scalemark: {} hollow nodes in {} processes, {} pods each at {}/s, {} CPUs; data in {}",
+        "scalemark: {} hollow nodes over {} in {} processes, {} pods each at {}/s, {} CPUs; data in {}",
         a.nodes,
+        if a.quic { "QUIC" } else { "WebSocket" },
         a.fleets,
         a.pods_per_node,
         a.rate,
@@ -884,6 +925,11 @@ async fn main() -> Result<()> {
                 .arg(a.nodes_dir.clone().unwrap_or_else(|| dir.join("nodes")))
                 .args(["--from", &from.to_string(), "--count", &count.to_string()])
                 .args(["--lease-interval-ms", &a.lease_interval_ms.to_string()])
+                .args(if a.quic {
+                    vec!["--quic", &quic]
+                } else {
+                    vec![]
+                })
                 .env("RUST_LOG", "error")
                 .stdout(Stdio::null())
                 .stderr(
@@ -991,12 +1037,13 @@ async fn main() -> Result<()> {
     t.row(
         "nodes registered: 50% / 100%; all Ready",
         format!(
-            "{half:.1} s / {:.1} s; {} (joins are throttled to 20/s by the hub; Nodes listed every {} s)",
+            "{half:.1} s / {:.1} s; {} (joins throttled to {}/s by the hub; Nodes listed every {} s)",
             marks[3].1.unwrap_or_default().as_secs_f64(),
             match all_ready {
                 Some(d) => format!("{:.1} s", d.as_secs_f64()),
                 None => "not within the phase's limit".into(),
             },
+            a.join_rate,
             every.as_secs()
         ),
     );
@@ -1111,7 +1158,7 @@ async fn main() -> Result<()> {
     cloud.kill();
     let restarted_wall = SystemTime::now();
     let t_restart = Instant::now();
-    cloud = Cloud::start(&a.sedge, &dir, &hub, &metrics)?;
+    cloud = Cloud::start(&a.sedge, &dir, &hub, &quic, &metrics, a.join_rate)?;
     let reconnect_profiler = profile(&a, "reconnect", &[&[cloud.pid()], &pids[..]].concat())?;
     let client = cloud.client(Duration::from_secs(120)).await?;
     let up = t_restart.elapsed();
