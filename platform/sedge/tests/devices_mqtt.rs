@@ -194,11 +194,7 @@ async fn twins_over_the_embedded_broker_with_mosquitto_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twins_over_an_external_mosquitto() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = sedge_testkit::port::free();
     // Debian puts the broker in /usr/sbin, which a user's PATH may lack.
     let program = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()

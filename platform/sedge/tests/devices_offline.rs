@@ -484,11 +484,7 @@ async fn an_agent_killed_mid_stream_offline_loses_no_answered_report_and_keeps_i
     // The in-process agent joined the node; it stops, and the node runs as its own process.
     let (site, core, _twin) = site().await;
     core.shutdown(false).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = sedge_testkit::port::free();
     let broker = format!("127.0.0.1:{port}");
     let mut agent = agent_process(&site.cfg, site.dir.path(), &site.socket, &broker);
     let devices = valve(&site.client).await;

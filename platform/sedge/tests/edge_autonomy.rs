@@ -192,11 +192,7 @@ async fn autonomy(cri: Option<&Containerd>) {
         .create(Duration::from_secs(300), "test")
         .unwrap();
     sedge_tunnel::join(&tcfg, &token).await.unwrap();
-    let ms_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let ms_port = sedge_testkit::port::free();
     let cfg = dir.path().join("edge.yaml");
     std::fs::write(
         &cfg,

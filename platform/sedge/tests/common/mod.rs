@@ -52,13 +52,10 @@ tunnel:
   backoff_max_ms: 1000
 ";
 
-/// A loopback port free a moment ago.
+/// A loopback port free a moment ago, below the range the kernel picks from for `sedge up`'s own
+/// listeners (see `sedge_testkit::port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    sedge_testkit::port::free()
 }
 
 /// The repository's root.
