@@ -158,11 +158,8 @@ async fn joint_inference_beats_the_edge_and_saves_hard_examples() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_down_falls_back_to_the_edge_quickly() {
-    // A port that was free a moment ago: connections are refused.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port that was free a moment ago, outside the ephemeral range: connections are refused.
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], sedge_testkit::port::free()));
     let worker = EdgeWorker::start(edge_config(Some(dead))).unwrap();
     let t = Instant::now();
     let s = worker
@@ -303,9 +300,7 @@ async fn garbage_over_sednas_json_is_not_trusted_either() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloud_that_starts_after_the_edge_is_used_once_up() {
     // Reserve a port, start the edge worker pointing at it, then bring the cloud up there.
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = std_listener.local_addr().unwrap();
-    drop(std_listener);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], sedge_testkit::port::free()));
     let mut config = edge_config(Some(addr));
     // No cooldown: an open breaker lets the next hard example probe at once.
     config.offload.breaker_cooldown_ms = 0;
@@ -587,10 +582,7 @@ async fn a_link_cut_during_collection_loses_no_hard_example() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hard_examples_wait_across_runs_until_the_cloud_is_back() {
     // A cloud that is not there yet: every hard example waits, bounded.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], sedge_testkit::port::free()));
     let dir = tempfile::tempdir().unwrap();
     let he = dir.path().join("hard");
     let source = Source::Idx(sample_idx());
