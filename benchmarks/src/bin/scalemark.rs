@@ -1091,6 +1091,29 @@ async fn main() -> Result<()> {
         "  heartbeats written / replaced by a newer one while waiting / not written, the stored one said enough (since start)",
         format!("{written:.0} / {replaced:.0} / {skipped:.0}"),
     );
+    let [allocated, active, resident, retained, rss, waiting] = cloud
+        .metrics([
+            "sedge_allocator_allocated_bytes",
+            "sedge_allocator_active_bytes",
+            "sedge_allocator_resident_bytes",
+            "sedge_allocator_retained_bytes",
+            "sedge_process_resident_memory_bytes",
+            "sedge_cloudcore_heartbeats_pending",
+        ])
+        .await;
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    t.row(
+        "  cloud memory: RSS / jemalloc allocated / active / resident / retained (MiB), heartbeats waiting",
+        format!(
+            "{:.0} / {:.0} / {:.0} / {:.0} / {:.0}, {:.0}",
+            mib(rss),
+            mib(allocated),
+            mib(active),
+            mib(resident),
+            mib(retained),
+            waiting
+        ),
+    );
     let mut loaded = write_latency(&client, "loaded", 30).await?;
     let (p_idle, p_loaded) = (pct(&mut idle, 0.5), pct(&mut loaded, 0.5));
     t.row(

@@ -518,6 +518,7 @@ impl EdgeCore {
                     let mut e = sedge_serve::Exposition::new();
                     hub.metrics(&mut e).await;
                     edged.metrics(&mut e);
+                    e.process();
                     e.encode()
                 })
             });

@@ -364,6 +364,8 @@ async fn serve_metrics(
     let f: sedge_serve::MetricsFn = Arc::new(move || {
         let mut e = sedge_serve::Exposition::new();
         render(&mut e);
+        e.process();
+        allocator_metrics(&mut e);
         let text = e.encode();
         Box::pin(async move { text })
     });
@@ -372,6 +374,59 @@ async fn serve_metrics(
         .with_context(|| format!("cannot serve /metrics on {listen}"))?;
     eprintln!("metrics on http://{addr}/metrics");
     Ok(Some((addr, t)))
+}
+
+/// jemalloc's figures (the `sedge` binary's allocator), so that an operator can tell memory the
+/// program holds (`allocated`) from pages the allocator keeps for it (`active`, `resident`) and
+/// address space it keeps unmapped from use (`retained`). Nothing where jemalloc is not built in.
+pub fn allocator_metrics(e: &mut sedge_serve::Exposition) {
+    #[cfg(not(target_env = "msvc"))]
+    {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        // The figures are a snapshot taken when the epoch advances.
+        if epoch::advance().is_err() {
+            return;
+        }
+        let figures: [(&str, &str, tikv_jemalloc_ctl::Result<usize>); 6] = [
+            (
+                "allocator_allocated_bytes",
+                "Bytes the program holds allocated (jemalloc stats.allocated)",
+                stats::allocated::read(),
+            ),
+            (
+                "allocator_active_bytes",
+                "Bytes in the allocator's active pages (stats.active)",
+                stats::active::read(),
+            ),
+            (
+                "allocator_resident_bytes",
+                "Bytes in pages the allocator has resident, its metadata included (stats.resident)",
+                stats::resident::read(),
+            ),
+            (
+                "allocator_mapped_bytes",
+                "Bytes in the allocator's mapped extents (stats.mapped)",
+                stats::mapped::read(),
+            ),
+            (
+                "allocator_retained_bytes",
+                "Bytes of address space the allocator keeps unmapped from use (stats.retained)",
+                stats::retained::read(),
+            ),
+            (
+                "allocator_metadata_bytes",
+                "Bytes of the allocator's own metadata (stats.metadata)",
+                stats::metadata::read(),
+            ),
+        ];
+        for (name, help, value) in figures {
+            if let Ok(v) = value {
+                e.gauge(name, help, i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        }
+    }
+    #[cfg(target_env = "msvc")]
+    let _ = e;
 }
 
 /// Everything `sedge up` started.

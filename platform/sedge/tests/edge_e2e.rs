@@ -198,6 +198,25 @@ fn deployment_on_an_edge_node_through_kubectl() {
     ] {
         assert!(cloud.contains(want), "{want} missing from\n{cloud}");
     }
+    // The process's own figures and its allocator's: what the program holds allocated fits in
+    // what jemalloc counts resident (an upper bound: it may count pages never touched, so it is
+    // not compared with the process's resident memory).
+    let figure = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}")) as u64
+    };
+    let allocated = figure(&cloud, "sedge_allocator_allocated_bytes");
+    let resident = figure(&cloud, "sedge_allocator_resident_bytes");
+    let rss = figure(&cloud, "sedge_process_resident_memory_bytes");
+    assert!(
+        allocated > 1 << 20 && allocated <= resident && rss > 1 << 20,
+        "allocated {allocated}, allocator resident {resident}, process resident {rss}"
+    );
+    assert!(figure(&cloud, "sedge_process_threads") > 1);
+    assert!(figure(&cloud, "sedge_process_open_fds") > 3);
+    assert!(figure(&cloud, "sedge_process_cpu_seconds_total") < 3_600);
     // The Deployment's pods were placed by the embedded scheduler.
     let bound: u64 = cloud
         .lines()
@@ -215,6 +234,7 @@ fn deployment_on_an_edge_node_through_kubectl() {
         "sedge_edge_outbox_depth",
         "sedge_edged_container_starts_total",
         "sedge_edge_store_writes_total",
+        "sedge_process_resident_memory_bytes",
     ] {
         assert!(edge.contains(want), "{want} missing from\n{edge}");
     }

@@ -376,11 +376,94 @@ impl Exposition {
         self
     }
 
+    /// A counter of seconds (exported as `sedge_<name>_total`).
+    pub fn counter_seconds(&mut self, name: &str, help: &str, seconds: f64) -> &mut Self {
+        self.registry.register(
+            name,
+            help,
+            prometheus_client::metrics::counter::ConstCounter::new(seconds),
+        );
+        self
+    }
+
+    /// The process's own figures, as Prometheus' process collector has them (under `sedge_`):
+    /// resident memory, CPU time, threads and open files, read from `/proc/self` at scrape
+    /// time. Nothing where `/proc` cannot be read.
+    pub fn process(&mut self) -> &mut Self {
+        let Some(p) = ProcessStats::read() else {
+            return self;
+        };
+        self.gauge(
+            "process_resident_memory_bytes",
+            "Resident memory of this process",
+            p.resident_bytes as i64,
+        )
+        .counter_seconds(
+            "process_cpu_seconds",
+            "CPU time of this process, user and system",
+            p.cpu_seconds,
+        )
+        .gauge(
+            "process_threads",
+            "Threads of this process",
+            p.threads as i64,
+        )
+        .gauge(
+            "process_open_fds",
+            "Open file descriptors of this process",
+            p.open_fds as i64,
+        )
+    }
+
     /// The text to serve.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A process's figures from `/proc/self` (Linux).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessStats {
+    /// `VmRSS`.
+    pub resident_bytes: u64,
+    /// User and system time.
+    pub cpu_seconds: f64,
+    /// `Threads`.
+    pub threads: u64,
+    /// Entries of `/proc/self/fd`.
+    pub open_fds: u64,
+}
+
+impl ProcessStats {
+    /// This process's figures; `None` where `/proc/self` cannot be read.
+    pub fn read() -> Option<Self> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let field = |name: &str| -> Option<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        };
+        // utime and stime, the 14th and 15th fields, counted after the command name (which may
+        // hold spaces and parentheses), in USER_HZ ticks: 100 a second on Linux's user ABI.
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let after = stat.rsplit_once(')')?.1;
+        let ticks: Vec<u64> = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        Some(ProcessStats {
+            resident_bytes: field("VmRSS:")? * 1024,
+            cpu_seconds: ticks.iter().sum::<u64>() as f64 / 100.0,
+            threads: field("Threads:").unwrap_or(0),
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .map(|d| d.count() as u64)
+                .unwrap_or(0),
+        })
     }
 }
 
@@ -700,5 +783,33 @@ mod tests {
             TcpStream::connect(addr).await.is_err(),
             "still accepting after shutdown"
         );
+    }
+
+    #[test]
+    fn the_process_figures_are_this_processs() {
+        // Burn some CPU and hold some memory, then read them back.
+        let held: Vec<u8> = vec![1; 32 << 20];
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(300) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        let p = ProcessStats::read().expect("/proc/self is readable on Linux");
+        assert!(p.resident_bytes >= 32 << 20, "{p:?}");
+        assert!(p.cpu_seconds >= 0.2, "{p:?}");
+        assert!(p.threads >= 1, "{p:?}");
+        assert!(p.open_fds >= 4, "stdin/out/err and the file held: {p:?}");
+        drop((held, f));
+        let text = Exposition::new().process().encode();
+        for name in [
+            "sedge_process_resident_memory_bytes ",
+            "sedge_process_cpu_seconds_total ",
+            "sedge_process_threads ",
+            "sedge_process_open_fds ",
+        ] {
+            assert!(text.contains(name), "{name} missing from {text}");
+        }
     }
 }
