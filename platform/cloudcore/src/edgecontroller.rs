@@ -198,7 +198,9 @@ where
     let (store, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
-        watcher(api, crate::lists::config()).default_backoff(),
+        watcher(api, crate::lists::config())
+            .default_backoff()
+            .modify(crate::lists::slim),
     );
     let task = tokio::spawn(async move {
         futures::pin_mut!(stream);
@@ -381,7 +383,9 @@ impl Cache {
         let (index, store) = (pods_by_node.clone(), pods.clone());
         let pod_stream = reflector::reflector(
             pods_writer,
-            watcher(Api::<Pod>::all(client.clone()), crate::lists::config()).default_backoff(),
+            watcher(Api::<Pod>::all(client.clone()), crate::lists::config())
+                .default_backoff()
+                .modify(crate::lists::slim),
         );
         tasks.push(tokio::spawn(async move {
             futures::pin_mut!(pod_stream);

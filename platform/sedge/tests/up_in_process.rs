@@ -36,6 +36,28 @@ async fn up_starts_in_process_and_its_node_turns_ready() {
         },
     )
     .await;
+    // The cloud core caches the Node without its field managers' records (lists::slim): the
+    // API server keeps them, the cache has no use for them.
+    let stored = nodes.get("edge-1").await.unwrap();
+    assert!(
+        stored
+            .metadata
+            .managed_fields
+            .as_ref()
+            .is_some_and(|m| !m.is_empty()),
+        "the API server records the node's field managers: {:?}",
+        stored.metadata
+    );
+    let cached = up
+        .cloud
+        .cache
+        .nodes
+        .state()
+        .into_iter()
+        .find(|n| n.metadata.name.as_deref() == Some("edge-1"))
+        .expect("the cloud core caches edge-1");
+    assert_eq!(cached.metadata.managed_fields, None);
+    assert_eq!(cached.metadata.labels, stored.metadata.labels);
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("up.json")).unwrap())
             .unwrap();

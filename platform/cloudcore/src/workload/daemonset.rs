@@ -62,7 +62,8 @@ pub async fn run(client: kube::Client) {
     let mut seen: HashMap<String, u64> = HashMap::new();
     let node_changes = reflector::reflector(
         writer,
-        watcher(Api::<Node>::all(client.clone()), crate::lists::config()),
+        watcher(Api::<Node>::all(client.clone()), crate::lists::config())
+            .modify(crate::lists::slim),
     )
     .default_backoff()
     .filter_map(move |ev| {
