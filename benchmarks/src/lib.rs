@@ -90,22 +90,7 @@ pub fn free_port() -> std::io::Result<u16> {
 /// CPU seconds (user + system) of a process (`/proc/<pid>/stat`; `self` for this one), 0 when
 /// it cannot be read.
 pub fn cpu_seconds(pid: Option<u32>) -> f64 {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".to_string(),
-    };
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    sedge_serve::cpu_seconds(pid).unwrap_or(0.0)
 }
 
 /// The whole machine's CPU time since boot, busy and in all (seconds summed over the cores,
@@ -129,16 +114,5 @@ pub fn machine_cpu_seconds() -> (f64, f64) {
 /// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`; `self` for this one),
 /// 0 when it cannot be read.
 pub fn rss_kib(pid: Option<u32>) -> u64 {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/status"),
-        None => "/proc/self/status".to_string(),
-    };
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    sedge_serve::status_field(pid, "VmRSS:").unwrap_or(0)
 }

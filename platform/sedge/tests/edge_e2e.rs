@@ -218,11 +218,7 @@ fn deployment_on_an_edge_node_through_kubectl() {
     assert!(figure(&cloud, "sedge_process_open_fds") > 3);
     assert!(figure(&cloud, "sedge_process_cpu_seconds_total") < 3_600);
     // The Deployment's pods were placed by the embedded scheduler.
-    let bound: u64 = cloud
-        .lines()
-        .find_map(|l| l.strip_prefix("sedge_cloudcore_scheduler_bindings_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no scheduler bindings counter in\n{cloud}"));
+    let bound = figure(&cloud, "sedge_cloudcore_scheduler_bindings_total");
     assert!(
         bound >= rolled.len() as u64,
         "{bound} bindings for {} pods",
@@ -238,11 +234,7 @@ fn deployment_on_an_edge_node_through_kubectl() {
     ] {
         assert!(edge.contains(want), "{want} missing from\n{edge}");
     }
-    let pods: i64 = edge
-        .lines()
-        .find_map(|l| l.strip_prefix("sedge_edged_pods "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let pods = figure(&edge, "sedge_edged_pods");
     assert!(pods >= 2, "the two web pods run on edge-1:\n{edge}");
 
     // Bad pods: clear reasons; the agent keeps running the good ones.

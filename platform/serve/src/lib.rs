@@ -439,32 +439,43 @@ pub struct ProcessStats {
 impl ProcessStats {
     /// This process's figures; `None` where `/proc/self` cannot be read.
     pub fn read() -> Option<Self> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let field = |name: &str| -> Option<u64> {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        };
-        // utime and stime, the 14th and 15th fields, counted after the command name (which may
-        // hold spaces and parentheses), in USER_HZ ticks: 100 a second on Linux's user ABI.
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let after = stat.rsplit_once(')')?.1;
-        let ticks: Vec<u64> = after
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|v| v.parse().ok())
-            .collect();
         Some(ProcessStats {
-            resident_bytes: field("VmRSS:")? * 1024,
-            cpu_seconds: ticks.iter().sum::<u64>() as f64 / 100.0,
-            threads: field("Threads:").unwrap_or(0),
+            resident_bytes: status_field(None, "VmRSS:")? * 1024,
+            cpu_seconds: cpu_seconds(None)?,
+            threads: status_field(None, "Threads:").unwrap_or(0),
             open_fds: std::fs::read_dir("/proc/self/fd")
                 .map(|d| d.count() as u64)
                 .unwrap_or(0),
         })
     }
+}
+
+/// `/proc/<pid>/<file>`, or `/proc/self/<file>` for this process.
+fn proc_file(pid: Option<u32>, file: &str) -> Option<String> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/{file}"),
+        None => format!("/proc/self/{file}"),
+    };
+    std::fs::read_to_string(path).ok()
+}
+
+/// CPU seconds, user and system, of a process (`self` for this one), from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    // utime and stime, the 14th and 15th fields, counted after the command name (which may hold
+    // spaces and parentheses), in USER_HZ ticks: 100 a second on Linux's user ABI.
+    let stat = proc_file(pid, "stat")?;
+    let mut ticks = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let mut next = || ticks.next()?.parse::<u64>().ok();
+    Some((next()? + next()?) as f64 / 100.0)
+}
+
+/// The number of a `/proc/<pid>/status` line (`self` for this process): `VmRSS:` in KiB,
+/// `Threads:`.
+pub fn status_field(pid: Option<u32>, name: &str) -> Option<u64> {
+    proc_file(pid, "status")?
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// How a daemon renders its metrics at scrape time.
