@@ -1086,19 +1086,18 @@ async fn main() -> Result<()> {
         "  API server store during those heartbeats (group commit)",
         per_fsync(store0, store_counts(&kc)),
     );
-    let [written, replaced, skipped, _] = cloud.heartbeat_lane().await;
+    let [written, replaced, skipped, waiting] = cloud.heartbeat_lane().await;
     t.row(
         "  heartbeats written / replaced by a newer one while waiting / not written, the stored one said enough (since start)",
         format!("{written:.0} / {replaced:.0} / {skipped:.0}"),
     );
-    let [allocated, active, resident, retained, rss, waiting] = cloud
+    let [allocated, active, resident, retained, rss] = cloud
         .metrics([
             "sedge_allocator_allocated_bytes",
             "sedge_allocator_active_bytes",
             "sedge_allocator_resident_bytes",
             "sedge_allocator_retained_bytes",
             "sedge_process_resident_memory_bytes",
-            "sedge_cloudcore_heartbeats_pending",
         ])
         .await;
     let mib = |b: f64| b / (1024.0 * 1024.0);
